@@ -101,6 +101,8 @@ def _unknown_key(loc: tuple) -> str:
         return f"{where}: unknown key"
     names = list(model.model_fields)
     close = difflib.get_close_matches(bad, names, n=1, cutoff=0.5)
+    if not close:  # abbreviations and long forms: `rank` for `r`, `lr_rate` for `lr`
+        close = sorted((n for n in names if bad.startswith(n) or n.startswith(bad)), key=len, reverse=True)[:1]
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"{where}: unknown key '{bad}'{hint} (known keys here: {', '.join(names)})"
 

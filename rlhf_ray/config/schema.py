@@ -293,12 +293,31 @@ class Config(Section):
             raise ValueError("rollout.sync.mode=adapter needs model.lora.enabled=true (there is no adapter to send)")
         if self.cluster.device == "cuda" and self.cluster.gpus_per_node == 0:
             raise ValueError("cluster.device=cuda needs cluster.gpus_per_node >= 1")
+        self._check_gpu_budget()
         if "rl" in self.run.stages and "rm" not in self.run.stages:
             for src in self.reward.sources:
                 if src.kind == "model" and src.path == "stage:rm":
                     raise ValueError("reward.sources uses path 'stage:rm' but run.stages has no 'rm' stage; "
                                      "point the source at a trained reward model folder")
         return self
+
+    def _check_gpu_budget(self) -> None:
+        """Placement must fit the cluster: say so now, not after an hour of waiting for resources."""
+        c, r = self.cluster, self.rollout
+        if c.device != "cuda":
+            return
+        if r.tensor_parallel_size > max(r.gpus_per_engine, 1):
+            raise ValueError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs "
+                             f"rollout.gpus_per_engine >= {r.tensor_parallel_size}, got {r.gpus_per_engine}")
+        asks = {"rl.policy": self.rl.policy.num_ranks * self.rl.policy.gpus_per_rank,
+                "rollout": r.num_engines * r.gpus_per_engine, "reward": self.reward.num_gpus}
+        if self.uses_critic:
+            asks["rl.critic"] = self.rl.critic.num_ranks * self.rl.critic.gpus_per_rank
+        have = c.num_nodes * c.gpus_per_node
+        if sum(asks.values()) > have + 1e-9:
+            detail = ", ".join(f"{k} {v:g}" for k, v in asks.items())
+            raise ValueError(f"the roles ask for {sum(asks.values()):g} GPUs ({detail}) but the cluster has "
+                             f"{have} (cluster.num_nodes x cluster.gpus_per_node)")
 
     @property
     def uses_critic(self) -> bool:

@@ -1,0 +1,21 @@
+# The two commands of the README. Both set up .venv first (idempotent: seconds when already done).
+.PHONY: setup demo test test-fast bench clean-runs
+
+setup:
+	@bash launch/setup_env.sh
+
+demo: setup
+	.venv/bin/rlhf-ray train configs/quickstart.yaml
+
+test: setup
+	.venv/bin/python -m pytest -q tests
+
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow" tests
+
+bench: setup
+	bash launch/setup_env.sh --bench
+	.venv/bin/python benchmarks/run_all.py
+
+clean-runs:
+	rm -rf runs

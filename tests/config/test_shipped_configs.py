@@ -1,0 +1,33 @@
+"""Every YAML under configs/ loads and validates; the GPU ones must fit their declared clusters."""
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.config import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+
+
+def test_configs_were_found():
+    names = {p.name for p in CONFIGS}
+    assert len(CONFIGS) >= 5
+    assert {"quickstart.yaml", "llama3.1-8b-qlora-4090.yaml", "llama3.1-8b-8xh100.yaml",
+            "llama3.1-70b-4x8xh100.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.run.name
+
+
+def test_qlora_4090_is_a_single_gpu_adapter_run():
+    cfg = load_config(next(p for p in CONFIGS if p.name == "llama3.1-8b-qlora-4090.yaml"))
+    assert cfg.model.quantization.load_in_4bit and cfg.model.lora.enabled
+    assert cfg.rollout.sync.mode == "adapter"
+    assert cfg.cluster.num_nodes == 1 and cfg.cluster.gpus_per_node == 1
+
+
+def test_70b_spans_four_nodes():
+    cfg = load_config(next(p for p in CONFIGS if p.name == "llama3.1-70b-4x8xh100.yaml"))
+    assert cfg.cluster.num_nodes == 4 and cfg.rollout.tensor_parallel_size == 8

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from rlhf_ray.models import kit
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_RAY_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_tiny_policy_builds_loads_and_gives_logits(fresh_cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = kit.resolve_model_path("builtin:tiny")
+    assert (fresh_cache / "models" / "tiny" / ".complete").exists()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = tok(["review of the fox : the movie was great ."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok))
+    assert tok.decode(ids[0]) == "review of the fox : the movie was great ."
+    # task words are single tokens: the tokenizer was trained on the task's corpus
+    assert len(tok(" wonderful").input_ids) == 1
+
+
+def test_build_is_deterministic(fresh_cache, tmp_path_factory):
+    from safetensors.torch import load_file
+    a = tmp_path_factory.mktemp("a")
+    b = tmp_path_factory.mktemp("b")
+    kit.build_tiny(a)
+    kit.build_tiny(b)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+
+
+def test_tiny_reward_model_scores(fresh_cache):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    path = kit.resolve_model_path("builtin:tiny-rm")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    batch = tok(["good", "a bad movie"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**batch).logits
+    assert out.shape == (2, 1)
+
+
+def test_failed_build_leaves_nothing_that_looks_complete(fresh_cache, monkeypatch):
+    def boom(out):
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+    monkeypatch.setitem(kit.BUILDERS, "broken", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        kit.resolve_model_path("builtin:broken")
+    assert not (fresh_cache / "models" / "broken").exists()
+    assert [p for p in (fresh_cache / "models").iterdir() if p.name.startswith(".broken")] == []
+
+
+def test_unknown_builtin_and_missing_path(fresh_cache):
+    with pytest.raises(ValueError, match="builtin:tiny"):
+        kit.resolve_model_path("builtin:nope")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        kit.resolve_model_path("/no/such/model")
+
+
+@pytest.mark.slow
+def test_minilm_reward_backbone_from_package(fresh_cache):
+    from transformers import AutoModelForSequenceClassification
+    path = kit.resolve_model_path("builtin:minilm-rm")
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    assert model.config.num_labels == 1
