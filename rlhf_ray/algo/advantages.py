@@ -37,11 +37,13 @@ def reverse_discounted_cumsum(x: torch.Tensor, discount: float, block: int = _SC
     Args:
         x: (..., T).
         discount: in [0, 1] for RL, any finite value works.
-        block: L.
+        block: L >= 2 (each recursion level divides the length by L).
 
     Returns:
         (..., T), same dtype as ``x``.
     """
+    if block < 2:
+        raise ValueError(f"block must be >= 2, got {block}")
     lead, t_len = x.shape[:-1], x.shape[-1]
     if t_len == 0:
         return x.clone()

@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_ray.algo import entropy_from_logits, token_logprobs
+
+
+def _reference_logprobs(logits, tokens, temperature=1.0):
+    return F.log_softmax(logits.double() / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _reference_entropy(logits, temperature=1.0):
+    return torch.distributions.Categorical(logits=logits.double() / temperature).entropy()
+
+
+def test_hand_computed_two_token_vocabulary():
+    # softmax([0, ln 3]) = [1/4, 3/4].
+    logits = torch.tensor([[[0.0, math.log(3.0)]]], dtype=torch.float64)
+    lp = token_logprobs(logits, torch.tensor([[1]]))
+    assert lp.item() == pytest.approx(math.log(0.75), abs=1e-12)
+    h = entropy_from_logits(logits)
+    assert h.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-12)
+    # temperature 2: softmax([0, ln 3 / 2]) = [1, sqrt 3] / (1 + sqrt 3).
+    p1 = math.sqrt(3) / (1 + math.sqrt(3))
+    assert token_logprobs(logits, torch.tensor([[1]]), 2.0).item() == pytest.approx(math.log(p1), abs=1e-12)
+    assert entropy_from_logits(logits, 2.0).item() == pytest.approx(
+        -(p1 * math.log(p1) + (1 - p1) * math.log(1 - p1)), abs=1e-12
+    )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 5])
+def test_matches_log_softmax_gather(temperature, chunk_rows):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 7, 50, generator=g) * 4
+    tokens = torch.randint(0, 50, (3, 7), generator=g)
+    lp = token_logprobs(logits, tokens, temperature, chunk_rows=chunk_rows)
+    assert lp.shape == (3, 7) and lp.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), _reference_logprobs(logits, tokens, temperature), rtol=0, atol=1e-5)
+    h = entropy_from_logits(logits, temperature, chunk_rows=chunk_rows)
+    torch.testing.assert_close(h.double(), _reference_entropy(logits, temperature), rtol=0, atol=1e-5)
+
+
+def test_gradients_match_reference():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (2, 5), generator=g)
+    weights = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    (token_logprobs(logits, tokens, 0.9, chunk_rows=3) * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    (_reference_logprobs(logits, tokens, 0.9) * weights).sum().backward()
+    torch.testing.assert_close(ours, logits.grad, rtol=0, atol=1e-12)
+
+    logits.grad = None
+    (entropy_from_logits(logits, chunk_rows=4) * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    (_reference_entropy(logits) * weights).sum().backward()
+    torch.testing.assert_close(ours, logits.grad, rtol=0, atol=1e-12)
+
+
+def test_bf16_logits_are_computed_in_fp32():
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 4, 1000, generator=g) * 5).bfloat16()
+    tokens = torch.randint(0, 1000, (2, 4), generator=g)
+    lp = token_logprobs(logits, tokens)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), _reference_logprobs(logits.float(), tokens), rtol=0, atol=1e-5)
+
+
+def test_entropy_with_masked_vocabulary_is_finite():
+    logits = torch.tensor([[[0.0, 0.0, -math.inf, -math.inf]]])
+    assert entropy_from_logits(logits).item() == pytest.approx(math.log(2.0), abs=1e-6)
+    assert token_logprobs(logits, torch.tensor([[0]])).item() == pytest.approx(math.log(0.5), abs=1e-6)
+
+
+def test_rejects_non_positive_temperature():
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), 0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        entropy_from_logits(torch.zeros(1, 1, 2), -1.0)
