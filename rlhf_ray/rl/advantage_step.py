@@ -1,0 +1,61 @@
+"""The driver-side math of one step: bad scores handled by policy, rewards shaped, advantages estimated.
+
+Pure torch on small (B, T) tensors; no Ray, no models.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray import algo
+from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
+from rlhf_ray.config.schema import ADVANTAGE_OF
+from rlhf_ray.rl.records import ScoredBatch, TrainBatch
+
+
+class BadRewardError(ValueError):
+    """A reward was NaN or infinite and the config says to stop (reward.on_nonfinite=error)."""
+
+
+def clean_scores(scores: torch.Tensor, group_size: int, policy: str, clip: float | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Apply reward.on_nonfinite and reward.clip.
+
+    Returns (scores (B,), keep (B,) bool, stats). `drop_group` removes whole groups, because a group
+    estimator's baseline is meaningless with a member missing.
+    """
+    bad = ~torch.isfinite(scores)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    stats = {"reward/nonfinite": float(bad.sum())}
+    if bad.any():
+        if policy == "error":
+            rows = bad.nonzero().flatten().tolist()
+            raise BadRewardError(f"reward is NaN or infinite for {len(rows)} of {len(scores)} responses "
+                                 f"(rows {rows[:8]}{'...' if len(rows) > 8 else ''}); set "
+                                 f"reward.on_nonfinite=zero or drop_group to continue past such rewards")
+        if policy == "drop_group":
+            groups = bad.view(-1, group_size).any(dim=1)
+            keep = ~groups.repeat_interleave(group_size)
+        scores = torch.where(bad, torch.zeros_like(scores), scores)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores, keep, stats
+
+
+def make_train_batch(batch: ScoredBatch, algo_cfg: AlgorithmConfig, ref_cfg: ReferenceConfig, kl_coef: float) -> tuple[TrainBatch, dict[str, float]]:
+    mask = batch.seq.response_mask
+    token_rewards, stats = algo.shape_rewards(batch.scores, batch.old_logp, batch.ref_logp, mask, kl_coef,
+                                              kl_kind=ref_cfg.kl_kind, kl_in_reward=ref_cfg.kl_in_reward)
+    estimator = ADVANTAGE_OF[algo_cfg.name]
+    kwargs: dict = {"group_size": batch.group_size, "gamma": algo_cfg.gamma, "lam": algo_cfg.lam}
+    if estimator == "gae":
+        kwargs["values"] = batch.values
+    if estimator == "grpo":
+        kwargs["norm_by_std"] = algo_cfg.group_std_norm
+    advantages, returns = algo.compute_advantages(estimator, token_rewards, mask, **kwargs)
+    # GAE advantages are whitened per batch (PPO practice); group/global estimators already normalise.
+    if estimator == "gae" and algo_cfg.whiten_advantages:
+        advantages = algo.masked_whiten(advantages, mask) * mask
+    stats.update(algo.advantage_stats(advantages, returns, mask))
+    stats["response/len_mean"] = float(mask.sum(1).mean())
+    return TrainBatch(batch.seq, batch.old_logp, batch.ref_logp, advantages, returns, batch.values), \
+        algo.to_floats(stats)

@@ -1,0 +1,73 @@
+"""From ragged token lists to aligned (B, T) training tensors.
+
+Layout: prompts are LEFT-padded to P tokens and responses RIGHT-padded to T tokens, so every row's
+response starts at column P. Then the logits that predict response token t sit at column P - 1 + t for
+all rows, and every per-token tensor of the RL step (log-probs, values, advantages, mask) is a plain
+(B, T) slice with the right-padded mask semantics of `rlhf_ray.algo`. Positions are counted from the
+first real token so that left padding does not shift the rotary positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    input_ids: torch.Tensor       # (B, P + T) long: [pad.. prompt][response ..pad]
+    attention_mask: torch.Tensor  # (B, P + T) long: 1 on real tokens
+    position_ids: torch.Tensor    # (B, P + T) long: 0 at each row's first real token
+    response_mask: torch.Tensor   # (B, T) float: 1 on real response tokens
+    prompt_len: int               # P
+
+    @property
+    def response_ids(self) -> torch.Tensor:  # (B, T)
+        return self.input_ids[:, self.prompt_len:]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: torch.Tensor | slice) -> "SequenceBatch":
+        return SequenceBatch(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx],
+                             self.response_mask[idx], self.prompt_len)
+
+
+def pack_sequences(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                   pad_id: int) -> SequenceBatch:
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    B = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    T = max(1, max(len(r) for r in response_ids))
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + T), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, P - len(p):P] = torch.as_tensor(p, dtype=torch.long)
+        ids[i, P:P + len(r)] = torch.as_tensor(r, dtype=torch.long)
+        attn[i, P - len(p):P + len(r)] = 1
+    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    response_mask = attn[:, P:].float()
+    return SequenceBatch(ids, attn, position_ids, response_mask, P)
+
+
+def pad_ragged(rows: Sequence[Sequence[float]], width: int, fill: float = 0.0) -> torch.Tensor:
+    """(B, width) float tensor from ragged rows (per-token generator log-probs)."""
+    out = torch.full((len(rows), width), fill, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if len(r) > width:
+            raise ValueError(f"row {i} has {len(r)} values, more than the batch width {width}")
+        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.float32)
+    return out
+
+
+def response_logits(logits: torch.Tensor, prompt_len: int, response_len: int) -> torch.Tensor:
+    """(B, P + T, V) -> (B, T, V): the logits that predict each response token."""
+    return logits[:, prompt_len - 1:prompt_len - 1 + response_len]
+
+
+def minibatches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Shuffled index sets of `size` rows covering all n rows once (size divides n: validated in config)."""
+    perm = torch.randperm(n, generator=generator)
+    return [perm[i:i + size] for i in range(0, n, size)]

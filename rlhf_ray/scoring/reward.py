@@ -1,0 +1,124 @@
+"""The reward scorer: a weighted sum of reward sources, each scoring (prompt text, response text) pairs.
+
+Sources work on text, not token ids, so a reward model with its own tokenizer re-tokenises what the
+policy wrote (the policy's and the reward model's vocabularies may differ).
+  model     a HF sequence-classification folder (1 label), e.g. the output of `rlhf-ray rm`
+  function  `module:function(prompts: list[str], responses: list[str]) -> list[float]` (verifiable rewards)
+  http      POST {"prompts": [...], "responses": [...]} -> {"scores": [...]}, with timeout and retries
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from rlhf_ray.config import RewardConfig, RewardSource
+
+
+class RewardSourceError(RuntimeError):
+    """A reward source failed or answered something unusable; the message names the source."""
+
+
+class Source(Protocol):
+    name: str
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+
+
+class ModelSource:
+    def __init__(self, path: str, batch_size: int = 64, device: str = "cpu", dtype=torch.float32):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        self.name = f"model:{path}"
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        if self.model.config.num_labels != 1:
+            raise RewardSourceError(f"{self.name}: a reward model must have 1 output label, "
+                                    f"it has {self.model.config.num_labels}")
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model.config.pad_token_id = self.tok.pad_token_id
+        self.tok.padding_side = "right"
+        self.batch_size, self.device = batch_size, device
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses):
+        from rlhf_ray.scoring.text import reward_model_text
+        texts = [reward_model_text(p, r, self.tok) for p, r in zip(prompts, responses)]
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tok(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True)
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            out.extend(self.model(**enc).logits[:, 0].float().tolist())
+        return out
+
+
+class FunctionSource:
+    def __init__(self, spec: str):
+        self.name = f"function:{spec}"
+        module, _, attr = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise RewardSourceError(f"reward function {spec!r} cannot be imported: {e}") from None
+        if not callable(fn):
+            raise RewardSourceError(f"reward function {spec!r} is not callable")
+        self.fn: Callable = fn
+
+    def __call__(self, prompts, responses):
+        return [float(x) for x in self.fn(list(prompts), list(responses))]
+
+
+class HttpSource:
+    def __init__(self, url: str, timeout_s: float, retries: int):
+        import httpx
+        self.name, self.url, self.retries = f"http:{url}", url, retries
+        self.client = httpx.Client(timeout=timeout_s)
+
+    def __call__(self, prompts, responses):
+        import httpx
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.client.post(self.url, json={"prompts": list(prompts), "responses": list(responses)})
+                r.raise_for_status()
+                scores = r.json()["scores"]
+                return [float(x) for x in scores]
+            except (httpx.HTTPError, KeyError, ValueError, TypeError) as e:
+                last = e
+                if attempt < self.retries:
+                    time.sleep(min(2.0 ** attempt * 0.25, 4.0))
+        raise RewardSourceError(f"reward service {self.url} failed after {self.retries + 1} attempts: "
+                                f"{type(last).__name__}: {last}")
+
+
+def build_source(src: RewardSource, resolve_path: Callable[[str], str] = lambda p: p, device: str = "cpu") -> Source:
+    if src.kind == "model":
+        return ModelSource(resolve_path(src.path), device=device)
+    if src.kind == "function":
+        return FunctionSource(src.path)
+    return HttpSource(src.url, src.timeout_s, src.retries)
+
+
+class RewardScorer:
+    """Plain class behind the reward actor: `score(prompts, responses) -> (scores (B,), per-source stats)`."""
+
+    def __init__(self, cfg: RewardConfig, resolve_path: Callable[[str], str] = lambda p: p, device: str = "cpu"):
+        self.cfg = cfg
+        self.sources = [(build_source(s, resolve_path, device), s.weight) for s in cfg.sources]
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[float], dict[str, float]]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        total = torch.zeros(len(prompts), dtype=torch.float64)
+        stats: dict[str, float] = {}
+        for i, (source, weight) in enumerate(self.sources):
+            vals = source(prompts, responses)
+            if len(vals) != len(prompts):
+                raise RewardSourceError(f"{source.name} returned {len(vals)} scores for {len(prompts)} responses")
+            t = torch.tensor(vals, dtype=torch.float64)
+            finite = t[torch.isfinite(t)]
+            stats[f"reward/source{i}_mean"] = float(finite.mean()) if len(finite) else float("nan")
+            total += weight * t
+        return total.tolist(), stats

@@ -1,0 +1,83 @@
+"""What the operator watches: JSONL metrics, TensorBoard events, optional W&B, sample generations.
+
+One `MetricsLogger` per stage; every sink receives the same flat `{name: float}` dict per step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+from rlhf_ray.config import LoggingConfig
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, cfg: LoggingConfig, stage: str, run_config: dict | None = None,
+                 resume: bool = False):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.stage = cfg, stage
+        self.jsonl_path = self.dir / "metrics.jsonl"
+        self._jsonl = None
+        if cfg.jsonl:
+            self._jsonl = open(self.jsonl_path, "a" if resume else "w")
+        self._tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self._wandb = None
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("logging.wandb_project is set but wandb is not installed "
+                                   "(pip install wandb, or unset logging.wandb_project)") from None
+            self._wandb = wandb.init(project=cfg.wandb_project, name=f"{stage}", config=run_config or {},
+                                     dir=str(self.dir), resume="allow" if resume else None)
+        self._samples = open(self.dir / "samples.jsonl", "a" if resume else "w")
+
+    def truncate_to(self, step: int) -> None:
+        """On resume at `step`: keep metrics of steps < step only (a killed run may have logged past its checkpoint)."""
+        if self._jsonl is None or not self.jsonl_path.exists():
+            return
+        self._jsonl.close()
+        keep = [ln for ln in self.jsonl_path.read_text().splitlines() if ln and json.loads(ln)["step"] < step]
+        tmp = self.jsonl_path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.jsonl_path)
+        self._jsonl = open(self.jsonl_path, "a")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        if self._jsonl:
+            row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        if self._tb:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+        if self._wandb:
+            self._wandb.log({f"{self.stage}/{k}": v for k, v in clean.items()}, step=step)
+
+    def log_samples(self, step: int, prompts: Iterable[str], responses: Iterable[str], scores: Iterable[float]):
+        for p, r, s in zip(prompts, responses, scores):
+            self._samples.write(json.dumps({"step": step, "prompt": p, "response": r, "score": s}) + "\n")
+        self._samples.flush()
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.flush()
+            self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
+        self._samples.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []

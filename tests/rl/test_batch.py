@@ -1,0 +1,45 @@
+import torch
+
+from rlhf_ray.rl.batch import minibatches, pack_sequences, pad_ragged, response_logits
+
+
+def test_pack_left_pads_prompts_and_right_pads_responses():
+    b = pack_sequences([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0)
+    assert b.prompt_len == 2
+    assert b.input_ids.tolist() == [[5, 6, 1, 2, 3], [0, 7, 4, 0, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 1, 1, 1]]
+    assert b.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b.response_ids.tolist() == [[1, 2, 3], [4, 0, 0]]
+
+
+def test_response_logits_align_with_response_tokens():
+    b = pack_sequences([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0)
+    # logits[:, j] "predicts" input_ids[:, j + 1]: encode that as a one-hot of the next token
+    L = b.input_ids.shape[1]
+    logits = torch.zeros(2, L, 10)
+    for j in range(L - 1):
+        logits[torch.arange(2), j, b.input_ids[:, j + 1]] = 1.0
+    picked = response_logits(logits, b.prompt_len, 3).argmax(-1)
+    assert torch.equal(picked * b.response_mask.long(), b.response_ids * b.response_mask.long())
+
+
+def test_pad_ragged_and_errors():
+    t = pad_ragged([[0.5, -1.0], [2.0]], 3)
+    assert t.tolist() == [[0.5, -1.0, 0.0], [2.0, 0.0, 0.0]]
+    try:
+        pad_ragged([[1, 2, 3, 4]], 3)
+        raise AssertionError("expected ValueError")
+    except ValueError as e:
+        assert "more than the batch width" in str(e)
+
+
+def test_minibatches_partition_all_rows():
+    g = torch.Generator().manual_seed(0)
+    mbs = minibatches(12, 4, g)
+    assert len(mbs) == 3 and sorted(torch.cat(mbs).tolist()) == list(range(12))
+
+
+def test_empty_response_still_has_one_column():
+    b = pack_sequences([[5]], [[]], pad_id=0)
+    assert b.response_mask.shape == (1, 1) and b.response_mask.sum() == 0
