@@ -1,0 +1,78 @@
+"""Checks that make a broken or skipped weight sync fail loudly instead of training on wrong data.
+
+Two independent guards:
+- `check_version`: every rollout carries the weight version it was sampled with; a batch older than
+  the learner by more than `max_off_policy_lag` versions is refused.
+- `logprob_agreement` + `check_logprob_agreement`: the learner recomputes log pi(a|s) of the sampled
+  tokens; if the generator really ran the learner's weights the two agree to numerical noise
+  (STACK.md: fp32 vLLM vs HF about 3e-5; bf16 about 0.2). A sync that silently failed shows up as a
+  large difference on the very first step.
+Pure torch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class StaleWeightsError(RuntimeError):
+    """A rollout batch was generated with weights older than the learner allows."""
+
+
+class LogprobMismatchError(RuntimeError):
+    """Learner and generator disagree on the log-probs of the sampled tokens: the weights differ."""
+
+
+def check_version(rollout_version: int, learner_version: int, max_off_policy_lag: int = 0) -> int:
+    """Raise StaleWeightsError if `learner_version - rollout_version > max_off_policy_lag`; return the lag."""
+    lag = learner_version - rollout_version
+    if lag < 0:
+        raise StaleWeightsError(f"rollout weight version {rollout_version} is newer than the learner's "
+                                f"{learner_version}: versions are not being counted in one place")
+    if lag > max_off_policy_lag:
+        raise StaleWeightsError(f"rollout was generated with weight version {rollout_version} but the learner is at "
+                                f"version {learner_version} (lag {lag} > rollout.sync.max_off_policy_lag="
+                                f"{max_off_policy_lag}); was a weight sync skipped?")
+    return lag
+
+
+def logprob_agreement(learner_logp: torch.Tensor, generator_logp: torch.Tensor,
+                      mask: torch.Tensor) -> dict[str, float]:
+    """Max and mean |learner - generator| over the response tokens.
+
+    learner_logp, generator_logp: (B, T) log pi(a_t|s_t) of the sampled tokens, T = response length.
+    mask: (B, T), 1 for real response tokens, 0 for padding.
+    Returns {"max_abs", "mean_abs", "num_tokens"} as floats.
+    """
+    if learner_logp.shape != generator_logp.shape or learner_logp.shape != mask.shape:
+        raise ValueError(f"shapes differ: learner {tuple(learner_logp.shape)}, generator "
+                         f"{tuple(generator_logp.shape)}, mask {tuple(mask.shape)}")
+    m = mask.bool()
+    diff = (learner_logp.double() - generator_logp.double().to(learner_logp.device)).abs()[m.to(learner_logp.device)]
+    n = int(diff.numel())
+    if n == 0:
+        return {"max_abs": 0.0, "mean_abs": 0.0, "num_tokens": 0.0}
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "num_tokens": float(n)}
+
+
+def check_logprob_agreement(stats: dict[str, float], sync_cfg, version: Optional[int] = None) -> None:
+    """Raise LogprobMismatchError if `stats` exceed `sync_cfg.logprob_max_abs_diff` / `logprob_mean_abs_diff`.
+
+    A non-finite difference also fails (NaN compares false to every threshold). Does nothing when
+    `sync_cfg.logprob_check` is off.
+    """
+    if not sync_cfg.logprob_check:
+        return
+    max_abs, mean_abs = stats["max_abs"], stats["mean_abs"]
+    bad = []
+    if not (max_abs <= sync_cfg.logprob_max_abs_diff):
+        bad.append(f"max |diff| {max_abs:.4g} > rollout.sync.logprob_max_abs_diff={sync_cfg.logprob_max_abs_diff}")
+    if not (mean_abs <= sync_cfg.logprob_mean_abs_diff):
+        bad.append(f"mean |diff| {mean_abs:.4g} > rollout.sync.logprob_mean_abs_diff={sync_cfg.logprob_mean_abs_diff}")
+    if bad:
+        where = f"weight version {version}" if version is not None else "this batch"
+        raise LogprobMismatchError(f"learner and generator log-probs disagree for {where} over "
+                                   f"{int(stats.get('num_tokens', 0))} tokens: " + "; ".join(bad)
+                                   + ". The generator is not running the learner's weights (a failed or skipped "
+                                     "sync, a dtype mismatch, or a temperature/logprobs_mode mismatch).")

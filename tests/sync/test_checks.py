@@ -1,0 +1,50 @@
+import math
+
+import pytest
+import torch
+
+from rlhf_ray.config.schema import SyncConfig
+from rlhf_ray.sync.checks import (LogprobMismatchError, StaleWeightsError, check_logprob_agreement, check_version,
+                                  logprob_agreement)
+
+
+def test_agreement_hand_computed_ignores_padding():
+    learner = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 9.0]])
+    gen = torch.tensor([[-1.1, -2.0, -2.5], [-0.5, -0.3, -100.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    stats = logprob_agreement(learner, gen, mask)
+    assert stats["num_tokens"] == 5
+    assert stats["max_abs"] == pytest.approx(0.5)
+    assert stats["mean_abs"] == pytest.approx((0.1 + 0 + 0.5 + 0 + 0.2) / 5)
+
+
+def test_agreement_empty_mask_and_shape_mismatch():
+    z = torch.zeros(2, 3)
+    assert logprob_agreement(z, z, torch.zeros(2, 3))["max_abs"] == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        logprob_agreement(z, torch.zeros(2, 4), torch.ones(2, 3))
+
+
+def test_check_passes_within_thresholds_and_names_numbers_when_over():
+    cfg = SyncConfig(logprob_max_abs_diff=0.5, logprob_mean_abs_diff=0.02)
+    check_logprob_agreement({"max_abs": 0.49, "mean_abs": 0.019, "num_tokens": 10}, cfg, version=3)
+    with pytest.raises(LogprobMismatchError, match=r"version 7.*max \|diff\| 0\.6 > rollout\.sync\.logprob_max_abs_diff"):
+        check_logprob_agreement({"max_abs": 0.6, "mean_abs": 0.001, "num_tokens": 10}, cfg, version=7)
+    with pytest.raises(LogprobMismatchError, match="logprob_mean_abs_diff"):
+        check_logprob_agreement({"max_abs": 0.1, "mean_abs": 0.05, "num_tokens": 10}, cfg)
+
+
+def test_check_fails_on_nan_and_is_off_when_disabled():
+    nan = {"max_abs": math.nan, "mean_abs": math.nan, "num_tokens": 1}
+    with pytest.raises(LogprobMismatchError):
+        check_logprob_agreement(nan, SyncConfig())
+    check_logprob_agreement(nan, SyncConfig(logprob_check=False))
+
+
+def test_check_version():
+    assert check_version(5, 5, 0) == 0
+    assert check_version(4, 5, 1) == 1
+    with pytest.raises(StaleWeightsError, match=r"version 4 but the learner is at version 6 \(lag 2 > .*=1\)"):
+        check_version(4, 6, 1)
+    with pytest.raises(StaleWeightsError, match="newer"):
+        check_version(6, 5, 0)
