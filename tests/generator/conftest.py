@@ -1,0 +1,60 @@
+"""A plain HF model (+ peft) as the stand-in learner, and HF references for generator tests."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    from rlhf_ray.models.kit import resolve_model_path
+    return resolve_model_path("builtin:tiny")
+
+
+def load_hf(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def named_weights(model, mode="full"):
+    """What the learner's `named_weights(mode)` yields: HF state-dict names, or peft adapter names."""
+    if mode == "full":
+        for name, tensor in model.state_dict().items():
+            yield name, tensor.detach()
+    else:
+        from peft import get_peft_model_state_dict
+        yield from get_peft_model_state_dict(model).items()
+
+
+def adapter_config(peft_model) -> dict:
+    return peft_model.peft_config["default"].to_dict()
+
+
+@torch.no_grad()
+def perturb(model, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad or not hasattr(model, "peft_config"):
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@torch.no_grad()
+def hf_greedy(model, prompts, max_new_tokens):
+    out = []
+    for p in prompts:
+        ids = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+@torch.no_grad()
+def hf_logprobs(model, rollout, pad_id=0):
+    """The learner's recomputation: log softmax(logits / T) of the sampled tokens, (B, T), and the mask."""
+    batch = rollout.to_padded(pad_id)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids).logits[:, batch.prompt_len - 1:-1]
+    logp = torch.log_softmax(logits.float() / rollout.temperature, -1)
+    return logp.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1), batch.response_mask, batch

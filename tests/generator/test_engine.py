@@ -1,0 +1,113 @@
+"""GeneratorEngine without Ray, on the tiny model: weight pushes must change what vLLM computes exactly."""
+import pytest
+import torch
+
+from rlhf_ray.config.schema import RolloutConfig, SyncConfig
+from rlhf_ray.sync import LogprobMismatchError, check_logprob_agreement, logprob_agreement, pack_buckets, unpack_bucket
+from rlhf_ray.utils.device import resolve_backend
+
+from .conftest import adapter_config, hf_greedy, hf_logprobs, load_hf, named_weights, perturb
+
+pytestmark = pytest.mark.slow
+EOS = 2
+NEW = 8
+CFG = RolloutConfig(n_samples_per_prompt=2, temperature=0.7, max_new_tokens=NEW, kv_cache_gib=1.0, seed=0)
+FP32 = SyncConfig(logprob_max_abs_diff=1e-3, logprob_mean_abs_diff=1e-4)   # fp32 engine vs fp32 learner
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(1)
+    short = [torch.randint(3, 500, (k,), generator=g).tolist() for k in (5, 17, 40)]
+    long = torch.randint(3, 500, (150,), generator=g).tolist()     # > one 128-token KV block on CPU
+    return short + [long, long[:140] + [7, 8, 9]]                   # two long prompts share a cached prefix
+
+
+def _cut(seq):
+    return seq[:seq.index(EOS) + 1] if EOS in seq else seq
+
+
+def _greedy(engine, prompts):
+    r = engine.generate(prompts, n=1, temperature=0.0)
+    return r.response_ids
+
+
+def _bucketed(named, bucket_bytes=64 * 1024):
+    """The full path a sync takes, minus transport: pack into bounded buckets, unpack as views."""
+    for bucket in pack_buckets(named, bucket_bytes):
+        yield from unpack_bucket(bucket)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path):
+    from rlhf_ray.generator.engine import GeneratorEngine
+    eng = GeneratorEngine(tiny_path, CFG, resolve_backend("cpu"), lora=True, max_model_len=256, max_lora_rank=8)
+    yield eng
+    eng.close()
+
+
+def test_full_sync_greedy_matches_hf_including_long_prompts(engine, tiny_path):
+    learner = load_hf(tiny_path)
+    prompts = _prompts()
+    assert [_cut(x) for x in hf_greedy(learner, prompts, NEW)] == _greedy(engine, prompts)  # version 0 agrees
+    perturb(learner, seed=11)
+    engine.load_full(_bucketed(named_weights(learner)), version=1)
+    assert engine.version == 1
+    want = [_cut(x) for x in hf_greedy(learner, prompts, NEW)]
+    got = _greedy(engine, prompts)
+    assert got == want
+
+
+def test_sampled_logprobs_agree_with_learner_and_skipped_sync_is_caught(engine, tiny_path):
+    learner = load_hf(tiny_path)
+    perturb(learner, seed=12)
+    engine.load_full(_bucketed(named_weights(learner)), version=2)
+    rollout = engine.generate(_prompts()[:3], seeds=[5, 6, 7])
+    assert rollout.weight_version == 2 and len(rollout) == 6 and rollout.prompt_index == [0, 0, 1, 1, 2, 2]
+    assert rollout.temperature == pytest.approx(0.7)
+    learner_logp, mask, batch = hf_logprobs(learner, rollout)
+    stats = logprob_agreement(learner_logp, batch.old_logprobs, mask)
+    assert stats["num_tokens"] > 0
+    check_logprob_agreement(stats, FP32, version=2)       # fp32 tolerance
+    assert stats["max_abs"] < 1e-3, stats
+
+    perturb(learner, seed=13)                              # the learner updates, the sync is "forgotten"
+    stale = engine.generate(_prompts()[:3], seeds=[5, 6, 7])
+    learner_logp, mask, batch = hf_logprobs(learner, stale)
+    with pytest.raises(LogprobMismatchError, match="version 2"):
+        check_logprob_agreement(logprob_agreement(learner_logp, batch.old_logprobs, mask), SyncConfig(), version=2)
+
+
+def test_same_seed_reproduces_and_n_samples_differ(engine):
+    a = engine.generate(_prompts()[:2], n=3, seeds=[1, 2])
+    b = engine.generate(_prompts()[:2], n=3, seeds=[1, 2])
+    assert a.response_ids == b.response_ids and a.response_logprobs == b.response_logprobs
+    assert len({tuple(x) for x in a.response_ids[:3]}) > 1
+
+
+def test_text_prompts_and_stop_reasons(engine):
+    r = engine.generate(["the movie was", "I"], n=1, temperature=0.0, max_new_tokens=4)
+    assert len(r.texts) == 2 and all(isinstance(t, str) for t in r.texts)
+    assert all(len(p) > 0 for p in r.prompt_ids)
+    assert all(f in ("stop", "length") for f in r.finish_reasons)
+
+
+def test_lora_sync_matches_hf_peft_and_new_version_replaces_old(engine, tiny_path):
+    from peft import LoraConfig, get_peft_model
+    base = load_hf(tiny_path)
+    engine.load_full(_bucketed(named_weights(base)), version=3)     # back to the base the adapter sits on
+    policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"],
+                                             init_lora_weights=False))
+    prompts = _prompts()
+    for version, seed in ((4, 21), (5, 22)):
+        perturb(policy, seed=seed, scale=0.2)                         # only the adapter is trainable
+        engine.load_adapter(_bucketed(named_weights(policy, "adapter")), adapter_config(policy), version=version)
+        assert engine.version == version
+        assert _greedy(engine, prompts) == [_cut(x) for x in hf_greedy(policy, prompts, NEW)]
+        rollout = engine.generate(prompts[:2], seeds=[3, 4])
+        learner_logp, mask, batch = hf_logprobs(policy, rollout)
+        check_logprob_agreement(logprob_agreement(learner_logp, batch.old_logprobs, mask), FP32, version=version)
+
+
+def test_older_version_is_refused(engine, tiny_path):
+    with pytest.raises(ValueError, match="older"):
+        engine.load_full(iter([]), version=0)
