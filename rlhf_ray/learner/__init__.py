@@ -1,0 +1,1 @@
+"""The DeepSpeed learner: `Learner` (one rank, plain class) and `LearnerGroup` (N ranks on Ray)."""

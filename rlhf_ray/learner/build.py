@@ -1,0 +1,80 @@
+"""Build the trainable model of one rank: HF model of the right kind, optional 4-bit base, optional LoRA.
+
+Kinds, all saved and loaded back as plain HF folders:
+  policy  AutoModelForCausalLM                       -> logits (B, L, V)
+  reward  AutoModelForSequenceClassification(1)      -> a score per sequence (B,)
+  value   AutoModelForTokenClassification(1)         -> a value per token (B, L): the causal-LM backbone
+          with a scalar head, PPO's critic (a fresh head when started from a policy checkpoint)
+QLoRA is "LoRA with a quantized base": the same LoRA step runs after a 4-bit load (Dettmers et al. 2023).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from rlhf_ray.config.schema import ModelConfig
+from rlhf_ray.utils.device import Backend
+
+Kind = Literal["policy", "reward", "value"]
+
+_PEFT_TASK = {"policy": "CAUSAL_LM", "reward": "SEQ_CLS", "value": "TOKEN_CLS"}
+
+
+def model_class(kind: Kind):
+    import transformers
+    classes = {"policy": transformers.AutoModelForCausalLM,
+               "reward": transformers.AutoModelForSequenceClassification,
+               "value": transformers.AutoModelForTokenClassification}
+    if kind not in classes:
+        raise ValueError(f"learner kind must be one of {sorted(classes)}, got {kind!r}")
+    return classes[kind]
+
+
+def quantization_config(cfg: ModelConfig, backend: Backend):
+    from transformers import BitsAndBytesConfig
+    q = cfg.quantization
+    compute = backend.dtype if q.compute_dtype == "auto" else getattr(torch, q.compute_dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_quant_storage=torch.uint8)
+
+
+def load_tokenizer(cfg: ModelConfig, path: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or path)
+    if tok.pad_token_id is None:  # batches are right-padded; the pad id is never attended to
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(cfg: ModelConfig, kind: Kind, path: str, backend: Backend, pad_token_id: int) -> torch.nn.Module:
+    """The HF model (wrapped by peft when LoRA is on), on `backend.device`, trainable parameters marked."""
+    kwargs: dict = {"dtype": backend.dtype}
+    if kind != "policy":
+        kwargs["num_labels"] = 1
+    if cfg.quantization.load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(cfg, backend)
+        kwargs["device_map"] = {"": backend.device}
+    model = model_class(kind).from_pretrained(path, **kwargs)
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    if cfg.quantization.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+        lcfg = LoraConfig(task_type=_PEFT_TASK[kind], r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                          lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
+        model = get_peft_model(model, lcfg)
+    return model
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside a peft wrapper (LoRA layers injected in place), or the model itself."""
+    from peft import PeftModel
+    return model.base_model.model if isinstance(model, PeftModel) else model

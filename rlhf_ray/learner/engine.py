@@ -1,0 +1,235 @@
+"""`Learner`: one rank's trainable model wrapped in DeepSpeed. A plain class, testable without Ray.
+
+Every rank of a group builds one; methods that touch parameters (train_step, forwards under ZeRO-3,
+named_weights, save/export) are collectives: all ranks call them together. `LearnerGroup`
+(`rlhf_ray.learner.group`) does that fan-out from the driver.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from rlhf_ray.config.schema import LearnerConfig, ModelConfig
+from rlhf_ray.learner import build, checkpoint, weights
+from rlhf_ray.learner.ds_config import deepspeed_config, lr_lambda
+from rlhf_ray.models.kit import resolve_model_path
+from rlhf_ray.utils.device import Backend
+
+Batch = dict[str, torch.Tensor]
+# loss_fn(learner, micro_batch) -> (scalar loss, {name: float}); the learner gives it the forward passes.
+LossFn = Callable[["Learner", Batch], tuple[torch.Tensor, dict]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group(backend: Backend) -> None:
+    """Join the process group; alone (world size 1) when no launcher set RANK / WORLD_SIZE."""
+    import deepspeed
+    import deepspeed.ops
+    # DeepSpeed compiles its shared-memory CPU all-reduce op on first init (150 s, STACK.md). Only its
+    # inference all-reduce uses it; training collectives go through torch.distributed (gloo / NCCL).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend=backend.dist_backend, auto_mpi_discovery=False)
+
+
+class Learner:
+    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, *,
+                 kind: Literal["policy", "reward", "value"], init_path: str, backend: Backend,
+                 total_steps: int, seed: int = 0, num_threads: Optional[int] = None):
+        # Import order matters: transformers' lazy model import inside DeepSpeed's ZeRO-3 conversion
+        # fails unless dynamo and the model class are imported first (STACK.md).
+        import torch._dynamo  # noqa: F401
+        import deepspeed
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        ensure_process_group(backend)
+        torch.manual_seed(seed)
+        self.kind, self.backend, self.model_cfg, self.cfg = kind, backend, model_cfg, learner_cfg
+        self.init_path = resolve_model_path(init_path)
+        self.tokenizer = build.load_tokenizer(model_cfg, self.init_path)
+        build.model_class(kind)
+        model = build.build_model(model_cfg, kind, self.init_path, backend, self.tokenizer.pad_token_id)
+        self.lora = model_cfg.lora.enabled
+        params = [p for p in model.parameters() if p.requires_grad]
+        o = learner_cfg.optim
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(o.scheduler, o.warmup_steps, max(1, total_steps)))
+        ds = deepspeed_config(learner_cfg, world_size=dist.get_world_size(), dtype=backend.dtype)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds, model_parameters=params)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.version = 0
+        self._score_hook_out: Optional[torch.Tensor] = None
+        if kind == "reward":
+            self._hook_score_head()
+
+    # -- models ---------------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model DeepSpeed wraps (a peft model under LoRA)."""
+        return self.engine.module
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The HF model inside (LoRA layers injected in place)."""
+        return build.unwrap_peft(self.engine.module)
+
+    def _device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.engine.device) for k, v in batch.items()}
+
+    # -- forward passes -------------------------------------------------------------------------
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids and mask -> (B, L, V) logits (position t predicts token t+1)."""
+        out = self.engine(input_ids=input_ids.to(self.engine.device),
+                          attention_mask=attention_mask.to(self.engine.device))
+        return out.logits
+
+    def forward_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L) per-token values of a `kind="value"` model."""
+        return self.forward_logits(input_ids, attention_mask).squeeze(-1)
+
+    def _hook_score_head(self) -> None:
+        # The HF head pools at the last non-pad *token id*, which is wrong when the pad id also occurs
+        # inside a sequence (pad = eos). We read the per-token scores and pool by the attention mask.
+        def keep(_module, _inputs, output):
+            self._score_hook_out = output
+        self.hf_model.score.register_forward_hook(keep)
+
+    def forward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) right-padded -> (B,) reward: the score head at each sequence's last attended token."""
+        attention_mask = attention_mask.to(self.engine.device)
+        self.engine(input_ids=input_ids.to(self.engine.device), attention_mask=attention_mask)
+        per_token = self._score_hook_out.squeeze(-1)  # (B, L)
+        self._score_hook_out = None
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)
+        return per_token[torch.arange(per_token.shape[0], device=per_token.device), last]
+
+    @contextlib.contextmanager
+    def reference_context(self):
+        """Forward passes inside use the frozen initial model: LoRA adapters switched off (no 2nd copy)."""
+        if not self.lora:
+            raise ValueError("reference_context needs model.lora.enabled=true; without LoRA the reference "
+                             "is a separate frozen model (build a second Learner or scorer from the init path)")
+        with self.model.disable_adapter():
+            yield
+
+    # -- training -------------------------------------------------------------------------------
+    def train_step(self, loss_fn: LossFn, micro_batches: list[Batch]) -> dict:
+        """One optimizer step over gradient-accumulated micro-batches (clipping and the scheduler included).
+
+        Each micro-batch's loss is weighted by its share of this rank's rows, so micro-batches of unequal
+        size give the gradient of the mean over rows; DeepSpeed then averages over ranks.
+        """
+        if not micro_batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        self.engine.train()
+        rows = [len(next(iter(mb.values()))) for mb in micro_batches]
+        total = sum(rows)
+        sums: dict[str, float] = {}
+        for i, (mb, n) in enumerate(zip(micro_batches, rows)):
+            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+            loss, stats = loss_fn(self, self._device(mb))
+            self.engine.backward(loss * (n / total), scale_wrt_gas=False)
+            if i == len(micro_batches) - 1:
+                unclipped = self._grad_norm_before_step()
+            self.engine.step()
+            for k, v in {"loss": float(loss.detach()), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n / total
+        self.version += 1
+        norm = self.engine.get_global_grad_norm() if unclipped is None else unclipped
+        sums["grad_norm"] = float(norm) if norm is not None else float("nan")
+        sums["lr"] = float(self.engine.get_lr()[0])
+        return sums
+
+    def _grad_norm_before_step(self) -> Optional[float]:
+        """ZeRO-0 keeps whole (already all-reduced) grads in `.grad` and DeepSpeed does not report their
+        norm; ZeRO-1/2/3 partition them and DeepSpeed does (`get_global_grad_norm`)."""
+        if self.cfg.deepspeed.zero_stage != 0:
+            return None
+        grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    # -- weights --------------------------------------------------------------------------------
+    def named_weights(self, mode: Literal["full", "adapter"] = "full") -> Iterator[tuple[str, torch.Tensor]]:
+        """Current weights, one tensor at a time (a collective under ZeRO-3: every rank must iterate)."""
+        if mode == "full":
+            return weights.full_weights(self.hf_model, self.backend.dtype)
+        if mode == "adapter":
+            if not self.lora:
+                raise ValueError("named_weights(mode='adapter') needs model.lora.enabled=true")
+            return weights.adapter_weights(self.model)
+        raise ValueError(f"named_weights mode must be 'full' or 'adapter', got {mode!r}")
+
+    def adapter_config(self) -> dict:
+        if not self.lora:
+            raise ValueError("adapter_config() needs model.lora.enabled=true")
+        cfg = self.model.peft_config["default"].to_dict()
+        return json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path, extra_state: dict) -> None:
+        """Model, optimizer, scheduler, RNG (per rank), `version` and the caller's JSON `extra_state`."""
+        final, tmp = Path(path), checkpoint.temp_dir_for(path)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(tmp), tag="state", client_state={"version": self.version},
+                                    save_latest=False, exclude_frozen_parameters=self.lora)
+        torch.save(checkpoint.rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            checkpoint.write_json(tmp / "extra_state.json", extra_state)
+        dist.barrier()
+        if self.rank == 0:
+            checkpoint.publish(tmp, final)
+        dist.barrier()
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        path = Path(path)
+        if not checkpoint.is_complete(path):
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
+        loaded, client = self.engine.load_checkpoint(str(path), tag="state", load_module_strict=not self.lora)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        self.version = int(client["version"])
+        checkpoint.set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+        return json.loads((path / "extra_state.json").read_text())
+
+    def export_hf(self, path: str | Path, merge_lora: bool = True) -> None:
+        """A folder transformers loads back: the full model (LoRA merged, fp weights) or the peft adapter."""
+        from rlhf_ray.learner.export import write_adapter, write_full
+        final, tmp = Path(path), checkpoint.temp_dir_for(path)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if self.lora and not merge_lora:
+            state = dict(self.named_weights("adapter"))
+            if self.rank == 0:
+                write_adapter(tmp, state, self.model.peft_config["default"], self.init_path)
+        else:
+            state = dict(self.named_weights("full"))
+            if self.rank == 0:
+                write_full(tmp, state, self.hf_model.config, type(self.hf_model).__name__)
+        if self.rank == 0:
+            self.tokenizer.save_pretrained(tmp)
+            checkpoint.publish(tmp, final)
+        dist.barrier()

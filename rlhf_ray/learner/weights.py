@@ -1,0 +1,96 @@
+"""Hand out a model's weights as `(name, tensor)` pairs, one parameter at a time.
+
+full:    names exactly as in the plain HF model's `state_dict()` (`model.layers.0.self_attn.q_proj.weight`,
+         `lm_head.weight`, both names of tied weights), LoRA merged in (W + scale * B @ A), 4-bit bases
+         dequantized; the peft-only copies (`original_module`, `lora_*`) never appear.
+adapter: names as in `peft.get_peft_model_state_dict(model)` (what `adapter_model.safetensors` holds).
+Under ZeRO-3 each module's parameters are gathered just around their own use, so peak memory is one
+module, not one model. Every rank must iterate (the gather is a collective); the tensors handed out are
+copies owned by the caller.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+NamedTensor = tuple[str, torch.Tensor]
+
+
+def _gathered(params):
+    import deepspeed
+    # A no-op for parameters that ZeRO-3 does not partition (they carry no `ds_id`).
+    return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None)
+
+
+def _is_4bit(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "Params4bit"
+
+
+def _dense_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's weight as a dense tensor (dequantized when it is a bitsandbytes 4-bit weight)."""
+    if _is_4bit(module.weight):
+        from peft.utils.integrations import dequantize_module_weight
+        return dequantize_module_weight(module).to(dtype)
+    return module.weight.detach().to(dtype).clone()
+
+
+def _own_state(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A module's own (non-recursive) parameters and persistent buffers, as `state_dict` lists them."""
+    for name, p in module.named_parameters(recurse=False):
+        yield name, p
+    for name, b in module.named_buffers(recurse=False):
+        if name not in module._non_persistent_buffers_set:
+            yield name, b
+
+
+def full_weights(hf_model: torch.nn.Module, dtype: torch.dtype) -> Iterator[NamedTensor]:
+    """Plain-HF names and tensors of `hf_model` (the model inside peft, LoRA layers injected in place)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    handled: list[str] = []
+    for mod_name, module in hf_model.named_modules():
+        if any(mod_name.startswith(h + ".") for h in handled):
+            continue
+        prefix = mod_name + "." if mod_name else ""
+        if isinstance(module, LoraLayer):
+            handled.append(mod_name)
+            base = module.get_base_layer()
+            with _gathered(list(module.parameters())):
+                weight = _dense_weight(base, dtype)
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A and not module.disable_adapters:
+                        weight += module.get_delta_weight(adapter).to(dtype)
+                yield prefix + "weight", weight
+                if getattr(base, "bias", None) is not None:
+                    yield prefix + "bias", base.bias.detach().to(dtype).clone()
+        elif isinstance(module, ModulesToSaveWrapper):
+            handled.append(mod_name)
+            active = module.modules_to_save[module.active_adapters[0]] if not module.disable_adapters \
+                else module.original_module
+            with _gathered(list(active.parameters())):
+                for name, t in active.state_dict(keep_vars=True).items():
+                    yield prefix + name, t.detach().to(dtype).clone()
+        else:
+            own = list(_own_state(module))
+            if not own:
+                continue
+            with _gathered([t for _, t in own]):
+                for name, t in own:
+                    if name == "weight" and _is_4bit(t):
+                        yield prefix + name, _dense_weight(module, dtype)
+                    else:
+                        yield prefix + name, t.detach().to(dtype if t.is_floating_point() else t.dtype).clone()
+
+
+def adapter_weights(peft_model: torch.nn.Module) -> Iterator[NamedTensor]:
+    """peft's adapter state dict (LoRA A/B and the `modules_to_save` heads), gathered one tensor at a time."""
+    from peft import get_peft_model_state_dict
+    live = peft_model.state_dict(keep_vars=True)
+    by_id = {id(v): k for k, v in live.items()}
+    for name, t in get_peft_model_state_dict(peft_model, state_dict=live).items():
+        if id(t) not in by_id:
+            raise RuntimeError(f"peft returned a copy for adapter tensor {name!r}; cannot gather it")
+        with _gathered([t]):
+            yield name, t.detach().clone()
