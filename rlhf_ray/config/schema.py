@@ -167,7 +167,7 @@ class RewardConfig(Section):
     sources: tuple[RewardSource, ...] = (RewardSource(kind="model", path="stage:rm"),)
     on_nonfinite: Literal["error", "zero", "drop_group"] = "error"
     clip: Optional[float] = Field(None, gt=0)
-    normalize: bool = False
+    gold: Optional[str] = Field(None, description="module:function reported as reward/gold_mean, never trained on")
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
 

@@ -1,0 +1,71 @@
+"""`rlhf-ray train`: the stages a config asks for, each reusing the previous stage's output.
+
+    sft  (model.path)                       -> <output_dir>/sft/final
+    rm   (rm.init_from or the SFT model)    -> <output_dir>/rm/final
+    rl   (rl.init_from or the SFT model; reward `stage:rm`) -> <output_dir>/rl/final
+
+A stage whose `final/` is complete is not run again with `--resume`; an interrupted RL stage resumes
+from its latest checkpoint. Paths `stage:sft` / `stage:rm` in the config name these outputs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rlhf_ray.config import Config, save_config
+from rlhf_ray.learner.checkpoint import is_complete
+from rlhf_ray.models.kit import resolve_model_path
+
+
+class StageOutputs:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def final(self, stage: str) -> Path:
+        return self.root / stage / "final"
+
+    def resolve(self, spec: str) -> str:
+        if spec.startswith("stage:"):
+            stage = spec[len("stage:"):]
+            path = self.final(stage)
+            if not is_complete(path):
+                raise FileNotFoundError(f"{spec!r} refers to the {stage} stage's output {path}, which does not "
+                                        f"exist yet: run that stage first or give a model folder")
+            return str(path)
+        return resolve_model_path(spec)
+
+
+def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, str]:
+    from rlhf_ray.runtime import ray_session
+
+    root = Path(cfg.run.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root / "config.yaml")
+    outs = StageOutputs(root)
+    results: dict[str, str] = {}
+    policy = cfg.model.path
+    t0 = time.time()
+    with ray_session(cfg.cluster):
+        if "sft" in cfg.run.stages:
+            from rlhf_ray.offline.sft import run_sft
+            policy = str(_stage(resume, outs.final("sft"),
+                                lambda: run_sft(cfg, init_path=cfg.sft.init_from or cfg.model.path,
+                                                out_dir=root / "sft", resume=resume)))
+            results["sft"] = policy
+        if "rm" in cfg.run.stages:
+            from rlhf_ray.offline.rm import run_rm
+            results["rm"] = str(_stage(resume, outs.final("rm"),
+                                       lambda: run_rm(cfg, init_path=cfg.rm.init_from or policy,
+                                                      out_dir=root / "rm", resume=resume)))
+        if "rl" in cfg.run.stages:
+            from rlhf_ray.rl.run import run_rl
+            start = outs.resolve(cfg.rl.init_from) if cfg.rl.init_from else policy
+            results["rl"] = str(run_rl(cfg, start, outs.resolve, root / "rl", resume=resume))
+    results["wall_time_s"] = f"{time.time() - t0:.1f}"
+    return results
+
+
+def _stage(resume: bool, final: Path, run):
+    if resume and is_complete(final):
+        return final
+    return run()

@@ -1,0 +1,136 @@
+"""The RL controller: one step reads as the dataflow.
+
+    prompts -> generate -> score (reward | reference | value, concurrently) -> advantages
+            -> PPO epochs (policy, critic) -> log-prob check -> weight sync -> KL controller -> log
+
+The roles are handles (Ray actors or local objects behind `rlhf_ray.rl.roles`); the controller owns
+only small driver-side state: the prompt stream, the KL controller, the weight version and the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_ray import algo
+from rlhf_ray.config import Config
+from rlhf_ray.rl.advantage_step import clean_scores, make_train_batch
+from rlhf_ray.rl.batch import pack_sequences, pad_ragged
+from rlhf_ray.rl.prompts import PromptStream
+from rlhf_ray.rl.records import ScoredBatch
+from rlhf_ray.rl.roles import Roles
+from rlhf_ray.sync.checks import check_logprob_agreement, check_version
+from rlhf_ray.utils.timing import PhaseTimer
+
+
+class EmptyResponseError(ValueError):
+    """The generator returned an empty response and rollout.on_empty_response=error."""
+
+
+@dataclass
+class StepOutput:
+    metrics: dict[str, float]
+    prompts: list[str]
+    responses: list[str]
+    scores: list[float]
+
+
+def make_kl_controller(cfg: Config):
+    r = cfg.reference
+    if r.adaptive_kl:
+        return algo.AdaptiveKLController(r.kl_coef, r.kl_target, r.kl_horizon)
+    return algo.FixedKLController(r.kl_coef)
+
+
+class RLController:
+    def __init__(self, cfg: Config, roles: Roles, prompts: PromptStream, pad_id: int):
+        self.cfg, self.roles, self.prompts, self.pad_id = cfg, roles, prompts, pad_id
+        self.kl_ctl = make_kl_controller(cfg)
+        self.step_idx = 0
+        self.version = roles.policy_version()
+        self._shuffle = torch.Generator().manual_seed(cfg.run.seed)
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> StepOutput:
+        cfg, roles, t = self.cfg, self.roles, PhaseTimer()
+        n = cfg.rollout.n_samples_per_prompt
+        prompts = self.prompts.next_batch()
+
+        with t("generate"):
+            rollout = roles.generate([p.ids for p in prompts], n)
+        lag = check_version(rollout.weight_version, self.version, cfg.rollout.sync.max_off_policy_lag)
+        empty = self._check_empty(rollout)
+        seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, self.pad_id)
+        old_logp = pad_ragged(rollout.response_logprobs, seq.response_mask.shape[1])
+        prompt_texts = [prompts[i].text for i in rollout.prompt_index]
+
+        with t("score"):
+            scores, ref_logp, values, reward_stats = roles.score(prompt_texts, rollout.texts, seq)
+        scores = torch.as_tensor(scores, dtype=torch.float32)
+        if cfg.rollout.on_empty_response == "zero_reward":
+            scores = torch.where(empty, torch.zeros_like(scores), scores)
+        scores, keep, bad_stats = clean_scores(scores, n, cfg.reward.on_nonfinite, cfg.reward.clip)
+        scored = ScoredBatch(seq, old_logp, ref_logp, scores, values, n, rollout.weight_version)
+        if not keep.all():
+            scored = _select(scored, keep)
+
+        with t("advantage"):
+            batch, adv_stats = make_train_batch(scored, cfg.algorithm, cfg.reference, self.kl_ctl.value)
+            minibatches = self._minibatches(len(batch.seq))
+
+        with t("update"):
+            update_stats = roles.update(batch, minibatches, self.kl_ctl.value)
+        agreement = {k[len("sync/logprob_"):]: v for k, v in update_stats.items() if k.startswith("sync/logprob_")}
+        if lag == 0 and agreement:
+            check_logprob_agreement(agreement, cfg.rollout.sync, version=rollout.weight_version)
+
+        with t("sync"):
+            self.version = roles.sync_weights()
+        self.kl_ctl.update(adv_stats.get("kl/mean", 0.0), 1)
+        self.step_idx += 1
+
+        metrics = {**reward_stats, **bad_stats, **adv_stats, **update_stats, **t.stats(),
+                   "reward/score_mean": float(scores[keep].mean()) if keep.any() else float("nan"),
+                   "reward/score_std": float(scores[keep].std()) if keep.sum() > 1 else 0.0,
+                   "kl/coef": self.kl_ctl.value, "sync/version": float(self.version),
+                   "sync/lag": float(lag), "response/empty_frac": float(empty.float().mean()),
+                   "throughput/tokens_per_s": float(seq.response_mask.sum()) / max(t.times["generate"], 1e-9)}
+        return StepOutput(metrics, prompt_texts, list(rollout.texts), scores.tolist())
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _check_empty(self, rollout) -> torch.Tensor:
+        empty = torch.tensor([len(r) == 0 for r in rollout.response_ids])
+        if empty.any() and self.cfg.rollout.on_empty_response == "error":
+            raise EmptyResponseError(f"{int(empty.sum())} of {len(empty)} responses are empty (weight version "
+                                     f"{rollout.weight_version}); set rollout.on_empty_response=zero_reward "
+                                     f"to score them 0 and continue")
+        return empty
+
+    def _minibatches(self, n_rows: int) -> list[list[torch.Tensor]]:
+        """Index sets per PPO epoch; drawn here so the shuffle is part of the driver's resumable state."""
+        size = min(self.cfg.algorithm.mini_batch_size, n_rows)
+        out = []
+        for _ in range(self.cfg.algorithm.ppo_epochs):
+            perm = torch.randperm(n_rows, generator=self._shuffle)
+            out.append([perm[i:i + size] for i in range(0, n_rows - size + 1, size)])
+        return out
+
+    # -- resumable state -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step_idx, "prompts": self.prompts.state_dict(), "kl": self.kl_ctl.state_dict(),
+                "shuffle": self._shuffle.get_state().tolist(), "version": self.version}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step_idx = int(d["step"])
+        self.prompts.load_state_dict(d["prompts"])
+        self.kl_ctl.load_state_dict(d["kl"])
+        self._shuffle.set_state(torch.tensor(d["shuffle"], dtype=torch.uint8))
+        self.version = int(d["version"])
+
+
+def _select(b: ScoredBatch, keep: torch.Tensor) -> ScoredBatch:
+    idx = keep.nonzero().flatten()
+    if len(idx) == 0:
+        raise ValueError("every group of this step had a non-finite reward: nothing left to train on")
+    return ScoredBatch(b.seq.select(idx), b.old_logp[idx], b.ref_logp[idx], b.scores[idx],
+                       None if b.values is None else b.values[idx], b.group_size, b.weight_version)

@@ -1,0 +1,85 @@
+"""The RL stage: build the actor graph, run the controller, checkpoint, log, export the final policy.
+
+Layout of `out_dir`:
+    checkpoints/step_000010/{policy,critic}   resumable state (atomic, COMPLETE marker)
+    metrics.jsonl, tensorboard/, samples.jsonl, report.png, report.md
+    final/                                    the trained policy, HF format (LoRA merged)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from rlhf_ray.config import Config
+from rlhf_ray.learner.checkpoint import is_complete, latest_checkpoint
+from rlhf_ray.rl.controller import RLController
+from rlhf_ray.rl.prompts import PromptStream
+from rlhf_ray.rl.roles import Paths, Roles
+from rlhf_ray.scoring.reward import FunctionSource
+from rlhf_ray.tracking.console import ConsoleView
+from rlhf_ray.tracking.metrics import MetricsLogger
+from rlhf_ray.tracking.report import write_report
+from rlhf_ray.utils.device import resolve_backend
+
+
+def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir: str | Path,
+           resume: bool = False) -> Path:
+    from rlhf_ray.data.prompts import load_prompts
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    final = out / "final"
+    if resume and is_complete(final):
+        return final
+    out.mkdir(parents=True, exist_ok=True)
+    backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
+    init_path = resolve(policy_init)
+    tokenizer = AutoTokenizer.from_pretrained(init_path)
+    prompts = load_prompts(cfg.data, tokenizer)  # validated before any actor starts
+    gold = FunctionSource(cfg.reward.gold) if cfg.reward.gold else None
+
+    roles = Roles(cfg, Paths(init_path, resolve), backend, total_steps=cfg.rl.steps * _updates_per_step(cfg))
+    try:
+        controller = RLController(cfg, roles, PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed),
+                                  pad_id=tokenizer.pad_token_id)
+        ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+        if ckpt is not None:
+            extra = roles.load(str(ckpt))
+            controller.load_state_dict(extra["controller"])
+            controller.version = roles.sync_weights()  # the generator serves the restored weights
+        logger = MetricsLogger(out, cfg.logging, "rl", cfg.model_dump(mode="json"), resume=ckpt is not None)
+        if ckpt is not None:
+            logger.truncate_to(controller.step_idx)
+        with ConsoleView(cfg.rl.steps, f"rl:{cfg.algorithm.name}", cfg.logging.console,
+                         start=controller.step_idx) as view:
+            if ckpt is not None:
+                view.note(f"resumed from {ckpt} at step {controller.step_idx}")
+            while controller.step_idx < cfg.rl.steps:
+                result = controller.step()
+                step = controller.step_idx
+                if gold is not None:
+                    result.metrics["reward/gold_mean"] = _mean(gold(result.prompts, result.responses))
+                logger.log(step, result.metrics)
+                view.step(step, result.metrics)
+                if cfg.rl.sample_every and step % cfg.rl.sample_every == 0:
+                    logger.log_samples(step, result.prompts[:4], result.responses[:4], result.scores[:4])
+                if cfg.rl.save_every and step % cfg.rl.save_every == 0 and step < cfg.rl.steps:
+                    roles.save(str(out / "checkpoints" / f"step_{step:06d}"), {"controller": controller.state_dict()})
+        logger.close()
+        roles.export(str(final), merge_lora=True)
+    finally:
+        roles.shutdown()
+    if cfg.logging.report:
+        write_report(out, f"{cfg.run.name}: {cfg.algorithm.name}")
+    return final
+
+
+def _updates_per_step(cfg: Config) -> int:
+    batch = cfg.rl.prompts_per_step * cfg.rollout.n_samples_per_prompt
+    return cfg.algorithm.ppo_epochs * max(1, batch // cfg.algorithm.mini_batch_size)
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+

@@ -1,0 +1,128 @@
+"""Plain classes behind the policy and critic actors: a `Learner` plus the RL-specific passes.
+
+They run on every rank of a learner group; each rank receives its own slice of the batch
+(`rlhf_ray.rl.dispatch`), and DeepSpeed averages gradients across ranks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig, ReferenceConfig
+from rlhf_ray.rl.batch import SequenceBatch
+from rlhf_ray.rl.records import TrainBatch
+from rlhf_ray.rl.step_loss import critic_minibatch_loss, policy_minibatch_loss, response_logprobs
+from rlhf_ray.sync.checks import logprob_agreement
+from rlhf_ray.utils.device import Backend
+
+
+def _micro(rows: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]]:
+    return [{"idx": rows[i:i + size]} for i in range(0, len(rows), size)]
+
+
+def _forward(learner, seq: SequenceBatch) -> torch.Tensor:
+    return learner.forward_logits(seq.input_ids, seq.attention_mask, seq.position_ids)
+
+
+class PolicyWorker:
+    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig,
+                 ref_cfg: ReferenceConfig, *, temperature: float, norm_len: int, init_path: str,
+                 backend: Backend, total_steps: int, seed: int, num_threads: Optional[int] = None):
+        from rlhf_ray.learner.engine import Learner
+        self.learner = Learner(model_cfg, learner_cfg, kind="policy", init_path=init_path, backend=backend,
+                               total_steps=total_steps, seed=seed, num_threads=num_threads)
+        self.algo, self.ref_cfg, self.mbs = algo_cfg, ref_cfg, learner_cfg.micro_batch_size
+        self.temperature, self.norm_len = temperature, norm_len
+
+    @property
+    def version(self) -> int:
+        return self.learner.version
+
+    @torch.no_grad()
+    def ref_logprobs(self, seq: SequenceBatch) -> torch.Tensor:
+        """(B, T) reference log-probs: the same model with its LoRA adapter switched off."""
+        self.learner.engine.eval()
+        out = []
+        with self.learner.reference_context():
+            for i in range(0, len(seq), self.mbs):
+                mb = seq.select(slice(i, i + self.mbs))
+                out.append(response_logprobs(_forward(self.learner, mb).float(), mb, self.temperature).cpu())
+        return torch.cat(out)
+
+    def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float) -> dict[str, float]:
+        """PPO epochs: one optimizer step per minibatch. The very first forward (before any step) also
+        measures the learner-vs-generator log-prob agreement of the sampled tokens."""
+        agreement: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        steps = 0
+
+        def loss_fn(learner, mb):
+            tb = batch.select(mb["idx"].cpu())
+            logits = _forward(learner, tb.seq).float()
+            loss, stats = policy_minibatch_loss(logits, tb, self.algo, self.ref_cfg, kl_coef, self.temperature,
+                                                self.norm_len)
+            if steps == 0:
+                logp = response_logprobs(logits.detach(), tb.seq, self.temperature)
+                part = logprob_agreement(logp, tb.old_logp, tb.seq.response_mask)
+                agreement["max_abs"] = max(agreement.get("max_abs", 0.0), part["max_abs"])
+                n0, n1 = agreement.get("num_tokens", 0.0), part["num_tokens"]
+                agreement["mean_abs"] = (agreement.get("mean_abs", 0.0) * n0 + part["mean_abs"] * n1) / max(n0 + n1, 1)
+                agreement["num_tokens"] = n0 + n1
+            return loss, stats
+
+        for epoch in minibatches:
+            for rows in epoch:
+                stats = self.learner.train_step(loss_fn, _micro(rows, self.mbs))
+                steps += 1
+                for k, v in stats.items():
+                    key = k if "/" in k else f"policy/{k}"
+                    sums[key] = sums.get(key, 0.0) + v
+        out = {k: v / max(steps, 1) for k, v in sums.items()}
+        out.update({f"sync/logprob_{k}": v for k, v in agreement.items()})
+        return out
+
+    def named_weights(self, mode: str):
+        return self.learner.named_weights(mode)
+
+    def adapter_config(self) -> dict:
+        return self.learner.adapter_config()
+
+
+class CriticWorker:
+    """PPO's value model: the policy's backbone with a scalar head, trained with the clipped value loss."""
+
+    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig, *,
+                 norm_len: int, init_path: str, backend: Backend, total_steps: int, seed: int,
+                 num_threads: Optional[int] = None):
+        from rlhf_ray.learner.engine import Learner
+        self.learner = Learner(model_cfg, learner_cfg, kind="value", init_path=init_path, backend=backend,
+                               total_steps=total_steps, seed=seed, num_threads=num_threads)
+        self.algo, self.mbs, self.norm_len = algo_cfg, learner_cfg.micro_batch_size, norm_len
+
+    @torch.no_grad()
+    def values(self, seq: SequenceBatch) -> torch.Tensor:
+        """(B, T) V(s_t) for each response position t (the state before token t is emitted)."""
+        self.learner.engine.eval()
+        out, T, P = [], seq.response_mask.shape[1], seq.prompt_len
+        for i in range(0, len(seq), self.mbs):
+            mb = seq.select(slice(i, i + self.mbs))
+            v = self.learner.forward_values(mb.input_ids, mb.attention_mask, mb.position_ids).float()
+            out.append((v[:, P - 1:P - 1 + T] * mb.response_mask).cpu())
+        return torch.cat(out)
+
+    def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]]) -> dict[str, float]:
+        def loss_fn(learner, mb):
+            tb = batch.select(mb["idx"].cpu())
+            values = learner.forward_values(tb.seq.input_ids, tb.seq.attention_mask, tb.seq.position_ids).float()
+            return critic_minibatch_loss(values, tb, self.algo, self.norm_len)
+
+        sums: dict[str, float] = {}
+        steps = 0
+        for epoch in minibatches:
+            for rows in epoch:
+                for k, v in self.learner.train_step(loss_fn, _micro(rows, self.mbs)).items():
+                    key = k if "/" in k else f"value/{k}"
+                    sums[key] = sums.get(key, 0.0) + v
+                steps += 1
+        return {k: v / max(steps, 1) for k, v in sums.items()}

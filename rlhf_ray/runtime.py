@@ -1,0 +1,54 @@
+"""Starting or joining Ray, with the environment every role's process needs.
+
+`cluster.address`: `local` starts a private Ray on this machine (and stops it at the end); `auto` joins
+the cluster this process runs in (the `ray job submit` case); anything else is passed to `ray.init`.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from rlhf_ray.config import ClusterConfig
+
+# Every role process: no hub access, quiet tokenizers, and idle OpenMP threads that sleep instead of
+# spinning (roles take turns on the same cores; a spinning idle role steals cycles from the busy one).
+ROLE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def role_env() -> dict[str, str]:
+    env = dict(ROLE_ENV)
+    for key in ("RLHF_RAY_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE", "PYTHONPATH"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+@contextmanager
+def ray_session(cfg: ClusterConfig):
+    """Yield with Ray initialised; shut down only what this call started."""
+    import ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = False
+    if not ray.is_initialized():
+        runtime_env = {"env_vars": role_env()}
+        if cfg.address == "local":
+            ncpu = cfg.cpus_per_node or os.cpu_count() or 1
+            # Roles reserve fractional CPUs; the logical count is generous so that actors are never
+            # left pending on a 2-core laptop: real core sharing is governed by thread counts.
+            ray.init(num_cpus=max(ncpu, 4) * 2, include_dashboard=False, runtime_env=runtime_env,
+                     log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        else:
+            ray.init(address=cfg.address, runtime_env=runtime_env, logging_level="WARNING")
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,32 @@
+"""The reference scorer: log-probs of the frozen initial policy, for the KL term.
+
+Under LoRA there is no separate reference: the policy learner computes reference log-probs with its
+adapter switched off (`PolicyWorker.ref_logprobs`). Without LoRA, this frozen copy runs in its own actor.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.rl.batch import SequenceBatch
+from rlhf_ray.rl.step_loss import response_logprobs
+
+
+class ReferenceScorer:
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 temperature: float = 1.0, micro_batch_size: int = 64):
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        self.device, self.temperature, self.mbs = device, temperature, micro_batch_size
+
+    @torch.no_grad()
+    def logprobs(self, seq: SequenceBatch) -> torch.Tensor:
+        """(B, T) log pi_ref of the response tokens, computed in micro-batches."""
+        out = []
+        for i in range(0, len(seq), self.mbs):
+            mb = seq.select(slice(i, i + self.mbs))
+            logits = self.model(input_ids=mb.input_ids.to(self.device),
+                                attention_mask=mb.attention_mask.to(self.device),
+                                position_ids=mb.position_ids.to(self.device)).logits
+            out.append(response_logprobs(logits.float(), mb, self.temperature).cpu())
+        return torch.cat(out)
