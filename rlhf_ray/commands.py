@@ -3,4 +3,6 @@
 Each entry is `register(subparsers, add_config_args, load_config_fn)`; kept as an explicit list so a
 reader sees every command the CLI has in one place.
 """
-REGISTER: list = []
+from rlhf_ray import cli_run
+
+REGISTER: list = [cli_run.register]
