@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from rlhf_ray.algo.masked import masked_sum, masked_whiten
 
-# Block length of the scan in reverse_discounted_cumsum; 32-128 are within 10% of each other on CPU.
-_SCAN_BLOCK = 64
+# Block length of the scan in reverse_discounted_cumsum: the matmul costs O(L) per element, the recursion
+# O(log_L T) levels; 32 was fastest on CPU for T from 128 to 8192 (benchmarks/algo_bench.py).
+_SCAN_BLOCK = 32
 
 
 def reverse_discounted_cumsum(x: torch.Tensor, discount: float, block: int = _SCAN_BLOCK) -> torch.Tensor:
@@ -49,29 +50,32 @@ def reverse_discounted_cumsum(x: torch.Tensor, discount: float, block: int = _SC
         return x.clone()
     length = min(block, t_len)
     pad = (-t_len) % length
-    flat = F.pad(x.reshape(-1, t_len), (0, pad))  # zeros at the end contribute nothing
+    flat = x.reshape(-1, t_len)
+    if pad:
+        flat = F.pad(flat, (0, pad))  # zeros at the end contribute nothing
     n_blocks = flat.shape[-1] // length
-    xb = flat.view(-1, n_blocks, length)
+    xb = flat.reshape(-1, n_blocks, length)
 
+    base = torch.tensor(discount, dtype=torch.float64, device=x.device)
     idx = torch.arange(length, device=x.device)
     lag = idx.unsqueeze(1) - idx.unsqueeze(0)  # [k, t] = k - t
-    powers = torch.pow(torch.tensor(discount, dtype=torch.float64, device=x.device), lag.clamp_min(0))
-    tri = torch.where(lag >= 0, powers, 0.0).to(x.dtype)  # (L, L)
-    local = xb @ tri  # (N, n_blocks, L): sums within each block
+    tri = torch.where(lag >= 0, base.pow(lag.clamp_min(0)), 0.0).to(x.dtype)  # (L, L)
+    out = xb @ tri  # (N, n_blocks, L): sums within each block
 
     if n_blocks > 1:
-        starts = reverse_discounted_cumsum(local[..., 0], discount**length, block)  # (N, n_blocks)
+        starts = reverse_discounted_cumsum(out[..., 0], discount**length, block)  # (N, n_blocks)
         carry = F.pad(starts[:, 1:], (0, 1))  # value at the start of the next block, 0 after the last
-        decay = torch.pow(torch.tensor(discount, dtype=torch.float64, device=x.device), length - idx)
-        local = local + carry.unsqueeze(-1) * decay.to(x.dtype)
-    return local.reshape(-1, n_blocks * length)[:, :t_len].reshape(*lead, t_len)
+        decay = base.pow(length - idx).to(x.dtype)  # (L,) discount^(L - t)
+        out.addcmul_(carry.unsqueeze(-1), decay)
+    out = out.reshape(-1, n_blocks * length)
+    return (out[:, :t_len] if pad else out).reshape(*lead, t_len)
 
 
 def _check_right_padded(mask: torch.Tensor) -> None:
     # The scans treat the first padded position as the end of the episode; a hole in the mask would
     # silently bridge two segments.
-    m = mask.bool()
-    if (m[:, 1:] & ~m[:, :-1]).any():
+    m = mask.to(torch.float32) if mask.dtype == torch.bool else mask
+    if (m[:, 1:] > m[:, :-1]).any():
         raise ValueError("mask must be right-padded: a real token follows a padded one in some row")
 
 
@@ -110,8 +114,10 @@ def gae(
     dtype = _compute_dtype(token_rewards)
     w = mask.to(dtype)
     v = values.detach().to(dtype) * w
-    next_v = F.pad(v[:, 1:], (0, 1))  # already 0 past the last real token because v is masked
-    delta = (token_rewards.to(dtype) + gamma * next_v - v) * w
+    # V_{t+1}, already 0 past the last real token because v is masked. In-place below: on CPU every
+    # fresh (B, T) temporary costs page faults comparable to the arithmetic.
+    next_v = F.pad(v[:, 1:], (0, 1))
+    delta = next_v.mul_(gamma).add_(token_rewards.to(dtype)).sub_(v).mul_(w)
     advantages = reverse_discounted_cumsum(delta, gamma * lam)
     returns = advantages + v
     if whiten:

@@ -52,12 +52,13 @@ def policy_loss(
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (Ye 2020), got {dual_clip}")
     old_logp, advantages = old_logp.detach(), advantages.detach()
+    neg_adv = -advantages
     ratio = torch.exp((logp - old_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (B, T)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    unclipped = neg_adv * ratio
+    clipped = neg_adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss_mat = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
-        capped = torch.minimum(loss_mat, -advantages * dual_clip)
+        capped = torch.minimum(loss_mat, neg_adv * dual_clip)
         dual_active = (advantages < 0) & (loss_mat > capped)
         loss_mat = torch.where(advantages < 0, capped, loss_mat)
     loss = aggregate(loss_mat, mask, agg, norm_len)

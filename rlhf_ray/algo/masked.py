@@ -43,22 +43,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return num / den.clamp_min(_TINY)
 
 
+def _moments(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, x - mean, sum of squared deviations over real tokens, number of real tokens)."""
+    mean = masked_mean(x, w)
+    centered = x - mean
+    return mean, centered, (centered.square() * w).sum(), w.sum()
+
+
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of ``x`` over all real tokens (a scalar); 0 when fewer than two tokens are real.
 
     Args:
         x: (B, T) values.
         mask: (B, T) 1 on real tokens.
-        unbiased: apply Bessel's correction n / (n - 1), n = number of real tokens.
+        unbiased: apply Bessel's correction, dividing by n - 1 (n = number of real tokens) instead of n.
     """
-    w = _weights(mask, x)
-    mean = masked_mean(x, w)
-    var = masked_mean((x - mean) ** 2, w)
-    if unbiased:
-        n = w.sum()
-        # For n <= 1 the biased variance is exactly 0, so any finite factor keeps the defined result 0.
-        var = var * n / (n - 1).clamp_min(1.0)
-    return var
+    _, _, sq_sum, n = _moments(x, _weights(mask, x))
+    # For n <= 1 the sum is exactly 0, so the floor of 1 (and _TINY) keeps the defined result 0.
+    return sq_sum / ((n - 1).clamp_min(1.0) if unbiased else n.clamp_min(_TINY))
 
 
 def masked_whiten(
@@ -67,7 +69,7 @@ def masked_whiten(
     """Normalise ``x`` to zero mean and unit variance over real tokens; padded entries become 0.
 
     Statistics are global over the batch (all real tokens), as in PPO advantage normalisation
-    (OpenAI baselines ppo2; Ouyang 2022) and REINFORCE++ (Hu 2025, sec. 3).
+    (OpenAI baselines ppo2; Ouyang 2022) and REINFORCE++ (Hu 2025, sec. 3). The variance is unbiased.
 
     Args:
         x: (B, T) values.
@@ -79,9 +81,8 @@ def masked_whiten(
         (B, T) whitened values, 0 on padding.
     """
     w = _weights(mask, x)
-    mean = masked_mean(x, w)
-    var = masked_var(x, w)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    mean, centered, sq_sum, n = _moments(x, w)
+    out = centered * torch.rsqrt(sq_sum / (n - 1).clamp_min(1.0) + eps)
     if not shift_mean:
         out = out + mean
     return out * w
