@@ -6,3 +6,7 @@ reader sees every command the CLI has in one place.
 from rlhf_ray import cli_run
 
 REGISTER: list = [cli_run.register]
+
+from rlhf_ray.offline import cli as offline_cli  # noqa: E402  (sft, rm)
+
+REGISTER.append(offline_cli.register)

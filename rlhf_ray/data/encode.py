@@ -1,0 +1,141 @@
+"""Rows -> token ids, with explicit truncation rules, and padded batches.
+
+Text layout:
+  with a chat template:  prompt = template(user turn(s), add_generation_prompt=True),
+                         full   = template(prompt turns + assistant turn); response = full minus prompt
+  without one:           prompt = tokenizer(prompt) (its special tokens, e.g. BOS, as the generator sees it),
+                         response = tokenizer(response, no special tokens) + EOS
+Truncation (the same for SFT and both sides of a preference pair):
+  1. a prompt longer than `max_prompt_len` follows `on_long_prompt`: "error", "truncate_left" (keep its
+     last tokens, nearest the response) or "skip" (dropped and counted);
+  2. the response is cut on the right to fit `max_seq_len` (its EOS is then lost, and the row is counted
+     as `responses_truncated`);
+  3. a preference pair whose two truncated responses became identical carries no preference: skipped
+     and counted as `pairs_identical`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_ray.data.readers import DataError
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_len: int
+    max_seq_len: int
+    on_long_prompt: str  # "error" | "truncate_left" | "skip"
+
+
+class _Skip(Exception):
+    pass
+
+
+def _as_messages(prompt) -> list[dict]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def prompt_ids(tok, prompt) -> list[int]:
+    if tok.chat_template:
+        return list(tok.apply_chat_template(_as_messages(prompt), add_generation_prompt=True, tokenize=True,
+                                            return_dict=False))
+    if isinstance(prompt, list):
+        raise DataError("a chat-message row needs a tokenizer with a chat template")
+    return tok(prompt)["input_ids"]
+
+
+def response_ids(tok, prompt, p_ids: list[int], response: str) -> list[int]:
+    if tok.chat_template:
+        full = list(tok.apply_chat_template(_as_messages(prompt) + [{"role": "assistant", "content": response}],
+                                            tokenize=True, return_dict=False))
+        if full[:len(p_ids)] != p_ids:
+            raise DataError("the chat template does not render the prompt as a prefix of the conversation")
+        return full[len(p_ids):]
+    return tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def _fit_prompt(ids: list[int], lim: Limits, counts: Counter) -> list[int]:
+    if len(ids) <= lim.max_prompt_len:
+        return ids
+    if lim.on_long_prompt == "error":
+        raise DataError(f"prompt has {len(ids)} tokens > data.max_prompt_len={lim.max_prompt_len} "
+                        f"(data.on_long_prompt=error)")
+    if lim.on_long_prompt == "skip":
+        counts["prompts_too_long"] += 1
+        raise _Skip
+    counts["prompts_truncated"] += 1
+    return ids[-lim.max_prompt_len:]
+
+
+def _fit_response(p: list[int], r: list[int], lim: Limits, counts: Counter) -> list[int]:
+    room = lim.max_seq_len - len(p)
+    if room < 1:
+        raise DataError(f"data.max_seq_len={lim.max_seq_len} leaves no room for a response after a "
+                        f"{len(p)}-token prompt; raise max_seq_len above max_prompt_len")
+    if len(r) > room:
+        counts["responses_truncated"] += 1
+        return r[:room]
+    return r
+
+
+def encode_sft(rows: list[dict], tok, lim: Limits) -> tuple[list[dict], Counter]:
+    """-> examples {input_ids, loss_mask} (loss on response tokens only)."""
+    out, counts = [], Counter()
+    for i, row in enumerate(rows):
+        try:
+            full_p = prompt_ids(tok, row["prompt"])
+            p = _fit_prompt(full_p, lim, counts)
+            r = _fit_response(p, response_ids(tok, row["prompt"], full_p, row["response"]), lim, counts)
+        except _Skip:
+            continue
+        except DataError as e:
+            raise DataError(f"{row.get('_where', f'row {i}')}: {e}") from None
+        out.append({"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r)})
+    return out, counts
+
+
+def encode_preferences(rows: list[dict], tok, lim: Limits) -> tuple[list[dict], Counter]:
+    """-> examples {chosen_ids, rejected_ids} (prompt + response each)."""
+    out, counts = [], Counter()
+    for i, row in enumerate(rows):
+        try:
+            full_p = prompt_ids(tok, row["prompt"])
+            p = _fit_prompt(full_p, lim, counts)
+            c = _fit_response(p, response_ids(tok, row["prompt"], full_p, row["chosen"]), lim, counts)
+            r = _fit_response(p, response_ids(tok, row["prompt"], full_p, row["rejected"]), lim, counts)
+        except _Skip:
+            continue
+        except DataError as e:
+            raise DataError(f"{row.get('_where', f'row {i}')}: {e}") from None
+        if c == r:
+            counts["pairs_identical"] += 1
+            continue
+        out.append({"chosen_ids": p + c, "rejected_ids": p + r})
+    return out, counts
+
+
+def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad -> (B, L) ids and (B, L) attention mask."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
+    loss_mask, _ = pad([e["loss_mask"] for e in examples], 0)
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+def collate_preferences(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, padded to one length: one forward pass scores both."""
+    ids, mask = pad([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples], pad_id)
+    b = len(examples)
+    return {"chosen_ids": ids[:b], "chosen_mask": mask[:b], "rejected_ids": ids[b:], "rejected_mask": mask[b:]}

@@ -1,0 +1,156 @@
+"""`LearnerGroup`: N learner ranks as Ray actors joined in one torch.distributed group.
+
+Why our own actor group and not Ray Train's `TorchTrainer`: a trainer owns the loop (`fit()` runs a
+function to completion), while the RL controller interleaves generation, scoring and updates and calls
+the learner step by step. Actors keep the model resident between calls and let the driver call
+`group.train_step(...)` like a local function (the verl / OpenRLHF pattern). The gloo / NCCL group is set
+up by hand (rank 0 publishes an address and a free port), which is all TorchTrainer would add here.
+Ranks are placed by a placement group (one bundle per rank); a single rank skips it (one actor).
+
+Each actor is a thin shell around `Learner`; splitting and merging batches are the pure functions of
+`rlhf_ray.learner.dispatch`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Literal, Optional
+
+import ray
+import torch
+
+from rlhf_ray.config.schema import LearnerConfig, ModelConfig
+from rlhf_ray.learner.dispatch import Batch, gather, mean_stats, micro_batches, split_batch
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(self, rank: int, world_size: int, num_threads: int):
+        self.rank, self.world_size = rank, world_size
+        from rlhf_ray.utils.device import set_threads
+        set_threads(num_threads)
+        self.learner = None
+
+    def address(self) -> tuple[str, int]:
+        from rlhf_ray.learner.engine import _free_port
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, addr: str, port: int, model_cfg, learner_cfg, kind, init_path, device, total_steps, seed):
+        from rlhf_ray.learner.engine import Learner
+        from rlhf_ray.utils.device import resolve_backend
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=addr, MASTER_PORT=str(port))
+        backend = resolve_backend(device, model_cfg.dtype)
+        self.learner = Learner(model_cfg, learner_cfg, kind=kind, init_path=init_path, backend=backend,
+                               total_steps=total_steps, seed=seed, num_threads=torch.get_num_threads())
+        return self.learner.version
+
+    def train_step(self, loss_fn, shard: Batch, micro_batch_size: int) -> dict:
+        return self.learner.train_step(loss_fn, micro_batches(shard, micro_batch_size))
+
+    def forward(self, method: str, shard: Batch, reference: bool) -> torch.Tensor:
+        fn = {"logits": self.learner.forward_logits, "scores": self.learner.forward_scores,
+              "values": self.learner.forward_values}[method]
+        self.learner.engine.eval()
+        with torch.no_grad(), (self.learner.reference_context() if reference else contextlib.nullcontext()):
+            return fn(shard["input_ids"], shard["attention_mask"]).cpu()
+
+    def evaluate(self, eval_fn, shard: Batch) -> dict:
+        self.learner.engine.eval()
+        with torch.no_grad():
+            return eval_fn(self.learner, shard)
+
+    def consume_weights(self, consumer, mode: str):
+        """Rank 0 hands its iterator to `consumer`; other ranks drain theirs (ZeRO-3 gathers are collective)."""
+        it = self.learner.named_weights(mode)
+        if self.rank == 0:
+            return consumer(it)
+        for _ in it:
+            pass
+        return None
+
+    def version(self) -> int:
+        return self.learner.version
+
+    def call(self, method: str, *args, **kwargs):
+        return getattr(self.learner, method)(*args, **kwargs)
+
+
+class LearnerGroup:
+    """Driver-side handle; every method fans out to all ranks and returns merged results."""
+
+    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, *,
+                 kind: Literal["policy", "reward", "value"], init_path: str, total_steps: int,
+                 device: str = "auto", seed: int = 0, num_threads: Optional[int] = None,
+                 placement_strategy: str = "PACK"):
+        n = learner_cfg.num_ranks
+        self.num_ranks, self.cfg = n, learner_cfg
+        threads = num_threads or max(1, int(learner_cfg.cpus_per_rank))
+        opts = dict(num_cpus=learner_cfg.cpus_per_rank, num_gpus=learner_cfg.gpus_per_rank)
+        self._pg = None
+        if n > 1:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+            bundle = {"CPU": learner_cfg.cpus_per_rank}
+            if learner_cfg.gpus_per_rank:
+                bundle["GPU"] = learner_cfg.gpus_per_rank
+            self._pg = placement_group([bundle] * n, strategy=placement_strategy)
+            ray.get(self._pg.ready())
+            self.actors = [LearnerActor.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self._pg, placement_group_bundle_index=r)).remote(r, n, threads) for r in range(n)]
+        else:
+            self.actors = [LearnerActor.options(**opts).remote(0, 1, threads)]
+        addr, port = ray.get(self.actors[0].address.remote())
+        ray.get([a.setup.remote(addr, port, model_cfg, learner_cfg, kind, init_path, device, total_steps, seed)
+                 for a in self.actors])
+        self.version = 0
+
+    def _all(self, method: str, *args, **kwargs) -> list:
+        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+
+    def train_step(self, loss_fn: Callable, batch: Batch) -> dict:
+        """One optimizer step on `batch` (split over ranks, then into micro-batches of micro_batch_size)."""
+        shards = split_batch(batch, self.num_ranks)
+        stats = ray.get([a.train_step.remote(loss_fn, s, self.cfg.micro_batch_size)
+                         for a, s in zip(self.actors, shards)])
+        self.version += 1
+        return mean_stats(stats)
+
+    def forward(self, method: Literal["logits", "scores", "values"], batch: Batch, reference: bool = False):
+        """No-grad forward of `batch` ({input_ids, attention_mask}) split over ranks; rows back in order."""
+        shards = split_batch(batch, self.num_ranks)
+        return gather(ray.get([a.forward.remote(method, s, reference) for a, s in zip(self.actors, shards)]))
+
+    def evaluate(self, eval_fn: Callable, batch: Batch) -> dict:
+        shards = split_batch(batch, self.num_ranks)
+        return mean_stats(ray.get([a.evaluate.remote(eval_fn, s) for a, s in zip(self.actors, shards)]))
+
+    def consume_weights(self, consumer: Callable, mode: str = "full"):
+        """Run `consumer(named_weights_iterator)` on rank 0 (where the sync code buckets and sends)."""
+        return self._all("consume_weights", consumer, mode)[0]
+
+    def named_weights(self, mode: str = "full") -> list[tuple[str, torch.Tensor]]:
+        """All weights to the driver (small models, tests); use `consume_weights` to stream instead."""
+        return self.consume_weights(list, mode)
+
+    def adapter_config(self) -> dict:
+        return ray.get(self.actors[0].call.remote("adapter_config"))
+
+    def save_checkpoint(self, path: str, extra_state: dict) -> None:
+        self._all("call", "save_checkpoint", path, extra_state)
+
+    def load_checkpoint(self, path: str) -> dict:
+        extra = self._all("call", "load_checkpoint", path)[0]
+        self.version = ray.get(self.actors[0].version.remote())
+        return extra
+
+    def export_hf(self, path: str, merge_lora: bool = True) -> None:
+        self._all("call", "export_hf", path, merge_lora)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self._pg)
+        self.actors = []

@@ -1,0 +1,1 @@
+"""Offline stages: supervised fine-tuning (SFT) and the reward model (RM)."""
