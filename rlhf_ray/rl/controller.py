@@ -57,7 +57,7 @@ class RLController:
         prompts = self.prompts.next_batch()
 
         with t("generate"):
-            rollout = roles.generate([p.ids for p in prompts], n)
+            rollout = roles.generate([p.ids for p in prompts], n, self.step_idx)
         lag = check_version(rollout.weight_version, self.version, cfg.rollout.sync.max_off_policy_lag)
         empty = self._check_empty(rollout)
         seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, self.pad_id)
@@ -85,11 +85,11 @@ class RLController:
             check_logprob_agreement(agreement, cfg.rollout.sync, version=rollout.weight_version)
 
         with t("sync"):
-            self.version = roles.sync_weights()
+            self.version, sync_stats = roles.sync_weights()
         self.kl_ctl.update(adv_stats.get("kl/mean", 0.0), 1)
         self.step_idx += 1
 
-        metrics = {**reward_stats, **bad_stats, **adv_stats, **update_stats, **t.stats(),
+        metrics = {**reward_stats, **bad_stats, **adv_stats, **update_stats, **sync_stats, **t.stats(),
                    "reward/score_mean": float(scores[keep].mean()) if keep.any() else float("nan"),
                    "reward/score_std": float(scores[keep].std()) if keep.sum() > 1 else 0.0,
                    "kl/coef": self.kl_ctl.value, "sync/version": float(self.version),

@@ -54,14 +54,17 @@ class Roles:
                 ref_path, dtype=backend.dtype, device=backend.device, temperature=cfg.rollout.temperature)
         self.reward = RewardActor.options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(
             cfg.reward, resolve_path=paths.resolve, device=backend.device)
-        self.generator = GeneratorGroup.from_config(cfg, paths.resolve(paths.policy_init), backend)
+        self.generator = GeneratorGroup.from_config(cfg, paths.resolve(paths.policy_init))
 
     # -- the controller's calls ----------------------------------------------------------------
     def policy_version(self) -> int:
         return ray.get(self.policy.version.remote())
 
-    def generate(self, prompts: list[str], n: int):
-        return self.generator.generate(prompts, n)
+    def generate(self, prompts: list, n: int, step: int):
+        """Sample n per prompt; prompt i of step s is seeded from (run seed, s, i), so a resumed run
+        samples exactly what the uninterrupted run would have."""
+        base = (self.cfg.run.seed * 1_000_003 + step * 7919) % (2 ** 30)
+        return self.generator.generate(prompts, n, seeds=[base + i * n for i in range(len(prompts))])
 
     def score(self, prompts: list[str], responses: list[str], seq):
         """Reward, reference log-probs and values at once; the cores are split between them."""
@@ -82,10 +85,14 @@ class Roles:
             stats.update(ray.get(crit))
         return stats
 
-    def sync_weights(self) -> int:
+    def sync_weights(self) -> tuple[int, dict[str, float]]:
+        """Push the policy's weights to every engine; returns the new version and the sync's timings."""
         version = self.policy_version()
-        self.generator.sync_from(self.policy, self.mode, version)
-        return version
+        if version == self.generator.version:
+            return version, {}
+        t = self.generator.sync_weights(self.policy, self.mode, version)
+        return version, {"sync/total_s": t["total_s"], "sync/pack_s": t["pack_s"], "sync/load_s": t["load_s"],
+                         "sync/buckets": float(t["buckets"])}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, path: str, extra_state: dict) -> None:

@@ -46,7 +46,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         if ckpt is not None:
             extra = roles.load(str(ckpt))
             controller.load_state_dict(extra["controller"])
-            controller.version = roles.sync_weights()  # the generator serves the restored weights
+            controller.version, _ = roles.sync_weights()  # the generator serves the restored weights
         logger = MetricsLogger(out, cfg.logging, "rl", cfg.model_dump(mode="json"), resume=ckpt is not None)
         if ckpt is not None:
             logger.truncate_to(controller.step_idx)

@@ -20,7 +20,9 @@ def format_step(m: dict[str, float]) -> str:
 class ConsoleView:
     def __init__(self, total: int, title: str, enabled: bool = True, start: int = 0):
         self.enabled = enabled
-        self.console = Console(stderr=False, highlight=False)
+        import sys
+        # A log file or CI pipe is not a terminal: do not wrap a step's line at 80 columns.
+        self.console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 240)
         self.progress = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                  console=self.console, disable=not enabled, transient=False)

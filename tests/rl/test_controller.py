@@ -24,7 +24,7 @@ class FakeRoles:
     def policy_version(self):
         return self.version
 
-    def generate(self, prompt_ids, n):
+    def generate(self, prompt_ids, n, step):
         resp, idx = [], []
         for i, _ in enumerate(prompt_ids):
             for j in range(n):
@@ -46,7 +46,7 @@ class FakeRoles:
     def sync_weights(self):
         if not self.skip_sync:
             self.gen_version = self.version
-        return self.version
+        return self.version, {}
 
 
 def make(roles, *overrides, prompts=4):
