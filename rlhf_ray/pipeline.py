@@ -1,10 +1,10 @@
 """`rlhf-ray train`: the stages a config asks for, each reusing the previous stage's output.
 
-    sft  (model.path)                       -> <output_dir>/sft/final
-    rm   (rm.init_from or the SFT model)    -> <output_dir>/rm/final
-    rl   (rl.init_from or the SFT model; reward `stage:rm`) -> <output_dir>/rl/final
+    sft  (model.path)                       -> <output_dir>/sft/model
+    rm   (rm.init_from or the SFT model)    -> <output_dir>/rm/model
+    rl   (rl.init_from or the SFT model; reward `stage:rm`) -> <output_dir>/rl/model
 
-A stage whose `final/` is complete is not run again with `--resume`; an interrupted RL stage resumes
+A stage whose `model/` is complete is not run again with `--resume`; an interrupted RL stage resumes
 from its latest checkpoint. Paths `stage:sft` / `stage:rm` in the config name these outputs.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ class StageOutputs:
         self.root = root
 
     def final(self, stage: str) -> Path:
-        return self.root / stage / "final"
+        return self.root / stage / "model"
 
     def resolve(self, spec: str) -> str:
         if spec.startswith("stage:"):
@@ -47,16 +47,12 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, str]:
     t0 = time.time()
     with ray_session(cfg.cluster):
         if "sft" in cfg.run.stages:
-            from rlhf_ray.offline.sft import run_sft
-            policy = str(_stage(resume, outs.final("sft"),
-                                lambda: run_sft(cfg, init_path=cfg.sft.init_from or cfg.model.path,
-                                                out_dir=root / "sft", resume=resume)))
+            from rlhf_ray.offline.stages import run_sft
+            policy = str(_stage(resume, outs.final("sft"), lambda: run_sft(cfg, fresh=not resume)))
             results["sft"] = policy
         if "rm" in cfg.run.stages:
-            from rlhf_ray.offline.rm import run_rm
-            results["rm"] = str(_stage(resume, outs.final("rm"),
-                                       lambda: run_rm(cfg, init_path=cfg.rm.init_from or policy,
-                                                      out_dir=root / "rm", resume=resume)))
+            from rlhf_ray.offline.stages import run_rm
+            results["rm"] = str(_stage(resume, outs.final("rm"), lambda: run_rm(cfg, fresh=not resume)))
         if "rl" in cfg.run.stages:
             from rlhf_ray.rl.run import run_rl
             start = outs.resolve(cfg.rl.init_from) if cfg.rl.init_from else policy

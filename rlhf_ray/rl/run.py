@@ -3,10 +3,11 @@
 Layout of `out_dir`:
     checkpoints/step_000010/{policy,critic}   resumable state (atomic, COMPLETE marker)
     metrics.jsonl, tensorboard/, samples.jsonl, report.png, report.md
-    final/                                    the trained policy, HF format (LoRA merged)
+    model/                                    the trained policy, HF format (LoRA merged)
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -28,10 +29,12 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     from transformers import AutoTokenizer
 
     out = Path(out_dir)
-    final = out / "final"
+    final = out / "model"
     if resume and is_complete(final):
         return final
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh run must never resume from an older run's checkpoints later
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
     init_path = resolve(policy_init)
     tokenizer = AutoTokenizer.from_pretrained(init_path)

@@ -37,7 +37,7 @@ class ConsoleView:
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         if self.enabled:
-            self.progress.console.print(f"step {step:4d}  {format_step(metrics)}")
+            self.progress.console.print(f"step {step:4d}  {format_step(metrics)}", markup=False)
         self.progress.advance(self.task)
 
     def note(self, text: str) -> None:
