@@ -98,21 +98,24 @@ class GeneratorEngine:
             seeds = [None] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        params = [SamplingParams(n=n, temperature=temperature, top_p=self.cfg.top_p if top_p is None else top_p,
+        # vLLM refuses n > 1 with greedy sampling: send n copies of the prompt instead.
+        fan_out = n if temperature == 0 else 1
+        params = [SamplingParams(n=n // fan_out, temperature=temperature,
+                                 top_p=self.cfg.top_p if top_p is None else top_p,
                                  max_tokens=max_new_tokens or self.cfg.max_new_tokens,
                                  stop=list(self.cfg.stop if stop is None else stop), seed=seed, logprobs=0)
-                  for seed in seeds]
-        inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
+                  for seed in seeds for _ in range(fan_out)]
+        inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts for _ in range(fan_out)]
         outputs = self.llm.generate(inputs, params, lora_request=self._lora_request, use_tqdm=False)
         prompt_ids, response_ids, logprobs, texts, index, finish = [], [], [], [], [], []
-        for i, out in enumerate(outputs):
+        for k, out in enumerate(outputs):
             for c in sorted(out.outputs, key=lambda c: c.index):
                 tokens = list(c.token_ids)
                 prompt_ids.append(list(out.prompt_token_ids))
                 response_ids.append(tokens)
                 logprobs.append([step[tok].logprob for step, tok in zip(c.logprobs, tokens)])
                 texts.append(c.text)
-                index.append(i)
+                index.append(k // fan_out)
                 finish.append(c.finish_reason or "length")
         return Rollout(prompt_ids, response_ids, logprobs, texts, index, finish, self.version,
                        temperature if temperature > 0 else 1.0)

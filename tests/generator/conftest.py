@@ -58,3 +58,35 @@ def hf_logprobs(model, rollout, pad_id=0):
                    position_ids=batch.position_ids).logits[:, batch.prompt_len - 1:-1]
     logp = torch.log_softmax(logits.float() / rollout.temperature, -1)
     return logp.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1), batch.response_mask, batch
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A 2-CPU local Ray for the whole session; always shut down."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2 ** 20,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def standin_learner_cls():
+    """A Ray actor exposing the learner contract: named_weights(mode), adapter_config()."""
+    import sys
+
+    from ray import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import tests/ modules
+
+    class StandInLearner:
+        def __init__(self, path, seed):
+            self.model = load_hf(path)
+            perturb(self.model, seed)
+
+        def named_weights(self, mode):
+            return named_weights(self.model, mode)
+
+        def adapter_config(self):
+            return None
+
+    return StandInLearner

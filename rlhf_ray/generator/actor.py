@@ -1,0 +1,59 @@
+"""The Ray actor around `GeneratorEngine`: a thin shell that turns bucket refs into weight pushes."""
+from __future__ import annotations
+
+from typing import Optional
+
+from rlhf_ray.generator.engine import GeneratorEngine
+from rlhf_ray.generator.records import Rollout
+from rlhf_ray.sync.collective import CollectiveGroup
+from rlhf_ray.sync.transport import iter_named
+
+
+class GeneratorActor:
+    """Wrapped with `ray.remote` by `GeneratorGroup`; every method delegates to the engine."""
+
+    def __init__(self, model_path: str, rollout_cfg, backend, lora: bool, max_model_len: int, engine_opts: dict):
+        self.engine = GeneratorEngine(model_path, rollout_cfg, backend, lora, max_model_len, **engine_opts)
+        self._group: Optional[CollectiveGroup] = None
+
+    def node_id(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
+    def node_ip(self) -> str:
+        import ray
+        return ray.util.get_node_ip_address()
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def generate(self, prompts, n, overrides: dict) -> Rollout:
+        return self.engine.generate(prompts, n, **overrides)
+
+    # -- object-store transport: refs arrive wrapped in a list, so Ray passes them unresolved ------
+    def load_full(self, refs: list, version: int) -> int:
+        self.engine.load_full(iter_named(refs), version)
+        return version
+
+    def load_adapter(self, refs: list, adapter_config: dict, version: int) -> int:
+        self.engine.load_adapter(iter_named(refs), adapter_config, version)
+        return version
+
+    # -- collective transport -------------------------------------------------------------------
+    def join_group(self, host: str, port: int, rank: int, world_size: int, backend: str, device: str,
+                   timeout_s: float) -> None:
+        self._group = CollectiveGroup(host, port, rank, world_size, backend, device, timeout_s)
+
+    def receive(self, mode: str, version: int, adapter_config: Optional[dict]) -> int:
+        if self._group is None:
+            raise RuntimeError("receive() before join_group()")
+        if mode == "full":
+            self.engine.load_full(self._group.recv_named(), version)
+        else:
+            self.engine.load_adapter(self._group.recv_named(), adapter_config, version)
+        return version
+
+    def leave_group(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None

@@ -1,0 +1,251 @@
+"""Driver-side handle on `num_engines` generator actors: spread prompts, sync weights, heal restarts.
+
+Dataflow of one step, as the RL controller sees it:
+    rollout = group.generate(prompts)                 # spread over engines, merged back in order
+    ... learner update ...
+    group.sync_weights(learner, version=step + 1)     # every engine at the new version
+Each sync keeps its buckets in Ray's object store as the restore point: an engine that died is
+restarted by Ray (`max_restarts`) with the weights at `model_path`, noticed by its version, and
+re-synced from that point before it serves again. Buckets packed from an iterator are owned by the
+driver; buckets packed inside a learner actor are owned by that learner (Ray 2.56 removed
+`ray.put(_owner=...)`), so they live as long as the learner does, which is as long as the run.
+
+Transport: "object_store" when every engine shares the driver's node (one put, zero-copy maps);
+"collective" otherwise (a gloo/NCCL broadcast from the driver to every engine, see sync/collective.py).
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from rlhf_ray.generator.actor import GeneratorActor
+from rlhf_ray.generator.engine import Prompt, lora_rank_slot, quantization_for
+from rlhf_ray.generator.records import Rollout, concat_rollouts
+from rlhf_ray.generator.threads import engine_env
+from rlhf_ray.sync.buckets import pack_buckets
+from rlhf_ray.sync.collective import CollectiveGroup, free_port
+from rlhf_ray.sync.transport import fetch, publish, publish_from_learner
+from rlhf_ray.utils.device import Backend, resolve_backend
+
+MODE_OF = {"auto": lambda lora: "adapter" if lora else "full", "full": lambda lora: "full",
+           "adapter": lambda lora: "adapter"}
+
+
+def split_evenly(items: Sequence, k: int) -> list[list]:
+    """k contiguous chunks whose sizes differ by at most one (the first ones are the larger)."""
+    if k <= 0:
+        raise ValueError(f"k must be > 0, got {k}")
+    q, r = divmod(len(items), k)
+    out, start = [], 0
+    for i in range(k):
+        end = start + q + (1 if i < r else 0)
+        out.append(list(items[start:end]))
+        start = end
+    return out
+
+
+def merge_in_order(parts: Sequence[Sequence]) -> list:
+    """Inverse of `split_evenly`: concatenate the chunks in order."""
+    return [x for part in parts for x in part]
+
+
+def _learner_ranks(source) -> list:
+    """The learner's actor handles if `source` is one or a list of them; [] for a `(name, tensor)` iterable."""
+    if hasattr(source, "__ray_call__"):
+        return [source]
+    if isinstance(source, (list, tuple)) and source and all(hasattr(s, "__ray_call__") for s in source):
+        return list(source)
+    return []
+
+
+class GeneratorGroup:
+    def __init__(self, model_path: str, rollout_cfg, backend: Backend, lora: bool = False, max_model_len: int = 512,
+                 *, max_lora_rank: int = 16, quantization: Optional[str] = None,
+                 engine_kwargs: Optional[dict[str, Any]] = None, transport: str = "auto", max_restarts: int = 3,
+                 collective_timeout_s: float = 120.0):
+        import ray
+
+        if transport not in ("auto", "object_store", "collective"):
+            raise ValueError(f"transport must be auto, object_store or collective, got {transport!r}")
+        self.cfg, self.backend, self.lora = rollout_cfg, backend, lora
+        self.version = 0
+        self._restore: dict[str, Any] = {}          # mode -> (refs, adapter_config, version)
+        self._calls = 0
+        self._collective: Optional[CollectiveGroup] = None
+        self._timeout = collective_timeout_s
+        opts = dict(max_lora_rank=max_lora_rank, quantization=quantization, engine_kwargs=engine_kwargs)
+        remote = ray.remote(GeneratorActor).options(
+            num_cpus=rollout_cfg.cpus_per_engine, num_gpus=rollout_cfg.gpus_per_engine * rollout_cfg.tensor_parallel_size,
+            max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": engine_env(rollout_cfg)})
+        self.actors = [remote.remote(model_path, rollout_cfg, backend, lora, max_model_len, opts)
+                       for _ in range(rollout_cfg.num_engines)]
+        nodes = ray.get([a.node_id.remote() for a in self.actors])
+        here = ray.get_runtime_context().get_node_id()
+        self.transport = transport if transport != "auto" else (
+            "object_store" if all(n == here for n in nodes) else "collective")
+
+    @classmethod
+    def from_config(cls, cfg, model_path: Optional[str] = None, max_model_len: Optional[int] = None,
+                    **kwargs) -> "GeneratorGroup":
+        """Build from the full `Config`: rollout section, model path/dtype/LoRA, cluster device."""
+        from rlhf_ray.models.kit import resolve_model_path
+
+        backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
+        lora = cfg.model.lora.enabled
+        return cls(model_path or resolve_model_path(cfg.model.path), cfg.rollout, backend, lora,
+                   max_model_len or cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+                   max_lora_rank=lora_rank_slot(cfg.model.lora.r) if lora else 16,
+                   quantization=quantization_for(backend, cfg.model.quantization.load_in_4bit), **kwargs)
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Prompt], n: Optional[int] = None, **overrides) -> Rollout:
+        """Sample n per prompt across all engines; samples come back in prompt order.
+
+        overrides: temperature, top_p, max_new_tokens, stop, seeds (one per prompt). Without seeds and
+        with `rollout.seed` set, prompt i of call c is seeded from (seed, c, i): reproducible, and the
+        same whatever the number of engines.
+        """
+        import ray
+
+        n = n or self.cfg.n_samples_per_prompt
+        if "seeds" not in overrides and self.cfg.seed is not None:
+            base = random.Random(f"{self.cfg.seed}-{self._calls}").randrange(2 ** 30)
+            overrides["seeds"] = [base + i * n for i in range(len(prompts))]
+        self._calls += 1
+        for attempt in range(2):
+            self.ensure_synced()
+            try:
+                return self._generate_once(prompts, n, overrides)
+            except ray.exceptions.RayActorError:   # an engine died mid-call: heal, then retry once
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _generate_once(self, prompts, n, overrides) -> Rollout:
+        import ray
+
+        chunks = split_evenly(list(range(len(prompts))), len(self.actors))
+        busy = [(i, c) for i, c in enumerate(chunks) if c]
+        parts = []
+        for i, c in busy:
+            sub = {k: ([v[j] for j in c] if k == "seeds" else v) for k, v in overrides.items()}
+            parts.append(self.actors[i].generate.remote([prompts[j] for j in c], n, sub))
+        return concat_rollouts(ray.get(parts), [c[0] for _, c in busy])
+
+    # -- weight sync ----------------------------------------------------------------------------
+    def sync_weights(self, source, mode: Optional[str] = None, version: Optional[int] = None,
+                     adapter_config: Optional[dict] = None) -> dict[str, float]:
+        """Push the learner's weights to every engine and bump the version.
+
+        source: an iterable of `(name, tensor)` (HF names for "full", peft names for "adapter"), or a
+        learner actor handle (or the list of a learner's rank handles) whose `named_weights(mode)` /
+        `adapter_config()` run inside the learner. mode: "full" | "adapter"; default from
+        `rollout.sync.mode`. Returns timing stats.
+        """
+        import ray
+
+        mode = mode or MODE_OF[self.cfg.sync.mode](self.lora)
+        version = self.version + 1 if version is None else version
+        if version <= self.version:
+            raise ValueError(f"sync version {version} must exceed the current version {self.version}")
+        if mode == "adapter" and not self.lora:
+            raise ValueError("adapter sync on a group built with lora=False")
+        t0 = time.perf_counter()
+        bucket_bytes = int(self.cfg.sync.bucket_mb * 2 ** 20)
+        ranks = _learner_ranks(source)
+        if ranks:
+            outs = ray.get([r.__ray_call__.remote(publish_from_learner, mode, bucket_bytes, self.backend.dtype, k == 0)
+                            for k, r in enumerate(ranks)])
+            refs, learner_cfg = outs[0]
+            adapter_config = adapter_config or learner_cfg
+        else:
+            refs = publish(pack_buckets(source, bucket_bytes, self.backend.dtype))
+        if mode == "adapter" and adapter_config is None:
+            raise ValueError("adapter sync needs adapter_config (the peft LoraConfig as a dict)")
+        t_pack = time.perf_counter()
+        if self.transport == "collective":
+            self._broadcast(refs, mode, version, adapter_config)
+        else:
+            ray.get([self._load_call(a, mode, refs, adapter_config, version) for a in self.actors])
+        self._restore[mode] = (refs, adapter_config, version)
+        self.version = version
+        t_end = time.perf_counter()
+        return {"version": version, "buckets": len(refs), "pack_s": t_pack - t0, "load_s": t_end - t_pack,
+                "total_s": t_end - t0}
+
+    @staticmethod
+    def _load_call(actor, mode, refs, adapter_config, version):
+        if mode == "full":
+            return actor.load_full.remote(refs, version)
+        return actor.load_adapter.remote(refs, adapter_config, version)
+
+    def _broadcast(self, refs: list, mode: str, version: int, adapter_config: Optional[dict]) -> None:
+        import ray
+
+        if self._collective is None:
+            host, port, world = ray.util.get_node_ip_address(), free_port(), len(self.actors) + 1
+            device = self.backend.device
+            joins = [a.join_group.remote(host, port, i + 1, world, self.backend.dist_backend, device, self._timeout)
+                     for i, a in enumerate(self.actors)]
+            self._collective = CollectiveGroup(host, port, 0, world, self.backend.dist_backend, device, self._timeout)
+            ray.get(joins)
+        done = [a.receive.remote(mode, version, adapter_config) for a in self.actors]
+        try:
+            self._collective.send_buckets(fetch(r) for r in refs)
+            ray.get(done)
+        except Exception:
+            self._drop_collective()
+            raise
+
+    def _drop_collective(self) -> None:
+        import ray
+
+        if self._collective is not None:
+            self._collective.close()
+            self._collective = None
+            ray.wait([a.leave_group.remote() for a in self.actors], num_returns=len(self.actors), timeout=10)
+
+    # -- restarts -------------------------------------------------------------------------------
+    def ensure_synced(self, timeout_s: float = 300.0) -> list[int]:
+        """Re-sync every engine whose version differs from the group's (a restarted one is at 0)."""
+        import ray
+
+        deadline, healed = time.monotonic() + timeout_s, []
+        for i, actor in enumerate(self.actors):
+            while True:
+                try:
+                    v = ray.get(actor.version.remote())
+                    break
+                except ray.exceptions.RayActorError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)          # restarting: Ray re-runs __init__
+            if v != self.version:
+                self._resync(actor)
+                healed.append(i)
+        if healed and self._collective is not None:
+            self._drop_collective()          # the restarted engine left the group; rebuild it next sync
+        return healed
+
+    def _resync(self, actor) -> None:
+        import ray
+
+        for mode in ("full", "adapter"):     # a base push first, then the adapter on top of it
+            if mode in self._restore:
+                refs, adapter_config, version = self._restore[mode]
+                ray.get(self._load_call(actor, mode, refs, adapter_config, version))
+        if ray.get(actor.version.remote()) != self.version:
+            raise RuntimeError(f"re-synced engine is at version {ray.get(actor.version.remote())}, "
+                               f"expected {self.version}")
+
+    def shutdown(self) -> None:
+        import ray
+
+        self._drop_collective()
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        self._restore = {}
