@@ -60,6 +60,7 @@ def build_model(cfg: ModelConfig, kind: Kind, path: str, backend: Backend, pad_t
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
     if cfg.quantization.load_in_4bit:
+        _same_4bit_kernel_for_inference(model)
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
@@ -72,6 +73,19 @@ def build_model(cfg: ModelConfig, kind: Kind, path: str, backend: Backend, pad_t
             model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
         model = get_peft_model(model, lcfg)
     return model
+
+
+def _same_4bit_kernel_for_inference(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' no-grad CPU forward on the training kernel.
+
+    On AVX512-BF16 CPUs, `Linear4bit` repacks its weight for a faster inference kernel on the first
+    no-grad forward. That kernel needs out_features % 32 == 0 (it asserts on the tiny model's 344), and
+    it would make reference / old log-probs come from a different kernel than the training forward, so
+    PPO ratios would not start at exactly 1. One kernel for both.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

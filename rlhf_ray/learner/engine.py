@@ -97,15 +97,22 @@ class Learner:
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
     # -- forward passes -------------------------------------------------------------------------
-    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids and mask -> (B, L, V) logits (position t predicts token t+1)."""
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L) token ids and mask -> (B, L, V) logits (position t predicts token t+1).
+
+        Pass `position_ids` for left-padded rows (RL batches): HF counts positions from column 0, the
+        generator from each row's first real token, and the two must agree for the log-probs to match.
+        """
+        extra = {} if position_ids is None else {"position_ids": position_ids.to(self.engine.device)}
         out = self.engine(input_ids=input_ids.to(self.engine.device),
-                          attention_mask=attention_mask.to(self.engine.device))
+                          attention_mask=attention_mask.to(self.engine.device), **extra)
         return out.logits
 
-    def forward_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L) -> (B, L) per-token values of a `kind="value"` model."""
-        return self.forward_logits(input_ids, attention_mask).squeeze(-1)
+        return self.forward_logits(input_ids, attention_mask, position_ids).squeeze(-1)
 
     def _hook_score_head(self) -> None:
         # The HF head pools at the last non-pad *token id*, which is wrong when the pad id also occurs

@@ -1,0 +1,127 @@
+"""The single-rank `Learner` (no Ray): training, LoRA / QLoRA, weights, reference, checkpoints, export."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_ray.offline.stages import sft_step_loss
+from tests.learner.helpers import make_learner, split, token_batches
+
+pytestmark = pytest.mark.slow
+
+
+def _train(learner, batches):
+    return [learner.train_step(sft_step_loss, split(b))["loss"] for b in batches]
+
+
+def test_sft_loss_falls_and_stats():
+    learner = make_learner()
+    losses = _train(learner, token_batches(12))
+    assert learner.version == 12
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    stats = learner.train_step(sft_step_loss, split(token_batches(1, seed=9)[0]))
+    assert stats["grad_norm"] > 0 and 0 < stats["lr"] < 3e-3  # linear decay after warm-up
+
+
+def test_full_weight_names_match_plain_hf_and_export_loads(tmp_path):
+    from transformers import LlamaForCausalLM
+    learner = make_learner(lora=True)
+    _train(learner, token_batches(3))
+    plain = LlamaForCausalLM.from_pretrained(learner.init_path)
+    names = [n for n, _ in learner.named_weights("full")]
+    assert names == list(plain.state_dict())
+    learner.export_hf(tmp_path / "merged", merge_lora=True)
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = token_batches(1)[0]
+    learner.engine.eval()
+    with torch.no_grad():
+        ours = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
+        theirs = merged(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_changes_only_adapter_weights_and_reference_is_the_base(tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import LlamaForCausalLM
+    learner = make_learner(lora=True)
+    ids = token_batches(1, seed=5)[0]
+    learner.engine.eval()
+    with torch.no_grad():
+        before = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
+    base_before = {k: v.clone() for k, v in learner.model.state_dict().items() if "lora_" not in k}
+    adapter_before = dict(learner.named_weights("adapter"))
+    _train(learner, token_batches(4))
+    base_after = {k: v for k, v in learner.model.state_dict().items() if "lora_" not in k}
+    assert base_before.keys() == base_after.keys()
+    for k in base_before:
+        assert torch.equal(base_before[k], base_after[k]), f"frozen base weight {k} moved"
+    adapter_after = dict(learner.named_weights("adapter"))
+    assert adapter_after.keys() == get_peft_model_state_dict(learner.model).keys()
+    assert any(not torch.equal(adapter_before[k], adapter_after[k]) for k in adapter_after)
+    learner.engine.eval()
+    with torch.no_grad(), learner.reference_context():
+        ref = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
+    torch.testing.assert_close(ref, before)  # adapters off = the initial model
+    assert learner.adapter_config()["r"] == 4
+    learner.export_hf(tmp_path / "adapter", merge_lora=False)
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(learner.init_path), tmp_path / "adapter")
+    with torch.no_grad():
+        ours = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
+        theirs = loaded(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_qlora_trains_and_merged_export_matches_adapter_model(tmp_path):
+    from transformers import LlamaForCausalLM
+    learner = make_learner(qlora=True, lr=1e-2)
+    assert any(type(m).__name__ == "Linear4bit" for m in learner.model.modules())
+    losses = _train(learner, token_batches(8))
+    assert losses[-1] < losses[0], losses
+    learner.export_hf(tmp_path / "merged", merge_lora=True)
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    ids = token_batches(1, seed=3)[0]
+    learner.engine.eval()
+    with torch.no_grad():
+        ours = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
+        theirs = merged(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_continues_with_the_same_losses(tmp_path):
+    batches = token_batches(6, seed=1)
+    straight = _train(make_learner(lora=True), batches)
+    first = make_learner(lora=True)
+    part1 = _train(first, batches[:3])
+    first.save_checkpoint(tmp_path / "ckpt", {"step": 3})
+    del first
+    second = make_learner(lora=True)  # fresh weights, fresh optimizer: all state must come from disk
+    assert second.load_checkpoint(tmp_path / "ckpt") == {"step": 3}
+    assert second.version == 3
+    part2 = _train(second, batches[3:])
+    assert part1 + part2 == pytest.approx(straight, rel=1e-6, abs=1e-7)
+
+
+def test_reward_scores_pool_at_last_attended_token():
+    learner = make_learner(kind="reward", init="builtin:tiny-rm")
+    learner.engine.eval()
+    ids = torch.randint(3, 400, (2, 10))
+    full = torch.ones_like(ids)
+    with torch.no_grad():
+        short = learner.forward_scores(ids[:, :6], full[:, :6])
+        padded_ids = ids.clone()
+        padded_ids[:, 6:] = learner.tokenizer.pad_token_id
+        mask = full.clone()
+        mask[:, 6:] = 0
+        padded = learner.forward_scores(padded_ids, mask)
+    assert short.shape == (2,)
+    torch.testing.assert_close(padded, short, atol=1e-5, rtol=1e-5)
+
+
+def test_value_model_gives_a_value_per_token():
+    learner = make_learner(kind="value")
+    b = token_batches(1)[0]
+    learner.engine.eval()
+    with torch.no_grad():
+        values = learner.forward_values(b["input_ids"], b["attention_mask"])
+    assert values.shape == b["input_ids"].shape
