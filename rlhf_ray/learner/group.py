@@ -69,6 +69,10 @@ class LearnerActor:
             pass
         return None
 
+    def local_weights(self, mode: str) -> dict:
+        """This rank's view of the weights (for checks that ranks agree)."""
+        return dict(self.learner.named_weights(mode))
+
     def version(self) -> int:
         return self.learner.version
 
