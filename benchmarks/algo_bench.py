@@ -5,12 +5,19 @@ For context it also times the textbook GAE (a reverse Python loop over time, vec
 and checks that both give the same advantages.
 
     .venv/bin/python benchmarks/algo_bench.py --batch 512 --seq 1024 --threads 1
+
+On CPU, glibc malloc hands each multi-MiB temporary back to the OS when it is freed, so the next call
+page-faults it in again; for these memory-bound kernels that can cost 2-3x. The JSON records the malloc
+settings in force; to see the arithmetic alone, run with
+    MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=100000000000
+(or under jemalloc/tcmalloc). GPU caching allocators do not have this cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -89,9 +96,9 @@ def main() -> None:
         "gae": lambda: gae(rewards, mask, values=values, gamma=gamma, lam=lam),
         "gae_no_whiten": lambda: gae(rewards, mask, values=values, gamma=gamma, lam=lam, whiten=False),
         "gae_time_loop_baseline": lambda: loop_gae(rewards, values, mask, gamma, lam),
+        "scan_block16": lambda: reverse_discounted_cumsum(rewards, gamma * lam, 16),
         "scan_block32": lambda: reverse_discounted_cumsum(rewards, gamma * lam, 32),
         "scan_block64": lambda: reverse_discounted_cumsum(rewards, gamma * lam, 64),
-        "scan_block128": lambda: reverse_discounted_cumsum(rewards, gamma * lam, 128),
         "ppo_policy_loss_fwd": lambda: policy_loss(logp, old_logp, advantages, mask, dual_clip=3.0),
         "ppo_policy_loss_fwd_bwd": ppo_fwd_bwd,
         "ppo_policy_loss_fwd_no_grad": lambda: policy_loss(logp.detach(), old_logp, advantages, mask),
@@ -114,6 +121,7 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
         "gae_scan_vs_loop_max_abs_diff": max_abs_diff,
         "gae_speedup_vs_time_loop": speedup,
         "results": results,

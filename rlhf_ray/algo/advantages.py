@@ -91,14 +91,15 @@ def gae(
     group_size: int = 1,
     gamma: float = 1.0,
     lam: float = 1.0,
-    whiten: bool = True,
+    whiten: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman 2016, eq. 16) with returns for the critic.
 
     delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 after the last real token (the response ended);
     A_t = sum_l (gamma lam)^l delta_{t+l};  returns R_t = A_t + V_t (the TD(lambda) target).
-    ``whiten`` normalises the advantages over the batch (OpenAI baselines ppo2; Ouyang 2022); the
-    returns are always built from the raw advantages. ``group_size`` is ignored.
+    ``whiten=True`` normalises the advantages over the batch (OpenAI baselines ppo2; Ouyang 2022); off by
+    default so the caller's whitening step is the only one. The returns always use the raw advantages.
+    ``group_size`` is ignored.
 
     Args:
         token_rewards: (B, T) e.g. from ``shape_rewards``.

@@ -90,8 +90,9 @@ class AdaptiveKLController:
     """Proportional controller steering the measured KL towards ``target`` (Ziegler et al. 2019, sec. 2.2).
 
     e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon).
-    The clip bounds one update's change of beta; ``horizon`` is in the same unit as ``n_steps``
-    (samples in lm-human-preferences, so pass the batch size as ``n_steps`` to reproduce it).
+    The clip bounds one update's change of beta. Units follow lm-human-preferences: KL is per sequence
+    (summed over its tokens, "kl/seq_mean" of ``shape_rewards``; the paper's target is 6 nats) and
+    ``n_steps`` counts samples, so pass the batch size and a horizon in samples (10000 there).
     """
 
     kind = "adaptive"
@@ -108,7 +109,7 @@ class AdaptiveKLController:
         self.horizon = float(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        """Move ``value`` given the KL measured over the last ``n_steps`` (a python float, >= 0 steps)."""
+        """Move ``value`` given the KL (python float, same unit as ``target``) of the last ``n_steps`` samples."""
         current_kl = float(current_kl)
         # A NaN/inf KL means the run is already broken; folding it into beta would hide where.
         if not math.isfinite(current_kl):

@@ -152,19 +152,27 @@ def kl_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """KL to the reference policy as a loss term, coef * aggregate(KL_t) (GRPO, Shao 2024, eq. 3-4, k3).
 
-    The alternative to the KL in the reward (``shape_rewards(..., kl_in_reward=False)``).
-    Use either, not both.
+    The alternative to the KL in the reward (``shape_rewards(..., kl_in_reward=False)``); use one, not
+    both. What matters here is the estimator's gradient at tokens sampled from pi: k2's,
+    (log pi - log ref) grad log pi, is an unbiased estimate of grad KL(pi || ref); k3 (GRPO's choice) is
+    biased but low-variance. k1 is refused: its gradient grad log pi has expectation 0 under pi
+    (score-function identity), so as a loss it would silently regularise nothing.
 
     Args:
         logp: (B, T) log pi, with grad.
         ref_logp: (B, T) log pi_ref.
         mask: (B, T).
         coef: beta.
-        kind: a key of ``kl.KL_ESTIMATORS``.
+        kind: a key of ``kl.KL_ESTIMATORS`` other than "k1".
 
     Returns:
         loss (0-d), stats: "kl/loss" (the unscaled aggregated KL).
     """
+    if kind == "k1":
+        raise ValueError(
+            "kl_loss with kind='k1' has zero expected gradient (E_pi[grad log pi] = 0); use 'k2' or 'k3', "
+            "or put the k1 penalty in the reward (shape_rewards kl_in_reward=True)"
+        )
     kl = aggregate(kl_penalty(logp, ref_logp.detach(), kind), mask, agg, norm_len)
     return coef * kl, to_floats({"kl/loss": kl.detach()})
 

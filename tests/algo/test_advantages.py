@@ -99,6 +99,11 @@ def test_reverse_discounted_cumsum_matches_loop(discount, block):
     torch.testing.assert_close(reverse_discounted_cumsum(x, discount, block), expected, rtol=0, atol=1e-11)
 
 
+def test_reverse_discounted_cumsum_gradient():
+    x = torch.randn(2, 23, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: reverse_discounted_cumsum(t, 0.9, 4), (x,))
+
+
 def test_reverse_discounted_cumsum_short_and_empty():
     x = torch.tensor([[1.0, 2.0, 3.0]])
     assert reverse_discounted_cumsum(x, 0.5).tolist() == [[1.0 + 0.5 * 2 + 0.25 * 3, 2.0 + 0.5 * 3, 3.0]]
@@ -113,7 +118,7 @@ def test_gae_hand_computed():
     rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 9.0]], dtype=torch.float64)
     values = torch.tensor([[0.5, 0.6, 0.7], [1.0, 1.0, 5.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.float64)
-    adv, ret = gae(rewards, mask, values=values, gamma=0.9, lam=0.8, whiten=False)
+    adv, ret = gae(rewards, mask, values=values, gamma=0.9, lam=0.8)
     # Row 0: deltas 0.04, 0.03, 0.3; A2 = 0.3, A1 = 0.03 + 0.72 * 0.3, A0 = 0.04 + 0.72 * A1.
     # Row 1: deltas -0.1, 1.0 (V after the last token is 0); A1 = 1.0, A0 = -0.1 + 0.72.
     expected_adv = torch.tensor([[0.21712, 0.246, 0.3], [0.62, 1.0, 0.0]], dtype=torch.float64)
@@ -130,7 +135,7 @@ def test_gae_matches_loop_reference(seed):
     ref_adv, ref_ret = _loop_gae(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(adv, ref_adv, rtol=0, atol=1e-10)
     torch.testing.assert_close(ret, ref_ret, rtol=0, atol=1e-10)
-    whitened, ret_w = gae(rewards, mask, values=values, gamma=gamma, lam=lam)
+    whitened, ret_w = gae(rewards, mask, values=values, gamma=gamma, lam=lam, whiten=True)
     torch.testing.assert_close(whitened, masked_whiten(ref_adv, mask), rtol=0, atol=1e-9)
     torch.testing.assert_close(ret_w, ref_ret, rtol=0, atol=1e-10)
 

@@ -158,6 +158,22 @@ def test_kl_loss_matches_estimator_and_gets_gradient():
     assert (logp.grad[2] == 0).all() and (logp.grad[0] != 0).all()
 
 
+def test_kl_loss_k2_gradient_is_the_kl_gradient_and_k1_is_refused():
+    # Over the whole support weighted by pi (an exact expectation), grad of k2 equals grad KL(pi || ref).
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(1, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(1, 9, generator=g, dtype=torch.float64), -1)
+    logp = torch.log_softmax(theta, -1)
+    weights = logp.detach().exp()  # pi(a) as a fixed sampling weight
+    k2, _ = kl_loss(logp, ref, weights, coef=1.0, kind="k2", agg="seq-mean-token-sum-norm", norm_len=1)
+    (grad_k2,) = torch.autograd.grad(k2, theta)
+    logp = torch.log_softmax(theta, -1)
+    (grad_kl,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), theta)
+    torch.testing.assert_close(grad_k2, grad_kl, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="zero expected gradient"):
+        kl_loss(logp, ref, weights, coef=1.0, kind="k1")
+
+
 # --------------------------------------------------------------------------------- preference and SFT
 def test_bradley_terry_hand_computed():
     chosen = torch.tensor([2.0, 0.0], dtype=torch.float64)
