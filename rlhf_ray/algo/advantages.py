@@ -267,7 +267,11 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
 def compute_advantages(
     name: str, token_rewards: torch.Tensor, mask: torch.Tensor, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the estimator registered as ``name``; see the module docstring for the arguments."""
+    """Run the estimator registered as ``name``: (B, T) rewards and mask -> (advantages, returns), (B, T) each.
+
+    ``kwargs`` go to the estimator (values, group_size, gamma, lam, and its own options; see the module
+    docstring). An unknown name is a ValueError listing the registered ones.
+    """
     try:
         estimator = ADVANTAGE_ESTIMATORS[name]
     except KeyError:
