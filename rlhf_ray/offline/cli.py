@@ -19,11 +19,12 @@ def _run(stage: str):
     def cmd(args) -> int:
         import ray
 
-        from rlhf_ray.offline.stages import run_rm, run_sft
+        from rlhf_ray.offline.stages import prepare, run_rm, run_sft
         cfg = args.load(args)
+        data = prepare(cfg, stage)
         started = _ray_up(cfg)
         try:
-            out = (run_sft if stage == "sft" else run_rm)(cfg, fresh=args.fresh)
+            out = (run_sft if stage == "sft" else run_rm)(cfg, fresh=args.fresh, data=data)
         finally:
             if started:
                 ray.shutdown()

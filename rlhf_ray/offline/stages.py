@@ -98,14 +98,23 @@ def rm_init_path(cfg: Config) -> str:
     return cfg.model.path
 
 
-def run_sft(cfg: Config, *, fresh: bool = False) -> Path:
+def prepare(cfg: Config, stage: str) -> StageData:
+    """Read and tokenize a stage's data (before Ray starts, so bad data fails in seconds)."""
+    if stage == "sft":
+        return sft_data(cfg, sft_init_path(cfg))
+    return preference_data(cfg, rm_init_path(cfg))
+
+
+def run_sft(cfg: Config, *, fresh: bool = False, data: Optional[StageData] = None) -> Path:
+    """Train the policy on `data.sft`; needs Ray up. Returns `<output_dir>/sft/model`."""
     init = sft_init_path(cfg)
-    return run_stage("sft", cfg, cfg.sft, kind="policy", init_path=init, data=sft_data(cfg, init),
+    return run_stage("sft", cfg, cfg.sft, kind="policy", init_path=init, data=data or prepare(cfg, "sft"),
                      loss_fn=sft_step_loss, eval_fn=sft_eval, out_dir=stage_dir(cfg, "sft"), fresh=fresh)
 
 
-def run_rm(cfg: Config, *, fresh: bool = False) -> Path:
+def run_rm(cfg: Config, *, fresh: bool = False, data: Optional[StageData] = None) -> Path:
+    """Train the reward model on `data.preferences`; needs Ray up. Returns `<output_dir>/rm/model`."""
     init = rm_init_path(cfg)
-    return run_stage("rm", cfg, cfg.rm, kind="reward", init_path=init, data=preference_data(cfg, init),
+    return run_stage("rm", cfg, cfg.rm, kind="reward", init_path=init, data=data or prepare(cfg, "rm"),
                      loss_fn=functools.partial(rm_step_loss, margin=cfg.rm.margin), eval_fn=rm_eval,
                      out_dir=stage_dir(cfg, "rm"), fresh=fresh)
