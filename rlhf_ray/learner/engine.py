@@ -121,10 +121,12 @@ class Learner:
             self._score_hook_out = output
         self.hf_model.score.register_forward_hook(keep)
 
-    def forward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) right-padded -> (B,) reward: the score head at each sequence's last attended token."""
+    def forward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L) -> (B,) reward: the score head at each sequence's last attended token (any padding side)."""
         attention_mask = attention_mask.to(self.engine.device)
-        self.engine(input_ids=input_ids.to(self.engine.device), attention_mask=attention_mask)
+        extra = {} if position_ids is None else {"position_ids": position_ids.to(self.engine.device)}
+        self.engine(input_ids=input_ids.to(self.engine.device), attention_mask=attention_mask, **extra)
         per_token = self._score_hook_out.squeeze(-1)  # (B, L)
         self._score_hook_out = None
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)

@@ -95,9 +95,12 @@ def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_pat
             if stage.save_every and (step + 1) % stage.save_every == 0 and step + 1 < total:
                 group.save_checkpoint(str(ckpt_root / f"step_{step + 1:06d}"), {"step": step + 1})
                 _prune(ckpt_root)
-        if data.eval:
-            logger.log(total, evaluate(group, data, eval_fn, stage.batch_size), advance=False)
+        final_eval = evaluate(group, data, eval_fn, stage.batch_size) if data.eval else {}
+        if final_eval:
+            logger.log(total, final_eval, advance=False)
         logger.close()
+        if final_eval:
+            print(f"{name}: held-out " + ", ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in final_eval.items()))
         final = out_dir / "model"
         group.export_hf(str(final), merge_lora=True)
         if cfg.model.lora.enabled:
