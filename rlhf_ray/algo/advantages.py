@@ -114,13 +114,13 @@ def gae(
     _check_right_padded(mask)
     dtype = _compute_dtype(token_rewards)
     w = mask.to(dtype)
+    # In-place where it stays readable: on CPU each fresh (B, T) temporary costs page faults comparable
+    # to the arithmetic (benchmarks/algo_bench.py).
     v = values.detach().to(dtype) * w
-    # V_{t+1}, already 0 past the last real token because v is masked. In-place below: on CPU every
-    # fresh (B, T) temporary costs page faults comparable to the arithmetic.
-    next_v = F.pad(v[:, 1:], (0, 1))
-    delta = next_v.mul_(gamma).add_(token_rewards.to(dtype)).sub_(v).mul_(w)
+    delta = (token_rewards.to(dtype) - v).mul_(w)
+    delta[:, :-1].add_(v[:, 1:], alpha=gamma)  # + gamma V_{t+1}; 0 past the last real token as v is masked
     advantages = reverse_discounted_cumsum(delta, gamma * lam)
-    returns = advantages + v
+    returns = v.add_(advantages)  # A_t + V_t
     if whiten:
         advantages = masked_whiten(advantages, w)
     return advantages, returns
