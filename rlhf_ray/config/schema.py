@@ -293,6 +293,9 @@ class Config(Section):
             raise ValueError("rollout.sync.mode=adapter needs model.lora.enabled=true (there is no adapter to send)")
         if self.cluster.device == "cuda" and self.cluster.gpus_per_node == 0:
             raise ValueError("cluster.device=cuda needs cluster.gpus_per_node >= 1")
+        if not self.reference.kl_in_reward and self.reference.kl_kind == "k1" and self.reference.kl_coef > 0:
+            raise ValueError("reference.kl_in_reward=false puts the KL in the loss, where k1's gradient averages to "
+                             "zero on-policy; use reference.kl_kind=k2 or k3 (GRPO uses k3)")
         self._check_gpu_budget()
         if "rl" in self.run.stages and "rm" not in self.run.stages:
             for src in self.reward.sources:

@@ -86,7 +86,8 @@ class RLController:
 
         with t("sync"):
             self.version, sync_stats = roles.sync_weights()
-        self.kl_ctl.update(adv_stats.get("kl/mean", 0.0), 1)
+        # Ziegler 2019's rule is in KL per sequence and counts samples (horizon is in samples).
+        self.kl_ctl.update(adv_stats.get("kl/seq_mean", 0.0), len(batch.seq))
         self.step_idx += 1
 
         metrics = {**reward_stats, **bad_stats, **adv_stats, **update_stats, **sync_stats, **t.stats(),

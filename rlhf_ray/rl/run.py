@@ -8,6 +8,7 @@ Layout of `out_dir`:
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -57,11 +58,15 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
                          start=controller.step_idx) as view:
             if ckpt is not None:
                 view.note(f"resumed from {ckpt} at step {controller.step_idx}")
+            last = time.perf_counter()
             while controller.step_idx < cfg.rl.steps:
                 result = controller.step()
                 step = controller.step_idx
                 if gold is not None:
                     result.metrics["reward/gold_mean"] = _mean(gold(result.prompts, result.responses))
+                now = time.perf_counter()
+                result.metrics["timing/wall_s"] = now - last  # the step plus everything between steps
+                last = now
                 logger.log(step, result.metrics)
                 view.step(step, result.metrics)
                 if cfg.rl.sample_every and step % cfg.rl.sample_every == 0:

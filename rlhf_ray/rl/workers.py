@@ -17,8 +17,21 @@ from rlhf_ray.sync.checks import logprob_agreement
 from rlhf_ray.utils.device import Backend
 
 
-def _micro(rows: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]]:
-    return [{"idx": rows[i:i + size]} for i in range(0, len(rows), size)]
+def _micro(rows: torch.Tensor, size: int, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of a minibatch; each carries the minibatch's row and token counts (see _token_weight)."""
+    total = torch.tensor([len(rows), float(mask[rows].sum())])
+    return [{"idx": rows[i:i + size], "totals": total.expand(len(rows[i:i + size]), 2)}
+            for i in range(0, len(rows), size)]
+
+
+def _token_weight(agg: str, micro_mask: torch.Tensor, mb: dict) -> float:
+    """The learner weights micro-batch losses by their share of rows. That is exact for sequence-mean
+    aggregations; a token-mean over the minibatch needs the share of tokens instead, so rescale."""
+    if agg != "token-mean":
+        return 1.0
+    rows_total, tokens_total = mb["totals"][0].tolist()
+    rows, tokens = micro_mask.shape[0], float(micro_mask.sum())
+    return (tokens / max(tokens_total, 1.0)) / (rows / rows_total)
 
 
 def _forward(learner, seq: SequenceBatch) -> torch.Tensor:
@@ -62,6 +75,7 @@ class PolicyWorker:
             logits = _forward(learner, tb.seq).float()
             loss, stats = policy_minibatch_loss(logits, tb, self.algo, self.ref_cfg, kl_coef, self.temperature,
                                                 self.norm_len)
+            loss = loss * _token_weight(self.algo.loss_agg, tb.seq.response_mask, mb)
             if steps == 0:
                 logp = response_logprobs(logits.detach(), tb.seq, self.temperature)
                 part = logprob_agreement(logp, tb.old_logp, tb.seq.response_mask)
@@ -73,7 +87,7 @@ class PolicyWorker:
 
         for epoch in minibatches:
             for rows in epoch:
-                stats = self.learner.train_step(loss_fn, _micro(rows, self.mbs))
+                stats = self.learner.train_step(loss_fn, _micro(rows, self.mbs, batch.seq.response_mask))
                 steps += 1
                 for k, v in stats.items():
                     key = k if "/" in k else f"policy/{k}"
@@ -115,13 +129,14 @@ class CriticWorker:
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu())
             values = learner.forward_values(tb.seq.input_ids, tb.seq.attention_mask, tb.seq.position_ids).float()
-            return critic_minibatch_loss(values, tb, self.algo, self.norm_len)
+            loss, stats = critic_minibatch_loss(values, tb, self.algo, self.norm_len)
+            return loss * _token_weight(self.algo.loss_agg, tb.seq.response_mask, mb), stats
 
         sums: dict[str, float] = {}
         steps = 0
         for epoch in minibatches:
             for rows in epoch:
-                for k, v in self.learner.train_step(loss_fn, _micro(rows, self.mbs)).items():
+                for k, v in self.learner.train_step(loss_fn, _micro(rows, self.mbs, batch.seq.response_mask)).items():
                     key = k if "/" in k else f"value/{k}"
                     sums[key] = sums.get(key, 0.0) + v
                 steps += 1
