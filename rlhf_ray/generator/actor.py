@@ -31,27 +31,23 @@ class GeneratorActor:
         return self.engine.generate(prompts, n, **overrides)
 
     # -- object-store transport: refs arrive wrapped in a list, so Ray passes them unresolved ------
-    def load_full(self, refs: list, version: int) -> int:
-        self.engine.load_full(iter_named(refs), version)
-        return version
+    def load_full(self, refs: list, version: int) -> float:
+        return self.engine.load_full(iter_named(refs), version)
 
-    def load_adapter(self, refs: list, adapter_config: dict, version: int) -> int:
-        self.engine.load_adapter(iter_named(refs), adapter_config, version)
-        return version
+    def load_adapter(self, refs: list, adapter_config: dict, version: int) -> float:
+        return self.engine.load_adapter(iter_named(refs), adapter_config, version)
 
     # -- collective transport -------------------------------------------------------------------
     def join_group(self, host: str, port: int, rank: int, world_size: int, backend: str, device: str,
                    timeout_s: float) -> None:
         self._group = CollectiveGroup(host, port, rank, world_size, backend, device, timeout_s)
 
-    def receive(self, mode: str, version: int, adapter_config: Optional[dict]) -> int:
+    def receive(self, mode: str, version: int, adapter_config: Optional[dict]) -> float:
         if self._group is None:
             raise RuntimeError("receive() before join_group()")
         if mode == "full":
-            self.engine.load_full(self._group.recv_named(), version)
-        else:
-            self.engine.load_adapter(self._group.recv_named(), adapter_config, version)
-        return version
+            return self.engine.load_full(self._group.recv_named(), version)
+        return self.engine.load_adapter(self._group.recv_named(), adapter_config, version)
 
     def leave_group(self) -> None:
         if self._group is not None:

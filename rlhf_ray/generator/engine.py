@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -121,16 +122,21 @@ class GeneratorEngine:
                        temperature if temperature > 0 else 1.0)
 
     # -- weight sync ----------------------------------------------------------------------------
-    def load_full(self, named_weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Replace all base weights (HF names) in place; `named_weights` is consumed lazily, once."""
+    def load_full(self, named_weights: Iterable[tuple[str, torch.Tensor]], version: int) -> float:
+        """Replace all base weights (HF names) in place; `named_weights` is consumed lazily, once.
+        Returns the seconds spent (fetching the weights included)."""
+        t0 = time.perf_counter()
         self._check_version(version)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights)})
         self.llm.reset_prefix_cache()
         self.version = version
+        return time.perf_counter() - t0
 
     def load_adapter(self, named_weights: Iterable[tuple[str, torch.Tensor]], adapter_config: dict,
-                     version: int) -> None:
-        """Serve a new LoRA adapter (peft names and config) under a fresh id; drop the previous one."""
+                     version: int) -> float:
+        """Serve a new LoRA adapter (peft names and config) under a fresh id; drop the previous one.
+        Returns the seconds spent."""
+        t0 = time.perf_counter()
         if not self.lora:
             raise RuntimeError("load_adapter on an engine built with lora=False; build it with lora=True")
         from safetensors.torch import save_file
@@ -151,6 +157,7 @@ class GeneratorEngine:
             shutil.rmtree(old.lora_path, ignore_errors=True)
         self.llm.reset_prefix_cache()
         self.version = version
+        return time.perf_counter() - t0
 
     def _check_version(self, version: int) -> None:
         if version < self.version:

@@ -27,7 +27,7 @@ from rlhf_ray.generator.records import Rollout, concat_rollouts
 from rlhf_ray.generator.threads import engine_env
 from rlhf_ray.sync.buckets import pack_buckets
 from rlhf_ray.sync.collective import CollectiveGroup, free_port
-from rlhf_ray.sync.transport import fetch, publish, publish_from_learner
+from rlhf_ray.sync.transport import fetch, publish, publish_from_learner, without
 from rlhf_ray.utils.device import Backend, resolve_backend
 
 MODE_OF = {"auto": lambda lora: "adapter" if lora else "full", "full": lambda lora: "full",
@@ -50,6 +50,16 @@ def split_evenly(items: Sequence, k: int) -> list[list]:
 def merge_in_order(parts: Sequence[Sequence]) -> list:
     """Inverse of `split_evenly`: concatenate the chunks in order."""
     return [x for part in parts for x in part]
+
+
+def tied_names(model_path: str) -> frozenset:
+    """State-dict names the engine does not load: a tied `lm_head.weight` is the embedding again."""
+    import json
+    from pathlib import Path
+
+    config = Path(model_path) / "config.json"
+    tied = config.exists() and json.loads(config.read_text()).get("tie_word_embeddings", False)
+    return frozenset({"lm_head.weight"}) if tied else frozenset()
 
 
 def _learner_ranks(source) -> list:
@@ -76,6 +86,7 @@ class GeneratorGroup:
         self._calls = 0
         self._collective: Optional[CollectiveGroup] = None
         self._timeout = collective_timeout_s
+        self._skip_full = tied_names(model_path)
         opts = dict(max_lora_rank=max_lora_rank, quantization=quantization, engine_kwargs=engine_kwargs)
         remote = ray.remote(GeneratorActor).options(
             num_cpus=rollout_cfg.cpus_per_engine, num_gpus=rollout_cfg.gpus_per_engine * rollout_cfg.tensor_parallel_size,
@@ -155,26 +166,29 @@ class GeneratorGroup:
             raise ValueError("adapter sync on a group built with lora=False")
         t0 = time.perf_counter()
         bucket_bytes = int(self.cfg.sync.bucket_mb * 2 ** 20)
+        skip = self._skip_full if mode == "full" else frozenset()
         ranks = _learner_ranks(source)
         if ranks:
-            outs = ray.get([r.__ray_call__.remote(publish_from_learner, mode, bucket_bytes, self.backend.dtype, k == 0)
-                            for k, r in enumerate(ranks)])
+            outs = ray.get([r.__ray_call__.remote(publish_from_learner, mode, bucket_bytes, self.backend.dtype, k == 0,
+                                                  skip) for k, r in enumerate(ranks)])
             refs, learner_cfg = outs[0]
             adapter_config = adapter_config or learner_cfg
         else:
-            refs = publish(pack_buckets(source, bucket_bytes, self.backend.dtype))
+            refs = publish(pack_buckets(without(source, skip), bucket_bytes, self.backend.dtype, reuse=True))
         if mode == "adapter" and adapter_config is None:
             raise ValueError("adapter sync needs adapter_config (the peft LoraConfig as a dict)")
         t_pack = time.perf_counter()
         if self.transport == "collective":
-            self._broadcast(refs, mode, version, adapter_config)
+            engine_s = self._broadcast(refs, mode, version, adapter_config)
         else:
-            ray.get([self._load_call(a, mode, refs, adapter_config, version) for a in self.actors])
+            engine_s = ray.get([self._load_call(a, mode, refs, adapter_config, version) for a in self.actors])
         self._restore[mode] = (refs, adapter_config, version)
         self.version = version
         t_end = time.perf_counter()
+        # pack_s: pack + put (driver or learner); load_s: until every engine serves the new version;
+        # engine_s: the slowest engine's own fetch + vLLM reload (load_s minus it is transport overhead).
         return {"version": version, "buckets": len(refs), "pack_s": t_pack - t0, "load_s": t_end - t_pack,
-                "total_s": t_end - t0}
+                "engine_s": max(engine_s), "total_s": t_end - t0}
 
     @staticmethod
     def _load_call(actor, mode, refs, adapter_config, version):
@@ -182,7 +196,7 @@ class GeneratorGroup:
             return actor.load_full.remote(refs, version)
         return actor.load_adapter.remote(refs, adapter_config, version)
 
-    def _broadcast(self, refs: list, mode: str, version: int, adapter_config: Optional[dict]) -> None:
+    def _broadcast(self, refs: list, mode: str, version: int, adapter_config: Optional[dict]) -> list[float]:
         import ray
 
         if self._collective is None:
@@ -195,7 +209,7 @@ class GeneratorGroup:
         done = [a.receive.remote(mode, version, adapter_config) for a in self.actors]
         try:
             self._collective.send_buckets(fetch(r) for r in refs)
-            ray.get(done)
+            return ray.get(done)
         except Exception:
             self._drop_collective()
             raise

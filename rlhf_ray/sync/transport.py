@@ -19,7 +19,8 @@ from rlhf_ray.sync.buckets import Bucket, pack_buckets, unpack_bucket
 
 
 def publish(buckets: Iterable[Bucket]) -> list:
-    """Put each bucket in the object store; return the refs in order."""
+    """Put each bucket in the object store; return the refs in order. Each bucket is copied before
+    the next is drawn, so `pack_buckets(..., reuse=True)` is safe here."""
     import ray
     return [ray.put((b.buffer.cpu().numpy(), b.specs)) for b in buckets]
 
@@ -39,8 +40,12 @@ def iter_named(refs: Iterable) -> Iterator[tuple[str, torch.Tensor]]:
         yield from unpack_bucket(fetch(ref))
 
 
+def without(named: Iterable[tuple[str, torch.Tensor]], skip: frozenset) -> Iterator[tuple[str, torch.Tensor]]:
+    return ((n, t) for n, t in named if n not in skip)
+
+
 def publish_from_learner(learner: Any, mode: str, bucket_bytes: int, dtype: Optional[torch.dtype],
-                         is_source: bool) -> tuple[list, Optional[dict]]:
+                         is_source: bool, skip: frozenset = frozenset()) -> tuple[list, Optional[dict]]:
     """Run inside a learner rank: pack `learner.named_weights(mode)` and publish it (rank 0 only).
 
     Every rank consumes the iterator, because a ZeRO-3 learner gathers each parameter collectively;
@@ -51,5 +56,5 @@ def publish_from_learner(learner: Any, mode: str, bucket_bytes: int, dtype: Opti
         for _ in named:
             pass
         return [], None
-    refs = publish(pack_buckets(named, bucket_bytes, dtype))
+    refs = publish(pack_buckets(without(named, skip), bucket_bytes, dtype, reuse=True))
     return refs, (learner.adapter_config() if mode == "adapter" else None)

@@ -90,3 +90,13 @@ def test_non_contiguous_input_packs_its_logical_values():
     (bucket,) = list(pack_buckets([("t", t)], 1024))
     assert torch.equal(unpack_bucket(bucket)[0][1], t)
     assert isinstance(bucket, Bucket)
+
+
+def test_reuse_packs_into_one_buffer_and_each_bucket_is_right_when_yielded():
+    named = _named()
+    seen, ptrs = [], set()
+    for bucket in pack_buckets(named, bucket_bytes=256, reuse=True):
+        ptrs.add(bucket.buffer.untyped_storage().data_ptr())
+        seen += [(n, t.clone()) for n, t in unpack_bucket(bucket)]
+    assert len(ptrs) <= 2                      # one arena, regrown once for the oversized tensor
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen, named)) and len(seen) == len(named)
