@@ -22,6 +22,7 @@ from rlhf_ray.utils.device import Backend
 class Paths:
     policy_init: str          # HF folder the policy (and reference) start from
     resolve: Callable[[str], str]  # resolves `stage:rm`, `builtin:...` and plain paths
+    scratch: str              # run-local folder for files the roles hand each other
 
 
 def sync_mode(cfg: Config) -> str:
@@ -54,7 +55,18 @@ class Roles:
                 ref_path, dtype=backend.dtype, device=backend.device, temperature=cfg.rollout.temperature)
         self.reward = RewardActor.options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(
             cfg.reward, resolve_path=paths.resolve, device=backend.device)
-        self.generator = GeneratorGroup.from_config(cfg, paths.resolve(paths.policy_init))
+        self.generator = GeneratorGroup.from_config(cfg, self._generator_base(cfg, paths))
+
+    def _generator_base(self, cfg: Config, paths: Paths) -> str:
+        """The weights the generator starts from. With a 4-bit (QLoRA) learner that is the learner's own
+        dequantized NF4 base, not the original checkpoint: otherwise generator and learner run different
+        functions (seen: log-probs off by up to 0.5) and the agreement check rightly stops the run.
+        vLLM 0.32 has no bitsandbytes path, so the dequantized base is what it can run."""
+        if not cfg.model.quantization.load_in_4bit:
+            return paths.resolve(paths.policy_init)
+        base = os.path.join(paths.scratch, "generator_base")
+        ray.get(self.policy.export_hf.remote(base, True))  # adapter B = 0 at start: merged == base
+        return base
 
     # -- the controller's calls ----------------------------------------------------------------
     def policy_version(self) -> int:

@@ -42,7 +42,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     prompts = load_prompts(cfg.data, tokenizer)  # validated before any actor starts
     gold = FunctionSource(cfg.reward.gold) if cfg.reward.gold else None
 
-    roles = Roles(cfg, Paths(init_path, resolve), backend, total_steps=cfg.rl.steps * _updates_per_step(cfg))
+    roles = Roles(cfg, Paths(init_path, resolve, str(out / "scratch")), backend, total_steps=cfg.rl.steps * _updates_per_step(cfg))
     try:
         controller = RLController(cfg, roles, PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed),
                                   pad_id=tokenizer.pad_token_id)
