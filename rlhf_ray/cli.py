@@ -72,6 +72,7 @@ def _extensions():
 
 def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.config import ConfigError
+    from rlhf_ray.errors import RunError, unwrap
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -82,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rlhf-ray: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
-        if getattr(args, "debug", False):
-            raise
-        print(f"rlhf-ray: error: {e}", file=sys.stderr)
-        return 1
-
+    except Exception as e:  # noqa: BLE001 - errors meant for the operator are printed, the rest re-raised
+        cause = unwrap(e)
+        if isinstance(cause, (RunError, FileNotFoundError)):
+            print(f"rlhf-ray: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+            return 1
+        raise
 
 if __name__ == "__main__":
     sys.exit(main())

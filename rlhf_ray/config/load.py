@@ -9,9 +9,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rlhf_ray.config.schema import Config
+from rlhf_ray.errors import RunError
 
 
-class ConfigError(ValueError):
+class ConfigError(RunError, ValueError):
     """A config problem, already phrased for the user (the CLI prints it without a traceback)."""
 
 

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from rlhf_ray.config import DataConfig
+from rlhf_ray.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ class Prompt:
     ids: tuple[int, ...]  # what the generator is given
 
 
-class PromptError(ValueError):
+class PromptError(RunError, ValueError):
     """A prompt row is unusable; the message names the source and the row."""
 
 

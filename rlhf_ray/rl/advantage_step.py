@@ -8,11 +8,12 @@ import torch
 
 from rlhf_ray import algo
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
+from rlhf_ray.errors import RunError
 from rlhf_ray.config.schema import ADVANTAGE_OF
 from rlhf_ray.rl.records import ScoredBatch, TrainBatch
 
 
-class BadRewardError(ValueError):
+class BadRewardError(RunError, ValueError):
     """A reward was NaN or infinite and the config says to stop (reward.on_nonfinite=error)."""
 
 

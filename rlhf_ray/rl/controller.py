@@ -14,6 +14,7 @@ import torch
 
 from rlhf_ray import algo
 from rlhf_ray.config import Config
+from rlhf_ray.errors import RunError
 from rlhf_ray.rl.advantage_step import clean_scores, make_train_batch
 from rlhf_ray.rl.batch import pack_sequences, pad_ragged
 from rlhf_ray.rl.prompts import PromptStream
@@ -23,7 +24,7 @@ from rlhf_ray.sync.checks import check_logprob_agreement, check_version
 from rlhf_ray.utils.timing import PhaseTimer
 
 
-class EmptyResponseError(ValueError):
+class EmptyResponseError(RunError, ValueError):
     """The generator returned an empty response and rollout.on_empty_response=error."""
 
 

@@ -15,9 +15,10 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from rlhf_ray.config import RewardConfig, RewardSource
+from rlhf_ray.errors import RunError
 
 
-class RewardSourceError(RuntimeError):
+class RewardSourceError(RunError, RuntimeError):
     """A reward source failed or answered something unusable; the message names the source."""
 
 
