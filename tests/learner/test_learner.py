@@ -125,3 +125,26 @@ def test_value_model_gives_a_value_per_token():
     with torch.no_grad():
         values = learner.forward_values(b["input_ids"], b["attention_mask"])
     assert values.shape == b["input_ids"].shape
+
+
+def test_reward_lora_exports_adapter_and_merged_model_that_score_alike(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    from rlhf_ray.offline.stages import rm_step_loss
+    learner = make_learner(kind="reward", lora=True, init="builtin:tiny-rm")
+    b = token_batches(2, rows=8)
+    pairs = {"chosen_ids": b[0]["input_ids"], "chosen_mask": b[0]["attention_mask"],
+             "rejected_ids": b[1]["input_ids"], "rejected_mask": b[1]["attention_mask"]}
+    learner.train_step(rm_step_loss, [pairs])
+    assert any(n.endswith("score.weight") for n, _ in learner.named_weights("adapter"))  # the head trains too
+    learner.export_hf(tmp_path / "adapter", merge_lora=False)
+    learner.export_hf(tmp_path / "merged", merge_lora=True)
+    base = AutoModelForSequenceClassification.from_pretrained(learner.init_path, num_labels=1)
+    with_adapter = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    learner.engine.eval()
+    with torch.no_grad():
+        ours = learner.forward_scores(b[0]["input_ids"], b[0]["attention_mask"])
+        for model in (with_adapter, merged):
+            torch.testing.assert_close(model(input_ids=b[0]["input_ids"]).logits.squeeze(-1), ours,
+                                       atol=1e-5, rtol=1e-5)
