@@ -65,7 +65,6 @@ class Learner:
         self.kind, self.backend, self.model_cfg, self.cfg = kind, backend, model_cfg, learner_cfg
         self.init_path = resolve_model_path(init_path)
         self.tokenizer = build.load_tokenizer(model_cfg, self.init_path)
-        build.model_class(kind)
         model = build.build_model(model_cfg, kind, self.init_path, backend, self.tokenizer.pad_token_id)
         self.lora = model_cfg.lora.enabled
         params = [p for p in model.parameters() if p.requires_grad]
@@ -230,14 +229,15 @@ class Learner:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        if self.lora and not merge_lora:
-            state = dict(self.named_weights("adapter"))
-            if self.rank == 0:
-                write_adapter(tmp, state, self.model.peft_config["default"], self.init_path)
+        adapter_only = self.lora and not merge_lora
+        weights_iter = self.named_weights("adapter" if adapter_only else "full")
+        if self.rank != 0:
+            for _ in weights_iter:  # take part in the ZeRO-3 gathers without keeping a copy
+                pass
+        elif adapter_only:
+            write_adapter(tmp, dict(weights_iter), self.model.peft_config["default"], self.init_path)
         else:
-            state = dict(self.named_weights("full"))
-            if self.rank == 0:
-                write_full(tmp, state, self.hf_model.config, type(self.hf_model).__name__)
+            write_full(tmp, dict(weights_iter), self.hf_model.config, type(self.hf_model).__name__)
         if self.rank == 0:
             self.tokenizer.save_pretrained(tmp)
             checkpoint.publish(tmp, final)

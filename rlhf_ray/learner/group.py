@@ -62,11 +62,11 @@ class LearnerActor:
 
     def consume_weights(self, consumer, mode: str):
         """Rank 0 hands its iterator to `consumer`; other ranks drain theirs (ZeRO-3 gathers are collective)."""
-        it = self.learner.named_weights(mode)
         if self.rank == 0:
-            return consumer(it)
-        for _ in it:
-            pass
+            return consumer(self.learner.named_weights(mode))
+        if self.learner.cfg.deepspeed.zero_stage == 3:
+            for _ in self.learner.named_weights(mode):
+                pass
         return None
 
     def local_weights(self, mode: str) -> dict:
