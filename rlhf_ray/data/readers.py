@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from rlhf_ray.errors import RunError
+
 Kind = Literal["sft", "preferences", "prompts"]
 
 
-class DataError(ValueError):
-    """A data problem that names where it is (file and row)."""
+class DataError(RunError, ValueError):
+    """A data problem that names where it is (file and row); the CLI prints it without a traceback."""
 
 
 @dataclass

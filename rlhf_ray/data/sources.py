@@ -12,7 +12,7 @@ from typing import Callable
 
 from rlhf_ray.config.schema import DataConfig
 from rlhf_ray.data import builtin_reviews, movie_reviews
-from rlhf_ray.data.readers import Kind, ReadStats, normalize, read_rows
+from rlhf_ray.data.readers import DataError, Kind, ReadStats, normalize, read_rows
 
 BUILTIN = "builtin:"
 
@@ -45,7 +45,7 @@ def load_rows(spec: str, kind: Kind, cfg: DataConfig, seed: int = 0) -> tuple[li
     if spec.startswith(BUILTIN):
         name = spec[len(BUILTIN):]
         if name not in BUILDERS:
-            raise ValueError(f"unknown built-in dataset {spec!r}; built-ins: "
+            raise DataError(f"unknown built-in dataset {spec!r}; built-ins: "
                              + ", ".join(BUILTIN + b for b in BUILDERS))
         rows = [{**normalize(r, kind), "_where": f"{spec} row {i}"}
                 for i, r in enumerate(BUILDERS[name](kind, cfg.num_samples, seed))]
@@ -59,5 +59,5 @@ def split_eval(rows: list[dict], fraction: float, seed: int = 0) -> tuple[list[d
     random.Random(seed).shuffle(rows)
     n_eval = max(1, round(len(rows) * fraction)) if fraction > 0 else 0
     if n_eval >= len(rows):
-        raise ValueError(f"data.eval_fraction={fraction} leaves no training rows out of {len(rows)}")
+        raise DataError(f"data.eval_fraction={fraction} leaves no training rows out of {len(rows)}")
     return rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]

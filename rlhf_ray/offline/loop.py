@@ -35,14 +35,15 @@ def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def plan(stage: StageConfig, n_train: int) -> tuple[int, int]:
+def plan(name: str, stage: StageConfig, n_train: int) -> tuple[int, int]:
     """-> (steps per epoch, total optimizer steps)."""
+    from rlhf_ray.config import ConfigError
     per_epoch = n_train // stage.batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch_size={stage.batch_size} is larger than the {n_train} training examples")
+        raise ConfigError(f"{name}.batch_size={stage.batch_size} is larger than the {n_train} training examples")
     if stage.batch_size % stage.learner.num_ranks:
-        raise ValueError(f"batch_size={stage.batch_size} must be divisible by learner.num_ranks="
-                         f"{stage.learner.num_ranks}")
+        raise ConfigError(f"{name}.batch_size={stage.batch_size} must be divisible by {name}.learner.num_ranks="
+                          f"{stage.learner.num_ranks}")
     total = per_epoch * stage.epochs
     return per_epoch, min(total, stage.max_steps) if stage.max_steps else total
 
@@ -65,7 +66,7 @@ def evaluate(group: LearnerGroup, data: StageData, eval_fn: Callable, batch_size
 def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_path: str, data: StageData,
               loss_fn: Callable, eval_fn: Callable, out_dir: Path, fresh: bool = False) -> Path:
     """Train, checkpoint, evaluate and export one offline stage; returns the exported HF folder."""
-    per_epoch, total = plan(stage, len(data.train))
+    per_epoch, total = plan(name, stage, len(data.train))
     ckpt_root = out_dir / "checkpoints"
     if fresh:
         shutil.rmtree(ckpt_root, ignore_errors=True)
