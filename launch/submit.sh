@@ -44,14 +44,14 @@ if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_
   export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 fi
 
-RUNTIME_ENV=$(printf '{"excludes": %s, "env_vars": {"HF_HUB_OFFLINE": "%s"}}' "$EXCLUDES" "${HF_HUB_OFFLINE:-0}")
+RUNTIME_ENV=$(printf '{"excludes": %s}' "$EXCLUDES")
 ARGS=(--address "$ADDRESS" --working-dir . --runtime-env-json "$RUNTIME_ENV")
 [ "$WAIT" = 1 ] || ARGS+=(--no-wait)
 RAY=$(dirname "$PY")/ray
 [ -x "$RAY" ] || RAY=ray
-# The job agent can need a few seconds after the head starts: retry that case only.
-for attempt in 1 2 3 4 5 6; do
-  if out=$("$RAY" job submit "${ARGS[@]}" -- python -m rlhf_ray.cli train "$@" "${EXTRA[@]}" 2>&1); then
+# The job agent can need a while after the head starts (a minute on a busy machine): retry that case only.
+for attempt in $(seq 1 24); do
+  if out=$("$RAY" job submit "${ARGS[@]}" -- python -m rlhf_ray.cli train "$@" cluster.address=auto "${EXTRA[@]}" 2>&1); then
     echo "$out"
     exit 0
   fi
@@ -59,5 +59,5 @@ for attempt in 1 2 3 4 5 6; do
   echo "$out" >&2
   exit 1
 done
-echo "submit: the cluster at $ADDRESS had no job agent after 30 s" >&2
+echo "submit: the cluster at $ADDRESS had no job agent after 120 s" >&2
 exit 1

@@ -42,9 +42,14 @@ def ray_session(cfg: ClusterConfig):
             ncpu = cfg.cpus_per_node or os.cpu_count() or 1
             # Roles reserve fractional CPUs; the logical count is generous so that actors are never
             # left pending on a 2-core laptop: real core sharing is governed by thread counts.
-            ray.init(num_cpus=max(ncpu, 4) * 2, include_dashboard=False, runtime_env=runtime_env,
+            # address="local": a private instance even when a `ray start` cluster runs on this machine
+            # (a bare ray.init() would join that cluster instead).
+            ray.init(address="local", num_cpus=max(ncpu, 4) * 2, include_dashboard=False, runtime_env=runtime_env,
                      log_to_driver=True, configure_logging=True, logging_level="WARNING")
         else:
+            # Inside `ray job submit` the job already has a runtime env (its working dir): combine the
+            # two instead of failing on the overlap.
+            os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
             ray.init(address=cfg.address, runtime_env=runtime_env, logging_level="WARNING")
         started = True
     try:

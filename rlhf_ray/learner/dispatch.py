@@ -26,6 +26,14 @@ def split_batch(batch: Batch, n: int) -> list[Batch]:
     return [{key: v[i * k:(i + 1) * k] for key, v in batch.items()} for i in range(n)]
 
 
+def shard_rows(rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous, equal share of a set of row indices (e.g. one PPO minibatch)."""
+    if len(rows) % world:
+        raise ValueError(f"{len(rows)} rows do not split evenly over {world} ranks")
+    k = len(rows) // world
+    return rows[rank * k:(rank + 1) * k]
+
+
 def micro_batches(batch: Batch, size: int) -> list[Batch]:
     """Consecutive chunks of at most `size` rows (the last may be smaller)."""
     rows = batch_rows(batch)

@@ -23,8 +23,10 @@ from rlhf_ray.config.schema import LearnerConfig, ModelConfig
 from rlhf_ray.learner.dispatch import Batch, gather, mean_stats, micro_batches, split_batch
 
 
-@ray.remote
-class LearnerActor:
+class LearnerRank:
+    """One rank: a `Learner` behind a Ray actor (the group applies `ray.remote`). Roles with passes of
+    their own (the RL policy and critic) subclass it and add methods; the group code stays the same."""
+
     def __init__(self, rank: int, world_size: int, num_threads: int):
         self.rank, self.world_size = rank, world_size
         from rlhf_ray.utils.device import set_threads
@@ -76,6 +78,13 @@ class LearnerActor:
     def version(self) -> int:
         return self.learner.version
 
+    # The weight-sync code calls these on the actor itself (`__ray_call__`), inside the learner process.
+    def named_weights(self, mode: str):
+        return self.learner.named_weights(mode)
+
+    def adapter_config(self) -> dict:
+        return self.learner.adapter_config()
+
     def call(self, method: str, *args, **kwargs):
         return getattr(self.learner, method)(*args, **kwargs)
 
@@ -86,8 +95,10 @@ class LearnerGroup:
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, *,
                  kind: Literal["policy", "reward", "value"], init_path: str, total_steps: int,
                  device: str = "auto", seed: int = 0, num_threads: Optional[int] = None,
-                 placement_strategy: str = "PACK"):
+                 placement_strategy: str = "PACK", rank_cls: type = LearnerRank,
+                 rank_kwargs: Optional[dict] = None):
         n = learner_cfg.num_ranks
+        remote, extra = ray.remote(rank_cls), rank_kwargs or {}
         self.num_ranks, self.cfg = n, learner_cfg
         threads = num_threads or max(1, int(learner_cfg.cpus_per_rank))
         opts = dict(num_cpus=learner_cfg.cpus_per_rank, num_gpus=learner_cfg.gpus_per_rank)
@@ -100,10 +111,11 @@ class LearnerGroup:
                 bundle["GPU"] = learner_cfg.gpus_per_rank
             self._pg = placement_group([bundle] * n, strategy=placement_strategy)
             ray.get(self._pg.ready())
-            self.actors = [LearnerActor.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self._pg, placement_group_bundle_index=r)).remote(r, n, threads) for r in range(n)]
+            self.actors = [remote.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self._pg, placement_group_bundle_index=r)).remote(r, n, threads, **extra)
+                for r in range(n)]
         else:
-            self.actors = [LearnerActor.options(**opts).remote(0, 1, threads)]
+            self.actors = [remote.options(**opts).remote(0, 1, threads, **extra)]
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(addr, port, model_cfg, learner_cfg, kind, init_path, device, total_steps, seed)
                  for a in self.actors])

@@ -134,6 +134,9 @@ def build_smollm2(out: Path) -> None:
     fresh = LlamaForCausalLM(loaded.config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.config.torch_dtype = torch.float32
+    # The GGUF loader leaves a quantization_config behind; vLLM refuses a folder that has one.
+    if hasattr(fresh.config, "quantization_config"):
+        del fresh.config.quantization_config
     fresh.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
 

@@ -1,13 +1,18 @@
-"""Thin Ray actors around the plain role classes.
+"""Thin Ray actors of the RL roles.
 
+Policy and critic are learner ranks (`LearnerRank` + the RL passes of `rlhf_ray.rl.workers`), so they
+run on N ranks placed by `LearnerGroup`; the reference and reward scorers are single actors.
 Each method takes `threads`: the controller gives every role the share of the node's cores it may use
-in the current phase (roles that run concurrently split the cores; a role running alone takes them
-all), so that on a small machine no phase oversubscribes the CPU.
+in the current phase (roles that run concurrently split the cores; a role running alone takes them all),
+so that on a small machine no phase oversubscribes the CPU.
 """
 from __future__ import annotations
 
 import ray
 import torch
+
+from rlhf_ray.learner.dispatch import shard_rows
+from rlhf_ray.learner.group import LearnerRank
 
 
 def _threads(n: int) -> None:
@@ -15,58 +20,53 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-@ray.remote
-class PolicyActor:
-    def __init__(self, *args, **kwargs):
-        from rlhf_ray.rl.workers import PolicyWorker
-        self.w = PolicyWorker(*args, **kwargs)
+def _my_share(minibatches: list[list[torch.Tensor]], rank: int, world: int) -> list[list[torch.Tensor]]:
+    return [[shard_rows(rows, rank, world) for rows in epoch] for epoch in minibatches]
 
-    def version(self) -> int:
-        return self.w.version
+
+class PolicyRank(LearnerRank):
+    def __init__(self, rank: int, world_size: int, num_threads: int, *, algo, ref, temperature: float,
+                 norm_len: int):
+        super().__init__(rank, world_size, num_threads)
+        self._rl = dict(algo_cfg=algo, ref_cfg=ref, temperature=temperature, norm_len=norm_len)
+        self._worker = None
+
+    @property
+    def worker(self):
+        if self._worker is None:  # the learner exists only after `setup`
+            from rlhf_ray.rl.workers import PolicyWorker
+            self._worker = PolicyWorker(self.learner, **self._rl)
+        return self._worker
 
     def ref_logprobs(self, seq, threads: int = 0):
         _threads(threads)
-        return self.w.ref_logprobs(seq)
+        return self.worker.ref_logprobs(seq)
 
-    def update(self, batch, minibatches, kl_coef: float, threads: int = 0):
+    def update(self, batch, minibatches, kl_coef: float, threads: int = 0) -> dict:
         _threads(threads)
-        return self.w.update(batch, minibatches, kl_coef)
-
-    def named_weights(self, mode: str) -> list:
-        return list(self.w.named_weights(mode))
-
-    def adapter_config(self) -> dict:
-        return self.w.adapter_config()
-
-    def save_checkpoint(self, path: str, extra_state: dict) -> None:
-        self.w.learner.save_checkpoint(path, extra_state)
-
-    def load_checkpoint(self, path: str) -> dict:
-        return self.w.learner.load_checkpoint(path)
-
-    def export_hf(self, path: str, merge_lora: bool) -> None:
-        self.w.learner.export_hf(path, merge_lora=merge_lora)
+        return self.worker.update(batch, _my_share(minibatches, self.rank, self.world_size), kl_coef)
 
 
-@ray.remote
-class CriticActor:
-    def __init__(self, *args, **kwargs):
-        from rlhf_ray.rl.workers import CriticWorker
-        self.w = CriticWorker(*args, **kwargs)
+class CriticRank(LearnerRank):
+    def __init__(self, rank: int, world_size: int, num_threads: int, *, algo, norm_len: int):
+        super().__init__(rank, world_size, num_threads)
+        self._rl = dict(algo_cfg=algo, norm_len=norm_len)
+        self._worker = None
+
+    @property
+    def worker(self):
+        if self._worker is None:
+            from rlhf_ray.rl.workers import CriticWorker
+            self._worker = CriticWorker(self.learner, **self._rl)
+        return self._worker
 
     def values(self, seq, threads: int = 0):
         _threads(threads)
-        return self.w.values(seq)
+        return self.worker.values(seq)
 
-    def update(self, batch, minibatches, threads: int = 0):
+    def update(self, batch, minibatches, threads: int = 0) -> dict:
         _threads(threads)
-        return self.w.update(batch, minibatches)
-
-    def save_checkpoint(self, path: str, extra_state: dict) -> None:
-        self.w.learner.save_checkpoint(path, extra_state)
-
-    def load_checkpoint(self, path: str) -> dict:
-        return self.w.learner.load_checkpoint(path)
+        return self.worker.update(batch, _my_share(minibatches, self.rank, self.world_size))
 
 
 @ray.remote

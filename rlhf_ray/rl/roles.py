@@ -1,7 +1,8 @@
 """The actor graph of an RL run, built from a Config, and the calls the controller makes on it.
 
-    generator group (vLLM)   policy learner (+ reference under LoRA)   reward scorer
-    reference scorer (full fine-tuning only)                            critic learner (PPO only)
+    generator group (vLLM engines)    policy learner group (N ranks; reference too under LoRA)
+    reward scorer                      reference scorer (full fine-tuning only)
+    critic learner group (PPO only)
 
 Each call fans out with `.remote` and gathers once, so roles that can work at the same time do.
 """
@@ -12,9 +13,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import ray
+import torch
 
 from rlhf_ray.config import Config
-from rlhf_ray.rl.actors import CriticActor, PolicyActor, ReferenceActor, RewardActor
+from rlhf_ray.learner.group import LearnerGroup
+from rlhf_ray.rl.actors import CriticRank, PolicyRank, ReferenceActor, RewardActor
+from rlhf_ray.rl.batch import SequenceBatch
 from rlhf_ray.utils.device import Backend
 
 
@@ -30,6 +34,26 @@ def sync_mode(cfg: Config) -> str:
     return ("adapter" if cfg.model.lora.enabled else "full") if mode == "auto" else mode
 
 
+def split_rows(seq: SequenceBatch, n: int) -> list[SequenceBatch]:
+    """n contiguous, equal shards of a batch (ZeRO-3 forwards are collectives: equal work per rank)."""
+    if len(seq) % n:
+        raise ValueError(f"a batch of {len(seq)} sequences does not split evenly over {n} ranks")
+    k = len(seq) // n
+    return [seq.select(slice(i * k, (i + 1) * k)) for i in range(n)]
+
+
+def merge_update_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Rank means (equal rows per rank), except the log-prob agreement: max of maxima, token-weighted mean."""
+    out = {k: sum(s[k] for s in per_rank) / len(per_rank) for k in per_rank[0]}
+    if "sync/logprob_max_abs" in out:
+        tokens = [s["sync/logprob_num_tokens"] for s in per_rank]
+        out["sync/logprob_max_abs"] = max(s["sync/logprob_max_abs"] for s in per_rank)
+        out["sync/logprob_mean_abs"] = sum(s["sync/logprob_mean_abs"] * t for s, t in zip(per_rank, tokens)) / max(
+            sum(tokens), 1.0)
+        out["sync/logprob_num_tokens"] = sum(tokens)
+    return out
+
+
 class Roles:
     def __init__(self, cfg: Config, paths: Paths, backend: Backend, total_steps: int):
         from rlhf_ray.generator.group import GeneratorGroup
@@ -37,19 +61,17 @@ class Roles:
         self.cores = cfg.cluster.torch_threads or os.cpu_count() or 1
         self.mode = sync_mode(cfg)
         norm_len = cfg.rollout.max_new_tokens
-        learner_res = dict(num_cpus=cfg.rl.policy.cpus_per_rank, num_gpus=cfg.rl.policy.gpus_per_rank)
-        common = dict(backend=backend, total_steps=total_steps, seed=cfg.run.seed, num_threads=self.cores)
-        self.policy = PolicyActor.options(**learner_res).remote(
-            cfg.model, cfg.rl.policy, cfg.algorithm, cfg.reference, temperature=cfg.rollout.temperature,
-            norm_len=norm_len, init_path=paths.policy_init, **common)
+        common = dict(init_path=paths.policy_init, total_steps=total_steps, device=backend.device, seed=cfg.run.seed,
+                      num_threads=self.cores, placement_strategy=cfg.cluster.placement_strategy)
+        self.policy = LearnerGroup(cfg.model, cfg.rl.policy, kind="policy", rank_cls=PolicyRank, **common,
+                                   rank_kwargs=dict(algo=cfg.algorithm, ref=cfg.reference,
+                                                    temperature=cfg.rollout.temperature, norm_len=norm_len))
         self.critic = None
         if cfg.uses_critic:
-            self.critic = CriticActor.options(num_cpus=cfg.rl.critic.cpus_per_rank,
-                                              num_gpus=cfg.rl.critic.gpus_per_rank).remote(
-                cfg.model, cfg.rl.critic, cfg.algorithm, norm_len=norm_len, init_path=paths.policy_init, **common)
-        if cfg.model.lora.enabled and cfg.reference.path is None:
-            self.reference = self.policy  # the base with the adapter switched off: no second copy
-        else:
+            self.critic = LearnerGroup(cfg.model, cfg.rl.critic, kind="value", rank_cls=CriticRank, **common,
+                                       rank_kwargs=dict(algo=cfg.algorithm, norm_len=norm_len))
+        self.reference = None  # under LoRA: the policy ranks with the adapter off, no second copy
+        if not (cfg.model.lora.enabled and cfg.reference.path is None):
             ref_path = paths.resolve(cfg.reference.path or paths.policy_init)
             self.reference = ReferenceActor.options(num_cpus=0.5).remote(
                 ref_path, dtype=backend.dtype, device=backend.device, temperature=cfg.rollout.temperature)
@@ -65,12 +87,12 @@ class Roles:
         if not cfg.model.quantization.load_in_4bit:
             return paths.resolve(paths.policy_init)
         base = os.path.join(paths.scratch, "generator_base")
-        ray.get(self.policy.export_hf.remote(base, True))  # adapter B = 0 at start: merged == base
+        self.policy.export_hf(base, merge_lora=True)  # adapter B = 0 at start: merged == base
         return base
 
     # -- the controller's calls ----------------------------------------------------------------
     def policy_version(self) -> int:
-        return ray.get(self.policy.version.remote())
+        return ray.get(self.policy.actors[0].version.remote())
 
     def generate(self, prompts: list, n: int, step: int):
         """Sample n per prompt; prompt i of step s is seeded from (run seed, s, i), so a resumed run
@@ -78,23 +100,32 @@ class Roles:
         base = (self.cfg.run.seed * 1_000_003 + step * 7919) % (2 ** 30)
         return self.generator.generate(prompts, n, seeds=[base + i * n for i in range(len(prompts))])
 
-    def score(self, prompts: list[str], responses: list[str], seq):
+    def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """Reward, reference log-probs and values at once; the cores are split between them."""
         busy = 2 + (self.critic is not None)
         share = max(1, self.cores // busy)
         reward = self.reward.score.remote(prompts, responses, threads=share)
-        ref = self.reference.ref_logprobs.remote(seq, threads=share)
-        values = self.critic.values.remote(seq, threads=share) if self.critic else None
-        (scores, stats), ref_logp = ray.get([reward, ref])
-        return scores, ref_logp, (ray.get(values) if values is not None else None), stats
+        if self.reference is not None:
+            ref = [self.reference.ref_logprobs.remote(seq, threads=share)]
+        else:
+            ref = self._fan(self.policy, "ref_logprobs", seq, share)
+        values = self._fan(self.critic, "values", seq, share) if self.critic else []
+        scores, stats = ray.get(reward)
+        ref_logp = torch.cat(ray.get(ref))
+        return scores, ref_logp, (torch.cat(ray.get(values)) if values else None), stats
+
+    @staticmethod
+    def _fan(group: LearnerGroup, method: str, seq: SequenceBatch, threads: int) -> list:
+        shards = split_rows(seq, group.num_ranks)
+        return [getattr(a, method).remote(s, threads=threads) for a, s in zip(group.actors, shards)]
 
     def update(self, batch, minibatches, kl_coef: float) -> dict[str, float]:
         share = max(1, self.cores // (1 + (self.critic is not None)))
-        pol = self.policy.update.remote(batch, minibatches, kl_coef, threads=share)
-        crit = self.critic.update.remote(batch, minibatches, threads=share) if self.critic else None
-        stats = ray.get(pol)
-        if crit is not None:
-            stats.update(ray.get(crit))
+        pol = [a.update.remote(batch, minibatches, kl_coef, threads=share) for a in self.policy.actors]
+        crit = [a.update.remote(batch, minibatches, threads=share) for a in self.critic.actors] if self.critic else []
+        stats = merge_update_stats(ray.get(pol))
+        if crit:
+            stats.update(merge_update_stats(ray.get(crit)))
         return stats
 
     def sync_weights(self) -> tuple[int, dict[str, float]]:
@@ -102,28 +133,30 @@ class Roles:
         version = self.policy_version()
         if version == self.generator.version:
             return version, {}
-        t = self.generator.sync_weights(self.policy, self.mode, version)
+        t = self.generator.sync_weights(self.policy.actors, self.mode, version)
         return version, {"sync/total_s": t["total_s"], "sync/pack_s": t["pack_s"], "sync/load_s": t["load_s"],
                          "sync/buckets": float(t["buckets"])}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, path: str, extra_state: dict) -> None:
-        refs = [self.policy.save_checkpoint.remote(os.path.join(path, "policy"), extra_state)]
+        self.policy.save_checkpoint(os.path.join(path, "policy"), extra_state)
         if self.critic:
-            refs.append(self.critic.save_checkpoint.remote(os.path.join(path, "critic"), {}))
-        ray.get(refs)
+            self.critic.save_checkpoint(os.path.join(path, "critic"), {})
 
     def load(self, path: str) -> dict:
-        extra = ray.get(self.policy.load_checkpoint.remote(os.path.join(path, "policy")))
+        extra = self.policy.load_checkpoint(os.path.join(path, "policy"))
         if self.critic:
-            ray.get(self.critic.load_checkpoint.remote(os.path.join(path, "critic")))
+            self.critic.load_checkpoint(os.path.join(path, "critic"))
         return extra
 
     def export(self, path: str, merge_lora: bool) -> None:
-        ray.get(self.policy.export_hf.remote(path, merge_lora))
+        self.policy.export_hf(path, merge_lora=merge_lora)
 
     def shutdown(self) -> None:
         self.generator.shutdown()
-        for actor in {id(a): a for a in (self.policy, self.critic, self.reference, self.reward) if a}.values():
-            ray.kill(actor)
-
+        for group in (self.policy, self.critic):
+            if group is not None:
+                group.shutdown()
+        for actor in (self.reference, self.reward):
+            if actor is not None:
+                ray.kill(actor)

@@ -4,6 +4,7 @@ Layout of `out_dir`:
     checkpoints/step_000010/{policy,critic}   resumable state (atomic, COMPLETE marker)
     metrics.jsonl, tensorboard/, samples.jsonl, report.png, report.md
     model/                                    the trained policy, HF format (LoRA merged)
+    adapter/                                  under LoRA: the adapter alone (peft format, base = the init model)
 """
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import ray
+
 from rlhf_ray.config import Config
-from rlhf_ray.learner.checkpoint import is_complete, latest_checkpoint
+from rlhf_ray.learner.checkpoint import is_complete
+from rlhf_ray.rl import checkpoint as rl_checkpoint
 from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.prompts import PromptStream
+from rlhf_ray.rl.resources import check_fits
 from rlhf_ray.rl.roles import Paths, Roles
 from rlhf_ray.scoring.reward import FunctionSource
 from rlhf_ray.tracking.console import ConsoleView
@@ -39,17 +44,19 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
     init_path = resolve(policy_init)
     tokenizer = AutoTokenizer.from_pretrained(init_path)
-    prompts = load_prompts(cfg.data, tokenizer)  # validated before any actor starts
+    prompts = load_prompts(cfg.data, tokenizer, cfg.run.seed)  # validated before any actor starts
     gold = FunctionSource(cfg.reward.gold) if cfg.reward.gold else None
+    check_fits(cfg, ray.cluster_resources())
 
-    roles = Roles(cfg, Paths(init_path, resolve, str(out / "scratch")), backend, total_steps=cfg.rl.steps * _updates_per_step(cfg))
+    total_updates = cfg.rl.steps * _updates_per_step(cfg)
+    roles = Roles(cfg, Paths(init_path, resolve, str(out / "scratch")), backend, total_steps=total_updates)
     try:
         controller = RLController(cfg, roles, PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed),
                                   pad_id=tokenizer.pad_token_id)
-        ckpt = latest_checkpoint(out / "checkpoints") if resume else None
-        if ckpt is not None:
-            extra = roles.load(str(ckpt))
-            controller.load_state_dict(extra["controller"])
+        restored = rl_checkpoint.load(roles, out / "checkpoints") if resume else None
+        ckpt = restored[0] if restored else None
+        if restored:
+            controller.load_state_dict(restored[1])
             controller.version, _ = roles.sync_weights()  # the generator serves the restored weights
         logger = MetricsLogger(out, cfg.logging, "rl", cfg.model_dump(mode="json"), resume=ckpt is not None)
         if ckpt is not None:
@@ -72,8 +79,10 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
                 if cfg.rl.sample_every and step % cfg.rl.sample_every == 0:
                     logger.log_samples(step, result.prompts[:4], result.responses[:4], result.scores[:4])
                 if cfg.rl.save_every and step % cfg.rl.save_every == 0 and step < cfg.rl.steps:
-                    roles.save(str(out / "checkpoints" / f"step_{step:06d}"), {"controller": controller.state_dict()})
+                    rl_checkpoint.save(roles, out / "checkpoints", step, controller.state_dict())
         logger.close()
+        if cfg.model.lora.enabled:  # the adapter alone too: megabytes, to serve on the same base
+            roles.export(str(out / "adapter"), merge_lora=False)
         roles.export(str(final), merge_lora=True)
     finally:
         roles.shutdown()

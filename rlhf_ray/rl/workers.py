@@ -1,20 +1,17 @@
-"""Plain classes behind the policy and critic actors: a `Learner` plus the RL-specific passes.
+"""The RL passes of one learner rank: log-probs, reference log-probs, values and PPO updates.
 
-They run on every rank of a learner group; each rank receives its own slice of the batch
-(`rlhf_ray.rl.dispatch`), and DeepSpeed averages gradients across ranks.
+Plain classes over a `Learner`, testable without Ray. On N ranks each rank runs them on its own share
+of every minibatch (`rlhf_ray.rl.actors`), and DeepSpeed averages gradients across ranks.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig, ReferenceConfig
+from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.rl.batch import SequenceBatch
 from rlhf_ray.rl.records import TrainBatch
 from rlhf_ray.rl.step_loss import critic_minibatch_loss, policy_minibatch_loss, response_logprobs
 from rlhf_ray.sync.checks import logprob_agreement
-from rlhf_ray.utils.device import Backend
 
 
 def _micro(rows: torch.Tensor, size: int, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -39,13 +36,10 @@ def _forward(learner, seq: SequenceBatch) -> torch.Tensor:
 
 
 class PolicyWorker:
-    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig,
-                 ref_cfg: ReferenceConfig, *, temperature: float, norm_len: int, init_path: str,
-                 backend: Backend, total_steps: int, seed: int, num_threads: Optional[int] = None):
-        from rlhf_ray.learner.engine import Learner
-        self.learner = Learner(model_cfg, learner_cfg, kind="policy", init_path=init_path, backend=backend,
-                               total_steps=total_steps, seed=seed, num_threads=num_threads)
-        self.algo, self.ref_cfg, self.mbs = algo_cfg, ref_cfg, learner_cfg.micro_batch_size
+    def __init__(self, learner, algo_cfg: AlgorithmConfig, ref_cfg: ReferenceConfig, *, temperature: float,
+                 norm_len: int):
+        self.learner = learner
+        self.algo, self.ref_cfg, self.mbs = algo_cfg, ref_cfg, learner.cfg.micro_batch_size
         self.temperature, self.norm_len = temperature, norm_len
 
     @property
@@ -96,23 +90,14 @@ class PolicyWorker:
         out.update({f"sync/logprob_{k}": v for k, v in agreement.items()})
         return out
 
-    def named_weights(self, mode: str):
-        return self.learner.named_weights(mode)
-
-    def adapter_config(self) -> dict:
-        return self.learner.adapter_config()
 
 
 class CriticWorker:
     """PPO's value model: the policy's backbone with a scalar head, trained with the clipped value loss."""
 
-    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig, *,
-                 norm_len: int, init_path: str, backend: Backend, total_steps: int, seed: int,
-                 num_threads: Optional[int] = None):
-        from rlhf_ray.learner.engine import Learner
-        self.learner = Learner(model_cfg, learner_cfg, kind="value", init_path=init_path, backend=backend,
-                               total_steps=total_steps, seed=seed, num_threads=num_threads)
-        self.algo, self.mbs, self.norm_len = algo_cfg, learner_cfg.micro_batch_size, norm_len
+    def __init__(self, learner, algo_cfg: AlgorithmConfig, *, norm_len: int):
+        self.learner = learner
+        self.algo, self.mbs, self.norm_len = algo_cfg, learner.cfg.micro_batch_size, norm_len
 
     @torch.no_grad()
     def values(self, seq: SequenceBatch) -> torch.Tensor:

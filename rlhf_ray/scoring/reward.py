@@ -29,30 +29,45 @@ class Source(Protocol):
 
 
 class ModelSource:
+    """A trained reward model. Inputs are encoded exactly as in reward-model training
+    (`rlhf_ray.data.encode`: template, EOS), and the score is read at each row's last real token."""
+
     def __init__(self, path: str, batch_size: int = 64, device: str = "cpu", dtype=torch.float32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         self.name = f"model:{path}"
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
         if self.model.config.num_labels != 1:
             raise RewardSourceError(f"{self.name}: a reward model must have 1 output label, "
                                     f"it has {self.model.config.num_labels}")
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        self.model.config.pad_token_id = self.tok.pad_token_id
-        self.tok.padding_side = "right"
         self.batch_size, self.device = batch_size, device
+
+    def _encode(self, prompt: str, response: str) -> list[int]:
+        from rlhf_ray.data.encode import prompt_ids, response_ids
+        p = prompt_ids(self.tok, prompt)
+        return p + response_ids(self.tok, prompt, p, response)
 
     @torch.no_grad()
     def __call__(self, prompts, responses):
-        from rlhf_ray.scoring.text import reward_model_text
-        texts = [reward_model_text(p, r, self.tok) for p, r in zip(prompts, responses)]
+        from rlhf_ray.data.encode import pad
+        rows = [self._encode(p, r) for p, r in zip(prompts, responses)]
         out: list[float] = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True)
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            out.extend(self.model(**enc).logits[:, 0].float().tolist())
+        for i in range(0, len(rows), self.batch_size):
+            ids, mask = pad(rows[i:i + self.batch_size], self.tok.pad_token_id)
+            out.extend(self._scores(ids.to(self.device), mask.to(self.device)).float().tolist())
         return out
+
+    def _scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        head = getattr(self.model, "score", None)
+        if head is None:  # encoder models (e.g. MiniLM) pool on their own
+            return self.model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        # Decoder reward models: HF pools at the last non-pad *id*, wrong when pad == EOS; pool by the mask.
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        per_token = head(hidden)[..., 0]  # (B, L)
+        last = mask.shape[1] - 1 - mask.flip(-1).long().argmax(-1)
+        return per_token[torch.arange(len(ids), device=ids.device), last]
 
 
 class FunctionSource:

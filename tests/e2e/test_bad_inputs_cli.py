@@ -42,5 +42,5 @@ def test_long_prompt_is_named_before_any_actor_starts(tmp_path):
     p = train(tmp_path, "data.max_prompt_len=3", "data.on_long_prompt=error",
               "reward.sources=[{kind: function, path: 'rewards_for_tests:nan_reward'}]")
     assert p.returncode == 1
-    assert "PromptError: builtin:reviews row 0: prompt has" in p.stderr and "data.max_prompt_len=3" in p.stderr
+    assert "PromptError: builtin:reviews row 0: prompt has" in p.stderr, p.stderr[-2000:] and "data.max_prompt_len=3" in p.stderr
     assert "Traceback" not in p.stderr

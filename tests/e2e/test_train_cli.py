@@ -88,8 +88,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
     proc.wait()
     assert not (cut_dir / "rl" / "model").exists()
+    before = log.read_text().splitlines()
 
-    train(*rl_args(offline, cut_dir, *common), "--resume")
+    resumed = train(*rl_args(offline, cut_dir, *common), "--resume")
+    assert "at step 3" in resumed.stdout and "step_000003" in resumed.stdout  # it resumed, not restarted
+    assert log.read_text().splitlines()[:3] == before[:3]  # steps before the checkpoint were kept, not redone
     ref, cut = metrics(ref_dir / "rl"), metrics(cut_dir / "rl")
     assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]  # every step logged exactly once
     for a, b in zip(ref, cut):
