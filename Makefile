@@ -15,7 +15,7 @@ test-fast: setup
 
 bench: setup
 	bash launch/setup_env.sh --bench
-	.venv/bin/python benchmarks/run_all.py
+	.venv/bin/python benchmarks/run_all.py $(BENCH)
 
 clean-runs:
 	rm -rf runs

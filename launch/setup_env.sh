@@ -8,6 +8,11 @@ VENV=${RLHF_RAY_VENV:-.venv}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.rlhf_ray_setup"
 want=$(cat launch/setup_env.sh pyproject.toml launch/constraints-cpu.txt | sha256sum | cut -c1-16)
+if [ "${1:-}" = "--bench" ]; then  # the side-by-side baseline (TRL) for benchmarks/, on demand only
+  PIP_CONSTRAINT="$PWD/launch/constraints-cpu.txt" "$VENV/bin/python" -m pip --disable-pip-version-check -q \
+    install -e ".[bench]"
+  exit 0
+fi
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi

@@ -89,8 +89,8 @@ class DeepSpeedConfig(Section):
 
 class LearnerConfig(Section):
     num_ranks: int = Field(1, gt=0)
-    micro_batch_size: int = Field(8, gt=0)
-    grad_accum_steps: int = Field(1, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="rows per forward/backward; a step's batch is "
+                                  "accumulated over as many micro-batches as it takes")
     optim: OptimConfig = OptimConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     cpus_per_rank: float = Field(1.0, gt=0)

@@ -107,7 +107,9 @@ class GeneratorEngine:
                                  stop=list(self.cfg.stop if stop is None else stop), seed=seed, logprobs=0)
                   for seed in seeds for _ in range(fan_out)]
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts for _ in range(fan_out)]
+        t0 = time.perf_counter()
         outputs = self.llm.generate(inputs, params, lora_request=self._lora_request, use_tqdm=False)
+        generate_s = time.perf_counter() - t0
         prompt_ids, response_ids, logprobs, texts, index, finish = [], [], [], [], [], []
         for k, out in enumerate(outputs):
             for c in sorted(out.outputs, key=lambda c: c.index):
@@ -119,7 +121,7 @@ class GeneratorEngine:
                 index.append(k // fan_out)
                 finish.append(c.finish_reason or "length")
         return Rollout(prompt_ids, response_ids, logprobs, texts, index, finish, self.version,
-                       temperature if temperature > 0 else 1.0)
+                       temperature if temperature > 0 else 1.0, generate_s)
 
     # -- weight sync ----------------------------------------------------------------------------
     def load_full(self, named_weights: Iterable[tuple[str, torch.Tensor]], version: int) -> float:

@@ -24,6 +24,8 @@ class Rollout:
     finish_reasons[b]:     "stop" (EOS or a stop string) or "length" (max_new_tokens reached).
     weight_version:        the version of the weights every sample was generated with.
     temperature:           the sampling temperature the log-probs are scaled with.
+    generate_s:            seconds the engine spent inside vLLM (the slowest engine's, for a group);
+                           the controller subtracts it from the phase's wall time to measure overhead.
     """
 
     prompt_ids: list[list[int]]
@@ -34,6 +36,7 @@ class Rollout:
     finish_reasons: list[str]
     weight_version: int
     temperature: float
+    generate_s: float = 0.0
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -105,4 +108,5 @@ def concat_rollouts(parts: list[Rollout], prompt_offsets: list[int]) -> Rollout:
         finish_reasons=[x for p in parts for x in p.finish_reasons],
         weight_version=versions.pop(),
         temperature=parts[0].temperature,
+        generate_s=max(p.generate_s for p in parts),
     )

@@ -27,8 +27,10 @@ def deepspeed_config(cfg: LearnerConfig, *, world_size: int, dtype: torch.dtype)
         zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * world_size,
+        # Accumulation boundaries are set per step by `Learner.train_step` (a step's batch decides how many
+        # micro-batches it takes), so DeepSpeed's own counter stays at 1.
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.micro_batch_size * world_size,
         "gradient_clipping": cfg.optim.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},

@@ -8,6 +8,8 @@ so that on a small machine no phase oversubscribes the CPU.
 """
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
 
@@ -18,6 +20,13 @@ from rlhf_ray.learner.group import LearnerRank
 def _threads(n: int) -> None:
     if n and torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def _timed(fn, *args):
+    """(result, seconds spent computing it in this process): the controller's overhead accounting."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
 
 
 def _my_share(minibatches: list[list[torch.Tensor]], rank: int, world: int) -> list[list[torch.Tensor]]:
@@ -40,11 +49,12 @@ class PolicyRank(LearnerRank):
 
     def ref_logprobs(self, seq, threads: int = 0):
         _threads(threads)
-        return self.worker.ref_logprobs(seq)
+        return _timed(self.worker.ref_logprobs, seq)
 
     def update(self, batch, minibatches, kl_coef: float, threads: int = 0) -> dict:
         _threads(threads)
-        return self.worker.update(batch, _my_share(minibatches, self.rank, self.world_size), kl_coef)
+        stats, secs = _timed(self.worker.update, batch, _my_share(minibatches, self.rank, self.world_size), kl_coef)
+        return {**stats, "time/compute_s": secs}
 
 
 class CriticRank(LearnerRank):
@@ -62,11 +72,12 @@ class CriticRank(LearnerRank):
 
     def values(self, seq, threads: int = 0):
         _threads(threads)
-        return self.worker.values(seq)
+        return _timed(self.worker.values, seq)
 
     def update(self, batch, minibatches, threads: int = 0) -> dict:
         _threads(threads)
-        return self.worker.update(batch, _my_share(minibatches, self.rank, self.world_size))
+        stats, secs = _timed(self.worker.update, batch, _my_share(minibatches, self.rank, self.world_size))
+        return {**stats, "time/compute_s": secs}
 
 
 @ray.remote
@@ -77,7 +88,7 @@ class ReferenceActor:
 
     def ref_logprobs(self, seq, threads: int = 0):
         _threads(threads)
-        return self.s.logprobs(seq)
+        return _timed(self.s.logprobs, seq)
 
 
 @ray.remote
@@ -88,4 +99,4 @@ class RewardActor:
 
     def score(self, prompts, responses, threads: int = 0):
         _threads(threads)
-        return self.s.score(prompts, responses)
+        return _timed(self.s.score, prompts, responses)

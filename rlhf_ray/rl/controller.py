@@ -96,7 +96,8 @@ class RLController:
                    "reward/score_std": float(scores[keep].std()) if keep.sum() > 1 else 0.0,
                    "kl/coef": self.kl_ctl.value, "sync/version": float(self.version),
                    "sync/lag": float(lag), "response/empty_frac": float(empty.float().mean()),
-                   "throughput/tokens_per_s": float(seq.response_mask.sum()) / max(t.times["generate"], 1e-9)}
+                   "throughput/tokens_per_s": float(seq.response_mask.sum()) / max(t.times["generate"], 1e-9),
+                   **overhead(t.stats()["timing/step_s"], rollout.generate_s, metrics_of(reward_stats, update_stats))}
         return StepOutput(metrics, prompt_texts, list(rollout.texts), scores.tolist())
 
     # -- helpers -------------------------------------------------------------------------------
@@ -128,6 +129,19 @@ class RLController:
         self.kl_ctl.load_state_dict(d["kl"])
         self._shuffle.set_state(torch.tensor(d["shuffle"], dtype=torch.uint8))
         self.version = int(d["version"])
+
+
+def metrics_of(reward_stats: dict, update_stats: dict) -> tuple[float, float]:
+    return reward_stats.get("time/score_compute_s", 0.0), update_stats.get("time/update_compute_s", 0.0)
+
+
+def overhead(step_s: float, generate_s: float, compute: tuple[float, float]) -> dict[str, float]:
+    """Framework overhead: the step's wall time not spent generating or in forward/backward passes
+    (weight sync, Ray calls, packing, advantages). Compute is each phase's critical path, measured
+    inside the actors."""
+    busy = generate_s + compute[0] + compute[1]
+    return {"timing/compute_s": busy, "timing/overhead_s": max(0.0, step_s - busy),
+            "timing/overhead_frac": max(0.0, step_s - busy) / max(step_s, 1e-9)}
 
 
 def _select(b: ScoredBatch, keep: torch.Tensor) -> ScoredBatch:

@@ -110,9 +110,13 @@ class Roles:
         else:
             ref = self._fan(self.policy, "ref_logprobs", seq, share)
         values = self._fan(self.critic, "values", seq, share) if self.critic else []
-        scores, stats = ray.get(reward)
-        ref_logp = torch.cat(ray.get(ref))
-        return scores, ref_logp, (torch.cat(ray.get(values)) if values else None), stats
+        (scores, stats), reward_s = ray.get(reward)
+        ref_parts, value_parts = ray.get(ref), ray.get(values)
+        ref_logp = torch.cat([t for t, _ in ref_parts])
+        values_t = torch.cat([t for t, _ in value_parts]) if value_parts else None
+        # the phase's critical path: the slowest of the roles that ran side by side
+        stats["time/score_compute_s"] = max([reward_s] + [s for _, s in ref_parts + value_parts])
+        return scores, ref_logp, values_t, stats
 
     @staticmethod
     def _fan(group: LearnerGroup, method: str, seq: SequenceBatch, threads: int) -> list:
@@ -123,9 +127,15 @@ class Roles:
         share = max(1, self.cores // (1 + (self.critic is not None)))
         pol = [a.update.remote(batch, minibatches, kl_coef, threads=share) for a in self.policy.actors]
         crit = [a.update.remote(batch, minibatches, threads=share) for a in self.critic.actors] if self.critic else []
-        stats = merge_update_stats(ray.get(pol))
+        pol_stats = ray.get(pol)
+        stats = merge_update_stats(pol_stats)
+        compute = max(s["time/compute_s"] for s in pol_stats)
         if crit:
-            stats.update(merge_update_stats(ray.get(crit)))
+            crit_stats = ray.get(crit)
+            stats.update(merge_update_stats(crit_stats))
+            compute = max([compute] + [s["time/compute_s"] for s in crit_stats])
+        stats["time/update_compute_s"] = compute
+        stats.pop("time/compute_s", None)
         return stats
 
     def sync_weights(self) -> tuple[int, dict[str, float]]:
@@ -135,7 +145,7 @@ class Roles:
             return version, {}
         t = self.generator.sync_weights(self.policy.actors, self.mode, version)
         return version, {"sync/total_s": t["total_s"], "sync/pack_s": t["pack_s"], "sync/load_s": t["load_s"],
-                         "sync/buckets": float(t["buckets"])}
+                         "sync/engine_s": t.get("engine_s", 0.0), "sync/buckets": float(t["buckets"])}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, path: str, extra_state: dict) -> None:

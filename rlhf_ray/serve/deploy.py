@@ -18,8 +18,10 @@ class EnginePolicyBackend:
 
     def __init__(self, model_path: str, serve_cfg: ServeConfig, backend: Backend, cpus: float):
         from rlhf_ray.generator.engine import GeneratorEngine
+        from transformers import AutoConfig
         rollout = RolloutConfig(cpus_per_engine=cpus, n_samples_per_prompt=1, seed=0)
-        self.engine = GeneratorEngine(model_path, rollout, backend, lora=False, max_model_len=2048)
+        positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 2048)
+        self.engine = GeneratorEngine(model_path, rollout, backend, lora=False, max_model_len=min(positions, 4096))
         self.tokenizer = self.engine.tokenizer
         self.model_name, self.max_tokens = serve_cfg.model_name, serve_cfg.max_tokens
         self._lock = threading.Lock()

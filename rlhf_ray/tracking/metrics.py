@@ -39,11 +39,12 @@ class MetricsLogger:
         self._samples = open(self.dir / "samples.jsonl", "a" if resume else "w")
 
     def truncate_to(self, step: int) -> None:
-        """On resume at `step`: keep metrics of steps < step only (a killed run may have logged past its checkpoint)."""
+        """On resume from the checkpoint taken after `step`: keep the metrics of steps <= step only (a killed
+        run may have logged steps past its checkpoint; they are run, and logged, again)."""
         if self._jsonl is None or not self.jsonl_path.exists():
             return
         self._jsonl.close()
-        keep = [ln for ln in self.jsonl_path.read_text().splitlines() if ln and json.loads(ln)["step"] < step]
+        keep = [ln for ln in self.jsonl_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
         tmp = self.jsonl_path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.jsonl_path)
