@@ -116,7 +116,10 @@ class StageConfig(Section):
 class SyncConfig(Section):
     mode: Literal["auto", "full", "adapter"] = "auto"
     bucket_mb: float = Field(64.0, gt=0)
-    max_off_policy_lag: int = Field(0, ge=0, description="rollouts may lag the learner by this many versions")
+    max_off_policy_lag: int = Field(0, ge=0, description="rollouts may lag the learner by this many versions; "
+                                    ">= 1 overlaps the next step's generation with this step's update")
+    check_every: int = Field(10, gt=0, description="with overlap, every Nth step runs in lockstep so that "
+                                                  "the log-prob agreement check still runs")
     logprob_check: bool = True
     logprob_max_abs_diff: float = Field(0.5, gt=0)
     logprob_mean_abs_diff: float = Field(0.02, gt=0)

@@ -85,11 +85,14 @@ class GeneratorEngine:
     # -- sampling -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], n: Optional[int] = None, *, temperature: Optional[float] = None,
                  top_p: Optional[float] = None, max_new_tokens: Optional[int] = None,
-                 stop: Optional[Sequence[str]] = None, seeds: Optional[Sequence[Optional[int]]] = None) -> Rollout:
+                 stop: Optional[Sequence[str]] = None, seeds: Optional[Sequence[Optional[int]]] = None,
+                 call_seed: Optional[int] = None) -> Rollout:
         """Sample n responses per prompt. Unset arguments fall back to the `RolloutConfig`.
 
         `seeds[i]` seeds prompt i (its n samples use seeds[i] .. seeds[i]+n-1, vLLM's convention); None
-        draws from the engine's generator. temperature 0 is greedy.
+        draws from the engine's generator. `call_seed` instead seeds that generator once for the whole
+        call: the same reproducibility for a fixed batch, without vLLM's per-request generators (their
+        sampling path was 20-30% slower on a 64-sample batch of the tiny model). temperature 0 is greedy.
         """
         from vllm import SamplingParams
 
@@ -107,6 +110,8 @@ class GeneratorEngine:
                                  stop=list(self.cfg.stop if stop is None else stop), seed=seed, logprobs=0)
                   for seed in seeds for _ in range(fan_out)]
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts for _ in range(fan_out)]
+        if call_seed is not None:
+            torch.manual_seed(call_seed)  # in-process engine: unseeded requests sample from torch's generator
         t0 = time.perf_counter()
         outputs = self.llm.generate(inputs, params, lora_request=self._lora_request, use_tqdm=False)
         generate_s = time.perf_counter() - t0

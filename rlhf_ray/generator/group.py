@@ -71,6 +71,17 @@ def _learner_ranks(source) -> list:
     return []
 
 
+class PendingRollout:
+    """Per-engine rollouts in flight; `result()` merges them in prompt order."""
+
+    def __init__(self, refs: list, offsets: list[int]):
+        self.refs, self.offsets = refs, offsets
+
+    def result(self) -> Rollout:
+        import ray
+        return concat_rollouts(ray.get(self.refs), self.offsets)
+
+
 class GeneratorGroup:
     def __init__(self, model_path: str, rollout_cfg, backend: Backend, lora: bool = False, max_model_len: int = 512,
                  *, max_lora_rank: int = 16, quantization: Optional[str] = None,
@@ -136,15 +147,24 @@ class GeneratorGroup:
         raise AssertionError("unreachable")
 
     def _generate_once(self, prompts, n, overrides) -> Rollout:
-        import ray
+        return self._submit(prompts, n, overrides).result()
 
+    def _submit(self, prompts, n, overrides) -> "PendingRollout":
         chunks = split_evenly(list(range(len(prompts))), len(self.actors))
         busy = [(i, c) for i, c in enumerate(chunks) if c]
         parts = []
         for i, c in busy:
             sub = {k: ([v[j] for j in c] if k == "seeds" else v) for k, v in overrides.items()}
+            if sub.get("call_seed") is not None:
+                sub["call_seed"] = sub["call_seed"] + i  # engines draw different streams
             parts.append(self.actors[i].generate.remote([prompts[j] for j in c], n, sub))
-        return concat_rollouts(ray.get(parts), [c[0] for _, c in busy])
+        return PendingRollout(parts, [c[0] for _, c in busy])
+
+    def submit(self, prompts: Sequence[Prompt], n: Optional[int] = None, **overrides) -> "PendingRollout":
+        """Start generating and return at once; `.result()` waits. Lets the controller overlap the next
+        step's generation with this step's update when the config allows rollouts one version behind."""
+        self.ensure_synced()
+        return self._submit(prompts, n or self.cfg.n_samples_per_prompt, overrides)
 
     # -- weight sync ----------------------------------------------------------------------------
     def sync_weights(self, source, mode: Optional[str] = None, version: Optional[int] = None,

@@ -50,15 +50,20 @@ class RLController:
         self.step_idx = 0
         self.version = roles.policy_version()
         self._shuffle = torch.Generator().manual_seed(cfg.run.seed)
+        self._next = None  # (prompts, pending rollout, prompt-stream state before them) when overlapping
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> StepOutput:
         cfg, roles, t = self.cfg, self.roles, PhaseTimer()
         n = cfg.rollout.n_samples_per_prompt
-        prompts = self.prompts.next_batch()
-
         with t("generate"):
-            rollout = roles.generate([p.ids for p in prompts], n, self.step_idx)
+            if self._next is not None:  # sampled during the previous step's update, one version behind
+                prompts, pending, _ = self._next
+                self._next = None
+                rollout = pending.result()
+            else:
+                prompts = self.prompts.next_batch()
+                rollout = roles.generate([p.ids for p in prompts], n, self.step_idx)
         lag = check_version(rollout.weight_version, self.version, cfg.rollout.sync.max_off_policy_lag)
         empty = self._check_empty(rollout)
         seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, self.pad_id)
@@ -79,8 +84,9 @@ class RLController:
             batch, adv_stats = make_train_batch(scored, cfg.algorithm, cfg.reference, self.kl_ctl.value)
             minibatches = self._minibatches(len(batch.seq))
 
+        overlapped = self._start_next_generation(n)
         with t("update"):
-            update_stats = roles.update(batch, minibatches, self.kl_ctl.value)
+            update_stats = roles.update(batch, minibatches, self.kl_ctl.value, overlapped=overlapped)
         agreement = {k[len("sync/logprob_"):]: v for k, v in update_stats.items() if k.startswith("sync/logprob_")}
         if lag == 0 and agreement:
             check_logprob_agreement(agreement, cfg.rollout.sync, version=rollout.weight_version)
@@ -97,10 +103,27 @@ class RLController:
                    "kl/coef": self.kl_ctl.value, "sync/version": float(self.version),
                    "sync/lag": float(lag), "response/empty_frac": float(empty.float().mean()),
                    "throughput/tokens_per_s": float(seq.response_mask.sum()) / max(t.times["generate"], 1e-9),
-                   **overhead(t.stats()["timing/step_s"], rollout.generate_s, metrics_of(reward_stats, update_stats))}
+                   "sync/overlapped": float(overlapped),
+                   # an overlapped generation hides behind the previous update: only its wait is on the path
+                   **overhead(t.stats()["timing/step_s"], min(rollout.generate_s, t.times["generate"]),
+                              metrics_of(reward_stats, update_stats))}
         return StepOutput(metrics, prompt_texts, list(rollout.texts), scores.tolist())
 
     # -- helpers -------------------------------------------------------------------------------
+    def _start_next_generation(self, n: int) -> bool:
+        """With rollouts allowed one version behind, sample the next step now, on the generator's cores,
+        while the learner updates on the others. Every `sync.check_every`-th step is left in lockstep so
+        the log-prob agreement check (which needs lag 0) keeps running."""
+        sync = self.cfg.rollout.sync
+        nxt = self.step_idx + 1
+        if sync.max_off_policy_lag < 1 or nxt >= self.cfg.rl.steps or nxt % sync.check_every == 0:
+            return False
+        before = self.prompts.state_dict()
+        prompts = self.prompts.next_batch()
+        self._next = (prompts, self.roles.submit([p.ids for p in prompts], n, nxt), before)
+        return True
+
+
     def _check_empty(self, rollout) -> torch.Tensor:
         empty = torch.tensor([len(r) == 0 for r in rollout.response_ids])
         if empty.any() and self.cfg.rollout.on_empty_response == "error":
@@ -120,7 +143,9 @@ class RLController:
 
     # -- resumable state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step_idx, "prompts": self.prompts.state_dict(), "kl": self.kl_ctl.state_dict(),
+        # A rollout in flight is not saved: a resumed run samples that batch again (with current weights).
+        prompts = self._next[2] if self._next is not None else self.prompts.state_dict()
+        return {"step": self.step_idx, "prompts": prompts, "kl": self.kl_ctl.state_dict(),
                 "shuffle": self._shuffle.get_state().tolist(), "version": self.version}
 
     def load_state_dict(self, d: dict) -> None:

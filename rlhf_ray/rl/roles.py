@@ -78,6 +78,7 @@ class Roles:
         self.reward = RewardActor.options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(
             cfg.reward, resolve_path=paths.resolve, device=backend.device)
         self.generator = GeneratorGroup.from_config(cfg, self._generator_base(cfg, paths))
+        self.generator_threads = max(1, int(cfg.rollout.cpus_per_engine))
 
     def _generator_base(self, cfg: Config, paths: Paths) -> str:
         """The weights the generator starts from. With a 4-bit (QLoRA) learner that is the learner's own
@@ -95,10 +96,14 @@ class Roles:
         return ray.get(self.policy.actors[0].version.remote())
 
     def generate(self, prompts: list, n: int, step: int):
-        """Sample n per prompt; prompt i of step s is seeded from (run seed, s, i), so a resumed run
-        samples exactly what the uninterrupted run would have."""
-        base = (self.cfg.run.seed * 1_000_003 + step * 7919) % (2 ** 30)
-        return self.generator.generate(prompts, n, seeds=[base + i * n for i in range(len(prompts))])
+        """Sample n per prompt. Step s is seeded from (run seed, s), so a resumed run samples exactly what
+        the uninterrupted run would have."""
+        return self.submit(prompts, n, step).result()
+
+    def submit(self, prompts: list, n: int, step: int):
+        """Start sampling step `step`'s rollouts; `.result()` waits for them."""
+        seed = (self.cfg.run.seed * 1_000_003 + step * 7919) % (2 ** 30)
+        return self.generator.submit(prompts, n, call_seed=seed)
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """Reward, reference log-probs and values at once; the cores are split between them."""
@@ -123,8 +128,11 @@ class Roles:
         shards = split_rows(seq, group.num_ranks)
         return [getattr(a, method).remote(s, threads=threads) for a, s in zip(group.actors, shards)]
 
-    def update(self, batch, minibatches, kl_coef: float) -> dict[str, float]:
-        share = max(1, self.cores // (1 + (self.critic is not None)))
+    def update(self, batch, minibatches, kl_coef: float, overlapped: bool = False) -> dict[str, float]:
+        """Policy and critic updates side by side. When the next rollout is being generated meanwhile
+        (`overlapped`), the generator's threads are taken out of the learners' share of the cores."""
+        free = self.cores - (self.generator_threads if overlapped else 0)
+        share = max(1, free // (1 + (self.critic is not None)))
         pol = [a.update.remote(batch, minibatches, kl_coef, threads=share) for a in self.policy.actors]
         crit = [a.update.remote(batch, minibatches, threads=share) for a in self.critic.actors] if self.critic else []
         pol_stats = ray.get(pol)

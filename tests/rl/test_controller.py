@@ -20,6 +20,7 @@ class FakeRoles:
         self.version, self.gen_version = 0, 0
         self.n_tokens, self.scores, self.drift, self.skip_sync = n_tokens, scores, drift, skip_sync
         self.updates = []
+        self.submitted = []
 
     def policy_version(self):
         return self.version
@@ -33,11 +34,16 @@ class FakeRoles:
         return Rollout([list(prompt_ids[i]) for i in idx], resp, [[-1.0] * len(r) for r in resp],
                        [" x" * len(r) for r in resp], idx, ["stop"] * len(resp), self.gen_version, 1.0)
 
+    def submit(self, prompt_ids, n, step):
+        rollout = self.generate(prompt_ids, n, step)
+        self.submitted.append(step)
+        return type("Pending", (), {"result": lambda _self: rollout})()
+
     def score(self, prompts, responses, seq):
         scores = self.scores if self.scores is not None else [float(len(r) // 2) for r in responses]
         return list(scores), torch.full(seq.response_mask.shape, -1.0), None, {}
 
-    def update(self, batch, minibatches, kl_coef):
+    def update(self, batch, minibatches, kl_coef, overlapped=False):
         self.updates.append((batch, minibatches))
         self.version += 1
         return {"policy/loss": 0.1, "sync/logprob_max_abs": self.drift, "sync/logprob_mean_abs": self.drift,
@@ -81,6 +87,17 @@ def test_allowed_lag_accepts_one_step_old_rollouts():
     c = make(FakeRoles(skip_sync=True), "rollout.sync.max_off_policy_lag=1")
     c.step()
     assert c.step().metrics["sync/lag"] == 1
+
+
+def test_overlap_samples_the_next_step_during_the_update_and_keeps_lockstep_checks():
+    roles = FakeRoles()
+    c = make(roles, "rollout.sync.max_off_policy_lag=1", "rollout.sync.check_every=3", "rl.steps=7")
+    lags = [c.step().metrics["sync/lag"] for _ in range(7)]
+    assert roles.submitted == [1, 2, 4, 5]  # steps 3 and 6 run in lockstep; nothing after the last step
+    assert lags == [0, 1, 1, 0, 1, 1, 0]
+    # the prompt stream is not skipped or repeated by prefetching
+    ref = make(FakeRoles(), "rl.steps=7")
+    assert [ref.step().prompts for _ in range(7)] != [] and ref.prompts.state_dict() == c.prompts.state_dict()
 
 
 def test_logprob_mismatch_fails_loudly():
