@@ -1,24 +1,22 @@
-"""Where an offline stage reports: a progress bar (ETA, loss), TensorBoard event files, a JSONL file."""
+"""Where an offline stage reports: a progress bar (ETA, loss) over the shared metric sinks
+(`rlhf_ray.tracking.metrics`: JSONL, TensorBoard, optional W&B)."""
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 from rlhf_ray.config.schema import LoggingConfig
+from rlhf_ray.tracking.metrics import MetricsLogger as Sinks
 
 
 class MetricsLogger:
-    """`log(step, stats)` appends `{"step", "time", **stats}` to `metrics.jsonl` and TensorBoard scalars."""
+    """`log(step, stats)` writes `{"step", **stats}` to every sink and advances the progress bar. A resumed
+    stage first drops what a killed run logged after its checkpoint, so every step is logged once."""
 
     def __init__(self, out_dir: Path, cfg: LoggingConfig, *, total_steps: int, start_step: int, title: str):
-        out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
-        self._jsonl = open(out_dir / "metrics.jsonl", "a") if cfg.jsonl else None
-        self._tb = None
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(out_dir / "tb"))
+        self.sinks = Sinks(out_dir, cfg, stage=title, resume=start_step > 0)
+        if start_step > 0:
+            self.sinks.truncate_to(start_step)
         self._progress = None
         if cfg.console:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -30,12 +28,8 @@ class MetricsLogger:
             self._progress.start()
 
     def log(self, step: int, stats: dict, *, advance: bool = True) -> None:
-        if self._jsonl and (not advance or step % self.cfg.log_every == 0):
-            self._jsonl.write(json.dumps({"step": step, "time": time.time(), **stats}) + "\n")
-            self._jsonl.flush()
-        if self._tb:
-            for k, v in stats.items():
-                self._tb.add_scalar(k, v, step)
+        if not advance or step % self.cfg.log_every == 0:
+            self.sinks.log(step, stats)
         if self._progress:
             shown = {k: v for k, v in stats.items() if k in ("loss", "eval/loss", "eval/accuracy")}
             info = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
@@ -44,7 +38,4 @@ class MetricsLogger:
     def close(self) -> None:
         if self._progress:
             self._progress.stop()
-        if self._tb:
-            self._tb.close()
-        if self._jsonl:
-            self._jsonl.close()
+        self.sinks.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -26,7 +27,7 @@ class MetricsLogger:
         self._tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.dir / "tb"))
         self._wandb = None
         if cfg.wandb_project:
             try:
@@ -36,7 +37,8 @@ class MetricsLogger:
                                    "(pip install wandb, or unset logging.wandb_project)") from None
             self._wandb = wandb.init(project=cfg.wandb_project, name=f"{stage}", config=run_config or {},
                                      dir=str(self.dir), resume="allow" if resume else None)
-        self._samples = open(self.dir / "samples.jsonl", "a" if resume else "w")
+        self._samples = None  # opened on the first sample, so stages without samples leave no empty file
+        self._resume = resume
 
     def truncate_to(self, step: int) -> None:
         """On resume from the checkpoint taken after `step`: keep the metrics of steps <= step only (a killed
@@ -53,7 +55,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         if self._jsonl:
-            row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
+            row = {"step": step, "time": time.time(),
+                   **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
         if self._tb:
@@ -64,6 +67,8 @@ class MetricsLogger:
             self._wandb.log({f"{self.stage}/{k}": v for k, v in clean.items()}, step=step)
 
     def log_samples(self, step: int, prompts: Iterable[str], responses: Iterable[str], scores: Iterable[float]):
+        if self._samples is None:
+            self._samples = open(self.dir / "samples.jsonl", "a" if self._resume else "w")
         for p, r, s in zip(prompts, responses, scores):
             self._samples.write(json.dumps({"step": step, "prompt": p, "response": r, "score": s}) + "\n")
         self._samples.flush()
@@ -76,7 +81,8 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb:
             self._wandb.finish()
-        self._samples.close()
+        if self._samples:
+            self._samples.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:
