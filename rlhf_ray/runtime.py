@@ -19,11 +19,18 @@ ROLE_ENV = {
     "OMP_WAIT_POLICY": "PASSIVE",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "RAY_DEDUP_LOGS": "1",
+    # The console is the operator's: library load reports, per-actor progress bars and INFO lines from
+    # every role would bury the step lines. Warnings and errors still come through.
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
 }
 
 
 def role_env() -> dict[str, str]:
-    env = dict(ROLE_ENV)
+    """ROLE_ENV, where the operator's own environment wins (e.g. VLLM_LOGGING_LEVEL=INFO to debug)."""
+    env = {k: os.environ.get(k, v) for k, v in ROLE_ENV.items()}
     for key in ("RLHF_RAY_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE", "PYTHONPATH"):
         if key in os.environ:
             env[key] = os.environ[key]
