@@ -17,16 +17,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class CompletionRequest(BaseModel):
+class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: Optional[str] = None
-    prompt: Union[str, list[str]]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=64)
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]]
+    max_tokens: int = Field(16, ge=1)
 
 
 class ChatMessage(BaseModel):
@@ -34,16 +37,9 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: Optional[str] = None
+class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1, description="default: the server's limit")
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=64)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
 
 
 class ScoreRequest(BaseModel):
@@ -68,6 +64,15 @@ def _error(status: int, message: str, param: Optional[str] = None) -> JSONRespon
                                                                "param": param, "code": None}})
 
 
+def _name_bad_fields(app: FastAPI) -> None:
+    """Validation errors as OpenAI-shaped 400s naming the first bad field (FastAPI's default is a 422)."""
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body")
+        return _error(400, f"{param}: {first['msg']}", param)
+
+
 def _stops(stop) -> list[str]:
     return [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
 
@@ -75,11 +80,7 @@ def _stops(stop) -> list[str]:
 def policy_app(backend: PolicyBackend) -> FastAPI:
     app = FastAPI(title="rlhf_ray policy", version="1")
 
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body")
-        return _error(400, f"{param}: {first['msg']}", param)
+    _name_bad_fields(app)
 
     def _check(req) -> Optional[JSONResponse]:
         if req.model and req.model != backend.model_name:
@@ -105,8 +106,11 @@ def policy_app(backend: PolicyBackend) -> FastAPI:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             return _error(400, "prompt: must not be empty", "prompt")
-        results = backend.complete(prompts, n=req.n, max_tokens=req.max_tokens, temperature=req.temperature,
-                                   top_p=req.top_p, stop=_stops(req.stop), seed=req.seed)
+        try:
+            results = backend.complete(prompts, n=req.n, max_tokens=req.max_tokens, temperature=req.temperature,
+                                       top_p=req.top_p, stop=_stops(req.stop), seed=req.seed)
+        except ValueError as e:  # the backend's word on a request it cannot serve (e.g. too long)
+            return _error(400, str(e), "prompt")
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, (outs, n_prompt) in enumerate(results):
             prompt_tokens += n_prompt
@@ -123,9 +127,12 @@ def policy_app(backend: PolicyBackend) -> FastAPI:
         if (bad := _check(req)) is not None:
             return bad
         prompt = backend.chat_prompt([m.model_dump() for m in req.messages])
-        [(outs, n_prompt)] = backend.complete([prompt], n=req.n, max_tokens=req.max_tokens or backend.max_tokens,
-                                              temperature=req.temperature, top_p=req.top_p, stop=_stops(req.stop),
-                                              seed=req.seed)
+        try:
+            [(outs, n_prompt)] = backend.complete([prompt], n=req.n, max_tokens=req.max_tokens or backend.max_tokens,
+                                                  temperature=req.temperature, top_p=req.top_p,
+                                                  stop=_stops(req.stop), seed=req.seed)
+        except ValueError as e:
+            return _error(400, str(e), "messages")
         choices = [{"index": j, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                    for j, (text, finish, _) in enumerate(outs)]
         n_out = sum(o[2] for o in outs)
@@ -140,11 +147,7 @@ def reward_app(score_fn) -> FastAPI:
     """`score_fn(prompts, responses) -> (scores, stats)`, e.g. `RewardScorer.score`."""
     app = FastAPI(title="rlhf_ray reward", version="1")
 
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body")
-        return _error(400, f"{param}: {first['msg']}", param)
+    _name_bad_fields(app)
 
     @app.get("/health")
     def health():

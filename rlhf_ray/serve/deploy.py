@@ -21,12 +21,18 @@ class EnginePolicyBackend:
         from transformers import AutoConfig
         rollout = RolloutConfig(cpus_per_engine=cpus, n_samples_per_prompt=1, seed=0)
         positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 2048)
-        self.engine = GeneratorEngine(model_path, rollout, backend, lora=False, max_model_len=min(positions, 4096))
+        self.max_model_len = min(positions, 4096)
+        self.engine = GeneratorEngine(model_path, rollout, backend, lora=False, max_model_len=self.max_model_len)
         self.tokenizer = self.engine.tokenizer
         self.model_name, self.max_tokens = serve_cfg.model_name, serve_cfg.max_tokens
         self._lock = threading.Lock()
 
     def complete(self, prompts, *, n, max_tokens, temperature, top_p, stop, seed: Optional[int]):
+        for i, p in enumerate(prompts):
+            length = len(self.tokenizer(p).input_ids)
+            if length + max_tokens > self.max_model_len:
+                raise ValueError(f"prompt {i} has {length} tokens; with max_tokens={max_tokens} that exceeds the "
+                                 f"model's context of {self.max_model_len} tokens")
         with self._lock:
             r = self.engine.generate(prompts, n, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens,
                                      stop=stop, seeds=[seed] * len(prompts))

@@ -1,7 +1,6 @@
 """`rlhf-ray serve`: the policy behind Ray Serve answers OpenAI-style requests; the reward service scores."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -9,17 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port
 
 from rlhf_ray.models.kit import resolve_model_path
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(what: str, *overrides):

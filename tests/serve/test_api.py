@@ -12,6 +12,8 @@ class EchoBackend:
         self.calls = []
 
     def complete(self, prompts, *, n, max_tokens, temperature, top_p, stop, seed):
+        if any(len(p) > 100 for p in prompts):
+            raise ValueError("prompt 0 has 101 tokens; that exceeds the model's context")
         self.calls.append(dict(prompts=prompts, n=n, max_tokens=max_tokens, stop=stop, seed=seed))
         return [([(f"{p}!{j}", "stop", 2) for j in range(n)], len(p.split())) for p in prompts]
 
@@ -56,6 +58,7 @@ def test_chat_completions(client):
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "is not served here"),
     ({"prompt": []}, 400, "must not be empty"),
+    ({"prompt": "x" * 101}, 400, "exceeds the model's context"),
 ])
 def test_bad_requests_name_the_field(client, body, status, needle):
     c, _ = client
