@@ -56,26 +56,24 @@ def _tokenizer(cfg: Config, init_path: str):
     return load_tokenizer(cfg.model, resolve_model_path(init_path))
 
 
-def sft_data(cfg: Config, init_path: str) -> StageData:
+def _stage_data(cfg: Config, init_path: str, spec: str, kind: str, encode, collate) -> StageData:
+    """Read, split and encode a stage's rows; `info` counts what was read, skipped and truncated."""
     tok = _tokenizer(cfg, init_path)
-    rows, read = load_rows(cfg.data.sft, "sft", cfg.data, cfg.run.seed)
+    rows, read = load_rows(spec, kind, cfg.data, cfg.run.seed)
     train, held = split_eval(rows, cfg.data.eval_fraction, cfg.run.seed)
-    train_ex, c1 = encode_sft(train, tok, _limits(cfg))
-    eval_ex, c2 = encode_sft(held, tok, _limits(cfg))
+    train_ex, c1 = encode(train, tok, _limits(cfg))
+    eval_ex, c2 = encode(held, tok, _limits(cfg))
     info = {"rows": read.rows, "rows_skipped": read.skipped, "train": len(train_ex), "eval": len(eval_ex),
             **(c1 + c2)}
-    return StageData(train_ex, eval_ex, functools.partial(collate_sft, pad_id=tok.pad_token_id), info)
+    return StageData(train_ex, eval_ex, functools.partial(collate, pad_id=tok.pad_token_id), info)
+
+
+def sft_data(cfg: Config, init_path: str) -> StageData:
+    return _stage_data(cfg, init_path, cfg.data.sft, "sft", encode_sft, collate_sft)
 
 
 def preference_data(cfg: Config, init_path: str) -> StageData:
-    tok = _tokenizer(cfg, init_path)
-    rows, read = load_rows(cfg.data.preferences, "preferences", cfg.data, cfg.run.seed)
-    train, held = split_eval(rows, cfg.data.eval_fraction, cfg.run.seed)
-    train_ex, c1 = encode_preferences(train, tok, _limits(cfg))
-    eval_ex, c2 = encode_preferences(held, tok, _limits(cfg))
-    info = {"rows": read.rows, "rows_skipped": read.skipped, "train": len(train_ex), "eval": len(eval_ex),
-            **(c1 + c2)}
-    return StageData(train_ex, eval_ex, functools.partial(collate_preferences, pad_id=tok.pad_token_id), info)
+    return _stage_data(cfg, init_path, cfg.data.preferences, "preferences", encode_preferences, collate_preferences)
 
 
 # -- drivers ------------------------------------------------------------------------------------
