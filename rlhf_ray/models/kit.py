@@ -32,7 +32,8 @@ def resolve_model_path(spec: str) -> str:
         if name not in BUILDERS:
             raise ValueError(f"unknown built-in model {spec!r}; built-ins: "
                              + ", ".join(BUILTIN + n for n in BUILDERS))
-        return str(_cached(name, BUILDERS[name]))
+        version = BUILD_VERSIONS.get(name, 1)  # a fixed builder must not be shadowed by an old cached build
+        return str(_cached(name if version == 1 else f"{name}-v{version}", BUILDERS[name]))
     if not Path(spec).exists():
         raise FileNotFoundError(f"model path {spec!r} does not exist (and is not a builtin: name)")
     return spec
@@ -151,6 +152,9 @@ def build_minilm_rm(out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(src)).save_pretrained(out)
 
+
+# Bumped when a builder's output changes. smollm2-135m v2: no GGUF quantization_config (vLLM refused v1).
+BUILD_VERSIONS: dict[str, int] = {"smollm2-135m": 2}
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny": build_tiny,
