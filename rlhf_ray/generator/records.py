@@ -72,24 +72,15 @@ class PaddedRollout:
 
 
 def to_padded(rollout: Rollout, pad_id: int) -> PaddedRollout:
-    B = len(rollout)
-    P = max((len(p) for p in rollout.prompt_ids), default=0)
-    T = max((len(r) for r in rollout.response_ids), default=0)
-    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, P + T), dtype=torch.long)
-    response_mask = torch.zeros((B, T), dtype=torch.float32)
-    old_logprobs = torch.zeros((B, T), dtype=torch.float32)
-    for b, (prompt, resp, logp) in enumerate(zip(rollout.prompt_ids, rollout.response_ids, rollout.response_logprobs)):
+    """The RL batch layout (`rlhf_ray.rl.batch.pack_sequences`) plus the generator's log-probs."""
+    from rlhf_ray.rl.batch import pack_sequences, pad_ragged
+    for b, (resp, logp) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
         if len(logp) != len(resp):
             raise ValueError(f"sample {b}: {len(resp)} response tokens but {len(logp)} log-probs")
-        input_ids[b, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[b, P - len(prompt):P + len(resp)] = 1
-        if resp:
-            input_ids[b, P:P + len(resp)] = torch.tensor(resp, dtype=torch.long)
-            response_mask[b, :len(resp)] = 1.0
-            old_logprobs[b, :len(resp)] = torch.tensor(logp, dtype=torch.float32)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return PaddedRollout(input_ids, attention_mask, position_ids, response_mask, old_logprobs, P)
+    seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, pad_id)
+    old_logprobs = pad_ragged(rollout.response_logprobs, seq.response_mask.shape[1])
+    return PaddedRollout(seq.input_ids, seq.attention_mask, seq.position_ids, seq.response_mask, old_logprobs,
+                         seq.prompt_len)
 
 
 def concat_rollouts(parts: list[Rollout], prompt_offsets: list[int]) -> Rollout:

@@ -60,16 +60,6 @@ def hf_logprobs(model, rollout, pad_id=0):
     return logp.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1), batch.response_mask, batch
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A 2-CPU local Ray per test module, always shut down (other folders' tests start their own)."""
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2 ** 20,
-             configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture(scope="session")
 def standin_learner_cls():
     """A Ray actor exposing the learner contract: named_weights(mode), adapter_config()."""

@@ -12,14 +12,6 @@ from tests.learner.helpers import learner_cfg, model_cfg, token_batches
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _train_group(zero: int, lora: bool = False) -> tuple[LearnerGroup, list[float]]:
     group = LearnerGroup(model_cfg(lora=lora), learner_cfg(zero, num_ranks=2), kind="policy",
                          init_path="builtin:tiny", total_steps=10, device="cpu", num_threads=1)

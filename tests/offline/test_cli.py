@@ -10,14 +10,6 @@ from rlhf_ray.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -1,0 +1,1 @@
+"""The RL stage: controller, step records, role actors. The math lives in `rlhf_ray.algo`."""
