@@ -138,8 +138,10 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0)
     enforce_eager: bool = True
     on_empty_response: Literal["error", "zero_reward"] = "zero_reward"
-    cpus_per_engine: float = Field(1.0, gt=0)
+    cpus_per_engine: float = Field(1.0, gt=0, description="Ray CPUs of a distributed engine actor")
     gpus_per_engine: float = Field(0.0, ge=0)
+    threads: Optional[int] = Field(None, gt=0, description="CPU threads while generating (colocated); "
+                                   "default: all of the worker's. Tiny models decode faster on one")
     sync: SyncConfig = SyncConfig()
 
 
@@ -231,7 +233,9 @@ class ClusterConfig(Section):
     gpu_memory_gib: float = Field(0.0, ge=0)
     cpus_per_node: Optional[int] = Field(None, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    colocate: bool = True
+    placement: Literal["colocated", "distributed"] = Field(
+        "colocated", description="colocated: every role of a device in one process (one per GPU, or per CPU "
+        "node), phases take the device in turn; distributed: each role its own Ray actors")
     torch_threads: Optional[int] = Field(None, gt=0, description="threads per role; default: cores / busy roles")
 
 
@@ -300,6 +304,10 @@ class Config(Section):
             raise ValueError("reference.kl_in_reward=false puts the KL in the loss, where k1's gradient averages to "
                              "zero on-policy; use reference.kl_kind=k2 or k3 (GRPO uses k3)")
         self._check_gpu_budget()
+        if self.cluster.placement == "colocated" and self.rollout.tensor_parallel_size > 1:
+            raise ValueError("cluster.placement=colocated runs one in-process engine per device, so "
+                             f"rollout.tensor_parallel_size must be 1, got {self.rollout.tensor_parallel_size}; "
+                             "use cluster.placement=distributed for tensor-parallel engines")
         if "rl" in self.run.stages and "rm" not in self.run.stages:
             for src in self.reward.sources:
                 if src.kind == "model" and src.path == "stage:rm":

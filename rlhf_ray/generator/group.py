@@ -111,12 +111,13 @@ class GeneratorGroup:
 
     @classmethod
     def from_config(cls, cfg, model_path: Optional[str] = None, max_model_len: Optional[int] = None,
-                    **kwargs) -> "GeneratorGroup":
-        """Build from the full `Config`: rollout section, model path/dtype/LoRA, cluster device."""
+                    lora: Optional[bool] = None, **kwargs) -> "GeneratorGroup":
+        """Build from the full `Config`: rollout section, model path/dtype/LoRA, cluster device. `lora`:
+        whether the engines take adapters (default: whenever the policy trains one)."""
         from rlhf_ray.models.kit import resolve_model_path
 
         backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
-        lora = cfg.model.lora.enabled
+        lora = cfg.model.lora.enabled if lora is None else lora
         return cls(model_path or resolve_model_path(cfg.model.path), cfg.rollout, backend, lora,
                    max_model_len or cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
                    max_lora_rank=lora_rank_slot(cfg.model.lora.r) if lora else 16,

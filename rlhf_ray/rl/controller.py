@@ -19,7 +19,6 @@ from rlhf_ray.rl.advantage_step import clean_scores, make_train_batch
 from rlhf_ray.rl.batch import pack_sequences, pad_ragged
 from rlhf_ray.rl.prompts import PromptStream
 from rlhf_ray.rl.records import ScoredBatch
-from rlhf_ray.rl.roles import Roles
 from rlhf_ray.sync.checks import check_logprob_agreement, check_version
 from rlhf_ray.utils.timing import PhaseTimer
 
@@ -44,7 +43,7 @@ def make_kl_controller(cfg: Config):
 
 
 class RLController:
-    def __init__(self, cfg: Config, roles: Roles, prompts: PromptStream, pad_id: int):
+    def __init__(self, cfg: Config, roles, prompts: PromptStream, pad_id: int):
         self.cfg, self.roles, self.prompts, self.pad_id = cfg, roles, prompts, pad_id
         self.kl_ctl = make_kl_controller(cfg)
         self.step_idx = 0

@@ -15,6 +15,8 @@ class ClusterTooSmallError(RunError):
 def resource_asks(cfg: Config) -> dict[str, dict[str, float]]:
     """{role: {"CPU": n, "GPU": n}} for every actor the RL stage starts."""
     r, p = cfg.rollout, cfg.rl.policy
+    if cfg.cluster.placement == "colocated":  # every role inside the policy ranks' processes
+        return {"rl.policy": {"CPU": p.num_ranks * p.cpus_per_rank, "GPU": p.num_ranks * p.gpus_per_rank}}
     asks = {"rl.policy": {"CPU": p.num_ranks * p.cpus_per_rank, "GPU": p.num_ranks * p.gpus_per_rank},
             "rollout": {"CPU": r.num_engines * r.cpus_per_engine,
                         "GPU": r.num_engines * r.gpus_per_engine * r.tensor_parallel_size},

