@@ -60,8 +60,9 @@ def _cached(name: str, build: Callable[[Path], None]) -> Path:
 
 
 # -- tiny models -------------------------------------------------------------------------------
-def build_tokenizer(out: Path, vocab_size: int = 512):
-    """Byte-level BPE trained on the built-in task's corpus: any text encodes, task words are one token."""
+def build_tokenizer(out: Path, vocab_size: int = 512, extra_text: tuple[str, ...] = ()):
+    """Byte-level BPE trained on the built-in task's corpus (plus `extra_text`): any text encodes, task
+    words are one token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -72,7 +73,7 @@ def build_tokenizer(out: Path, vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus() + list(extra_text), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token=None, model_max_length=512, padding_side="right")
     fast.save_pretrained(out)
@@ -95,6 +96,22 @@ def build_tiny(out: Path) -> None:
     tok = build_tokenizer(out)
     torch.manual_seed(0)
     model = LlamaForCausalLM(_tiny_llama_config(tok))
+    model.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id).save_pretrained(out)
+
+
+def build_tiny_3m(out: Path) -> None:
+    """A 3.7M-parameter Llama with a 1,024-token vocabulary: big enough that compute, not per-op overhead,
+    starts to show in a step (the benchmarks' "tiny" case)."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+    from rlhf_ray.data.movie_reviews import reviews
+    # the task's corpus alone has merges for about 515 tokens; real reviews bring the other 509
+    tok = build_tokenizer(out, vocab_size=1024, extra_text=tuple(r[0] for r in reviews()[:2000]))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_tiny_llama_config(tok, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                                num_attention_heads=4, num_key_value_heads=4))
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(out)
@@ -159,6 +176,7 @@ BUILD_VERSIONS: dict[str, int] = {"smollm2-135m": 2}
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny": build_tiny,
     "tiny-rm": build_tiny_rm,
+    "tiny-3m": build_tiny_3m,
     "smollm2-135m": build_smollm2,
     "minilm-rm": build_minilm_rm,
 }
