@@ -1,13 +1,17 @@
-"""RL step time and reward rise: rlhf_ray GRPO vs TRL's GRPOTrainer, side by side on this machine.
+"""RL step time and reward rise: rlhf_ray GRPO (colocated and distributed placement) vs TRL's GRPOTrainer,
+side by side on this machine, one run after the other (never two at once).
 
-Same model (the quickstart's SFT'd tiny Llama), same prompts, group size 8, 8 prompts per step, 24 new
-tokens, temperature 1, constant LR 5e-4, Adam(0.9, 0.999), grad clip 1, KL beta 0.04 as a k3 loss term
-(TRL's form), token-mean loss (TRL's default "dapo" aggregation), reward = VADER sentiment of the
-completion. Both run one after the other, never together (2 cores).
+Cases (same model, prompts, group size, new tokens, steps, optimizer and KL term on every side):
+  tiny     builtin:tiny-3m (3.7M-parameter Llama, vocab 1024) after a short SFT, full fine-tuning,
+           8 prompts x 4 samples x 32 new tokens, LR 5e-4, VADER reward
+  smollm2  SmolLM2-135M-Instruct with LoRA r=16 on q/k/v/o, chat-templated movie-review prompts,
+           8 prompts x 4 samples x 48 new tokens, LR 2e-4, VADER reward
+KL: beta 0.04 as a k3 loss term (TRL's form); token-mean loss (TRL's default aggregation); Adam(0.9, 0.999),
+constant LR, grad clip 1, temperature 1, fp32.
 
-    python benchmarks/rl_vs_trl.py [--steps 20]      # needs `pip install trl==1.16.0` (make bench does it)
+    python benchmarks/rl_vs_trl.py [--cases tiny smollm2] [--steps 20 5]   # needs trl==1.16.0 (make bench)
 
-Prints a table and writes benchmarks/results/rl_vs_trl.json.
+Prints a table per case and writes benchmarks/results/rl_vs_trl.json.
 """
 from __future__ import annotations
 
@@ -23,9 +27,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = RESULTS / "work"
-PROMPTS, GROUP, NEW_TOKENS, LR, BETA = 8, 8, 24, 5e-4, 0.04
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
        "TOKENIZERS_PARALLELISM": "false"}
+VADER = "rlhf_ray.data.builtin_reviews:vader_reward"
+CASES = {
+    "tiny": dict(model="builtin:tiny-3m", sft=True, prompts="builtin:reviews", prompt_len=16, n_prompts=8, group=4,
+                 new_tokens=32, lr=5e-4, lora=False, steps=20, ours=["rollout.threads=1"]),
+    "smollm2": dict(model="builtin:smollm2-135m", sft=False, prompts="builtin:movie-reviews", prompt_len=64,
+                    n_prompts=8, group=4, new_tokens=48, lr=2e-4, lora=True, steps=5, ours=[]),
+}
+BETA = 0.04
+PHASES = ("generate", "score", "advantage", "update", "sync", "overhead")
 
 
 def cli(*args):
@@ -33,31 +45,41 @@ def cli(*args):
                    stdout=subprocess.DEVNULL)
 
 
-def sft_model() -> Path:
-    model = WORK / "sft" / "model"
+def policy_path(name: str, case: dict) -> str:
+    """The model both sides start from: for the tiny case, our SFT of the random model on the task."""
+    from rlhf_ray.models.kit import resolve_model_path
+    if not case["sft"]:
+        return resolve_model_path(case["model"])
+    model = WORK / name / "sft" / "model"
     if not (model / "COMPLETE").exists():
-        cli("train", "configs/quickstart.yaml", f"run.output_dir={WORK}", "run.stages=[sft]")
-    return model
+        cli("train", "configs/quickstart.yaml", f"run.output_dir={WORK / name}", "run.stages=[sft]",
+            f"model.path={case['model']}")
+    return str(model)
 
 
-def run_ours(model: Path, steps: int, *extra: str) -> dict:
-    out = WORK / ("ours-overlap" if extra else "ours")
+def run_ours(name: str, case: dict, model: str, steps: int, placement: str) -> dict:
+    out = WORK / name / placement
+    lora = (["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32"] if case["lora"] else [])
     t0 = time.time()
     cli("train", "configs/quickstart.yaml", f"run.output_dir={out}", "run.stages=[rl]", f"rl.init_from={model}",
-        "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]", "reward.gold=null",
-        f"rl.steps={steps}", f"rl.prompts_per_step={PROMPTS}", f"rollout.n_samples_per_prompt={GROUP}",
-        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.stop=[]", f"algorithm.mini_batch_size={PROMPTS * GROUP}",
-        "algorithm.name=grpo", "algorithm.loss_agg=token-mean", f"reference.kl_coef={BETA}", "reference.kl_kind=k3",
-        "reference.kl_in_reward=false", f"rl.policy.optim.lr={LR}", "rl.policy.optim.betas=[0.9, 0.999]",
-        f"rl.policy.micro_batch_size={PROMPTS * GROUP}", "rl.save_every=0", "rl.sample_every=0", "logging.report=false",
-        *extra)
+        f"data.prompts={case['prompts']}", f"data.max_prompt_len={case['prompt_len']}",
+        f"reward.sources=[{{kind: function, path: '{VADER}'}}]", "reward.gold=null", f"cluster.placement={placement}",
+        f"rl.steps={steps}", f"rl.prompts_per_step={case['n_prompts']}", f"rollout.n_samples_per_prompt={case['group']}",
+        f"rollout.max_new_tokens={case['new_tokens']}", "rollout.stop=[]",
+        f"algorithm.mini_batch_size={case['n_prompts'] * case['group']}", "algorithm.name=grpo",
+        "algorithm.loss_agg=token-mean", f"reference.kl_coef={BETA}", "reference.kl_kind=k3",
+        "reference.kl_in_reward=false", f"rl.policy.optim.lr={case['lr']}", "rl.policy.optim.betas=[0.9, 0.999]",
+        f"rl.policy.micro_batch_size={case['n_prompts'] * case['group']}", "rl.save_every=0", "rl.sample_every=0",
+        "logging.report=false", *lora, *(case["ours"] if placement == "colocated" else []))
     total = time.time() - t0
     rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    phases = {p: statistics.median(r[f"timing/{p}_s"] for r in rows[1:])
-              for p in ("generate", "score", "advantage", "update", "sync", "overhead")}
-    phases["overhead_frac"] = statistics.median(r["timing/overhead_frac"] for r in rows[1:])
+    steady = rows[1:] or rows
+    phases = {p: statistics.median(r[f"timing/{p}_s"] for r in steady) for p in PHASES}
+    phases["overhead_frac"] = statistics.median(r["timing/overhead_frac"] for r in steady)
     return {"step_s": [r["timing/wall_s"] for r in rows], "reward": [r["reward/score_mean"] for r in rows],
-            "tokens": [r["response/len_mean"] for r in rows], "phases_median_s": phases, "total_s": total}
+            "tokens": [r["response/len_mean"] for r in rows], "kl": [r.get("kl/mean", float("nan")) for r in rows],
+            "logprob_max_abs": max(r.get("sync/logprob_max_abs", 0.0) for r in rows),
+            "phases_median_s": phases, "total_s": total}
 
 
 TRL_SCRIPT = r"""
@@ -66,14 +88,14 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-from rlhf_ray.data.builtin_reviews import prompt_rows, vader_reward
+from rlhf_ray.data.builtin_reviews import vader_reward
 
-model_path, steps, out, prompts, group, new_tokens, lr, beta = sys.argv[1:9]
-steps, prompts, group, new_tokens, lr, beta = int(steps), int(prompts), int(group), int(new_tokens), float(lr), float(beta)
+a = json.loads(sys.argv[1])
 torch.set_num_threads(2)
 
 def reward(prompts, completions, **kw):
-    return vader_reward(prompts, completions)
+    text = lambda x: x if isinstance(x, str) else x[-1]["content"]
+    return vader_reward([text(p) for p in prompts], [text(c) for c in completions])
 
 class Clock(TrainerCallback):
     def __init__(self):
@@ -81,73 +103,99 @@ class Clock(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         self.ends.append(time.perf_counter())
 
-tok = AutoTokenizer.from_pretrained(model_path)
-model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-data = Dataset.from_list([{"prompt": r["prompt"]} for r in prompt_rows(2000)])
-cfg = GRPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=prompts * group, num_generations=group,
-                 max_completion_length=new_tokens, temperature=1.0, learning_rate=lr, lr_scheduler_type="constant",
-                 adam_beta2=0.999, max_grad_norm=1.0, beta=beta, logging_steps=1, save_strategy="no", report_to="none",
-                 use_cpu=True, bf16=False, seed=0, disable_dropout=True, dataloader_num_workers=0)
+tok = AutoTokenizer.from_pretrained(a["model"])
+model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
+chat = bool(tok.chat_template)
+rows = [{"prompt": [{"role": "user", "content": p}] if chat else p} for p in a["prompts"]]
+peft = None
+if a["lora"]:
+    from peft import LoraConfig
+    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      task_type="CAUSAL_LM")
+cfg = GRPOConfig(output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["n_prompts"] * a["group"],
+                 num_generations=a["group"], max_completion_length=a["new_tokens"], temperature=1.0,
+                 learning_rate=a["lr"], lr_scheduler_type="constant", adam_beta2=0.999, max_grad_norm=1.0,
+                 beta=a["beta"], logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                 seed=0, disable_dropout=True, dataloader_num_workers=0)
 clock = Clock()
 t0 = time.perf_counter()
-trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=[reward], args=cfg, train_dataset=data,
-                      callbacks=[clock])
+trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=[reward], args=cfg,
+                      train_dataset=Dataset.from_list(rows), callbacks=[clock], peft_config=peft)
 t_init = time.perf_counter() - t0
 trainer.train()
 logs = [h for h in trainer.state.log_history if "reward" in h]
 step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
-json.dump({"step_s": step_s, "reward": [h["reward"] for h in logs],
+json.dump({"step_s": step_s, "reward": [h["reward"] for h in logs], "kl": [h.get("kl", float("nan")) for h in logs],
            "tokens": [h.get("completions/mean_length", float("nan")) for h in logs],
-           "init_s": t_init, "total_s": time.perf_counter() - t0}, open(out + "/trl.json", "w"))
+           "init_s": t_init, "total_s": time.perf_counter() - t0}, open(a["out"] + "/trl.json", "w"))
 """
 
 
-def run_trl(model: Path, steps: int) -> dict:
-    out = WORK / "trl"
+def prompt_texts(case: dict, n: int) -> list[str]:
+    if case["prompts"] == "builtin:movie-reviews":
+        from rlhf_ray.data.movie_reviews import prompt_rows
+    else:
+        from rlhf_ray.data.builtin_reviews import prompt_rows
+    return [r["prompt"] for r in prompt_rows(n)]
+
+
+def run_trl(name: str, case: dict, model: str, steps: int) -> dict:
+    out = WORK / name / "trl"
     out.mkdir(parents=True, exist_ok=True)
+    args = dict(model=model, out=str(out), steps=steps, beta=BETA, prompts=prompt_texts(case, 2000),
+                **{k: case[k] for k in ("n_prompts", "group", "new_tokens", "lr", "lora")})
     t0 = time.time()
-    subprocess.run([sys.executable, "-c", TRL_SCRIPT, str(model), str(steps), str(out), str(PROMPTS), str(GROUP),
-                    str(NEW_TOKENS), str(LR), str(BETA)], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "2"}, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-c", TRL_SCRIPT, json.dumps(args)], cwd=ROOT,
+                   env={**ENV, "OMP_NUM_THREADS": "2"}, check=True, stdout=subprocess.DEVNULL)
     res = json.loads((out / "trl.json").read_text())
     res["total_s"] = time.time() - t0
     return res
 
 
 def summary(res: dict) -> dict:
-    steady = res["step_s"][1:]  # step 1 includes warm-up (first vLLM / HF generate call)
-    k = 3
+    steady = res["step_s"][1:] or res["step_s"]  # step 1 includes warm-up (first vLLM / HF generate call)
+    k = max(1, min(3, len(res["reward"]) // 2))
+    first, last = statistics.mean(res["reward"][:k]), statistics.mean(res["reward"][-k:])
     return {"median_step_s": statistics.median(steady), "mean_step_s": statistics.mean(steady),
-            "reward_first3": statistics.mean(res["reward"][:k]), "reward_last3": statistics.mean(res["reward"][-k:]),
-            "reward_rise": statistics.mean(res["reward"][-k:]) - statistics.mean(res["reward"][:k]),
+            "reward_first": first, "reward_last": last, "reward_rise": last - first,
             "mean_tokens": statistics.mean(res["tokens"]), "total_s": res["total_s"]}
+
+
+def bench_case(name: str, steps: int) -> dict:
+    case = CASES[name]
+    model = policy_path(name, case)
+    runs = {"colocated": run_ours(name, case, model, steps, "colocated"),
+            "distributed": run_ours(name, case, model, steps, "distributed"),
+            "trl": run_trl(name, case, model, steps)}
+    s = {k: summary(v) for k, v in runs.items()}
+    print(f"\n== {name}: {steps} steps, {case['n_prompts']} x {case['group']} x {case['new_tokens']} tokens")
+    print(f"{'':18}{'colocated':>12}{'distributed':>13}{'TRL 1.16':>12}")
+    for key in ("median_step_s", "mean_step_s", "reward_first", "reward_last", "reward_rise", "mean_tokens", "total_s"):
+        print(f"{key:18}{s['colocated'][key]:12.3f}{s['distributed'][key]:13.3f}{s['trl'][key]:12.3f}")
+    speedup = {p: s["trl"]["median_step_s"] / s[p]["median_step_s"] for p in ("colocated", "distributed")}
+    print(f"speed-up per step vs TRL (median): colocated {speedup['colocated']:.2f}x, "
+          f"distributed {speedup['distributed']:.2f}x")
+    for p in ("colocated", "distributed"):
+        ph = runs[p]["phases_median_s"]
+        print(f"{p:12} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()))
+    return {"setup": {**{k: v for k, v in case.items() if k != "ours"}, "steps": steps, "beta": BETA, "model": model},
+            **{k: {**s[k], "per_step": runs[k]} for k in runs}, "speedup": speedup}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--steps", nargs="+", type=int, help="steps per case (default: tiny 20, smollm2 5)")
     args = ap.parse_args()
-    model = sft_model()
-    ours = run_ours(model, args.steps)
-    overlap = run_ours(model, args.steps, "rollout.sync.max_off_policy_lag=1")
-    trl = run_trl(model, args.steps)
-    s_ours, s_ovl, s_trl = summary(ours), summary(overlap), summary(trl)
-    print(f"{'':24}{'rlhf_ray':>12}{'+overlap':>12}{'TRL 1.16':>12}")
-    for key in ("median_step_s", "mean_step_s", "reward_first3", "reward_last3", "reward_rise", "mean_tokens", "total_s"):
-        print(f"{key:24}{s_ours[key]:12.3f}{s_ovl[key]:12.3f}{s_trl[key]:12.3f}")
-    speedup = {"lockstep": s_trl["median_step_s"] / s_ours["median_step_s"],
-               "overlap": s_trl["median_step_s"] / s_ovl["median_step_s"]}
-    print(f"speed-up per RL step vs TRL (median): lockstep {speedup['lockstep']:.2f}x, "
-          f"overlap (rollouts one version behind) {speedup['overlap']:.2f}x")
-    print(f"rlhf_ray phases, median s: lockstep {ours['phases_median_s']}")
-    print(f"                           overlap  {overlap['phases_median_s']}")
+    steps = args.steps or [CASES[c]["steps"] for c in args.cases]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"setup": {"prompts_per_step": PROMPTS, "group": GROUP, "max_new_tokens": NEW_TOKENS, "lr": LR,
-                     "beta": BETA, "steps": args.steps, "model": str(model)},
-           "rlhf_ray": {**s_ours, "per_step": ours}, "rlhf_ray_overlap": {**s_ovl, "per_step": overlap},
-           "trl": {**s_trl, "per_step": trl}, "speedup": speedup}
-    (RESULTS / "rl_vs_trl.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / 'rl_vs_trl.json'}")
+    path = RESULTS / "rl_vs_trl.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    out = {k: v for k, v in out.items() if k in CASES}  # older layouts are dropped
+    for name, n in zip(args.cases, steps):
+        out[name] = bench_case(name, n)
+        path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ BENCHES = {
     "offline": ["offline_bench.py"],
     "sync": ["sync_bench.py", "--models", "tiny", "smollm2-135m"],
     "rollout": ["rollout_bench.py"],
-    "rl_vs_trl": ["rl_vs_trl.py", "--steps", "20"],
+    "rl_vs_trl": ["rl_vs_trl.py"],
 }
 
 

@@ -72,8 +72,8 @@ class PaddedRollout:
 
 
 def to_padded(rollout: Rollout, pad_id: int) -> PaddedRollout:
-    """The RL batch layout (`rlhf_ray.rl.batch.pack_sequences`) plus the generator's log-probs."""
-    from rlhf_ray.rl.batch import pack_sequences, pad_ragged
+    """The RL batch layout (`rlhf_ray.batch.pack_sequences`) plus the generator's log-probs."""
+    from rlhf_ray.batch import pack_sequences, pad_ragged
     for b, (resp, logp) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
         if len(logp) != len(resp):
             raise ValueError(f"sample {b}: {len(resp)} response tokens but {len(logp)} log-probs")

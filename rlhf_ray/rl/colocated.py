@@ -16,28 +16,20 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
 import ray
 import torch
 
+from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import Config
 from rlhf_ray.generator.group import PendingRollout, split_evenly, tied_names
+from rlhf_ray.learner.dispatch import my_share
 from rlhf_ray.learner.group import LearnerGroup
-from rlhf_ray.rl.actors import PolicyRank, _my_share
-from rlhf_ray.rl.batch import SequenceBatch
-from rlhf_ray.rl.roles import Paths, generation_seed, merge_update_stats, split_rows, sync_mode
+from rlhf_ray.rl.policy import PolicyRank
+from rlhf_ray.rl.roles import Paths, generation_seed, generator_base, merge_update_stats, split_rows, sync_mode
 from rlhf_ray.sync.transport import without
 from rlhf_ray.utils.device import Backend
-
-# vLLM's CPU worker replaces `torch.set_num_threads` with a no-op for the whole process when its engine
-# starts (vllm/v1/worker/cpu_worker.py); keep the real setter so each phase can still pick its threads.
-_set_threads = torch.set_num_threads
-
-
-def _threads(n: int) -> None:
-    if n and torch.get_num_threads() != n:
-        _set_threads(n)
+from rlhf_ray.utils.phases import set_phase_threads
 
 
 class ColocatedRank(PolicyRank):
@@ -54,7 +46,7 @@ class ColocatedRank(PolicyRank):
         it finds the process group DeepSpeed made and reuses it."""
         from rlhf_ray.generator.engine import GeneratorEngine, lora_rank_slot
         from rlhf_ray.learner.engine import Learner
-        from rlhf_ray.rl.workers import CriticWorker
+        from rlhf_ray.rl.critic import CriticWorker
         from rlhf_ray.scoring.reference import ReferenceScorer
         from rlhf_ray.scoring.reward import RewardScorer
 
@@ -73,15 +65,15 @@ class ColocatedRank(PolicyRank):
                                       cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
                                       max_lora_rank=lora_rank_slot(cfg.model.lora.r) if lora else 16)
         self._skip_full = tied_names(generator_base)
-        _threads(self.threads)
+        set_phase_threads(self.threads)
 
     # -- the phases ----------------------------------------------------------------------------
     def generate(self, prompts: list, n: int, overrides: dict):
-        _threads(self.generate_threads)
+        set_phase_threads(self.generate_threads)
         try:
             return self.engine.generate(prompts, n, **overrides)
         finally:
-            _threads(self.threads)
+            set_phase_threads(self.threads)
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """(scores, reference log-probs, values or None, reward stats, compute seconds) of this shard."""
@@ -95,7 +87,7 @@ class ColocatedRank(PolicyRank):
         stats = super().update(batch, minibatches, kl_coef)
         if self.critic is not None:
             t0 = time.perf_counter()
-            stats.update(self.critic.update(batch, _my_share(minibatches, self.rank, self.world_size)))
+            stats.update(self.critic.update(batch, my_share(minibatches, self.rank, self.world_size)))
             stats["time/compute_s"] += time.perf_counter() - t0
         return stats
 
@@ -127,7 +119,6 @@ class ColocatedRoles:
     """The controller's handle on N colocated ranks (see the module docstring)."""
 
     def __init__(self, cfg: Config, paths: Paths, backend: Backend, total_steps: int):
-        from rlhf_ray.rl.roles import generator_base
         self.cfg, self.backend = cfg, backend
         self.mode = sync_mode(cfg, backend)
         p = cfg.rl.policy

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_ray import algo
+from rlhf_ray.batch import minibatches, pack_sequences, pad_ragged
 from rlhf_ray.config import Config
 from rlhf_ray.errors import RunError
 from rlhf_ray.rl.advantage_step import clean_scores, make_train_batch
-from rlhf_ray.rl.batch import pack_sequences, pad_ragged
 from rlhf_ray.rl.prompts import PromptStream
 from rlhf_ray.rl.records import ScoredBatch
 from rlhf_ray.sync.checks import check_logprob_agreement, check_version
@@ -134,11 +134,7 @@ class RLController:
     def _minibatches(self, n_rows: int) -> list[list[torch.Tensor]]:
         """Index sets per PPO epoch; drawn here so the shuffle is part of the driver's resumable state."""
         size = min(self.cfg.algorithm.mini_batch_size, n_rows)
-        out = []
-        for _ in range(self.cfg.algorithm.ppo_epochs):
-            perm = torch.randperm(n_rows, generator=self._shuffle)
-            out.append([perm[i:i + size] for i in range(0, n_rows - size + 1, size)])
-        return out
+        return [minibatches(n_rows, size, self._shuffle) for _ in range(self.cfg.algorithm.ppo_epochs)]
 
     # -- resumable state -----------------------------------------------------------------------
     def state_dict(self) -> dict:

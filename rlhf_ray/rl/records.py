@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from rlhf_ray.rl.batch import SequenceBatch
+from rlhf_ray.batch import SequenceBatch
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""The actor graph of an RL run, built from a Config, and the calls the controller makes on it.
+"""The role graph of an RL run: `build_roles` picks the placement, and the helpers both placements share.
 
-    generator group (vLLM engines)    policy learner group (N ranks; reference too under LoRA)
-    reward scorer                      reference scorer (full fine-tuning only)
-    critic learner group (PPO only)
-
-Each call fans out with `.remote` and gathers once, so roles that can work at the same time do.
+The controller calls the graph it is given (`policy_version`, `generate`, `submit`, `score`, `update`,
+`sync_weights`, `save`, `load`, `export`, `shutdown`) without knowing which placement answers:
+    colocated    every role of a device in one process (`rlhf_ray.rl.colocated`)
+    distributed  each role its own Ray actors (`rlhf_ray.rl.distributed`)
+The roles themselves live in one home each: `rl.policy`, `rl.critic`, `generator`, `scoring.reference`,
+`scoring.reward`.
 """
 from __future__ import annotations
 
@@ -12,13 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-import ray
-import torch
-
 from rlhf_ray.config import Config
-from rlhf_ray.learner.group import LearnerGroup
-from rlhf_ray.rl.actors import CriticRank, PolicyRank, ReferenceActor, RewardActor
-from rlhf_ray.rl.batch import SequenceBatch
+from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.utils.device import Backend
 
 
@@ -44,7 +40,7 @@ def generation_seed(cfg: Config, step: int) -> int:
     return (cfg.run.seed * 1_000_003 + step * 7919) % (2 ** 30)
 
 
-def generator_base(cfg: Config, paths: Paths, policy: LearnerGroup) -> str:
+def generator_base(cfg: Config, paths: Paths, policy) -> str:
     """The weights the generator starts from. With a 4-bit (QLoRA) learner that is the learner's own
     dequantized NF4 base, not the original checkpoint: otherwise generator and learner run different
     functions (seen: log-probs off by up to 0.5) and the agreement check rightly stops the run.
@@ -61,7 +57,8 @@ def build_roles(cfg: Config, paths: Paths, backend: Backend, total_steps: int):
     if cfg.cluster.placement == "colocated":
         from rlhf_ray.rl.colocated import ColocatedRoles
         return ColocatedRoles(cfg, paths, backend, total_steps)
-    return Roles(cfg, paths, backend, total_steps)
+    from rlhf_ray.rl.distributed import DistributedRoles
+    return DistributedRoles(cfg, paths, backend, total_steps)
 
 
 def split_rows(seq: SequenceBatch, n: int) -> list[SequenceBatch]:
@@ -82,118 +79,3 @@ def merge_update_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
             sum(tokens), 1.0)
         out["sync/logprob_num_tokens"] = sum(tokens)
     return out
-
-
-class Roles:
-    def __init__(self, cfg: Config, paths: Paths, backend: Backend, total_steps: int):
-        from rlhf_ray.generator.group import GeneratorGroup
-        self.cfg, self.backend = cfg, backend
-        self.cores = cfg.cluster.torch_threads or os.cpu_count() or 1
-        self.mode = sync_mode(cfg, backend)
-        norm_len = cfg.rollout.max_new_tokens
-        common = dict(init_path=paths.policy_init, total_steps=total_steps, device=backend.device, seed=cfg.run.seed,
-                      num_threads=self.cores, placement_strategy=cfg.cluster.placement_strategy)
-        self.policy = LearnerGroup(cfg.model, cfg.rl.policy, kind="policy", rank_cls=PolicyRank, **common,
-                                   rank_kwargs=dict(algo=cfg.algorithm, ref=cfg.reference,
-                                                    temperature=cfg.rollout.temperature, norm_len=norm_len))
-        self.critic = None
-        if cfg.uses_critic:
-            self.critic = LearnerGroup(cfg.model, cfg.rl.critic, kind="value", rank_cls=CriticRank, **common,
-                                       rank_kwargs=dict(algo=cfg.algorithm, norm_len=norm_len))
-        self.reference = None  # under LoRA: the policy ranks with the adapter off, no second copy
-        if not (cfg.model.lora.enabled and cfg.reference.path is None):
-            ref_path = paths.resolve(cfg.reference.path or paths.policy_init)
-            self.reference = ReferenceActor.options(num_cpus=0.5).remote(
-                ref_path, dtype=backend.dtype, device=backend.device, temperature=cfg.rollout.temperature)
-        self.reward = RewardActor.options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(
-            cfg.reward, resolve_path=paths.resolve, device=backend.device)
-        self.generator = GeneratorGroup.from_config(cfg, generator_base(cfg, paths, self.policy),
-                                                    lora=self.mode == "adapter")
-        self.generator_threads = max(1, int(cfg.rollout.cpus_per_engine))
-
-    # -- the controller's calls ----------------------------------------------------------------
-    def policy_version(self) -> int:
-        return ray.get(self.policy.actors[0].version.remote())
-
-    def generate(self, prompts: list, n: int, step: int):
-        """Sample n per prompt. Step s is seeded from (run seed, s), so a resumed run samples exactly what
-        the uninterrupted run would have."""
-        return self.submit(prompts, n, step).result()
-
-    def submit(self, prompts: list, n: int, step: int):
-        """Start sampling step `step`'s rollouts; `.result()` waits for them."""
-        return self.generator.submit(prompts, n, call_seed=generation_seed(self.cfg, step))
-
-    def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
-        """Reward, reference log-probs and values at once; the cores are split between them."""
-        busy = 2 + (self.critic is not None)
-        share = max(1, self.cores // busy)
-        reward = self.reward.score.remote(prompts, responses, threads=share)
-        if self.reference is not None:
-            ref = [self.reference.ref_logprobs.remote(seq, threads=share)]
-        else:
-            ref = self._fan(self.policy, "ref_logprobs", seq, share)
-        values = self._fan(self.critic, "values", seq, share) if self.critic else []
-        (scores, stats), reward_s = ray.get(reward)
-        ref_parts, value_parts = ray.get(ref), ray.get(values)
-        ref_logp = torch.cat([t for t, _ in ref_parts])
-        values_t = torch.cat([t for t, _ in value_parts]) if value_parts else None
-        # the phase's critical path: the slowest of the roles that ran side by side
-        stats["time/score_compute_s"] = max([reward_s] + [s for _, s in ref_parts + value_parts])
-        return scores, ref_logp, values_t, stats
-
-    @staticmethod
-    def _fan(group: LearnerGroup, method: str, seq: SequenceBatch, threads: int) -> list:
-        shards = split_rows(seq, group.num_ranks)
-        return [getattr(a, method).remote(s, threads=threads) for a, s in zip(group.actors, shards)]
-
-    def update(self, batch, minibatches, kl_coef: float, overlapped: bool = False) -> dict[str, float]:
-        """Policy and critic updates side by side. When the next rollout is being generated meanwhile
-        (`overlapped`), the generator's threads are taken out of the learners' share of the cores."""
-        free = self.cores - (self.generator_threads if overlapped else 0)
-        share = max(1, free // (1 + (self.critic is not None)))
-        pol = [a.update.remote(batch, minibatches, kl_coef, threads=share) for a in self.policy.actors]
-        crit = [a.update.remote(batch, minibatches, threads=share) for a in self.critic.actors] if self.critic else []
-        pol_stats = ray.get(pol)
-        stats = merge_update_stats(pol_stats)
-        compute = max(s["time/compute_s"] for s in pol_stats)
-        if crit:
-            crit_stats = ray.get(crit)
-            stats.update(merge_update_stats(crit_stats))
-            compute = max([compute] + [s["time/compute_s"] for s in crit_stats])
-        stats["time/update_compute_s"] = compute
-        stats.pop("time/compute_s", None)
-        return stats
-
-    def sync_weights(self) -> tuple[int, dict[str, float]]:
-        """Push the policy's weights to every engine; returns the new version and the sync's timings."""
-        version = self.policy_version()
-        if version == self.generator.version:
-            return version, {}
-        t = self.generator.sync_weights(self.policy.actors, self.mode, version)
-        return version, {"sync/total_s": t["total_s"], "sync/pack_s": t["pack_s"], "sync/load_s": t["load_s"],
-                         "sync/engine_s": t.get("engine_s", 0.0), "sync/buckets": float(t["buckets"])}
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def save(self, path: str, extra_state: dict) -> None:
-        self.policy.save_checkpoint(os.path.join(path, "policy"), extra_state)
-        if self.critic:
-            self.critic.save_checkpoint(os.path.join(path, "critic"), {})
-
-    def load(self, path: str) -> dict:
-        extra = self.policy.load_checkpoint(os.path.join(path, "policy"))
-        if self.critic:
-            self.critic.load_checkpoint(os.path.join(path, "critic"))
-        return extra
-
-    def export(self, path: str, merge_lora: bool) -> None:
-        self.policy.export_hf(path, merge_lora=merge_lora)
-
-    def shutdown(self) -> None:
-        self.generator.shutdown()
-        for group in (self.policy, self.critic):
-            if group is not None:
-                group.shutdown()
-        for actor in (self.reference, self.reward):
-            if actor is not None:
-                ray.kill(actor)

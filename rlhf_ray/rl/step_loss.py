@@ -7,16 +7,9 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray import algo
+from rlhf_ray.batch import response_logits, response_logprobs
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
-from rlhf_ray.rl.batch import response_logits
 from rlhf_ray.rl.records import TrainBatch
-
-
-def response_logprobs(logits: torch.Tensor, batch_seq, temperature: float) -> torch.Tensor:
-    """(B, P+T, V) logits -> (B, T) log pi(a_t | s_t) of the response tokens at the sampling temperature."""
-    T = batch_seq.response_mask.shape[1]
-    return algo.token_logprobs(response_logits(logits, batch_seq.prompt_len, T), batch_seq.response_ids,
-                               temperature=temperature)
 
 
 def policy_minibatch_loss(logits: torch.Tensor, mb: TrainBatch, algo_cfg: AlgorithmConfig,

@@ -1,14 +1,16 @@
 """The reference scorer: log-probs of the frozen initial policy, for the KL term.
 
 Under LoRA there is no separate reference: the policy learner computes reference log-probs with its
-adapter switched off (`PolicyWorker.ref_logprobs`). Without LoRA, this frozen copy runs in its own actor.
+adapter switched off (`PolicyWorker.ref_logprobs`). Without LoRA, this frozen copy runs in its own actor
+(distributed) or in the colocated process.
 """
 from __future__ import annotations
 
+import ray
 import torch
 
-from rlhf_ray.rl.batch import SequenceBatch
-from rlhf_ray.rl.step_loss import response_logprobs
+from rlhf_ray.batch import SequenceBatch, response_logprobs
+from rlhf_ray.utils.phases import set_phase_threads, timed
 
 
 class ReferenceScorer:
@@ -30,3 +32,15 @@ class ReferenceScorer:
                                 position_ids=mb.position_ids.to(self.device)).logits
             out.append(response_logprobs(logits.float(), mb, self.temperature).cpu())
         return torch.cat(out)
+
+
+@ray.remote
+class ReferenceActor:
+    """Ray shell of `ReferenceScorer` (distributed placement, full fine-tuning)."""
+
+    def __init__(self, *args, **kwargs):
+        self.s = ReferenceScorer(*args, **kwargs)
+
+    def ref_logprobs(self, seq, threads: int = 0):
+        set_phase_threads(threads)
+        return timed(self.s.logprobs, seq)

@@ -12,6 +12,7 @@ import importlib
 import time
 from typing import Callable, Protocol, Sequence
 
+import ray
 import torch
 
 from rlhf_ray.config import RewardConfig, RewardSource
@@ -138,3 +139,16 @@ class RewardScorer:
             stats[f"reward/source{i}_mean"] = float(finite.mean()) if len(finite) else float("nan")
             total += weight * t
         return total.tolist(), stats
+
+
+@ray.remote
+class RewardActor:
+    """Ray shell of `RewardScorer` (distributed placement)."""
+
+    def __init__(self, *args, **kwargs):
+        self.s = RewardScorer(*args, **kwargs)
+
+    def score(self, prompts, responses, threads: int = 0):
+        from rlhf_ray.utils.phases import set_phase_threads, timed
+        set_phase_threads(threads)
+        return timed(self.s.score, prompts, responses)

@@ -3,7 +3,7 @@ weight reproduces the token-mean over the whole minibatch."""
 import torch
 
 from rlhf_ray import algo
-from rlhf_ray.rl.workers import _micro, _token_weight
+from rlhf_ray.rl.micro import micro_batches as _micro, token_weight as _token_weight
 
 
 def test_micro_batches_reproduce_the_minibatch_token_mean():

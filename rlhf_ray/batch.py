@@ -68,6 +68,14 @@ def response_logits(logits: torch.Tensor, prompt_len: int, response_len: int) ->
 
 
 def minibatches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Shuffled index sets of `size` rows covering all n rows once (size divides n: validated in config)."""
+    """Shuffled index sets of `size` rows, each row at most once. The config makes size divide a full
+    batch; when groups were dropped (non-finite rewards) the incomplete tail is left out of this epoch."""
     perm = torch.randperm(n, generator=generator)
-    return [perm[i:i + size] for i in range(0, n, size)]
+    return [perm[i:i + size] for i in range(0, n - size + 1, size)]
+
+
+def response_logprobs(logits: torch.Tensor, seq: SequenceBatch, temperature: float) -> torch.Tensor:
+    """(B, P+T, V) logits -> (B, T) log pi(a_t | s_t) of the response tokens at the sampling temperature."""
+    from rlhf_ray import algo
+    return algo.token_logprobs(response_logits(logits, seq.prompt_len, seq.response_mask.shape[1]),
+                               seq.response_ids, temperature=temperature)

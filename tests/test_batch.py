@@ -1,6 +1,6 @@
 import torch
 
-from rlhf_ray.rl.batch import minibatches, pack_sequences, pad_ragged, response_logits
+from rlhf_ray.batch import minibatches, pack_sequences, pad_ragged, response_logits
 
 
 def test_pack_left_pads_prompts_and_right_pads_responses():

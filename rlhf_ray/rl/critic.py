@@ -1,0 +1,73 @@
+"""The critic role (PPO): values V(s_t) and the clipped value loss, on its own learner ranks (distributed)
+or beside the policy in one process (colocated). `CriticWorker` is the plain class, `CriticRank` its Ray shell.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.config import AlgorithmConfig
+from rlhf_ray.learner.dispatch import my_share
+from rlhf_ray.learner.group import LearnerRank
+from rlhf_ray.rl.micro import micro_batches, token_weight
+from rlhf_ray.rl.records import TrainBatch
+from rlhf_ray.rl.step_loss import critic_minibatch_loss
+from rlhf_ray.utils.phases import set_phase_threads, timed
+
+
+class CriticWorker:
+    """PPO's value model: the policy's backbone with a scalar head, trained with the clipped value loss."""
+
+    def __init__(self, learner, algo_cfg: AlgorithmConfig, *, norm_len: int):
+        self.learner = learner
+        self.algo, self.mbs, self.norm_len = algo_cfg, learner.cfg.micro_batch_size, norm_len
+
+    @torch.no_grad()
+    def values(self, seq: SequenceBatch) -> torch.Tensor:
+        """(B, T) V(s_t) for each response position t (the state before token t is emitted)."""
+        self.learner.engine.eval()
+        out, T, P = [], seq.response_mask.shape[1], seq.prompt_len
+        for i in range(0, len(seq), self.mbs):
+            mb = seq.select(slice(i, i + self.mbs))
+            v = self.learner.forward_values(mb.input_ids, mb.attention_mask, mb.position_ids).float()
+            out.append((v[:, P - 1:P - 1 + T] * mb.response_mask).cpu())
+        return torch.cat(out)
+
+    def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]]) -> dict[str, float]:
+        def loss_fn(learner, mb):
+            tb = batch.select(mb["idx"].cpu())
+            values = learner.forward_values(tb.seq.input_ids, tb.seq.attention_mask, tb.seq.position_ids).float()
+            loss, stats = critic_minibatch_loss(values, tb, self.algo, self.norm_len)
+            return loss * token_weight(self.algo.loss_agg, tb.seq.response_mask, mb), stats
+
+        sums: dict[str, float] = {}
+        steps = 0
+        for epoch in minibatches:
+            for rows in epoch:
+                for k, v in self.learner.train_step(loss_fn, micro_batches(rows, self.mbs, batch.seq.response_mask)).items():
+                    key = k if "/" in k else f"value/{k}"
+                    sums[key] = sums.get(key, 0.0) + v
+                steps += 1
+        return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+class CriticRank(LearnerRank):
+    def __init__(self, rank: int, world_size: int, num_threads: int, *, algo, norm_len: int):
+        super().__init__(rank, world_size, num_threads)
+        self._rl = dict(algo_cfg=algo, norm_len=norm_len)
+        self._worker = None
+
+    @property
+    def worker(self) -> CriticWorker:
+        if self._worker is None:  # the learner exists only after `setup`
+            self._worker = CriticWorker(self.learner, **self._rl)
+        return self._worker
+
+    def values(self, seq, threads: int = 0):
+        set_phase_threads(threads)
+        return timed(self.worker.values, seq)
+
+    def update(self, batch, minibatches, threads: int = 0) -> dict:
+        set_phase_threads(threads)
+        stats, secs = timed(self.worker.update, batch, my_share(minibatches, self.rank, self.world_size))
+        return {**stats, "time/compute_s": secs}

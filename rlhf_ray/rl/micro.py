@@ -1,0 +1,30 @@
+"""Micro-batches of a PPO minibatch, and the loss weight that keeps a token-mean exact across them.
+
+Shared by the policy and the critic passes (`rlhf_ray.rl.policy`, `rlhf_ray.rl.critic`).
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.batch import SequenceBatch
+
+
+def micro_batches(rows: torch.Tensor, size: int, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of a minibatch; each carries the minibatch's row and token counts (see token_weight)."""
+    total = torch.tensor([len(rows), float(mask[rows].sum())])
+    return [{"idx": rows[i:i + size], "totals": total.expand(len(rows[i:i + size]), 2)}
+            for i in range(0, len(rows), size)]
+
+
+def token_weight(agg: str, micro_mask: torch.Tensor, mb: dict) -> float:
+    """The learner weights micro-batch losses by their share of rows. That is exact for sequence-mean
+    aggregations; a token-mean over the minibatch needs the share of tokens instead, so rescale."""
+    if agg != "token-mean":
+        return 1.0
+    rows_total, tokens_total = mb["totals"][0].tolist()
+    rows, tokens = micro_mask.shape[0], float(micro_mask.sum())
+    return (tokens / max(tokens_total, 1.0)) / (rows / rows_total)
+
+
+def forward_logits(learner, seq: SequenceBatch) -> torch.Tensor:
+    return learner.forward_logits(seq.input_ids, seq.attention_mask, seq.position_ids)

@@ -1,0 +1,97 @@
+"""The policy role: log-probs, reference log-probs (adapter off under LoRA) and PPO updates of one
+learner rank. `PolicyWorker` is the plain class (testable without Ray); `PolicyRank` its Ray shell, a
+`LearnerRank` so that N of them form a DeepSpeed group placed by `LearnerGroup`. On N ranks each rank
+runs its own share of every minibatch and DeepSpeed averages the gradients.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.batch import SequenceBatch, response_logprobs
+from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
+from rlhf_ray.learner.dispatch import my_share
+from rlhf_ray.learner.group import LearnerRank
+from rlhf_ray.rl.micro import forward_logits, micro_batches, token_weight
+from rlhf_ray.rl.records import TrainBatch
+from rlhf_ray.rl.step_loss import policy_minibatch_loss
+from rlhf_ray.sync.checks import logprob_agreement
+from rlhf_ray.utils.phases import set_phase_threads, timed
+
+
+class PolicyWorker:
+    def __init__(self, learner, algo_cfg: AlgorithmConfig, ref_cfg: ReferenceConfig, *, temperature: float,
+                 norm_len: int):
+        self.learner = learner
+        self.algo, self.ref_cfg, self.mbs = algo_cfg, ref_cfg, learner.cfg.micro_batch_size
+        self.temperature, self.norm_len = temperature, norm_len
+
+    @property
+    def version(self) -> int:
+        return self.learner.version
+
+    @torch.no_grad()
+    def ref_logprobs(self, seq: SequenceBatch) -> torch.Tensor:
+        """(B, T) reference log-probs: the same model with its LoRA adapter switched off."""
+        self.learner.engine.eval()
+        out = []
+        with self.learner.reference_context():
+            for i in range(0, len(seq), self.mbs):
+                mb = seq.select(slice(i, i + self.mbs))
+                out.append(response_logprobs(forward_logits(self.learner, mb).float(), mb, self.temperature).cpu())
+        return torch.cat(out)
+
+    def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float) -> dict[str, float]:
+        """PPO epochs: one optimizer step per minibatch. The very first forward (before any step) also
+        measures the learner-vs-generator log-prob agreement of the sampled tokens."""
+        agreement: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        steps = 0
+
+        def loss_fn(learner, mb):
+            tb = batch.select(mb["idx"].cpu())
+            logits = forward_logits(learner, tb.seq).float()
+            loss, stats = policy_minibatch_loss(logits, tb, self.algo, self.ref_cfg, kl_coef, self.temperature,
+                                                self.norm_len)
+            loss = loss * token_weight(self.algo.loss_agg, tb.seq.response_mask, mb)
+            if steps == 0:
+                logp = response_logprobs(logits.detach(), tb.seq, self.temperature)
+                part = logprob_agreement(logp, tb.old_logp, tb.seq.response_mask)
+                agreement["max_abs"] = max(agreement.get("max_abs", 0.0), part["max_abs"])
+                n0, n1 = agreement.get("num_tokens", 0.0), part["num_tokens"]
+                agreement["mean_abs"] = (agreement.get("mean_abs", 0.0) * n0 + part["mean_abs"] * n1) / max(n0 + n1, 1)
+                agreement["num_tokens"] = n0 + n1
+            return loss, stats
+
+        for epoch in minibatches:
+            for rows in epoch:
+                stats = self.learner.train_step(loss_fn, micro_batches(rows, self.mbs, batch.seq.response_mask))
+                steps += 1
+                for k, v in stats.items():
+                    key = k if "/" in k else f"policy/{k}"
+                    sums[key] = sums.get(key, 0.0) + v
+        out = {k: v / max(steps, 1) for k, v in sums.items()}
+        out.update({f"sync/logprob_{k}": v for k, v in agreement.items()})
+        return out
+
+
+class PolicyRank(LearnerRank):
+    def __init__(self, rank: int, world_size: int, num_threads: int, *, algo, ref, temperature: float,
+                 norm_len: int):
+        super().__init__(rank, world_size, num_threads)
+        self._rl = dict(algo_cfg=algo, ref_cfg=ref, temperature=temperature, norm_len=norm_len)
+        self._worker = None
+
+    @property
+    def worker(self) -> PolicyWorker:
+        if self._worker is None:  # the learner exists only after `setup`
+            self._worker = PolicyWorker(self.learner, **self._rl)
+        return self._worker
+
+    def ref_logprobs(self, seq, threads: int = 0):
+        set_phase_threads(threads)
+        return timed(self.worker.ref_logprobs, seq)
+
+    def update(self, batch, minibatches, kl_coef: float, threads: int = 0) -> dict:
+        set_phase_threads(threads)
+        stats, secs = timed(self.worker.update, batch, my_share(minibatches, self.rank, self.world_size), kl_coef)
+        return {**stats, "time/compute_s": secs}
