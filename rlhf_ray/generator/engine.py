@@ -68,13 +68,15 @@ class GeneratorEngine:
             model=model_path, dtype=backend.dtype_name, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
             enforce_eager=rollout_cfg.enforce_eager, max_model_len=max_model_len, seed=rollout_cfg.seed or 0,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True, quantization=quantization,
+            enable_prefix_caching=True, quantization=quantization, enable_sleep_mode=backend.engine_can_sleep,
         )
         if lora:
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(max_lora_rank))
         kwargs.update(engine_kwargs or {})
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.can_sleep = backend.engine_can_sleep
+        self.asleep: frozenset[str] = frozenset()  # what is released now: "weights", "kv_cache"
         self.version = 0
         self._lora_request = None
         self._lora_seq = 0
@@ -96,6 +98,7 @@ class GeneratorEngine:
         """
         from vllm import SamplingParams
 
+        self.reclaim()
         n = n or self.cfg.n_samples_per_prompt
         temperature = self.cfg.temperature if temperature is None else temperature
         if seeds is None:
@@ -128,12 +131,29 @@ class GeneratorEngine:
         return Rollout(prompt_ids, response_ids, logprobs, texts, index, finish, self.version,
                        temperature if temperature > 0 else 1.0, generate_s)
 
+    # -- sharing the device with a learner (colocated) ------------------------------------------------
+    def release(self) -> None:
+        """Hand the device memory to the learner: weights to host memory, KV cache freed (vLLM sleep
+        level 1). A no-op where the device cannot sleep (CPU)."""
+        if self.can_sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = frozenset({"weights", "kv_cache"})
+
+    def reclaim(self, *parts: str) -> None:
+        """Take back what `release` handed out ("weights" before a weight push, "kv_cache" before
+        generating; default both)."""
+        parts = frozenset(parts or ("weights", "kv_cache")) & self.asleep
+        if parts:
+            self.llm.wake_up(tags=sorted(parts))
+            self.asleep -= parts
+
     # -- weight sync ----------------------------------------------------------------------------
     def load_full(self, named_weights: Iterable[tuple[str, torch.Tensor]], version: int) -> float:
         """Replace all base weights (HF names) in place; `named_weights` is consumed lazily, once.
         Returns the seconds spent (fetching the weights included)."""
         t0 = time.perf_counter()
         self._check_version(version)
+        self.reclaim("weights")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights)})
         self.llm.reset_prefix_cache()
         self.version = version
@@ -150,6 +170,7 @@ class GeneratorEngine:
         from vllm.lora.request import LoRARequest
 
         self._check_version(version)
+        self.reclaim("weights")
         self._lora_seq += 1
         folder = self._adapter_root / f"v{version}-{self._lora_seq}"
         folder.mkdir()

@@ -69,10 +69,13 @@ class ColocatedRank(PolicyRank):
 
     # -- the phases ----------------------------------------------------------------------------
     def generate(self, prompts: list, n: int, overrides: dict):
+        """Sample on this rank's engine, then hand the device back to the learner (on GPUs the engine
+        sleeps until the weight push; after it the engine generates from the pushed weights only)."""
         set_phase_threads(self.generate_threads)
         try:
             return self.engine.generate(prompts, n, **overrides)
         finally:
+            self.engine.release()
             set_phase_threads(self.threads)
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):

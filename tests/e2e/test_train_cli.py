@@ -51,10 +51,17 @@ def rl_args(offline: Path, out: Path, *extra):
             f"reward.sources=[{{kind: model, path: '{offline / 'rm' / 'model'}'}}]", *extra]
 
 
+# Every RL behaviour below holds under both placements: all roles of a device in one process
+# (colocated, the local default) and one Ray actor group per role (distributed, as on a cluster).
+PLACEMENTS = ["colocated", "distributed"]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo):
+def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
     out = tmp_path / algo
-    train(*rl_args(offline, out, f"algorithm.name={algo}", "rl.steps=14", "rl.save_every=0"))
+    train(*rl_args(offline, out, f"algorithm.name={algo}", "rl.steps=14", "rl.save_every=0",
+                   f"cluster.placement={placement}"))
     rows = metrics(out / "rl")
     assert [r["step"] for r in rows] == list(range(1, 15))
     start, end = first_last(rows, "reward/score_mean")
@@ -68,8 +75,9 @@ def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo):
         assert "value/loss" in rows[-1]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tmp_path):
-    common = ("rl.steps=6", "rl.save_every=3")
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tmp_path, placement):
+    common = ("rl.steps=6", "rl.save_every=3", f"cluster.placement={placement}")
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     train(*rl_args(offline, ref_dir, *common))
 
@@ -105,13 +113,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tmp_path):
     ("qlora", ["model.lora.enabled=true", "model.quantization.load_in_4bit=true", "rl.policy.optim.lr=2e-3"]),
     ("zero3x2", ["rl.policy.num_ranks=2", "rl.policy.deepspeed.zero_stage=3"]),
 ], ids=lambda v: v[0])
-def test_lora_qlora_and_two_rank_runs_keep_the_generator_exact(offline, tmp_path, variant):
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_lora_qlora_and_two_rank_runs_keep_the_generator_exact(offline, tmp_path, variant, placement):
     name, extra = variant
     out = tmp_path / name
-    train(*rl_args(offline, out, "rl.steps=3", "rl.save_every=0", *extra))
+    train(*rl_args(offline, out, "rl.steps=3", "rl.save_every=0", f"cluster.placement={placement}", *extra))
     rows = metrics(out / "rl")
     assert len(rows) == 3
-    # adapter-only sync (LoRA), dequantized NF4 base (QLoRA), ZeRO-3 gathered sync (2 ranks): all exact
+    # merged or adapter-only sync (LoRA), dequantized NF4 base (QLoRA), ZeRO-3 gathered sync (2 ranks): exact
     assert max(r["sync/logprob_max_abs"] for r in rows) < 1e-3
     assert (out / "rl" / "model" / "config.json").exists()
     if name != "zero3x2":
