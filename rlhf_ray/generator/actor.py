@@ -7,6 +7,7 @@ from rlhf_ray.generator.engine import GeneratorEngine
 from rlhf_ray.generator.records import Rollout
 from rlhf_ray.sync.collective import CollectiveGroup
 from rlhf_ray.sync.transport import iter_named
+from rlhf_ray.utils.phases import node_cores, set_phase_threads  # before vLLM patches torch's thread setter
 
 
 class GeneratorActor:
@@ -27,7 +28,9 @@ class GeneratorActor:
     def version(self) -> int:
         return self.engine.version
 
-    def generate(self, prompts, n, overrides: dict) -> Rollout:
+    def generate(self, prompts, n, overrides: dict, threads: int = 0, cores=None) -> Rollout:
+        """threads (0: every core of the node) on the slice `cores` of them (None: all)."""
+        set_phase_threads(threads or node_cores(), cores)
         return self.engine.generate(prompts, n, **overrides)
 
     # -- object-store transport: refs arrive wrapped in a list, so Ray passes them unresolved ------

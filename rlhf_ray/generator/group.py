@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Iterable, Optional, Sequence
-
-import torch
+from typing import Any, Optional, Sequence
 
 from rlhf_ray.generator.actor import GeneratorActor
 from rlhf_ray.generator.engine import Prompt, lora_rank_slot, quantization_for
@@ -150,7 +148,7 @@ class GeneratorGroup:
     def _generate_once(self, prompts, n, overrides) -> Rollout:
         return self._submit(prompts, n, overrides).result()
 
-    def _submit(self, prompts, n, overrides) -> "PendingRollout":
+    def _submit(self, prompts, n, overrides, threads: int = 0, cores=None) -> "PendingRollout":
         chunks = split_evenly(list(range(len(prompts))), len(self.actors))
         busy = [(i, c) for i, c in enumerate(chunks) if c]
         parts = []
@@ -158,14 +156,16 @@ class GeneratorGroup:
             sub = {k: ([v[j] for j in c] if k == "seeds" else v) for k, v in overrides.items()}
             if sub.get("call_seed") is not None:
                 sub["call_seed"] = sub["call_seed"] + i  # engines draw different streams
-            parts.append(self.actors[i].generate.remote([prompts[j] for j in c], n, sub))
+            parts.append(self.actors[i].generate.remote([prompts[j] for j in c], n, sub, threads, cores))
         return PendingRollout(parts, [c[0] for _, c in busy])
 
-    def submit(self, prompts: Sequence[Prompt], n: Optional[int] = None, **overrides) -> "PendingRollout":
+    def submit(self, prompts: Sequence[Prompt], n: Optional[int] = None, threads: int = 0, cores=None,
+               **overrides) -> "PendingRollout":
         """Start generating and return at once; `.result()` waits. Lets the controller overlap the next
-        step's generation with this step's update when the config allows rollouts one version behind."""
+        step's generation with this step's update when the config allows rollouts one version behind.
+        threads / cores: the engines' share of their node's cores (`rlhf_ray.utils.phases`)."""
         self.ensure_synced()
-        return self._submit(prompts, n or self.cfg.n_samples_per_prompt, overrides)
+        return self._submit(prompts, n or self.cfg.n_samples_per_prompt, overrides, threads, cores)
 
     # -- weight sync ----------------------------------------------------------------------------
     def sync_weights(self, source, mode: Optional[str] = None, version: Optional[int] = None,

@@ -67,7 +67,7 @@ class CriticRank(LearnerRank):
         set_phase_threads(threads)
         return timed(self.worker.values, seq)
 
-    def update(self, batch, minibatches, threads: int = 0) -> dict:
-        set_phase_threads(threads)
+    def update(self, batch, minibatches, threads: int = 0, cores=None) -> dict:
+        set_phase_threads(threads, cores)
         stats, secs = timed(self.worker.update, batch, my_share(minibatches, self.rank, self.world_size))
         return {**stats, "time/compute_s": secs}

@@ -53,20 +53,23 @@ class DistributedRoles:
             cfg.reward, resolve_path=paths.resolve, device=backend.device)
         self.generator = GeneratorGroup.from_config(cfg, generator_base(cfg, paths, self.policy),
                                                     lora=self.mode == "adapter")
-        self.generator_threads = max(1, int(cfg.rollout.cpus_per_engine))
+        self.generator_threads = max(1, int(cfg.rollout.cpus_per_engine))  # its share while overlapping
 
     # -- the controller's calls ----------------------------------------------------------------
     def policy_version(self) -> int:
         return ray.get(self.policy.actors[0].version.remote())
 
     def generate(self, prompts: list, n: int, step: int):
-        """Sample n per prompt. Step s is seeded from (run seed, s), so a resumed run samples exactly what
-        the uninterrupted run would have."""
-        return self.submit(prompts, n, step).result()
+        """Sample n per prompt, the engines alone on their nodes (every core, or `rollout.threads`). Step s
+        is seeded from (run seed, s), so a resumed run samples exactly what the uninterrupted run would."""
+        return self.generator.submit(prompts, n, threads=self.cfg.rollout.threads or 0,
+                                     call_seed=generation_seed(self.cfg, step)).result()
 
     def submit(self, prompts: list, n: int, step: int):
-        """Start sampling step `step`'s rollouts; `.result()` waits for them."""
-        return self.generator.submit(prompts, n, call_seed=generation_seed(self.cfg, step))
+        """Start sampling step `step`'s rollouts to overlap the coming update: the engines keep the first
+        `rollout.cpus_per_engine` cores of their node, the learners get the others (see `update`)."""
+        g = self.generator_threads
+        return self.generator.submit(prompts, n, threads=g, cores=(0, g), call_seed=generation_seed(self.cfg, step))
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """Reward, reference log-probs and values at once; the cores are split between them."""
@@ -94,10 +97,12 @@ class DistributedRoles:
     def update(self, batch, minibatches, kl_coef: float, overlapped: bool = False) -> dict[str, float]:
         """Policy and critic updates side by side. When the next rollout is being generated meanwhile
         (`overlapped`), the generator's threads are taken out of the learners' share of the cores."""
-        free = self.cores - (self.generator_threads if overlapped else 0)
-        share = max(1, free // (1 + (self.critic is not None)))
-        pol = [a.update.remote(batch, minibatches, kl_coef, threads=share) for a in self.policy.actors]
-        crit = [a.update.remote(batch, minibatches, threads=share) for a in self.critic.actors] if self.critic else []
+        g = self.generator_threads if overlapped else 0
+        share = max(1, (self.cores - g) // (1 + (self.critic is not None)))
+        cores = (g, None) if overlapped and self.cores > g else None
+        pol = [a.update.remote(batch, minibatches, kl_coef, threads=share, cores=cores) for a in self.policy.actors]
+        crit = ([a.update.remote(batch, minibatches, threads=share, cores=cores) for a in self.critic.actors]
+                if self.critic else [])
         pol_stats = ray.get(pol)
         stats = merge_update_stats(pol_stats)
         compute = max(s["time/compute_s"] for s in pol_stats)

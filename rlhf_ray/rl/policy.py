@@ -91,7 +91,7 @@ class PolicyRank(LearnerRank):
         set_phase_threads(threads)
         return timed(self.worker.ref_logprobs, seq)
 
-    def update(self, batch, minibatches, kl_coef: float, threads: int = 0) -> dict:
-        set_phase_threads(threads)
+    def update(self, batch, minibatches, kl_coef: float, threads: int = 0, cores=None) -> dict:
+        set_phase_threads(threads, cores)
         stats, secs = timed(self.worker.update, batch, my_share(minibatches, self.rank, self.world_size), kl_coef)
         return {**stats, "time/compute_s": secs}

@@ -1,7 +1,9 @@
 """What every role's Ray shell does around a phase: take its share of the cores and time its own compute."""
 from __future__ import annotations
 
+import os
 import time
+from typing import Optional
 
 import torch
 
@@ -10,11 +12,32 @@ import torch
 _set_num_threads = torch.set_num_threads
 
 
-def set_phase_threads(n: int) -> None:
+# The cores this process may use, as it started; `cores` slices index into this list, so the same slice
+# means the same share on every node whatever its core ids.
+_ALL_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+_pinned: list[Optional[list[int]]] = [None]
+
+
+def set_phase_threads(n: int, cores: Optional[tuple[int, Optional[int]]] = None) -> None:
     """Use n threads for the phase about to run (0: leave as is). The controller hands each role its share
-    of the node's cores: roles running side by side split them, a role running alone takes them all."""
+    of the node's cores: roles running side by side split them, a role running alone takes them all.
+    `cores` = (start, stop) pins the process to that slice of its cores, so that two roles running at once
+    (the next rollout during an update) work on disjoint cores instead of preempting each other's
+    OpenMP teams; None gives it every core again."""
     if n and torch.get_num_threads() != n:
         _set_num_threads(n)
+    want = _ALL_CORES[slice(*cores)] if cores is not None else _ALL_CORES
+    if want and want != (_pinned[0] or _ALL_CORES):
+        for tid in os.listdir("/proc/self/task"):  # every thread: OpenMP workers keep the mask they had
+            try:
+                os.sched_setaffinity(int(tid), want)
+            except OSError:  # a thread that just ended
+                pass
+        _pinned[0] = want
+
+
+def node_cores() -> int:
+    return len(_ALL_CORES) or os.cpu_count() or 1
 
 
 def timed(fn, *args):
