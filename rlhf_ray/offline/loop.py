@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf_ray.config.schema import Config, StageConfig
-from rlhf_ray.learner.checkpoint import latest_checkpoint
+from rlhf_ray.learner.checkpoint import latest_checkpoint, prune_checkpoints
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.offline.metrics import MetricsLogger
 
@@ -95,7 +95,7 @@ def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_pat
             logger.log(step + 1, stats)
             if stage.save_every and (step + 1) % stage.save_every == 0 and step + 1 < total:
                 group.save_checkpoint(str(ckpt_root / f"step_{step + 1:06d}"), {"step": step + 1})
-                _prune(ckpt_root)
+                prune_checkpoints(ckpt_root, KEEP_CHECKPOINTS)
         final_eval = evaluate(group, data, eval_fn, stage.batch_size) if data.eval else {}
         if final_eval:
             logger.log(total, final_eval, advance=False)
@@ -109,9 +109,3 @@ def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_pat
         return final
     finally:
         group.shutdown()
-
-
-def _prune(root: Path) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
