@@ -15,7 +15,8 @@ from rlhf_ray.config.schema import Config
 from rlhf_ray.data.encode import Limits, collate_preferences, collate_sft, encode_preferences, encode_sft
 from rlhf_ray.data.sources import load_rows, split_eval
 from rlhf_ray.models.kit import resolve_model_path
-from rlhf_ray.offline.loop import StageData, run_stage
+from rlhf_ray.offline.data import StageData
+from rlhf_ray.offline.loop import run_stage
 
 
 # -- losses -------------------------------------------------------------------------------------
