@@ -1,9 +1,17 @@
-"""`rlhf-ray`: the command line. Each subcommand loads and validates the config first, so a bad config
-fails in a second with a one-paragraph message (no traceback) before Ray, vLLM or DeepSpeed start."""
+"""`rlhf-ray`: the command line, every command in this file, each a short function of its parsed arguments.
+
+Each command loads and validates the config first, so a bad config fails in a second with a one-paragraph
+message (no traceback) before Ray, vLLM or DeepSpeed start. Commands read their arguments and never
+write to them.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
+import time
+from pathlib import Path
 
 DESCRIPTION = """\
 rlhf-ray: reinforcement learning from human feedback on Ray.
@@ -17,13 +25,12 @@ examples:
   rlhf-ray models build builtin:tiny                           # build or convert a built-in model
 """
 
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config file (omit for the built-in defaults)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+OFFLINE_HELP = {"sft": "supervised fine-tuning of the policy on prompt/response data",
+                "rm": "train a reward model on preference pairs (reports held-out pairwise accuracy)"}
 
 
-def _load(args):
+def load(args):
+    """The validated config of `args.config` + `args.overrides` (a first argument with `=` is an override)."""
     from rlhf_ray.config import load_config
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
@@ -31,9 +38,10 @@ def _load(args):
     return load_config(config, overrides)
 
 
+# -- commands -------------------------------------------------------------------------------------
 def cmd_config(args) -> int:
     from rlhf_ray.config import dump_config
-    print(dump_config(_load(args)), end="")
+    print(dump_config(load(args)), end="")
     return 0
 
 
@@ -48,26 +56,102 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from rlhf_ray.pipeline import run_pipeline
+    cfg = load(args)  # validated before Ray starts
+    print(json.dumps(run_pipeline(cfg, resume=args.resume), indent=2))
+    return 0
+
+
+def cmd_offline(args) -> int:
+    """`sft` / `rm`: one offline stage on its own (resumes from the stage's checkpoints unless --fresh)."""
+    from rlhf_ray.offline.stages import prepare, run_offline_stage
+    from rlhf_ray.runtime import ray_session
+    cfg = load(args)
+    data = prepare(cfg, args.command)  # bad data fails before Ray starts
+    with ray_session(cfg.cluster):
+        out = run_offline_stage(cfg, args.command, fresh=args.fresh, data=data)
+    print(f"{args.command}: saved {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ray import serve
+
+    from rlhf_ray.pipeline import StageOutputs
+    from rlhf_ray.runtime import ray_session
+    from rlhf_ray.serve.deploy import policy_application, reward_application
+    from rlhf_ray.utils.device import resolve_backend
+
+    cfg = load(args)
+    deadline = time.time() + args.seconds if args.seconds > 0 else float("inf")
+    outs = StageOutputs(Path(cfg.run.output_dir))
+    backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
+    with ray_session(cfg.cluster):
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        if args.what == "policy":
+            model = outs.resolve(cfg.serve.model or "stage:rl")
+            serve.run(policy_application(model, cfg.serve, backend), name="policy", route_prefix="/")
+            what = f"policy {model} as '{cfg.serve.model_name}' (OpenAI API: /v1/completions, /v1/chat/completions)"
+        else:
+            serve.run(reward_application(cfg.reward, outs.resolve, backend.device), name="reward", route_prefix="/")
+            what = "reward service (POST /score)"
+        print(f"serving {what} at http://{cfg.serve.host}:{cfg.serve.port}  (Ctrl-C to stop)", flush=True)
+        _wait_for_stop(deadline)
+        serve.shutdown()
+    return 0
+
+
+def _wait_for_stop(deadline: float) -> None:
+    """Until SIGTERM, Ctrl-C or `deadline` (time.time())."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop and time.time() < deadline:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (omit for the built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     p = sub.add_parser("config", help="validate a config and print it fully resolved")
-    _add_config_args(p)
+    _config_args(p)
     p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("models", help="list built-in models, or build them into the local cache")
     p.add_argument("action", choices=["list", "build"])
     p.add_argument("names", nargs="*", help="e.g. builtin:tiny builtin:smollm2-135m")
     p.set_defaults(func=cmd_models)
-    for register in _extensions():
-        register(sub, _add_config_args, _load)
+
+    p = sub.add_parser("train", help="run the pipeline the config asks for (SFT -> reward model -> RL) on Ray")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="skip finished stages and continue RL from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    for stage, text in OFFLINE_HELP.items():
+        p = sub.add_parser(stage, help=text)
+        _config_args(p)
+        p.add_argument("--fresh", action="store_true",
+                       help="ignore checkpoints in the output folder (default: resume from the latest)")
+        p.set_defaults(func=cmd_offline)
+
+    p = sub.add_parser("serve", help="serve the trained policy (OpenAI-compatible) or the reward model over HTTP")
+    _config_args(p)
+    p.add_argument("--what", choices=["policy", "reward"], default="policy")
+    p.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
+    p.set_defaults(func=cmd_serve)
     return parser
-
-
-def _extensions():
-    """Subcommands that live beside their capability (training, serving); each adds its own parser."""
-    from rlhf_ray import commands
-    return commands.REGISTER
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rlhf-ray: error: {type(cause).__name__}: {cause}", file=sys.stderr)
             return 1
         raise
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,13 +46,12 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, str]:
     policy = cfg.model.path
     t0 = time.time()
     with ray_session(cfg.cluster):
-        if "sft" in cfg.run.stages:
-            from rlhf_ray.offline.stages import run_sft
-            policy = str(_stage(resume, outs.final("sft"), lambda: run_sft(cfg, fresh=not resume)))
-            results["sft"] = policy
-        if "rm" in cfg.run.stages:
-            from rlhf_ray.offline.stages import run_rm
-            results["rm"] = str(_stage(resume, outs.final("rm"), lambda: run_rm(cfg, fresh=not resume)))
+        from rlhf_ray.offline.stages import run_offline_stage
+        for stage in ("sft", "rm"):
+            if stage in cfg.run.stages:
+                results[stage] = str(_stage(resume, outs.final(stage),
+                                            lambda s=stage: run_offline_stage(cfg, s, fresh=not resume)))
+        policy = results.get("sft", policy)
         if "rl" in cfg.run.stages:
             from rlhf_ray.rl.run import run_rl
             start = outs.resolve(cfg.rl.init_from) if cfg.rl.init_from else policy

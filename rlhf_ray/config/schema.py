@@ -108,6 +108,8 @@ class StageConfig(Section):
     save_every: int = Field(0, ge=0, description="steps between resumable checkpoints (0: only at the end)")
     eval_every: int = Field(0, ge=0)
     learner: LearnerConfig = LearnerConfig()
+    max_failures: int = Field(1, ge=0, description="Ray Train restarts of a failed worker group (from the last "
+                              "checkpoint) before the stage fails")
     margin: Optional[float] = Field(None, description="Bradley-Terry margin (reward model only)")
 
 
@@ -262,6 +264,8 @@ class RunConfig(Section):
     output_dir: str = "runs/run"
     seed: int = 0
     stages: tuple[Literal["sft", "rm", "rl"], ...] = ("sft", "rm", "rl")
+    storage_path: Optional[str] = Field(None, description="where Ray Train keeps offline-stage checkpoints "
+                                        "(shared storage on a multi-node cluster); default: output_dir")
 
 
 class Config(Section):

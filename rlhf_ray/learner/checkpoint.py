@@ -78,6 +78,13 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
     return max(steps)[1] if steps else None
 
 
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the `keep` newest `step_NNNNNN` folders under `root` (the one pruning rule)."""
+    steps = sorted(p for p in Path(root).glob("step_*") if p.is_dir())
+    for old in steps[:max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True))
 

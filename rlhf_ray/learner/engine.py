@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
@@ -22,16 +21,11 @@ from rlhf_ray.learner import build, checkpoint, weights
 from rlhf_ray.learner.ds_config import deepspeed_config, lr_lambda
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.utils.device import Backend
+from rlhf_ray.utils.net import free_port
 
 Batch = dict[str, torch.Tensor]
 # loss_fn(learner, micro_batch) -> (scalar loss, {name: float}); the learner gives it the forward passes.
 LossFn = Callable[["Learner", Batch], tuple[torch.Tensor, dict]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_process_group(backend: Backend) -> None:
@@ -46,7 +40,7 @@ def ensure_process_group(backend: Backend) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(dist_backend=backend.dist_backend, auto_mpi_discovery=False)
 
 

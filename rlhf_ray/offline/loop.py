@@ -1,117 +1,125 @@
-"""The loop shared by the SFT and reward-model stages: batches -> group.train_step -> log / eval / save.
+"""The driver of an offline stage (SFT, reward model, DPO): one Ray Train job (`TorchTrainer`) whose workers
+run `rlhf_ray.offline.worker.train_loop`, and a follower that feeds rank 0's step stats to the progress bar
+and our metric sinks.
 
-Data order is a pure function of (seed, epoch): epoch e visits the training examples in the order of a
-permutation seeded with `seed + e`, in batches of `batch_size` (a last partial batch is not used). So the
-data position is just the optimizer step, and a resumed run sees exactly the batches it would have seen.
+Ray Train owns scaling (`ScalingConfig` from the stage's learner section), checkpoints (`RunConfig(name,
+storage_path)`: the run folder unless `run.storage_path` names shared storage, `num_to_keep` pruning),
+and recovery: `FailureConfig(max_failures)` restarts a failed worker group from the last checkpoint within
+a run, and `train --resume` starts the same `RunConfig` again, which Ray Train restores from its snapshot.
 """
 from __future__ import annotations
 
+import queue as queue_lib
 import shutil
-import time
-from dataclasses import dataclass
+import threading
 from pathlib import Path
-from typing import Callable, Optional
-
-import torch
+from typing import Callable
 
 from rlhf_ray.config.schema import Config, StageConfig
-from rlhf_ray.learner.checkpoint import latest_checkpoint
-from rlhf_ray.learner.group import LearnerGroup
+from rlhf_ray.offline.data import StageData, plan
 from rlhf_ray.offline.metrics import MetricsLogger
+from rlhf_ray.offline.worker import StageJob, clear_staging, train_loop
 
 KEEP_CHECKPOINTS = 2
 
 
-@dataclass
-class StageData:
-    train: list[dict]                         # encoded examples
-    eval: list[dict]
-    collate: Callable[[list[dict]], dict]     # examples -> batch of tensors
-    info: dict                                # counts for the log (rows read, skipped, truncated, ...)
-
-
-def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def plan(name: str, stage: StageConfig, n_train: int) -> tuple[int, int]:
-    """-> (steps per epoch, total optimizer steps)."""
-    from rlhf_ray.config import ConfigError
-    per_epoch = n_train // stage.batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"{name}.batch_size={stage.batch_size} is larger than the {n_train} training examples")
-    if stage.batch_size % stage.learner.num_ranks:
-        raise ConfigError(f"{name}.batch_size={stage.batch_size} must be divisible by {name}.learner.num_ranks="
-                          f"{stage.learner.num_ranks}")
-    total = per_epoch * stage.epochs
-    return per_epoch, min(total, stage.max_steps) if stage.max_steps else total
-
-
-def evaluate(group: LearnerGroup, data: StageData, eval_fn: Callable, batch_size: int) -> dict:
-    """Row-weighted mean of `eval_fn` stats over the eval set (cut to a multiple of the rank count)."""
-    n = len(data.eval) - len(data.eval) % group.num_ranks
-    size = max(group.num_ranks, batch_size - batch_size % group.num_ranks)
-    sums: dict[str, float] = {}
-    for i in range(0, n, size):
-        chunk = data.eval[i:min(i + size, n)]
-        stats = group.evaluate(eval_fn, data.collate(chunk))
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v * len(chunk)
-    if n == 0:
-        return {}
-    return {f"eval/{k}": v / n for k, v in sums.items()} | {"eval/rows": float(n)}
+def train_run_location(cfg: Config, name: str) -> tuple[str, str]:
+    """(storage_path, run name) of a stage's Ray Train run: `<storage>/<run.name>-<stage>`."""
+    storage = cfg.run.storage_path or cfg.run.output_dir
+    return str(Path(storage).resolve()), f"{cfg.run.name}-{name}"
 
 
 def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_path: str, data: StageData,
-              loss_fn: Callable, eval_fn: Callable, out_dir: Path, fresh: bool = False) -> Path:
-    """Train, checkpoint, evaluate and export one offline stage; returns the exported HF folder."""
+              loss_fn: Callable, eval_fn: Callable, out_dir: Path, fresh: bool = False,
+              setup: Callable | None = None) -> Path:
+    """Train, checkpoint, evaluate and export one offline stage on Ray Train; returns the exported HF folder."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from rlhf_ray.utils.device import resolve_backend
     per_epoch, total = plan(name, stage, len(data.train))
-    ckpt_root = out_dir / "checkpoints"
+    storage, run_name = train_run_location(cfg, name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clear_staging(out_dir)
     if fresh:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-    threads = cfg.cluster.torch_threads or max(1, int(stage.learner.cpus_per_rank))
-    group = LearnerGroup(cfg.model, stage.learner, kind=kind, init_path=init_path, total_steps=total,
-                         device=cfg.cluster.device, seed=cfg.run.seed, num_threads=threads,
-                         placement_strategy=cfg.cluster.placement_strategy)
+        shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+    metrics = Queue(actor_options={"num_cpus": 0})
+    job = StageJob(name=name, cfg=cfg, stage=stage, kind=kind, init_path=init_path, data=data, loss_fn=loss_fn,
+                   eval_fn=eval_fn, out_dir=str(out_dir.resolve()), total_steps=total, steps_per_epoch=per_epoch,
+                   metrics=metrics, setup=setup)
+    learner = stage.learner
+    resources = {"CPU": learner.cpus_per_rank} | ({"GPU": learner.gpus_per_rank} if learner.gpus_per_rank else {})
+    trainer = TorchTrainer(
+        train_loop, train_loop_config={"job": job},
+        # The device picks the collective backend (gloo on CPU, also when a CPU node advertises logical GPUs).
+        torch_config=TorchConfig(backend=resolve_backend(cfg.cluster.device, cfg.model.dtype).dist_backend),
+        scaling_config=ScalingConfig(num_workers=learner.num_ranks, use_gpu=learner.gpus_per_rank > 0,
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.cluster.placement_strategy),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=stage.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
+    follower = MetricsFollower(metrics, lambda start: _logger(name, cfg, data, out_dir, total, start))
+    follower.start()
     try:
-        start = 0
-        resume_from: Optional[Path] = latest_checkpoint(ckpt_root)
-        if resume_from is not None:
-            start = int(group.load_checkpoint(str(resume_from))["step"])
-        logger = MetricsLogger(out_dir, cfg.logging, total_steps=total, start_step=start, title=name)
-        logger.log(start, {f"data/{k}": float(v) for k, v in data.info.items()}
-                   | {"resumed_from_step": float(start)}, advance=False)
-        for step in range(start, total):
-            epoch, pos = divmod(step, per_epoch)
-            order = epoch_order(len(data.train), epoch, cfg.run.seed)
-            idx = order[pos * stage.batch_size:(pos + 1) * stage.batch_size]
-            t0 = time.perf_counter()
-            stats = group.train_step(loss_fn, data.collate([data.train[i] for i in idx]))
-            stats["time/step_s"] = time.perf_counter() - t0
-            stats["epoch"] = epoch + pos / per_epoch
-            if stage.eval_every and (step + 1) % stage.eval_every == 0 and data.eval:
-                stats |= evaluate(group, data, eval_fn, stage.batch_size)
-            logger.log(step + 1, stats)
-            if stage.save_every and (step + 1) % stage.save_every == 0 and step + 1 < total:
-                group.save_checkpoint(str(ckpt_root / f"step_{step + 1:06d}"), {"step": step + 1})
-                _prune(ckpt_root)
-        final_eval = evaluate(group, data, eval_fn, stage.batch_size) if data.eval else {}
-        if final_eval:
-            logger.log(total, final_eval, advance=False)
-        logger.close()
-        if final_eval:
-            print(f"{name}: held-out " + ", ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in final_eval.items()))
-        final = out_dir / "model"
-        group.export_hf(str(final), merge_lora=True)
-        if cfg.model.lora.enabled:
-            group.export_hf(str(out_dir / "adapter"), merge_lora=False)
-        return final
+        trainer.fit()
     finally:
-        group.shutdown()
+        follower.stop()
+        clear_staging(out_dir)
+    return out_dir / "model"
 
 
-def _prune(root: Path) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+def _logger(name: str, cfg: Config, data: StageData, out_dir: Path, total: int, start: int) -> MetricsLogger:
+    logger = MetricsLogger(out_dir, cfg.logging, total_steps=total, start_step=start, title=name)
+    logger.log(start, {f"data/{k}": float(v) for k, v in data.info.items()} | {"resumed_from_step": float(start)},
+               advance=False)
+    return logger
+
+
+class MetricsFollower(threading.Thread):
+    """Drains the workers' queue into a `MetricsLogger`. Messages: ("start", step, {}) when a worker group
+    (re)starts from `step`; ("step", step, stats); ("final", step, held-out stats). A restart after a
+    failure rewinds the sinks to the restored step, so every step is logged once."""
+
+    def __init__(self, q, make_logger: Callable[[int], MetricsLogger]):
+        super().__init__(daemon=True)
+        self.q, self.make_logger = q, make_logger
+        self.logger: MetricsLogger | None = None
+        self.final: dict = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self._drain(timeout=0.2)
+
+    def _drain(self, timeout: float | None) -> None:
+        from ray.util.queue import Empty
+        try:
+            kind, step, stats = self.q.get(timeout=timeout) if timeout else self.q.get_nowait()
+        except (Empty, queue_lib.Empty):
+            return
+        if kind == "start":
+            if self.logger is None:
+                self.logger = self.make_logger(step)
+            else:
+                self.logger.restart(step)
+        elif kind == "step":
+            self.logger.log(step, stats)
+        else:
+            self.final = stats
+            self.logger.log(step, stats, advance=False)
+
+    def stop(self) -> None:
+        """After `fit()`: every put has returned, so what is left in the queue is complete."""
+        self._stop_event.set()
+        self.join()
+        while not self.q.empty():
+            self._drain(timeout=None)
+        if self.logger:
+            self.logger.close()
+        if self.final:
+            print(f"{self.logger.title}: held-out " +
+                  ", ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in self.final.items()))
+        import ray
+        ray.kill(self.q.actor)

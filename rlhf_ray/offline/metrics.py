@@ -13,7 +13,7 @@ class MetricsLogger:
     stage first drops what a killed run logged after its checkpoint, so every step is logged once."""
 
     def __init__(self, out_dir: Path, cfg: LoggingConfig, *, total_steps: int, start_step: int, title: str):
-        self.cfg = cfg
+        self.cfg, self.title = cfg, title
         self.sinks = Sinks(out_dir, cfg, stage=title, resume=start_step > 0)
         if start_step > 0:
             self.sinks.truncate_to(start_step)
@@ -34,6 +34,12 @@ class MetricsLogger:
             shown = {k: v for k, v in stats.items() if k in ("loss", "eval/loss", "eval/accuracy")}
             info = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
             self._progress.update(self._task, advance=1 if advance else 0, info=info)
+
+    def restart(self, start_step: int) -> None:
+        """A worker group restarted from the checkpoint of `start_step`: steps after it are logged again."""
+        self.sinks.truncate_to(start_step)
+        if self._progress:
+            self._progress.update(self._task, completed=start_step)
 
     def close(self) -> None:
         if self._progress:

@@ -15,7 +15,8 @@ from rlhf_ray.config.schema import Config
 from rlhf_ray.data.encode import Limits, collate_preferences, collate_sft, encode_preferences, encode_sft
 from rlhf_ray.data.sources import load_rows, split_eval
 from rlhf_ray.models.kit import resolve_model_path
-from rlhf_ray.offline.loop import StageData, run_stage
+from rlhf_ray.offline.data import StageData
+from rlhf_ray.offline.loop import run_stage
 
 
 # -- losses -------------------------------------------------------------------------------------
@@ -116,3 +117,11 @@ def run_rm(cfg: Config, *, fresh: bool = False, data: Optional[StageData] = None
     return run_stage("rm", cfg, cfg.rm, kind="reward", init_path=init, data=data or prepare(cfg, "rm"),
                      loss_fn=functools.partial(rm_step_loss, margin=cfg.rm.margin), eval_fn=rm_eval,
                      out_dir=stage_dir(cfg, "rm"), fresh=fresh)
+
+
+def run_offline_stage(cfg: Config, stage: str, *, fresh: bool = False, data: Optional[StageData] = None) -> Path:
+    """Run the offline stage named `stage` ("sft" or "rm"); needs Ray up."""
+    return OFFLINE_STAGES[stage](cfg, fresh=fresh, data=data)
+
+
+OFFLINE_STAGES = {"sft": run_sft, "rm": run_rm}

@@ -1,0 +1,140 @@
+"""What runs inside each Ray Train worker of an offline stage: one `Learner` (DeepSpeed) per rank, the loop
+over batches, evaluation, checkpoints through Ray Train's checkpoint API, the final export.
+
+Why Ray Train here, and a controller-driven rank group for the RL learner (`learner/group.py`): an offline
+stage is one loop over a fixed dataset that a trainer can own from start to end (`TorchTrainer.fit()`), so
+Ray Train's checkpoint bookkeeping, failure retries, scaling and train state come with it. The RL learner
+is called step by step by the RL controller, between generation and scoring, with its model resident
+across calls (the verl / OpenRLHF pattern); a trainer that owns the loop cannot be driven that way.
+
+Every rank calls `ray.train.report` once per step (it is a barrier and Ray Train requires equal counts);
+a checkpoint rides on the report of every `save_every`-th step. Rank 0 also streams each step's stats to
+the driver (`metrics`, a Ray queue), where the progress bar and our metric sinks live.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rlhf_ray.config.schema import Config, StageConfig
+from rlhf_ray.learner.dispatch import micro_batches, split_batch
+from rlhf_ray.offline.data import StageData, batch_indices
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """Everything a worker needs, sent once through `train_loop_config`."""
+
+    name: str                 # "sft" | "rm" | "dpo"
+    cfg: Config
+    stage: StageConfig
+    kind: str                 # learner kind: "policy" | "reward"
+    init_path: str
+    data: StageData
+    loss_fn: Callable         # (learner, micro_batch) -> (loss, stats)
+    eval_fn: Callable         # (learner, micro_batch) -> stats
+    out_dir: str              # the stage's folder (shared by every node): staging, export
+    total_steps: int
+    steps_per_epoch: int
+    metrics: Any              # ray.util.queue.Queue: rank 0 -> driver
+    setup: Callable = None    # optional (learner) -> None, run once after the learner is built (DPO reference)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's `train_loop_per_worker`."""
+    import ray.train
+
+    from rlhf_ray.learner.engine import Learner
+    from rlhf_ray.utils.device import resolve_backend
+    job: StageJob = config["job"]
+    cfg, stage = job.cfg, job.stage
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.cluster.torch_threads or max(1, int(stage.learner.cpus_per_rank))
+    # Ray Train's TorchConfig has set up the process group; DeepSpeed joins it.
+    learner = Learner(cfg.model, stage.learner, kind=job.kind, init_path=job.init_path,
+                      backend=resolve_backend(cfg.cluster.device, cfg.model.dtype),
+                      total_steps=job.total_steps, seed=cfg.run.seed, num_threads=threads)
+    if job.setup is not None:
+        job.setup(learner)
+    start = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as path:
+            start = int(learner.load_checkpoint(path)["step"])
+    if rank == 0:
+        job.metrics.put(("start", start, {}))
+    staging = Path(job.out_dir) / ".staging"
+    for step in range(start, job.total_steps):
+        t0 = time.perf_counter()
+        batch = job.data.collate([job.data.train[i] for i in batch_indices(
+            len(job.data.train), step, job.steps_per_epoch, stage.batch_size, cfg.run.seed)])
+        shard = split_batch(batch, world)[rank]
+        stats = mean_over_ranks(learner.train_step(job.loss_fn, micro_batches(shard, stage.learner.micro_batch_size)))
+        stats["time/step_s"] = time.perf_counter() - t0
+        stats["epoch"] = step / job.steps_per_epoch
+        if stage.eval_every and (step + 1) % stage.eval_every == 0 and job.data.eval:
+            stats |= evaluate(learner, job.data, job.eval_fn, stage.batch_size, rank, world)
+        if rank == 0:
+            job.metrics.put(("step", step + 1, stats))
+        save = stage.save_every and (step + 1) % stage.save_every == 0 and step + 1 < job.total_steps
+        _report(stats, step + 1, learner, staging if save else None, rank)
+    final_eval = evaluate(learner, job.data, job.eval_fn, stage.batch_size, rank, world) if job.data.eval else {}
+    if rank == 0 and final_eval:
+        job.metrics.put(("final", job.total_steps, final_eval))
+    learner.export_hf(Path(job.out_dir) / "model", merge_lora=True)
+    if cfg.model.lora.enabled:
+        learner.export_hf(Path(job.out_dir) / "adapter", merge_lora=False)
+
+
+def _report(stats: dict, step: int, learner, staging: Path | None, rank: int) -> None:
+    """`ray.train.report` on every rank; with `staging`, the ranks first write one checkpoint there together
+    (the stage folder is shared storage) and rank 0 hands it to Ray Train, which copies it into the run."""
+    import ray.train
+    from ray.train import Checkpoint
+    if staging is None:
+        ray.train.report({**stats, "step": step})
+        return
+    name = f"step_{step:06d}"
+    learner.save_checkpoint(staging / name, {"step": step})
+    ray.train.report({**stats, "step": step},
+                     checkpoint=Checkpoint.from_directory(str(staging / name)) if rank == 0 else None,
+                     checkpoint_dir_name=name, delete_local_checkpoint_after_upload=rank == 0)
+
+
+def mean_over_ranks(stats: dict) -> dict:
+    """Rank-mean of each statistic (ranks hold equal row counts, so this is the batch mean)."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+
+
+def evaluate(learner, data: StageData, eval_fn: Callable, batch_size: int, rank: int, world: int) -> dict:
+    """Row-weighted mean of `eval_fn` stats over the eval set (cut to a multiple of the rank count); every
+    rank scores its share of each chunk, then the sums meet in one all-reduce."""
+    n = len(data.eval) - len(data.eval) % world
+    if n == 0:
+        return {}
+    size = max(world, batch_size - batch_size % world)
+    sums: dict[str, float] = {}
+    learner.engine.eval()
+    with torch.no_grad():
+        for i in range(0, n, size):
+            chunk = data.eval[i:min(i + size, n)]
+            for k, v in eval_fn(learner, split_batch(data.collate(chunk), world)[rank]).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+    means = mean_over_ranks({k: v / n for k, v in sums.items()})
+    return {f"eval/{k}": v for k, v in means.items()} | {"eval/rows": float(n)}
+
+
+def clear_staging(out_dir: Path) -> None:
+    shutil.rmtree(out_dir / ".staging", ignore_errors=True)
