@@ -10,3 +10,7 @@ REGISTER: list = [cli_run.register]
 from rlhf_ray.offline import cli as offline_cli  # noqa: E402  (sft, rm)
 
 REGISTER.append(offline_cli.register)
+
+from rlhf_ray.placement import report as plan_cli  # noqa: E402  (plan)
+
+REGISTER.append(plan_cli.register)
