@@ -110,9 +110,12 @@ def _check(key, items, capacity, cfg, shapes, specs, seq) -> list[str]:
             tp = cfg.rollout.tensor_parallel_size
             need = shape.kv_bytes_per_token(2.0, tp) * seq
             if i.bytes < need:
+                taken = ", ".join(f"{j.name} {j.bytes / GiB:.1f} GiB" for j in items
+                                  if j.role == "generator" and j.name.startswith("engine") and not j.host)
                 out.append(f"node {node} GPU {gpu}: generator KV cache gets {i.bytes / GiB:.2f} GiB of "
-                           f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization:g} after the engine's "
-                           f"weights, but one sequence of {seq} tokens needs {need / GiB:.2f} GiB")
+                           f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization:g} x "
+                           f"{capacity / GiB:g} GiB after {taken}, but one sequence of {seq} tokens needs "
+                           f"{need / GiB:.2f} GiB")
     if not capacity:
         return out
     phase, total = peak(items)

@@ -194,7 +194,8 @@ def _pack(asks: list[Bundle], cluster: ClusterSpec) -> list[Bundle]:
 
 def _unplaceable(b: Bundle, cluster: ClusterSpec, free_gpu, free_cpu) -> None:
     what = f"{b.gpu_ask:g} GPU(s) and {b.cpus:g} CPU(s) on one node" if b.gpu_ask else f"{b.cpus:g} CPU(s)"
-    left = "; ".join(f"node {n}: {sum(g):g} GPU, {c:g} CPU free" for n, (g, c) in enumerate(zip(free_gpu, free_cpu)))
+    left = "; ".join(f"node {n}: {sum(g):g} GPU" + (f", {c:g} CPU" if c != float("inf") else "") + " free"
+                     for n, (g, c) in enumerate(zip(free_gpu, free_cpu)))
     raise PlanError(f"{'+'.join(b.roles)} #{b.index} asks for {what}, which the cluster "
                     f"({len(cluster.nodes)} node(s), {cluster.gpus} GPUs) no longer has after the larger asks "
                     f"({left})")
