@@ -78,6 +78,10 @@ class Plan:
     roles: tuple[str, ...]     # the roles this run starts
     memory: dict = field(default_factory=dict)       # (node, gpu) -> [Item]; empty until `budget` ran
     micro_batches: dict = field(default_factory=dict)  # role -> scoring micro-batch (reference, reward)
+    # Simulation: Ray's nodes declare logical GPUs on a CPU machine (`ray.cluster_utils.Cluster`). The
+    # asks and bundles stay those of the GPU plan; every role computes on CPU with gloo, because an actor
+    # holding logical GPUs sees CUDA_VISIBLE_DEVICES set while torch.cuda.is_available() stays false.
+    simulated: bool = False
 
     def bundles_of(self, role: str) -> list[Bundle]:
         return [b for b in self.bundles if role in b.roles]
@@ -90,7 +94,11 @@ class Plan:
 
     def role_device(self, role: str) -> str:
         """cuda only for a role whose process asked for a GPU: Ray hides GPUs from the others."""
-        return "cuda" if self.device == "cuda" and self.bundle(role).gpu_ask > 0 else "cpu"
+        return "cuda" if self.device == "cuda" and self.bundle(role).gpu_ask > 0 and not self.simulated else "cpu"
+
+    def dist_backend(self, role: str) -> str:
+        """nccl only where the role really computes on CUDA: tell Ray Train / torch.distributed gloo otherwise."""
+        return "nccl" if self.role_device(role) == "cuda" else "gloo"
 
     def asks(self) -> dict[str, dict[str, float]]:
         """{role: {"CPU": n, "GPU": n}} summed over its processes (a colocated process counts once, under
@@ -201,14 +209,16 @@ def _unplaceable(b: Bundle, cluster: ClusterSpec, free_gpu, free_cpu) -> None:
                     f"({left})")
 
 
-def place(cfg: "Config", cluster: Optional[ClusterSpec] = None) -> Plan:
-    """Resources only (no model files read): fast enough for config validation."""
+def place(cfg: "Config", cluster: Optional[ClusterSpec] = None, simulate: bool = False) -> Plan:
+    """Resources only (no model files read): fast enough for config validation. `simulate`: the same
+    placement on logical GPUs, every role computing on CPU (see `Plan.simulated`)."""
     cluster = cluster or ClusterSpec.from_config(cfg.cluster)
     device = resolve_device(cfg, cluster)
     roles = run_roles(cfg)
     bundles = _pack(_asks(cfg, roles, device), cluster)
     return Plan(cfg.cluster.placement, device, cluster, tuple(bundles),
-                engine_sleeps=cfg.cluster.placement == "colocated" and device == "cuda", roles=roles)
+                engine_sleeps=cfg.cluster.placement == "colocated" and device == "cuda" and not simulate, roles=roles,
+                simulated=simulate)
 
 
 def role_dtype(cfg: "Config", plan: Plan, role: str) -> str:
