@@ -22,6 +22,28 @@ def _who(b) -> str:
     return "+".join(b.roles) + f" #{b.index}{share}" if len(b.roles) == 1 else f"worker #{b.index} [{'+'.join(b.roles)}]{share}"
 
 
+def _runs(rows) -> list[str]:
+    """One line per run of GPUs that hold one multi-GPU process or consecutive ranks of one role."""
+    runs: list[list] = []  # [first GPU, last GPU, bundles in order]; a run only ever holds single-bundle GPUs
+    for g, bundles in rows:
+        if runs and len(bundles) == 1 and runs[-1][1] == g - 1 and runs[-1][2] is not None:
+            prev, b = runs[-1][2][-1], bundles[0]
+            if b is prev or (b.roles == prev.roles and b.gpu_ask >= 1 and b.index == prev.index + 1):
+                runs[-1][1] = g
+                if b is not prev:
+                    runs[-1][2].append(b)
+                continue
+        runs.append([g, g, list(bundles) if len(bundles) == 1 else None, bundles])
+    lines = []
+    for run in runs:
+        first, last, chain = run[0], run[1], run[2]
+        gpu = f"GPU {first}" if first == last else f"GPUs {first}-{last}"
+        who = ", ".join(_who(b) for b in run[-1]) if chain is None else \
+            _who(chain[0]) + (f" ... {_who(chain[-1])}" if len(chain) > 1 else "")
+        lines.append(f"  {gpu}: {who}")
+    return lines
+
+
 def format_plan(plan: Plan, name: str = "") -> str:
     c = plan.cluster
     lines = [f"plan {name}: placement={plan.placement} device={plan.device} "
@@ -30,8 +52,8 @@ def format_plan(plan: Plan, name: str = "") -> str:
     for n in sorted({b.node for b in plan.bundles}):
         lines.append(f"node {n}")
         gpus = sorted({g for b in plan.bundles if b.node == n for g in b.gpus})
-        for g in gpus:
-            lines.append(f"  GPU {g}: " + ", ".join(_who(b) for b in plan.bundles if b.node == n and g in b.gpus))
+        rows = [(g, [b for b in plan.bundles if b.node == n and g in b.gpus]) for g in gpus]
+        lines += _runs(rows)
         cpu_only = [b for b in plan.bundles if b.node == n and not b.gpus]
         if cpu_only:
             lines.append("  CPU only: " + ", ".join(f"{_who(b)} ({b.cpus:g} CPU)" for b in cpu_only))

@@ -125,3 +125,9 @@ def test_colocated_puts_every_role_in_one_process_per_device():
     plan = place(cfg)
     assert [b.roles for b in plan.bundles] == [("policy", "critic", "generator", "reference", "reward")] * 2
     assert plan.bundle("critic", 1) is plan.bundles[1] and not plan.engine_sleeps
+
+
+def test_the_placement_lines_name_node_gpu_and_roles(hub, capsys):
+    assert main(["plan", str(ROOT / "configs/gpu/llama3.1-70b-4x8xh100.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "node 0\n  GPUs 0-7: generator #0\n" in out and "node 3\n  GPUs 0-7: policy #8 ... policy #15\n" in out
