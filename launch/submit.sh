@@ -6,7 +6,7 @@
 # Before anything is uploaded it (1) validates the config here, so a typo fails in a second, not on the
 # cluster; (2) checks the size of what would be uploaded as the job's working dir (the repo without .venv,
 # runs, caches), since an oversized working dir is a common way for job submission to fail. Ray's token
-# authentication stays on: the client uses the token the head wrote (~/.ray/auth_token) or RAY_AUTH_TOKEN.
+# authentication is always on: the client sends the token the head wrote (~/.ray/auth_token) or RAY_AUTH_TOKEN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ADDRESS=${RAY_API_SERVER_ADDRESS:-${RAY_ADDRESS:-http://127.0.0.1:8265}}
@@ -39,10 +39,13 @@ if [ "$size_kb" -gt $((LIMIT_MB * 1024)) ]; then
   exit 2
 fi
 
-# 3. Token auth: use the token when one is available (the default for clusters started with `ray start`).
-if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
-  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+# 3. Token auth, always: the client sends the token the head wrote (~/.ray/auth_token, copied here) or
+#    RAY_AUTH_TOKEN. Without one there is nothing to send, so say how to get it instead of a 401 later.
+if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
+  echo "submit: no Ray auth token here: copy ~/.ray/auth_token from the head node or set RAY_AUTH_TOKEN" >&2
+  exit 2
 fi
+export RAY_AUTH_MODE=token
 
 RUNTIME_ENV=$(printf '{"excludes": %s}' "$EXCLUDES")
 ARGS=(--address "$ADDRESS" --working-dir . --runtime-env-json "$RUNTIME_ENV")

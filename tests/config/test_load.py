@@ -43,8 +43,8 @@ def test_yaml_then_overrides(tmp_path):
     (["rollout.sync.mode=adapter"], "needs model.lora.enabled=true"),
     (["reward.sources=[{kind: function, path: nocolon}]"], "module:function"),
     (["run.stages=[rl]"], "has no 'rm' stage"),
-    (["cluster.device=cuda", "cluster.gpus_per_node=1", "rl.policy.gpus_per_rank=1", "rollout.gpus_per_engine=1"],
-     "the roles ask for 2 GPUs"),
+    (["cluster.device=cuda", "cluster.gpus_per_node=1", "rl.policy.gpus_per_rank=1", "rollout.gpus_per_engine=1",
+      "cluster.placement=distributed"], "generator #0 asks for 1 GPU(s)"),
 ])
 def test_bad_configs_name_the_problem(overrides, expected):
     with pytest.raises(ConfigError) as e:

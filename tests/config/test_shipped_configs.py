@@ -31,3 +31,13 @@ def test_qlora_4090_is_a_single_gpu_adapter_run():
 def test_70b_spans_four_nodes():
     cfg = load_config(next(p for p in CONFIGS if p.name == "llama3.1-70b-4x8xh100.yaml"))
     assert cfg.cluster.num_nodes == 4 and cfg.rollout.tensor_parallel_size == 8
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "gpu" in p.parts], ids=lambda p: p.name)
+def test_gpu_configs_name_models_a_user_can_get(path):
+    """Hub ids (or built-ins), never a folder that exists only on the author's machine; placement explicit."""
+    from rlhf_ray.models.hub import is_hub_id
+    cfg = load_config(path)
+    models = [cfg.model.path, cfg.reference.path] + [s.path for s in cfg.reward.sources if s.kind == "model"]
+    assert all(m is None or is_hub_id(m) or m.startswith(("builtin:", "stage:")) for m in models), models
+    assert "placement:" in path.read_text()

@@ -1,0 +1,56 @@
+"""The plan made real on Ray: one STRICT_PACK placement group per planned node, and the options each
+role's actor is started with. Nothing here decides a number; it all comes from the `Plan`.
+
+    groups = reserve(plan)                                   # waits until every node group is placed
+    Actor.options(**actor_options(plan, groups, "policy", rank)).remote(...)
+    ...
+    release(groups)
+"""
+from __future__ import annotations
+
+from rlhf_ray.placement.plan import Bundle, Plan, PlanError
+
+
+def _resources(b: Bundle) -> dict[str, float]:
+    return {"CPU": b.cpus, **({"GPU": b.gpu_ask} if b.gpu_ask else {})}  # Ray rejects zero-valued resources
+
+
+def _node_bundles(plan: Plan, node: int) -> list[Bundle]:
+    return [b for b in plan.bundles if b.node == node]
+
+
+def reserve(plan: Plan, timeout_s: float = 600.0) -> dict[int, object]:
+    """{planned node: placement group}. A group that Ray cannot place within `timeout_s` is an error that
+    names its roles (instead of actors pending forever)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    groups = {n: placement_group([_resources(b) for b in _node_bundles(plan, n)], strategy="STRICT_PACK",
+                                 name=f"rlhf-ray-node{n}")
+              for n in sorted({b.node for b in plan.bundles})}
+    ready, pending = ray.wait([g.ready() for g in groups.values()], num_returns=len(groups), timeout=timeout_s)
+    if pending:
+        waiting = [n for n, g in groups.items() if g.ready() not in ready]
+        for g in groups.values():
+            remove_placement_group(g)
+        roles = sorted({"+".join(b.roles) for n in waiting for b in _node_bundles(plan, n)})
+        raise PlanError(f"Ray could not place planned node(s) {waiting} ({', '.join(roles)}) within {timeout_s:g} s: "
+                        f"the cluster has no node with those GPUs and CPUs free (see `ray status`)")
+    return groups
+
+
+def actor_options(plan: Plan, groups: dict, role: str, index: int = 0) -> dict:
+    """num_cpus, num_gpus and the placement-group bundle of `role` #index (a colocated process is found
+    under any of its roles)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    b = plan.bundle(role, index)
+    return dict(num_cpus=b.cpus, num_gpus=b.gpu_ask, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=groups[b.node], placement_group_bundle_index=_node_bundles(plan, b.node).index(b),
+        placement_group_capture_child_tasks=True))
+
+
+def release(groups: dict) -> None:
+    from ray.util.placement_group import remove_placement_group
+    for g in groups.values():
+        remove_placement_group(g)
