@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         cause = unwrap(e)
         if isinstance(cause, (RunError, FileNotFoundError)):
             print(f"rlhf-ray: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+            if getattr(cause, "detail", ""):  # the user's own traceback (their reward function), never Ray's
+                print(cause.detail, file=sys.stderr)
             return 1
         raise
 

@@ -1,16 +1,48 @@
 """CLI commands that run the product: `train` (the pipeline, local or on a cluster) and `serve`."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import signal
 import time
 from pathlib import Path
 
 
+class ResumeFlag(argparse.Action):
+    """`--resume` or `--resume=auto`. argparse hands a bare `--resume` the next word (the config file)
+    as its value: that word goes back in front of the positionals."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value in (None, "required", "auto"):
+            setattr(namespace, self.dest, value or "required")
+        elif "=" in value or value.endswith((".yaml", ".yml")) or os.path.exists(value):
+            setattr(namespace, self.dest, "required")
+            namespace.resume_spill = value
+        else:
+            parser.error(f"--resume takes no value or =auto, got {value!r}")
+
+
+def _unspill(args) -> None:
+    spill = getattr(args, "resume_spill", None)
+    if not spill:
+        return
+    if args.config is None:
+        args.config = spill
+    elif spill.endswith((".yaml", ".yml")):  # `--resume CONFIG k=v`: the config came first
+        args.config, args.overrides = spill, [args.config, *args.overrides]
+    else:  # `CONFIG [k=v ...] --resume k=v`
+        args.overrides = [*args.overrides, spill]
+
+
 def cmd_train(args, load) -> int:
     from rlhf_ray.pipeline import run_pipeline
+    from rlhf_ray.preflight import preflight, resume_wanted
+    _unspill(args)
     cfg = load(args)  # validated before Ray starts
-    results = run_pipeline(cfg, resume=args.resume)
+    resume = resume_wanted(cfg, args.resume)
+    preflight(cfg)  # every input knowable before Ray starts
+    results = run_pipeline(cfg, resume=resume)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -51,8 +83,9 @@ def cmd_serve(args, load) -> int:
 def register(sub, add_config_args, load) -> None:
     p = sub.add_parser("train", help="run the pipeline the config asks for (SFT -> reward model -> RL) on Ray")
     add_config_args(p)
-    p.add_argument("--resume", action="store_true",
-                   help="skip finished stages and continue RL from its latest checkpoint")
+    p.add_argument("--resume", nargs="?", const="required", default=None, action=ResumeFlag,
+                   help="skip finished stages and continue from the latest checkpoint; refuses when there is "
+                        "none, unless --resume=auto (start fresh then: for job retries)")
     p.set_defaults(func=lambda a: cmd_train(a, load))
     p = sub.add_parser("serve", help="serve the trained policy (OpenAI-compatible) or the reward model over HTTP")
     add_config_args(p)

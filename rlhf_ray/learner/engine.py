@@ -75,6 +75,7 @@ class Learner:
         ds = deepspeed_config(learner_cfg, world_size=dist.get_world_size(), dtype=backend.dtype)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds, model_parameters=params)
+        checkpoint.weights_only_loads(self.engine)  # no unpickling of checkpoint files
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.version = 0
         self._score_hook_out: Optional[torch.Tensor] = None
@@ -203,7 +204,7 @@ class Learner:
         dist.barrier()
         self.engine.save_checkpoint(str(tmp), tag="state", client_state={"version": self.version},
                                     save_latest=False, exclude_frozen_parameters=self.lora)
-        torch.save(checkpoint.rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        checkpoint.save_rng(tmp / f"rng_rank{self.rank}.json")
         if self.rank == 0:
             checkpoint.write_json(tmp / "extra_state.json", extra_state)
         dist.barrier()
@@ -219,7 +220,7 @@ class Learner:
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
         self.version = int(client["version"])
-        checkpoint.set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+        checkpoint.load_rng(path / f"rng_rank{self.rank}.json")
         return json.loads((path / "extra_state.json").read_text())
 
     def export_hf(self, path: str | Path, merge_lora: bool = True) -> None:
