@@ -55,11 +55,18 @@ ROLE_OF_CLASS = {"RewardActor": "reward", "ReferenceActor": "reference", "Policy
 
 
 def _role_from_ray(exc: BaseException, names: dict[str, str]) -> Optional[str]:
-    actor_id = getattr(exc, "actor_id", None) or getattr(exc, "_actor_id", None)
-    if actor_id and actor_id in names:
-        return names[actor_id]
-    fn = getattr(exc, "function_name", "") or ""
-    m = re.search(r"class_name: (\w+)", str(getattr(exc, "error_msg", ""))) or re.match(r"(\w+)\.", fn)
+    """The role an error came from. Ray's wrappers keep the actor id and class only in their text
+    (`ray::RewardActor.score() (pid=.., actor_id=..)`, or `class_name: X` when the process died)."""
+    if type(exc).__module__.startswith("ray") or "RayTaskError" in type(exc).__name__:
+        text = str(exc)
+    else:
+        return None
+    actor_id = getattr(exc, "actor_id", None)
+    m = re.search(r"actor_id[=:] ?([0-9a-f]{16,})", text)
+    for candidate in (actor_id, m.group(1) if m else None):
+        if candidate and candidate in names:
+            return names[candidate]
+    m = re.search(r"class_name: (\w+)", text) or re.search(r"ray::(\w+)\.", text)
     if m:
         return ROLE_OF_CLASS.get(m.group(1), m.group(1))
     return None

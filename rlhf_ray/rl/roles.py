@@ -75,7 +75,9 @@ class Roles:
             ref_path = paths.resolve(cfg.reference.path or paths.policy_init)
             self.reference = ReferenceActor.options(num_cpus=0.5).remote(
                 ref_path, dtype=backend.dtype, device=backend.device, temperature=cfg.rollout.temperature)
-        self.reward = RewardActor.options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(
+        # [reliability hook] a reward process that dies is restarted once and its call retried once
+        self.reward = RewardActor.options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus,
+                                          max_restarts=1, max_task_retries=1).remote(
             cfg.reward, resolve_path=paths.resolve, device=backend.device)
         self.generator = GeneratorGroup.from_config(cfg, self._generator_base(cfg, paths))
         self.generator_threads = max(1, int(cfg.rollout.cpus_per_engine))
@@ -98,7 +100,15 @@ class Roles:
     def generate(self, prompts: list, n: int, step: int):
         """Sample n per prompt. Step s is seeded from (run seed, s), so a resumed run samples exactly what
         the uninterrupted run would have."""
-        return self.submit(prompts, n, step).result()
+        # [reliability hook] an engine that died mid-call: Ray restarts it, `submit` re-syncs it to the
+        # current weights, and the same prompts with the same seed are sampled again (no step lost).
+        for attempt in range(2):
+            try:
+                return self.submit(prompts, n, step).result()
+            except ray.exceptions.RayActorError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def submit(self, prompts: list, n: int, step: int):
         """Start sampling step `step`'s rollouts; `.result()` waits for them."""
