@@ -36,7 +36,9 @@ def resolve_model_path(spec: str) -> str:
         return str(_cached(name if version == 1 else f"{name}-v{version}", BUILDERS[name]))
     if not Path(spec).exists():
         raise FileNotFoundError(f"model path {spec!r} does not exist (and is not a builtin: name)")
-    if Path(spec).is_dir() and not (Path(spec) / "config.json").is_file() and not any(Path(spec).glob("*.gguf")):
+    folder = Path(spec)
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")) \
+            and not any(folder.glob("*.gguf")):
         raise FileNotFoundError(f"the folder {spec} holds no model (no config.json); give a Hugging Face model "
                                 f"folder or a builtin: name")
     return spec
