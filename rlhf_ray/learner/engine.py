@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.config.schema import LearnerConfig, ModelConfig
-from rlhf_ray.learner import build, checkpoint, weights
+from rlhf_ray.learner import build, checkpoint, finite, weights
 from rlhf_ray.learner.ds_config import deepspeed_config, lr_lambda
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.utils.device import Backend
@@ -157,17 +157,29 @@ class Learner:
         for i, (mb, n) in enumerate(zip(micro_batches, rows)):
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss, stats = loss_fn(self, self._device(mb))
-            self.engine.backward(loss * (n / total), scale_wrt_gas=False)
-            if i == len(micro_batches) - 1:
-                unclipped = self._grad_norm_before_step()
+            # [reliability hook] a non-finite loss or gradient is never applied (learner/finite.py)
+            if (bad := finite.nonfinite(loss=float(loss.detach()))) is None:
+                self.engine.backward(loss * (n / total), scale_wrt_gas=False)
+                if i == len(micro_batches) - 1:
+                    unclipped = self._grad_norm_before_step()
+                    bad = finite.nonfinite(grad_norm=unclipped)
+            if bad is not None:
+                return self._refuse_step(bad, i)
             self.engine.step()
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n / total
+        sums[f"{self.kind}/nonfinite_skipped"] = 0.0
         self.version += 1
         norm = self.engine.get_global_grad_norm() if unclipped is None else unclipped
         sums["grad_norm"] = float(norm) if norm is not None else float("nan")
         sums["lr"] = float(self.engine.get_lr()[0])
         return sums
+
+    def _refuse_step(self, problem: str, micro_batch: int) -> dict:
+        """Drop the accumulated gradients; weights, optimizer and version stay as they were."""
+        self.engine.zero_grad()
+        finite.refuse(problem, self.cfg.on_nonfinite, self.kind, self.version + 1, micro_batch)
+        return {f"{self.kind}/nonfinite_skipped": 1.0}
 
     def _grad_norm_before_step(self) -> Optional[float]:
         """ZeRO-0 keeps whole (already all-reduced) grads in `.grad` and DeepSpeed does not report their
