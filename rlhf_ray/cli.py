@@ -58,8 +58,11 @@ def cmd_models(args) -> int:
 
 def cmd_train(args) -> int:
     from rlhf_ray.pipeline import run_pipeline
+    from rlhf_ray.preflight import preflight, resume_wanted
     cfg = load(args)  # validated before Ray starts
-    print(json.dumps(run_pipeline(cfg, resume=args.resume), indent=2))
+    resume = resume_wanted(cfg, args.resume)
+    preflight(cfg)  # every input knowable before Ray starts
+    print(json.dumps(run_pipeline(cfg, resume=resume), indent=2))
     return 0
 
 
@@ -140,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run the pipeline the config asks for (SFT -> reward model -> RL) on Ray")
     _config_args(p)
-    p.add_argument("--resume", action="store_true",
-                   help="skip finished stages and continue RL from its latest checkpoint")
+    p.add_argument("--resume", choices=["required", "auto"], default=None,
+                   help="skip finished stages and continue from the latest checkpoint; a bare --resume refuses "
+                        "when there is none, --resume=auto starts fresh then (for job retries)")
     p.set_defaults(func=cmd_train)
 
     for stage, text in OFFLINE_HELP.items():
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.config import ConfigError
     from rlhf_ray.errors import RunError, unwrap
     parser = build_parser()
+    # a bare `--resume` means `--resume=required` (an optional value would swallow the config path)
+    argv = ["--resume=required" if a == "--resume" else a for a in (sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -180,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         cause = unwrap(e)
         if isinstance(cause, (RunError, FileNotFoundError)):
             print(f"rlhf-ray: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+            if getattr(cause, "detail", ""):  # the user's own traceback (their reward function), never Ray's
+                print(cause.detail, file=sys.stderr)
             return 1
         raise
 

@@ -95,6 +95,8 @@ class LearnerConfig(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     cpus_per_rank: float = Field(1.0, gt=0)
     gpus_per_rank: float = Field(0.0, ge=0)
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient: stop the run "
+                                                  "naming the step, or skip the step and count it")
 
 
 class StageConfig(Section):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.config.schema import LearnerConfig, ModelConfig
-from rlhf_ray.learner import build, checkpoint, weights
+from rlhf_ray.learner import build, checkpoint, finite, weights
 from rlhf_ray.learner.ds_config import deepspeed_config, lr_lambda
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.utils.device import Backend
@@ -69,6 +69,7 @@ class Learner:
         ds = deepspeed_config(learner_cfg, world_size=dist.get_world_size(), dtype=backend.dtype)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds, model_parameters=params)
+        checkpoint.weights_only_loads(self.engine)  # no unpickling of checkpoint files
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.version = 0
         self._score_hook_out: Optional[torch.Tensor] = None
@@ -150,17 +151,29 @@ class Learner:
         for i, (mb, n) in enumerate(zip(micro_batches, rows)):
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss, stats = loss_fn(self, self._device(mb))
-            self.engine.backward(loss * (n / total), scale_wrt_gas=False)
-            if i == len(micro_batches) - 1:
-                unclipped = self._grad_norm_before_step()
+            # [reliability hook] a non-finite loss or gradient is never applied (learner/finite.py)
+            if (bad := finite.nonfinite(loss=float(loss.detach()))) is None:
+                self.engine.backward(loss * (n / total), scale_wrt_gas=False)
+                if i == len(micro_batches) - 1:
+                    unclipped = self._grad_norm_before_step()
+                    bad = finite.nonfinite(grad_norm=unclipped)
+            if bad is not None:
+                return self._refuse_step(bad, i)
             self.engine.step()
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n / total
+        sums[f"{self.kind}/nonfinite_skipped"] = 0.0
         self.version += 1
         norm = self.engine.get_global_grad_norm() if unclipped is None else unclipped
         sums["grad_norm"] = float(norm) if norm is not None else float("nan")
         sums["lr"] = float(self.engine.get_lr()[0])
         return sums
+
+    def _refuse_step(self, problem: str, micro_batch: int) -> dict:
+        """Drop the accumulated gradients; weights, optimizer and version stay as they were."""
+        self.engine.zero_grad()
+        finite.refuse(problem, self.cfg.on_nonfinite, self.kind, self.version + 1, micro_batch)
+        return {f"{self.kind}/nonfinite_skipped": 1.0}
 
     def _grad_norm_before_step(self) -> Optional[float]:
         """ZeRO-0 keeps whole (already all-reduced) grads in `.grad` and DeepSpeed does not report their
@@ -197,7 +210,7 @@ class Learner:
         dist.barrier()
         self.engine.save_checkpoint(str(tmp), tag="state", client_state={"version": self.version},
                                     save_latest=False, exclude_frozen_parameters=self.lora)
-        torch.save(checkpoint.rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        checkpoint.save_rng(tmp / f"rng_rank{self.rank}.json")
         if self.rank == 0:
             checkpoint.write_json(tmp / "extra_state.json", extra_state)
         dist.barrier()
@@ -213,7 +226,7 @@ class Learner:
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
         self.version = int(client["version"])
-        checkpoint.set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+        checkpoint.load_rng(path / f"rng_rank{self.rank}.json")
         return json.loads((path / "extra_state.json").read_text())
 
     def export_hf(self, path: str | Path, merge_lora: bool = True) -> None:

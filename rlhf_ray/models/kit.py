@@ -40,6 +40,11 @@ def resolve_model_path(spec: str) -> str:
         return resolve_hub_id(spec)
     if not Path(spec).exists():
         raise FileNotFoundError(f"model path {spec!r} does not exist (and is not a builtin: name or an org/name hub id)")
+    folder = Path(spec)
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")) \
+            and not any(folder.glob("*.gguf")):
+        raise FileNotFoundError(f"the folder {spec} holds no model (no config.json); give a Hugging Face model "
+                                f"folder or a builtin: name")
     return spec
 
 

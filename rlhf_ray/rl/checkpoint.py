@@ -3,16 +3,23 @@
     checkpoints/step_000010/{policy/, critic/, controller.json, COMPLETE}
 
 Written under a temporary name and renamed into place with a COMPLETE marker, so a run killed while
-saving leaves the previous checkpoint as the latest complete one, never a half-written one.
+saving leaves the previous checkpoint as the latest complete one, never a half-written one. A save that
+fails (a full disk) removes its partial folder and stops the run with one line; the previous checkpoint
+is pruned only after the new one is in place. A load skips a checkpoint whose files do not match their
+manifest (or that fails to load) and falls back to the one before it.
 """
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+import logging
+from typing import Callable, Optional
 
-from rlhf_ray.learner.checkpoint import latest_checkpoint, publish, temp_dir_for, write_json
+from rlhf_ray.learner.checkpoint import (CheckpointError, complete_checkpoints, damage, publish, temp_dir_for,
+                                         write_json)
+
+log = logging.getLogger(__name__)
 
 KEEP = 2
 
@@ -21,20 +28,44 @@ def save(roles, root: Path, step: int, controller_state: dict) -> Path:
     final = root / f"step_{step:06d}"
     tmp = temp_dir_for(final)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    roles.save(str(tmp), {"step": step})
-    write_json(tmp / "controller.json", controller_state)
-    publish(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        roles.save(str(tmp), {"step": step})
+        write_json(tmp / "controller.json", controller_state)
+        publish(tmp, final)
+    except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError here or wrapped by Ray
+        from rlhf_ray.errors import unwrap
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p for p in complete_checkpoints(root) if p != final]
+        kept = f"the previous checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
+        cause = unwrap(e)
+        raise CheckpointError(f"the checkpoint of step {step} could not be written ({type(cause).__name__}: "
+                              f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}); {kept}") from None
     older = sorted(p for p in root.glob("step_*") if p != final)
     for old in older[:max(0, len(older) - (KEEP - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load(roles, root: Path) -> Optional[tuple[Path, dict]]:
-    """Restore the latest complete checkpoint under `root`; None when there is none."""
-    ckpt = latest_checkpoint(root)
-    if ckpt is None:
-        return None
-    roles.load(str(ckpt))
-    return ckpt, json.loads((ckpt / "controller.json").read_text())
+def load(roles, root: Path, note: Callable[[str], None] = log.warning) -> Optional[tuple[Path, dict]]:
+    """Restore the newest complete checkpoint under `root` that is intact and loads; None when there is
+    no complete checkpoint. Damaged ones are skipped (and said so); when all are, one line says why."""
+    found = complete_checkpoints(root)
+    problems = []
+    for ckpt in found:
+        problem = damage(ckpt)
+        if problem is None:
+            try:
+                state = json.loads((ckpt / "controller.json").read_text())
+                roles.load(str(ckpt))
+                return ckpt, state
+            except Exception as e:  # noqa: BLE001 - any failure to read it: try the one before
+                from rlhf_ray.errors import unwrap
+                cause = unwrap(e)
+                problem = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+        problems.append(f"{ckpt.name}: {problem}")
+        note(f"checkpoint {ckpt} is damaged ({problem}); trying the one before it")
+    if problems:
+        raise CheckpointError(f"no checkpoint under {root} can be loaded ({'; '.join(problems)}); "
+                              f"start fresh without --resume, or restore the folder")
+    return None

@@ -192,5 +192,10 @@ class ColocatedRoles:
     def export(self, path: str, merge_lora: bool) -> None:
         self.policy.export_hf(path, merge_lora=merge_lora)
 
+    def processes(self) -> list[tuple[str, object]]:
+        """(name an operator knows it by, actor) for every process of the graph."""
+        return [(f"colocated rank {i} (policy, generator, reward, reference{', critic' if self.cfg.uses_critic else ''})",
+                 a) for i, a in enumerate(self.ranks)]
+
     def shutdown(self) -> None:
         self.policy.shutdown()

@@ -49,7 +49,9 @@ class DistributedRoles:
             ref_path = paths.resolve(cfg.reference.path or paths.policy_init)
             self.reference = ReferenceActor.options(num_cpus=0.5).remote(
                 ref_path, dtype=backend.dtype, device=backend.device, temperature=cfg.rollout.temperature)
-        self.reward = RewardActor.options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus).remote(
+        # a reward process that dies is restarted once and its call retried once
+        self.reward = RewardActor.options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus,
+                                          max_restarts=1, max_task_retries=1).remote(
             cfg.reward, resolve_path=paths.resolve, device=backend.device)
         self.generator = GeneratorGroup.from_config(cfg, generator_base(cfg, paths, self.policy),
                                                     lora=self.mode == "adapter")
@@ -62,8 +64,16 @@ class DistributedRoles:
     def generate(self, prompts: list, n: int, step: int):
         """Sample n per prompt, the engines alone on their nodes (every core, or `rollout.threads`). Step s
         is seeded from (run seed, s), so a resumed run samples exactly what the uninterrupted run would."""
-        return self.generator.submit(prompts, n, threads=self.cfg.rollout.threads or 0,
-                                     call_seed=generation_seed(self.cfg, step)).result()
+        # An engine that died mid-call: Ray restarts it, `submit` re-syncs it to the current weights, and
+        # the same prompts are sampled again with the same seed (no step lost, none doubled).
+        for attempt in range(2):
+            try:
+                return self.generator.submit(prompts, n, threads=self.cfg.rollout.threads or 0,
+                                             call_seed=generation_seed(self.cfg, step)).result()
+            except ray.exceptions.RayActorError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def submit(self, prompts: list, n: int, step: int):
         """Start sampling step `step`'s rollouts to overlap the coming update: the engines keep the first
@@ -137,6 +147,13 @@ class DistributedRoles:
 
     def export(self, path: str, merge_lora: bool) -> None:
         self.policy.export_hf(path, merge_lora=merge_lora)
+
+    def processes(self) -> list[tuple[str, object]]:
+        """(name an operator knows it by, actor) for every process of the graph."""
+        out = [(f"policy learner rank {i}", a) for i, a in enumerate(self.policy.actors)]
+        out += [(f"critic learner rank {i}", a) for i, a in enumerate(self.critic.actors if self.critic else [])]
+        out += [(f"generator engine {i}", a) for i, a in enumerate(self.generator.actors)]
+        return out + [(name, a) for name, a in (("reward", self.reward), ("reference", self.reference)) if a]
 
     def shutdown(self) -> None:
         self.generator.shutdown()

@@ -16,7 +16,8 @@ from typing import Callable
 import ray
 
 from rlhf_ray.config import Config
-from rlhf_ray.learner.checkpoint import is_complete
+from rlhf_ray.errors import describe_failure
+from rlhf_ray.learner.checkpoint import is_complete, latest_checkpoint
 from rlhf_ray.rl import checkpoint as rl_checkpoint
 from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.prompts import PromptStream
@@ -49,11 +50,14 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     check_fits(cfg, ray.cluster_resources())
 
     total_updates = cfg.rl.steps * _updates_per_step(cfg)
-    roles = build_roles(cfg, Paths(init_path, resolve, str(out / "scratch")), backend, total_steps=total_updates)
+    try:
+        roles = build_roles(cfg, Paths(init_path, resolve, str(out / "scratch")), backend, total_steps=total_updates)
+    except Exception as e:  # noqa: BLE001 - an actor that failed to start: one line naming it
+        raise describe_failure(e, 0) from None
     try:
         controller = RLController(cfg, roles, PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed),
                                   pad_id=tokenizer.pad_token_id)
-        restored = rl_checkpoint.load(roles, out / "checkpoints") if resume else None
+        restored = rl_checkpoint.load(roles, out / "checkpoints", note=print) if resume else None
         ckpt = restored[0] if restored else None
         if restored:
             controller.load_state_dict(restored[1])
@@ -67,7 +71,12 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
                 view.note(f"resumed from {ckpt} at step {controller.step_idx}")
             last = time.perf_counter()
             while controller.step_idx < cfg.rl.steps:
-                result = controller.step()
+                try:
+                    result = controller.step()
+                except Exception as e:  # noqa: BLE001 - whatever an actor raised: role, step, cause in one line
+                    good = latest_checkpoint(out / "checkpoints")
+                    raise _logged(describe_failure(e, controller.step_idx + 1, actor_names(roles),
+                                                   str(good) if good else None), e, out) from None
                 step = controller.step_idx
                 if gold is not None:
                     result.metrics["reward/gold_mean"] = _mean(gold(result.prompts, result.responses))
@@ -89,6 +98,21 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     if cfg.logging.report:
         write_report(out, f"{cfg.run.name}: {cfg.algorithm.name}")
     return final
+
+
+def _logged(err, exc: BaseException, out: Path):
+    """The full trace (Ray's included) goes to `error.log` for a bug report; the console gets one line."""
+    import traceback
+    path = out / "error.log"
+    path.write_text("".join(traceback.format_exception(exc)))
+    if not err.detail:
+        err.detail = f"  (full trace: {path})"
+    return err
+
+
+def actor_names(roles) -> dict[str, str]:
+    """Actor id (hex) -> the name an operator knows it by, for errors that say which process died."""
+    return {actor._actor_id.hex(): name for name, actor in roles.processes()}
 
 
 def _updates_per_step(cfg: Config) -> int:

@@ -16,7 +16,7 @@ import ray
 import torch
 
 from rlhf_ray.config import RewardConfig, RewardSource
-from rlhf_ray.errors import RunError
+from rlhf_ray.errors import RunError, user_traceback
 
 
 class RewardSourceError(RunError, RuntimeError):
@@ -84,7 +84,36 @@ class FunctionSource:
         self.fn: Callable = fn
 
     def __call__(self, prompts, responses):
-        return [float(x) for x in self.fn(list(prompts), list(responses))]
+        try:
+            out = self.fn(list(prompts), list(responses))
+        except Exception as e:  # noqa: BLE001 - the user's code: name the source, show their frames
+            raise RewardSourceError(f"reward {self.name} raised {type(e).__name__}: {e}",
+                                    detail=user_traceback(e)) from None
+        return as_scores(self.name, out, len(prompts))
+
+
+def as_scores(name: str, out, n: int) -> list[float]:
+    """A source's answer as n floats, or a `RewardSourceError` naming what it returned instead."""
+    try:
+        vals = list(out)
+    except TypeError:
+        raise RewardSourceError(f"reward {name} returned {type(out).__name__}, not a list of numbers") from None
+    bad = [(i, v) for i, v in enumerate(vals) if isinstance(v, (str, bytes)) or not _is_number(v)]
+    if bad:
+        i, v = bad[0]
+        raise RewardSourceError(f"reward {name} returned {type(v).__name__} {v!r} at row {i} "
+                                f"({len(bad)} of {len(vals)} rows are not numbers)")
+    if len(vals) != n:
+        raise RewardSourceError(f"reward {name} returned {len(vals)} scores for {n} responses")
+    return [float(v) for v in vals]
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(v, (str, bytes))
 
 
 class HttpSource:
@@ -101,7 +130,7 @@ class HttpSource:
                 r = self.client.post(self.url, json={"prompts": list(prompts), "responses": list(responses)})
                 r.raise_for_status()
                 scores = r.json()["scores"]
-                return [float(x) for x in scores]
+                return as_scores(self.name, scores, len(prompts))
             except (httpx.HTTPError, KeyError, ValueError, TypeError) as e:
                 last = e
                 if attempt < self.retries:

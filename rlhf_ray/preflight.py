@@ -1,0 +1,206 @@
+"""Everything knowable before Ray starts, checked in seconds so that bad input costs no start-up.
+
+    model folders      config.json present, architecture known, weights present, tokenizer loads
+    LoRA targets       every `model.lora.target_modules` entry names modules of the model (a meta-device
+                       model built from config.json: module names without reading a weight)
+    RL prompts         the prompt set loads and holds at least `rl.prompts_per_step` prompts
+    reward functions   importable, and answering a 2-row probe with 2 finite numbers
+
+Each failure is one `PreflightError` line naming the config key and the file or function at fault.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from rlhf_ray.config import Config
+from rlhf_ray.errors import RunError
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "tokenizer_config.json", "sentencepiece.bpe.model")
+PROBE_RESPONSES = ("This was a good film.", "I did not like it.")
+
+
+class PreflightError(RunError, ValueError):
+    """Input that cannot work, found before any actor starts; the message names the key and the file."""
+
+
+def preflight(cfg: Config, resolve: Optional[Callable[[str], str]] = None) -> None:
+    """Run every check that applies to the stages `cfg` asks for. `resolve` maps builtin: names and
+    paths to folders; `stage:` outputs of this run may not exist yet and are skipped."""
+    if resolve is None:
+        from rlhf_ray.models.kit import resolve_model_path as resolve
+    for key, spec in model_specs(cfg):
+        if spec.startswith("stage:"):
+            continue
+        check_model_folder(resolve(spec), key)
+    policy = _policy_spec(cfg)
+    if cfg.model.lora.enabled and not policy.startswith("stage:"):
+        check_lora_targets(resolve(policy), cfg.model.lora.target_modules)
+    if "rl" in cfg.run.stages:
+        tok_spec = cfg.model.tokenizer or (policy if not policy.startswith("stage:") else cfg.model.path)
+        prompts = check_prompts(cfg, resolve(tok_spec))
+        check_reward_functions(cfg, [p.text for p in prompts[:2]])
+
+
+def resume_wanted(cfg: Config, mode: Optional[str]) -> bool:
+    """`--resume` (mode "required"): there must be something to resume; "auto": resume if there is,
+    start fresh if not (a retried job); None: start fresh."""
+    if mode is None:
+        return False
+    found = resume_points(Path(cfg.run.output_dir), cfg.run.stages)
+    if found or mode == "auto":
+        return bool(found)
+    raise PreflightError(f"--resume: nothing to resume in {cfg.run.output_dir} (no checkpoint and no finished "
+                         f"stage of {', '.join(cfg.run.stages)}); run without --resume to start fresh, or with "
+                         f"--resume=auto to start fresh when there is nothing to resume")
+
+
+def resume_points(root: Path, stages) -> list[Path]:
+    """Finished stage outputs and complete checkpoints under a run's output folder."""
+    from rlhf_ray.learner.checkpoint import complete_checkpoints, is_complete
+    out = []
+    for stage in stages:
+        if is_complete(root / stage / "model"):
+            out.append(root / stage / "model")
+        out += complete_checkpoints(root / stage / "checkpoints")
+    return out
+
+
+def _policy_spec(cfg: Config) -> str:
+    """The folder the trained policy starts from (its architecture and tokenizer are the base's)."""
+    if "sft" in cfg.run.stages:
+        return cfg.sft.init_from or cfg.model.path
+    return cfg.rl.init_from or cfg.model.path
+
+
+def model_specs(cfg: Config) -> list[tuple[str, str]]:
+    """(config key, model spec) for every model folder the stages will load."""
+    stages, out = cfg.run.stages, []
+    if "sft" in stages or ("rl" in stages and not cfg.rl.init_from) or ("rm" in stages and not cfg.rm.init_from):
+        out.append(("model.path", cfg.model.path))
+    for key, spec, on in (("sft.init_from", cfg.sft.init_from, "sft"), ("rm.init_from", cfg.rm.init_from, "rm"),
+                          ("rl.init_from", cfg.rl.init_from, "rl")):
+        if spec and on in stages:
+            out.append((key, spec))
+    if "rl" in stages:
+        if cfg.reference.path:
+            out.append(("reference.path", cfg.reference.path))
+        for i, src in enumerate(cfg.reward.sources):
+            if src.kind == "model":
+                out.append((f"reward.sources[{i}].path", src.path))
+    return out
+
+
+# -- model folders -------------------------------------------------------------------------------
+def check_model_folder(path: str, key: str) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        raise PreflightError(f"{key}: {path} is not a folder; give a Hugging Face model folder or a builtin: name")
+    if not (p / "config.json").is_file():
+        raise PreflightError(f"{key}: the folder {path} holds no model (no config.json); give a Hugging Face "
+                             f"model folder (config.json, weights, tokenizer) or a builtin: name")
+    _load_config(p, key)
+    if not any(next(p.glob(g), None) for g in WEIGHT_FILES):
+        raise PreflightError(f"{key}: the folder {path} has a config.json but no weights (*.safetensors or *.bin)")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise PreflightError(f"{key}: the folder {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001 - any failure here is the folder's; name it in one line
+        raise PreflightError(f"{key}: the tokenizer in {path} does not load: {type(e).__name__}: "
+                             f"{_first_line(e)}") from None
+
+
+def _load_config(p: Path, key: str):
+    try:
+        raw = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"{key}: {p / 'config.json'} is not valid JSON: {e}") from None
+    if raw.get("auto_map"):
+        # The folder ships its own Python code; running it means trusting the folder's author.
+        raise PreflightError(f"{key}: {p} needs its own Python code (auto_map in config.json); rlhf_ray loads "
+                             f"models with trust_remote_code off. Use a model whose architecture transformers has")
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise PreflightError(f"{key}: {p / 'config.json'} names an architecture this transformers does not know "
+                             f"(model_type {model_type!r})")
+    try:
+        return AutoConfig.from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001
+        raise PreflightError(f"{key}: {p / 'config.json'} does not load: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- LoRA ----------------------------------------------------------------------------------------
+def module_names(path: str) -> list[str]:
+    """Module names of the model in `path`, from config.json alone: built on the meta device, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # not a causal LM (an encoder reward model): the bare backbone
+            from transformers import AutoModel
+            model = AutoModel.from_config(config)
+    return [name for name, _ in model.named_modules() if name]
+
+
+def lora_targets_missing(names: list[str], targets: tuple[str, ...]) -> list[str]:
+    """The targets that match no module. peft matches a target to a module whose name is the target or
+    ends with `.target`."""
+    if "all-linear" in targets:
+        return []
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def check_lora_targets(path: str, targets: tuple[str, ...]) -> None:
+    names = module_names(path)
+    missing = lora_targets_missing(names, targets)
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+        raise PreflightError(f"model.lora.target_modules: {', '.join(missing)} not in the model at {path}; "
+                             f"its modules are named: {', '.join(leaves)}")
+
+
+# -- RL prompts and rewards ----------------------------------------------------------------------
+def check_prompts(cfg: Config, tokenizer_path: str) -> list:
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.data.prompts import load_prompts
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    prompts = load_prompts(cfg.data, tokenizer, cfg.run.seed)  # names a bad row itself
+    if cfg.rl.prompts_per_step > len(prompts):
+        raise PreflightError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} is more than the {len(prompts)} "
+                             f"prompts in data.prompts={cfg.data.prompts}: lower it or give more prompts")
+    return prompts
+
+
+def check_reward_functions(cfg: Config, prompts: list[str]) -> None:
+    """Import each function source (and `reward.gold`) and call it on a 2-row probe."""
+    import math
+
+    from rlhf_ray.scoring.reward import FunctionSource
+    funcs = [(f"reward.sources[{i}].path", s.path) for i, s in enumerate(cfg.reward.sources) if s.kind == "function"]
+    if cfg.reward.gold:
+        funcs.append(("reward.gold", cfg.reward.gold))
+    prompts = (list(prompts) + ["Write a review:"] * 2)[:2]
+    for key, spec in funcs:
+        try:
+            scores = FunctionSource(spec)(prompts, list(PROBE_RESPONSES))
+        except RunError as e:
+            raise PreflightError(f"{key}: on a 2-row probe before the run: {e}", detail=e.detail) from None
+        bad = [s for s in scores if not math.isfinite(s)]
+        if bad and key != "reward.gold" and cfg.reward.on_nonfinite == "error":
+            raise PreflightError(f"{key}: reward function {spec} returned {bad[0]} on a 2-row probe before the "
+                                 f"run (reward.on_nonfinite=error); return finite numbers")

@@ -1,0 +1,114 @@
+"""Preflight checks, in-process and without Ray: each bad input is one `PreflightError` naming it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.config import load_config
+from rlhf_ray.models.kit import resolve_model_path
+from rlhf_ray.preflight import (PreflightError, check_lora_targets, check_model_folder, check_prompts,
+                                check_reward_functions, lora_targets_missing, module_names, resume_wanted)
+
+E2E = Path(__file__).resolve().parents[1] / "e2e"
+
+
+@pytest.fixture(scope="module")
+def tiny() -> str:
+    return resolve_model_path("builtin:tiny")
+
+
+def cfg(*overrides):
+    return load_config(None, ["run.stages=[rl]", "reward.sources=[{kind: function, path: 'rewards_for_tests:nan_reward'}]",
+                              *overrides])
+
+
+def test_lora_targets_match_like_peft():
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "lm_head"]
+    assert lora_targets_missing(names, ("q_proj", "up_proj", "lm_head")) == []
+    assert lora_targets_missing(names, ("q_proj", "proj", "qkv")) == ["proj", "qkv"]  # suffix of a name part only
+    assert lora_targets_missing(names, ("all-linear",)) == []
+
+
+def test_module_names_come_from_config_alone(tiny, tmp_path):
+    (tmp_path / "config.json").write_text((Path(tiny) / "config.json").read_text())  # no weights at all
+    names = module_names(str(tmp_path))
+    assert "model.layers.0.self_attn.q_proj" in names and "lm_head" in names
+    check_lora_targets(str(tmp_path), ("q_proj", "v_proj"))
+    with pytest.raises(PreflightError, match=r"target_modules: c_attn not in the model .* q_proj"):
+        check_lora_targets(str(tmp_path), ("q_proj", "c_attn"))
+
+
+@pytest.mark.parametrize("setup,expected", [
+    (lambda d: None, "holds no model \\(no config.json\\)"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "llama"'), "not valid JSON"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "nope"}'), "model_type 'nope'"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "x", "auto_map": {"AutoModel": "m.M"}}'),
+     "its own Python code .*trust_remote_code off"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "llama"}'), "config.json but no weights"),
+])
+def test_model_folder_problems_are_named(tmp_path, setup, expected):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    setup(folder)
+    with pytest.raises(PreflightError, match=f"model.path: .*{expected}"):
+        check_model_folder(str(folder), "model.path")
+
+
+def test_folder_without_tokenizer_is_named(tiny, tmp_path):
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((Path(tiny) / f).read_bytes())
+    with pytest.raises(PreflightError, match="holds no tokenizer"):
+        check_model_folder(str(tmp_path), "rl.init_from")
+    check_model_folder(tiny, "model.path")  # the real thing passes
+
+
+def test_prompt_count_against_the_batch(tiny):
+    assert len(check_prompts(cfg("data.num_samples=50", "rl.prompts_per_step=8"), tiny)) >= 8
+    with pytest.raises(PreflightError, match=r"rl.prompts_per_step=64 is more than the \d+ prompts"):
+        check_prompts(cfg("data.num_samples=20", "rl.prompts_per_step=64"), tiny)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("nope", "cannot be imported"), ("raising_reward", "raised ValueError"),
+    ("string_reward", "returned str 'good'"), ("short_reward", "returned 1 scores for 2"),
+])
+def test_reward_probe(monkeypatch, name, expected):
+    monkeypatch.syspath_prepend(str(E2E))
+    c = cfg(f"reward.sources=[{{kind: function, path: 'rewards_for_tests:{name}'}}]")
+    with pytest.raises(PreflightError, match=f"reward.sources\\[0\\].path: .*{expected}") as info:
+        check_reward_functions(c, ["a", "b"])
+    if name == "raising_reward":  # the user's frames ride along, ours do not
+        assert "rewards_for_tests.py" in info.value.detail and "rlhf_ray" not in info.value.detail
+
+
+def test_nonfinite_probe_only_fails_when_nonfinite_is_an_error(monkeypatch):
+    monkeypatch.syspath_prepend(str(E2E))
+    import rewards_for_tests
+    monkeypatch.setattr(rewards_for_tests, "nan_reward", lambda p, r: [float("nan")] * len(r))
+    with pytest.raises(PreflightError, match="returned nan"):
+        check_reward_functions(cfg(), ["a", "b"])
+    check_reward_functions(cfg("reward.on_nonfinite=drop_group"), ["a", "b"])
+
+
+def test_resume_modes(tmp_path):
+    c = cfg(f"run.output_dir={tmp_path}")
+    assert resume_wanted(c, None) is False
+    assert resume_wanted(c, "auto") is False  # nothing there: start fresh
+    with pytest.raises(PreflightError, match="--resume: nothing to resume"):
+        resume_wanted(c, "required")
+    step = tmp_path / "rl" / "checkpoints" / "step_000003"
+    step.mkdir(parents=True)
+    assert resume_wanted(c, "auto") is False  # incomplete: not a resume point
+    (step / "COMPLETE").write_text("ok\n")
+    assert resume_wanted(c, "required") is True and resume_wanted(c, "auto") is True
+
+
+def test_no_file_is_unpickled_and_no_remote_code_is_trusted():
+    root = Path(__file__).resolve().parents[2] / "rlhf_ray"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "weights_only=False" not in text, path
+        assert "trust_remote_code=True" not in text, path
+        assert "pickle.load(" not in text, path

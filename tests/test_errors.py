@@ -1,0 +1,41 @@
+"""`describe_failure`: whatever a step raised becomes one line naming the role, the step and the cause."""
+from __future__ import annotations
+
+import ray.exceptions as rx
+
+from rlhf_ray.errors import RunError, StepError, describe_failure, user_traceback
+
+
+def _raise_in_user_code():
+    exec(compile("def user_fn():\n    raise KeyError('label')\nuser_fn()\n", "/home/me/my_reward.py", "exec"), {})
+
+
+def test_user_traceback_keeps_only_the_users_frames():
+    try:
+        _raise_in_user_code()
+    except KeyError as e:
+        text = user_traceback(e)
+    assert '"/home/me/my_reward.py", line 2, in user_fn' in text and "KeyError: 'label'" in text
+    assert "test_errors.py" not in text or "tests" in text  # our test file is "user code" here; rlhf_ray is not
+    assert "rlhf_ray/" not in text
+
+
+def test_operator_error_keeps_its_detail_and_gains_the_step():
+    err = describe_failure(RunError("reward function:m:f raised ValueError: x", detail="  File ..."), step=4)
+    assert isinstance(err, StepError) and str(err) == "step 4: RunError: reward function:m:f raised ValueError: x"
+    assert err.detail == "  File ..."
+
+
+def test_dead_actor_is_named_with_the_last_checkpoint():
+    dead = rx.ActorDiedError()
+    dead.actor_id = "ab" * 16
+    err = describe_failure(dead, step=7, names={"ab" * 16: "policy learner rank 1"}, last_checkpoint="/r/step_000006")
+    line = str(err)
+    assert line.startswith("step 7, policy learner rank 1: the policy learner rank 1 process died")
+    assert "last good checkpoint: /r/step_000006" in line and "--resume=auto" in line
+    assert "\n" not in line
+
+
+def test_bug_is_one_line_too():
+    err = describe_failure(IndexError("list index out of range"), step=2)
+    assert str(err) == "step 2: IndexError: list index out of range"
