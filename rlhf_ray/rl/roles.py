@@ -68,7 +68,11 @@ class Roles:
                                                     temperature=cfg.rollout.temperature, norm_len=norm_len))
         self.critic = None
         if cfg.uses_critic:
-            self.critic = LearnerGroup(cfg.model, cfg.rl.critic, kind="value", rank_cls=CriticRank, **common,
+            # rl.critic_init_from=stage:rm starts the critic from the reward model (InstructGPT): the RM's
+            # score head is the value head (same Llama `score` layer), the backbone already judges responses
+            critic_init = paths.resolve(cfg.rl.critic_init_from) if cfg.rl.critic_init_from else paths.policy_init
+            self.critic = LearnerGroup(cfg.model, cfg.rl.critic, kind="value", rank_cls=CriticRank,
+                                       **{**common, "init_path": critic_init},
                                        rank_kwargs=dict(algo=cfg.algorithm, norm_len=norm_len))
         self.reference = None  # under LoRA: the policy ranks with the adapter off, no second copy
         if not (cfg.model.lora.enabled and cfg.reference.path is None):
