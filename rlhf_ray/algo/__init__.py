@@ -1,81 +1,48 @@
-"""Pure-torch RLHF algorithm core: masking, log-probs, KL, reward shaping, advantages, losses, stats.
+"""Pure-torch RLHF algorithm core: masking, log-probs, KL, reward shaping, advantages, losses, stats,
+and the registry of algorithms that combines them.
 
 Imports only torch, so it is testable and importable anywhere (no ray, vllm, deepspeed, transformers).
 Shapes: responses are right-padded, ``mask`` is (B, T) with 1 on real response tokens; sequence-level
 tensors are (B,); groups are contiguous runs of ``group_size`` rows per prompt.
+
+Names resolve on first use (PEP 562) from the table below, so ``rlhf_ray.algo.registry`` (no torch)
+can be read by the config loader without paying for a torch import; everything else is unchanged:
+``from rlhf_ray import algo; algo.gae(...)``.
 """
 
-from rlhf_ray.algo.advantages import (
-    ADVANTAGE_ESTIMATORS,
-    compute_advantages,
-    dr_grpo,
-    gae,
-    grpo,
-    reinforce_pp,
-    reverse_discounted_cumsum,
-    rloo,
-)
-from rlhf_ray.algo.aggregate import AGGREGATIONS, aggregate
-from rlhf_ray.algo.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
-from rlhf_ray.algo.logprobs import entropy_from_logits, token_logprobs
-from rlhf_ray.algo.losses import (
-    bradley_terry_loss,
-    dpo_loss,
-    entropy_bonus,
-    kl_loss,
-    policy_loss,
-    sft_loss,
-    value_loss,
-)
-from rlhf_ray.algo.masked import masked_mean, masked_sum, masked_var, masked_whiten
-from rlhf_ray.algo.rewards import last_token_index, shape_rewards
-from rlhf_ray.algo.stats import (
-    advantage_stats,
-    approx_kl,
-    clip_fraction,
-    explained_variance,
-    masked_max,
-    masked_min,
-    summary,
-    to_floats,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ADVANTAGE_ESTIMATORS",
-    "AGGREGATIONS",
-    "KL_ESTIMATORS",
-    "AdaptiveKLController",
-    "FixedKLController",
-    "advantage_stats",
-    "aggregate",
-    "approx_kl",
-    "bradley_terry_loss",
-    "clip_fraction",
-    "compute_advantages",
-    "dpo_loss",
-    "dr_grpo",
-    "entropy_bonus",
-    "entropy_from_logits",
-    "explained_variance",
-    "gae",
-    "grpo",
-    "kl_loss",
-    "kl_penalty",
-    "last_token_index",
-    "masked_max",
-    "masked_mean",
-    "masked_min",
-    "masked_sum",
-    "masked_var",
-    "masked_whiten",
-    "policy_loss",
-    "reinforce_pp",
-    "reverse_discounted_cumsum",
-    "rloo",
-    "sft_loss",
-    "shape_rewards",
-    "summary",
-    "to_floats",
-    "token_logprobs",
-    "value_loss",
-]
+import importlib
+
+_HOME = {
+    "advantages": ("ADVANTAGE_ESTIMATORS", "compute_advantages", "dr_grpo", "gae", "grpo", "reinforce_pp",
+                   "reverse_discounted_cumsum", "rloo"),
+    "aggregation": ("AGGREGATIONS", "aggregate"),
+    "kl": ("KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "kl_penalty"),
+    "logprobs": ("entropy_from_logits", "token_logprobs"),
+    "losses": ("bradley_terry_loss", "dpo_loss", "entropy_bonus", "kl_loss", "policy_loss", "sft_loss",
+               "value_loss"),
+    "masked": ("masked_mean", "masked_sum", "masked_var", "masked_whiten"),
+    "offpolicy": ("truncated_is_weights",),
+    "registry": ("ALGORITHMS", "AlgorithmSpec", "estimator_kwargs", "get_algorithm"),
+    "rewards": ("last_token_index", "overlong_penalty", "shape_rewards"),
+    "stats": ("advantage_stats", "approx_kl", "clip_fraction", "explained_variance", "masked_max", "masked_min",
+              "summary", "to_floats"),
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    try:
+        module = _MODULE_OF[name]
+    except KeyError:
+        raise AttributeError(f"module 'rlhf_ray.algo' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"rlhf_ray.algo.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

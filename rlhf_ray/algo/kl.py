@@ -82,8 +82,9 @@ class FixedKLController:
         return {"kind": self.kind, "value": self.value}
 
     def load_state_dict(self, d: dict) -> None:
+        """Check the kind only: a fixed coefficient is config, so on resume the config decides it (an
+        operator may lower ``reference.kl_coef`` on ``--resume``)."""
         _check_kind(self.kind, d)
-        self.value = float(d["value"])
 
 
 class AdaptiveKLController:

@@ -1,7 +1,7 @@
 """Training losses. Each returns ``(loss, stats)``: a differentiable 0-d tensor and python floats.
 
 Token-level losses build a (B, T) loss matrix and reduce it with :func:`aggregate` (``agg=`` one of
-``aggregate.AGGREGATIONS``), so every token-level loss can use any aggregation mode.
+``aggregation.AGGREGATIONS``), so every token-level loss can use any aggregation mode.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlhf_ray.algo.aggregate import aggregate
+from rlhf_ray.algo.aggregation import aggregate
 from rlhf_ray.algo.kl import kl_penalty
 from rlhf_ray.algo.logprobs import token_logprobs
 from rlhf_ray.algo.masked import masked_mean
@@ -30,6 +30,7 @@ def policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     norm_len: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate (Schulman 2017, eq. 7), as a loss to minimise.
 
@@ -44,6 +45,8 @@ def policy_loss(
         advantages: (B, T) (detached here).
         mask: (B, T).
         agg, norm_len: see :func:`aggregate`.
+        is_weights: (B, T) per-token importance weights for samples drawn from another policy than
+            ``old_logp``'s (``offpolicy.truncated_is_weights``); they scale each token's loss.
 
     Returns:
         loss (0-d), stats: "policy/loss", "policy/clip_frac", "policy/approx_kl", "policy/ratio_min",
@@ -61,6 +64,8 @@ def policy_loss(
         capped = torch.minimum(loss_mat, neg_adv * dual_clip)
         dual_active = (advantages < 0) & (loss_mat > capped)
         loss_mat = torch.where(advantages < 0, capped, loss_mat)
+    if is_weights is not None:
+        loss_mat = loss_mat * is_weights.detach()
     loss = aggregate(loss_mat, mask, agg, norm_len)
 
     with torch.no_grad():

@@ -64,3 +64,24 @@ def shape_rewards(
         "reward/seq_mean": masked_sum(token_rewards, w, dim=-1).mean(),
     }
     return token_rewards, to_floats(stats)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu 2025, eq. 13), added to the sequence score.
+
+    With L_max = ``max_len`` and L_cache = ``buffer``: 0 for |y| <= L_max - L_cache, a linear ramp
+    ((L_max - L_cache) - |y|) / L_cache down to -1 at |y| = L_max, and -1 beyond; scaled by ``factor``.
+    A response cut at the generation limit thus loses reward smoothly instead of being truncated noise.
+
+    Args:
+        lengths: (B,) response lengths in tokens.
+        max_len: L_max, the generation limit (``rollout.max_new_tokens``).
+        buffer: L_cache >= 1 tokens of the soft zone; must not exceed ``max_len``.
+
+    Returns:
+        (B,) penalties <= 0, float32.
+    """
+    if not 1 <= buffer <= max_len:
+        raise ValueError(f"overlong buffer must be in [1, max_len={max_len}], got {buffer}")
+    over = lengths.to(torch.float32) - (max_len - buffer)
+    return -factor * (over / buffer).clamp(0.0, 1.0)

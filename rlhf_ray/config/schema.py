@@ -7,9 +7,11 @@ each component receives only its own section (e.g. the generator gets `RolloutCo
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rlhf_ray.algo.registry import get_algorithm
 
 
 class Section(BaseModel):
@@ -67,6 +69,7 @@ class DataConfig(Section):
     on_long_prompt: Literal["error", "truncate_left", "skip"] = "truncate_left"
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     num_samples: int = Field(2000, gt=0, description="rows made by a built-in builder")
+    rl_eval_prompts: int = Field(32, gt=0, description="RL prompts held out for rl.eval_every (only when it is on)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,8 +189,9 @@ class ReferenceConfig(Section):
 
     path: Optional[str] = None
     kl_coef: float = Field(0.05, ge=0)
-    kl_kind: Literal["k1", "k2", "k3"] = "k1"
-    kl_in_reward: bool = True
+    kl_kind: Optional[Literal["k1", "k2", "k3"]] = Field(None, description="default: the algorithm's")
+    kl_in_reward: Optional[bool] = Field(None, description="KL in the reward (true) or in the loss (false); "
+                                         "default: the algorithm's (rlhf_ray.algo.registry)")
     adaptive_kl: bool = False
     kl_target: float = Field(6.0, gt=0)
     kl_horizon: int = Field(10000, gt=0)
@@ -197,8 +201,9 @@ class ReferenceConfig(Section):
 
 # ---------------------------------------------------------------------------------------------
 # algorithm
+# The names of rlhf_ray.algo.registry.ALGORITHMS (a test keeps the two equal); each name brings its own
+# estimator, loss aggregation and KL placement, which the fields left unset below take.
 AlgorithmName = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
-ADVANTAGE_OF = {"ppo": "gae", "grpo": "grpo", "dr_grpo": "dr_grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}
 
 
 class AlgorithmConfig(Section):
@@ -209,13 +214,26 @@ class AlgorithmConfig(Section):
     clip_high: float = Field(0.2, gt=0)
     dual_clip: Optional[float] = Field(None, gt=1.0)
     value_clip: float = Field(0.2, gt=0)
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]] = Field(
+        None, description="default: the algorithm's (Dr. GRPO: seq-mean-token-sum-norm)")
     ppo_epochs: int = Field(1, gt=0)
     mini_batch_size: int = Field(32, gt=0, description="sequences per optimizer step")
     entropy_coef: float = Field(0.0, ge=0)
     value_coef: float = Field(0.5, gt=0)
     whiten_advantages: bool = True
     group_std_norm: bool = True
+    baseline: Optional[Literal["group_mean"]] = Field(None, description="reinforce_pp only: group_mean is "
+                                                      "REINFORCE++-baseline (needs n_samples_per_prompt >= 2)")
+    tis: Union[bool, Literal["auto"]] = Field("auto", description="truncated importance sampling between the "
+                                              "learner's and the generator's log-probs: true, false, or auto "
+                                              "(on when rollout.sync.max_off_policy_lag >= 1)")
+    tis_cap: float = Field(2.0, ge=1.0, description="C of min(pi_learner / pi_generator, C)")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample "
+                                   "more prompts until the batch is full")
+    dynamic_sampling_max_rounds: int = Field(3, ge=0, description="extra generation rounds per step at most")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty: the last N tokens before "
+                                 "rollout.max_new_tokens ramp the reward down by up to overlong_penalty (0: off)")
+    overlong_penalty: float = Field(1.0, ge=0)
 
 
 class RLConfig(Section):
@@ -225,6 +243,15 @@ class RLConfig(Section):
     prompts_per_step: int = Field(8, gt=0)
     save_every: int = Field(10, ge=0)
     sample_every: int = Field(5, ge=0)
+    eval_every: int = Field(0, ge=0, description="steps between evaluations on data.rl_eval_prompts held-out "
+                            "prompts, greedy and sampled (0: off)")
+    eval_samples: int = Field(2, gt=0, description="sampled responses per held-out prompt (plus one greedy)")
+    plateau_window: int = Field(10, ge=0, description="steps without a new best moving-average reward before "
+                                "the console says reward has plateaued (0: off)")
+    plateau_smoothing: int = Field(5, gt=0, description="steps in the reward's moving average")
+    plateau_min_delta: float = Field(0.01, ge=0, description="improvement that counts as one")
+    critic_init_from: Optional[str] = Field(None, description="PPO critic start: `stage:rm` or a reward-model "
+                                            "folder (InstructGPT); default: the policy's initial weights")
     policy: LearnerConfig = LearnerConfig(optim=OptimConfig(lr=2e-4))
     critic: LearnerConfig = LearnerConfig(optim=OptimConfig(lr=5e-4))
 
@@ -289,6 +316,22 @@ class Config(Section):
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
+    def _algorithm_defaults(self):
+        """Fill what the config left unset from the algorithm's registry entry, so every component reads
+        one resolved value (and `rlhf-ray config` prints it)."""
+        spec = get_algorithm(self.algorithm.name)
+        if self.algorithm.loss_agg is None:
+            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"loss_agg": spec.loss_agg}))
+        ref = {k: v for k, v in (("kl_in_reward", spec.kl_in_reward), ("kl_kind", spec.kl_kind))
+               if getattr(self.reference, k) is None}
+        if ref:
+            object.__setattr__(self, "reference", self.reference.model_copy(update=ref))
+        if self.algorithm.tis == "auto":  # rollouts that may lag the learner need the correction
+            on = self.rollout.sync.max_off_policy_lag >= 1
+            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"tis": on}))
+        return self
+
+    @model_validator(mode="after")
     def _combinations(self):
         q = self.model.quantization
         for where, learner in (("rl.policy", self.rl.policy), ("sft.learner", self.sft.learner),
@@ -297,10 +340,20 @@ class Config(Section):
                 raise ValueError(f"model.quantization.load_in_4bit=true cannot be combined with "
                                  f"{where}.deepspeed.zero_stage=3: ZeRO-3 partitions parameters and "
                                  f"bitsandbytes 4-bit weights cannot be partitioned; use zero_stage 0, 1 or 2")
-        group_algos = ("grpo", "dr_grpo", "rloo")
-        if self.algorithm.name in group_algos and self.rollout.n_samples_per_prompt < 2:
-            raise ValueError(f"algorithm.name={self.algorithm.name} compares samples within a group and needs "
+        a = self.algorithm
+        if get_algorithm(a.name).min_group_size > self.rollout.n_samples_per_prompt:
+            raise ValueError(f"algorithm.name={a.name} compares samples within a group and needs "
                              f"rollout.n_samples_per_prompt >= 2, got {self.rollout.n_samples_per_prompt}")
+        if a.baseline is not None and a.name != "reinforce_pp":
+            raise ValueError(f"algorithm.baseline={a.baseline} applies to algorithm.name=reinforce_pp only, "
+                             f"got {a.name}")
+        if a.baseline == "group_mean" and self.rollout.n_samples_per_prompt < 2:
+            raise ValueError("algorithm.baseline=group_mean needs rollout.n_samples_per_prompt >= 2")
+        if a.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"algorithm.overlong_buffer={a.overlong_buffer} exceeds rollout.max_new_tokens="
+                             f"{self.rollout.max_new_tokens}")
+        if self.rl.critic_init_from is not None and not self.uses_critic:
+            raise ValueError(f"rl.critic_init_from is set but algorithm.name={a.name} trains no critic (ppo does)")
         batch = self.rl.prompts_per_step * self.rollout.n_samples_per_prompt
         if batch % self.algorithm.mini_batch_size:
             raise ValueError(f"algorithm.mini_batch_size={self.algorithm.mini_batch_size} must divide the rollout "
@@ -333,4 +386,5 @@ class Config(Section):
 
     @property
     def uses_critic(self) -> bool:
-        return self.algorithm.name == "ppo"
+        return get_algorithm(self.algorithm.name).uses_critic
+

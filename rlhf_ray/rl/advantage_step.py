@@ -9,7 +9,6 @@ import torch
 from rlhf_ray import algo
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.errors import RunError
-from rlhf_ray.config.schema import ADVANTAGE_OF
 from rlhf_ray.rl.records import ScoredBatch, TrainBatch
 
 
@@ -42,19 +41,32 @@ def clean_scores(scores: torch.Tensor, group_size: int, policy: str, clip: float
     return scores, keep, stats
 
 
-def make_train_batch(batch: ScoredBatch, algo_cfg: AlgorithmConfig, ref_cfg: ReferenceConfig, kl_coef: float) -> tuple[TrainBatch, dict[str, float]]:
+def make_train_batch(batch: ScoredBatch, algo_cfg: AlgorithmConfig, ref_cfg: ReferenceConfig, kl_coef: float,
+                     max_new_tokens: int | None = None) -> tuple[TrainBatch, dict[str, float]]:
+    """Scores -> per-token rewards -> the registered algorithm's advantages (rlhf_ray.algo.registry).
+
+    `max_new_tokens` is the generation limit the overlong penalty ramps towards (algorithm.overlong_buffer).
+    """
     mask = batch.seq.response_mask
-    token_rewards, stats = algo.shape_rewards(batch.scores, batch.old_logp, batch.ref_logp, mask, kl_coef,
-                                              kl_kind=ref_cfg.kl_kind, kl_in_reward=ref_cfg.kl_in_reward)
-    estimator = ADVANTAGE_OF[algo_cfg.name]
-    kwargs: dict = {"group_size": batch.group_size, "gamma": algo_cfg.gamma, "lam": algo_cfg.lam}
-    if estimator == "gae":
+    spec = algo.get_algorithm(algo_cfg.name)
+    scores, stats = batch.scores, {}
+    if algo_cfg.overlong_buffer:
+        if max_new_tokens is None:
+            raise ValueError("algorithm.overlong_buffer needs the generation limit (max_new_tokens)")
+        penalty = algo.overlong_penalty(mask.sum(1), max_new_tokens, algo_cfg.overlong_buffer,
+                                        algo_cfg.overlong_penalty)
+        scores = scores + penalty
+        stats["reward/overlong_penalty_mean"] = float(penalty.mean())
+    token_rewards, shaped = algo.shape_rewards(scores, batch.old_logp, batch.ref_logp, mask, kl_coef,
+                                               kl_kind=ref_cfg.kl_kind, kl_in_reward=ref_cfg.kl_in_reward)
+    stats.update(shaped)
+    kwargs = algo.estimator_kwargs(spec, algo_cfg)
+    if spec.uses_critic:
         kwargs["values"] = batch.values
-    if estimator == "grpo":
-        kwargs["norm_by_std"] = algo_cfg.group_std_norm
-    advantages, returns = algo.compute_advantages(estimator, token_rewards, mask, **kwargs)
+    advantages, returns = algo.compute_advantages(spec.estimator, token_rewards, mask, group_size=batch.group_size,
+                                                  gamma=algo_cfg.gamma, lam=algo_cfg.lam, **kwargs)
     # GAE advantages are whitened per batch (PPO practice); group/global estimators already normalise.
-    if estimator == "gae" and algo_cfg.whiten_advantages:
+    if spec.batch_whiten and algo_cfg.whiten_advantages:
         advantages = algo.masked_whiten(advantages, mask) * mask
     stats.update(algo.advantage_stats(advantages, returns, mask))
     stats["response/len_mean"] = float(mask.sum(1).mean())

@@ -10,7 +10,7 @@ store. On N devices the prompts and batches are sharded over the N ranks and Dee
 gradients; each rank hands its own weights to its own engine.
 
 `ColocatedRoles` is the controller's handle; it answers the same calls as the distributed
-`rlhf_ray.rl.roles.Roles`, so the controller never knows which placement it runs under.
+`rlhf_ray.rl.distributed.DistributedRoles`, so the controller never knows which placement it runs under.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from rlhf_ray.generator.group import PendingRollout, split_evenly, tied_names
 from rlhf_ray.learner.dispatch import my_share
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.rl.policy import PolicyRank
-from rlhf_ray.rl.roles import Paths, generation_seed, generator_base, merge_update_stats, split_rows, sync_mode
+from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, split_rows, sync_mode
 from rlhf_ray.sync.transport import without
 from rlhf_ray.utils.device import Backend
 from rlhf_ray.utils.phases import set_phase_threads
@@ -52,7 +52,7 @@ class ColocatedRank(PolicyRank):
 
         cfg, backend = self.cfg, self.learner.backend
         if cfg.uses_critic:
-            learner = Learner(cfg.model, cfg.rl.critic, kind="value", init_path=paths.policy_init, backend=backend,
+            learner = Learner(cfg.model, cfg.rl.critic, kind="value", init_path=critic_init_path(cfg, paths), backend=backend,
                               total_steps=total_steps, seed=cfg.run.seed)
             self.critic = CriticWorker(learner, cfg.algorithm, norm_len=cfg.rollout.max_new_tokens)
         self.reward = RewardScorer(cfg.reward, resolve_path=paths.resolve, device=backend.device)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_ray import algo
-from rlhf_ray.batch import minibatches, pack_sequences, pad_ragged
+from rlhf_ray.batch import minibatches
 from rlhf_ray.config import Config
 from rlhf_ray.errors import RunError
 from rlhf_ray.rl.advantage_step import clean_scores, make_train_batch
+from rlhf_ray.rl.dynamic_sampling import fill_batch, score_round
 from rlhf_ray.rl.prompts import PromptStream
 from rlhf_ray.rl.records import ScoredBatch
 from rlhf_ray.sync.checks import check_logprob_agreement, check_version
@@ -64,14 +65,16 @@ class RLController:
                 prompts = self.prompts.next_batch()
                 rollout = roles.generate([p.ids for p in prompts], n, self.step_idx)
         lag = check_version(rollout.weight_version, self.version, cfg.rollout.sync.max_off_policy_lag)
-        empty = self._check_empty(rollout)
-        seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, self.pad_id)
-        old_logp = pad_ragged(rollout.response_logprobs, seq.response_mask.shape[1])
-        prompt_texts = [prompts[i].text for i in rollout.prompt_index]
-
         with t("score"):
-            scores, ref_logp, values, reward_stats = roles.score(prompt_texts, rollout.texts, seq)
-        scores = torch.as_tensor(scores, dtype=torch.float32)
+            rnd = score_round(roles, prompts, rollout, self.pad_id)
+        ds_stats = {}
+        if cfg.algorithm.dynamic_sampling:  # DAPO: only groups whose rewards differ, topped up
+            with t("dynamic_sampling"):
+                rnd, ds_stats = fill_batch(rnd, lambda: self._sample_more(n), n, cfg.rl.prompts_per_step,
+                                           cfg.algorithm.dynamic_sampling_max_rounds, self.pad_id)
+        rollout, seq, old_logp, prompt_texts = rnd.rollout, rnd.seq, rnd.old_logp, rnd.prompt_texts
+        scores, ref_logp, values, reward_stats = rnd.scores, rnd.ref_logp, rnd.values, rnd.reward_stats
+        empty = self._check_empty(rollout)
         if cfg.rollout.on_empty_response == "zero_reward":
             scores = torch.where(empty, torch.zeros_like(scores), scores)
         scores, keep, bad_stats = clean_scores(scores, n, cfg.reward.on_nonfinite, cfg.reward.clip)
@@ -80,7 +83,8 @@ class RLController:
             scored = _select(scored, keep)
 
         with t("advantage"):
-            batch, adv_stats = make_train_batch(scored, cfg.algorithm, cfg.reference, self.kl_ctl.value)
+            batch, adv_stats = make_train_batch(scored, cfg.algorithm, cfg.reference, self.kl_ctl.value,
+                                                 cfg.rollout.max_new_tokens)
             minibatches = self._minibatches(len(batch.seq))
 
         overlapped = self._start_next_generation(n)
@@ -96,7 +100,7 @@ class RLController:
         self.kl_ctl.update(adv_stats.get("kl/seq_mean", 0.0), len(batch.seq))
         self.step_idx += 1
 
-        metrics = {**reward_stats, **bad_stats, **adv_stats, **update_stats, **sync_stats, **t.stats(),
+        metrics = {**reward_stats, **bad_stats, **ds_stats, **adv_stats, **update_stats, **sync_stats, **t.stats(),
                    "reward/score_mean": float(scores[keep].mean()) if keep.any() else float("nan"),
                    "reward/score_std": float(scores[keep].std()) if keep.sum() > 1 else 0.0,
                    "kl/coef": self.kl_ctl.value, "sync/version": float(self.version),
@@ -122,6 +126,12 @@ class RLController:
         self._next = (prompts, self.roles.submit([p.ids for p in prompts], n, nxt), before)
         return True
 
+
+    def _sample_more(self, n: int):
+        """Another round for dynamic sampling: the next prompts of the stream, sampled and scored."""
+        prompts = self.prompts.next_batch()
+        return score_round(self.roles, prompts, self.roles.generate([p.ids for p in prompts], n, self.step_idx),
+                           self.pad_id)
 
     def _check_empty(self, rollout) -> torch.Tensor:
         empty = torch.tensor([len(r) == 0 for r in rollout.response_ids])

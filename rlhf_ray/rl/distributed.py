@@ -20,7 +20,7 @@ from rlhf_ray.config import Config
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.rl.critic import CriticRank
 from rlhf_ray.rl.policy import PolicyRank
-from rlhf_ray.rl.roles import Paths, generation_seed, generator_base, merge_update_stats, split_rows, sync_mode
+from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, split_rows, sync_mode
 from rlhf_ray.scoring.reference import ReferenceActor
 from rlhf_ray.scoring.reward import RewardActor
 from rlhf_ray.utils.device import Backend
@@ -42,7 +42,8 @@ class DistributedRoles:
                                                     temperature=cfg.rollout.temperature, norm_len=norm_len))
         self.critic = None
         if cfg.uses_critic:
-            self.critic = LearnerGroup(cfg.model, cfg.rl.critic, kind="value", rank_cls=CriticRank, **common,
+            self.critic = LearnerGroup(cfg.model, cfg.rl.critic, kind="value", rank_cls=CriticRank,
+                                       **{**common, "init_path": critic_init_path(cfg, paths)},
                                        rank_kwargs=dict(algo=cfg.algorithm, norm_len=norm_len))
         self.reference = None  # under LoRA: the policy ranks with the adapter off, no second copy
         if not (cfg.model.lora.enabled and cfg.reference.path is None):

@@ -29,15 +29,19 @@ class PolicyWorker:
     def version(self) -> int:
         return self.learner.version
 
-    @torch.no_grad()
     def ref_logprobs(self, seq: SequenceBatch) -> torch.Tensor:
         """(B, T) reference log-probs: the same model with its LoRA adapter switched off."""
+        with self.learner.reference_context():
+            return self.logprobs(seq)
+
+    @torch.no_grad()
+    def logprobs(self, seq: SequenceBatch) -> torch.Tensor:
+        """(B, T) log-probs of the response tokens under the current weights."""
         self.learner.engine.eval()
         out = []
-        with self.learner.reference_context():
-            for i in range(0, len(seq), self.mbs):
-                mb = seq.select(slice(i, i + self.mbs))
-                out.append(response_logprobs(forward_logits(self.learner, mb).float(), mb, self.temperature).cpu())
+        for i in range(0, len(seq), self.mbs):
+            mb = seq.select(slice(i, i + self.mbs))
+            out.append(response_logprobs(forward_logits(self.learner, mb).float(), mb, self.temperature).cpu())
         return torch.cat(out)
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float) -> dict[str, float]:
@@ -46,12 +50,13 @@ class PolicyWorker:
         agreement: dict[str, float] = {}
         sums: dict[str, float] = {}
         steps = 0
+        proximal = self.logprobs(batch.seq) if self.algo.tis is True else None  # before any step (TIS)
 
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu())
             logits = forward_logits(learner, tb.seq).float()
             loss, stats = policy_minibatch_loss(logits, tb, self.algo, self.ref_cfg, kl_coef, self.temperature,
-                                                self.norm_len)
+                                                self.norm_len, None if proximal is None else proximal[mb["idx"].cpu()])
             loss = loss * token_weight(self.algo.loss_agg, tb.seq.response_mask, mb)
             if steps == 0:
                 logp = response_logprobs(logits.detach(), tb.seq, self.temperature)

@@ -52,6 +52,12 @@ def generator_base(cfg: Config, paths: Paths, policy) -> str:
     return base
 
 
+def critic_init_path(cfg: Config, paths: Paths) -> str:
+    """`rl.critic_init_from=stage:rm` starts the critic from the reward model (InstructGPT): the RM's score
+    head is the value head (the same Llama `score` layer) and its backbone already judges responses."""
+    return paths.resolve(cfg.rl.critic_init_from) if cfg.rl.critic_init_from else paths.policy_init
+
+
 def build_roles(cfg: Config, paths: Paths, backend: Backend, total_steps: int):
     """The role graph `cluster.placement` asks for; both answer the controller's calls alike."""
     if cfg.cluster.placement == "colocated":

@@ -20,6 +20,8 @@ from rlhf_ray.errors import describe_failure
 from rlhf_ray.learner.checkpoint import is_complete, latest_checkpoint
 from rlhf_ray.rl import checkpoint as rl_checkpoint
 from rlhf_ray.rl.controller import RLController
+from rlhf_ray.rl.evaluation import Evaluator, format_eval, split_prompts
+from rlhf_ray.rl.plateau import PlateauDetector, check_resume_overrides
 from rlhf_ray.rl.prompts import PromptStream
 from rlhf_ray.rl.resources import check_fits
 from rlhf_ray.rl.roles import Paths, build_roles
@@ -37,6 +39,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
 
     out = Path(out_dir)
     final = out / "model"
+    changed = check_resume_overrides(out / "run_config.json", cfg, resume)  # unsafe changes refused by name
     if resume and is_complete(final):
         return final
     out.mkdir(parents=True, exist_ok=True)
@@ -46,6 +49,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     init_path = resolve(policy_init)
     tokenizer = AutoTokenizer.from_pretrained(init_path)
     prompts = load_prompts(cfg.data, tokenizer, cfg.run.seed)  # validated before any actor starts
+    prompts, held_out = split_prompts(prompts, cfg)
     gold = FunctionSource(cfg.reward.gold) if cfg.reward.gold else None
     check_fits(cfg, ray.cluster_resources())
 
@@ -65,10 +69,16 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         logger = MetricsLogger(out, cfg.logging, "rl", cfg.model_dump(mode="json"), resume=ckpt is not None)
         if ckpt is not None:
             logger.truncate_to(controller.step_idx)
+        evaluator, plateau = Evaluator(held_out, cfg, tokenizer.pad_token_id, gold), PlateauDetector(cfg)
+        eval_gen = (lambda ids, n, temp, seed: roles.generator.submit(ids, n, temperature=temp, call_seed=seed).result())
         with ConsoleView(cfg.rl.steps, f"rl:{cfg.algorithm.name}", cfg.logging.console,
                          start=controller.step_idx) as view:
             if ckpt is not None:
-                view.note(f"resumed from {ckpt} at step {controller.step_idx}")
+                view.note(f"resumed from {ckpt} at step {controller.step_idx}"
+                          + (f" with {', '.join(changed)} changed" if changed else ""))
+            if controller.step_idx == 0 and evaluator.due(0):  # the baseline every later evaluation is read against
+                logger.log(0, base := evaluator.run(eval_gen, roles.score, 0))
+                view.note(format_eval(0, base))
             last = time.perf_counter()
             while controller.step_idx < cfg.rl.steps:
                 try:
@@ -81,6 +91,11 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
                 if gold is not None:
                     result.metrics["reward/gold_mean"] = _mean(gold(result.prompts, result.responses))
                 now = time.perf_counter()
+                if evaluator.due(step):
+                    result.metrics.update(evaluator.run(eval_gen, roles.score, step))
+                    view.note(format_eval(step, result.metrics))
+                if (line := plateau.update(step, result.metrics)) is not None:
+                    view.note(line)
                 result.metrics["timing/wall_s"] = now - last  # the step plus everything between steps
                 last = now
                 logger.log(step, result.metrics)

@@ -14,12 +14,24 @@ from rlhf_ray.rl.records import TrainBatch
 
 def policy_minibatch_loss(logits: torch.Tensor, mb: TrainBatch, algo_cfg: AlgorithmConfig,
                           ref_cfg: ReferenceConfig, kl_coef: float, temperature: float, norm_len: int,
-                          ) -> tuple[torch.Tensor, dict[str, float]]:
+                          proximal_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The policy's loss on one minibatch: clipped surrogate (+ KL term) (+ entropy bonus).
+
+    With `proximal_logp` (B, T), the learner's own log-probs before this update (algorithm.tis=true), the
+    PPO ratio is taken against them and each token's loss is weighted by the truncated importance
+    weight min(pi_prox / pi_generator, algorithm.tis_cap): the batch was sampled by the generator, whose
+    weights may lag and whose kernels differ (rlhf_ray.algo.offpolicy).
+    """
     mask = mb.seq.response_mask
     logp = response_logprobs(logits, mb.seq, temperature)
-    loss, stats = algo.policy_loss(logp, mb.old_logp, mb.advantages, mask, clip_low=algo_cfg.clip_low,
+    old_logp, is_weights, tis_stats = mb.old_logp, None, {}
+    if proximal_logp is not None:
+        is_weights, tis_stats = algo.truncated_is_weights(proximal_logp, mb.old_logp, mask, algo_cfg.tis_cap)
+        old_logp = proximal_logp
+    loss, stats = algo.policy_loss(logp, old_logp, mb.advantages, mask, clip_low=algo_cfg.clip_low,
                                    clip_high=algo_cfg.clip_high, dual_clip=algo_cfg.dual_clip,
-                                   agg=algo_cfg.loss_agg, norm_len=norm_len)
+                                   agg=algo_cfg.loss_agg, norm_len=norm_len, is_weights=is_weights)
+    stats.update(tis_stats)
     if not ref_cfg.kl_in_reward and kl_coef > 0:
         kl, kl_stats = algo.kl_loss(logp, mb.ref_logp, mask, coef=kl_coef, kind=ref_cfg.kl_kind,
                                     agg=algo_cfg.loss_agg, norm_len=norm_len)

@@ -7,6 +7,7 @@ from rlhf_ray.tracking.metrics import read_metrics
 
 PANELS = (
     ("reward", ("reward/score_mean", "reward/gold_mean")),
+    ("held-out eval", ("eval/greedy_gold", "eval/sampled_gold", "eval/greedy_reward", "eval/sampled_reward")),
     ("KL to reference", ("kl/mean",)),
     ("policy loss", ("policy/loss",)),
     ("clip fraction", ("policy/clip_frac",)),
@@ -44,9 +45,11 @@ def write_report(run_dir: str | Path, title: str) -> Path | None:
     plt.close(fig)
     first, last = rows[0], rows[-1]
     lines = [f"# {title}", "", f"steps: {first['step']} -> {last['step']}", ""]
-    for k in ("reward/score_mean", "reward/gold_mean", "kl/mean", "timing/step_s"):
-        if k in first and k in last and first[k] is not None and last[k] is not None:
-            lines.append(f"- {k}: {first[k]:.4f} -> {last[k]:.4f}")
+    for k in ("reward/score_mean", "reward/gold_mean", "kl/mean", "timing/step_s", "eval/greedy_reward",
+              "eval/greedy_gold", "eval/sampled_reward", "eval/sampled_gold", "eval/sampled_len"):
+        have = [r for r in rows if r.get(k) is not None]  # eval rows are sparse: first and last evaluation
+        if have:
+            lines.append(f"- {k}: {have[0][k]:.4f} (step {have[0]['step']}) -> {have[-1][k]:.4f} (step {have[-1]['step']})")
     lines += ["", "![curves](report.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     return out

@@ -44,3 +44,13 @@ def test_rewards_are_detached():
     logp = LOGP.clone().requires_grad_(True)
     rewards, _ = shape_rewards(SCORES, logp, REF, MASK, kl_coef=0.5)
     assert not rewards.requires_grad
+
+
+def test_overlong_penalty_hand_computed():
+    from rlhf_ray.algo import overlong_penalty
+    lengths = torch.tensor([10, 16, 18, 20, 24])
+    # L_max 24, buffer 8: free up to 16, then -(len - 16) / 8
+    got = overlong_penalty(lengths, max_len=24, buffer=8, factor=0.5)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5]), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(lengths, max_len=24, buffer=30)

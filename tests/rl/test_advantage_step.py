@@ -42,3 +42,100 @@ def test_grpo_batch_advantages_are_group_normalised_per_sequence():
     assert a[1, 0].item() == pytest.approx(-0.70710, abs=1e-4) and a[1, 1].item() == 0.0  # padding
     assert torch.all(a[2:] == 0)
     assert stats["response/len_mean"] == 1.5
+
+
+# -- the algorithm registry drives the step ----------------------------------------------------------
+from rlhf_ray import algo  # noqa: E402
+from rlhf_ray.algo import ALGORITHMS  # noqa: E402
+from rlhf_ray.config import AlgorithmConfig  # noqa: E402
+from rlhf_ray.config.schema import AlgorithmName  # noqa: E402
+from typing import get_args  # noqa: E402
+
+
+def test_config_names_are_the_registry_names():
+    assert set(get_args(AlgorithmName)) == set(ALGORITHMS)
+
+
+@pytest.mark.parametrize("name,agg,in_reward,kind", [
+    ("ppo", "token-mean", True, "k1"), ("grpo", "seq-mean-token-mean", False, "k3"),
+    ("dr_grpo", "seq-mean-token-sum-norm", False, "k3"), ("rloo", "token-mean", True, "k1"),
+    ("reinforce_pp", "token-mean", True, "k1")])
+def test_each_algorithm_brings_its_defaults_and_explicit_keys_win(name, agg, in_reward, kind):
+    cfg = load_config(None, [f"algorithm.name={name}"])
+    assert (cfg.algorithm.loss_agg, cfg.reference.kl_in_reward, cfg.reference.kl_kind) == (agg, in_reward, kind)
+    cfg = load_config(None, [f"algorithm.name={name}", "algorithm.loss_agg=token-mean", "reference.kl_kind=k2",
+                             "reference.kl_in_reward=false"])
+    assert (cfg.algorithm.loss_agg, cfg.reference.kl_in_reward, cfg.reference.kl_kind) == ("token-mean", False, "k2")
+
+
+SMALL = ["rollout.n_samples_per_prompt=2", "rl.prompts_per_step=2", "algorithm.mini_batch_size=2"]
+
+
+def _batch4(scores, values=None):
+    seq = pack_sequences([[1]] * 4, [[2, 3, 4], [2], [4, 5], [6, 6, 6]], pad_id=0)
+    logp = torch.full((4, 3), -1.0) * seq.response_mask
+    ref = torch.full((4, 3), -1.2) * seq.response_mask
+    return ScoredBatch(seq, logp, ref, torch.tensor(scores), values, 2, 0)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_make_train_batch_runs_the_registered_estimator(name):
+    cfg = load_config(None, [f"algorithm.name={name}", "rollout.n_samples_per_prompt=2", "rl.prompts_per_step=2",
+                             "algorithm.mini_batch_size=2"])
+    values = torch.full((4, 3), 0.25) if name == "ppo" else None
+    scored = _batch4([1.0, -1.0, 0.5, 3.0], values)
+    tb, _ = make_train_batch(scored, cfg.algorithm, cfg.reference, 0.1)
+    mask = scored.seq.response_mask
+    rewards, _ = algo.shape_rewards(scored.scores, scored.old_logp, scored.ref_logp, mask, 0.1,
+                                    kl_kind=cfg.reference.kl_kind, kl_in_reward=cfg.reference.kl_in_reward)
+    spec = ALGORITHMS[name]
+    extra = {"values": values} if spec.uses_critic else {}
+    adv, ret = algo.compute_advantages(spec.estimator, rewards, mask, group_size=2, gamma=cfg.algorithm.gamma,
+                                       lam=cfg.algorithm.lam, **algo.estimator_kwargs(spec, cfg.algorithm), **extra)
+    if spec.batch_whiten:
+        adv = algo.masked_whiten(adv, mask) * mask
+    torch.testing.assert_close(tb.advantages, adv, rtol=0, atol=0)
+    torch.testing.assert_close(tb.returns, ret, rtol=0, atol=0)
+
+
+def test_reinforce_pp_group_baseline_is_a_config_key():
+    base = load_config(None, ["algorithm.name=reinforce_pp", *SMALL])
+    with_b = load_config(None, ["algorithm.name=reinforce_pp", "algorithm.baseline=group_mean", *SMALL])
+    scored = _batch4([1.0, 0.0, 5.0, 6.0])
+    a0, _ = make_train_batch(scored, base.algorithm, base.reference, 0.0)
+    a1, _ = make_train_batch(scored, with_b.algorithm, with_b.reference, 0.0)
+    mask = scored.seq.response_mask
+    want, _ = algo.reinforce_pp(algo.shape_rewards(scored.scores, scored.old_logp, scored.ref_logp, mask, 0.0)[0],
+                                mask, group_size=2, baseline="group_mean")
+    torch.testing.assert_close(a1.advantages, want, rtol=0, atol=0)
+    # without the baseline the high-reward prompt's samples all look good; with it, only the better one
+    assert a0.advantages[3, 0] > 0 and a0.advantages[2, 0] > 0
+    assert a1.advantages[2, 0] < 0 < a1.advantages[3, 0]
+    with pytest.raises(Exception, match="algorithm.baseline=group_mean applies to algorithm.name=reinforce_pp"):
+        load_config(None, ["algorithm.name=rloo", "algorithm.baseline=group_mean"])
+    with pytest.raises(Exception, match="needs rollout.n_samples_per_prompt >= 2"):
+        load_config(None, ["algorithm.name=reinforce_pp", "algorithm.baseline=group_mean",
+                           "rollout.n_samples_per_prompt=1", "algorithm.mini_batch_size=8"])
+
+
+def test_overlong_penalty_lowers_responses_in_the_buffer_zone():
+    on = load_config(None, ["algorithm.name=rloo", "algorithm.overlong_buffer=2", "rollout.max_new_tokens=3", *SMALL])
+    off = load_config(None, ["algorithm.name=rloo", "rollout.max_new_tokens=3", *SMALL])
+    scored = _batch4([1.0, 1.0, 1.0, 1.0])  # equal scores: only the penalty separates the samples
+    tb_off, _ = make_train_batch(scored, off.algorithm, off.reference, 0.0, max_new_tokens=3)
+    tb_on, st = make_train_batch(scored, on.algorithm, on.reference, 0.0, max_new_tokens=3)
+    assert torch.all(tb_off.advantages == 0)
+    # lengths 3, 1 | 2, 3: free up to 1 token, then -(len - 1) / 2 -> -1, 0 | -0.5, -1
+    assert st["reward/overlong_penalty_mean"] == pytest.approx(-2.5 / 4)
+    assert tb_on.advantages[0, 0] < 0 < tb_on.advantages[1, 0]  # the capped response loses to the short one
+    assert tb_on.advantages[3, 0] < 0 < tb_on.advantages[2, 0]
+    with pytest.raises(Exception, match="overlong_buffer=30 exceeds rollout.max_new_tokens"):
+        load_config(None, ["algorithm.overlong_buffer=30"])
+
+
+def test_tis_auto_turns_on_when_rollouts_may_lag():
+    assert load_config(None, []).algorithm.tis is False
+    assert load_config(None, ["rollout.sync.max_off_policy_lag=1"]).algorithm.tis is True
+    assert load_config(None, ["rollout.sync.max_off_policy_lag=1", "algorithm.tis=off"]).algorithm.tis is False
+    assert load_config(None, ["algorithm.tis=true"]).algorithm.tis is True
+    assert AlgorithmConfig().tis == "auto"  # resolved only with the whole config in view

@@ -1,0 +1,62 @@
+"""One registry of RL algorithms: each name carries its estimator, loss aggregation and KL placement.
+
+An algorithm here is a choice of (advantage estimator, how the per-token loss is reduced, where the KL to
+the reference goes, whether a critic is trained). The estimator is named by its key in
+``advantages.ADVANTAGE_ESTIMATORS``; ``options`` maps the estimator's own keyword arguments to the
+``algorithm.*`` config field that supplies each, so a caller builds the call from the spec alone:
+
+    spec = ALGORITHMS[name]
+    kwargs = {kw: getattr(algo_cfg, field) for kw, field in spec.options.items()}
+
+No torch here: the config loader reads these defaults to resolve a config before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    name: str
+    estimator: str                       # key of advantages.ADVANTAGE_ESTIMATORS
+    loss_agg: str                        # key of aggregation.AGGREGATIONS: the paper's reduction
+    kl_in_reward: bool                   # KL placement: in the token rewards (True) or as a loss term (False)
+    kl_kind: str                         # key of kl.KL_ESTIMATORS suited to that placement
+    uses_critic: bool = False            # trains a value model (GAE needs V(s_t))
+    min_group_size: int = 1              # samples per prompt the estimator needs
+    batch_whiten: bool = False           # whiten advantages over the batch afterwards (algorithm.whiten_advantages)
+    options: dict[str, str] = field(default_factory=dict)  # estimator keyword -> algorithm.* field
+    cite: str = ""
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    # InstructGPT (Ouyang 2022, eq. 2): per-token KL in the reward, GAE with a critic, batch-whitened.
+    "ppo": AlgorithmSpec("ppo", "gae", "token-mean", True, "k1", uses_critic=True, batch_whiten=True,
+                         cite="Schulman 2017; Ouyang 2022"),
+    # GRPO (Shao 2024, eq. 3): 1/|o_i| per sequence, k3 KL as a loss term, group-normalised advantage.
+    "grpo": AlgorithmSpec("grpo", "grpo", "seq-mean-token-mean", False, "k3", min_group_size=2,
+                          options={"norm_by_std": "group_std_norm"}, cite="Shao 2024"),
+    # Dr. GRPO (Liu 2025, sec. 3.1): no std division, and a constant length normaliser in the loss.
+    "dr_grpo": AlgorithmSpec("dr_grpo", "dr_grpo", "seq-mean-token-sum-norm", False, "k3", min_group_size=2,
+                             cite="Liu 2025"),
+    # RLOO (Ahmadian 2024): a sequence-level REINFORCE with leave-one-out baseline, KL in the reward.
+    "rloo": AlgorithmSpec("rloo", "rloo", "token-mean", True, "k1", min_group_size=2, cite="Ahmadian 2024"),
+    # REINFORCE++ (Hu 2025, sec. 3): token-level KL in the reward, global whitening inside the estimator;
+    # algorithm.baseline=group_mean is REINFORCE++-baseline (needs groups: validated in the config).
+    "reinforce_pp": AlgorithmSpec("reinforce_pp", "reinforce_pp", "token-mean", True, "k1",
+                                  options={"baseline": "baseline"}, cite="Hu 2025"),
+}
+
+
+def get_algorithm(name: str) -> AlgorithmSpec:
+    """The spec registered as ``name``; an unknown name is a ValueError listing the registered ones."""
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; allowed: {sorted(ALGORITHMS)}") from None
+
+
+def estimator_kwargs(spec: AlgorithmSpec, settings: object) -> dict:
+    """The estimator's own keyword arguments, read from ``settings`` (an AlgorithmConfig) by field name."""
+    return {kw: getattr(settings, attr) for kw, attr in spec.options.items()}
