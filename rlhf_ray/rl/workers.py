@@ -14,6 +14,11 @@ from rlhf_ray.rl.step_loss import critic_minibatch_loss, policy_minibatch_loss, 
 from rlhf_ray.sync.checks import logprob_agreement
 
 
+# The learner's "loss" is the whole minimised objective (surrogate + KL + entropy terms); named apart so it
+# neither overwrites nor adds into the algorithm's own "policy/loss" / "value/loss" statistic.
+_OBJECTIVE = {"loss": "objective"}
+
+
 def _micro(rows: torch.Tensor, size: int, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """Micro-batches of a minibatch; each carries the minibatch's row and token counts (see _token_weight)."""
     total = torch.tensor([len(rows), float(mask[rows].sum())])
@@ -84,7 +89,7 @@ class PolicyWorker:
                 stats = self.learner.train_step(loss_fn, _micro(rows, self.mbs, batch.seq.response_mask))
                 steps += 1
                 for k, v in stats.items():
-                    key = k if "/" in k else f"policy/{k}"
+                    key = k if "/" in k else f"policy/{_OBJECTIVE.get(k, k)}"
                     sums[key] = sums.get(key, 0.0) + v
         out = {k: v / max(steps, 1) for k, v in sums.items()}
         out.update({f"sync/logprob_{k}": v for k, v in agreement.items()})
@@ -122,7 +127,7 @@ class CriticWorker:
         for epoch in minibatches:
             for rows in epoch:
                 for k, v in self.learner.train_step(loss_fn, _micro(rows, self.mbs, batch.seq.response_mask)).items():
-                    key = k if "/" in k else f"value/{k}"
+                    key = k if "/" in k else f"value/{_OBJECTIVE.get(k, k)}"
                     sums[key] = sums.get(key, 0.0) + v
                 steps += 1
         return {k: v / max(steps, 1) for k, v in sums.items()}
