@@ -9,7 +9,7 @@ from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.learner.dispatch import my_share
 from rlhf_ray.learner.group import LearnerRank
-from rlhf_ray.rl.micro import micro_batches, token_weight
+from rlhf_ray.rl.micro import OBJECTIVE, micro_batches, token_weight
 from rlhf_ray.rl.records import TrainBatch
 from rlhf_ray.rl.step_loss import critic_minibatch_loss
 from rlhf_ray.utils.phases import set_phase_threads, timed
@@ -45,7 +45,7 @@ class CriticWorker:
         for epoch in minibatches:
             for rows in epoch:
                 for k, v in self.learner.train_step(loss_fn, micro_batches(rows, self.mbs, batch.seq.response_mask)).items():
-                    key = k if "/" in k else f"value/{k}"
+                    key = k if "/" in k else f"value/{OBJECTIVE.get(k, k)}"
                     sums[key] = sums.get(key, 0.0) + v
                 steps += 1
         return {k: v / max(steps, 1) for k, v in sums.items()}

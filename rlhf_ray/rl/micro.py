@@ -8,6 +8,10 @@ import torch
 
 from rlhf_ray.batch import SequenceBatch
 
+# The learner's "loss" is the whole minimised objective (surrogate + KL + entropy terms); named apart so it
+# neither overwrites nor adds into the algorithm's own "policy/loss" / "value/loss" statistic.
+OBJECTIVE = {"loss": "objective"}
+
 
 def micro_batches(rows: torch.Tensor, size: int, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """Micro-batches of a minibatch; each carries the minibatch's row and token counts (see token_weight)."""

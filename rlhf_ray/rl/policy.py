@@ -11,7 +11,7 @@ from rlhf_ray.batch import SequenceBatch, response_logprobs
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.learner.dispatch import my_share
 from rlhf_ray.learner.group import LearnerRank
-from rlhf_ray.rl.micro import forward_logits, micro_batches, token_weight
+from rlhf_ray.rl.micro import OBJECTIVE, forward_logits, micro_batches, token_weight
 from rlhf_ray.rl.records import TrainBatch
 from rlhf_ray.rl.step_loss import policy_minibatch_loss
 from rlhf_ray.sync.checks import logprob_agreement
@@ -72,7 +72,7 @@ class PolicyWorker:
                 stats = self.learner.train_step(loss_fn, micro_batches(rows, self.mbs, batch.seq.response_mask))
                 steps += 1
                 for k, v in stats.items():
-                    key = k if "/" in k else f"policy/{k}"
+                    key = k if "/" in k else f"policy/{OBJECTIVE.get(k, k)}"
                     sums[key] = sums.get(key, 0.0) + v
         out = {k: v / max(steps, 1) for k, v in sums.items()}
         out.update({f"sync/logprob_{k}": v for k, v in agreement.items()})

@@ -1,9 +1,13 @@
-"""End to end through the real CLI on a local Ray: SFT -> RM -> RL learns; a SIGKILLed run resumes exactly.
+"""End to end through the real CLI on a local Ray: SFT -> RM -> RL learns; a SIGKILLed run resumes exactly;
+PPO's full update (minibatches x epochs, KL loss, adaptive KL, entropy) and its resume; LoRA / QLoRA / 2-rank
+runs; stage skipping and SFT/RM resume; overlap mode scoring through the HTTP reward service.
 
-These tests start Ray, DeepSpeed and vLLM in subprocesses (minutes in all); they share one SFT + RM run.
+These tests start Ray, DeepSpeed and vLLM in subprocesses (minutes in all); they share one SFT + RM run,
+and the two PPO tests share one PPO run.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +20,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
+
+
+OFFLINE_SAVES = ("sft.save_every=20", "rm.save_every=20")  # 56 steps each: checkpoints at 20 and 40 stay
 
 
 def train(*args, timeout=900, check=True):
@@ -31,6 +38,10 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
+def rows_at(rows, step):
+    return [r for r in rows if r["step"] == step]
+
+
 def first_last(rows, key, k=3):
     vals = [r[key] for r in rows]
     return sum(vals[:k]) / k, sum(vals[-k:]) / k
@@ -40,7 +51,7 @@ def first_last(rows, key, k=3):
 def offline(tmp_path_factory):
     """SFT and reward model of the quickstart, trained once for the module."""
     out = tmp_path_factory.mktemp("pipeline")
-    train(f"run.output_dir={out}", "run.stages=[sft,rm]", "sft.epochs=1")
+    train(f"run.output_dir={out}", "run.stages=[sft,rm]", "sft.epochs=1", *OFFLINE_SAVES)
     rm_rows = metrics(out / "rm")
     assert rm_rows[-1]["eval/accuracy"] > 0.8
     return out
@@ -51,8 +62,8 @@ def rl_args(offline: Path, out: Path, *extra):
             f"reward.sources=[{{kind: model, path: '{offline / 'rm' / 'model'}'}}]", *extra]
 
 
-# Every RL behaviour below holds under both placements: all roles of a device in one process
-# (colocated, the local default) and one Ray actor group per role (distributed, as on a cluster).
+# The RL behaviours below hold under both placements: all roles of a device in one process (colocated,
+# the local default) and one Ray actor group per role (distributed, as on a cluster).
 PLACEMENTS = ["colocated", "distributed"]
 
 
@@ -109,20 +120,183 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tmp_path, pla
 
 
 @pytest.mark.parametrize("variant", [
-    ("lora", ["model.lora.enabled=true", "rl.policy.optim.lr=2e-3"]),
+    ("lora", ["model.lora.enabled=true", "rl.policy.optim.lr=2e-3", "rl.save_every=2"]),
     ("qlora", ["model.lora.enabled=true", "model.quantization.load_in_4bit=true", "rl.policy.optim.lr=2e-3"]),
     ("zero3x2", ["rl.policy.num_ranks=2", "rl.policy.deepspeed.zero_stage=3"]),
 ], ids=lambda v: v[0])
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_lora_qlora_and_two_rank_runs_keep_the_generator_exact(offline, tmp_path, variant, placement):
+    from safetensors.torch import load_file
     name, extra = variant
     out = tmp_path / name
-    train(*rl_args(offline, out, "rl.steps=3", "rl.save_every=0", f"cluster.placement={placement}", *extra))
+    args = rl_args(offline, out, "rl.steps=3", "rl.save_every=0", f"cluster.placement={placement}", *extra)
+    train(*args)
     rows = metrics(out / "rl")
-    assert len(rows) == 3
+    assert [r["step"] for r in rows] == [1, 2, 3]
     # merged or adapter-only sync (LoRA), dequantized NF4 base (QLoRA), ZeRO-3 gathered sync (2 ranks): exact
     assert max(r["sync/logprob_max_abs"] for r in rows) < 1e-3
-    assert (out / "rl" / "model" / "config.json").exists()
+    # the policy moved away from the reference (the SFT model) and the measured KL grows with it
+    assert rows[0]["kl/mean"] < 1e-5 < 1e-3 < rows[-1]["kl/mean"], [r["kl/mean"] for r in rows]
+    assert rows[-1]["reward/score_mean"] > rows[0]["reward/score_mean"], [r["reward/score_mean"] for r in rows]
+    exported = load_file(out / "rl" / "model" / "model.safetensors")
+    init = load_file(offline / "sft" / "model" / "model.safetensors")
+    moved = max(float((exported[k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-3, f"the exported policy equals its starting point (max change {moved:.2e})"
     if name != "zero3x2":
         assert (out / "rl" / "adapter" / "adapter_config.json").exists()
-        assert rows[-1]["kl/mean"] != 0.0  # the adapter moved away from the reference (base, adapter off)
+        adapter = load_file(out / "rl" / "adapter" / "adapter_model.safetensors")
+        b_mats = [v for k, v in adapter.items() if "lora_B" in k]
+        assert b_mats and min(float(v.abs().max()) for v in b_mats) > 0  # LoRA B starts at 0: every one moved
+    if name == "lora":  # resume from the step-2 checkpoint: step 3 is done again, the same way
+        shutil.rmtree(out / "rl" / "model")
+        shutil.rmtree(out / "rl" / "adapter")
+        assert sorted(p.name for p in (out / "rl" / "checkpoints").iterdir()) == ["step_000002"]
+        resumed = train(*args, "--resume")
+        assert "at step 2" in resumed.stdout
+        again = metrics(out / "rl")
+        assert [r["step"] for r in again] == [1, 2, 3]
+        for key in SAME_AFTER_RESUME:
+            assert again[2][key] == pytest.approx(rows[2][key], rel=1e-4, abs=1e-6), key
+        assert load_file(out / "rl" / "adapter" / "adapter_model.safetensors").keys() == adapter.keys()
+
+
+SAME_AFTER_RESUME = ("reward/score_mean", "kl/mean", "policy/loss", "policy/objective", "response/len_mean",
+                     "policy/grad_norm")
+
+
+# -- one PPO run that exercises most of the update: several minibatches x 2 epochs (so ratios leave 1 and
+# clipping happens), the KL as a loss term with an adaptive coefficient, an entropy bonus, and a checkpoint
+# every step (rotation). Its checkpoints then serve a resume that must redo step 4 exactly.
+PPO = ("algorithm.name=ppo", "algorithm.ppo_epochs=2", "algorithm.mini_batch_size=16",
+       "rl.policy.micro_batch_size=16", "rl.critic.micro_batch_size=16",
+       "reference.kl_in_reward=false", "reference.kl_kind=k3", "algorithm.entropy_coef=0.01",
+       "reference.adaptive_kl=true", "reference.kl_coef=0.02", "reference.kl_target=0.5", "reference.kl_horizon=100",
+       "rl.steps=4", "rl.save_every=1")
+BATCH = 8 * 8  # quickstart: 8 prompts x 8 samples per step
+
+
+@pytest.fixture(scope="module")
+def ppo_run(offline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo")
+    train(*rl_args(offline, out, *PPO))
+    return out, metrics(out / "rl")
+
+
+def test_ppo_epochs_clip_and_the_kl_and_entropy_terms_enter_the_objective(ppo_run):
+    _, rows = ppo_run
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:  # 4 minibatches x 2 epochs: after the first update the ratio moves and is clipped
+        assert r["policy/clip_frac"] > 0.01 and r["policy/ratio_max"] > 1.2, r["step"]
+        assert "value/loss" in r and r["value/objective"] == pytest.approx(0.5 * r["value/loss"], rel=1e-5)
+    beta = 0.02
+    for r in rows:
+        # The minimised objective is surrogate + beta * KL (as a loss, k3) - entropy_coef * entropy, with the
+        # beta the adaptive controller held at that step (micro-batch = minibatch, so the means are exact).
+        expected = r["policy/loss"] + beta * r["kl/loss"] - 0.01 * r["policy/entropy"]
+        assert r["policy/objective"] == pytest.approx(expected, rel=1e-4, abs=1e-7), r["step"]
+        # Ziegler's rule on the KL per sequence: beta *= 1 + clip(KL / target - 1, +-0.2) * batch / horizon
+        error = min(max(r["kl/seq_mean"] / 0.5 - 1, -0.2), 0.2)
+        beta *= 1 + error * BATCH / 100
+        assert r["kl/coef"] == pytest.approx(beta, rel=1e-6), r["step"]
+    assert rows[-1]["kl/loss"] > 0 and rows[-1]["kl/coef"] != rows[0]["kl/coef"]
+    assert all(r["reward/seq_mean"] == pytest.approx(r["reward/score_mean"], rel=1e-5) for r in rows)  # no KL in reward
+
+
+def test_rl_checkpoints_rotate_and_a_ppo_run_resumes_with_critic_and_kl_state(ppo_run, offline):
+    out, rows = ppo_run
+    ckpts = out / "rl" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000003"]  # saved at 1, 2, 3; keep 2
+    for sub in ("policy", "critic"):
+        assert (ckpts / "step_000003" / sub / "COMPLETE").is_file()
+    shutil.rmtree(out / "rl" / "model")  # as if the run had been killed during step 4
+    resumed = train(*rl_args(offline, out, *PPO), "--resume")
+    assert "at step 3" in resumed.stdout and "step_000003" in resumed.stdout
+    again = metrics(out / "rl")
+    assert [r["step"] for r in again] == [1, 2, 3, 4] and again[:3] == rows[:3]
+    # critic weights and optimizer (value/*), policy optimizer, adaptive beta (kl/coef) all came back
+    for key in SAME_AFTER_RESUME + ("value/loss", "value/objective", "value/grad_norm", "kl/coef", "kl/loss",
+                                    "policy/clip_frac"):
+        assert again[3][key] == pytest.approx(rows[3][key], rel=1e-4, abs=1e-6), key
+
+
+def test_train_resume_skips_finished_stages_and_resumes_the_reward_model(offline, tmp_path):
+    """The whole chain in one invocation (sft -> rm -> rl on `stage:rm`, as `make demo`), resumed: SFT is
+    finished and skipped, the reward model resumes from its step-40 checkpoint, RL starts from both."""
+    run = tmp_path / "run"
+    shutil.copytree(offline, run)
+    sft_before = (run / "sft" / "metrics.jsonl").read_text()
+    sft_model = (run / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
+    rm_rows = metrics(run / "rm")
+    shutil.rmtree(run / "rm" / "model")  # the reward model stage "was killed" after its step-40 checkpoint
+    train(f"run.output_dir={run}", "run.stages=[sft,rm,rl]", "sft.epochs=1", *OFFLINE_SAVES, "rl.steps=2",
+          "rl.save_every=0", "--resume")
+    assert [r["step"] for r in metrics(run / "rl")] == [1, 2] and (run / "rl" / "model" / "COMPLETE").is_file()
+    assert (run / "sft" / "metrics.jsonl").read_text() == sft_before  # finished: not run again
+    assert (run / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == sft_model
+    again = metrics(run / "rm")
+    assert rows_at(again, 40)[-1]["resumed_from_step"] == 40
+    for step in (41, 50, 56):  # the steps after the checkpoint reproduce the uninterrupted run
+        a, b = rows_at(rm_rows, step)[0], rows_at(again, step)[0]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), step
+    assert again[-1]["eval/accuracy"] == pytest.approx(rm_rows[-1]["eval/accuracy"], abs=0.006)  # 1 of 200 rows
+    assert [r["step"] for r in again if "loss" in r] == list(range(1, 57))  # each step logged once
+
+
+def test_overlapped_run_scores_through_the_http_reward_service(offline, tmp_path):
+    """`serve --what reward` serves the trained reward model; an RL run with max_off_policy_lag=1 scores
+    through it and overlaps generation with the update on every step but the lockstep ones."""
+    from rlhf_ray.scoring.reward import RewardScorer
+    from rlhf_ray.config import RewardConfig, RewardSource
+    rm = offline / "rm" / "model"
+    proc, url = start_reward_service(f"reward.sources=[{{kind: model, path: '{rm}'}}]")
+    try:
+        out = tmp_path / "http"
+        train(f"run.output_dir={out}", "run.stages=[rl]", f"rl.init_from={offline / 'sft' / 'model'}",
+              f"reward.sources=[{{kind: http, url: '{url}/score', timeout_s: 60}}]", "rl.steps=3",
+              "rl.save_every=0", "rl.sample_every=1", "rollout.sync.max_off_policy_lag=1",
+              "rollout.sync.check_every=2")
+    finally:
+        stop_service(proc)
+    rows = metrics(out / "rl")
+    # step 1 samples step 2 during its update (lag 1); step 2 is a lockstep step (2 % check_every == 0);
+    # the last step starts nothing
+    assert [r["sync/overlapped"] for r in rows] == [1, 0, 0]
+    assert [r["sync/lag"] for r in rows] == [0, 1, 0]
+    assert rows[0]["sync/logprob_max_abs"] < 1e-3 and rows[2]["sync/logprob_max_abs"] < 1e-3
+    samples = [json.loads(x) for x in (out / "rl" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2, 3}
+    local = RewardScorer(RewardConfig(sources=(RewardSource(kind="model", path=str(rm)),)))
+    want, _ = local.score([s["prompt"] for s in samples], [s["response"] for s in samples])
+    assert [s["score"] for s in samples] == pytest.approx(want, rel=1e-4, abs=1e-4)  # the service's scores
+
+
+def start_reward_service(*overrides):
+    from helpers import free_port
+    import httpx
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "serve", QUICK, f"serve.port={port}", *overrides,
+                             "--what", "reward", "--seconds", "900"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited early:\n{proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("the reward service did not come up in 300 s")
+
+
+def stop_service(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -91,6 +91,21 @@ def test_text_prompts_and_stop_reasons(engine):
     assert all(f in ("stop", "length") for f in r.finish_reasons)
 
 
+def test_stop_strings_end_a_response_before_the_stop_text(engine):
+    prompts = ["the movie was", "review of the fox :"]
+    free = engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=NEW, stop=[])
+    # stop at the second word of each greedy continuation: the response must end right before it
+    for prompt, text, ids in zip(prompts, free.texts, free.response_ids):
+        words = text.split()
+        assert len(words) >= 3, text
+        stop = " " + words[1]
+        cut = engine.generate([prompt], n=1, temperature=0.0, max_new_tokens=NEW, stop=[stop])
+        assert cut.finish_reasons == ["stop"], (text, stop)
+        assert cut.texts[0] == text[:text.index(stop)] and stop not in cut.texts[0]
+        assert 0 < len(cut.response_ids[0]) < len(ids)
+        assert len(cut.response_logprobs[0]) == len(cut.response_ids[0])
+
+
 def test_lora_sync_matches_hf_peft_and_new_version_replaces_old(engine, tiny_path):
     from peft import LoraConfig, get_peft_model
     base = load_hf(tiny_path)

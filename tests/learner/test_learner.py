@@ -19,8 +19,19 @@ def test_sft_loss_falls_and_stats():
     losses = _train(learner, token_batches(12))
     assert learner.version == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
-    stats = learner.train_step(sft_step_loss, split(token_batches(1, seed=9)[0]))
-    assert stats["grad_norm"] > 0 and 0 < stats["lr"] < 3e-3  # linear decay after warm-up
+    # grad_norm is the unclipped norm of this step's gradient: recompute it on a plain HF copy of the weights
+    from transformers import LlamaForCausalLM
+    batch = token_batches(1, seed=9)[0]
+    plain = LlamaForCausalLM.from_pretrained(learner.init_path)
+    plain.load_state_dict(dict(learner.named_weights("full")))
+    logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    from rlhf_ray.algo import sft_loss
+    sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])[0].backward()
+    expected = torch.stack([p.grad.norm() for p in plain.parameters() if p.grad is not None]).norm()
+    stats = learner.train_step(sft_step_loss, split(batch))
+    assert stats["grad_norm"] == pytest.approx(float(expected), rel=1e-4)
+    assert stats["grad_norm"] > 1.0  # above max_grad_norm: the clipped norm would read 1.0
+    assert 0 < stats["lr"] < 3e-3  # linear decay after warm-up
 
 
 def test_full_weight_names_match_plain_hf_and_export_loads(tmp_path):
@@ -119,12 +130,25 @@ def test_reward_scores_pool_at_last_attended_token():
 
 
 def test_value_model_gives_a_value_per_token():
+    from transformers import LlamaForCausalLM
     learner = make_learner(kind="value")
     b = token_batches(1)[0]
     learner.engine.eval()
     with torch.no_grad():
         values = learner.forward_values(b["input_ids"], b["attention_mask"])
-    assert values.shape == b["input_ids"].shape
+        assert values.shape == b["input_ids"].shape
+        # the critic is the policy's causal backbone (same weights) with a fresh scalar head
+        policy = LlamaForCausalLM.from_pretrained(learner.init_path).model.state_dict()
+        critic = learner.hf_model.model.state_dict()
+        assert policy.keys() == critic.keys() and all(torch.equal(policy[k], critic[k]) for k in policy)
+        hidden = learner.hf_model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        torch.testing.assert_close(values, learner.hf_model.score(hidden).squeeze(-1), rtol=1e-5, atol=1e-6)
+        # V(s_t) sees only tokens up to t: changing the last token moves only the last value
+        ids = b["input_ids"].clone()
+        ids[:, -1] = ids[:, -1] + 7
+        moved = learner.forward_values(ids, b["attention_mask"])
+    torch.testing.assert_close(moved[:, :-1], values[:, :-1], rtol=1e-5, atol=1e-6)
+    assert (moved[:, -1] - values[:, -1]).abs().min() > 1e-6
 
 
 def test_reward_lora_exports_adapter_and_merged_model_that_score_alike(tmp_path):

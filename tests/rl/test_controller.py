@@ -14,12 +14,17 @@ from rlhf_ray.sync.checks import LogprobMismatchError, StaleWeightsError
 
 
 class FakeRoles:
-    """Responses are 1-3 tokens; reward = response length; the 'learner' reports agreement from `drift`."""
+    """Responses are 1-3 tokens; reward = response length; the 'learner' reports agreement from `drift`.
 
-    def __init__(self, n_tokens=(1, 2, 3), scores=None, drift=0.0, skip_sync=False):
+    The generator samples every token at log-prob -1; the reference scores it at -1 - `ref_gap`, so the
+    per-token KL (k1 = log pi_old - log pi_ref) is exactly `ref_gap`."""
+
+    def __init__(self, n_tokens=(1, 2, 3), scores=None, drift=0.0, skip_sync=False, ref_gap=0.0):
         self.version, self.gen_version = 0, 0
         self.n_tokens, self.scores, self.drift, self.skip_sync = n_tokens, scores, drift, skip_sync
+        self.ref_gap = ref_gap
         self.updates = []
+        self.kl_coefs = []
         self.submitted = []
 
     def policy_version(self):
@@ -41,10 +46,11 @@ class FakeRoles:
 
     def score(self, prompts, responses, seq):
         scores = self.scores if self.scores is not None else [float(len(r) // 2) for r in responses]
-        return list(scores), torch.full(seq.response_mask.shape, -1.0), None, {}
+        return list(scores), torch.full(seq.response_mask.shape, -1.0 - self.ref_gap), None, {}
 
     def update(self, batch, minibatches, kl_coef, overlapped=False):
         self.updates.append((batch, minibatches))
+        self.kl_coefs.append(kl_coef)
         self.version += 1
         return {"policy/loss": 0.1, "sync/logprob_max_abs": self.drift, "sync/logprob_mean_abs": self.drift,
                 "sync/logprob_num_tokens": 10.0}
@@ -73,7 +79,15 @@ def test_step_runs_the_dataflow_and_reports_phases():
     batch, minibatches = roles.updates[0]
     assert batch.advantages.shape == (6, 3)
     assert len(minibatches) == 1 and len(minibatches[0]) == 2  # 6 rows / mini-batch 3
-    assert len(out.prompts) == 6 and out.prompts[0] == "p" + out.prompts[0][1:]
+    assert sorted(torch.cat(minibatches[0]).tolist()) == list(range(6))  # every row once per epoch
+    # each row's prompt text is the prompt whose ids the row carries (prompt "pK" has ids (1, 2 + K))
+    real = batch.seq.attention_mask[:, :batch.seq.prompt_len].bool()
+    ids = [batch.seq.input_ids[i, :batch.seq.prompt_len][real[i]].tolist() for i in range(6)]
+    assert out.prompts == [f"p{row[1] - 2}" for row in ids]
+    assert out.prompts[0] == out.prompts[2] != out.prompts[3] == out.prompts[5]  # 2 prompts x 3 samples
+    # responses of 1, 2, 3 tokens in each group; the fake reward (len(text) // 2) is their token count
+    assert batch.seq.response_mask.sum(1).tolist() == [1.0, 2.0, 3.0, 2.0, 3.0, 1.0]
+    assert out.scores == [1.0, 2.0, 3.0, 2.0, 3.0, 1.0]
 
 
 def test_a_skipped_sync_is_refused_on_the_next_step():
@@ -92,12 +106,16 @@ def test_allowed_lag_accepts_one_step_old_rollouts():
 def test_overlap_samples_the_next_step_during_the_update_and_keeps_lockstep_checks():
     roles = FakeRoles()
     c = make(roles, "rollout.sync.max_off_policy_lag=1", "rollout.sync.check_every=3", "rl.steps=7")
-    lags = [c.step().metrics["sync/lag"] for _ in range(7)]
+    outs = [c.step() for _ in range(7)]
     assert roles.submitted == [1, 2, 4, 5]  # steps 3 and 6 run in lockstep; nothing after the last step
-    assert lags == [0, 1, 1, 0, 1, 1, 0]
-    # the prompt stream is not skipped or repeated by prefetching
-    ref = make(FakeRoles(), "rl.steps=7")
-    assert [ref.step().prompts for _ in range(7)] != [] and ref.prompts.state_dict() == c.prompts.state_dict()
+    assert [o.metrics["sync/lag"] for o in outs] == [0, 1, 1, 0, 1, 1, 0]
+    assert [o.metrics["sync/overlapped"] for o in outs] == [1, 1, 0, 1, 1, 0, 0]
+    # the prompt stream is not skipped or repeated by prefetching: the same prompts, step by step, as in lockstep
+    ref = make(FakeRoles(), "rl.steps=7", prompts=5)
+    c2 = make(FakeRoles(), "rollout.sync.max_off_policy_lag=1", "rollout.sync.check_every=3", "rl.steps=7",
+              prompts=5)
+    assert [ref.step().prompts for _ in range(7)] == [c2.step().prompts for _ in range(7)]
+    assert ref.prompts.state_dict() == c2.prompts.state_dict()
 
 
 def test_logprob_mismatch_fails_loudly():
@@ -136,3 +154,45 @@ def test_state_round_trip_reproduces_the_next_step():
     again = b.step()
     assert again.prompts == ref.prompts
     assert torch.equal(torch.cat(b.roles.updates[0][1][0]), torch.cat(a.roles.updates[1][1][0]))
+
+
+def test_kl_to_the_reference_shapes_the_rewards():
+    # Every group scores 1.0 for all its samples, so without a KL term GRPO's advantages are all zero.
+    # With the KL in the reward, a longer response pays more KL (0.5 per token) and gets a lower advantage.
+    flat = [1.0] * 6
+    roles = FakeRoles(scores=flat, ref_gap=0.5)
+    m = make(roles, "reference.kl_coef=0.1", "reference.kl_in_reward=true", "reference.kl_kind=k1").step().metrics
+    assert m["kl/mean"] == pytest.approx(0.5) and m["kl/seq_mean"] == pytest.approx(0.5 * 2)
+    adv = roles.updates[0][0].advantages
+    lengths = roles.updates[0][0].seq.response_mask.sum(1)
+    per_row = adv.sum(1) / lengths
+    assert per_row[lengths == 1].min() > 0 > per_row[lengths == 3].max()
+    # KL as a loss term instead (kl_in_reward=false): the rewards carry only the score, the learner gets beta
+    roles = FakeRoles(scores=flat, ref_gap=0.5)
+    make(roles, "reference.kl_coef=0.1", "reference.kl_in_reward=false", "reference.kl_kind=k3").step()
+    assert torch.count_nonzero(roles.updates[0][0].advantages) == 0 and roles.kl_coefs == [0.1]
+    # no gap to the reference: no shaping at all
+    roles = FakeRoles(scores=flat)
+    make(roles, "reference.kl_coef=0.1").step()
+    assert torch.count_nonzero(roles.updates[0][0].advantages) == 0
+
+
+def test_adaptive_kl_follows_the_measured_kl_and_survives_a_resume():
+    # KL per sequence = 0.5 x mean length 2 = 1.0, twice the target: beta grows by the clipped error 0.2
+    # times 6 samples / horizon 60 each step (Ziegler 2019): 0.1 -> 0.102 -> 0.10404.
+    over = ("reference.adaptive_kl=true", "reference.kl_coef=0.1", "reference.kl_target=0.5", "reference.kl_kind=k1",
+            "reference.kl_in_reward=true",
+            "reference.kl_horizon=60")
+    roles = FakeRoles(ref_gap=0.5)
+    a = make(roles, *over)
+    coefs = [a.step().metrics["kl/coef"] for _ in range(2)]
+    assert coefs == pytest.approx([0.102, 0.10404], rel=1e-9)
+    assert roles.kl_coefs == pytest.approx([0.1, 0.102], rel=1e-9)  # the learner trains with the current beta
+    b = make(FakeRoles(ref_gap=0.5), *over)
+    b.roles.version = b.roles.gen_version = 2
+    b.load_state_dict(a.state_dict())
+    b.step()
+    assert b.roles.kl_coefs == pytest.approx([0.10404], rel=1e-9)
+    # below the target it shrinks
+    low = make(FakeRoles(ref_gap=0.1), *over)
+    assert low.step().metrics["kl/coef"] == pytest.approx(0.1 * (1 - 0.2 * 6 / 60), rel=1e-9)

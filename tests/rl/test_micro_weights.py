@@ -1,26 +1,50 @@
-"""Micro-batching must not change the objective: the learner's row-share weighting times our token
-weight reproduces the token-mean over the whole minibatch."""
+"""Micro-batching must not change the objective: a PPO minibatch split into micro-batches of unequal token
+counts gives the same loss and gradient as the whole minibatch in one micro-batch (real `Learner`, CPU)."""
+import pytest
 import torch
 
-from rlhf_ray import algo
-from rlhf_ray.rl.micro import micro_batches as _micro, token_weight as _token_weight
+from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConfig
+from rlhf_ray.learner.engine import Learner
+from rlhf_ray.batch import pack_sequences, response_logprobs
+from rlhf_ray.rl.records import TrainBatch
+from rlhf_ray.rl.policy import PolicyWorker
+from rlhf_ray.utils.device import resolve_backend
+from tests.learner.helpers import model_cfg
+
+pytestmark = pytest.mark.slow
+
+# Response lengths differ a lot between the micro-batches of 2 rows: (1, 1), (6, 6), (3, 1) tokens.
+LENGTHS = [1, 1, 6, 6, 3, 1]
 
 
-def test_micro_batches_reproduce_the_minibatch_token_mean():
-    torch.manual_seed(0)
-    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.float)
-    loss_mat = torch.randn(5, 4)
-    rows = torch.tensor([4, 0, 2, 1, 3])
-    whole = algo.aggregate(loss_mat[rows], mask[rows], "token-mean")
-    total = 0.0
-    for mb in _micro(rows, 2, mask):
-        idx = mb["idx"]
-        part = algo.aggregate(loss_mat[idx], mask[idx], "token-mean") * _token_weight("token-mean", mask[idx], mb)
-        total += part * len(idx) / len(rows)  # the learner's row-share weighting
-    assert torch.allclose(total, whole, atol=1e-6)
+def _batch(learner) -> TrainBatch:
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 200, (3,), generator=g).tolist() for _ in LENGTHS]
+    responses = [torch.randint(3, 200, (n,), generator=g).tolist() for n in LENGTHS]
+    seq = pack_sequences(prompts, responses, learner.tokenizer.pad_token_id)
+    learner.engine.eval()
+    with torch.no_grad():  # sampled by these very weights: ratio 1, so no token is clipped
+        old = response_logprobs(learner.forward_logits(seq.input_ids, seq.attention_mask, seq.position_ids).float(),
+                                seq, 1.0) * seq.response_mask
+    adv = torch.randn(seq.response_mask.shape, generator=g) * seq.response_mask
+    return TrainBatch(seq, old, old.clone(), adv, adv.clone(), None)
 
 
-def test_sequence_mean_needs_no_reweighting():
-    mask = torch.ones(3, 2)
-    mb = _micro(torch.arange(3), 2, mask)[0]
-    assert _token_weight("seq-mean-token-mean", mask[:2], mb) == 1.0
+def _update(micro: int, agg: str) -> dict:
+    learner = Learner(model_cfg(), LearnerConfig(micro_batch_size=micro, optim={"lr": 1e-3}), kind="policy",
+                      init_path="builtin:tiny", backend=resolve_backend("cpu"), total_steps=4, seed=0, num_threads=2)
+    batch = _batch(learner)
+    worker = PolicyWorker(learner, AlgorithmConfig(loss_agg=agg), ReferenceConfig(kl_coef=0.0), temperature=1.0,
+                          norm_len=8)
+    return worker.update(batch, [[torch.arange(len(LENGTHS))]], kl_coef=0.0)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batches_of_unequal_token_counts_give_the_minibatch_loss_and_gradient(agg):
+    whole, parts = _update(6, agg), _update(2, agg)
+    assert whole["sync/logprob_max_abs"] < 1e-5  # the batch really was sampled by these weights
+    assert abs(whole["policy/objective"]) > 1e-3 and whole["policy/grad_norm"] > 1e-3  # a non-trivial objective
+    # without KL or entropy terms the objective is the clipped surrogate itself (reported once, not summed twice)
+    assert whole["policy/loss"] == pytest.approx(whole["policy/objective"], rel=1e-6)
+    assert parts["policy/objective"] == pytest.approx(whole["policy/objective"], rel=1e-5, abs=1e-7)
+    assert parts["policy/grad_norm"] == pytest.approx(whole["policy/grad_norm"], rel=1e-4)
