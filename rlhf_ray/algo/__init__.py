@@ -16,11 +16,11 @@ from rlhf_ray.algo.advantages import (
     rloo,
 )
 from rlhf_ray.algo.aggregate import AGGREGATIONS, aggregate
+from rlhf_ray.algo.dpo import dpo_loss, sequence_logprobs
 from rlhf_ray.algo.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
 from rlhf_ray.algo.logprobs import entropy_from_logits, token_logprobs
 from rlhf_ray.algo.losses import (
     bradley_terry_loss,
-    dpo_loss,
     entropy_bonus,
     kl_loss,
     policy_loss,
@@ -54,6 +54,7 @@ __all__ = [
     "compute_advantages",
     "dpo_loss",
     "dr_grpo",
+    "sequence_logprobs",
     "entropy_bonus",
     "entropy_from_logits",
     "explained_variance",
