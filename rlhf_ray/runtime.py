@@ -38,11 +38,22 @@ QUIET_LOGGERS = (
 
 
 def quiet_libraries() -> None:
-    """Run in every Ray worker process (`worker_process_setup_hook`) and in the driver. DeepSpeed's
-    "Setting accelerator to CPU" is avoided where the device is known (`Learner` sets DS_ACCELERATOR)."""
+    """In the driver and (through `setup_role_process`) every role process. DeepSpeed's "Setting accelerator
+    to CPU" is avoided where the device is known (`Learner` sets DS_ACCELERATOR)."""
     import logging
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def setup_role_process() -> None:
+    """Ray's `worker_process_setup_hook`: runs first in every worker process of our job.
+
+    Also pins RAY_ADDRESS to this process's own cluster: Ray Train's placement-group cleaner looks the
+    cluster up by scanning the machine, and fails with a traceback where several Ray instances run on one
+    machine (a shared workstation, CI)."""
+    import ray
+    quiet_libraries()
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def role_env() -> dict[str, str]:
@@ -62,7 +73,7 @@ def ray_session(cfg: ClusterConfig):
     started = False
     quiet_libraries()
     if not ray.is_initialized():
-        runtime_env = {"env_vars": role_env(), "worker_process_setup_hook": "rlhf_ray.runtime.quiet_libraries"}
+        runtime_env = {"env_vars": role_env(), "worker_process_setup_hook": "rlhf_ray.runtime.setup_role_process"}
         if cfg.address == "local":
             ncpu = cfg.cpus_per_node or os.cpu_count() or 1
             # Roles reserve fractional CPUs; the logical count is generous so that actors are never

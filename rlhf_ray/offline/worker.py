@@ -53,6 +53,7 @@ def train_loop(config: dict) -> None:
 
     from rlhf_ray.learner.engine import Learner
     from rlhf_ray.utils.device import resolve_backend
+    _quiet_report_lines()
     job: StageJob = config["job"]
     cfg, stage = job.cfg, job.stage
     ctx = ray.train.get_context()
@@ -95,6 +96,15 @@ def train_loop(config: dict) -> None:
     learner.export_hf(Path(job.out_dir) / "model", merge_lora=True)
     if cfg.model.lora.enabled:
         learner.export_hf(Path(job.out_dir) / "adapter", merge_lora=False)
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train logs "Reporting training result ..." at INFO for every report, through a logger named by
+    its file path (so `LoggingConfig(log_level)` does not reach it): set that one logger to WARNING."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _report(stats: dict, step: int, learner, staging: Path | None, rank: int) -> None:
