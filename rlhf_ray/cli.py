@@ -26,7 +26,8 @@ examples:
 """
 
 OFFLINE_HELP = {"sft": "supervised fine-tuning of the policy on prompt/response data",
-                "rm": "train a reward model on preference pairs (reports held-out pairwise accuracy)"}
+                "rm": "train a reward model on preference pairs (reports held-out pairwise accuracy)",
+                "dpo": "direct preference optimization of the policy on preference pairs (frozen reference)"}
 
 
 def load(args):
@@ -67,7 +68,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_offline(args) -> int:
-    """`sft` / `rm`: one offline stage on its own (resumes from the stage's checkpoints unless --fresh)."""
+    """`sft` / `rm` / `dpo`: one offline stage on its own (resumes from the stage's checkpoints unless --fresh)."""
     from rlhf_ray.offline.stages import prepare, run_offline_stage
     from rlhf_ray.runtime import ray_session
     cfg = load(args)

@@ -2,10 +2,11 @@
 
     sft  (model.path)                       -> <output_dir>/sft/model
     rm   (rm.init_from or the SFT model)    -> <output_dir>/rm/model
-    rl   (rl.init_from or the SFT model; reward `stage:rm`) -> <output_dir>/rl/model
+    dpo  (dpo.init_from or the SFT model)   -> <output_dir>/dpo/model
+    rl   (rl.init_from or the DPO / SFT model; reward `stage:rm`) -> <output_dir>/rl/model
 
-A stage whose `model/` is complete is not run again with `--resume`; an interrupted RL stage resumes
-from its latest checkpoint. Paths `stage:sft` / `stage:rm` in the config name these outputs.
+sft, rm and dpo run on Ray Train. A stage whose `model/` is complete is not run again with `--resume`; an
+interrupted stage resumes from its latest checkpoint (offline: Ray Train's; RL: its own). Paths `stage:sft` / `stage:rm` in the config name these outputs.
 """
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, str]:
     t0 = time.time()
     with ray_session(cfg.cluster):
         from rlhf_ray.offline.stages import run_offline_stage
-        for stage in ("sft", "rm"):
+        for stage in ("sft", "rm", "dpo"):
             if stage in cfg.run.stages:
                 results[stage] = str(_stage(resume, outs.final(stage),
                                             lambda s=stage: run_offline_stage(cfg, s, fresh=not resume)))
-        policy = results.get("sft", policy)
+        policy = results.get("dpo", results.get("sft", policy))  # RL continues from the last policy stage
         if "rl" in cfg.run.stages:
             from rlhf_ray.rl.run import run_rl
             start = outs.resolve(cfg.rl.init_from) if cfg.rl.init_from else policy

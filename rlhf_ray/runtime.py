@@ -28,6 +28,34 @@ ROLE_ENV = {
 }
 
 
+# Library lines that appear in every run and that no operator can act on, each silenced at its own logger
+# (not by level across a whole library, so their real warnings still show):
+QUIET_LOGGERS = (
+    "bitsandbytes.backends.cpu.ops",   # "Failed to load CPU gemm_4bit_forward from kernels-community": an
+                                       # optional kernel package; we keep bitsandbytes on its training kernel
+    "torch._library.triton",           # "Triton not available": there is no Triton on CPU
+)
+
+
+def quiet_libraries() -> None:
+    """In the driver and (through `setup_role_process`) every role process. DeepSpeed's "Setting accelerator
+    to CPU" is avoided where the device is known (`Learner` sets DS_ACCELERATOR)."""
+    import logging
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def setup_role_process() -> None:
+    """Ray's `worker_process_setup_hook`: runs first in every worker process of our job.
+
+    Also pins RAY_ADDRESS to this process's own cluster: Ray Train's placement-group cleaner looks the
+    cluster up by scanning the machine, and fails with a traceback where several Ray instances run on one
+    machine (a shared workstation, CI)."""
+    import ray
+    quiet_libraries()
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
 def role_env() -> dict[str, str]:
     """ROLE_ENV, where the operator's own environment wins (e.g. VLLM_LOGGING_LEVEL=INFO to debug)."""
     env = {k: os.environ.get(k, v) for k, v in ROLE_ENV.items()}
@@ -43,8 +71,9 @@ def ray_session(cfg: ClusterConfig):
     import ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False
+    quiet_libraries()
     if not ray.is_initialized():
-        runtime_env = {"env_vars": role_env()}
+        runtime_env = {"env_vars": role_env(), "worker_process_setup_hook": "rlhf_ray.runtime.setup_role_process"}
         if cfg.address == "local":
             ncpu = cfg.cpus_per_node or os.cpu_count() or 1
             # Roles reserve fractional CPUs; the logical count is generous so that actors are never

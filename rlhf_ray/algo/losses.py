@@ -234,39 +234,3 @@ def sft_loss(
     nll = -token_logprobs(logits, safe_labels)  # (B, T)
     loss = aggregate(nll, loss_mask, agg)
     return loss, to_floats({"sft/loss": loss.detach(), "sft/tokens": loss_mask.float().sum()})
-
-
-def dpo_loss(
-    policy_chosen_logp: torch.Tensor,
-    policy_rejected_logp: torch.Tensor,
-    ref_chosen_logp: torch.Tensor,
-    ref_rejected_logp: torch.Tensor,
-    beta: float = 0.1,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """DPO sigmoid loss (Rafailov 2023, eq. 7).
-
-    L = -log sigmoid(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]), mean over pairs.
-    Inputs are sequence log-probs: token log-probs summed over each response's real tokens.
-
-    Args:
-        policy_chosen_logp, policy_rejected_logp: (B,) under the trained policy, with grad.
-        ref_chosen_logp, ref_rejected_logp: (B,) under the frozen reference.
-        beta: strength of the implicit KL constraint.
-
-    Returns:
-        loss (0-d), stats: "dpo/loss", "dpo/reward_chosen", "dpo/reward_rejected" (mean implicit rewards
-        beta * log(pi / ref)), "dpo/reward_margin", "dpo/reward_acc" (fraction chosen > rejected).
-    """
-    reward_chosen = beta * (policy_chosen_logp - ref_chosen_logp.detach())  # (B,)
-    reward_rejected = beta * (policy_rejected_logp - ref_rejected_logp.detach())
-    margin = reward_chosen - reward_rejected
-    loss = -F.logsigmoid(margin).mean()
-    with torch.no_grad():
-        stats = {
-            "dpo/loss": loss.detach(),
-            "dpo/reward_chosen": reward_chosen.mean(),
-            "dpo/reward_rejected": reward_rejected.mean(),
-            "dpo/reward_margin": margin.mean(),
-            "dpo/reward_acc": (margin > 0).float().mean(),
-        }
-    return loss, to_floats(stats)

@@ -118,6 +118,15 @@ class StageConfig(Section):
     margin: Optional[float] = Field(None, description="Bradley-Terry margin (reward model only)")
 
 
+class DPOConfig(StageConfig):
+    """The DPO stage: preference pairs, a frozen reference (the adapter off under LoRA, else a frozen copy of
+    the starting model). Default start: this run's SFT model when the run has an SFT stage."""
+
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed rate of flipped preference labels "
+                                   "(conservative DPO); 0 is plain DPO")
+
+
 # ---------------------------------------------------------------------------------------------
 # rollout (the vLLM generator) and weight sync
 class SyncConfig(Section):
@@ -295,7 +304,8 @@ class RunConfig(Section):
     name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 0
-    stages: tuple[Literal["sft", "rm", "rl"], ...] = ("sft", "rm", "rl")
+    stages: tuple[Literal["sft", "rm", "dpo", "rl"], ...] = Field(
+        ("sft", "rm", "rl"), description="stages to run, always in the order sft, rm, dpo, rl")
     storage_path: Optional[str] = Field(None, description="where Ray Train keeps offline-stage checkpoints "
                                         "(shared storage on a multi-node cluster); default: output_dir")
 
@@ -306,6 +316,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     sft: StageConfig = StageConfig()
     rm: StageConfig = StageConfig()
+    dpo: DPOConfig = DPOConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
     reference: ReferenceConfig = ReferenceConfig()
@@ -335,7 +346,7 @@ class Config(Section):
     def _combinations(self):
         q = self.model.quantization
         for where, learner in (("rl.policy", self.rl.policy), ("sft.learner", self.sft.learner),
-                               ("rm.learner", self.rm.learner)):
+                               ("rm.learner", self.rm.learner), ("dpo.learner", self.dpo.learner)):
             if q.load_in_4bit and learner.deepspeed.zero_stage == 3:
                 raise ValueError(f"model.quantization.load_in_4bit=true cannot be combined with "
                                  f"{where}.deepspeed.zero_stage=3: ZeRO-3 partitions parameters and "

@@ -98,7 +98,7 @@ def encode_sft(rows: list[dict], tok, lim: Limits) -> tuple[list[dict], Counter]
 
 
 def encode_preferences(rows: list[dict], tok, lim: Limits) -> tuple[list[dict], Counter]:
-    """-> examples {chosen_ids, rejected_ids} (prompt + response each)."""
+    """-> examples {chosen_ids, rejected_ids} (prompt + response each), prompt_len (the shared prompt's tokens)."""
     out, counts = [], Counter()
     for i, row in enumerate(rows):
         try:
@@ -113,7 +113,7 @@ def encode_preferences(rows: list[dict], tok, lim: Limits) -> tuple[list[dict], 
         if c == r:
             counts["pairs_identical"] += 1
             continue
-        out.append({"chosen_ids": p + c, "rejected_ids": p + r})
+        out.append({"chosen_ids": p + c, "rejected_ids": p + r, "prompt_len": len(p)})
     return out, counts
 
 
@@ -138,4 +138,5 @@ def collate_preferences(examples: list[dict], pad_id: int) -> dict[str, torch.Te
     """Chosen rows first, then rejected rows, padded to one length: one forward pass scores both."""
     ids, mask = pad([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples], pad_id)
     b = len(examples)
-    return {"chosen_ids": ids[:b], "chosen_mask": mask[:b], "rejected_ids": ids[b:], "rejected_mask": mask[b:]}
+    return {"chosen_ids": ids[:b], "chosen_mask": mask[:b], "rejected_ids": ids[b:], "rejected_mask": mask[b:],
+            "prompt_len": torch.tensor([e["prompt_len"] for e in examples])}  # (B,)

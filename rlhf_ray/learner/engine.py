@@ -51,6 +51,8 @@ class Learner:
         # Import order matters: transformers' lazy model import inside DeepSpeed's ZeRO-3 conversion
         # fails unless dynamo and the model class are imported first (STACK.md).
         import torch._dynamo  # noqa: F401
+        # The device is known here: telling DeepSpeed spares every run its "Setting accelerator to CPU" probe.
+        os.environ.setdefault("DS_ACCELERATOR", backend.device)
         import deepspeed
         if num_threads:
             torch.set_num_threads(num_threads)

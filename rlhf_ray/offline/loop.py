@@ -33,7 +33,7 @@ def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_pat
               loss_fn: Callable, eval_fn: Callable, out_dir: Path, fresh: bool = False,
               setup: Callable | None = None) -> Path:
     """Train, checkpoint, evaluate and export one offline stage on Ray Train; returns the exported HF folder."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
@@ -59,7 +59,9 @@ def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_pat
                                      placement_strategy=cfg.cluster.placement_strategy),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=stage.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                             # Ray Train's INFO lines (each report, each worker start) would bury the step lines.
+                             logging_config=LoggingConfig(log_level="WARNING")))
     follower = MetricsFollower(metrics, lambda start: _logger(name, cfg, data, out_dir, total, start))
     follower.start()
     try:

@@ -1,4 +1,4 @@
-"""The SFT and reward-model stages: their data, their loss functions, their drivers.
+"""The offline stages (SFT, reward model, DPO): their data, their loss functions, their drivers.
 
 Loss functions are module-level (`fn(learner, micro_batch) -> (loss, stats)`) so that Ray pickles them
 by reference; the math lives in `rlhf_ray.algo` (`sft_loss`, `bradley_terry_loss`).
@@ -86,22 +86,30 @@ def sft_init_path(cfg: Config) -> str:
     return cfg.sft.init_from or cfg.model.path
 
 
-def rm_init_path(cfg: Config) -> str:
-    """`rm.init_from`, else this run's SFT model when the run has an SFT stage and it exists, else the policy's
-    starting point (a fresh scalar head on the causal-LM backbone)."""
-    if cfg.rm.init_from:
-        return cfg.rm.init_from
+def _after_sft(cfg: Config, init_from: Optional[str]) -> str:
+    """`init_from`, else this run's SFT model when the run has an SFT stage and it exists, else model.path."""
+    if init_from:
+        return init_from
     sft_model = stage_dir(cfg, "sft") / "model"
     if "sft" in cfg.run.stages and (sft_model / "COMPLETE").exists():
         return str(sft_model)
     return cfg.model.path
 
 
+def rm_init_path(cfg: Config) -> str:
+    """The reward model starts from the SFT policy's backbone (a fresh scalar head) unless told otherwise."""
+    return _after_sft(cfg, cfg.rm.init_from)
+
+
+def dpo_init_path(cfg: Config) -> str:
+    return _after_sft(cfg, cfg.dpo.init_from)
+
+
 def prepare(cfg: Config, stage: str) -> StageData:
     """Read and tokenize a stage's data (before Ray starts, so bad data fails in seconds)."""
     if stage == "sft":
         return sft_data(cfg, sft_init_path(cfg))
-    return preference_data(cfg, rm_init_path(cfg))
+    return preference_data(cfg, rm_init_path(cfg) if stage == "rm" else dpo_init_path(cfg))
 
 
 def run_sft(cfg: Config, *, fresh: bool = False, data: Optional[StageData] = None) -> Path:
@@ -119,9 +127,18 @@ def run_rm(cfg: Config, *, fresh: bool = False, data: Optional[StageData] = None
                      out_dir=stage_dir(cfg, "rm"), fresh=fresh)
 
 
+def run_dpo(cfg: Config, *, fresh: bool = False, data: Optional[StageData] = None) -> Path:
+    """Train the policy on `data.preferences` with DPO; needs Ray up. Returns `<output_dir>/dpo/model`."""
+    from rlhf_ray.offline.dpo import DPOStep
+    step = DPOStep(cfg.dpo.beta, cfg.dpo.label_smoothing)
+    return run_stage("dpo", cfg, cfg.dpo, kind="policy", init_path=dpo_init_path(cfg),
+                     data=data or prepare(cfg, "dpo"), loss_fn=step, eval_fn=step.evaluate,
+                     out_dir=stage_dir(cfg, "dpo"), fresh=fresh)
+
+
 def run_offline_stage(cfg: Config, stage: str, *, fresh: bool = False, data: Optional[StageData] = None) -> Path:
-    """Run the offline stage named `stage` ("sft" or "rm"); needs Ray up."""
+    """Run the offline stage named `stage` ("sft", "rm" or "dpo"); needs Ray up."""
     return OFFLINE_STAGES[stage](cfg, fresh=fresh, data=data)
 
 
-OFFLINE_STAGES = {"sft": run_sft, "rm": run_rm}
+OFFLINE_STAGES = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo}

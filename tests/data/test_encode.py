@@ -64,5 +64,6 @@ def test_collate_pads_right(tok):
     batch = collate_sft([{"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}, {"input_ids": [5], "loss_mask": [1]}], 0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    pairs = collate_preferences([{"chosen_ids": [1, 2, 3], "rejected_ids": [1]}], 0)
+    pairs = collate_preferences([{"chosen_ids": [1, 2, 3], "rejected_ids": [1, 4], "prompt_len": 1}], 0)
     assert pairs["chosen_ids"].shape == pairs["rejected_ids"].shape == torch.Size([1, 3])
+    assert pairs["prompt_len"].tolist() == [1]

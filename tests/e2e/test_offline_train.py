@@ -1,0 +1,129 @@
+"""Offline stages on Ray Train, end to end: SIGKILL then `train --resume` for each stage (every step logged
+once, resumed from a Ray Train checkpoint); DPO learns the preferences; 2 ranks per stage on a 2-node cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+SMALL = ("data.num_samples=400", "logging.console=false", "cluster.torch_threads=1")
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def train(*args, timeout=900):
+    p = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def steps_logged(stage_dir: Path) -> list[int]:
+    return [r["step"] for r in rows(stage_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage):
+    total, every = 32, 4
+    args = [f"run.output_dir={tmp_path}", f"run.stages=[{stage}]", *SMALL, f"{stage}.batch_size=8",
+            f"{stage}.max_steps={total}", f"{stage}.save_every={every}", f"{stage}.eval_every=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ray_train_run = tmp_path / f"quickstart-{stage}"  # <run.name>-<stage>: Ray Train's run folder
+    deadline = time.time() + 600
+    try:  # kill once Ray Train holds two checkpoints (so the first is surely registered) and steps ran past them
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(ray_train_run.glob("step_*"))) >= 2 and max(steps_logged(tmp_path / stage), default=0) > 2 * every:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the stage finished (or failed) before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = steps_logged(tmp_path / stage)
+    assert before and max(before) < total
+
+    train(*args, "--resume")
+    logged = rows(tmp_path / stage / "metrics.jsonl")
+    assert steps_logged(tmp_path / stage) == list(range(1, total + 1))  # each step once, in order
+    resumed = [r["resumed_from_step"] for r in logged if "resumed_from_step" in r]
+    assert resumed[0] == 0 and resumed[-1] >= every and resumed[-1] % every == 0, resumed
+    assert (tmp_path / stage / "model" / "COMPLETE").exists()
+
+
+def _vader_of_samples(model_dir: Path, n_prompts: int = 48) -> float:
+    """Mean VADER score of sampled continuations (the gold judge the preference pairs were built with)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_ray.data.builtin_reviews import make_prompt, vader_reward
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rng = random.Random(123)
+    prompts = [make_prompt(rng) for _ in range(n_prompts)]
+    torch.manual_seed(0)
+    texts = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        out = model.generate(ids, do_sample=True, max_new_tokens=24, pad_token_id=tok.pad_token_id)
+        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return sum(vader_reward(prompts, texts)) / len(texts)
+
+
+def test_dpo_learns_the_preferences(tmp_path):
+    train(f"run.output_dir={tmp_path}", "run.stages=[sft,dpo]", "logging.console=false", "sft.epochs=1",
+          "dpo.batch_size=32", "dpo.learner.optim.lr=1e-3", "dpo.eval_every=28")
+    evals = [r for r in rows(tmp_path / "dpo" / "metrics.jsonl") if "eval/accuracy" in r]
+    assert evals[-1]["eval/rows"] >= 100
+    assert evals[-1]["eval/accuracy"] > 0.8, evals  # chance is 0.5 (and 0 at the start: policy == reference)
+    assert evals[-1]["eval/margin"] > 0.5
+    sft_gold, dpo_gold = _vader_of_samples(tmp_path / "sft" / "model"), _vader_of_samples(tmp_path / "dpo" / "model")
+    assert dpo_gold > sft_gold + 0.15, (sft_gold, dpo_gold)  # the chosen reviews are the more positive ones
+
+
+def test_two_ranks_per_stage_on_a_two_node_cluster(tmp_path):
+    """STRICT_SPREAD puts the two ranks of every stage on different nodes; the run folder is the shared
+    storage both nodes write checkpoints to."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.pipeline import run_pipeline
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, runtime_env={"env_vars": {k: v for k, v in _env().items()
+                                                                 if k in ("PYTHONPATH", "HF_HUB_OFFLINE")}})
+    try:
+        overrides = [f"run.output_dir={tmp_path}", "run.stages=[sft,rm,dpo]", *SMALL,
+                     "cluster.placement_strategy=STRICT_SPREAD"]
+        for stage in ("sft", "rm", "dpo"):
+            overrides += [f"{stage}.learner.num_ranks=2", f"{stage}.batch_size=8", f"{stage}.max_steps=6",
+                          f"{stage}.save_every=3", f"{stage}.eval_every=3"]
+        results = run_pipeline(load_config(QUICK, overrides))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    for stage in ("sft", "rm", "dpo"):
+        assert Path(results[stage]) == tmp_path / stage / "model" and (tmp_path / stage / "model" / "COMPLETE").exists()
+        assert steps_logged(tmp_path / stage) == list(range(1, 7))
+        assert (tmp_path / f"quickstart-{stage}" / "step_000003").is_dir()  # Ray Train's checkpoint of both ranks
+        assert any("eval/loss" in r for r in rows(tmp_path / stage / "metrics.jsonl"))
