@@ -56,27 +56,28 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def role_pid(driver: int, actor_class: str) -> int:
-    """The worker process running `actor_class` (Ray titles it `ray::Class` or `ray::Class.method`)."""
+def busy_pid(driver: int, call: str) -> int | None:
+    """The worker process now running `call` ("Class.method"): Ray titles it `ray::Class.method` meanwhile."""
     for pid in descendants(driver):
         try:
             title = open(f"/proc/{pid}/cmdline").read().split("\0")[0]
         except OSError:
             continue
-        if re.match(rf"ray::{actor_class}(\.|\s|$)", title):
+        if re.match(rf"ray::{re.escape(call)}(\(|\s|$)", title):
             return pid
-    raise AssertionError(f"no ray::{actor_class} process under {driver}")
+    return None
 
 
-def kill_after(proc: subprocess.Popen, out: Path, actor_class: str, after_step: int, timeout: float = 600) -> int:
+def kill_during(proc: subprocess.Popen, out: Path, call: str, after_step: int, timeout: float = 600) -> int:
+    """SIGKILL the process of `call` while it runs, in the first step after `after_step` is logged."""
     deadline = time.time() + timeout
-    while len(steps_logged(out)) < after_step:
+    while True:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "the run did not reach the step"
-        time.sleep(0.2)
-    pid = role_pid(proc.pid, actor_class)
-    os.kill(pid, signal.SIGKILL)
-    return pid
+        assert time.time() < deadline, f"the run did not reach a {call} after step {after_step}"
+        if len(steps_logged(out)) >= after_step and (pid := busy_pid(proc.pid, call)):
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.05)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
@@ -88,10 +89,10 @@ def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("actor_class", ["GeneratorActor", "RewardActor"])
-def test_run_survives_a_killed_role(tmp_path, actor_class):
+@pytest.mark.parametrize("call", ["GeneratorActor.generate", "RewardActor.score"])
+def test_run_survives_a_role_killed_mid_call(tmp_path, call):
     proc = start(tmp_path)
-    kill_after(proc, tmp_path, actor_class, after_step=2)
+    kill_during(proc, tmp_path, call, after_step=2)
     rc, err = finish(proc)
     assert rc == 0, err[-3000:]
     assert steps_logged(tmp_path) == list(range(1, STEPS + 1))  # nothing lost, nothing doubled
@@ -102,12 +103,12 @@ def test_run_survives_a_killed_role(tmp_path, actor_class):
 
 def test_killed_learner_names_rank_and_checkpoint_then_resume_auto_continues(tmp_path):
     proc = start(tmp_path)
-    kill_after(proc, tmp_path, "PolicyRank", after_step=3)
+    kill_during(proc, tmp_path, "PolicyRank.update", after_step=2)
     rc, err = finish(proc)
     lines = [x for x in err.splitlines() if x.startswith("rlhf-ray: error: ")]
     assert rc == 1 and len(lines) == 1, err[-3000:]
-    assert re.search(r"step [45], policy learner rank 0: the policy learner rank 0 process died .*last good "
-                     r"checkpoint: \S+/rl/checkpoints/step_00000[24] \(rerun with --resume=auto", lines[0]), lines[0]
+    assert re.search(r"step 3, policy learner rank 0: the policy learner rank 0 process died .*last good "
+                     r"checkpoint: \S+/rl/checkpoints/step_000002 \(rerun with --resume=auto", lines[0]), lines[0]
     assert "Traceback" not in err
     proc = start(tmp_path, "--resume=auto")
     rc, err = finish(proc)
