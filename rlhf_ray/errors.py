@@ -79,12 +79,13 @@ def _last_line(text: str) -> str:
 
 def describe_failure(exc: BaseException, step: int, names: Optional[dict[str, str]] = None,
                      last_checkpoint: Optional[str] = None) -> RunError:
-    """One `StepError` for whatever `step` raised. `names`: actor id (hex) -> role ("policy learner rank 1")."""
+    """One `StepError` for whatever `step` raised (0: while the roles start). `names`: actor id (hex) ->
+    role ("policy learner rank 1")."""
     names = names or {}
     import ray.exceptions as rx
     role = _role_from_ray(exc, names)
     cause = unwrap(exc)
-    where = f"step {step}" + (f", {role}" if role else "")
+    where = (f"step {step}" if step else "start-up") + (f", {role}" if role else "")
     resume = (f"; last good checkpoint: {last_checkpoint} (rerun with --resume=auto to continue from it)"
               if last_checkpoint else "; no checkpoint was written yet")
     if isinstance(cause, rx.RayActorError):

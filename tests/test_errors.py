@@ -39,3 +39,13 @@ def test_dead_actor_is_named_with_the_last_checkpoint():
 def test_bug_is_one_line_too():
     err = describe_failure(IndexError("list index out of range"), step=2)
     assert str(err) == "step 2: IndexError: list index out of range"
+
+
+def test_actor_that_failed_to_start_is_named():
+    died = rx.ActorDiedError()
+    died._actor_init_failed = True
+    died.error_msg = ("The actor died because of an error raised in its creation task, ray::RewardActor.__init__()\n"
+                      "  File x\nrlhf_ray.scoring.reward.RewardSourceError: reward function 'm:f' cannot be imported")
+    line = str(describe_failure(died, step=0))
+    assert line == ("start-up, reward: the reward failed to start: rlhf_ray.scoring.reward.RewardSourceError: "
+                    "reward function 'm:f' cannot be imported")
