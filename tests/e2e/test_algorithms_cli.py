@@ -43,7 +43,10 @@ def offline(tmp_path_factory):
 def rl_args(offline: Path, out: Path, *extra):
     return [f"run.output_dir={out}", "run.stages=[rl]", f"rl.init_from={offline / 'sft' / 'model'}",
             f"reward.sources=[{{kind: model, path: '{offline / 'rm' / 'model'}'}}]", f"rl.steps={STEPS}",
-            "rl.save_every=0", "rl.eval_every=6", "data.rl_eval_prompts=24", "rl.eval_samples=2", *extra]
+            "rl.save_every=0", "rl.eval_every=6", "data.rl_eval_prompts=24", "rl.eval_samples=2",
+            # the quickstart's 0.02 let REINFORCE++'s per-token KL reach 1.8 nats in 12 steps; 0.05 holds it
+            # near 0.2 and learns as fast (GRPO's paper uses 0.04)
+            "reference.kl_coef=0.05", *extra]
 
 
 def assert_learned_on_held_out_prompts(rows, out):
@@ -60,7 +63,7 @@ def assert_learned_on_held_out_prompts(rows, out):
     start = sum(r["reward/score_mean"] for r in train_rows[:3]) / 3
     end = sum(r["reward/score_mean"] for r in train_rows[-3:]) / 3
     assert end > start + 0.5, (start, end)
-    assert max(r["kl/mean"] for r in train_rows) < 1.5
+    assert max(r["kl/mean"] for r in train_rows) < 1.0
     report = (out / "report.md").read_text()
     assert "eval/greedy_gold" in report and (out / "report.png").exists()
 
@@ -98,10 +101,10 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
 
 def test_ppo_critic_from_the_rm_and_adaptive_kl_holds_kl_near_target(offline, tmp_path):
     out = tmp_path / "ppo"
-    target = 1.0
+    target = 2.0  # nats per sequence (kl/seq_mean, the controller's unit)
     train(*rl_args(offline, out, "algorithm.name=ppo", f"rl.critic_init_from={offline / 'rm' / 'model'}",
-                   "reference.adaptive_kl=true", "reference.kl_coef=0.05", f"reference.kl_target={target}",
-                   "reference.kl_horizon=256", "rl.steps=16", "rl.eval_every=8"))
+                   "reference.adaptive_kl=true", "reference.kl_coef=0.02", f"reference.kl_target={target}",
+                   "reference.kl_horizon=64", "rl.steps=16", "rl.eval_every=8"))
     rows = [r for r in metrics(out / "rl") if "reward/score_mean" in r]
     seq_kl = [r["kl/seq_mean"] for r in rows]
     coef = [r["kl/coef"] for r in rows]
@@ -112,7 +115,7 @@ def test_ppo_critic_from_the_rm_and_adaptive_kl_holds_kl_near_target(offline, tm
 
     # resuming that run with a change that the checkpoint cannot honour is refused, naming the key
     p = train(*rl_args(offline, out, "algorithm.name=ppo", f"rl.critic_init_from={offline / 'rm' / 'model'}",
-                       "reference.adaptive_kl=true", "reference.kl_coef=0.05", f"reference.kl_target={target}",
-                       "reference.kl_horizon=256", "rl.steps=16", "rl.eval_every=8", "model.lora.enabled=true",
+                       "reference.adaptive_kl=true", "reference.kl_coef=0.02", f"reference.kl_target={target}",
+                       "reference.kl_horizon=64", "rl.steps=16", "rl.eval_every=8", "model.lora.enabled=true",
                        "--resume"), check=False)
     assert p.returncode == 2 and "--resume cannot change model.lora.enabled" in p.stderr, p.stderr[-2000:]
