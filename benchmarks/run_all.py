@@ -1,7 +1,7 @@
 """Every benchmark, one after the other (never two at once: 2 cores), each writing its JSON to
 benchmarks/results/. `make bench` runs this; pass names to run a subset:
 
-    python benchmarks/run_all.py [algo offline sync rollout rl_vs_trl]
+    python benchmarks/run_all.py [algo offline sync rollout rl_vs_trl learning]
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ BENCHES = {
     "sync": ["sync_bench.py", "--models", "tiny", "smollm2-135m"],
     "rollout": ["rollout_bench.py"],
     "rl_vs_trl": ["rl_vs_trl.py"],
+    "learning": ["learning_bench.py", "--steps", "20"],
 }
 
 

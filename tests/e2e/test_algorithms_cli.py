@@ -43,7 +43,10 @@ def offline(tmp_path_factory):
 def rl_args(offline: Path, out: Path, *extra):
     return [f"run.output_dir={out}", "run.stages=[rl]", f"rl.init_from={offline / 'sft' / 'model'}",
             f"reward.sources=[{{kind: model, path: '{offline / 'rm' / 'model'}'}}]", f"rl.steps={STEPS}",
-            "rl.save_every=0", "rl.eval_every=6", "data.rl_eval_prompts=24", "rl.eval_samples=2", *extra]
+            "rl.save_every=0", "rl.eval_every=6", "data.rl_eval_prompts=24", "rl.eval_samples=2",
+            # the quickstart's 0.02 let REINFORCE++'s per-token KL reach 1.8 nats in 12 steps; 0.05 holds it
+            # near 0.2 and learns as fast (GRPO's paper uses 0.04)
+            "reference.kl_coef=0.05", *extra]
 
 
 def assert_learned_on_held_out_prompts(rows, out):
@@ -60,14 +63,17 @@ def assert_learned_on_held_out_prompts(rows, out):
     start = sum(r["reward/score_mean"] for r in train_rows[:3]) / 3
     end = sum(r["reward/score_mean"] for r in train_rows[-3:]) / 3
     assert end > start + 0.5, (start, end)
-    assert max(r["kl/mean"] for r in train_rows) < 1.5
+    assert max(r["kl/mean"] for r in train_rows) < 1.0
     report = (out / "report.md").read_text()
     assert "eval/greedy_gold" in report and (out / "report.png").exists()
 
 
 CASES = {
-    # RLOO with rollouts one version behind the learner: truncated importance sampling turns on (auto)
-    "rloo": ["algorithm.name=rloo", "rollout.sync.max_off_policy_lag=1", "rollout.sync.check_every=4"],
+    # RLOO with rollouts one version behind the learner: truncated importance sampling turns on (auto).
+    # RLOO's advantages are raw reward differences (no whitening, about 3x REINFORCE++'s scale here): at the
+    # quickstart's lr its per-token KL passed 2 nats by step 12, so it trains at a lower one.
+    "rloo": ["algorithm.name=rloo", "rollout.sync.max_off_policy_lag=1", "rollout.sync.check_every=4",
+             "rl.policy.optim.lr=2e-4"],
     "reinforce_pp": ["algorithm.name=reinforce_pp", "algorithm.overlong_buffer=6"],
     "reinforce_pp_baseline": ["algorithm.name=reinforce_pp", "algorithm.baseline=group_mean"],
     "dr_grpo": ["algorithm.name=dr_grpo", "algorithm.dynamic_sampling=true"],
@@ -98,21 +104,22 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
 
 def test_ppo_critic_from_the_rm_and_adaptive_kl_holds_kl_near_target(offline, tmp_path):
     out = tmp_path / "ppo"
-    target = 1.0
+    target = 2.0  # nats per sequence (kl/seq_mean, the controller's unit)
     train(*rl_args(offline, out, "algorithm.name=ppo", f"rl.critic_init_from={offline / 'rm' / 'model'}",
-                   "reference.adaptive_kl=true", "reference.kl_coef=0.05", f"reference.kl_target={target}",
-                   "reference.kl_horizon=256", "rl.steps=16", "rl.eval_every=8"))
+                   "reference.adaptive_kl=true", "reference.kl_coef=0.1", f"reference.kl_target={target}",
+                   "reference.kl_horizon=64", "rl.steps=16", "rl.eval_every=8"))
     rows = [r for r in metrics(out / "rl") if "reward/score_mean" in r]
     seq_kl = [r["kl/seq_mean"] for r in rows]
     coef = [r["kl/coef"] for r in rows]
-    # the controller raises beta while KL is above target and lowers it below: KL ends near the target
-    assert sum(seq_kl[-4:]) / 4 < 2.5 * target, seq_kl
+    # the controller raises beta while KL is above target and lowers it below (Ziegler 2019: at most 20% a
+    # step with this horizon), so KL approaches the target and stays within a small factor of it
+    assert 0.25 * target < sum(seq_kl[-4:]) / 4 < 3 * target, seq_kl
     assert all((c1 > c0) == (kl > target) for c0, c1, kl in zip(coef, coef[1:], seq_kl[1:]) if abs(kl - target) > 0.01)
     assert rows[-1]["reward/score_mean"] > rows[0]["reward/score_mean"]
 
     # resuming that run with a change that the checkpoint cannot honour is refused, naming the key
     p = train(*rl_args(offline, out, "algorithm.name=ppo", f"rl.critic_init_from={offline / 'rm' / 'model'}",
-                       "reference.adaptive_kl=true", "reference.kl_coef=0.05", f"reference.kl_target={target}",
-                       "reference.kl_horizon=256", "rl.steps=16", "rl.eval_every=8", "model.lora.enabled=true",
+                       "reference.adaptive_kl=true", "reference.kl_coef=0.1", f"reference.kl_target={target}",
+                       "reference.kl_horizon=64", "rl.steps=16", "rl.eval_every=8", "model.lora.enabled=true",
                        "--resume"), check=False)
     assert p.returncode == 2 and "--resume cannot change model.lora.enabled" in p.stderr, p.stderr[-2000:]
