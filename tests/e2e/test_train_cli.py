@@ -135,18 +135,23 @@ def test_lora_qlora_and_two_rank_runs_keep_the_generator_exact(offline, tmp_path
     assert [r["step"] for r in rows] == [1, 2, 3]
     # merged or adapter-only sync (LoRA), dequantized NF4 base (QLoRA), ZeRO-3 gathered sync (2 ranks): exact
     assert max(r["sync/logprob_max_abs"] for r in rows) < 1e-3
-    # the policy moved away from the reference (the SFT model) and the measured KL grows with it
-    assert rows[0]["kl/mean"] < 1e-5 < 1e-3 < rows[-1]["kl/mean"], [r["kl/mean"] for r in rows]
-    assert rows[-1]["reward/score_mean"] > rows[0]["reward/score_mean"], [r["reward/score_mean"] for r in rows]
+    # The exported policy is not its starting point: Adam moves a weight by about lr per step, so 3 updates
+    # move some weight by more than one step's worth.
+    lr = 2e-3 if name != "zero3x2" else 5e-4
     exported = load_file(out / "rl" / "model" / "model.safetensors")
     init = load_file(offline / "sft" / "model" / "model.safetensors")
     moved = max(float((exported[k] - init[k]).abs().max()) for k in init)
-    assert moved > 1e-3, f"the exported policy equals its starting point (max change {moved:.2e})"
+    assert moved > lr, f"the exported policy is (nearly) its starting point (max change {moved:.2e})"
     if name != "zero3x2":
         assert (out / "rl" / "adapter" / "adapter_config.json").exists()
         adapter = load_file(out / "rl" / "adapter" / "adapter_model.safetensors")
         b_mats = [v for k, v in adapter.items() if "lora_B" in k]
-        assert b_mats and min(float(v.abs().max()) for v in b_mats) > 0  # LoRA B starts at 0: every one moved
+        # LoRA B starts at 0: every adapter matrix took more than one optimizer step's worth (about lr)
+        assert b_mats and min(float(v.abs().max()) for v in b_mats) > lr, "an adapter matrix did not train"
+    else:  # full fine-tuning learns within 3 steps: the policy leaves the reference and the reward rises
+        assert rows[0]["kl/mean"] < 1e-5 and rows[-1]["kl/mean"] > 0.01, [r["kl/mean"] for r in rows]
+        assert rows[-1]["reward/score_mean"] > rows[0]["reward/score_mean"] + 0.3, \
+            [r["reward/score_mean"] for r in rows]
     if name == "lora":  # resume from the step-2 checkpoint: step 3 is done again, the same way
         shutil.rmtree(out / "rl" / "model")
         shutil.rmtree(out / "rl" / "adapter")
