@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import time
-from pathlib import Path
 
 
 def cmd_train(args, load) -> int:
@@ -16,35 +13,8 @@ def cmd_train(args, load) -> int:
 
 
 def cmd_serve(args, load) -> int:
-    from ray import serve
-
-    from rlhf_ray.models.kit import resolve_model_path
-    from rlhf_ray.pipeline import StageOutputs
-    from rlhf_ray.runtime import ray_session
-    from rlhf_ray.serve.deploy import policy_application, reward_application
-    from rlhf_ray.utils.device import resolve_backend
-
-    cfg = load(args)
-    outs = StageOutputs(Path(cfg.run.output_dir))
-    backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
-    with ray_session(cfg.cluster):
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        if args.what == "policy":
-            model = outs.resolve(cfg.serve.model or "stage:rl")
-            serve.run(policy_application(model, cfg.serve, backend), name="policy", route_prefix="/")
-            what = f"policy {model} as '{cfg.serve.model_name}' (OpenAI API: /v1/completions, /v1/chat/completions)"
-        else:
-            serve.run(reward_application(cfg.reward, outs.resolve, backend.device), name="reward", route_prefix="/")
-            what = "reward service (POST /score)"
-        print(f"serving {what} at http://{cfg.serve.host}:{cfg.serve.port}  (Ctrl-C to stop)", flush=True)
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-        try:
-            while not stop and (args.seconds <= 0 or time.time() < args._deadline):
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        serve.shutdown()
+    from rlhf_ray.serve.run import serve_until_stopped
+    serve_until_stopped(load(args), args.what, args.seconds)
     return 0
 
 
@@ -58,8 +28,4 @@ def register(sub, add_config_args, load) -> None:
     add_config_args(p)
     p.add_argument("--what", choices=["policy", "reward"], default="policy")
     p.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
-
-    def run(a):
-        a._deadline = time.time() + a.seconds
-        return cmd_serve(a, load)
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda a: cmd_serve(a, load))
