@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import time
-from pathlib import Path
 
 DESCRIPTION = """\
 rlhf-ray: reinforcement learning from human feedback on Ray.
@@ -85,41 +82,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ray import serve
-
-    from rlhf_ray.pipeline import StageOutputs
-    from rlhf_ray.runtime import ray_session
-    from rlhf_ray.serve.deploy import policy_application, reward_application
-    from rlhf_ray.utils.device import resolve_backend
-
-    cfg = load(args)
-    deadline = time.time() + args.seconds if args.seconds > 0 else float("inf")
-    outs = StageOutputs(Path(cfg.run.output_dir))
-    backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
-    with ray_session(cfg.cluster):
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        if args.what == "policy":
-            model = outs.resolve(cfg.serve.model or "stage:rl")
-            serve.run(policy_application(model, cfg.serve, backend), name="policy", route_prefix="/")
-            what = f"policy {model} as '{cfg.serve.model_name}' (OpenAI API: /v1/completions, /v1/chat/completions)"
-        else:
-            serve.run(reward_application(cfg.reward, outs.resolve, backend.device), name="reward", route_prefix="/")
-            what = "reward service (POST /score)"
-        print(f"serving {what} at http://{cfg.serve.host}:{cfg.serve.port}  (Ctrl-C to stop)", flush=True)
-        _wait_for_stop(deadline)
-        serve.shutdown()
+    from rlhf_ray.serve.run import serve_until_stopped
+    serve_until_stopped(load(args), args.what, args.seconds)
     return 0
-
-
-def _wait_for_stop(deadline: float) -> None:
-    """Until SIGTERM, Ctrl-C or `deadline` (time.time())."""
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop and time.time() < deadline:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
 
 
 # -- parser ---------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""`rlhf-ray serve`: the policy behind Ray Serve answers OpenAI-style requests; the reward service scores."""
+"""`rlhf-ray serve` with the official `openai` client: the policy on Ray Serve LLM (streaming, logprobs, n,
+stop, adapters by name, API key, errors naming the field), and the reward service.
+
+One server for the whole module (vLLM start-up on CPU takes about a minute or two).
+"""
 import os
 import signal
 import subprocess
@@ -7,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from helpers import free_port
 
@@ -14,28 +19,31 @@ from rlhf_ray.models.kit import resolve_model_path
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+KEY = "test-key-123"
+PROMPT = "review of the fox :"
+LOGS = Path(os.environ.get("PYTEST_SERVE_LOGS", "/tmp"))
 
 
-def start(what: str, *overrides):
+def start(what: str, *overrides, env_extra=None, probe="/v1/models"):
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})}
+    log = open(LOGS / f"serve-{what}-{port}.log", "w")  # a file, not a pipe: a full pipe would block the server
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "serve", "configs/quickstart.yaml",
-                             f"serve.port={port}", *overrides, "--what", what, "--seconds", "600"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                             f"serve.port={port}", *overrides, "--what", what, "--seconds", "900"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
+    deadline = time.time() + 420
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"serve exited early:\n{proc.stdout.read()[-3000:]}")
+            pytest.fail(f"serve exited early:\n{Path(log.name).read_text()[-3000:]}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + probe, headers={"Authorization": f"Bearer {KEY}"}, timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(2)
     os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("the server did not come up in 240 s")
+    pytest.fail("the server did not come up in 420 s")
 
 
 def stop(proc):
@@ -48,29 +56,137 @@ def stop(proc):
         pytest.fail("serve did not stop on SIGTERM")
 
 
-def test_policy_server_answers_openai_requests():
-    proc, url = start("policy", f"serve.model={resolve_model_path('builtin:tiny')}", "serve.max_tokens=16")
+def make_adapter(base: str, out: Path) -> Path:
+    """A LoRA adapter on the tiny policy with random (non-zero) B, so it visibly changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    base = resolve_model_path("builtin:tiny")
+    adapter = make_adapter(base, tmp_path_factory.mktemp("adapter") / "pos")
+    proc, url = start("policy", f"serve.model={base}", "serve.max_tokens=16", f"serve.adapters={{pos: {adapter}}}",
+                      env_extra={"RLHF_RAY_API_KEY": KEY})
     try:
-        models = httpx.get(url + "/v1/models", timeout=30).json()
-        assert models["data"][0]["id"] == "rlhf-ray-policy"
-        r = httpx.post(url + "/v1/completions", json={"prompt": "review of the fox :", "max_tokens": 8, "n": 2,
-                                                      "temperature": 0, "seed": 1}, timeout=60)
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert len(body["choices"]) == 2 and body["choices"][0]["text"] == body["choices"][1]["text"]  # greedy
-        assert 0 < body["usage"]["completion_tokens"] <= 16
-        bad = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 999}, timeout=30)
-        assert bad.status_code == 400 and "max_tokens" in bad.json()["error"]["message"]
-        chat = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                              "max_tokens": 4}, timeout=60)
-        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+        yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0), url
     finally:
         stop(proc)
 
 
+def test_models_lists_base_and_adapter(policy):
+    client, _ = policy
+    assert [m.id for m in client.models.list().data] == ["rlhf-ray-policy", "rlhf-ray-policy:pos"]
+
+
+def test_completions_n_seed_usage(policy):
+    client, _ = policy
+    kw = dict(model="rlhf-ray-policy", prompt=PROMPT, max_tokens=8, n=3, temperature=1.0, seed=7)
+    r, again = client.completions.create(**kw), client.completions.create(**kw)
+    assert len(r.choices) == 3 and [c.text for c in r.choices] == [c.text for c in again.choices]  # seeded
+    assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens > 0
+
+
+def test_logprobs(policy):
+    client, _ = policy
+    r = client.completions.create(model="rlhf-ray-policy", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 6 and all(x <= 0 for x in lp.token_logprobs)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy = the best
+
+
+def test_stop_sequence_cuts_the_text(policy):
+    client, _ = policy
+    full = client.completions.create(model="rlhf-ray-policy", prompt=PROMPT, max_tokens=16, temperature=0)
+    text = full.choices[0].text
+    cut = text.strip()[:2] if text.strip() else "e"
+    r = client.completions.create(model="rlhf-ray-policy", prompt=PROMPT, max_tokens=16, temperature=0, stop=[cut])
+    assert cut not in r.choices[0].text and r.choices[0].finish_reason == "stop"
+
+
+def _stream_equals_plain(create, piece):
+    plain = piece(create(stream=False))
+    t0, arrivals, parts = time.perf_counter(), [], []
+    for chunk in create(stream=True):
+        if chunk.choices:
+            arrivals.append(time.perf_counter() - t0)
+            parts.append(piece(chunk) or "")
+    end = time.perf_counter() - t0
+    assert len(parts) > 2 and arrivals[0] < end  # chunks arrive one by one, not in one final body
+    assert "".join(parts) == plain
+
+
+def test_streaming_completions(policy):
+    client, _ = policy
+    _stream_equals_plain(lambda stream: client.completions.create(model="rlhf-ray-policy", prompt=PROMPT,
+                                                                  max_tokens=16, temperature=0, stream=stream),
+                         lambda r: r.choices[0].text)
+
+
+def test_streaming_chat(policy):
+    client, _ = policy
+    msgs = [{"role": "user", "content": PROMPT}]
+    _stream_equals_plain(lambda stream: client.chat.completions.create(model="rlhf-ray-policy", messages=msgs,
+                                                                       max_tokens=16, temperature=0, stream=stream),
+                         lambda r: r.choices[0].message.content if hasattr(r.choices[0], "message")
+                         else r.choices[0].delta.content)
+
+
+def test_chat_defaults_to_the_server_limit(policy):
+    client, _ = policy
+    r = client.chat.completions.create(model="rlhf-ray-policy", messages=[{"role": "user", "content": "hi"}],
+                                       temperature=0)
+    assert r.choices[0].message.role == "assistant" and 0 < r.usage.completion_tokens <= 16
+
+
+def test_adapter_by_name_changes_the_output(policy):
+    client, _ = policy
+    kw = dict(prompt=PROMPT, max_tokens=12, temperature=0)
+    base = client.completions.create(model="rlhf-ray-policy", **kw)
+    tuned = client.completions.create(model="rlhf-ray-policy:pos", **kw)
+    assert tuned.model == "rlhf-ray-policy:pos" and tuned.choices[0].text != base.choices[0].text
+
+
+@pytest.mark.parametrize("kwargs, error, needle", [
+    (dict(model="gpt-4"), openai.NotFoundError, "is not served here"),
+    (dict(model="rlhf-ray-policy:nope"), openai.NotFoundError, "is not served here"),
+    (dict(max_tokens=999), openai.BadRequestError, "max_tokens: 999 exceeds this server's limit of 16"),
+    (dict(temperature=-1), openai.BadRequestError, "temperature"),
+    (dict(extra_body={"n": "three"}), openai.BadRequestError, "n:"),
+])
+def test_bad_requests_name_the_field(policy, kwargs, error, needle):
+    client, _ = policy
+    with pytest.raises(error) as e:
+        client.completions.create(**{"model": "rlhf-ray-policy", "prompt": "x", "max_tokens": 4, **kwargs})
+    assert needle in str(e.value)
+
+
+def test_malformed_json_is_a_400(policy):
+    _, url = policy
+    r = httpx.post(url + "/v1/completions", content=b"{bad", headers={"Authorization": f"Bearer {KEY}",
+                                                                        "content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_api_key_required(policy, headers):
+    _, url = policy
+    r = httpx.post(url + "/v1/completions", json={"model": "rlhf-ray-policy", "prompt": "x"}, headers=headers)
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
 def test_reward_service_scores_over_http():
     spec = "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]"
-    proc, url = start("reward", spec)
+    proc, url = start("reward", spec, probe="/health")
     try:
         r = httpx.post(url + "/score", json={"prompts": ["a", "b"], "responses": [" great fun .", " awful ."]},
                        timeout=60)
