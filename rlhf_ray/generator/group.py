@@ -84,7 +84,10 @@ class GeneratorGroup:
     def __init__(self, model_path: str, rollout_cfg, backend: Backend, lora: bool = False, max_model_len: int = 512,
                  *, max_lora_rank: int = 16, quantization: Optional[str] = None,
                  engine_kwargs: Optional[dict[str, Any]] = None, transport: str = "auto", max_restarts: int = 3,
-                 collective_timeout_s: float = 120.0):
+                 collective_timeout_s: float = 120.0, options: Optional[list[dict]] = None):
+        """options: Ray actor options per engine (`rlhf_ray.placement.groups.actor_options`: CPUs, GPUs,
+        placement-group bundle); without them each engine asks for `rollout.cpus_per_engine` and
+        `rollout.gpus_per_engine` (the engine's total, all its tensor-parallel workers)."""
         import ray
 
         if transport not in ("auto", "object_store", "collective"):
@@ -97,11 +100,15 @@ class GeneratorGroup:
         self._timeout = collective_timeout_s
         self._skip_full = tied_names(model_path)
         opts = dict(max_lora_rank=max_lora_rank, quantization=quantization, engine_kwargs=engine_kwargs)
-        remote = ray.remote(GeneratorActor).options(
-            num_cpus=rollout_cfg.cpus_per_engine, num_gpus=rollout_cfg.gpus_per_engine * rollout_cfg.tensor_parallel_size,
-            max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": engine_env(rollout_cfg)})
-        self.actors = [remote.remote(model_path, rollout_cfg, backend, lora, max_model_len, opts)
-                       for _ in range(rollout_cfg.num_engines)]
+        n = rollout_cfg.num_engines
+        if options is None:
+            options = [dict(num_cpus=rollout_cfg.cpus_per_engine, num_gpus=rollout_cfg.gpus_per_engine)] * n
+        if len(options) != n:
+            raise ValueError(f"{len(options)} actor options for {n} engines (rollout.num_engines)")
+        remote = ray.remote(GeneratorActor)
+        self.actors = [remote.options(**options[i], max_restarts=max_restarts, max_task_retries=0,
+                                      runtime_env={"env_vars": engine_env(rollout_cfg)}).remote(
+            model_path, rollout_cfg, backend, lora, max_model_len, opts) for i in range(n)]
         nodes = ray.get([a.node_id.remote() for a in self.actors])
         here = ray.get_runtime_context().get_node_id()
         self.transport = transport if transport != "auto" else (
@@ -109,17 +116,21 @@ class GeneratorGroup:
 
     @classmethod
     def from_config(cls, cfg, model_path: Optional[str] = None, max_model_len: Optional[int] = None,
-                    lora: Optional[bool] = None, **kwargs) -> "GeneratorGroup":
-        """Build from the full `Config`: rollout section, model path/dtype/LoRA, cluster device. `lora`:
+                    lora: Optional[bool] = None, backend: Optional[Backend] = None,
+                    quantization: Optional[str] = None, **kwargs) -> "GeneratorGroup":
+        """Build from the full `Config`: rollout section, model path/dtype/LoRA. `backend` and
+        `quantization`: the engines' (from the plan in RL runs; else resolved on this node). `lora`:
         whether the engines take adapters (default: whenever the policy trains one)."""
         from rlhf_ray.models.kit import resolve_model_path
 
-        backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
+        if backend is None:
+            backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
+            quantization = quantization_for(backend, cfg.model.quantization.load_in_4bit)
         lora = cfg.model.lora.enabled if lora is None else lora
         return cls(model_path or resolve_model_path(cfg.model.path), cfg.rollout, backend, lora,
                    max_model_len or cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
                    max_lora_rank=lora_rank_slot(cfg.model.lora.r) if lora else 16,
-                   quantization=quantization_for(backend, cfg.model.quantization.load_in_4bit), **kwargs)
+                   quantization=quantization, **kwargs)
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], n: Optional[int] = None, **overrides) -> Rollout:

@@ -5,7 +5,9 @@ function to completion), while the RL controller interleaves generation, scoring
 the learner step by step. Actors keep the model resident between calls and let the driver call
 `group.train_step(...)` like a local function (the verl / OpenRLHF pattern). The gloo / NCCL group is set
 up by hand (rank 0 publishes an address and a free port), which is all TorchTrainer would add here.
-Ranks are placed by a placement group (one bundle per rank); a single rank skips it (one actor).
+Where ranks run is not decided here: the RL stage hands each rank the actor options of its bundle in
+the cluster plan (`rlhf_ray.placement`); without them (tests) each rank asks for the learner config's
+CPUs and GPUs.
 
 Each actor is a thin shell around `Learner`; splitting and merging batches are the pure functions of
 `rlhf_ray.learner.dispatch`.
@@ -21,6 +23,7 @@ import torch
 
 from rlhf_ray.config.schema import LearnerConfig, ModelConfig
 from rlhf_ray.learner.dispatch import Batch, gather, mean_stats, micro_batches, split_batch
+from rlhf_ray.utils.device import Backend
 
 
 class LearnerRank:
@@ -37,12 +40,10 @@ class LearnerRank:
         from rlhf_ray.utils.net import free_port
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, addr: str, port: int, model_cfg, learner_cfg, kind, init_path, device, total_steps, seed):
+    def setup(self, addr: str, port: int, model_cfg, learner_cfg, kind, init_path, backend, total_steps, seed):
         from rlhf_ray.learner.engine import Learner
-        from rlhf_ray.utils.device import resolve_backend
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=addr, MASTER_PORT=str(port))
-        backend = resolve_backend(device, model_cfg.dtype)
         self.learner = Learner(model_cfg, learner_cfg, kind=kind, init_path=init_path, backend=backend,
                                total_steps=total_steps, seed=seed, num_threads=torch.get_num_threads())
         return self.learner.version
@@ -93,31 +94,22 @@ class LearnerGroup:
     """Driver-side handle; every method fans out to all ranks and returns merged results."""
 
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, *,
-                 kind: Literal["policy", "reward", "value"], init_path: str, total_steps: int,
-                 device: str = "auto", seed: int = 0, num_threads: Optional[int] = None,
-                 placement_strategy: str = "PACK", rank_cls: type = LearnerRank,
-                 rank_kwargs: Optional[dict] = None):
+                 kind: Literal["policy", "reward", "value"], init_path: str, total_steps: int, backend: Backend,
+                 seed: int = 0, num_threads: Optional[int] = None, options: Optional[list[dict]] = None,
+                 rank_cls: type = LearnerRank, rank_kwargs: Optional[dict] = None):
+        """backend: the ranks' device, dtype and dist backend (from the plan in RL runs). options: Ray actor
+        options per rank (`rlhf_ray.placement.groups.actor_options`: CPUs, GPUs, placement-group bundle)."""
         n = learner_cfg.num_ranks
         remote, extra = ray.remote(rank_cls), rank_kwargs or {}
         self.num_ranks, self.cfg = n, learner_cfg
         threads = num_threads or max(1, int(learner_cfg.cpus_per_rank))
-        opts = dict(num_cpus=learner_cfg.cpus_per_rank, num_gpus=learner_cfg.gpus_per_rank)
-        self._pg = None
-        if n > 1:
-            from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-            bundle = {"CPU": learner_cfg.cpus_per_rank}
-            if learner_cfg.gpus_per_rank:
-                bundle["GPU"] = learner_cfg.gpus_per_rank
-            self._pg = placement_group([bundle] * n, strategy=placement_strategy)
-            ray.get(self._pg.ready())
-            self.actors = [remote.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self._pg, placement_group_bundle_index=r)).remote(r, n, threads, **extra)
-                for r in range(n)]
-        else:
-            self.actors = [remote.options(**opts).remote(0, 1, threads, **extra)]
+        if options is None:
+            options = [dict(num_cpus=learner_cfg.cpus_per_rank, num_gpus=learner_cfg.gpus_per_rank)] * n
+        if len(options) != n:
+            raise ValueError(f"{len(options)} actor options for {n} learner ranks")
+        self.actors = [remote.options(**options[r]).remote(r, n, threads, **extra) for r in range(n)]
         addr, port = ray.get(self.actors[0].address.remote())
-        ray.get([a.setup.remote(addr, port, model_cfg, learner_cfg, kind, init_path, device, total_steps, seed)
+        ray.get([a.setup.remote(addr, port, model_cfg, learner_cfg, kind, init_path, backend, total_steps, seed)
                  for a in self.actors])
         self.version = 0
 
@@ -166,7 +158,4 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        if self._pg is not None:
-            from ray.util.placement_group import remove_placement_group
-            remove_placement_group(self._pg)
         self.actors = []

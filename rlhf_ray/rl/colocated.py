@@ -26,24 +26,30 @@ from rlhf_ray.generator.group import PendingRollout, split_evenly, tied_names
 from rlhf_ray.learner.dispatch import my_share
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.rl.policy import PolicyRank
-from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, split_rows, sync_mode
+from rlhf_ray.placement.groups import actor_options
+from rlhf_ray.placement.plan import Plan
+from rlhf_ray.rl.roles import (Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, role_backend,
+                               split_rows, sync_mode)
 from rlhf_ray.sync.transport import without
-from rlhf_ray.utils.device import Backend
 from rlhf_ray.utils.phases import set_phase_threads
 
 
 class ColocatedRank(PolicyRank):
     """A policy learner rank that also hosts the engine, the scorers and the critic of its device."""
 
-    def __init__(self, rank: int, world_size: int, num_threads: int, *, cfg: Config, generate_threads: int):
+    def __init__(self, rank: int, world_size: int, num_threads: int, *, cfg: Config, generate_threads: int,
+                 roles: tuple[str, ...]):
         super().__init__(rank, world_size, num_threads, algo=cfg.algorithm, ref=cfg.reference,
                          temperature=cfg.rollout.temperature, norm_len=cfg.rollout.max_new_tokens)
         self.cfg, self.threads, self.generate_threads = cfg, num_threads, generate_threads
+        self.plan_roles = roles  # the roles the plan starts (the reference only with a KL term)
         self.engine = self.reward = self.reference = self.critic = None
 
-    def setup_roles(self, generator_base: str, paths: Paths, total_steps: int, sync: str) -> None:
+    def setup_roles(self, generator_base: str, paths: Paths, total_steps: int, sync: str,
+                    micro_batches: dict) -> None:
         """Build the other roles once the learner (and its process group) exists. The engine comes last:
-        it finds the process group DeepSpeed made and reuses it."""
+        it finds the process group DeepSpeed made and reuses it. micro_batches: the plan's scoring
+        micro-batches (role -> rows)."""
         from rlhf_ray.generator.engine import GeneratorEngine, lora_rank_slot
         from rlhf_ray.learner.engine import Learner
         from rlhf_ray.rl.critic import CriticWorker
@@ -55,11 +61,14 @@ class ColocatedRank(PolicyRank):
             learner = Learner(cfg.model, cfg.rl.critic, kind="value", init_path=critic_init_path(cfg, paths), backend=backend,
                               total_steps=total_steps, seed=cfg.run.seed)
             self.critic = CriticWorker(learner, cfg.algorithm, norm_len=cfg.rollout.max_new_tokens)
-        self.reward = RewardScorer(cfg.reward, resolve_path=paths.resolve, device=backend.device)
-        if not (cfg.model.lora.enabled and cfg.reference.path is None):
+        # one process, one bundle: every role computes on the device and dtype the plan gave this rank
+        self.reward = RewardScorer(cfg.reward, resolve_path=paths.resolve, device=backend.device, dtype=backend.dtype,
+                                   batch_size=micro_batches.get("reward", 64))
+        if "reference" in self.plan_roles:
             self.reference = ReferenceScorer(paths.resolve(cfg.reference.path or paths.policy_init),
                                              dtype=backend.dtype, device=backend.device,
-                                             temperature=cfg.rollout.temperature)
+                                             temperature=cfg.rollout.temperature,
+                                             micro_batch_size=micro_batches.get("reference", 64))
         lora = sync == "adapter"
         self.engine = GeneratorEngine(generator_base, cfg.rollout, backend, lora,
                                       cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
@@ -121,19 +130,22 @@ class ColocatedRank(PolicyRank):
 class ColocatedRoles:
     """The controller's handle on N colocated ranks (see the module docstring)."""
 
-    def __init__(self, cfg: Config, paths: Paths, backend: Backend, total_steps: int):
+    def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
+        """Rank i asks Ray for exactly the plan's colocated bundle i (it holds every role of the rank)."""
+        backend = role_backend(cfg, plan, "policy")
         self.cfg, self.backend = cfg, backend
         self.mode = sync_mode(cfg, backend)
         p = cfg.rl.policy
         threads = cfg.cluster.torch_threads or max(1, (os.cpu_count() or 1) // min(p.num_ranks, os.cpu_count() or 1))
         gen_threads = cfg.rollout.threads or threads
         self.policy = LearnerGroup(cfg.model, p, kind="policy", init_path=paths.policy_init, total_steps=total_steps,
-                                   device=backend.device, seed=cfg.run.seed, num_threads=threads,
-                                   placement_strategy=cfg.cluster.placement_strategy, rank_cls=ColocatedRank,
-                                   rank_kwargs=dict(cfg=cfg, generate_threads=gen_threads))
+                                   backend=backend, seed=cfg.run.seed, num_threads=threads,
+                                   options=[actor_options(plan, groups, "policy", r) for r in range(p.num_ranks)],
+                                   rank_cls=ColocatedRank,
+                                   rank_kwargs=dict(cfg=cfg, generate_threads=gen_threads, roles=plan.roles))
         self.ranks = self.policy.actors
         base = generator_base(cfg, paths, self.policy)
-        ray.get([r.setup_roles.remote(base, paths, total_steps, self.mode) for r in self.ranks])
+        ray.get([r.setup_roles.remote(base, paths, total_steps, self.mode, plan.micro_batches) for r in self.ranks])
         self.version = 0  # the weight version every engine serves
 
     def policy_version(self) -> int:

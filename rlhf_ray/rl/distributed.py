@@ -20,42 +20,60 @@ from rlhf_ray.config import Config
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.rl.critic import CriticRank
 from rlhf_ray.rl.policy import PolicyRank
-from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, split_rows, sync_mode
+from rlhf_ray.placement.groups import actor_options
+from rlhf_ray.placement.plan import Plan, engine_quantization
+from rlhf_ray.rl.roles import (Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, role_backend,
+                               split_rows, sync_mode)
 from rlhf_ray.scoring.reference import ReferenceActor
 from rlhf_ray.scoring.reward import RewardActor
-from rlhf_ray.utils.device import Backend
 
 
 class DistributedRoles:
     """The controller's handle on separate actors per role (see the module docstring)."""
 
-    def __init__(self, cfg: Config, paths: Paths, backend: Backend, total_steps: int):
+    def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
+        """Every actor asks Ray for exactly its bundle of `plan` (reserved as `groups`) and computes on the
+        device and dtype the plan gives its role."""
         from rlhf_ray.generator.group import GeneratorGroup
+        backend = role_backend(cfg, plan, "policy")
         self.cfg, self.backend = cfg, backend
         self.cores = cfg.cluster.torch_threads or os.cpu_count() or 1
-        self.mode = sync_mode(cfg, backend)
+        gen_backend = role_backend(cfg, plan, "generator")
+        self.mode = sync_mode(cfg, gen_backend)
         norm_len = cfg.rollout.max_new_tokens
-        common = dict(init_path=paths.policy_init, total_steps=total_steps, device=backend.device, seed=cfg.run.seed,
-                      num_threads=self.cores, placement_strategy=cfg.cluster.placement_strategy)
+
+        def ranks(role: str, n: int) -> list[dict]:
+            return [actor_options(plan, groups, role, i) for i in range(n)]
+
+        common = dict(init_path=paths.policy_init, total_steps=total_steps, seed=cfg.run.seed, num_threads=self.cores)
         self.policy = LearnerGroup(cfg.model, cfg.rl.policy, kind="policy", rank_cls=PolicyRank, **common,
+                                   backend=backend, options=ranks("policy", cfg.rl.policy.num_ranks),
                                    rank_kwargs=dict(algo=cfg.algorithm, ref=cfg.reference,
                                                     temperature=cfg.rollout.temperature, norm_len=norm_len))
         self.critic = None
         if cfg.uses_critic:
             self.critic = LearnerGroup(cfg.model, cfg.rl.critic, kind="value", rank_cls=CriticRank,
                                        **{**common, "init_path": critic_init_path(cfg, paths)},
+                                       backend=role_backend(cfg, plan, "critic"),
+                                       options=ranks("critic", cfg.rl.critic.num_ranks),
                                        rank_kwargs=dict(algo=cfg.algorithm, norm_len=norm_len))
         self.reference = None  # under LoRA: the policy ranks with the adapter off, no second copy
-        if not (cfg.model.lora.enabled and cfg.reference.path is None):
+        if "reference" in plan.roles:
             ref_path = paths.resolve(cfg.reference.path or paths.policy_init)
-            self.reference = ReferenceActor.options(num_cpus=0.5).remote(
-                ref_path, dtype=backend.dtype, device=backend.device, temperature=cfg.rollout.temperature)
+            ref = role_backend(cfg, plan, "reference")
+            self.reference = ReferenceActor.options(**actor_options(plan, groups, "reference")).remote(
+                ref_path, dtype=ref.dtype, device=ref.device, temperature=cfg.rollout.temperature,
+                micro_batch_size=plan.micro_batches.get("reference", 64))
         # a reward process that dies is restarted once and its call retried once
-        self.reward = RewardActor.options(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus,
-                                          max_restarts=1, max_task_retries=1).remote(
-            cfg.reward, resolve_path=paths.resolve, device=backend.device)
+        rew = role_backend(cfg, plan, "reward")
+        self.reward = RewardActor.options(**actor_options(plan, groups, "reward"), max_restarts=1,
+                                          max_task_retries=1).remote(
+            cfg.reward, resolve_path=paths.resolve, device=rew.device, dtype=rew.dtype,
+            batch_size=plan.micro_batches.get("reward", 64))
         self.generator = GeneratorGroup.from_config(cfg, generator_base(cfg, paths, self.policy),
-                                                    lora=self.mode == "adapter")
+                                                    lora=self.mode == "adapter", backend=gen_backend,
+                                                    quantization=engine_quantization(cfg, plan),
+                                                    options=ranks("generator", cfg.rollout.num_engines))
         self.generator_threads = max(1, int(cfg.rollout.cpus_per_engine))  # its share while overlapping
 
     # -- the controller's calls ----------------------------------------------------------------

@@ -30,7 +30,11 @@ class PolicyWorker:
         return self.learner.version
 
     def ref_logprobs(self, seq: SequenceBatch) -> torch.Tensor:
-        """(B, T) reference log-probs: the same model with its LoRA adapter switched off."""
+        """(B, T) reference log-probs: the same model with its LoRA adapter switched off. Without LoRA this
+        is called only when the run has no KL term (the plan starts no reference): the policy's own
+        log-probs, so the reported KL is 0."""
+        if not self.learner.lora:
+            return self.logprobs(seq)
         with self.learner.reference_context():
             return self.logprobs(seq)
 

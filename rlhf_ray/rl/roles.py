@@ -15,7 +15,8 @@ from typing import Callable
 
 from rlhf_ray.config import Config
 from rlhf_ray.batch import SequenceBatch
-from rlhf_ray.utils.device import Backend
+from rlhf_ray.placement.plan import Plan, role_dtype
+from rlhf_ray.utils.device import Backend, make_backend
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,12 @@ class Paths:
     policy_init: str          # HF folder the policy (and reference) start from
     resolve: Callable[[str], str]  # resolves `stage:rm`, `builtin:...` and plain paths
     scratch: str              # run-local folder for files the roles hand each other
+
+
+def role_backend(cfg: Config, plan: Plan, role: str) -> Backend:
+    """A role's device, dtype and dist backend, all read from the plan: the driver never asks its own node
+    (a CPU-only head node drives a GPU run; a simulated plan computes on CPU under logical GPUs)."""
+    return make_backend(plan.role_device(role), role_dtype(cfg, plan, role), plan.dist_backend(role))
 
 
 def sync_mode(cfg: Config, backend: Backend) -> str:
@@ -58,13 +65,14 @@ def critic_init_path(cfg: Config, paths: Paths) -> str:
     return paths.resolve(cfg.rl.critic_init_from) if cfg.rl.critic_init_from else paths.policy_init
 
 
-def build_roles(cfg: Config, paths: Paths, backend: Backend, total_steps: int):
-    """The role graph `cluster.placement` asks for; both answer the controller's calls alike."""
+def build_roles(cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
+    """The role graph `cluster.placement` asks for, every actor started with the options of its bundle in
+    `plan` (reserved as `groups`, `rlhf_ray.placement.groups.reserve`); both answer the controller alike."""
     if cfg.cluster.placement == "colocated":
         from rlhf_ray.rl.colocated import ColocatedRoles
-        return ColocatedRoles(cfg, paths, backend, total_steps)
+        return ColocatedRoles(cfg, paths, plan, groups, total_steps)
     from rlhf_ray.rl.distributed import DistributedRoles
-    return DistributedRoles(cfg, paths, backend, total_steps)
+    return DistributedRoles(cfg, paths, plan, groups, total_steps)
 
 
 def split_rows(seq: SequenceBatch, n: int) -> list[SequenceBatch]:

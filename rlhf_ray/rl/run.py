@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import ray
-
 from rlhf_ray.config import Config
 from rlhf_ray.errors import describe_failure
 from rlhf_ray.learner.checkpoint import is_complete, latest_checkpoint
+from rlhf_ray.placement.groups import release, reserve
 from rlhf_ray.rl import checkpoint as rl_checkpoint
 from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.evaluation import Evaluator, format_eval, split_prompts
@@ -29,7 +28,6 @@ from rlhf_ray.scoring.reward import FunctionSource
 from rlhf_ray.tracking.console import ConsoleView
 from rlhf_ray.tracking.metrics import MetricsLogger
 from rlhf_ray.tracking.report import write_report
-from rlhf_ray.utils.device import resolve_backend
 
 
 def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir: str | Path,
@@ -45,18 +43,21 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # a fresh run must never resume from an older run's checkpoints later
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
     init_path = resolve(policy_init)
     tokenizer = AutoTokenizer.from_pretrained(init_path)
     prompts = load_prompts(cfg.data, tokenizer, cfg.run.seed)  # validated before any actor starts
     prompts, held_out = split_prompts(prompts, cfg)
     gold = FunctionSource(cfg.reward.gold) if cfg.reward.gold else None
-    check_fits(cfg, ray.cluster_resources())
-
+    # The plan on the live cluster owns every ask: each role's bundle, node, device, dtype and dist backend.
+    # The driver never looks at its own node (a CPU-only head node drives a GPU run).
+    plan = check_fits(cfg)
+    groups = reserve(plan)
     total_updates = cfg.rl.steps * _updates_per_step(cfg)
     try:
-        roles = build_roles(cfg, Paths(init_path, resolve, str(out / "scratch")), backend, total_steps=total_updates)
+        roles = build_roles(cfg, Paths(init_path, resolve, str(out / "scratch")), plan, groups,
+                            total_steps=total_updates)
     except Exception as e:  # noqa: BLE001 - an actor that failed to start: one line naming it
+        release(groups)
         raise describe_failure(e, 0) from None
     try:
         controller = RLController(cfg, roles, PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed),
@@ -110,6 +111,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         roles.export(str(final), merge_lora=True)
     finally:
         roles.shutdown()
+        release(groups)
     if cfg.logging.report:
         write_report(out, f"{cfg.run.name}: {cfg.algorithm.name}")
     return final

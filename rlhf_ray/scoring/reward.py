@@ -139,9 +139,10 @@ class HttpSource:
                                 f"{type(last).__name__}: {last}")
 
 
-def build_source(src: RewardSource, resolve_path: Callable[[str], str] = lambda p: p, device: str = "cpu") -> Source:
+def build_source(src: RewardSource, resolve_path: Callable[[str], str] = lambda p: p, device: str = "cpu",
+                 dtype=torch.float32, batch_size: int = 64) -> Source:
     if src.kind == "model":
-        return ModelSource(resolve_path(src.path), device=device)
+        return ModelSource(resolve_path(src.path), batch_size=batch_size, device=device, dtype=dtype)
     if src.kind == "function":
         return FunctionSource(src.path)
     return HttpSource(src.url, src.timeout_s, src.retries)
@@ -150,9 +151,12 @@ def build_source(src: RewardSource, resolve_path: Callable[[str], str] = lambda 
 class RewardScorer:
     """Plain class behind the reward actor: `score(prompts, responses) -> (scores (B,), per-source stats)`."""
 
-    def __init__(self, cfg: RewardConfig, resolve_path: Callable[[str], str] = lambda p: p, device: str = "cpu"):
+    def __init__(self, cfg: RewardConfig, resolve_path: Callable[[str], str] = lambda p: p, device: str = "cpu",
+                 dtype=torch.float32, batch_size: int = 64):
+        """device, dtype, batch_size: a reward model's (in RL runs the plan's: its GPU, bf16 there, and a
+        micro-batch whose logits fit the budget)."""
         self.cfg = cfg
-        self.sources = [(build_source(s, resolve_path, device), s.weight) for s in cfg.sources]
+        self.sources = [(build_source(s, resolve_path, device, dtype, batch_size), s.weight) for s in cfg.sources]
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[float], dict[str, float]]:
         if len(prompts) != len(responses):

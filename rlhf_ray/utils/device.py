@@ -25,16 +25,23 @@ class Backend:
     engine_can_sleep: bool = False
 
 
+def make_backend(device: str, dtype: str, dist_backend: str | None = None) -> Backend:
+    """The backends of an explicit device and dtype name. No CUDA check: the driver builds a role's backend
+    from the plan (`rlhf_ray.rl.roles.role_backend`) and may itself run on a CPU-only head node."""
+    return Backend(device=device, dist_backend=dist_backend or ("nccl" if device == "cuda" else "gloo"),
+                   dtype=getattr(torch, dtype), dtype_name=dtype, fast_engine_lora=device == "cuda",
+                   engine_can_sleep=device == "cuda")
+
+
 def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:
+    """The backend of this process (offline stages, serve, tests): `auto` picks what torch sees here."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("cluster.device=cuda but torch sees no CUDA device on this node")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
-    return Backend(device=device, dist_backend="nccl" if device == "cuda" else "gloo",
-                   dtype=getattr(torch, dtype), dtype_name=dtype, fast_engine_lora=device == "cuda",
-                   engine_can_sleep=device == "cuda")
+    return make_backend(device, dtype)
 
 
 def set_threads(n: int | None) -> int:

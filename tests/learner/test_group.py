@@ -7,6 +7,7 @@ import torch
 from rlhf_ray.learner.dispatch import gather, split_batch
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.offline.stages import sft_step_loss
+from rlhf_ray.utils.device import resolve_backend
 from tests.learner.helpers import learner_cfg, model_cfg, token_batches
 
 pytestmark = pytest.mark.slow
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def _train_group(zero: int, lora: bool = False) -> tuple[LearnerGroup, list[float]]:
     group = LearnerGroup(model_cfg(lora=lora), learner_cfg(zero, num_ranks=2), kind="policy",
-                         init_path="builtin:tiny", total_steps=10, device="cpu", num_threads=1)
+                         init_path="builtin:tiny", total_steps=10, backend=resolve_backend("cpu"), num_threads=1)
     losses = [group.train_step(sft_step_loss, b)["loss"] for b in token_batches(4, rows=8)]
     return group, losses
 

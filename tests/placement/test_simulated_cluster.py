@@ -1,7 +1,8 @@
 """The GPU configs' real plans on a simulated cluster: a CPU-only head (where the driver runs) and four
 nodes declaring 8 logical GPUs each (`ray.cluster_utils.Cluster`). The placement groups and bundles are
-the plan's; the actors are tiny stand-ins (the RL roles are not yet started through `actor_options`), so
-this checks placement, not training. Each stand-in reports where Ray put it and what it was given."""
+the plan's; the actors are tiny stand-ins (the RL roles' own asks are compared with the plan in
+test_role_asks.py), so this checks placement, not training. Each stand-in reports where Ray put it and
+what it was given."""
 import os
 
 import pytest

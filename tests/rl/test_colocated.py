@@ -4,11 +4,12 @@ import pytest
 
 from rlhf_ray.config import load_config
 from rlhf_ray.models.kit import resolve_model_path
+from rlhf_ray.placement.groups import release, reserve
 from rlhf_ray.rl.controller import RLController
+from rlhf_ray.rl.resources import check_fits
 from rlhf_ray.rl.prompts import PromptStream
 from rlhf_ray.rl.roles import Paths, build_roles
 from rlhf_ray.sync.checks import LogprobMismatchError
-from rlhf_ray.utils.device import resolve_backend
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +32,15 @@ def graph(ray_local, tmp_path_factory):
 
     cfg = _config()
     init = resolve_model_path("builtin:tiny")
-    backend = resolve_backend("cpu", "float32")
-    roles = build_roles(cfg, Paths(init, resolve_model_path, str(tmp_path_factory.mktemp("scratch"))), backend,
+    plan = check_fits(cfg)
+    groups = reserve(plan, timeout_s=60)
+    roles = build_roles(cfg, Paths(init, resolve_model_path, str(tmp_path_factory.mktemp("scratch"))), plan, groups,
                         total_steps=10)
     tok = AutoTokenizer.from_pretrained(init)
     prompts = load_prompts(cfg.data, tok, cfg.run.seed)
     yield cfg, roles, prompts, tok.pad_token_id
     roles.shutdown()
+    release(groups)
 
 
 def _controller(graph):
