@@ -39,11 +39,13 @@ def test_nan_reward_dropped_by_group_when_configured(tmp_path):
 
 
 def test_long_prompt_is_named_before_any_actor_starts(tmp_path):
-    p = train(tmp_path, "data.max_prompt_len=3", "data.on_long_prompt=error",
-              "reward.sources=[{kind: function, path: 'rewards_for_tests:nan_reward'}]")
-    assert p.returncode == 1
-    assert "PromptError: builtin:reviews row 0: prompt has" in p.stderr, p.stderr[-2000:] and "data.max_prompt_len=3" in p.stderr
-    assert "Traceback" not in p.stderr
+    # cluster.address points at nothing (NO_RAY below): a run that got as far as Ray would fail there instead
+    p = train(tmp_path, "data.max_prompt_len=3", "data.on_long_prompt=error", "run.stages=[rl]",
+              "reward.sources=[{kind: function, path: 'rewards_for_tests:nan_reward'}]", NO_RAY)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "PromptError: builtin:reviews row 0: prompt has" in p.stderr, p.stderr[-2000:]
+    assert "data.max_prompt_len=3" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
 
 
 # -- found before Ray starts ---------------------------------------------------------------------
