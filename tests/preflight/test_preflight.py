@@ -1,7 +1,6 @@
 """Preflight checks, in-process and without Ray: each bad input is one `PreflightError` naming it."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -1,6 +1,5 @@
 """Held-out evaluation: a fixed split the policy never trains on, greedy and sampled, reward and gold."""
 import pytest
-import torch
 
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.data.prompts import Prompt
