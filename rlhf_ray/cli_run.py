@@ -1,4 +1,4 @@
-"""CLI commands that run the product: `train` (the pipeline, local or on a cluster) and `serve`."""
+"""CLI commands that run the product: `train` (the pipeline, local or on a cluster), `serve` and `export`."""
 from __future__ import annotations
 
 import json
@@ -29,3 +29,20 @@ def register(sub, add_config_args, load) -> None:
     p.add_argument("--what", choices=["policy", "reward"], default="policy")
     p.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
     p.set_defaults(func=lambda a: cmd_serve(a, load))
+    register_export(sub)
+
+
+def cmd_export(args) -> int:
+    from rlhf_ray.models.export import export
+    for line in export(args.source, args.format, args.out, gguf_type=args.gguf_type):
+        print(line)
+    return 0
+
+
+def register_export(sub) -> None:
+    p = sub.add_parser("export", help="write a trained policy as a merged HF folder, a LoRA adapter, or GGUF for ollama")
+    p.add_argument("source", metavar="RUN_OR_MODEL", help="a run folder, a model or adapter folder, or builtin:NAME")
+    p.add_argument("--format", choices=["hf", "adapter", "gguf"], default="hf")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16", dest="gguf_type")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
