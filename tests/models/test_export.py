@@ -14,6 +14,8 @@ IDS = torch.tensor([[1, 5, 77, 300, 12, 9, 41, 200, 3, 8]])
 # Measured on builtin:tiny (logits within +-0.92, std 0.23): f32 0.0, f16 4.9e-4, q8_0 1.07e-2 (one scale per
 # 32 weights). Leaving Q/K unpermuted gives 2.6e-2 at f32, so the f32 bound is what guards the permutation.
 TOL = {"f32": 1e-4, "f16": 2e-3, "q8_0": 2e-2}
+# SmolLM2-135M: f32 0.0; q8_0 1.04 with logits within +-33 (over 10 positions x 49,152 tokens).
+SMOL_Q8_TOL = 1.5
 
 
 def _logits(model):
@@ -111,3 +113,26 @@ def test_bad_source_is_one_line(tmp_path):
         export(str(tmp_path), "hf", str(tmp_path / "o"))
     with pytest.raises(RunError, match="has no LoRA adapter"):
         export("builtin:tiny", "adapter", str(tmp_path / "o"))
+
+
+@pytest.mark.slow  # builds SmolLM2-135M from its package on first use (about 40 s) and loads it 3 times
+def test_smollm2_gguf_logits_and_chatml_modelfile(tmp_path):
+    from transformers import AutoModelForCausalLM
+    path = resolve_model_path("builtin:smollm2-135m")
+    want = _logits(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    for kind, tol in (("f32", 1e-4), ("q8_0", SMOL_Q8_TOL)):
+        export("builtin:smollm2-135m", "gguf", str(tmp_path), gguf_type=kind)
+        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f"smollm2-135m-{kind}.gguf",
+                                                    dtype=torch.float32)
+        diff = (_logits(back) - want).abs().max().item()
+        print(f"smollm2 {kind}: max |logit diff| = {diff:.2e} (logits within +-{want.abs().max().item():.1f})")
+        assert diff <= tol
+    text = (tmp_path / "Modelfile").read_text()
+    assert "<|im_start|>{{ .Role }}" in text and 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_export_cli_prints_the_commands(tmp_path, capsys):
+    from rlhf_ray.cli import main
+    assert main(["export", "builtin:tiny", "--format", "hf", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"vllm serve {tmp_path} --served-model-name tiny" in out and (tmp_path / "model.safetensors").exists()

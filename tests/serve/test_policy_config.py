@@ -69,3 +69,11 @@ def test_api_key_required_off_loopback(monkeypatch):
 def test_serve_config_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(None, ["serve.min_replicas=2", override] if "max_replicas" in override else [override])
+
+
+def test_cli_refuses_an_open_host_without_a_key_before_ray(monkeypatch, capsys):
+    from rlhf_ray.cli import main
+    monkeypatch.delenv("RLHF_RAY_API_KEY", raising=False)
+    monkeypatch.setattr("rlhf_ray.runtime.ray_session", lambda *a: pytest.fail("Ray must not start"))
+    assert main(["serve", "serve.host=0.0.0.0", "serve.model=builtin:tiny"]) == 2
+    assert "serve.api_key" in capsys.readouterr().err
