@@ -18,6 +18,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -82,7 +83,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.model.replace("builtin:", "").replace("/", "_")
-    proc = start_server(model, args.port, out / f"serve_bench_{tag}.log", args.overrides)
+    log = Path(tempfile.gettempdir()) / f"serve_bench_{tag}.log"  # the server's console, for when it fails
+    proc = start_server(model, args.port, log, args.overrides)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0,
                                timeout=600)
