@@ -81,6 +81,13 @@ def cmd_plan(args) -> int:
     return print_plan(load(args))  # validation already placed it: a placement error ends there, naming the key
 
 
+def cmd_export(args) -> int:
+    from rlhf_ray.models.export import export
+    for line in export(args.source, args.format, args.out, gguf_type=args.gguf_type):
+        print(line)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from rlhf_ray.serve.run import serve_until_stopped
     serve_until_stopped(load(args), args.what, args.seconds)
@@ -130,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", choices=["policy", "reward"], default="policy")
     p.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a trained policy as a merged HF folder, a LoRA adapter, or GGUF for ollama")
+    p.add_argument("source", metavar="RUN_OR_MODEL", help="a run folder, a model or adapter folder, or builtin:NAME")
+    p.add_argument("--format", choices=["hf", "adapter", "gguf"], default="hf")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16", dest="gguf_type")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

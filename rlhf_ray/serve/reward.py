@@ -39,6 +39,8 @@ def reward_application(reward_cfg, serve_cfg, resolve_path, device: str = "cpu",
         scorer = RewardScorer(reward_cfg, resolve_path=resolve_path, device=device)
         return reward_app(BatchedScorer(scorer.score, serve_cfg.reward_max_batch_size, serve_cfg.reward_batch_wait_s))
 
+    # Serve's default of 5 requests in flight per replica would cap every batch at 5.
     deployment = serve.deployment(serve.ingress(build)(), name="reward",
+                                  max_ongoing_requests=2 * serve_cfg.reward_max_batch_size,
                                   ray_actor_options={"num_cpus": cpus, "num_gpus": serve_cfg.reward_gpus})
     return deployment.bind()

@@ -1,74 +1,84 @@
-"""The HTTP surface with a fake backend: OpenAI shapes, usage counts, and clear 400s."""
+"""Our HTTP pieces without Ray: the Bearer check, field-naming 400s, the reward service and its batching."""
+import asyncio
+
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 
-from rlhf_ray.serve.api import policy_app, reward_app
-
-
-class EchoBackend:
-    model_name, max_tokens = "tiny-policy", 32
-
-    def __init__(self):
-        self.calls = []
-
-    def complete(self, prompts, *, n, max_tokens, temperature, top_p, stop, seed):
-        if any(len(p) > 100 for p in prompts):
-            raise ValueError("prompt 0 has 101 tokens; that exceeds the model's context")
-        self.calls.append(dict(prompts=prompts, n=n, max_tokens=max_tokens, stop=stop, seed=seed))
-        return [([(f"{p}!{j}", "stop", 2) for j in range(n)], len(p.split())) for p in prompts]
-
-    def chat_prompt(self, messages):
-        return " | ".join(m["content"] for m in messages)
+from rlhf_ray.serve.api import name_bad_fields, reward_app
+from rlhf_ray.serve.ingress import require_key
+from rlhf_ray.serve.reward import BatchedScorer
 
 
-@pytest.fixture
-def client():
-    backend = EchoBackend()
-    return TestClient(policy_app(backend)), backend
+class Body(BaseModel):
+    n: int
 
 
-def test_models_and_health(client):
-    c, _ = client
-    assert c.get("/v1/models").json()["data"][0]["id"] == "tiny-policy"
-    assert c.get("/health").json()["status"] == "ok"
+def _app(key=None):
+    app = FastAPI()
+    name_bad_fields(app)
+    if key:
+        require_key(app, key)
+
+    @app.post("/v1/x")
+    def x(body: Body):
+        return {"n": body.n}
+
+    @app.get("/-/healthz")
+    def healthz():
+        return "ok"
+    return TestClient(app)
 
 
-def test_completions_shape_and_usage(client):
-    c, backend = client
-    r = c.post("/v1/completions", json={"prompt": ["a b", "c"], "n": 2, "max_tokens": 5, "stop": "\n", "seed": 3})
-    assert r.status_code == 200
-    body = r.json()
-    assert [ch["text"] for ch in body["choices"]] == ["a b!0", "a b!1", "c!0", "c!1"]
-    assert [ch["index"] for ch in body["choices"]] == [0, 1, 2, 3]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
-    assert backend.calls[0]["stop"] == ["\n"] and backend.calls[0]["seed"] == 3
-
-
-def test_chat_completions(client):
-    c, _ = client
-    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 200
-    assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": "hi!0"}
-
-
-@pytest.mark.parametrize("body, status, needle", [
-    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 999}, 400, "exceeds this server's limit of 32"),
-    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"max_tokens": 3}, 400, "prompt"),
-    ({"prompt": "x", "model": "gpt-4"}, 404, "is not served here"),
-    ({"prompt": []}, 400, "must not be empty"),
-    ({"prompt": "x" * 101}, 400, "exceeds the model's context"),
+@pytest.mark.parametrize("headers, status", [
+    ({}, 401), ({"Authorization": "Bearer nope"}, 401), ({"Authorization": "sekrit"}, 401),
+    ({"Authorization": "Basic sekrit"}, 401), ({"Authorization": "Bearer sekrit"}, 200),
+    ({"authorization": "bearer sekrit"}, 200),
 ])
-def test_bad_requests_name_the_field(client, body, status, needle):
-    c, _ = client
-    r = c.post("/v1/completions", json=body)
+def test_bearer_key(headers, status):
+    r = _app("sekrit").post("/v1/x", json={"n": 1}, headers=headers)
     assert r.status_code == status
-    assert needle in r.json()["error"]["message"]
+    if status == 401:
+        assert "API key" in r.json()["error"]["message"] and r.headers["www-authenticate"] == "Bearer"
+
+
+def test_health_probe_needs_no_key():
+    assert _app("sekrit").get("/-/healthz").status_code == 200
+
+
+def test_bad_fields_and_bad_json_are_named_400s():
+    c = _app()
+    r = c.post("/v1/x", json={"n": "three"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and r.json()["error"]["message"].startswith("n:")
+    r = c.post("/v1/x", content=b"{bad", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
 def test_reward_service():
-    c = TestClient(reward_app(lambda p, r: ([float(len(x)) for x in r], {})))
+    async def score(prompts, responses):
+        return [float(len(x)) for x in responses]
+    c = TestClient(reward_app(score))
     assert c.post("/score", json={"prompts": ["a", "b"], "responses": ["xx", "y"]}).json() == {"scores": [2.0, 1.0]}
     bad = c.post("/score", json={"prompts": ["a"], "responses": []})
     assert bad.status_code == 400 and "differ in length" in bad.json()["error"]["message"]
+
+
+def test_reward_batches_concurrent_requests(monkeypatch):
+    from ray.serve import batching  # outside a replica its max_ongoing_requests check has nothing to read
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda s: None)
+    calls = []
+
+    def score_fn(prompts, responses):
+        calls.append(len(prompts))
+        return [len(p) + len(r) for p, r in zip(prompts, responses)], {}
+
+    async def main():
+        scorer = BatchedScorer(score_fn, max_batch_size=8, wait_s=0.2)
+        reqs = [([f"p{i}"] * (i + 1), ["r" * i] * (i + 1)) for i in range(5)]
+        out = await asyncio.gather(*(scorer(p, r) for p, r in reqs))
+        return scorer, out
+
+    scorer, out = asyncio.run(main())
+    assert out == [[float(2 + i)] * (i + 1) for i in range(5)]  # each caller gets its own scores back
+    assert scorer.batch_sizes == [5] and calls == [15]  # five requests, one forward pass
