@@ -76,14 +76,33 @@ def start_time(pid: int) -> str | None:
         return None
 
 
-def shm_files() -> dict[str, int]:
-    out = {}
-    for f in os.listdir("/dev/shm"):
+def shm_used_by(pids: list[int]) -> set[str]:
+    """/dev/shm files the processes have open or mapped (the machine is shared: others' files are not ours)."""
+    names = set()
+    for pid in pids:
         try:
-            out[f] = os.stat(os.path.join("/dev/shm", f)).st_size
+            for line in open(f"/proc/{pid}/maps"):
+                if "/dev/shm/" in line:
+                    names.add(line.split("/dev/shm/", 1)[1].split()[0])
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/shm/"):
+                    names.add(target[len("/dev/shm/"):].split()[0])
+        except OSError:
+            continue
+    return names
+
+
+def shm_size(names: set[str]) -> tuple[int, float]:
+    """How many of `names` exist in /dev/shm now, and their size in MB."""
+    n, size = 0, 0
+    for f in names:
+        try:
+            size += os.stat(os.path.join("/dev/shm", f)).st_size
+            n += 1
         except OSError:
             pass
-    return out
+    return n, size / 2 ** 20
 
 
 def steps_logged(out: Path) -> int:
@@ -112,7 +131,7 @@ def main() -> int:
     ap.add_argument("extra", nargs="*", help="more config overrides")
     a = ap.parse_args()
     out = Path(a.out).resolve()
-    shm_before = shm_files()
+    ours: set[str] = set()  # every /dev/shm file a process of the run ever had open or mapped
     cmd = [sys.executable, "-m", "rlhf_ray.cli", "train", "configs/quickstart.yaml", f"run.output_dir={out}",
            "run.stages=[rl]", "rl.init_from=builtin:tiny", f"rl.steps={a.steps}", f"rl.save_every={a.save_every}",
            "rl.sample_every=0", "logging.report=false", "logging.console=false",
@@ -129,7 +148,11 @@ def main() -> int:
         if step > last:
             last = step
             row: dict = {"step": step, "t_s": round(time.time() - t0, 1), "roles": {}}
-            for pid in tree(proc.pid):
+            pids = tree(proc.pid)
+            now = shm_used_by(pids)
+            ours |= now
+            row["shm_files"], row["shm_mb"] = shm_size(now)
+            for pid in pids:
                 role, s = role_of(pid, proc.pid), sample(pid)
                 if s is None or role == "gone":
                     continue
@@ -138,15 +161,12 @@ def main() -> int:
                 for k in ("rss_mb", "fds", "threads"):
                     agg[k] += s[k]
                 agg["procs"] += 1
-            now = shm_files()
-            new = {f: n for f, n in now.items() if f not in shm_before}
-            row["shm_files"], row["shm_mb"] = len(new), sum(new.values()) / 2 ** 20
             samples.append(row)
         time.sleep(0.25)
     err = proc.stderr.read()
     time.sleep(3)  # give Ray's daemons their moment to exit
     leftovers = [{"pid": p, "role": r} for p, (r, st) in seen.items() if st is not None and start_time(p) == st]
-    shm_left = sorted(f for f in shm_files() if f not in shm_before)
+    shm_left = sorted(f for f in ours if os.path.exists(os.path.join("/dev/shm", f)))
     report = summarize(samples, a.warmup, a.rss_bound_mb)
     result = {"steps": a.steps, "save_every": a.save_every, "returncode": proc.returncode, "wall_s": time.time() - t0,
               "leftover_processes": leftovers, "leftover_shm_files": shm_left, "summary": report,
@@ -171,7 +191,7 @@ def summarize(samples: list[dict], warmup: int, bound: float) -> dict:
                      "fds_first": fds[0][1], "fds_last": fds[-1][1], "fds_max": max(v for _, v in fds),
                      "within_bound": after[-1] - after[0] <= bound}
     shm = [s["shm_mb"] for s in samples]
-    out["/dev/shm"] = {"rss_first_mb": shm[0] if shm else 0, "rss_last_mb": shm[-1] if shm else 0,
+    out["/dev/shm (MB)"] = {"rss_first_mb": shm[0] if shm else 0, "rss_last_mb": shm[-1] if shm else 0,
                        "rss_max_mb": max(shm) if shm else 0, "within_bound": True,
                        "files_last": samples[-1]["shm_files"] if samples else 0}
     return out
@@ -183,14 +203,14 @@ def print_report(r: dict) -> None:
     print(f"{'role':34s} {'rss first':>9s} {'warm':>7s} {'last':>7s} {'max':>7s} {'MB/100st':>9s} "
           f"{'fds first':>9s} {'last':>5s} {'max':>5s}")
     for role, s in r["summary"].items():
-        print(f"{role:34s} {s['rss_first_mb']:9.1f} {s.get('rss_after_warmup_mb', 0):7.1f} {s['rss_last_mb']:7.1f} "
+        print(f"{role:34s} {s['rss_first_mb']:9.1f} {s.get('rss_after_warmup_mb', s['rss_first_mb']):7.1f} {s['rss_last_mb']:7.1f} "
               f"{s['rss_max_mb']:7.1f} {s.get('rss_growth_mb_per_100_steps', 0):9.2f} "
-              f"{s.get('fds_first', 0):9} {s.get('fds_last', 0):5} {s.get('fds_max', 0):5}")
+              f"{s.get('fds_first', s.get('files_last', 0)):9} {s.get('fds_last', ''):5} {s.get('fds_max', ''):5}")
     print("RSS curve (MB, every ~10% of the run):")
     samples = r["samples"]
     picks = samples[:: max(1, len(samples) // 10)] + samples[-1:]
     for role in r["summary"]:
-        if role == "/dev/shm":
+        if role.startswith("/dev/shm"):
             continue
         pts = " ".join(f"{s['step']}:{s['roles'][role]['rss_mb']:.0f}" for s in picks if role in s["roles"])
         print(f"  {role:32s} {pts}")

@@ -30,3 +30,12 @@ def fails_on_second_call(prompts, responses):
     if _CALLS[0] >= 2:
         return raising_reward(prompts, responses)
     return [float(len(r)) for r in responses]
+
+
+def slow_vader(prompts, responses):
+    """VADER, slowly: long enough in `score` for a test to kill the reward process mid-call."""
+    import time
+
+    from rlhf_ray.data.builtin_reviews import vader_reward
+    time.sleep(1.0)
+    return vader_reward(prompts, responses)

@@ -27,7 +27,8 @@ ARGS = ["configs/quickstart.yaml", "run.stages=[rl]", "rl.init_from=builtin:tiny
 
 
 def start(out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", *ARGS, f"run.output_dir={out}", *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -89,9 +90,12 @@ def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("call", ["GeneratorActor.generate", "RewardActor.score"])
-def test_run_survives_a_role_killed_mid_call(tmp_path, call):
-    proc = start(tmp_path)
+SLOW_REWARD = "reward.sources=[{kind: function, path: 'rewards_for_tests:slow_vader'}]"
+
+
+@pytest.mark.parametrize("call,extra", [("GeneratorActor.generate", ()), ("RewardActor.score", (SLOW_REWARD,))])
+def test_run_survives_a_role_killed_mid_call(tmp_path, call, extra):
+    proc = start(tmp_path, *extra)
     kill_during(proc, tmp_path, call, after_step=2)
     rc, err = finish(proc)
     assert rc == 0, err[-3000:]
