@@ -39,7 +39,7 @@ def reward_model() -> Path:
     """MiniLM-L6 with a scalar head, Bradley-Terry on the built-in pairs (its own tokenizer, no LoRA)."""
     out = WORK / "rm"
     if not (out / "rm" / "model" / "COMPLETE").exists():
-        cli(f"run.output_dir={out}", "run.stages=[rm]", "rm.init_from=builtin:minilm-rm", "model.lora.enabled=false",
+        cli(f"run.output_dir={out}", "run.stages=[rm]", "rm.init_from=builtin:minilm-rm", "model.lora.enabled=false", "rollout.sync.mode=auto",
             "data.preferences=builtin:reviews", "data.max_seq_len=96", "rm.epochs=1", "rm.batch_size=32",
             "rm.learner.optim.lr=5e-5", "rm.learner.micro_batch_size=32")
     return out / "rm" / "model"
