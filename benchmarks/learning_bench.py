@@ -39,7 +39,7 @@ def reward_model() -> Path:
     """MiniLM-L6 with a scalar head, Bradley-Terry on the built-in pairs (its own tokenizer, no LoRA)."""
     out = WORK / "rm"
     if not (out / "rm" / "model" / "COMPLETE").exists():
-        cli(f"run.output_dir={out}", "run.stages=[rm]", "rm.init_from=builtin:minilm-rm", "model.lora.enabled=false",
+        cli(f"run.output_dir={out}", "run.stages=[rm]", "rm.init_from=builtin:minilm-rm", "model.lora.enabled=false", "rollout.sync.mode=auto",
             "data.preferences=builtin:reviews", "data.max_seq_len=96", "rm.epochs=1", "rm.batch_size=32",
             "rm.learner.optim.lr=5e-5", "rm.learner.micro_batch_size=32")
     return out / "rm" / "model"
@@ -74,7 +74,8 @@ from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.scoring.reward import ModelSource
 
 rm_path, steps, out, prompts, group, new_tokens, lr, beta, config = sys.argv[1:10]
-steps, prompts, group, new_tokens, lr, beta = int(steps), int(prompts), int(group), int(new_tokens), float(lr), float(beta)
+steps, prompts, group, new_tokens = int(steps), int(prompts), int(group), int(new_tokens)
+lr, beta = float(lr), float(beta)
 torch.set_num_threads(2)
 cfg = load_config(config, [])
 rm = ModelSource(rm_path)
@@ -96,8 +97,8 @@ tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 rows, _ = load_rows(cfg.data.prompts, "prompts", cfg.data, cfg.run.seed)
 data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
-lora = LoraConfig(r=cfg.model.lora.r, lora_alpha=cfg.model.lora.alpha, target_modules=list(cfg.model.lora.target_modules),
-                  task_type="CAUSAL_LM")
+lora = LoraConfig(r=cfg.model.lora.r, lora_alpha=cfg.model.lora.alpha, task_type="CAUSAL_LM",
+                  target_modules=list(cfg.model.lora.target_modules))
 args = GRPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=prompts * group, num_generations=group,
                   max_completion_length=new_tokens, temperature=cfg.rollout.temperature, learning_rate=lr,
                   lr_scheduler_type="constant", max_grad_norm=1.0, beta=beta, logging_steps=1, save_strategy="no",
