@@ -104,8 +104,9 @@ class MetricsFollower(threading.Thread):
         if kind == "start":
             if self.logger is None:
                 self.logger = self.make_logger(step)
-            else:
+            else:  # FailureConfig restarted the worker group from the checkpoint of `step`
                 self.logger.restart(step)
+                self.logger.log(step, {"resumed_from_step": float(step)}, advance=False)
         elif kind == "step":
             self.logger.log(step, stats)
         else:

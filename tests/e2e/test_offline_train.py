@@ -70,6 +70,35 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage)
     assert (tmp_path / stage / "model" / "COMPLETE").exists()
 
 
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
+    """FailureConfig: SIGKILL one Ray Train worker mid-stage; the same run restarts the worker group from
+    Ray Train's last checkpoint and finishes, every step logged once."""
+    import psutil
+    total, every = 32, 4
+    args = [f"run.output_dir={tmp_path}", "run.stages=[sft]", *SMALL, "sft.batch_size=8", f"sft.max_steps={total}",
+            f"sft.save_every={every}", "sft.max_failures=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((tmp_path / "quickstart-sft").glob("step_*"))) >= 2:
+                break
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 1 and proc.poll() is None, "no running Ray Train worker to kill"
+        workers[0].kill()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    assert steps_logged(tmp_path / "sft") == list(range(1, total + 1))
+    resumed = [r["resumed_from_step"] for r in rows(tmp_path / "sft" / "metrics.jsonl") if "resumed_from_step" in r]
+    assert resumed[0] == 0 and resumed[-1] >= every, resumed  # the restarted group loaded a checkpoint
+
+
 def _vader_of_samples(model_dir: Path, n_prompts: int = 128) -> float:
     """Mean VADER score of sampled first lines (the gold judge the preference pairs were built with)."""
     import torch
