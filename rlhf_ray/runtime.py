@@ -9,6 +9,7 @@ import os
 from contextlib import contextmanager
 
 from rlhf_ray.config import ClusterConfig
+from rlhf_ray.utils.net import free_port
 
 # Every role process: no hub access, quiet tokenizers, and idle OpenMP threads that sleep instead of
 # spinning (roles take turns on the same cores; a spinning idle role steals cycles from the busy one).
@@ -80,7 +81,10 @@ def ray_session(cfg: ClusterConfig):
             # left pending on a 2-core laptop: real core sharing is governed by thread counts.
             # address="local": a private instance even when a `ray start` cluster runs on this machine
             # (a bare ray.init() would join that cluster instead).
-            ray.init(address="local", num_cpus=max(ncpu, 4) * 2, include_dashboard=False, runtime_env=runtime_env,
+            # The dashboard serves Ray's job and train state, which Ray Train's placement-group cleaner also
+            # polls (without it, it warns every few seconds); a free port, as other Ray instances may hold 8265.
+            ray.init(address="local", num_cpus=max(ncpu, 4) * 2, include_dashboard=True,
+                     dashboard_port=free_port(), runtime_env=runtime_env,
                      log_to_driver=True, configure_logging=True, logging_level="WARNING")
         else:
             # Inside `ray job submit` the job already has a runtime env (its working dir): combine the

@@ -17,7 +17,7 @@ from typing import Callable
 
 from rlhf_ray.config.schema import Config, StageConfig
 from rlhf_ray.offline.data import StageData, plan
-from rlhf_ray.offline.metrics import MetricsLogger
+from rlhf_ray.offline.metrics import StageLog
 from rlhf_ray.offline.worker import StageJob, clear_staging, train_loop
 
 KEEP_CHECKPOINTS = 2
@@ -72,22 +72,22 @@ def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_pat
     return out_dir / "model"
 
 
-def _logger(name: str, cfg: Config, data: StageData, out_dir: Path, total: int, start: int) -> MetricsLogger:
-    logger = MetricsLogger(out_dir, cfg.logging, total_steps=total, start_step=start, title=name)
+def _logger(name: str, cfg: Config, data: StageData, out_dir: Path, total: int, start: int) -> StageLog:
+    logger = StageLog(out_dir, cfg.logging, total_steps=total, start_step=start, title=name)
     logger.log(start, {f"data/{k}": float(v) for k, v in data.info.items()} | {"resumed_from_step": float(start)},
                advance=False)
     return logger
 
 
 class MetricsFollower(threading.Thread):
-    """Drains the workers' queue into a `MetricsLogger`. Messages: ("start", step, {}) when a worker group
+    """Drains the workers' queue into a `StageLog`. Messages: ("start", step, {}) when a worker group
     (re)starts from `step`; ("step", step, stats); ("final", step, held-out stats). A restart after a
     failure rewinds the sinks to the restored step, so every step is logged once."""
 
-    def __init__(self, q, make_logger: Callable[[int], MetricsLogger]):
+    def __init__(self, q, make_logger: Callable[[int], StageLog]):
         super().__init__(daemon=True)
         self.q, self.make_logger = q, make_logger
-        self.logger: MetricsLogger | None = None
+        self.logger: StageLog | None = None
         self.final: dict = {}
         self._stop_event = threading.Event()
 
@@ -104,8 +104,9 @@ class MetricsFollower(threading.Thread):
         if kind == "start":
             if self.logger is None:
                 self.logger = self.make_logger(step)
-            else:
+            else:  # FailureConfig restarted the worker group from the checkpoint of `step`
                 self.logger.restart(step)
+                self.logger.log(step, {"resumed_from_step": float(step)}, advance=False)
         elif kind == "step":
             self.logger.log(step, stats)
         else:

@@ -8,7 +8,7 @@ from rlhf_ray.config.schema import LoggingConfig
 from rlhf_ray.tracking.metrics import MetricsLogger as Sinks
 
 
-class MetricsLogger:
+class StageLog:
     """`log(step, stats)` writes `{"step", **stats}` to every sink and advances the progress bar. A resumed
     stage first drops what a killed run logged after its checkpoint, so every step is logged once."""
 

@@ -70,8 +70,37 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage)
     assert (tmp_path / stage / "model" / "COMPLETE").exists()
 
 
-def _vader_of_samples(model_dir: Path, n_prompts: int = 48) -> float:
-    """Mean VADER score of sampled continuations (the gold judge the preference pairs were built with)."""
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
+    """FailureConfig: SIGKILL one Ray Train worker mid-stage; the same run restarts the worker group from
+    Ray Train's last checkpoint and finishes, every step logged once."""
+    import psutil
+    total, every = 32, 4
+    args = [f"run.output_dir={tmp_path}", "run.stages=[sft]", *SMALL, "sft.batch_size=8", f"sft.max_steps={total}",
+            f"sft.save_every={every}", "sft.max_failures=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((tmp_path / "quickstart-sft").glob("step_*"))) >= 2:
+                break
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 1 and proc.poll() is None, "no running Ray Train worker to kill"
+        workers[0].kill()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    assert steps_logged(tmp_path / "sft") == list(range(1, total + 1))
+    resumed = [r["resumed_from_step"] for r in rows(tmp_path / "sft" / "metrics.jsonl") if "resumed_from_step" in r]
+    assert resumed[0] == 0 and resumed[-1] >= every, resumed  # the restarted group loaded a checkpoint
+
+
+def _vader_of_samples(model_dir: Path, n_prompts: int = 128) -> float:
+    """Mean VADER score of sampled first lines (the gold judge the preference pairs were built with)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,17 +110,15 @@ def _vader_of_samples(model_dir: Path, n_prompts: int = 48) -> float:
     rng = random.Random(123)
     prompts = [make_prompt(rng) for _ in range(n_prompts)]
     torch.manual_seed(0)
-    texts = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids
-        out = model.generate(ids, do_sample=True, max_new_tokens=24, pad_token_id=tok.pad_token_id)
-        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(**enc, do_sample=True, max_new_tokens=24, pad_token_id=tok.pad_token_id)
+    texts = [t.split("\n")[0] for t in tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)]
     return sum(vader_reward(prompts, texts)) / len(texts)
 
 
 def test_dpo_learns_the_preferences(tmp_path):
     train(f"run.output_dir={tmp_path}", "run.stages=[sft,dpo]", "logging.console=false", "sft.epochs=1",
-          "dpo.batch_size=32", "dpo.learner.optim.lr=1e-3", "dpo.eval_every=28")
+          "dpo.batch_size=32", "dpo.epochs=2", "dpo.learner.optim.lr=1e-3", "dpo.eval_every=28")
     evals = [r for r in rows(tmp_path / "dpo" / "metrics.jsonl") if "eval/accuracy" in r]
     assert evals[-1]["eval/rows"] >= 100
     assert evals[-1]["eval/accuracy"] > 0.8, evals  # chance is 0.5 (and 0 at the start: policy == reference)
