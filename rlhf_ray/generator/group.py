@@ -24,7 +24,8 @@ from rlhf_ray.generator.engine import Prompt, lora_rank_slot, quantization_for
 from rlhf_ray.generator.records import Rollout, concat_rollouts
 from rlhf_ray.generator.threads import engine_env
 from rlhf_ray.sync.buckets import pack_buckets
-from rlhf_ray.sync.collective import CollectiveGroup, free_port
+from rlhf_ray.utils.net import free_port
+from rlhf_ray.sync.collective import CollectiveGroup
 from rlhf_ray.sync.transport import fetch, publish, publish_from_learner, without
 from rlhf_ray.utils.device import Backend, resolve_backend
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import logging
 from typing import Callable, Optional
 
-from rlhf_ray.learner.checkpoint import (CheckpointError, complete_checkpoints, damage, publish, temp_dir_for,
-                                         write_json)
+from rlhf_ray.learner.checkpoint import (CheckpointError, complete_checkpoints, damage, prune_checkpoints, publish,
+                                         temp_dir_for, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,7 @@ def save(roles, root: Path, step: int, controller_state: dict) -> Path:
         cause = unwrap(e)
         raise CheckpointError(f"the checkpoint of step {step} could not be written ({type(cause).__name__}: "
                               f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}); {kept}") from None
-    older = sorted(p for p in root.glob("step_*") if p != final)
-    for old in older[:max(0, len(older) - (KEEP - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, KEEP)  # the new one is the newest: it is kept
     return final
 
 

@@ -15,7 +15,6 @@ no advance knowledge of how many buckets or which tensors will come.
 from __future__ import annotations
 
 import pickle
-import socket
 from datetime import timedelta
 from typing import Iterable, Iterator
 
@@ -26,12 +25,6 @@ from rlhf_ray.sync.buckets import Bucket, unpack_bucket
 
 _BACKENDS = {"gloo": lambda store, rank, size, timeout: dist.ProcessGroupGloo(store, rank, size, timeout),
              "nccl": lambda store, rank, size, timeout: dist.ProcessGroupNCCL(store, rank, size)}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class CollectiveGroup:

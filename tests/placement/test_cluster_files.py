@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from rlhf_ray.utils.net import free_port
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,13 +52,6 @@ def test_every_launch_path_turns_token_auth_on_and_keeps_the_dashboard_local(nam
         starts = yaml.safe_load(text)["head_start_ray_commands"] + yaml.safe_load(text)["worker_start_ray_commands"]
         assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
         assert all("--dashboard-host=127.0.0.1" in c for c in starts if "--head" in c)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

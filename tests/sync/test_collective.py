@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rlhf_ray.sync.buckets import pack_buckets
-from rlhf_ray.sync.collective import CollectiveGroup, free_port
+from rlhf_ray.sync.collective import CollectiveGroup
+from rlhf_ray.utils.net import free_port
 
 
 def _named():

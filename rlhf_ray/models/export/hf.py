@@ -57,7 +57,6 @@ def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_
     """Shards named like transformers' own (model-00001-of-00003.safetensors + index); returns the shard count."""
     from safetensors.torch import save_file
     shards: list[dict[str, torch.Tensor]] = [{}]
-    names: list[list[str]] = [[]]
     size, total, written = 0, 0, []
 
     def flush():
