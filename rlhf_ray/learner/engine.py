@@ -113,16 +113,21 @@ class Learner:
     def _hook_score_head(self) -> None:
         # The HF head pools at the last non-pad *token id*, which is wrong when the pad id also occurs
         # inside a sequence (pad = eos). We read the per-token scores and pool by the attention mask.
+        # Encoder reward models (BERT-style: a `classifier` on the pooled first token) pool on their own.
         def keep(_module, _inputs, output):
             self._score_hook_out = output
-        self.hf_model.score.register_forward_hook(keep)
+        head = getattr(self.hf_model, "score", None)
+        if head is not None:
+            head.register_forward_hook(keep)
 
     def forward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L) -> (B,) reward: the score head at each sequence's last attended token (any padding side)."""
         attention_mask = attention_mask.to(self.engine.device)
         extra = {} if position_ids is None else {"position_ids": position_ids.to(self.engine.device)}
-        self.engine(input_ids=input_ids.to(self.engine.device), attention_mask=attention_mask, **extra)
+        out = self.engine(input_ids=input_ids.to(self.engine.device), attention_mask=attention_mask, **extra)
+        if self._score_hook_out is None:  # an encoder's own pooled score
+            return out.logits[:, 0]
         per_token = self._score_hook_out.squeeze(-1)  # (B, L)
         self._score_hook_out = None
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)
