@@ -158,9 +158,15 @@ class ColocatedRoles:
         """Prompts sharded over the ranks' engines. Each rank runs its calls in order, so a generation
         submitted before an update runs before it (the overlap mode then simply samples one version
         behind)."""
-        seed = generation_seed(self.cfg, step)
-        chunks = [c for c in split_evenly(list(range(len(prompts))), len(self.ranks))]
-        refs = [r.generate.remote([prompts[j] for j in c], n, {"call_seed": seed + i})
+        return self._fan_out(prompts, n, generation_seed(self.cfg, step), {})
+
+    def sample(self, prompts: list, n: int, temperature: float, seed: int):
+        """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""
+        return self._fan_out(prompts, n, seed, {"temperature": temperature}).result()
+
+    def _fan_out(self, prompts: list, n: int, seed: int, overrides: dict) -> PendingRollout:
+        chunks = split_evenly(list(range(len(prompts))), len(self.ranks))
+        refs = [r.generate.remote([prompts[j] for j in c], n, {**overrides, "call_seed": seed + i})
                 for i, (r, c) in enumerate(zip(self.ranks, chunks)) if c]
         return PendingRollout(refs, [c[0] for c in chunks if c])
 

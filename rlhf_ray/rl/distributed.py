@@ -100,6 +100,10 @@ class DistributedRoles:
         g = self.generator_threads
         return self.generator.submit(prompts, n, threads=g, cores=(0, g), call_seed=generation_seed(self.cfg, step))
 
+    def sample(self, prompts: list, n: int, temperature: float, seed: int):
+        """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""
+        return self.generator.submit(prompts, n, temperature=temperature, call_seed=seed).result()
+
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """Reward, reference log-probs and values at once; the cores are split between them."""
         busy = 2 + (self.critic is not None)

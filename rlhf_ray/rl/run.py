@@ -71,8 +71,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         if ckpt is not None:
             logger.truncate_to(controller.step_idx)
         evaluator, plateau = Evaluator(held_out, cfg, tokenizer.pad_token_id, gold), PlateauDetector(cfg)
-        eval_gen = (lambda ids, n, temp, seed:
-                    roles.generator.submit(ids, n, temperature=temp, call_seed=seed).result())
+        eval_gen = roles.sample
         with ConsoleView(cfg.rl.steps, f"rl:{cfg.algorithm.name}", cfg.logging.console,
                          start=controller.step_idx) as view:
             if ckpt is not None:
