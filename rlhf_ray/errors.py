@@ -83,8 +83,9 @@ def describe_failure(exc: BaseException, step: int, names: Optional[dict[str, st
     role ("policy learner rank 1")."""
     names = names or {}
     import ray.exceptions as rx
-    role = _role_from_ray(exc, names)
     cause = unwrap(exc)
+    # an error that knows its role says so (a reward error is the reward's, in whichever process it ran)
+    role = getattr(cause, "role", None) or _role_from_ray(exc, names)
     where = (f"step {step}" if step else "start-up") + (f", {role}" if role else "")
     resume = (f"; last good checkpoint: {last_checkpoint} (rerun with --resume=auto to continue from it)"
               if last_checkpoint else "; no checkpoint was written yet")

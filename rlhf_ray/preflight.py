@@ -32,16 +32,23 @@ def preflight(cfg: Config, resolve: Optional[Callable[[str], str]] = None) -> No
     paths to folders; `stage:` outputs of this run may not exist yet and are skipped."""
     if resolve is None:
         from rlhf_ray.models.kit import resolve_model_path as resolve
+
+    def folder(spec: str, key: str) -> str:
+        try:
+            return resolve(spec)
+        except FileNotFoundError as e:  # the model kit's own words, with the key that named it
+            raise PreflightError(f"{key}: {e}") from None
+
     for key, spec in model_specs(cfg):
         if spec.startswith("stage:"):
             continue
-        check_model_folder(resolve(spec), key)
+        check_model_folder(folder(spec, key), key)
     policy = _policy_spec(cfg)
     if cfg.model.lora.enabled and not policy.startswith("stage:"):
-        check_lora_targets(resolve(policy), cfg.model.lora.target_modules)
+        check_lora_targets(folder(policy, "model.path"), cfg.model.lora.target_modules)
     if "rl" in cfg.run.stages:
         tok_spec = cfg.model.tokenizer or (policy if not policy.startswith("stage:") else cfg.model.path)
-        prompts = check_prompts(cfg, resolve(tok_spec))
+        prompts = check_prompts(cfg, folder(tok_spec, "model.tokenizer" if cfg.model.tokenizer else "model.path"))
         check_reward_functions(cfg, [p.text for p in prompts[:2]])
 
 

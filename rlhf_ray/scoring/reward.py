@@ -22,6 +22,8 @@ from rlhf_ray.errors import RunError, user_traceback
 class RewardSourceError(RunError, RuntimeError):
     """A reward source failed or answered something unusable; the message names the source."""
 
+    role = "reward"
+
 
 class Source(Protocol):
     name: str

@@ -3,7 +3,9 @@
     generator engine killed   the run continues: Ray restarts it, it is re-synced, the step re-sampled
     reward actor killed       restarted once and its call retried: the run continues
     policy learner killed     one line naming the rank and the last good checkpoint; --resume=auto resumes
-Every run must log each step exactly once (none lost, none doubled).
+Every run must log each step exactly once (none lost, none doubled). These runs use the distributed
+placement, where each role is a process of its own that can die alone (colocated, one process holds them
+all: its death is the learner-killed case).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
 ARGS = ["configs/quickstart.yaml", "run.stages=[rl]", "rl.init_from=builtin:tiny", f"rl.steps={STEPS}",
         "rl.save_every=2", "rl.sample_every=0", "logging.report=false", "logging.tensorboard=false",
-        "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]"]
+        "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]",
+        "cluster.placement=distributed"]
 
 
 def start(out: Path, *extra: str) -> subprocess.Popen:
