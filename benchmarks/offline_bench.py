@@ -40,7 +40,7 @@ def run_case(stage: str, path: str, lora: bool, args) -> dict:
     from rlhf_ray.config.schema import Config
     from rlhf_ray.data.encode import Limits, collate_preferences, collate_sft, encode_preferences, encode_sft
     from rlhf_ray.data.sources import load_rows
-    from rlhf_ray.learner.engine import Learner
+    from rlhf_ray.learner.learner import Learner
     from rlhf_ray.offline.stages import rm_step_loss, sft_step_loss
     from rlhf_ray.utils.device import resolve_backend
 

@@ -41,7 +41,7 @@ class LearnerRank:
         return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, addr: str, port: int, model_cfg, learner_cfg, kind, init_path, backend, total_steps, seed):
-        from rlhf_ray.learner.engine import Learner
+        from rlhf_ray.learner.learner import Learner
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=addr, MASTER_PORT=str(port))
         self.learner = Learner(model_cfg, learner_cfg, kind=kind, init_path=init_path, backend=backend,

@@ -51,7 +51,7 @@ def train_loop(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`."""
     import ray.train
 
-    from rlhf_ray.learner.engine import Learner
+    from rlhf_ray.learner.learner import Learner
     from rlhf_ray.utils.device import resolve_backend
     _quiet_report_lines()
     job: StageJob = config["job"]

@@ -51,7 +51,7 @@ class ColocatedRank(PolicyRank):
         it finds the process group DeepSpeed made and reuses it. micro_batches: the plan's scoring
         micro-batches (role -> rows)."""
         from rlhf_ray.generator.engine import GeneratorEngine, lora_rank_slot
-        from rlhf_ray.learner.engine import Learner
+        from rlhf_ray.learner.learner import Learner
         from rlhf_ray.rl.critic import CriticWorker
         from rlhf_ray.scoring.reference import ReferenceScorer
         from rlhf_ray.scoring.reward import RewardScorer

@@ -18,7 +18,7 @@ from rlhf_ray.config import Config
 from rlhf_ray.errors import RunError
 from rlhf_ray.rl.advantage_step import clean_scores, make_train_batch
 from rlhf_ray.rl.dynamic_sampling import fill_batch, score_round
-from rlhf_ray.rl.prompts import PromptStream
+from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.records import ScoredBatch
 from rlhf_ray.sync.checks import check_logprob_agreement, check_version
 from rlhf_ray.utils.timing import PhaseTimer

@@ -21,7 +21,7 @@ from rlhf_ray.rl import checkpoint as rl_checkpoint
 from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.evaluation import Evaluator, format_eval, split_prompts
 from rlhf_ray.rl.plateau import PlateauDetector, check_resume_overrides
-from rlhf_ray.rl.prompts import PromptStream
+from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.resources import check_fits
 from rlhf_ray.rl.roles import Paths, build_roles
 from rlhf_ray.scoring.reward import FunctionSource

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.config.schema import LearnerConfig, ModelConfig
-from rlhf_ray.learner.engine import Learner
+from rlhf_ray.learner.learner import Learner
 from rlhf_ray.utils.device import resolve_backend
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_ray.learner.engine import Learner
+from rlhf_ray.learner.learner import Learner
 from rlhf_ray.offline.stages import sft_step_loss
 from rlhf_ray.batch import pack_sequences, response_logprobs
 from rlhf_ray.utils.device import resolve_backend

@@ -10,7 +10,7 @@ def test_encoder_reward_model_scores_with_its_own_pooling(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
     from rlhf_ray.config.schema import ModelConfig
-    from rlhf_ray.learner.engine import Learner
+    from rlhf_ray.learner.learner import Learner
     from tests.learner.helpers import learner_cfg
     from rlhf_ray.utils.device import resolve_backend
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlhf_ray.config.schema import LearnerConfig
-from rlhf_ray.learner.engine import Learner
+from rlhf_ray.learner.learner import Learner
 from rlhf_ray.learner.finite import NonFiniteError, nonfinite
 from rlhf_ray.offline.stages import sft_step_loss
 from rlhf_ray.utils.device import resolve_backend

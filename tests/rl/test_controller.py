@@ -9,7 +9,7 @@ from rlhf_ray.data.prompts import Prompt
 from rlhf_ray.generator.records import Rollout
 from rlhf_ray.rl.advantage_step import BadRewardError
 from rlhf_ray.rl.controller import EmptyResponseError, RLController
-from rlhf_ray.rl.prompts import PromptStream
+from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.sync.checks import LogprobMismatchError, StaleWeightsError
 
 

@@ -6,7 +6,7 @@ from rlhf_ray.data.prompts import Prompt
 from rlhf_ray.generator.records import Rollout
 from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.dynamic_sampling import informative_groups
-from rlhf_ray.rl.prompts import PromptStream
+from rlhf_ray.rl.prompt_stream import PromptStream
 
 
 class SolvedPromptRoles:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConfig
-from rlhf_ray.learner.engine import Learner
+from rlhf_ray.learner.learner import Learner
 from rlhf_ray.batch import pack_sequences, response_logprobs
 from rlhf_ray.rl.records import TrainBatch
 from rlhf_ray.rl.policy import PolicyWorker

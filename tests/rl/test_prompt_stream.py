@@ -1,6 +1,6 @@
 import pytest
 
-from rlhf_ray.rl.prompts import PromptStream
+from rlhf_ray.rl.prompt_stream import PromptStream
 
 
 def test_resume_continues_exactly_where_it_stopped():
