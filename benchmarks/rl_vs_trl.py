@@ -57,8 +57,8 @@ def policy_path(name: str, case: dict) -> str:
     return str(model)
 
 
-def run_ours(name: str, case: dict, model: str, steps: int, placement: str) -> dict:
-    out = WORK / name / placement
+def run_ours(name: str, case: dict, model: str, steps: int, placement: str, *extra: str) -> dict:
+    out = WORK / name / (placement + ("-" + "-".join(e.split("=")[1] for e in extra) if extra else ""))
     lora = (["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32"] if case["lora"] else [])
     t0 = time.time()
     cli("train", "configs/quickstart.yaml", f"run.output_dir={out}", "run.stages=[rl]", f"rl.init_from={model}",
@@ -70,7 +70,7 @@ def run_ours(name: str, case: dict, model: str, steps: int, placement: str) -> d
         "algorithm.loss_agg=token-mean", f"reference.kl_coef={BETA}", "reference.kl_kind=k3",
         "reference.kl_in_reward=false", f"rl.policy.optim.lr={case['lr']}", "rl.policy.optim.betas=[0.9, 0.999]",
         f"rl.policy.micro_batch_size={case['n_prompts'] * case['group']}", "rl.save_every=0", "rl.sample_every=0",
-        "logging.report=false", *lora, *(case["ours"] if placement == "colocated" else []))
+        "logging.report=false", *lora, *(case["ours"] if placement == "colocated" else []), *extra)
     total = time.time() - t0
     rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steady = rows[1:] or rows
@@ -161,21 +161,27 @@ def summary(res: dict) -> dict:
             "mean_tokens": statistics.mean(res["tokens"]), "total_s": res["total_s"]}
 
 
-def bench_case(name: str, steps: int) -> dict:
+def bench_case(name: str, steps: int, bf16: bool) -> dict:
     case = CASES[name]
     model = policy_path(name, case)
     runs = {"colocated": run_ours(name, case, model, steps, "colocated"),
             "distributed": run_ours(name, case, model, steps, "distributed"),
             "trl": run_trl(name, case, model, steps)}
+    if bf16:  # this CPU's bf16 GEMMs ran 2x fp32 (STACK.md); learner, reference and engine all in bf16
+        runs["colocated_bf16"] = run_ours(name, case, model, steps, "colocated", "model.dtype=bfloat16")
     s = {k: summary(v) for k, v in runs.items()}
     print(f"\n== {name}: {steps} steps, {case['n_prompts']} x {case['group']} x {case['new_tokens']} tokens")
     print(f"{'':18}{'colocated':>12}{'distributed':>13}{'TRL 1.16':>12}")
     for key in ("median_step_s", "mean_step_s", "reward_first", "reward_last", "reward_rise", "mean_tokens", "total_s"):
         print(f"{key:18}{s['colocated'][key]:12.3f}{s['distributed'][key]:13.3f}{s['trl'][key]:12.3f}")
-    speedup = {p: s["trl"]["median_step_s"] / s[p]["median_step_s"] for p in ("colocated", "distributed")}
-    print(f"speed-up per step vs TRL (median): colocated {speedup['colocated']:.2f}x, "
-          f"distributed {speedup['distributed']:.2f}x")
-    for p in ("colocated", "distributed"):
+    ours = [p for p in runs if p != "trl"]
+    speedup = {p: s["trl"]["median_step_s"] / s[p]["median_step_s"] for p in ours}
+    print("speed-up per step vs TRL (median): " + ", ".join(f"{p} {v:.2f}x" for p, v in speedup.items()))
+    if "colocated_bf16" in runs:
+        b = s["colocated_bf16"]
+        print(f"colocated bf16: {b['median_step_s']:.3f} s/step, reward {b['reward_first']:.3f} -> "
+              f"{b['reward_last']:.3f}, log-prob max |diff| {runs['colocated_bf16']['logprob_max_abs']:.3g}")
+    for p in ours:
         ph = runs[p]["phases_median_s"]
         print(f"{p:12} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()))
     return {"setup": {**{k: v for k, v in case.items() if k != "ours"}, "steps": steps, "beta": BETA, "model": model},
@@ -186,6 +192,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--steps", nargs="+", type=int, help="steps per case (default: tiny 20, smollm2 5)")
+    ap.add_argument("--bf16", action="store_true", help="also run colocated with model.dtype=bfloat16")
     args = ap.parse_args()
     steps = args.steps or [CASES[c]["steps"] for c in args.cases]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -193,7 +200,7 @@ def main() -> None:
     out = json.loads(path.read_text()) if path.exists() else {}
     out = {k: v for k, v in out.items() if k in CASES}  # older layouts are dropped
     for name, n in zip(args.cases, steps):
-        out[name] = bench_case(name, n)
+        out[name] = bench_case(name, n, args.bf16)
         path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
 
