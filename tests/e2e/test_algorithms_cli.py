@@ -6,31 +6,15 @@ one of the features the algorithm family uses (TIS with overlapped rollouts, DAP
 overlong penalty, the critic from the RM with an adaptive KL), so every path runs with real models.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-QUICK = str(ROOT / "configs" / "quickstart.yaml")
+from helpers import metrics, train  # noqa: E402  (tests/e2e is on the path)
+
 STEPS = 12
-
-
-def train(*args, timeout=900, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    p = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
 @pytest.fixture(scope="module")

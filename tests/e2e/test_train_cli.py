@@ -18,24 +18,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-QUICK = str(ROOT / "configs" / "quickstart.yaml")
+from helpers import QUICK, ROOT, metrics, train  # noqa: E402  (tests/e2e is on the path)
 
 
 OFFLINE_SAVES = ("sft.save_every=20", "rm.save_every=20")  # 56 steps each: checkpoints at 20 and 40 stay
-
-
-def train(*args, timeout=900, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    p = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
 def rows_at(rows, step):
