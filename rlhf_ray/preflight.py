@@ -57,7 +57,7 @@ def resume_wanted(cfg: Config, mode: Optional[str]) -> bool:
     start fresh if not (a retried job); None: start fresh."""
     if mode is None:
         return False
-    found = resume_points(Path(cfg.run.output_dir), cfg.run.stages)
+    found = resume_points(cfg)
     if found or mode == "auto":
         return bool(found)
     raise PreflightError(f"--resume: nothing to resume in {cfg.run.output_dir} (no checkpoint and no finished "
@@ -65,14 +65,20 @@ def resume_wanted(cfg: Config, mode: Optional[str]) -> bool:
                          f"--resume=auto to start fresh when there is nothing to resume")
 
 
-def resume_points(root: Path, stages) -> list[Path]:
-    """Finished stage outputs and complete checkpoints under a run's output folder."""
+def resume_points(cfg: Config) -> list[Path]:
+    """Finished stage outputs and checkpoints of a run: RL's own under `<output_dir>/rl/checkpoints`, the
+    offline stages' in their Ray Train run folders (`offline.loop.train_run_location`)."""
     from rlhf_ray.learner.checkpoint import complete_checkpoints, is_complete
-    out = []
-    for stage in stages:
+    from rlhf_ray.offline.loop import train_run_location
+    root, out = Path(cfg.run.output_dir), []
+    for stage in cfg.run.stages:
         if is_complete(root / stage / "model"):
             out.append(root / stage / "model")
-        out += complete_checkpoints(root / stage / "checkpoints")
+        if stage == "rl":
+            out += complete_checkpoints(root / stage / "checkpoints")
+        else:
+            storage, name = train_run_location(cfg, stage)
+            out += sorted(p for p in (Path(storage) / name).glob("step_*") if p.is_dir())
     return out
 
 
