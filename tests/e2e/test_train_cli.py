@@ -51,7 +51,8 @@ def rl_args(offline: Path, out: Path, *extra):
 # The RL behaviours below hold under both placements: all roles of a device in one process (colocated,
 # the local default) and one Ray actor group per role (distributed, as on a cluster). To keep CI well
 # inside its limit, PPO learning and the LoRA / QLoRA runs are exercised colocated only here; the
-# distributed placement runs GRPO, 2-rank ZeRO-3, kill-then-resume and the fault tests (test_faults.py).
+# distributed placement runs GRPO learning and 2-rank ZeRO-3 here; its kill-then-resume is test_faults.py's
+# learner-killed run (--resume=auto continues from the last checkpoint, every step logged once).
 PLACEMENTS = ["colocated", "distributed"]
 
 
@@ -73,7 +74,7 @@ def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
         assert "value/loss" in rows[-1]
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("placement", ["colocated"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tmp_path, placement):
     common = ("rl.steps=6", "rl.save_every=3", f"cluster.placement={placement}")
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
