@@ -53,7 +53,6 @@ def rl_args(offline: Path, out: Path, *extra):
 # inside its limit, PPO learning and the LoRA / QLoRA runs are exercised colocated only here; the
 # distributed placement runs GRPO learning and 2-rank ZeRO-3 here; its kill-then-resume is test_faults.py's
 # learner-killed run (--resume=auto continues from the last checkpoint, every step logged once).
-PLACEMENTS = ["colocated", "distributed"]
 
 
 @pytest.mark.parametrize("algo,placement", [("grpo", "colocated"), ("grpo", "distributed"), ("ppo", "colocated")])
