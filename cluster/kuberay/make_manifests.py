@@ -33,9 +33,10 @@ def cluster_spec(cfg) -> dict:
     head = {"rayStartParams": {"num-gpus": "0"},
             "template": {"spec": {"containers": [_container("ray-head", 8, 32)], "volumes": shm()}}}
     worker_cpus = c.cpus_per_node or 16 * c.gpus_per_node
+    worker_mem = int(0.9 * c.cpu_memory_gib) or 120 * c.gpus_per_node  # leave the kubelet its share of the node
     workers = [{"groupName": f"gpu-{c.gpus_per_node}x", "replicas": c.num_nodes, "minReplicas": c.num_nodes,
                 "maxReplicas": c.num_nodes, "rayStartParams": {},
-                "template": {"spec": {"containers": [_container("ray-worker", worker_cpus, 120 * c.gpus_per_node,
+                "template": {"spec": {"containers": [_container("ray-worker", worker_cpus, worker_mem,
                                                                 c.gpus_per_node)], "volumes": shm()}}}]
     return {"rayVersion": RAY_VERSION, "authOptions": {"mode": "token"}, "headGroupSpec": head,
             "workerGroupSpecs": workers}

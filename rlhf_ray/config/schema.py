@@ -273,6 +273,10 @@ class ClusterConfig(Section):
     num_nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0)
     gpu_memory_gib: float = Field(0.0, ge=0, description="memory of one GPU; 0: `rlhf-ray plan` skips the check")
+    cpu_memory_gib: float = Field(0.0, ge=0, description="host RAM of one node (offloaded optimizer states, "
+                                                          "sleeping engines); 0: not checked")
+    simulate: bool = Field(False, description="place on logical GPUs (ray.cluster_utils.Cluster nodes) and "
+                                              "compute on CPU with gloo: the GPU plan, tested without GPUs")
     cpus_per_node: Optional[int] = Field(None, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="offline stages (Ray Train); the RL plan packs each node STRICT_PACK")

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 from rlhf_ray.placement.memory import (
-    GiB, PROCESS_OVERHEAD, Item, LearnerSpec, engine_items, frozen_items, learner_items, peak,
+    DTYPE_BYTES, GiB, PROCESS_OVERHEAD, Item, LearnerSpec, engine_items, frozen_items, learner_items, peak,
 )
 from rlhf_ray.placement.plan import Bundle, Plan, role_dtype, engine_quantization
 from rlhf_ray.placement.shapes import ModelShape
@@ -64,8 +64,29 @@ def budget(cfg: "Config", plan: Plan, read_config: Callable[[str], dict]) -> tup
             problems.append(f"{role} loads {specs[role][0]} on CPU ({role}.num_gpus=0) in a cluster.device=cuda "
                             f"run; give it {role}.num_gpus (a fraction shares a GPU)")
     for key, items in sorted(per_gpu.items()):
-        problems += _check(key, items, capacity[key], cfg, shapes, specs, seq)
-    return replace(plan, memory=per_gpu, micro_batches=micro), problems
+        problems += _check(key, items, capacity[key], cfg, plan, shapes, specs, seq)
+    for node, used in host_ram(per_gpu).items():
+        have = plan.cluster.nodes[node].cpu_memory_gib * GiB
+        if have and used > have:
+            problems.append(f"node {node} needs {used / GiB:.0f} GiB of host RAM (offloaded optimizer states, sleeping "
+                            f"engines) but has {have / GiB:g} GiB (cluster.cpu_memory_gib)")
+    kv = 0.0
+    if "generator" in specs:
+        kv = shapes[specs["generator"][0]].kv_bytes_per_token(
+            DTYPE_BYTES[role_dtype(cfg, plan, "generator")], cfg.rollout.tensor_parallel_size)
+    return replace(plan, memory=per_gpu, micro_batches=micro, kv_bytes_per_token=kv, seq_len=seq), problems
+
+
+def host_ram(per_gpu: dict) -> dict[int, float]:
+    """Bytes of host RAM per node that the GPU processes park there (the largest phase)."""
+    out: dict[int, dict[str, float]] = {}
+    for (node, _), items in per_gpu.items():
+        for i in items:
+            if i.host:
+                for phase in i.phases:
+                    out.setdefault(node, {}).setdefault(phase, 0.0)
+                    out[node][phase] += i.bytes
+    return {n: max(p.values()) for n, p in out.items()}
 
 
 def _process_items(cfg, plan: Plan, b: Bundle, shapes, specs, seq, capacity, micro: dict) -> list[Item]:
@@ -101,14 +122,14 @@ def _process_items(cfg, plan: Plan, b: Bundle, shapes, specs, seq, capacity, mic
     return items
 
 
-def _check(key, items, capacity, cfg, shapes, specs, seq) -> list[str]:
+def _check(key, items, capacity, cfg, plan, shapes, specs, seq) -> list[str]:
     node, gpu = key
     out = []
     for i in items:
         if i.name == "KV cache":
             shape = shapes[specs["generator"][0]]
             tp = cfg.rollout.tensor_parallel_size
-            need = shape.kv_bytes_per_token(2.0, tp) * seq
+            need = shape.kv_bytes_per_token(DTYPE_BYTES[role_dtype(cfg, plan, "generator")], tp) * seq
             if i.bytes < need:
                 taken = ", ".join(f"{j.name} {j.bytes / GiB:.1f} GiB" for j in items
                                   if j.role == "generator" and j.name.startswith("engine") and not j.host)

@@ -35,6 +35,7 @@ class NodeSpec:
     gpus: int
     cpus: Optional[float] = None       # None: not declared (not checked)
     gpu_memory_gib: float = 0.0        # 0: not declared (memory not checked)
+    cpu_memory_gib: float = 0.0        # host RAM; 0: not declared (not checked)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class ClusterSpec:
 
     @classmethod
     def from_config(cls, c) -> "ClusterSpec":
-        return cls(tuple(NodeSpec(c.gpus_per_node, c.cpus_per_node, c.gpu_memory_gib) for _ in range(c.num_nodes)))
+        return cls(tuple(NodeSpec(c.gpus_per_node, c.cpus_per_node, c.gpu_memory_gib, c.cpu_memory_gib)
+                         for _ in range(c.num_nodes)))
 
     @classmethod
     def from_ray(cls, nodes: list[dict], gpu_memory_gib: float = 0.0) -> "ClusterSpec":
@@ -82,6 +84,8 @@ class Plan:
     # asks and bundles stay those of the GPU plan; every role computes on CPU with gloo, because an actor
     # holding logical GPUs sees CUDA_VISIBLE_DEVICES set while torch.cuda.is_available() stays false.
     simulated: bool = False
+    kv_bytes_per_token: float = 0.0  # per GPU of an engine (filled by `budget`)
+    seq_len: int = 0                 # max_prompt_len + max_new_tokens (filled by `budget`)
 
     def bundles_of(self, role: str) -> list[Bundle]:
         return [b for b in self.bundles if role in b.roles]
@@ -209,9 +213,10 @@ def _unplaceable(b: Bundle, cluster: ClusterSpec, free_gpu, free_cpu) -> None:
                     f"({left})")
 
 
-def place(cfg: "Config", cluster: Optional[ClusterSpec] = None, simulate: bool = False) -> Plan:
-    """Resources only (no model files read): fast enough for config validation. `simulate`: the same
-    placement on logical GPUs, every role computing on CPU (see `Plan.simulated`)."""
+def place(cfg: "Config", cluster: Optional[ClusterSpec] = None, simulate: Optional[bool] = None) -> Plan:
+    """Resources only (no model files read): fast enough for config validation. `simulate` (default
+    cluster.simulate): the same placement on logical GPUs, every role computing on CPU (`Plan.simulated`)."""
+    simulate = cfg.cluster.simulate if simulate is None else simulate
     cluster = cluster or ClusterSpec.from_config(cfg.cluster)
     device = resolve_device(cfg, cluster)
     roles = run_roles(cfg)

@@ -57,9 +57,16 @@ def format_plan(plan: Plan, name: str = "") -> str:
         cpu_only = [b for b in plan.bundles if b.node == n and not b.gpus]
         if cpu_only:
             lines.append("  CPU only: " + ", ".join(f"{_who(b)} ({b.cpus:g} CPU)" for b in cpu_only))
+    if plan.simulated:
+        lines.insert(0, "*** SIMULATION: Ray's GPUs are logical (no CUDA); every role computes on CPU with gloo ***")
     if plan.micro_batches:
         lines.append("scoring micro-batches: " + ", ".join(f"{r} {m}" for r, m in plan.micro_batches.items()))
     lines += _memory_tables(plan)
+    from rlhf_ray.placement.budget import host_ram
+    for node, used in sorted(host_ram(plan.memory).items()):
+        have = plan.cluster.nodes[node].cpu_memory_gib
+        lines.append(f"host RAM on node {node}: {used / GiB:.1f} GiB parked by the GPU processes"
+                     + (f" of {have:g} GiB" if have else " (cluster.cpu_memory_gib not declared: not checked)"))
     return "\n".join(lines)
 
 
@@ -84,6 +91,10 @@ def _memory_tables(plan: Plan) -> list[str]:
         totals = [sum(i.bytes for i in items if p in i.phases and not i.host) / GiB for p in PHASES]
         out.append(f"  {'total on the GPU':<70}" + "".join(f"{t:>10.2f}" for t in totals))
         phase, top = peak(items)
+        kv = next((i for i in items if i.name == "KV cache"), None)
+        if kv is not None and plan.kv_bytes_per_token:
+            tokens = kv.bytes / plan.kv_bytes_per_token
+            out.append(f"  KV cache holds {tokens:,.0f} tokens ({tokens / plan.seq_len:.1f} sequences of {plan.seq_len})")
         if cap:
             out.append(f"  capacity {cap / GiB:g} GiB; peak {top / GiB:.2f} GiB while it {phase}s; "
                        f"headroom {(cap - top) / GiB:.2f} GiB ({(cap - top) / cap:.0%})")

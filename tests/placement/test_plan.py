@@ -131,3 +131,27 @@ def test_the_placement_lines_name_node_gpu_and_roles(hub, capsys):
     assert main(["plan", str(ROOT / "configs/gpu/llama3.1-70b-4x8xh100.yaml")]) == 0
     out = capsys.readouterr().out
     assert "node 0\n  GPUs 0-7: generator #0\n" in out and "node 3\n  GPUs 0-7: policy #8 ... policy #15\n" in out
+
+
+def test_host_ram_is_checked_when_declared(hub):
+    path = ROOT / "configs/gpu/llama3.1-70b-4x8xh100.yaml"
+    _, problems = planned(path, "cluster.cpu_memory_gib=256")  # 8 ranks x 49 GiB of offloaded Adam states
+    assert [p for p in problems if "host RAM" in p] == [
+        f"node {n} needs 394 GiB of host RAM (offloaded optimizer states, sleeping engines) but has 256 GiB "
+        f"(cluster.cpu_memory_gib)" for n in (2, 3)]
+
+
+def test_a_simulated_plan_keeps_the_bundles_and_says_so_loudly(capsys):
+    path = ROOT / "configs/gpu/llama3.1-8b-8xh100.yaml"
+    real, sim = place(load_config(path)), place(load_config(path, ["cluster.simulate=true"]))
+    assert real.bundles == sim.bundles and sim.simulated
+    assert {sim.role_device(r) for r in sim.roles} == {"cpu"} and sim.dist_backend("policy") == "gloo"
+    assert real.dist_backend("policy") == "nccl"
+    from rlhf_ray.placement.report import format_plan
+    assert format_plan(sim).startswith("*** SIMULATION")
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_the_readme_shows_the_current_plan(path, hub, capsys):
+    main(["plan", str(path)])
+    assert capsys.readouterr().out.rstrip() in (ROOT / "README.md").read_text(), f"update README's plan of {path.name}"

@@ -42,10 +42,10 @@ def cluster():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_role_lands_where_the_plan_put_it(cluster, name):
     _, gpu_nodes = cluster
-    cfg = load_config(f"configs/gpu/{name}")
+    cfg = load_config(f"configs/gpu/{name}", ["cluster.simulate=true"])
     assert ray.get_runtime_context().get_node_id() not in gpu_nodes  # the driver's node has no GPU
     plan = check_fits(cfg)                                            # the plan on the live cluster
-    assert plan.device == "cuda"
+    assert plan.device == "cuda" and plan.simulated and plan.role_device("policy") == "cpu"  # compute on CPU
     groups = reserve(plan, timeout_s=120)
     try:
         actors = {(b.roles[0], b.index): StandIn.options(**actor_options(plan, groups, b.roles[0], b.index)).remote()
