@@ -137,8 +137,10 @@ class SyncConfig(Section):
     check_every: int = Field(10, gt=0, description="with overlap, every Nth step runs in lockstep so that "
                                                   "the log-prob agreement check still runs")
     logprob_check: bool = True
-    logprob_max_abs_diff: float = Field(0.5, gt=0)
-    logprob_mean_abs_diff: float = Field(0.02, gt=0)
+    logprob_max_abs_diff: Optional[float] = Field(None, gt=0, description="default: per compute precision "
+                                                  "(rlhf_ray.utils.device.LOGPROB_TOLERANCE: fp32 0.5, bf16 4.0)")
+    logprob_mean_abs_diff: Optional[float] = Field(None, gt=0, description="default: per compute precision "
+                                                   "(fp32 0.02, bf16 0.15)")
 
 
 class RolloutConfig(Section):

@@ -94,13 +94,17 @@ class Learner:
 
     # -- forward passes -------------------------------------------------------------------------
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       position_ids: Optional[torch.Tensor] = None, keep_last: int = 0) -> torch.Tensor:
         """(B, L) token ids and mask -> (B, L, V) logits (position t predicts token t+1).
 
         Pass `position_ids` for left-padded rows (RL batches): HF counts positions from column 0, the
         generator from each row's first real token, and the two must agree for the log-probs to match.
+        `keep_last` > 0: logits of the last that many positions only, (B, keep_last, V). RL reads only
+        the response's; the LM head over the prompt (and its backward) is most of a small model's GEMMs.
         """
         extra = {} if position_ids is None else {"position_ids": position_ids.to(self.engine.device)}
+        if keep_last:
+            extra["logits_to_keep"] = keep_last
         out = self.engine(input_ids=input_ids.to(self.engine.device),
                           attention_mask=attention_mask.to(self.engine.device), **extra)
         return out.logits

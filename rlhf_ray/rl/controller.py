@@ -21,6 +21,7 @@ from rlhf_ray.rl.dynamic_sampling import fill_batch, score_round
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.records import ScoredBatch
 from rlhf_ray.sync.checks import check_logprob_agreement, check_version
+from rlhf_ray.utils.device import logprob_tolerance
 from rlhf_ray.utils.timing import PhaseTimer
 
 
@@ -44,8 +45,12 @@ def make_kl_controller(cfg: Config):
 
 
 class RLController:
-    def __init__(self, cfg: Config, roles, prompts: PromptStream, pad_id: int):
+    def __init__(self, cfg: Config, roles, prompts: PromptStream, pad_id: int,
+                 dtypes: tuple[str, ...] = ("float32",)):
+        """dtypes: the precisions the learner and the engine compute in (the plan's); they pick the
+        log-prob agreement thresholds the config leaves unset."""
         self.cfg, self.roles, self.prompts, self.pad_id = cfg, roles, prompts, pad_id
+        self.agreement = agreement_thresholds(cfg.rollout.sync, dtypes)
         self.kl_ctl = make_kl_controller(cfg)
         self.step_idx = 0
         self.version = roles.policy_version()
@@ -92,7 +97,7 @@ class RLController:
             update_stats = roles.update(batch, minibatches, self.kl_ctl.value, overlapped=overlapped)
         agreement = {k[len("sync/logprob_"):]: v for k, v in update_stats.items() if k.startswith("sync/logprob_")}
         if lag == 0 and agreement:
-            check_logprob_agreement(agreement, cfg.rollout.sync, version=rollout.weight_version)
+            check_logprob_agreement(agreement, self.agreement, version=rollout.weight_version)
 
         with t("sync"):
             self.version, sync_stats = roles.sync_weights()
@@ -159,6 +164,14 @@ class RLController:
         self.kl_ctl.load_state_dict(d["kl"])
         self._shuffle.set_state(torch.tensor(d["shuffle"], dtype=torch.uint8))
         self.version = int(d["version"])
+
+
+def agreement_thresholds(sync, dtypes: tuple[str, ...]):
+    """The sync config with the log-prob agreement thresholds it leaves unset taken from the precisions
+    in use (`rlhf_ray.utils.device.LOGPROB_TOLERANCE`); thresholds set in the config always win."""
+    max_abs, mean_abs = logprob_tolerance(dtypes)
+    return sync.model_copy(update={"logprob_max_abs_diff": sync.logprob_max_abs_diff or max_abs,
+                                   "logprob_mean_abs_diff": sync.logprob_mean_abs_diff or mean_abs})
 
 
 def metrics_of(reward_stats: dict, update_stats: dict) -> tuple[float, float]:

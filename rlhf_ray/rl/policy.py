@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_ray.batch import SequenceBatch, response_logprobs
+from rlhf_ray import algo
+from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.learner.dispatch import my_share
 from rlhf_ray.learner.group import LearnerRank
-from rlhf_ray.rl.micro import OBJECTIVE, forward_logits, micro_batches, token_weight
+from rlhf_ray.rl.micro import OBJECTIVE, micro_batches, response_logits, token_weight
 from rlhf_ray.rl.records import TrainBatch
 from rlhf_ray.rl.step_loss import policy_minibatch_loss
 from rlhf_ray.sync.checks import logprob_agreement
@@ -24,6 +25,7 @@ class PolicyWorker:
         self.learner = learner
         self.algo, self.ref_cfg, self.mbs = algo_cfg, ref_cfg, learner.cfg.micro_batch_size
         self.temperature, self.norm_len = temperature, norm_len
+        self.proximal_forwards = 0  # separate pre-update forwards run for TIS (tests count them)
 
     @property
     def version(self) -> int:
@@ -45,7 +47,8 @@ class PolicyWorker:
         out = []
         for i in range(0, len(seq), self.mbs):
             mb = seq.select(slice(i, i + self.mbs))
-            out.append(response_logprobs(forward_logits(self.learner, mb).float(), mb, self.temperature).cpu())
+            out.append(algo.token_logprobs(response_logits(self.learner, mb), mb.response_ids,
+                                           self.temperature).cpu())
         return torch.cat(out)
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float) -> dict[str, float]:
@@ -54,17 +57,23 @@ class PolicyWorker:
         agreement: dict[str, float] = {}
         sums: dict[str, float] = {}
         steps = 0
-        proximal = self.logprobs(batch.seq) if self.algo.tis is True else None  # before any step (TIS)
+        # TIS needs the learner's log-probs before any step (the proximal policy). With a single optimizer
+        # step every micro-batch's own forward runs on exactly those weights: its detached log-probs are
+        # the proximal ones (PPO ratio 1, as in TRL), and a separate forward would only recompute them.
+        live = self.algo.tis is True and proximal_is_live(minibatches, self.learner.model)
+        proximal = self.logprobs(batch.seq) if self.algo.tis is True and not live else None
+        self.proximal_forwards += proximal is not None
 
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu())
-            logits = forward_logits(learner, tb.seq).float()
-            loss, stats = policy_minibatch_loss(logits, tb, self.algo, self.ref_cfg, kl_coef, self.temperature,
-                                                self.norm_len, None if proximal is None else proximal[mb["idx"].cpu()])
+            logits = response_logits(learner, tb.seq).float()
+            logp = algo.token_logprobs(logits, tb.seq.response_ids, self.temperature)
+            prox = logp.detach() if live else None if proximal is None else proximal[mb["idx"].cpu()]
+            loss, stats = policy_minibatch_loss(logits, logp, tb, self.algo, self.ref_cfg, kl_coef, self.temperature,
+                                                self.norm_len, prox)
             loss = loss * token_weight(self.algo.loss_agg, tb.seq.response_mask, mb)
             if steps == 0:
-                logp = response_logprobs(logits.detach(), tb.seq, self.temperature)
-                part = logprob_agreement(logp, tb.old_logp, tb.seq.response_mask)
+                part = logprob_agreement(logp.detach(), tb.old_logp, tb.seq.response_mask)
                 agreement["max_abs"] = max(agreement.get("max_abs", 0.0), part["max_abs"])
                 n0, n1 = agreement.get("num_tokens", 0.0), part["num_tokens"]
                 agreement["mean_abs"] = (agreement.get("mean_abs", 0.0) * n0 + part["mean_abs"] * n1) / max(n0 + n1, 1)
@@ -81,6 +90,22 @@ class PolicyWorker:
         out = {k: v / max(steps, 1) for k, v in sums.items()}
         out.update({f"sync/logprob_{k}": v for k, v in agreement.items()})
         return out
+
+
+def proximal_is_live(minibatches: list[list[torch.Tensor]], model: torch.nn.Module) -> bool:
+    """Whether the update's own forwards give the proximal log-probs: one optimizer step in all (one
+    epoch of one minibatch), so no forward sees updated weights, and no dropout, so the train-mode forward
+    equals the eval-mode one."""
+    return sum(len(epoch) for epoch in minibatches) == 1 and not has_dropout(model)
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Any active dropout: a Dropout module with p > 0, or an attention dropout in the model's config."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return any(float(getattr(config, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout",
+                                                                      "attn_pdrop", "resid_pdrop"))
 
 
 class PolicyRank(LearnerRank):

