@@ -9,7 +9,14 @@ Cases (same model, prompts, group size, new tokens, steps, optimizer and KL term
 KL: beta 0.04 as a k3 loss term (TRL's form); token-mean loss (TRL's default aggregation); Adam(0.9, 0.999),
 constant LR, grad clip 1, temperature 1, fp32.
 
-    python benchmarks/rl_vs_trl.py [--cases tiny smollm2] [--steps 20 5]   # needs trl==1.16.0 (make bench)
+`--bf16` adds a bf16-vs-bf16 pair where the CPU has native bf16 (AVX-512 BF16 / AMX): ours with
+`model.dtype=bfloat16 algorithm.tis=true` (learner, reference and engine in bf16; the log-prob agreement
+check uses its bf16 thresholds, rlhf_ray.utils.device.LOGPROB_TOLERANCE; truncated IS weighs the
+learner/engine gap), TRL with the model loaded in bf16 and `bf16=True`. The fp32 pair is always run and
+reported beside it.
+
+    python benchmarks/rl_vs_trl.py [--cases tiny smollm2] [--steps 20 5] [--bf16] [--placements colocated]
+    # needs trl==1.16.0 (make bench)
 
 Prints a table per case and writes benchmarks/results/rl_vs_trl.json.
 """
@@ -104,7 +111,7 @@ class Clock(TrainerCallback):
         self.ends.append(time.perf_counter())
 
 tok = AutoTokenizer.from_pretrained(a["model"])
-model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.bfloat16 if a["bf16"] else torch.float32)
 chat = bool(tok.chat_template)
 rows = [{"prompt": [{"role": "user", "content": p}] if chat else p} for p in a["prompts"]]
 peft = None
@@ -115,7 +122,7 @@ if a["lora"]:
 cfg = GRPOConfig(output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["n_prompts"] * a["group"],
                  num_generations=a["group"], max_completion_length=a["new_tokens"], temperature=1.0,
                  learning_rate=a["lr"], lr_scheduler_type="constant", adam_beta2=0.999, max_grad_norm=1.0,
-                 beta=a["beta"], logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                 beta=a["beta"], logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=a["bf16"],
                  seed=0, disable_dropout=True, dataloader_num_workers=0)
 clock = Clock()
 t0 = time.perf_counter()
@@ -139,10 +146,10 @@ def prompt_texts(case: dict, n: int) -> list[str]:
     return [r["prompt"] for r in prompt_rows(n)]
 
 
-def run_trl(name: str, case: dict, model: str, steps: int) -> dict:
-    out = WORK / name / "trl"
+def run_trl(name: str, case: dict, model: str, steps: int, bf16: bool = False) -> dict:
+    out = WORK / name / ("trl-bf16" if bf16 else "trl")
     out.mkdir(parents=True, exist_ok=True)
-    args = dict(model=model, out=str(out), steps=steps, beta=BETA, prompts=prompt_texts(case, 2000),
+    args = dict(model=model, out=str(out), steps=steps, beta=BETA, prompts=prompt_texts(case, 2000), bf16=bf16,
                 **{k: case[k] for k in ("n_prompts", "group", "new_tokens", "lr", "lora")})
     t0 = time.time()
     subprocess.run([sys.executable, "-c", TRL_SCRIPT, json.dumps(args)], cwd=ROOT,
@@ -161,30 +168,35 @@ def summary(res: dict) -> dict:
             "mean_tokens": statistics.mean(res["tokens"]), "total_s": res["total_s"]}
 
 
-def bench_case(name: str, steps: int, bf16: bool) -> dict:
+# ours in bf16: the agreement thresholds follow the precision (left unset), TIS weighs the learner/engine gap
+BF16 = ("model.dtype=bfloat16", "algorithm.tis=true")
+
+
+def bench_case(name: str, steps: int, bf16: bool, placements: list[str]) -> dict:
     case = CASES[name]
     model = policy_path(name, case)
-    runs = {"colocated": run_ours(name, case, model, steps, "colocated"),
-            "distributed": run_ours(name, case, model, steps, "distributed"),
-            "trl": run_trl(name, case, model, steps)}
-    if bf16:  # this CPU's bf16 GEMMs ran 2x fp32 (STACK.md); learner, reference and engine all in bf16
-        runs["colocated_bf16"] = run_ours(name, case, model, steps, "colocated", "model.dtype=bfloat16")
+    runs = {p: run_ours(name, case, model, steps, p) for p in placements}
+    runs["trl"] = run_trl(name, case, model, steps)
+    if bf16:  # this CPU's bf16 GEMMs ran 2x fp32 (STACK.md): both sides in bf16, side by side
+        runs["colocated_bf16"] = run_ours(name, case, model, steps, "colocated", *BF16)
+        runs["trl_bf16"] = run_trl(name, case, model, steps, bf16=True)
     s = {k: summary(v) for k, v in runs.items()}
+    cols = list(runs)
     print(f"\n== {name}: {steps} steps, {case['n_prompts']} x {case['group']} x {case['new_tokens']} tokens")
-    print(f"{'':18}{'colocated':>12}{'distributed':>13}{'TRL 1.16':>12}")
+    print(f"{'':18}" + "".join(f"{c:>16}" for c in cols))
     for key in ("median_step_s", "mean_step_s", "reward_first", "reward_last", "reward_rise", "mean_tokens", "total_s"):
-        print(f"{key:18}{s['colocated'][key]:12.3f}{s['distributed'][key]:13.3f}{s['trl'][key]:12.3f}")
-    ours = [p for p in runs if p != "trl"]
-    speedup = {p: s["trl"]["median_step_s"] / s[p]["median_step_s"] for p in ours}
-    print("speed-up per step vs TRL (median): " + ", ".join(f"{p} {v:.2f}x" for p, v in speedup.items()))
-    if "colocated_bf16" in runs:
-        b = s["colocated_bf16"]
-        print(f"colocated bf16: {b['median_step_s']:.3f} s/step, reward {b['reward_first']:.3f} -> "
-              f"{b['reward_last']:.3f}, log-prob max |diff| {runs['colocated_bf16']['logprob_max_abs']:.3g}")
-    for p in ours:
+        print(f"{key:18}" + "".join(f"{s[c][key]:16.3f}" for c in cols))
+    # each of ours against TRL at the same precision
+    speedup = {p: s["trl_bf16" if p.endswith("_bf16") else "trl"]["median_step_s"] / s[p]["median_step_s"]
+               for p in cols if not p.startswith("trl")}
+    print("speed-up per step vs TRL at the same precision (median): "
+          + ", ".join(f"{p} {v:.2f}x" for p, v in speedup.items()))
+    for p in speedup:
         ph = runs[p]["phases_median_s"]
-        print(f"{p:12} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()))
-    return {"setup": {**{k: v for k, v in case.items() if k != "ours"}, "steps": steps, "beta": BETA, "model": model},
+        print(f"{p:16} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items())
+              + f"; log-prob max |diff| {runs[p]['logprob_max_abs']:.3g}")
+    return {"setup": {**{k: v for k, v in case.items() if k != "ours"}, "steps": steps, "beta": BETA, "model": model,
+                      "ours_extra": case["ours"], "ours_bf16_extra": list(BF16) if bf16 else None},
             **{k: {**s[k], "per_step": runs[k]} for k in runs}, "speedup": speedup}
 
 
@@ -192,15 +204,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--steps", nargs="+", type=int, help="steps per case (default: tiny 20, smollm2 5)")
-    ap.add_argument("--bf16", action="store_true", help="also run colocated with model.dtype=bfloat16")
+    ap.add_argument("--bf16", action="store_true", help="also run colocated and TRL both in bf16 (see above)")
+    ap.add_argument("--placements", nargs="+", default=["colocated", "distributed"],
+                    choices=["colocated", "distributed"], help="our placements to run (default: both)")
     args = ap.parse_args()
     steps = args.steps or [CASES[c]["steps"] for c in args.cases]
+    if args.bf16:
+        from rlhf_ray.utils.device import cpu_has_fast_bf16
+        if not cpu_has_fast_bf16():
+            print("note: this CPU has no native bf16 (avx512_bf16 / amx_bf16): the bf16 pair will be slow")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "rl_vs_trl.json"
     out = json.loads(path.read_text()) if path.exists() else {}
     out = {k: v for k, v in out.items() if k in CASES}  # older layouts are dropped
     for name, n in zip(args.cases, steps):
-        out[name] = bench_case(name, n, args.bf16)
+        out[name] = bench_case(name, n, args.bf16, args.placements)
         path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
 

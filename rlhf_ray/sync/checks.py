@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from rlhf_ray.utils.device import LOGPROB_TOLERANCE
+
 
 class StaleWeightsError(RuntimeError):
     """A rollout batch was generated with weights older than the learner allows."""
@@ -64,12 +66,15 @@ def check_logprob_agreement(stats: dict[str, float], sync_cfg, version: Optional
     """
     if not sync_cfg.logprob_check:
         return
+    # thresholds left unset: fp32's (the controller fills them per precision, rl.controller.agreement_thresholds)
+    fp32_max, fp32_mean = LOGPROB_TOLERANCE["float32"]
+    max_lim, mean_lim = sync_cfg.logprob_max_abs_diff or fp32_max, sync_cfg.logprob_mean_abs_diff or fp32_mean
     max_abs, mean_abs = stats["max_abs"], stats["mean_abs"]
     bad = []
-    if not (max_abs <= sync_cfg.logprob_max_abs_diff):
-        bad.append(f"max |diff| {max_abs:.4g} > rollout.sync.logprob_max_abs_diff={sync_cfg.logprob_max_abs_diff}")
-    if not (mean_abs <= sync_cfg.logprob_mean_abs_diff):
-        bad.append(f"mean |diff| {mean_abs:.4g} > rollout.sync.logprob_mean_abs_diff={sync_cfg.logprob_mean_abs_diff}")
+    if not (max_abs <= max_lim):
+        bad.append(f"max |diff| {max_abs:.4g} > rollout.sync.logprob_max_abs_diff={max_lim}")
+    if not (mean_abs <= mean_lim):
+        bad.append(f"mean |diff| {mean_abs:.4g} > rollout.sync.logprob_mean_abs_diff={mean_lim}")
     if bad:
         where = f"weight version {version}" if version is not None else "this batch"
         raise LogprobMismatchError(f"learner and generator log-probs disagree for {where} over "
