@@ -59,6 +59,12 @@ def build_model(cfg: ModelConfig, kind: Kind, path: str, backend: Backend, pad_t
     model = model_class(kind).from_pretrained(path, **kwargs)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
+    if kind == "value":
+        # transformers puts a 0.1 dropout before the token head: the critic's values (no-grad, eval) would
+        # come from another function than the one its loss trains, and each update from random masks.
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
     if cfg.quantization.load_in_4bit:
         _same_4bit_kernel_for_inference(model)
         from peft import prepare_model_for_kbit_training
