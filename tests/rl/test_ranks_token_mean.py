@@ -19,13 +19,12 @@ from rlhf_ray.learner.build import load_tokenizer
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.rl.critic import CriticRank
+from rlhf_ray.rl.micro import micro_batches, token_weight
 from rlhf_ray.rl.policy import PolicyRank
 from rlhf_ray.rl.records import TrainBatch
 from rlhf_ray.rl.roles import merge_update_stats
 from rlhf_ray.utils.device import resolve_backend
 from tests.learner.helpers import model_cfg
-
-pytestmark = pytest.mark.slow
 
 # Two minibatches of 4 rows; on 2 ranks each rank takes the first / second half of a minibatch's rows.
 LENGTHS = [1, 2, 1, 1, 6, 5, 6, 4]
@@ -72,6 +71,7 @@ def _update(kind: str, world: int, batch: TrainBatch | None) -> tuple[TrainBatch
         group.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["policy", "value"])
 def test_two_ranks_update_as_one_rank_does_with_unequal_token_counts(ray_local, kind):
     batch, one, w1 = _update(kind, 1, None)
@@ -86,3 +86,22 @@ def test_two_ranks_update_as_one_rank_does_with_unequal_token_counts(ray_local, 
     assert two[f"{prefix}/grad_norm"] == pytest.approx(one[f"{prefix}/grad_norm"], rel=1e-4)
     moved = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert moved < 1e-6, f"2 ranks ended {moved:.2e} away from 1 rank"
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_every_micro_batch_of_every_rank_counts_its_share_of_the_minibatch_tokens(world, size):
+    """The weights alone (no learner): the learner scales a micro-batch's loss by n / R_rank (its rows over
+    its rank's rows) times token_weight, and DeepSpeed averages the ranks (1 / world). The product must be
+    the micro-batch's share t / T of the whole minibatch's tokens, on every rank."""
+    mask = pack_sequences([[5]] * len(LENGTHS), [[7] * n for n in LENGTHS], 0).response_mask
+    rows = torch.cat(MINIBATCHES[0])
+    seen = []
+    for rank in range(world):
+        for mb in micro_batches(rows, size, mask, rank, world):
+            m = mask[mb["idx"]]
+            coef = len(mb["idx"]) / (len(rows) // world) * token_weight("token-mean", m, mb) / world
+            assert coef == pytest.approx(float(m.sum() / mask[rows].sum()), rel=1e-6), (rank, mb["idx"])
+            assert token_weight("seq-mean-token-mean", m, mb) == 1.0  # row shares are already exact
+            seen += mb["idx"].tolist()
+    assert seen == rows.tolist()  # each row on one rank, once, in order
