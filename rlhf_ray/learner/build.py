@@ -31,13 +31,17 @@ def model_class(kind: Kind):
     return classes[kind]
 
 
-def quantization_config(cfg: ModelConfig, backend: Backend):
+def quantization_config(cfg: ModelConfig, backend: Backend, kind: Kind = "policy"):
     from transformers import BitsAndBytesConfig
     q = cfg.quantization
     compute = backend.dtype if q.compute_dtype == "auto" else getattr(torch, q.compute_dtype)
+    # transformers keeps the output head unquantized by finding the model's last *weight*; the value model's
+    # head ends in a bias, so its 1-row `score` would be quantized, and a 4-bit layer with one output fails
+    # in bitsandbytes (PPO + QLoRA stopped at the critic's first step). Name it.
+    skip = ["score", "classifier"] if kind == "value" else None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute,
-                              bnb_4bit_quant_storage=torch.uint8)
+                              bnb_4bit_quant_storage=torch.uint8, llm_int8_skip_modules=skip)
 
 
 def load_tokenizer(cfg: ModelConfig, path: str):
@@ -54,11 +58,17 @@ def build_model(cfg: ModelConfig, kind: Kind, path: str, backend: Backend, pad_t
     if kind != "policy":
         kwargs["num_labels"] = 1
     if cfg.quantization.load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(cfg, backend)
+        kwargs["quantization_config"] = quantization_config(cfg, backend, kind)
         kwargs["device_map"] = {"": backend.device}
     model = model_class(kind).from_pretrained(path, **kwargs)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
+    if kind == "value":
+        # transformers puts a 0.1 dropout before the token head: the critic's values (no-grad, eval) would
+        # come from another function than the one its loss trains, and each update from random masks.
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
     if cfg.quantization.load_in_4bit:
         _same_4bit_kernel_for_inference(model)
         from peft import prepare_model_for_kbit_training

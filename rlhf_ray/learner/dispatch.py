@@ -51,8 +51,3 @@ def gather(parts: list[torch.Tensor]) -> torch.Tensor:
 def mean_stats(stats: list[dict]) -> dict:
     """Rank-mean of each statistic (ranks see equal row counts, so this is the batch mean)."""
     return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-
-
-def my_share(minibatches: list[list[torch.Tensor]], rank: int, world: int) -> list[list[torch.Tensor]]:
-    """Rank `rank`'s rows of every minibatch of every PPO epoch."""
-    return [[shard_rows(rows, rank, world) for rows in epoch] for epoch in minibatches]

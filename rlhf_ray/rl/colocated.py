@@ -23,7 +23,6 @@ import torch
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import Config
 from rlhf_ray.generator.group import PendingRollout, split_evenly, tied_names
-from rlhf_ray.learner.dispatch import my_share
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.rl.policy import PolicyRank
 from rlhf_ray.placement.groups import actor_options
@@ -99,7 +98,7 @@ class ColocatedRank(PolicyRank):
         stats = super().update(batch, minibatches, kl_coef)
         if self.critic is not None:
             t0 = time.perf_counter()
-            stats.update(self.critic.update(batch, my_share(minibatches, self.rank, self.world_size)))
+            stats.update(self.critic.update(batch, minibatches, self.rank, self.world_size))
             stats["time/compute_s"] += time.perf_counter() - t0
         return stats
 

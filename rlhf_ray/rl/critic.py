@@ -7,7 +7,6 @@ import torch
 
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig
-from rlhf_ray.learner.dispatch import my_share
 from rlhf_ray.learner.group import LearnerRank
 from rlhf_ray.rl.micro import OBJECTIVE, micro_batches, token_weight
 from rlhf_ray.rl.records import TrainBatch
@@ -33,7 +32,9 @@ class CriticWorker:
             out.append((v[:, P - 1:P - 1 + T] * mb.response_mask).cpu())
         return torch.cat(out)
 
-    def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]]) -> dict[str, float]:
+    def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], rank: int = 0,
+               world: int = 1) -> dict[str, float]:
+        """One optimizer step per minibatch (of all ranks; this rank runs its share, as the policy does)."""
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu())
             values = learner.forward_values(tb.seq.input_ids, tb.seq.attention_mask, tb.seq.position_ids).float()
@@ -44,7 +45,8 @@ class CriticWorker:
         steps = 0
         for epoch in minibatches:
             for rows in epoch:
-                for k, v in self.learner.train_step(loss_fn, micro_batches(rows, self.mbs, batch.seq.response_mask)).items():
+                mine = micro_batches(rows, self.mbs, batch.seq.response_mask, rank, world)
+                for k, v in self.learner.train_step(loss_fn, mine).items():
                     key = k if "/" in k else f"value/{OBJECTIVE.get(k, k)}"
                     sums[key] = sums.get(key, 0.0) + v
                 steps += 1
@@ -69,5 +71,5 @@ class CriticRank(LearnerRank):
 
     def update(self, batch, minibatches, threads: int = 0, cores=None) -> dict:
         set_phase_threads(threads, cores)
-        stats, secs = timed(self.worker.update, batch, my_share(minibatches, self.rank, self.world_size))
+        stats, secs = timed(self.worker.update, batch, minibatches, self.rank, self.world_size)
         return {**stats, "time/compute_s": secs}

@@ -7,22 +7,30 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.learner.dispatch import shard_rows
 
 # The learner's "loss" is the whole minimised objective (surrogate + KL + entropy terms); named apart so it
 # neither overwrites nor adds into the algorithm's own "policy/loss" / "value/loss" statistic.
 OBJECTIVE = {"loss": "objective"}
 
 
-def micro_batches(rows: torch.Tensor, size: int, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of a minibatch; each carries the minibatch's row and token counts (see token_weight)."""
+def micro_batches(rows: torch.Tensor, size: int, mask: torch.Tensor, rank: int = 0,
+                  world: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Rank `rank`'s micro-batches of a minibatch (its contiguous, equal share of `rows`); each carries
+    the row and token counts of the WHOLE minibatch, over all ranks (see token_weight)."""
     total = torch.tensor([len(rows), float(mask[rows].sum())])
-    return [{"idx": rows[i:i + size], "totals": total.expand(len(rows[i:i + size]), 2)}
-            for i in range(0, len(rows), size)]
+    mine = shard_rows(rows, rank, world)
+    return [{"idx": mine[i:i + size], "totals": total.expand(len(mine[i:i + size]), 2)}
+            for i in range(0, len(mine), size)]
 
 
 def token_weight(agg: str, micro_mask: torch.Tensor, mb: dict) -> float:
-    """The learner weights micro-batch losses by their share of rows. That is exact for sequence-mean
-    aggregations; a token-mean over the minibatch needs the share of tokens instead, so rescale."""
+    """The learner weights a micro-batch's loss by its share of its rank's rows (n / R_rank) and DeepSpeed
+    averages the W ranks: a micro-batch counts n / R of the minibatch (R = W * R_rank rows in all). That is
+    exact for sequence-mean aggregations; a token-mean over the minibatch needs its share of the
+    minibatch's tokens (t / T, T over all ranks), so rescale by (t / T) / (n / R). With T counted per rank
+    instead, ranks holding fewer tokens would weigh more than one rank weighs them
+    (tests/rl/test_ranks_token_mean.py)."""
     if agg != "token-mean":
         return 1.0
     rows_total, tokens_total = mb["totals"][0].tolist()

@@ -1,7 +1,8 @@
 """The policy role: log-probs, reference log-probs (adapter off under LoRA) and PPO updates of one
 learner rank. `PolicyWorker` is the plain class (testable without Ray); `PolicyRank` its Ray shell, a
 `LearnerRank` so that N of them form a DeepSpeed group placed by `LearnerGroup`. On N ranks each rank
-runs its own share of every minibatch and DeepSpeed averages the gradients.
+runs its own share of every minibatch and DeepSpeed averages the gradients; the token-mean stays the
+minibatch's own (rlhf_ray.rl.micro.token_weight).
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 from rlhf_ray import algo
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
-from rlhf_ray.learner.dispatch import my_share
 from rlhf_ray.learner.group import LearnerRank
 from rlhf_ray.rl.micro import OBJECTIVE, micro_batches, response_logits, token_weight
 from rlhf_ray.rl.records import TrainBatch
@@ -51,9 +51,10 @@ class PolicyWorker:
                                            self.temperature).cpu())
         return torch.cat(out)
 
-    def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float) -> dict[str, float]:
-        """PPO epochs: one optimizer step per minibatch. The very first forward (before any step) also
-        measures the learner-vs-generator log-prob agreement of the sampled tokens."""
+    def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float, rank: int = 0,
+               world: int = 1) -> dict[str, float]:
+        """PPO epochs: one optimizer step per minibatch (of all ranks; this rank runs its share). The very
+        first forward (before any step) also measures the learner-vs-generator log-prob agreement."""
         agreement: dict[str, float] = {}
         sums: dict[str, float] = {}
         steps = 0
@@ -82,7 +83,8 @@ class PolicyWorker:
 
         for epoch in minibatches:
             for rows in epoch:
-                stats = self.learner.train_step(loss_fn, micro_batches(rows, self.mbs, batch.seq.response_mask))
+                mine = micro_batches(rows, self.mbs, batch.seq.response_mask, rank, world)
+                stats = self.learner.train_step(loss_fn, mine)
                 steps += 1
                 for k, v in stats.items():
                     key = k if "/" in k else f"policy/{OBJECTIVE.get(k, k)}"
@@ -127,5 +129,5 @@ class PolicyRank(LearnerRank):
 
     def update(self, batch, minibatches, kl_coef: float, threads: int = 0, cores=None) -> dict:
         set_phase_threads(threads, cores)
-        stats, secs = timed(self.worker.update, batch, my_share(minibatches, self.rank, self.world_size), kl_coef)
+        stats, secs = timed(self.worker.update, batch, minibatches, kl_coef, self.rank, self.world_size)
         return {**stats, "time/compute_s": secs}

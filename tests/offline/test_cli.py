@@ -43,3 +43,4 @@ def test_bad_data_path_is_a_one_line_error(tmp_path, capsys):
     code = main(["sft", f"run.output_dir={tmp_path}", f"data.sft={bad}"])
     err = capsys.readouterr().err
     assert code == 1 and f"{bad}:2" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err  # one line that names the row
