@@ -17,6 +17,24 @@ QUICK = str(ROOT / "configs" / "quickstart.yaml")
 LOGS = Path(os.environ.get("PYTEST_SERVE_LOGS", "/tmp"))
 
 
+# Library lines that once showed in every run and that no operator can act on (see rlhf_ray/runtime.py for
+# where each is silenced): none may come back.
+NOISE = {
+    "Token authentication is enabled": "Ray's notice when RAY_AUTH_MODE is unset",
+    "PreemptionWatcher": "Ray Train's preemption watcher on a single machine",
+    "NUMA binding": "vLLM's CPU worker through torch's C++ log",
+    "Setting accelerator to": "DeepSpeed's accelerator probe",
+    "gemm_4bit_forward": "bitsandbytes' optional kernel package",
+    "Triton not available": "torch on a machine without Triton",
+}
+
+
+def assert_quiet_console(p: subprocess.CompletedProcess) -> None:
+    """The run's console shows our progress bars, step lines and real warnings, none of NOISE."""
+    noisy = [line for line in (p.stdout + p.stderr).splitlines() if any(n in line for n in NOISE)]
+    assert not noisy, "library noise on the console:\n" + "\n".join(noisy[:10])
+
+
 def train(*args, timeout=900, check=True):
     """`rlhf-ray train configs/quickstart.yaml ARGS...`; raises with the run's output when it fails."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from helpers import QUICK, ROOT, metrics, serve, stop_process, train  # noqa: E402  (tests/e2e is on the path)
+from helpers import QUICK, ROOT, assert_quiet_console, metrics, serve, stop_process, train  # noqa: E402  (tests/e2e is on the path)
 
 
 OFFLINE_SAVES = ("sft.save_every=20", "rm.save_every=20")  # 56 steps each: checkpoints at 20 and 40 stay
@@ -37,7 +37,7 @@ def first_last(rows, key, k=3):
 def offline(tmp_path_factory):
     """SFT and reward model of the quickstart, trained once for the module."""
     out = tmp_path_factory.mktemp("pipeline")
-    train(f"run.output_dir={out}", "run.stages=[sft,rm]", "sft.epochs=1", *OFFLINE_SAVES)
+    assert_quiet_console(train(f"run.output_dir={out}", "run.stages=[sft,rm]", "sft.epochs=1", *OFFLINE_SAVES))
     rm_rows = metrics(out / "rm")
     assert rm_rows[-1]["eval/accuracy"] > 0.8
     return out
@@ -57,8 +57,8 @@ PLACEMENTS = ["colocated", "distributed"]
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
     out = tmp_path / algo
-    train(*rl_args(offline, out, f"algorithm.name={algo}", "rl.steps=14", "rl.save_every=0",
-                   f"cluster.placement={placement}"))
+    assert_quiet_console(train(*rl_args(offline, out, f"algorithm.name={algo}", "rl.steps=14", "rl.save_every=0",
+                                        f"cluster.placement={placement}")))
     rows = metrics(out / "rl")
     assert [r["step"] for r in rows] == list(range(1, 15))
     start, end = first_last(rows, "reward/score_mean")
@@ -117,7 +117,7 @@ def test_lora_qlora_and_two_rank_runs_keep_the_generator_exact(offline, tmp_path
     name, extra = variant
     out = tmp_path / name
     args = rl_args(offline, out, "rl.steps=3", "rl.save_every=0", f"cluster.placement={placement}", *extra)
-    train(*args)
+    assert_quiet_console(train(*args))  # QLoRA: bitsandbytes' kernel line stays silent too
     rows = metrics(out / "rl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     # merged or adapter-only sync (LoRA), dequantized NF4 base (QLoRA), ZeRO-3 gathered sync (2 ranks): exact
