@@ -18,8 +18,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from helpers import (QUICK, ROOT, assert_quiet_console, metrics, serve, stop_process,  # noqa: E402  (tests/e2e is on
-                     train)                                                           # the path)
+# tests/e2e is on the path
+from helpers import QUICK, ROOT, assert_quiet_console, metrics, serve, stop_process, train  # noqa: E402
 
 
 OFFLINE_SAVES = ("sft.save_every=20", "rm.save_every=20")  # 56 steps each: checkpoints at 20 and 40 stay
