@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from typing import Optional
 
 from rlhf_ray.config import ClusterConfig
 from rlhf_ray.utils.net import free_port
@@ -35,7 +36,22 @@ QUIET_LOGGERS = (
     "bitsandbytes.backends.cpu.ops",   # "Failed to load CPU gemm_4bit_forward from kernels-community": an
                                        # optional kernel package; we keep bitsandbytes on its training kernel
     "torch._library.triton",           # "Triton not available": there is no Triton on CPU
+    "ray._private.authentication.authentication_token_setup",  # "Token authentication is enabled for this
+                                       # Ray cluster": Ray's default for the private Ray that `local` starts.
+                                       # (RAY_AUTH_MODE=token would say so too, but set after `import ray` it
+                                       # leaves the driver's cached config without a token.) A driver that
+                                       # joins a cluster gets no warning from this logger either way.
 )
+
+
+# A private Ray on this machine (`cluster.address: local`) also gets these. Ray Train's preemption watcher
+# follows node draining on a cluster; one machine has no node to drain, and on every start the watcher
+# costs an actor and a core_worker error line about its constructor arguments (ray issue 53727).
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# ... and without a GPU, vLLM's CPU worker logs "NUMA binding: Using MEMBIND policy" through torch's C++ log
+# at WARNING in every engine start; no Python logger or option reaches it. ERROR keeps torch's C++ errors
+# (Python-side torch warnings are Python warnings, not this log). GPU runs keep the C++ warnings (NCCL's).
+LOCAL_CPU_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR"}
 
 
 def quiet_libraries() -> None:
@@ -57,13 +73,24 @@ def setup_role_process() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
-def role_env() -> dict[str, str]:
-    """ROLE_ENV, where the operator's own environment wins (e.g. VLLM_LOGGING_LEVEL=INFO to debug)."""
-    env = {k: os.environ.get(k, v) for k, v in ROLE_ENV.items()}
+def local_env(cuda: bool) -> dict[str, str]:
+    """What a private Ray adds to ROLE_ENV: LOCAL_ENV, and LOCAL_CPU_ENV on a machine without CUDA."""
+    return {**LOCAL_ENV, **({} if cuda else LOCAL_CPU_ENV)}
+
+
+def role_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """ROLE_ENV and `extra`, where the operator's own environment wins (e.g. VLLM_LOGGING_LEVEL=INFO or
+    TORCH_CPP_LOG_LEVEL=WARNING to debug)."""
+    env = {k: os.environ.get(k, v) for k, v in {**ROLE_ENV, **(extra or {})}.items()}
     for key in ("RLHF_RAY_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE", "PYTHONPATH"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 @contextmanager
@@ -74,8 +101,10 @@ def ray_session(cfg: ClusterConfig):
     started = False
     quiet_libraries()
     if not ray.is_initialized():
-        runtime_env = {"env_vars": role_env(), "worker_process_setup_hook": "rlhf_ray.runtime.setup_role_process"}
-        if cfg.address == "local":
+        local = cfg.address == "local"
+        runtime_env = {"env_vars": role_env(local_env(_has_cuda()) if local else None),
+                       "worker_process_setup_hook": "rlhf_ray.runtime.setup_role_process"}
+        if local:
             ncpu = cfg.cpus_per_node or os.cpu_count() or 1
             # Roles reserve fractional CPUs; the logical count is generous so that actors are never
             # left pending on a 2-core laptop: real core sharing is governed by thread counts.

@@ -21,10 +21,6 @@ class GeneratorActor:
         import ray
         return ray.get_runtime_context().get_node_id()
 
-    def node_ip(self) -> str:
-        import ray
-        return ray.util.get_node_ip_address()
-
     def version(self) -> int:
         return self.engine.version
 

@@ -1,7 +1,7 @@
 """Driver-side handle on `num_engines` generator actors: spread prompts, sync weights, heal restarts.
 
-Dataflow of one step, as the RL controller sees it:
-    rollout = group.generate(prompts)                 # spread over engines, merged back in order
+Dataflow of one step, as the RL roles (`rlhf_ray.rl.distributed`) drive it:
+    rollout = group.submit(prompts).result()          # spread over engines, merged back in order
     ... learner update ...
     group.sync_weights(learner, version=step + 1)     # every engine at the new version
 Each sync keeps its buckets in Ray's object store as the restore point: an engine that died is
@@ -15,7 +15,6 @@ Transport: "object_store" when every engine shares the driver's node (one put, z
 """
 from __future__ import annotations
 
-import random
 import time
 from typing import Any, Optional, Sequence
 
@@ -44,11 +43,6 @@ def split_evenly(items: Sequence, k: int) -> list[list]:
         out.append(list(items[start:end]))
         start = end
     return out
-
-
-def merge_in_order(parts: Sequence[Sequence]) -> list:
-    """Inverse of `split_evenly`: concatenate the chunks in order."""
-    return [x for part in parts for x in part]
 
 
 def tied_names(model_path: str) -> frozenset:
@@ -96,7 +90,6 @@ class GeneratorGroup:
         self.cfg, self.backend, self.lora = rollout_cfg, backend, lora
         self.version = 0
         self._restore: dict[str, Any] = {}          # mode -> (refs, adapter_config, version)
-        self._calls = 0
         self._collective: Optional[CollectiveGroup] = None
         self._timeout = collective_timeout_s
         self._skip_full = tied_names(model_path)
@@ -134,33 +127,17 @@ class GeneratorGroup:
                    quantization=quantization, **kwargs)
 
     # -- generation -----------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Prompt], n: Optional[int] = None, **overrides) -> Rollout:
-        """Sample n per prompt across all engines; samples come back in prompt order.
-
-        overrides: temperature, top_p, max_new_tokens, stop, seeds (one per prompt). Without seeds and
-        with `rollout.seed` set, prompt i of call c is seeded from (seed, c, i): reproducible, and the
-        same whatever the number of engines.
-        """
-        import ray
-
+    def submit(self, prompts: Sequence[Prompt], n: Optional[int] = None, threads: int = 0, cores=None,
+               **overrides) -> PendingRollout:
+        """Start sampling n per prompt across the engines and return at once; `.result()` waits and merges
+        in prompt order. Returning early lets the controller overlap the next step's generation with this
+        step's update. An engine that Ray restarted is re-synced first; one that dies mid-call raises
+        `RayActorError` from `.result()`, and the caller decides whether to sample again.
+        threads / cores: the engines' share of their node's cores (`rlhf_ray.utils.phases`).
+        overrides: the engine's `generate` keywords (temperature, top_p, max_new_tokens, stop, seeds,
+        call_seed); `seeds` are split with the prompts, `call_seed` is offset per engine."""
+        self.ensure_synced()
         n = n or self.cfg.n_samples_per_prompt
-        if "seeds" not in overrides and self.cfg.seed is not None:
-            base = random.Random(f"{self.cfg.seed}-{self._calls}").randrange(2 ** 30)
-            overrides["seeds"] = [base + i * n for i in range(len(prompts))]
-        self._calls += 1
-        for attempt in range(2):
-            self.ensure_synced()
-            try:
-                return self._generate_once(prompts, n, overrides)
-            except ray.exceptions.RayActorError:   # an engine died mid-call: heal, then retry once
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _generate_once(self, prompts, n, overrides) -> Rollout:
-        return self._submit(prompts, n, overrides).result()
-
-    def _submit(self, prompts, n, overrides, threads: int = 0, cores=None) -> "PendingRollout":
         chunks = split_evenly(list(range(len(prompts))), len(self.actors))
         busy = [(i, c) for i, c in enumerate(chunks) if c]
         parts = []
@@ -170,14 +147,6 @@ class GeneratorGroup:
                 sub["call_seed"] = sub["call_seed"] + i  # engines draw different streams
             parts.append(self.actors[i].generate.remote([prompts[j] for j in c], n, sub, threads, cores))
         return PendingRollout(parts, [c[0] for _, c in busy])
-
-    def submit(self, prompts: Sequence[Prompt], n: Optional[int] = None, threads: int = 0, cores=None,
-               **overrides) -> "PendingRollout":
-        """Start generating and return at once; `.result()` waits. Lets the controller overlap the next
-        step's generation with this step's update when the config allows rollouts one version behind.
-        threads / cores: the engines' share of their node's cores (`rlhf_ray.utils.phases`)."""
-        self.ensure_synced()
-        return self._submit(prompts, n or self.cfg.n_samples_per_prompt, overrides, threads, cores)
 
     # -- weight sync ----------------------------------------------------------------------------
     def sync_weights(self, source, mode: Optional[str] = None, version: Optional[int] = None,

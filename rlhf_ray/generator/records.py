@@ -1,4 +1,4 @@
-"""The generator's output record, and its padded tensor form for the learner.
+"""The generator's output record (its tensor form for the learner is `rlhf_ray.batch.pack_sequences`).
 
 Symbols: P prompts in a call, n samples per prompt, B = P * n samples, T_b the length of sample b's
 response, Lp_b the length of its prompt.
@@ -6,8 +6,6 @@ response, Lp_b the length of its prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -40,47 +38,6 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.response_ids)
-
-    def to_padded(self, pad_id: int) -> "PaddedRollout":
-        return to_padded(self, pad_id)
-
-
-@dataclass(frozen=True)
-class PaddedRollout:
-    """Prompts left-padded to P, responses right-padded to T, so every response starts at column P.
-
-    input_ids:       (B, P+T) long, prompt + response, `pad_id` in padding.
-    attention_mask:  (B, P+T) long, 1 on real tokens.
-    position_ids:    (B, P+T) long, cumsum(attention_mask) - 1 (clamped at 0): pass it to the model,
-                     left padding otherwise shifts positions.
-    response_mask:   (B, T) float, 1 on real response tokens.
-    old_logprobs:    (B, T) float32, the generator's log-probs, 0 in padding.
-    prompt_len:      P. The log-prob of response token t comes from the logits at column P - 1 + t,
-                     i.e. logits[:, P-1:-1] scores input_ids[:, P:].
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    response_mask: torch.Tensor
-    old_logprobs: torch.Tensor
-    prompt_len: int
-
-    @property
-    def responses(self) -> torch.Tensor:  # (B, T)
-        return self.input_ids[:, self.prompt_len:]
-
-
-def to_padded(rollout: Rollout, pad_id: int) -> PaddedRollout:
-    """The RL batch layout (`rlhf_ray.batch.pack_sequences`) plus the generator's log-probs."""
-    from rlhf_ray.batch import pack_sequences, pad_ragged
-    for b, (resp, logp) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
-        if len(logp) != len(resp):
-            raise ValueError(f"sample {b}: {len(resp)} response tokens but {len(logp)} log-probs")
-    seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, pad_id)
-    old_logprobs = pad_ragged(rollout.response_logprobs, seq.response_mask.shape[1])
-    return PaddedRollout(seq.input_ids, seq.attention_mask, seq.position_ids, seq.response_mask, old_logprobs,
-                         seq.prompt_len)
 
 
 def concat_rollouts(parts: list[Rollout], prompt_offsets: list[int]) -> Rollout:

@@ -9,6 +9,7 @@ a run, and `train --resume` starts the same `RunConfig` again, which Ray Train r
 """
 from __future__ import annotations
 
+import os
 import queue as queue_lib
 import shutil
 import threading
@@ -48,6 +49,9 @@ def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_pat
     job = StageJob(name=name, cfg=cfg, stage=stage, kind=kind, init_path=init_path, data=data, loss_fn=loss_fn,
                    eval_fn=eval_fn, out_dir=str(out_dir.resolve()), total_steps=total, steps_per_epoch=per_epoch,
                    metrics=metrics, setup=setup)
+    # Ray Train records each run (status, attempts, workers) for Ray's dashboard only when asked; read by
+    # the trainer in this driver process.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     learner = stage.learner
     resources = {"CPU": learner.cpus_per_rank} | ({"GPU": learner.gpus_per_rank} if learner.gpus_per_rank else {})
     trainer = TorchTrainer(

@@ -1,14 +1,38 @@
 """Shared by the end-to-end tests: the CLI as a user runs it, and what a run leaves behind."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from rlhf_ray.utils.net import free_port  # noqa: F401  (re-exported for the tests)
+import httpx
+import pytest
+
+from rlhf_ray.utils.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
+LOGS = Path(os.environ.get("PYTEST_SERVE_LOGS", "/tmp"))
+
+
+# Library lines that once showed in every run and that no operator can act on (see rlhf_ray/runtime.py for
+# where each is silenced): none may come back.
+NOISE = {
+    "Token authentication is enabled": "Ray's notice when RAY_AUTH_MODE is unset",
+    "PreemptionWatcher": "Ray Train's preemption watcher on a single machine",
+    "NUMA binding": "vLLM's CPU worker through torch's C++ log",
+    "Setting accelerator to": "DeepSpeed's accelerator probe",
+    "gemm_4bit_forward": "bitsandbytes' optional kernel package",
+    "Triton not available": "torch on a machine without Triton",
+}
+
+
+def assert_quiet_console(p: subprocess.CompletedProcess) -> None:
+    """The run's console shows our progress bars, step lines and real warnings, none of NOISE."""
+    noisy = [line for line in (p.stdout + p.stderr).splitlines() if any(n in line for n in NOISE)]
+    assert not noisy, "library noise on the console:\n" + "\n".join(noisy[:10])
 
 
 def train(*args, timeout=900, check=True):
@@ -21,5 +45,61 @@ def train(*args, timeout=900, check=True):
     return p
 
 
+def serve(what: str, *overrides, probe="/v1/models", headers=None, env_extra=None, timeout=420):
+    """`rlhf-ray serve configs/quickstart.yaml --what WHAT` on a free port, in its own process group; returns
+    (process, url) once `probe` answers 200. Its output goes to a file under $PYTEST_SERVE_LOGS: a pipe
+    nobody reads would fill and block the server."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})}
+    log = LOGS / f"serve-{what}-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "serve", QUICK, f"serve.port={port}",
+                                 *overrides, "--what", what, "--seconds", "900"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + probe, headers=headers, timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"the server did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 120, whole_group: bool = False) -> bool:
+    """SIGTERM, then SIGKILL to the process group if it is still up after `timeout` s. `proc` must lead its
+    own group (`start_new_session=True`). whole_group: SIGTERM every process of the group too (a shell
+    script that waits on `ray start --block` forwards nothing), else only the leader, which then shuts its
+    children down itself (the CLI stops Serve and its Ray). Returns whether it stopped on SIGTERM."""
+    if whole_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return False
+
+
+def kill_matching(pattern: str) -> list[str]:
+    """SIGKILL the processes whose command line holds `pattern` (a test's own temp dir, so nobody else's);
+    returns their pids, so a test can fail on processes that outlived their parent."""
+    pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:  # exited between pgrep and kill
+            pass
+    return pids

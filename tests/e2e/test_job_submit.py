@@ -4,7 +4,6 @@ The head runs with `--block` in its own process group and its own temp dir, so t
 the processes it started and never touches another Ray on the machine.
 """
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import free_port
+from helpers import free_port, kill_matching, stop_process
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,15 +46,8 @@ def ray_head():
     try:
         yield url, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        leftover = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
-        for pid in leftover:
-            os.kill(int(pid), signal.SIGKILL)
+        stop_process(head, timeout=60, whole_group=True)
+        leftover = kill_matching(temp)
         assert not leftover, f"Ray processes of the test head outlived it: {leftover}"
 
 

@@ -138,29 +138,39 @@ def test_dpo_learns_the_preferences(tmp_path):
 
 
 def test_two_ranks_per_stage_on_a_two_node_cluster(tmp_path):
-    """STRICT_SPREAD puts the two ranks of every stage on different nodes; the run folder is the shared
-    storage both nodes write checkpoints to."""
+    """`rlhf-ray train` with stages sft, rm, dpo against a 2-node cluster: STRICT_SPREAD puts the two ranks of
+    every stage on different nodes, the run folder is the shared storage both nodes write checkpoints to, and
+    Ray's own train state (what its dashboard shows) lists one finished run per stage, all in the CLI's job."""
     import ray
     from ray.cluster_utils import Cluster
+    from ray.train.v2._internal.state.state_actor import get_state_actor  # the dashboard's source (Ray 2.60)
 
-    from rlhf_ray.config import load_config
-    from rlhf_ray.pipeline import run_pipeline
+    from rlhf_ray.cli import main
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, runtime_env={"env_vars": {k: v for k, v in _env().items()
-                                                                 if k in ("PYTHONPATH", "HF_HUB_OFFLINE")}})
     try:
         overrides = [f"run.output_dir={tmp_path}", "run.stages=[sft,rm,dpo]", *SMALL,
-                     "cluster.placement_strategy=STRICT_SPREAD"]
+                     "cluster.placement_strategy=STRICT_SPREAD", f"cluster.address={cluster.address}"]
         for stage in ("sft", "rm", "dpo"):
             overrides += [f"{stage}.learner.num_ranks=2", f"{stage}.batch_size=8", f"{stage}.max_steps=6",
                           f"{stage}.save_every=3", f"{stage}.eval_every=3"]
-        results = run_pipeline(load_config(QUICK, overrides))
+        assert main(["train", QUICK, *overrides]) == 0
+        ray.init(address=cluster.address)
+        state = get_state_actor()
+        assert state is not None, "Ray Train kept no run state (RAY_TRAIN_ENABLE_STATE_TRACKING)"
+        runs = {r.name: r for r in ray.get(state.get_train_runs.remote()).values()}
+        attempts = ray.get(state.get_train_run_attempts.remote())
     finally:
         ray.shutdown()
         cluster.shutdown()
+    assert sorted(runs) == [f"quickstart-{s}" for s in ("dpo", "rm", "sft")]
+    assert {r.status.value for r in runs.values()} == {"FINISHED"}
+    assert len({r.job_id for r in runs.values()}) == 1  # one Ray job: the CLI's driver
+    for run in runs.values():
+        last = max(attempts[run.id].values(), key=lambda a: a.start_time_ns)
+        assert len({w.node_id for w in last.workers}) == 2, run.name  # 2 ranks, one per node
     for stage in ("sft", "rm", "dpo"):
-        assert Path(results[stage]) == tmp_path / stage / "model" and (tmp_path / stage / "model" / "COMPLETE").exists()
+        assert (tmp_path / stage / "model" / "COMPLETE").exists()
         assert steps_logged(tmp_path / stage) == list(range(1, 7))
         assert (tmp_path / f"quickstart-{stage}" / "step_000003").is_dir()  # Ray Train's checkpoint of both ranks
         assert any("eval/loss" in r for r in rows(tmp_path / stage / "metrics.jsonl"))

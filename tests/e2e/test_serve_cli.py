@@ -3,17 +3,13 @@ stop, adapters by name, API key, errors naming the field), and the reward servic
 
 One server for the whole module (vLLM start-up on CPU takes about a minute or two).
 """
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from helpers import free_port
+from helpers import serve, stop_process
 
 from rlhf_ray.models.kit import resolve_model_path
 
@@ -21,38 +17,14 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key-123"
 PROMPT = "review of the fox :"
-LOGS = Path(os.environ.get("PYTEST_SERVE_LOGS", "/tmp"))
 
 
 def start(what: str, *overrides, env_extra=None, probe="/v1/models"):
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})}
-    log = open(LOGS / f"serve-{what}-{port}.log", "w")  # a file, not a pipe: a full pipe would block the server
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "serve", "configs/quickstart.yaml",
-                             f"serve.port={port}", *overrides, "--what", what, "--seconds", "900"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 420
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited early:\n{Path(log.name).read_text()[-3000:]}")
-        try:
-            if httpx.get(url + probe, headers={"Authorization": f"Bearer {KEY}"}, timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("the server did not come up in 420 s")
+    return serve(what, *overrides, probe=probe, headers={"Authorization": f"Bearer {KEY}"}, env_extra=env_extra)
 
 
 def stop(proc):
-    proc.send_signal(signal.SIGTERM)  # the CLI shuts Serve and its own Ray down
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    if not stop_process(proc):  # the CLI shuts Serve and its own Ray down
         pytest.fail("serve did not stop on SIGTERM")
 
 

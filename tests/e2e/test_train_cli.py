@@ -18,7 +18,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from helpers import QUICK, ROOT, metrics, train  # noqa: E402  (tests/e2e is on the path)
+# tests/e2e is on the path
+from helpers import QUICK, ROOT, assert_quiet_console, metrics, serve, stop_process, train  # noqa: E402
 
 
 OFFLINE_SAVES = ("sft.save_every=20", "rm.save_every=20")  # 56 steps each: checkpoints at 20 and 40 stay
@@ -37,7 +38,7 @@ def first_last(rows, key, k=3):
 def offline(tmp_path_factory):
     """SFT and reward model of the quickstart, trained once for the module."""
     out = tmp_path_factory.mktemp("pipeline")
-    train(f"run.output_dir={out}", "run.stages=[sft,rm]", "sft.epochs=1", *OFFLINE_SAVES)
+    assert_quiet_console(train(f"run.output_dir={out}", "run.stages=[sft,rm]", "sft.epochs=1", *OFFLINE_SAVES))
     rm_rows = metrics(out / "rm")
     assert rm_rows[-1]["eval/accuracy"] > 0.8
     return out
@@ -57,8 +58,8 @@ PLACEMENTS = ["colocated", "distributed"]
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
     out = tmp_path / algo
-    train(*rl_args(offline, out, f"algorithm.name={algo}", "rl.steps=14", "rl.save_every=0",
-                   f"cluster.placement={placement}"))
+    assert_quiet_console(train(*rl_args(offline, out, f"algorithm.name={algo}", "rl.steps=14", "rl.save_every=0",
+                                        f"cluster.placement={placement}")))
     rows = metrics(out / "rl")
     assert [r["step"] for r in rows] == list(range(1, 15))
     start, end = first_last(rows, "reward/score_mean")
@@ -117,7 +118,7 @@ def test_lora_qlora_and_two_rank_runs_keep_the_generator_exact(offline, tmp_path
     name, extra = variant
     out = tmp_path / name
     args = rl_args(offline, out, "rl.steps=3", "rl.save_every=0", f"cluster.placement={placement}", *extra)
-    train(*args)
+    assert_quiet_console(train(*args))  # QLoRA: bitsandbytes' kernel line stays silent too
     rows = metrics(out / "rl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     # merged or adapter-only sync (LoRA), dequantized NF4 base (QLoRA), ZeRO-3 gathered sync (2 ranks): exact
@@ -240,7 +241,7 @@ def test_overlapped_run_scores_through_the_http_reward_service(offline, tmp_path
     from rlhf_ray.scoring.reward import RewardScorer
     from rlhf_ray.config import RewardConfig, RewardSource
     rm = offline / "rm" / "model"
-    proc, url = start_reward_service(f"reward.sources=[{{kind: model, path: '{rm}'}}]")
+    proc, url = serve("reward", f"reward.sources=[{{kind: model, path: '{rm}'}}]", probe="/health", timeout=300)
     try:
         out = tmp_path / "http"
         train(f"run.output_dir={out}", "run.stages=[rl]", f"rl.init_from={offline / 'sft' / 'model'}",
@@ -248,7 +249,7 @@ def test_overlapped_run_scores_through_the_http_reward_service(offline, tmp_path
               "rl.save_every=0", "rl.sample_every=1", "rollout.sync.max_off_policy_lag=1",
               "rollout.sync.check_every=2")
     finally:
-        stop_service(proc)
+        stop_process(proc)
     rows = metrics(out / "rl")
     # step 1 samples step 2 during its update (lag 1); step 2 is a lockstep step (2 % check_every == 0);
     # the last step starts nothing
@@ -260,35 +261,3 @@ def test_overlapped_run_scores_through_the_http_reward_service(offline, tmp_path
     local = RewardScorer(RewardConfig(sources=(RewardSource(kind="model", path=str(rm)),)))
     want, _ = local.score([s["prompt"] for s in samples], [s["response"] for s in samples])
     assert [s["score"] for s in samples] == pytest.approx(want, rel=1e-4, abs=1e-4)  # the service's scores
-
-
-def start_reward_service(*overrides):
-    from helpers import free_port
-    import httpx
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "serve", QUICK, f"serve.port={port}", *overrides,
-                             "--what", "reward", "--seconds", "900"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited early:\n{proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("the reward service did not come up in 300 s")
-
-
-def stop_service(proc):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()

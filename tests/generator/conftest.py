@@ -52,12 +52,18 @@ def hf_greedy(model, prompts, max_new_tokens):
 
 @torch.no_grad()
 def hf_logprobs(model, rollout, pad_id=0):
-    """The learner's recomputation: log softmax(logits / T) of the sampled tokens, (B, T), and the mask."""
-    batch = rollout.to_padded(pad_id)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids).logits[:, batch.prompt_len - 1:-1]
+    """Both sides of the agreement check, each (B, T): the learner's recomputation log softmax(logits / T)
+    of the sampled tokens, the engine's own log-probs (0 in padding), and the response mask."""
+    from rlhf_ray.batch import pack_sequences, pad_ragged
+
+    for b, (resp, logp) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
+        assert len(logp) == len(resp), f"sample {b}: {len(resp)} response tokens but {len(logp)} log-probs"
+    seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, pad_id)
+    logits = model(input_ids=seq.input_ids, attention_mask=seq.attention_mask,
+                   position_ids=seq.position_ids).logits[:, seq.prompt_len - 1:-1]
     logp = torch.log_softmax(logits.float() / rollout.temperature, -1)
-    return logp.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1), batch.response_mask, batch
+    engine_logp = pad_ragged(rollout.response_logprobs, seq.response_mask.shape[1])
+    return logp.gather(-1, seq.response_ids.unsqueeze(-1)).squeeze(-1), engine_logp, seq.response_mask
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +86,4 @@ def standin_learner_cls():
             return None
 
     return StandInLearner
+

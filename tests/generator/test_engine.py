@@ -64,17 +64,17 @@ def test_sampled_logprobs_agree_with_learner_and_skipped_sync_is_caught(engine, 
     rollout = engine.generate(_prompts()[:3], seeds=[5, 6, 7])
     assert rollout.weight_version == 2 and len(rollout) == 6 and rollout.prompt_index == [0, 0, 1, 1, 2, 2]
     assert rollout.temperature == pytest.approx(0.7)
-    learner_logp, mask, batch = hf_logprobs(learner, rollout)
-    stats = logprob_agreement(learner_logp, batch.old_logprobs, mask)
+    learner_logp, engine_logp, mask = hf_logprobs(learner, rollout)
+    stats = logprob_agreement(learner_logp, engine_logp, mask)
     assert stats["num_tokens"] > 0
     check_logprob_agreement(stats, FP32, version=2)       # fp32 tolerance
     assert stats["max_abs"] < 1e-3, stats
 
     perturb(learner, seed=13)                              # the learner updates, the sync is "forgotten"
     stale = engine.generate(_prompts()[:3], seeds=[5, 6, 7])
-    learner_logp, mask, batch = hf_logprobs(learner, stale)
+    learner_logp, engine_logp, mask = hf_logprobs(learner, stale)
     with pytest.raises(LogprobMismatchError, match="version 2"):
-        check_logprob_agreement(logprob_agreement(learner_logp, batch.old_logprobs, mask), SyncConfig(), version=2)
+        check_logprob_agreement(logprob_agreement(learner_logp, engine_logp, mask), SyncConfig(), version=2)
 
 
 def test_same_seed_reproduces_and_n_samples_differ(engine):
@@ -125,8 +125,8 @@ def test_lora_sync_matches_hf_peft_and_new_version_replaces_old(engine, tiny_pat
         assert engine.version == version
         assert _greedy(engine, prompts) == [_cut(x) for x in hf_greedy(policy, prompts, NEW)]
         rollout = engine.generate(prompts[:2], seeds=[3, 4])
-        learner_logp, mask, batch = hf_logprobs(policy, rollout)
-        check_logprob_agreement(logprob_agreement(learner_logp, batch.old_logprobs, mask), FP32, version=version)
+        learner_logp, engine_logp, mask = hf_logprobs(policy, rollout)
+        check_logprob_agreement(logprob_agreement(learner_logp, engine_logp, mask), FP32, version=version)
 
 
 def test_older_version_is_refused(engine, tiny_path):

@@ -23,7 +23,7 @@ def _cut(seq, eos=2):
 
 
 def _expect_greedy(group, model, prompts):
-    r = group.generate(prompts, n=2, temperature=0.0)
+    r = group.submit(prompts, n=2, temperature=0.0).result()
     want = [_cut(x) for x in hf_greedy(model, prompts, NEW)]
     assert r.prompt_index == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert r.response_ids == [w for w in want for _ in range(2)]
@@ -46,8 +46,8 @@ def test_two_engines_serve_one_batch_in_order(group, tiny_path):
 
 
 def test_sampling_is_reproducible_across_calls_with_explicit_seeds(group):
-    a = group.generate(_prompts()[:3], seeds=[7, 8, 9])
-    b = group.generate(_prompts()[:3], seeds=[7, 8, 9])
+    a = group.submit(_prompts()[:3], seeds=[7, 8, 9]).result()
+    b = group.submit(_prompts()[:3], seeds=[7, 8, 9]).result()
     assert a.response_ids == b.response_ids and len(a) == 6
 
 

@@ -30,16 +30,16 @@ def test_adapter_versions_over_collective_and_restart(ray_local, tiny_path):
         for seed in (41, 42):
             perturb(policy, seed=seed, scale=0.2)
             group.sync_weights(named_weights(policy, "adapter"), adapter_config=adapter_config(policy))
-            r = group.generate(prompts, n=1, temperature=0.0)
+            r = group.submit(prompts, n=1, temperature=0.0).result()
             assert r.response_ids == [_cut(x) for x in hf_greedy(policy, prompts, NEW)]
         assert r.weight_version == group.version == 2
 
         ray_local.kill(group.actors[0], no_restart=False)      # restored from the object store
-        r = group.generate(prompts, n=1, temperature=0.0)
+        r = group.submit(prompts, n=1, temperature=0.0).result()
         assert r.weight_version == 2 and r.response_ids == [_cut(x) for x in hf_greedy(policy, prompts, NEW)]
         perturb(policy, seed=43, scale=0.2)                     # the group is rebuilt for the next push
         group.sync_weights(named_weights(policy, "adapter"), adapter_config=adapter_config(policy))
-        r = group.generate(prompts, n=1, temperature=0.0)
+        r = group.submit(prompts, n=1, temperature=0.0).result()
         assert r.weight_version == 3 and r.response_ids == [_cut(x) for x in hf_greedy(policy, prompts, NEW)]
     finally:
         group.shutdown()

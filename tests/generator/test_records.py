@@ -1,8 +1,7 @@
-"""Pure pieces of the generator: prompt spreading and the padded form of a rollout (no Ray, no vLLM)."""
+"""Pure pieces of the generator: prompt spreading and joining per-engine rollouts (no Ray, no vLLM)."""
 import pytest
-import torch
 
-from rlhf_ray.generator.group import merge_in_order, split_evenly
+from rlhf_ray.generator.group import split_evenly
 from rlhf_ray.generator.records import Rollout, concat_rollouts
 
 
@@ -14,35 +13,18 @@ def _rollout(version=3):
 
 
 @pytest.mark.parametrize("n,k", [(0, 1), (5, 2), (7, 3), (2, 4), (9, 9)])
-def test_split_evenly_then_merge_is_identity(n, k):
+def test_split_evenly_is_contiguous_and_balanced(n, k):
     items = list(range(n))
     parts = split_evenly(items, k)
     assert len(parts) == k
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
-    assert merge_in_order(parts) == items
+    assert [x for part in parts for x in part] == items
 
 
 def test_split_rejects_zero_parts():
     with pytest.raises(ValueError):
         split_evenly([1], 0)
-
-
-def test_to_padded_hand_checked():
-    b = _rollout().to_padded(pad_id=0)
-    assert b.prompt_len == 2
-    assert b.input_ids.tolist() == [[5, 6, 1, 2, 3], [5, 6, 4, 0, 0], [0, 7, 0, 0, 0]]
-    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 0, 0, 0]]
-    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 2, 2], [0, 0, 0, 0, 0]]
-    assert b.response_mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
-    assert torch.allclose(b.old_logprobs, torch.tensor([[-0.1, -0.2, -0.3], [-0.4, 0, 0], [0, 0, 0]]))
-    assert b.responses.tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]]
-
-
-def test_to_padded_rejects_length_mismatch():
-    bad = Rollout([[1]], [[2, 3]], [[-1.0]], ["x"], [0], ["length"], 0, 1.0)
-    with pytest.raises(ValueError, match="2 response tokens but 1 log-probs"):
-        bad.to_padded(0)
 
 
 def test_concat_shifts_prompt_index_and_refuses_mixed_versions():

@@ -2,7 +2,6 @@
 the dashboard on loopback unless asked; and a Ray head from cluster/start_head.sh refuses a job
 submission that carries no token."""
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "cluster" / "kuberay"))
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 import make_manifests  # noqa: E402
+from helpers import kill_matching, stop_process  # noqa: E402
 
 
 def test_kuberay_manifests_are_generated_from_the_configs():
@@ -87,11 +88,5 @@ def test_an_unauthenticated_job_submission_is_refused(tmp_path):
             assert refused.returncode != 0
             assert "auth" in (refused.stdout + refused.stderr).lower(), refused.stdout + refused.stderr
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        for pid in subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split():
-            os.kill(int(pid), signal.SIGKILL)
+        stop_process(head, timeout=60, whole_group=True)
+        kill_matching(temp)

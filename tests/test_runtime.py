@@ -1,0 +1,21 @@
+"""The environment every role process gets: what a private Ray adds, and the operator's own values winning."""
+from rlhf_ray.runtime import LOCAL_CPU_ENV, ROLE_ENV, local_env, role_env
+
+
+def test_a_private_ray_without_cuda_quiets_torchs_cpp_log_and_the_preemption_watcher():
+    env = role_env(local_env(cuda=False))
+    assert env["TORCH_CPP_LOG_LEVEL"] == "ERROR" and env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert ROLE_ENV.items() <= env.items()
+
+
+def test_gpu_and_joined_clusters_keep_torchs_cpp_warnings():
+    assert "TORCH_CPP_LOG_LEVEL" not in role_env(local_env(cuda=True))     # NCCL's warnings stay visible
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in role_env()           # a cluster has nodes to drain
+
+
+def test_the_operators_environment_wins(monkeypatch):
+    monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
+    env = role_env(local_env(cuda=False))
+    assert env["TORCH_CPP_LOG_LEVEL"] == "WARNING" != LOCAL_CPU_ENV["TORCH_CPP_LOG_LEVEL"]
+    assert env["VLLM_LOGGING_LEVEL"] == "INFO"
