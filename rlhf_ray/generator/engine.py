@@ -69,6 +69,7 @@ class GeneratorEngine:
             enforce_eager=rollout_cfg.enforce_eager, max_model_len=max_model_len, seed=rollout_cfg.seed or 0,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, logprobs_mode="processed_logprobs",
             enable_prefix_caching=True, quantization=quantization, enable_sleep_mode=backend.engine_can_sleep,
+            use_tqdm_on_load=False,  # a shard-loading bar per engine start (and per sync reload) buries the step lines
         )
         if lora:
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(max_lora_rank))

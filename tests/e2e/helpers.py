@@ -26,6 +26,7 @@ NOISE = {
     "Setting accelerator to": "DeepSpeed's accelerator probe",
     "gemm_4bit_forward": "bitsandbytes' optional kernel package",
     "Triton not available": "torch on a machine without Triton",
+    "Loading safetensors checkpoint shards": "vLLM's weight-loading bar (use_tqdm_on_load=False)",
 }
 
 
