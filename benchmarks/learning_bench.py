@@ -80,11 +80,14 @@ torch.set_num_threads(2)
 cfg = load_config(config, [])
 rm = ModelSource(rm_path)
 
+def texts(prompts, completions):          # conversational rows: the user turn and the assistant's reply
+    return [p[-1]["content"] for p in prompts], [c[-1]["content"] for c in completions]
+
 def reward(prompts, completions, **kw):   # the same scorer, the same encoding as rlhf_ray's reward role
-    return rm(prompts, completions)
+    return rm(*texts(prompts, completions))
 
 def gold(prompts, completions, **kw):     # weight 0: logged, never trained on
-    return vader_reward(prompts, completions)
+    return vader_reward(*texts(prompts, completions))
 
 class Clock(TrainerCallback):
     def __init__(self):
@@ -96,7 +99,8 @@ path = resolve_model_path(cfg.model.path)
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 rows, _ = load_rows(cfg.data.prompts, "prompts", cfg.data, cfg.run.seed)
-data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
+# rlhf_ray renders each prompt as a user turn through the model's chat template; so does TRL with messages
+data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
 lora = LoraConfig(r=cfg.model.lora.r, lora_alpha=cfg.model.lora.alpha, task_type="CAUSAL_LM",
                   target_modules=list(cfg.model.lora.target_modules))
 args = GRPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=prompts * group, num_generations=group,
@@ -155,10 +159,15 @@ def plot(runs: dict[str, dict], path: Path) -> None:
 
 
 def main() -> None:
+    global PROMPTS, GROUP, NEW_TOKENS  # one size for every run of this invocation
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per step")
+    ap.add_argument("--group", type=int, default=GROUP, help="samples per prompt")
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="max response tokens")
     ap.add_argument("--skip-trl", action="store_true", help="only rlhf_ray's runs (TRL not installed)")
     args = ap.parse_args()
+    PROMPTS, GROUP, NEW_TOKENS = args.prompts, args.group, args.new_tokens
     rm = reward_model()
     runs = {"rlhf_ray ppo": run_ours("ppo", rm, args.steps), "rlhf_ray grpo": run_ours("grpo", rm, args.steps)}
     if not args.skip_trl:

@@ -3,7 +3,8 @@
 One SFT + reward model for the module; each algorithm then trains briefly on the quickstart task with a
 held-out evaluation (greedy and sampled) before the first step and after the last. Each run also turns on
 one of the features the algorithm family uses (TIS with overlapped rollouts, DAPO dynamic sampling, the
-overlong penalty, the critic from the RM with an adaptive KL), so every path runs with real models.
+overlong penalty, the critic from the RM with an adaptive KL), so every path runs with real models; `dapo`
+runs on its registry defaults alone.
 """
 import json
 from pathlib import Path
@@ -61,6 +62,8 @@ CASES = {
     "reinforce_pp": ["algorithm.name=reinforce_pp", "algorithm.overlong_buffer=6"],
     "reinforce_pp_baseline": ["algorithm.name=reinforce_pp", "algorithm.baseline=group_mean"],
     "dr_grpo": ["algorithm.name=dr_grpo", "algorithm.dynamic_sampling=true"],
+    # DAPO with its registry defaults alone: dynamic sampling, clip-higher, token-level loss, overlong buffer
+    "dapo": ["algorithm.name=dapo"],
 }
 
 
@@ -76,6 +79,11 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
     if case == "dr_grpo":
         assert cfg["algorithm"]["loss_agg"] == "seq-mean-token-sum-norm"  # Dr. GRPO's own aggregation
         assert all("dynamic_sampling/dropped_frac" in r for r in train_rows)
+    if case == "dapo":
+        a = cfg["algorithm"]
+        assert (a["dynamic_sampling"], a["clip_high"], a["loss_agg"], a["overlong_buffer"]) == (True, 0.28,
+                                                                                            "token-mean", 5)
+        assert all("dynamic_sampling/dropped_frac" in r and "reward/overlong_penalty_mean" in r for r in train_rows)
     if case == "rloo":
         assert cfg["algorithm"]["tis"] is True
         ratios = [r["tis/ratio_mean"] for r in train_rows]
