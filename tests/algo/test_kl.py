@@ -75,23 +75,24 @@ def test_adaptive_controller_hand_computed():
 
 def test_adaptive_controller_holds_while_the_kl_moves_towards_the_target():
     c = AdaptiveKLController(init_coef=0.1, target=2.0, horizon=64)
-    c.update(0.0, 64)  # the first measurement has no direction: Ziegler's rule, -20%
-    assert c.value == pytest.approx(0.1 * math.exp(-0.2))
-    for kl in (0.5, 1.0, 1.5):  # climbing towards the target: lowering beta would only wind it down
+    for kl in (0.0, 0.5, 0.3, 1.5):  # climbing from 0 (noisily): lowering beta would only wind it down
         c.update(kl, 64)
-    assert c.value == pytest.approx(0.1 * math.exp(-0.2))
-    c.update(1.2, 64)  # below and falling away from it: lower
-    assert c.value == pytest.approx(0.1 * math.exp(-0.4))
-    c.update(3.0, 64)  # above: raise
+    assert c.value == 0.1
+    c.update(3.0, 64)  # reached, above: raise by the clipped error, Ziegler's rule
     c.update(3.0, 64)  # above and not coming back: raise again
-    assert c.value == pytest.approx(0.1 * math.exp(0.0))
+    assert c.value == pytest.approx(0.1 * math.exp(0.4))
     c.update(2.5, 64)  # above but falling towards it: hold
-    assert c.value == pytest.approx(0.1)
+    assert c.value == pytest.approx(0.1 * math.exp(0.4))
+    c.update(1.5, 64)  # below and still falling, away from it: lower by the proportional error -0.25 -> -0.2
+    assert c.value == pytest.approx(0.1 * math.exp(0.2))
+    c.update(1.8, 64)  # below, rising towards it: hold
+    assert c.value == pytest.approx(0.1 * math.exp(0.2))
 
 
 def test_adaptive_controller_stays_positive_on_a_short_horizon():
     c = AdaptiveKLController(init_coef=0.1, target=2.0, horizon=8)  # 64 samples / 8: 8x the clipped error
-    c.update(0.0, 64)
+    c.update(2.0, 64)
+    c.update(0.0, 64)  # (1 - 0.2 x 8) would make beta negative
     assert c.value == pytest.approx(0.1 * math.exp(-1.6)) and c.value > 0
 
 
@@ -101,7 +102,7 @@ def test_adaptive_controller_state_round_trip_continues_identically():
         a.update(kl, 8)
     b = AdaptiveKLController(0.2, target=1.0, horizon=50)
     b.load_state_dict(a.state_dict())
-    assert (b.value, b.last_kl) == (a.value, 1.7)
+    assert (b.value, b.last_kl, b.reached) == (a.value, 1.7, True)
     for kl in (1.2, 0.4, 2.2):  # 1.2 moves towards the target from 1.7: a hold that needs the restored last KL
         a.update(kl, 8)
         b.update(kl, 8)

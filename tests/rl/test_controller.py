@@ -194,6 +194,6 @@ def test_adaptive_kl_follows_the_measured_kl_and_survives_a_resume():
     b.load_state_dict(a.state_dict())
     b.step()
     assert b.roles.kl_coefs == pytest.approx([up[1]], rel=1e-9)
-    # below the target it shrinks
+    # below a target it has never reached, beta holds (the KL of a run climbs from 0 whatever beta is)
     low = make(FakeRoles(ref_gap=0.1), *over)
-    assert low.step().metrics["kl/coef"] == pytest.approx(0.1 * math.exp(-0.2 * 6 / 60), rel=1e-9)
+    assert [low.step().metrics["kl/coef"] for _ in range(2)] == [0.1, 0.1]
