@@ -5,7 +5,14 @@ the reward model is MiniLM-L6 trained here on the built-in preference pairs (`bu
 VADER judge labelled); VADER itself is the independent gold judge, never trained on. Every run sees the
 same number of samples per step (prompts x group) and the same number of steps, one run at a time.
 
-    python benchmarks/learning_bench.py [--steps 20]   # TRL: `pip install trl==1.16.0` (make bench does it)
+    python benchmarks/learning_bench.py [--steps 20] [--prompts 4 --group 4 --new-tokens 48]
+    # TRL: `pip install trl==1.16.0` (make bench does it). The committed results: --steps 10 --new-tokens 24,
+    # on 2 shared CPU cores (about 15 minutes a run); step times there are noisy (other jobs ran alongside).
+
+Both GRPO implementations put a k3 KL in the loss with beta 0.04 and normalise rewards by the group's std;
+TRL 1.16 reduces the loss over all tokens of the batch (its default loss_type "dapo") where rlhf_ray's grpo
+averages per sequence first (Shao 2024), and its AdamW runs betas (0.9, 0.999) against our (0.9, 0.95).
+rlhf_ray's PPO puts a k1 KL in the reward and trains a critic from the policy's weights.
 
 Writes benchmarks/results/learning_bench.json (reward, gold and KL per step against samples seen, wall
 time) and benchmarks/results/learning_bench.png.
