@@ -5,7 +5,14 @@ the reward model is MiniLM-L6 trained here on the built-in preference pairs (`bu
 VADER judge labelled); VADER itself is the independent gold judge, never trained on. Every run sees the
 same number of samples per step (prompts x group) and the same number of steps, one run at a time.
 
-    python benchmarks/learning_bench.py [--steps 20]   # TRL: `pip install trl==1.16.0` (make bench does it)
+    python benchmarks/learning_bench.py [--steps 20] [--prompts 4 --group 4 --new-tokens 48]
+    # TRL: `pip install trl==1.16.0` (make bench does it). The committed results: --steps 10 --new-tokens 24,
+    # on 2 shared CPU cores (about 15 minutes a run); step times there are noisy (other jobs ran alongside).
+
+Both GRPO implementations put a k3 KL in the loss with beta 0.04 and normalise rewards by the group's std;
+TRL 1.16 reduces the loss over all tokens of the batch (its default loss_type "dapo") where rlhf_ray's grpo
+averages per sequence first (Shao 2024), and its AdamW runs betas (0.9, 0.999) against our (0.9, 0.95).
+rlhf_ray's PPO puts a k1 KL in the reward and trains a critic from the policy's weights.
 
 Writes benchmarks/results/learning_bench.json (reward, gold and KL per step against samples seen, wall
 time) and benchmarks/results/learning_bench.png.
@@ -47,6 +54,10 @@ def reward_model() -> Path:
 
 def run_ours(algo: str, rm: Path, steps: int) -> dict:
     out = WORK / f"ours-{algo}"
+    done = out / "bench_result.json"  # a finished run of this size is reused when another run failed
+    size = {"steps": steps, "prompts": PROMPTS, "group": GROUP, "new_tokens": NEW_TOKENS}
+    if done.exists() and json.loads(done.read_text())["size"] == size:
+        return json.loads(done.read_text())["result"]
     t0 = time.time()
     cli(f"run.output_dir={out}", "run.stages=[rl]", f"algorithm.name={algo}", f"rl.steps={steps}",
         f"reward.sources=[{{kind: model, path: '{rm}'}}]", f"reward.gold={GOLD}", f"rl.prompts_per_step={PROMPTS}",
@@ -55,9 +66,11 @@ def run_ours(algo: str, rm: Path, steps: int) -> dict:
         "rl.save_every=0", "logging.report=false")
     rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if "reward/score_mean" in r]
-    return {"reward": [r["reward/score_mean"] for r in rows], "gold": [r["reward/gold_mean"] for r in rows],
-            "kl": [r["kl/mean"] for r in rows], "step_s": [r["timing/wall_s"] for r in rows],
-            "total_s": time.time() - t0}
+    result = {"reward": [r["reward/score_mean"] for r in rows], "gold": [r["reward/gold_mean"] for r in rows],
+              "kl": [r["kl/mean"] for r in rows], "step_s": [r["timing/wall_s"] for r in rows],
+              "total_s": time.time() - t0}
+    done.write_text(json.dumps({"size": size, "result": result}))
+    return result
 
 
 TRL_SCRIPT = r"""
@@ -80,11 +93,14 @@ torch.set_num_threads(2)
 cfg = load_config(config, [])
 rm = ModelSource(rm_path)
 
+def texts(prompts, completions):          # conversational rows: the user turn and the assistant's reply
+    return [p[-1]["content"] for p in prompts], [c[-1]["content"] for c in completions]
+
 def reward(prompts, completions, **kw):   # the same scorer, the same encoding as rlhf_ray's reward role
-    return rm(prompts, completions)
+    return rm(*texts(prompts, completions))
 
 def gold(prompts, completions, **kw):     # weight 0: logged, never trained on
-    return vader_reward(prompts, completions)
+    return vader_reward(*texts(prompts, completions))
 
 class Clock(TrainerCallback):
     def __init__(self):
@@ -96,7 +112,8 @@ path = resolve_model_path(cfg.model.path)
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 rows, _ = load_rows(cfg.data.prompts, "prompts", cfg.data, cfg.run.seed)
-data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
+# rlhf_ray renders each prompt as a user turn through the model's chat template; so does TRL with messages
+data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
 lora = LoraConfig(r=cfg.model.lora.r, lora_alpha=cfg.model.lora.alpha, task_type="CAUSAL_LM",
                   target_modules=list(cfg.model.lora.target_modules))
 args = GRPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=prompts * group, num_generations=group,
@@ -155,10 +172,15 @@ def plot(runs: dict[str, dict], path: Path) -> None:
 
 
 def main() -> None:
+    global PROMPTS, GROUP, NEW_TOKENS  # one size for every run of this invocation
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per step")
+    ap.add_argument("--group", type=int, default=GROUP, help="samples per prompt")
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="max response tokens")
     ap.add_argument("--skip-trl", action="store_true", help="only rlhf_ray's runs (TRL not installed)")
     args = ap.parse_args()
+    PROMPTS, GROUP, NEW_TOKENS = args.prompts, args.group, args.new_tokens
     rm = reward_model()
     runs = {"rlhf_ray ppo": run_ours("ppo", rm, args.steps), "rlhf_ray grpo": run_ours("grpo", rm, args.steps)}
     if not args.skip_trl:

@@ -90,10 +90,21 @@ class FixedKLController:
 class AdaptiveKLController:
     """Proportional controller steering the measured KL towards ``target`` (Ziegler et al. 2019, sec. 2.2).
 
-    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon).
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * exp(e * n_steps / horizon).
     The clip bounds one update's change of beta. Units follow lm-human-preferences: KL is per sequence
     (summed over its tokens, "kl/seq_mean" of ``shape_rewards``; the paper's target is 6 nats) and
-    ``n_steps`` counts samples, so pass the batch size and a horizon in samples (10000 there).
+    ``n_steps`` counts samples, so pass the batch size and a horizon in samples (10000 there). The paper's
+    factor (1 + e * n_steps / horizon) is this to first order; the exponential keeps beta positive when a
+    short run wants a horizon of a few batches (the paper's factor is <= 0 from n_steps / horizon = 5).
+
+    Two departures, both the usual anti-windup of an integrating controller, for runs of tens of steps:
+    1. beta holds until the KL first reaches the target. A run starts at KL 0 and its KL climbs for many
+       steps whatever beta is (measured on the quickstart: the same KL for 10 steps under betas 10x apart);
+       Ziegler's rule cut beta by 20% on each of those steps (0.1 -> 0.011 in 10 steps) and then needed as
+       many steps to raise it again while the KL overshot its target 2-4x. A KL that never reaches the
+       target leaves beta where the config put it: ``reference.kl_coef`` is the most restraint you accept.
+    2. after that, beta holds while the KL already moves towards the target (conditional integration);
+       it moves while the KL stays on one side of the target or drifts away from it.
     """
 
     kind = "adaptive"
@@ -108,6 +119,8 @@ class AdaptiveKLController:
         self.value = float(init_coef)
         self.target = float(target)
         self.horizon = float(horizon)
+        self.last_kl: float | None = None  # the previous measurement: which way the KL moves
+        self.reached = False               # the KL has been at or above the target once
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """Move ``value`` given the KL (python float, same unit as ``target``) of the last ``n_steps`` samples."""
@@ -117,17 +130,27 @@ class AdaptiveKLController:
             raise ValueError(f"current_kl must be finite, got {current_kl}")
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        last, self.last_kl = self.last_kl, current_kl
+        self.reached = self.reached or current_kl >= self.target
+        if not self.reached:
+            return  # still climbing from 0: lowering beta now only winds it down
+        if last is not None and (current_kl - self.target) * (current_kl - last) < 0:
+            return  # on its way to the target: integrating now only winds beta up (or down) past it
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        self.value *= math.exp(error * n_steps / self.horizon)
 
-    def state_dict(self) -> dict[str, float | str]:
-        """Only ``value`` evolves; target and horizon are config and are saved for inspection."""
-        return {"kind": self.kind, "value": self.value, "target": self.target, "horizon": self.horizon}
+    def state_dict(self) -> dict[str, float | str | None]:
+        """``value``, the last KL and ``reached`` evolve; target and horizon are config, saved for inspection."""
+        return {"kind": self.kind, "value": self.value, "last_kl": self.last_kl, "reached": self.reached,
+                "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, d: dict) -> None:
-        """Restore ``value``. Target and horizon stay as constructed: on resume the config decides them."""
+        """Restore the evolving state. Target and horizon stay as constructed: the config decides them."""
         _check_kind(self.kind, d)
         self.value = float(d["value"])
+        last = d.get("last_kl")  # absent in checkpoints written before the holds existed: Ziegler's rule
+        self.last_kl = None if last is None else float(last)
+        self.reached = bool(d.get("reached", True))
 
 
 def _check_kind(expected: str, d: dict) -> None:

@@ -27,6 +27,10 @@ class AlgorithmSpec:
     min_group_size: int = 1              # samples per prompt the estimator needs
     batch_whiten: bool = False           # whiten advantages over the batch afterwards (algorithm.whiten_advantages)
     options: dict[str, str] = field(default_factory=dict)  # estimator keyword -> algorithm.* field
+    # algorithm.* fields the config leaves unset take these values (config.schema resolves them)
+    defaults: dict[str, object] = field(default_factory=dict)
+    # algorithm.overlong_buffer, when unset: this fraction of rollout.max_new_tokens (0: off)
+    overlong_fraction: float = 0.0
     cite: str = ""
 
 
@@ -46,6 +50,14 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     # algorithm.baseline=group_mean is REINFORCE++-baseline (needs groups: validated in the config).
     "reinforce_pp": AlgorithmSpec("reinforce_pp", "reinforce_pp", "token-mean", True, "k1",
                                   options={"baseline": "baseline"}, cite="Hu 2025"),
+    # DAPO (Yu 2025): GRPO's group-normalised advantage with dynamic sampling (sec. 3.2), clip-higher
+    # eps_high=0.28 (sec. 3.1), a token-level loss (sec. 3.3) and the soft overlong penalty over the last
+    # 4096 of 20480 tokens, a fifth of the limit (sec. 3.4). The paper also drops the KL term; that stays
+    # reference.kl_coef's call (0 reproduces the paper; a short run on a small model drifts without it).
+    "dapo": AlgorithmSpec("dapo", "grpo", "token-mean", False, "k3", min_group_size=2,
+                          options={"norm_by_std": "group_std_norm"},
+                          defaults={"dynamic_sampling": True, "clip_high": 0.28}, overlong_fraction=0.2,
+                          cite="Yu 2025"),
 }
 
 

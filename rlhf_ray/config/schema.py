@@ -214,7 +214,7 @@ class ReferenceConfig(Section):
 # algorithm
 # The names of rlhf_ray.algo.registry.ALGORITHMS (a test keeps the two equal); each name brings its own
 # estimator, loss aggregation and KL placement, which the fields left unset below take.
-AlgorithmName = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+AlgorithmName = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo"]
 
 
 class AlgorithmConfig(Section):
@@ -362,8 +362,14 @@ class Config(Section):
         """Fill what the config left unset from the algorithm's registry entry, so every component reads
         one resolved value (and `rlhf-ray config` prints it)."""
         spec = get_algorithm(self.algorithm.name)
+        unset = set(AlgorithmConfig.model_fields) - self.algorithm.model_fields_set
+        algo = {k: v for k, v in spec.defaults.items() if k in unset}
+        if "overlong_buffer" in unset and spec.overlong_fraction > 0:
+            algo["overlong_buffer"] = max(1, round(spec.overlong_fraction * self.rollout.max_new_tokens))
         if self.algorithm.loss_agg is None:
-            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"loss_agg": spec.loss_agg}))
+            algo["loss_agg"] = spec.loss_agg
+        if algo:
+            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update=algo))
         ref = {k: v for k, v in (("kl_in_reward", spec.kl_in_reward), ("kl_kind", spec.kl_kind))
                if getattr(self.reference, k) is None}
         if ref:

@@ -54,7 +54,12 @@ def response_ids(tok, prompt, p_ids: list[int], response: str) -> list[int]:
         if full[:len(p_ids)] != p_ids:
             raise DataError("the chat template does not render the prompt as a prefix of the conversation")
         return full[len(p_ids):]
-    return tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # An encoder's tokenizer (BERT-style reward models such as MiniLM) has no EOS: end on its separator,
+    # as its own sentence-pair encoding does ([CLS] prompt [SEP] response [SEP]).
+    end = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    if end is None:
+        raise DataError(f"tokenizer {tok.name_or_path!r} has neither an EOS nor a separator token to end a response")
+    return tok(response, add_special_tokens=False)["input_ids"] + [end]
 
 
 def _fit_prompt(ids: list[int], lim: Limits, counts: Counter) -> list[int]:

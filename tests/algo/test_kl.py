@@ -62,15 +62,38 @@ def test_fixed_controller_never_moves():
 def test_adaptive_controller_hand_computed():
     c = AdaptiveKLController(init_coef=0.1, target=6.0, horizon=10000)
     c.update(9.0, 256)  # error 0.5 clipped to 0.2
-    assert c.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000), rel=1e-15)
-    c.update(3.0, 256)  # error -0.5 clipped to -0.2
-    assert c.value == pytest.approx(0.1 * 1.00512 * (1 - 0.00512), rel=1e-15)
+    assert c.value == pytest.approx(0.1 * math.exp(0.2 * 256 / 10000), rel=1e-15)
+    c.update(3.0, 256)  # error -0.5 clipped to -0.2 (below the target and moving away from it)
+    assert c.value == pytest.approx(0.1, rel=1e-15)
     before = c.value
     c.update(6.6, 100)  # error 0.1, inside the clip
-    assert c.value == pytest.approx(before * (1 + 0.1 * 0.01), rel=1e-12)
+    assert c.value == pytest.approx(before * math.exp(0.1 * 0.01), rel=1e-12)
     before = c.value
     c.update(6.0, 1000)  # on target
     assert c.value == before
+
+
+def test_adaptive_controller_holds_while_the_kl_moves_towards_the_target():
+    c = AdaptiveKLController(init_coef=0.1, target=2.0, horizon=64)
+    for kl in (0.0, 0.5, 0.3, 1.5):  # climbing from 0 (noisily): lowering beta would only wind it down
+        c.update(kl, 64)
+    assert c.value == 0.1
+    c.update(3.0, 64)  # reached, above: raise by the clipped error, Ziegler's rule
+    c.update(3.0, 64)  # above and not coming back: raise again
+    assert c.value == pytest.approx(0.1 * math.exp(0.4))
+    c.update(2.5, 64)  # above but falling towards it: hold
+    assert c.value == pytest.approx(0.1 * math.exp(0.4))
+    c.update(1.5, 64)  # below and still falling, away from it: lower by the proportional error -0.25 -> -0.2
+    assert c.value == pytest.approx(0.1 * math.exp(0.2))
+    c.update(1.8, 64)  # below, rising towards it: hold
+    assert c.value == pytest.approx(0.1 * math.exp(0.2))
+
+
+def test_adaptive_controller_stays_positive_on_a_short_horizon():
+    c = AdaptiveKLController(init_coef=0.1, target=2.0, horizon=8)  # 64 samples / 8: 8x the clipped error
+    c.update(2.0, 64)
+    c.update(0.0, 64)  # (1 - 0.2 x 8) would make beta negative
+    assert c.value == pytest.approx(0.1 * math.exp(-1.6)) and c.value > 0
 
 
 def test_adaptive_controller_state_round_trip_continues_identically():
@@ -79,8 +102,8 @@ def test_adaptive_controller_state_round_trip_continues_identically():
         a.update(kl, 8)
     b = AdaptiveKLController(0.2, target=1.0, horizon=50)
     b.load_state_dict(a.state_dict())
-    assert b.value == a.value
-    for kl in (0.4, 2.2):
+    assert (b.value, b.last_kl, b.reached) == (a.value, 1.7, True)
+    for kl in (1.2, 0.4, 2.2):  # 1.2 moves towards the target from 1.7: a hold that needs the restored last KL
         a.update(kl, 8)
         b.update(kl, 8)
     assert b.value == a.value

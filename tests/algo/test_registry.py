@@ -39,3 +39,20 @@ def test_reading_the_registry_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_dapo_defaults_resolve_into_the_config_and_yield_to_explicit_values():
+    from rlhf_ray.config import load_config
+    spec = get_algorithm("dapo")
+    assert spec.estimator == "grpo" and spec.loss_agg == "token-mean" and not spec.kl_in_reward
+    a = load_config(None, ["algorithm.name=dapo", "rollout.max_new_tokens=40"]).algorithm
+    # Yu 2025: dynamic sampling, clip-higher 0.28, token-level loss, overlong buffer a fifth of the limit
+    assert (a.dynamic_sampling, a.clip_low, a.clip_high, a.loss_agg, a.overlong_buffer) == (True, 0.2, 0.28,
+                                                                                            "token-mean", 8)
+    mine = load_config(None, ["algorithm.name=dapo", "algorithm.dynamic_sampling=false", "algorithm.clip_high=0.2",
+                              "algorithm.overlong_buffer=0", "algorithm.loss_agg=seq-mean-token-mean"]).algorithm
+    assert (mine.dynamic_sampling, mine.clip_high, mine.overlong_buffer, mine.loss_agg) == (False, 0.2, 0,
+                                                                                           "seq-mean-token-mean")
+    # the defaults belong to dapo alone
+    g = load_config(None, ["algorithm.name=grpo"]).algorithm
+    assert (g.dynamic_sampling, g.clip_high, g.overlong_buffer) == (False, 0.2, 0)

@@ -67,3 +67,26 @@ def test_collate_pads_right(tok):
     pairs = collate_preferences([{"chosen_ids": [1, 2, 3], "rejected_ids": [1, 4], "prompt_len": 1}], 0)
     assert pairs["chosen_ids"].shape == pairs["rejected_ids"].shape == torch.Size([1, 3])
     assert pairs["prompt_len"].tolist() == [1]
+
+
+class _EncoderTokenizer:
+    """BERT-style: no EOS, a [SEP] (102) that ends each segment, no chat template."""
+    chat_template = None
+    eos_token_id = None
+    name_or_path = "encoder"
+
+    def __init__(self, sep=102):
+        self.sep_token_id = sep
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [len(w) for w in text.split()]
+        return {"input_ids": [101, *ids, self.sep_token_id] if add_special_tokens else ids}
+
+
+def test_an_encoder_tokenizer_ends_the_response_on_its_separator():
+    from rlhf_ray.data.encode import prompt_ids, response_ids
+    tok = _EncoderTokenizer()
+    p = prompt_ids(tok, "a good")
+    assert p + response_ids(tok, "a good", p, "film indeed") == [101, 1, 4, 102, 4, 6, 102]
+    with pytest.raises(DataError, match="neither an EOS nor a separator"):
+        response_ids(_EncoderTokenizer(sep=None), "a", [], "b")

@@ -3,7 +3,8 @@
 One SFT + reward model for the module; each algorithm then trains briefly on the quickstart task with a
 held-out evaluation (greedy and sampled) before the first step and after the last. Each run also turns on
 one of the features the algorithm family uses (TIS with overlapped rollouts, DAPO dynamic sampling, the
-overlong penalty, the critic from the RM with an adaptive KL), so every path runs with real models.
+overlong penalty, the critic from the RM with an adaptive KL), so every path runs with real models; `dapo`
+runs on its registry defaults alone.
 """
 import json
 from pathlib import Path
@@ -61,6 +62,8 @@ CASES = {
     "reinforce_pp": ["algorithm.name=reinforce_pp", "algorithm.overlong_buffer=6"],
     "reinforce_pp_baseline": ["algorithm.name=reinforce_pp", "algorithm.baseline=group_mean"],
     "dr_grpo": ["algorithm.name=dr_grpo", "algorithm.dynamic_sampling=true"],
+    # DAPO with its registry defaults alone: dynamic sampling, clip-higher, token-level loss, overlong buffer
+    "dapo": ["algorithm.name=dapo"],
 }
 
 
@@ -76,6 +79,11 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
     if case == "dr_grpo":
         assert cfg["algorithm"]["loss_agg"] == "seq-mean-token-sum-norm"  # Dr. GRPO's own aggregation
         assert all("dynamic_sampling/dropped_frac" in r for r in train_rows)
+    if case == "dapo":
+        a = cfg["algorithm"]
+        assert (a["dynamic_sampling"], a["clip_high"], a["loss_agg"], a["overlong_buffer"]) == (True, 0.28,
+                                                                                            "token-mean", 5)
+        assert all("dynamic_sampling/dropped_frac" in r and "reward/overlong_penalty_mean" in r for r in train_rows)
     if case == "rloo":
         assert cfg["algorithm"]["tis"] is True
         ratios = [r["tis/ratio_mean"] for r in train_rows]
@@ -89,24 +97,31 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
     assert lockstep and max(lockstep) < 1e-3
 
 
-def test_ppo_critic_from_the_rm_and_adaptive_kl_follows_the_measured_kl(offline, tmp_path):
+def test_ppo_critic_from_the_rm_and_adaptive_kl_holds_the_kl_near_its_target(offline, tmp_path):
     out = tmp_path / "ppo"
-    target = 2.0  # nats per sequence (kl/seq_mean, the controller's unit)
+    target = 1.0  # nats per sequence (kl/seq_mean, the controller's unit)
+    # horizon 16 samples against 64 a step: beta may move by e^(+-0.8) a step, fast enough for 16 steps
+    kl_args = ("reference.adaptive_kl=true", "reference.kl_coef=0.1", f"reference.kl_target={target}",
+               "reference.kl_horizon=16")
     train(*rl_args(offline, out, "algorithm.name=ppo", f"rl.critic_init_from={offline / 'rm' / 'model'}",
-                   "reference.adaptive_kl=true", "reference.kl_coef=0.1", f"reference.kl_target={target}",
-                   "reference.kl_horizon=64", "rl.steps=16", "rl.eval_every=8"))
+                   *kl_args, "rl.steps=16", "rl.eval_every=8"))
     rows = [r for r in metrics(out / "rl") if "reward/score_mean" in r]
     seq_kl = [r["kl/seq_mean"] for r in rows]
     coef = [r["kl/coef"] for r in rows]
-    # the controller raises beta while KL is above target and lowers it below (Ziegler 2019: at most 20% a
-    # step with this horizon). Measured here: that is too slow to hold KL near the target in 16 steps (the
-    # last steps sat at about 4x it), so this asserts the controller's direction, not a bound on KL.
-    assert all((c1 > c0) == (kl > target) for c0, c1, kl in zip(coef, coef[1:], seq_kl[1:]) if abs(kl - target) > 0.01)
+    # The KL stays near its target over the second half. Measured here: 1.1-2.05 nats over steps 9-16 (the
+    # most right after the overshoot of its first crossing, step 9) and 1.1-1.6 over the last quarter.
+    # Before the controller's anti-windup (rlhf_ray.algo.kl) beta fell from 0.1 to 0.011 while the KL
+    # climbed from 0, and the KL then overshot to 2-4x its target by step 16.
+    trace = f"KL {[round(k, 2) for k in seq_kl]}, beta {[round(c, 3) for c in coef]}"
+    assert all(target / 2.5 <= kl <= 2.5 * target for kl in seq_kl[8:]), trace
+    assert all(target / 2 <= kl <= 2 * target for kl in seq_kl[12:]), trace
+    # beta only rises above the target and only falls below it
+    assert all(kl > target for c0, c1, kl in zip(coef, coef[1:], seq_kl[1:]) if c1 > c0), trace
+    assert all(kl < target for c0, c1, kl in zip(coef, coef[1:], seq_kl[1:]) if c1 < c0), trace
     assert rows[-1]["reward/score_mean"] > rows[0]["reward/score_mean"]
 
     # resuming that run with a change that the checkpoint cannot honour is refused, naming the key
     p = train(*rl_args(offline, out, "algorithm.name=ppo", f"rl.critic_init_from={offline / 'rm' / 'model'}",
-                       "reference.adaptive_kl=true", "reference.kl_coef=0.1", f"reference.kl_target={target}",
-                       "reference.kl_horizon=64", "rl.steps=16", "rl.eval_every=8", "model.lora.enabled=true",
+                       *kl_args, "rl.steps=16", "rl.eval_every=8", "model.lora.enabled=true",
                        "--resume"), check=False)
     assert p.returncode == 2 and "--resume cannot change model.lora.enabled" in p.stderr, p.stderr[-2000:]

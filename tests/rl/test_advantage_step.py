@@ -59,7 +59,7 @@ def test_config_names_are_the_registry_names():
 @pytest.mark.parametrize("name,agg,in_reward,kind", [
     ("ppo", "token-mean", True, "k1"), ("grpo", "seq-mean-token-mean", False, "k3"),
     ("dr_grpo", "seq-mean-token-sum-norm", False, "k3"), ("rloo", "token-mean", True, "k1"),
-    ("reinforce_pp", "token-mean", True, "k1")])
+    ("reinforce_pp", "token-mean", True, "k1"), ("dapo", "token-mean", False, "k3")])
 def test_each_algorithm_brings_its_defaults_and_explicit_keys_win(name, agg, in_reward, kind):
     cfg = load_config(None, [f"algorithm.name={name}"])
     assert (cfg.algorithm.loss_agg, cfg.reference.kl_in_reward, cfg.reference.kl_kind) == (agg, in_reward, kind)
@@ -80,8 +80,9 @@ def _batch4(scores, values=None):
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_make_train_batch_runs_the_registered_estimator(name):
+    # no overlong penalty (dapo's default; it has its own test): the estimator alone is compared
     cfg = load_config(None, [f"algorithm.name={name}", "rollout.n_samples_per_prompt=2", "rl.prompts_per_step=2",
-                             "algorithm.mini_batch_size=2"])
+                             "algorithm.mini_batch_size=2", "algorithm.overlong_buffer=0"])
     values = torch.full((4, 3), 0.25) if name == "ppo" else None
     scored = _batch4([1.0, -1.0, 0.5, 3.0], values)
     tb, _ = make_train_batch(scored, cfg.algorithm, cfg.reference, 0.1)
