@@ -59,7 +59,7 @@ def cmd_train(args) -> int:
     from rlhf_ray.preflight import preflight, resume_wanted
     cfg = load(args)  # validated before Ray starts
     resume = resume_wanted(cfg, args.resume)
-    preflight(cfg)  # every input knowable before Ray starts
+    preflight(cfg, resume=resume)  # every input knowable before Ray starts
     print(json.dumps(run_pipeline(cfg, resume=resume), indent=2))
     return 0
 

@@ -27,9 +27,13 @@ class PreflightError(RunError, ValueError):
     """Input that cannot work, found before any actor starts; the message names the key and the file."""
 
 
-def preflight(cfg: Config, resolve: Optional[Callable[[str], str]] = None) -> None:
+def preflight(cfg: Config, resolve: Optional[Callable[[str], str]] = None, resume: bool = False) -> None:
     """Run every check that applies to the stages `cfg` asks for. `resolve` maps builtin: names and
-    paths to folders; `stage:` outputs of this run may not exist yet and are skipped."""
+    paths to folders; `stage:` outputs of this run may not exist yet and are skipped. On `resume`, an
+    override the RL checkpoint cannot honour is refused here, not after the offline stages have run."""
+    if resume and "rl" in cfg.run.stages:
+        from rlhf_ray.rl.plateau import resume_changes
+        resume_changes(Path(cfg.run.output_dir) / "rl" / "run_config.json", cfg)
     if resolve is None:
         from rlhf_ray.models.kit import resolve_model_path as resolve
 

@@ -53,19 +53,25 @@ def changed_keys(saved: dict, cfg: Config) -> list[str]:
     return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
+def resume_changes(path: Path, cfg: Config) -> list[str]:
+    """The keys `cfg` changes against the config the run was started with (`path`, absent: none); a change
+    that is not safe on resume is refused by name (preflight calls this before Ray starts)."""
+    if not path.exists():
+        return []
+    keys = changed_keys(json.loads(path.read_text()), cfg)
+    refused = [k for k in keys if not _safe(k, cfg)]
+    if refused:
+        reasons = sorted({why for k in refused for p, why in WHY_NOT.items() if k.startswith(p)})
+        raise ConfigError(f"--resume cannot change {', '.join(refused)}: the checkpoint was trained with "
+                          f"other values" + (f" ({'; '.join(reasons)})" if reasons else "")
+                          + f". Changeable on resume: {', '.join(RESUME_SAFE)}")
+    return keys
+
+
 def check_resume_overrides(path: Path, cfg: Config, resume: bool) -> list[str]:
-    """On resume, compare with the config the run was started with (`path`): accept the safe changes
-    (returned, for the console) and refuse the others by name. Then record `cfg` as the run's config."""
-    accepted: list[str] = []
-    if resume and path.exists():
-        keys = changed_keys(json.loads(path.read_text()), cfg)
-        refused = [k for k in keys if not _safe(k, cfg)]
-        if refused:
-            reasons = sorted({why for k in refused for p, why in WHY_NOT.items() if k.startswith(p)})
-            raise ConfigError(f"--resume cannot change {', '.join(refused)}: the checkpoint was trained with "
-                              f"other values" + (f" ({'; '.join(reasons)})" if reasons else "")
-                              + f". Changeable on resume: {', '.join(RESUME_SAFE)}")
-        accepted = keys
+    """On resume, the accepted changes (for the console; unsafe ones are refused by name). Then record
+    `cfg` as the run's config."""
+    accepted = resume_changes(path, cfg) if resume else []
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     return accepted

@@ -50,3 +50,18 @@ def test_resume_accepts_safe_overrides_and_refuses_others_by_name(tmp_path):
     with pytest.raises(ConfigError, match="cannot change reference.kl_coef.*adaptive_kl"):
         check_resume_overrides(path, load_config(None, ["reference.adaptive_kl=true", "reference.kl_coef=0.1",
                                                         "algorithm.clip_high=0.28", "rl.steps=60"]), resume=True)
+
+
+def test_an_unsafe_resume_override_is_refused_by_preflight_before_any_stage_runs(tmp_path):
+    """The refusal comes from `preflight` (before Ray starts and before the offline stages run again), and
+    leaves the run's recorded config as it was."""
+    from rlhf_ray.preflight import preflight
+    start = load_config(None, [f"run.output_dir={tmp_path}", "run.stages=[rl]", "reward.sources=[{kind: function, path: 'rewards_for_tests:nan_reward'}]"])
+    check_resume_overrides(tmp_path / "rl" / "run_config.json", start, resume=False)
+    recorded = (tmp_path / "rl" / "run_config.json").read_text()
+    changed = load_config(None, [f"run.output_dir={tmp_path}", "run.stages=[rl]", "reward.sources=[{kind: function, path: 'rewards_for_tests:nan_reward'}]",
+                           "model.lora.enabled=true"])
+    never = lambda spec: pytest.fail(f"preflight resolved {spec} before refusing the resume")  # noqa: E731
+    with pytest.raises(ConfigError, match="--resume cannot change model.lora.enabled"):
+        preflight(changed, resolve=never, resume=True)
+    assert (tmp_path / "rl" / "run_config.json").read_text() == recorded
