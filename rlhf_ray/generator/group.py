@@ -128,7 +128,10 @@ class GeneratorGroup:
             backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
             quantization = quantization_for(backend, cfg.model.quantization.load_in_4bit)
         lora = cfg.model.lora.enabled if lora is None else lora
-        return cls(model_path or resolve_model_path(cfg.model.path), cfg.rollout, backend, lora,
+        rollout = cfg.rollout
+        if cfg.cluster.simulate:  # a tensor-parallel engine's bundle keeps its logical GPUs; one CPU process computes
+            rollout = rollout.model_copy(update={"tensor_parallel_size": 1})
+        return cls(model_path or resolve_model_path(cfg.model.path), rollout, backend, lora,
                    max_model_len or cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
                    max_lora_rank=lora_rank_slot(cfg.model.lora.r) if lora else 16,
                    quantization=quantization, **kwargs)
