@@ -259,8 +259,12 @@ class GeneratorGroup:
             else:
                 joins.append(sender.__ray_call__.remote(open_sender, host, port, world, backend, device, self._timeout))
                 group = None
-            self._collective = (sender, group)
-            ray.get(joins)
+            self._collective = (sender, group)  # set first: a failed join is torn down like a failed send
+            try:
+                ray.get(joins)
+            except Exception:
+                self._drop_collective()
+                raise
         done = [a.receive.remote(mode, version, adapter_config) for a in self.actors]
         try:
             sender, group = self._collective

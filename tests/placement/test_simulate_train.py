@@ -73,9 +73,13 @@ def _where(actor_self):
 @pytest.fixture
 def placements(monkeypatch):
     """Wraps `build_roles` of the RL stage: records, for every process, its bundle and where Ray put it."""
+    import sys
+
     import ray
+    from ray import cloudpickle
 
     import rlhf_ray.rl.run as run
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # `_where` runs in workers that cannot import tests/
     seen = {}
     build = run.build_roles
 
