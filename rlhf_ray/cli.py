@@ -58,6 +58,10 @@ def cmd_train(args) -> int:
     from rlhf_ray.pipeline import run_pipeline
     from rlhf_ray.preflight import preflight, resume_wanted
     cfg = load(args)  # validated before Ray starts
+    if args.simulate or cfg.cluster.simulate:
+        from rlhf_ray.placement.simulate import BANNER, simulated_config
+        cfg = simulated_config(cfg, args.overrides)
+        print(BANNER, flush=True)
     resume = resume_wanted(cfg, args.resume)
     preflight(cfg, resume=resume)  # every input knowable before Ray starts
     print(json.dumps(run_pipeline(cfg, resume=resume), indent=2))
@@ -119,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", choices=["required", "auto"], default=None,
                    help="skip finished stages and continue from the latest checkpoint; a bare --resume refuses "
                         "when there is none, --resume=auto starts fresh then (for job retries)")
+    p.add_argument("--simulate", action="store_true",
+                   help="run the config's cluster plan on a local Ray cluster of logical GPUs, every role "
+                        "computing a tiny model of the same family on CPU (2 steps; see cluster.simulate)")
     p.set_defaults(func=cmd_train)
 
     for stage, text in OFFLINE_HELP.items():

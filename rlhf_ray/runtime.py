@@ -100,6 +100,12 @@ def ray_session(cfg: ClusterConfig):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False
     quiet_libraries()
+    if not ray.is_initialized() and cfg.simulate:  # a local multi-node cluster of logical GPUs
+        from rlhf_ray.placement.simulate import simulated_cluster
+        runtime_env = {"env_vars": role_env(), "worker_process_setup_hook": "rlhf_ray.runtime.setup_role_process"}
+        with simulated_cluster(cfg, dict(runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")):
+            yield
+        return
     if not ray.is_initialized():
         local = cfg.address == "local"
         runtime_env = {"env_vars": role_env(local_env(_has_cuda()) if local else None),

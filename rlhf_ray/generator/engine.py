@@ -25,6 +25,7 @@ import torch
 
 from rlhf_ray.generator.records import Rollout
 from rlhf_ray.generator.threads import engine_env
+from rlhf_ray.sync.files import reload_payload
 from rlhf_ray.utils.device import Backend
 
 Prompt = Union[str, Sequence[int]]
@@ -155,10 +156,22 @@ class GeneratorEngine:
         t0 = time.perf_counter()
         self._check_version(version)
         self.reclaim("weights")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights)})
+        if self.cfg.tensor_parallel_size > 1:  # workers in other processes: a path crosses, an iterator cannot
+            method, kwargs = reload_payload(self._write_sync_folder(named_weights))
+            self.llm.collective_rpc(method, kwargs=kwargs)
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights)})
         self.llm.reset_prefix_cache()
         self.version = version
         return time.perf_counter() - t0
+
+    def _write_sync_folder(self, named_weights: Iterable[tuple[str, torch.Tensor]]) -> Path:
+        """The whole sync as safetensors files in one node-local folder (/dev/shm), overwritten each time."""
+        from rlhf_ray.sync.buckets import pack_buckets
+        from rlhf_ray.sync.files import write_sync_folder
+        folder = self._adapter_root / "full"
+        write_sync_folder(pack_buckets(named_weights, int(self.cfg.sync.bucket_mb * 2 ** 20), reuse=True), folder)
+        return folder
 
     def load_adapter(self, named_weights: Iterable[tuple[str, torch.Tensor]], adapter_config: dict,
                      version: int) -> float:

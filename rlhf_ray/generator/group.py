@@ -11,7 +11,8 @@ driver; buckets packed inside a learner actor are owned by that learner (Ray 2.5
 `ray.put(_owner=...)`), so they live as long as the learner does, which is as long as the run.
 
 Transport: "object_store" when every engine shares the driver's node (one put, zero-copy maps);
-"collective" otherwise (a gloo/NCCL broadcast from the driver to every engine, see sync/collective.py).
+"collective" otherwise (a gloo/NCCL broadcast to every engine, see sync/collective.py, sent by the
+learner's rank 0 when the weights come from a learner: the driver may sit on a CPU-only head node).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from rlhf_ray.generator.threads import engine_env
 from rlhf_ray.sync.buckets import pack_buckets
 from rlhf_ray.utils.net import free_port
 from rlhf_ray.sync.collective import CollectiveGroup
-from rlhf_ray.sync.transport import fetch, publish, publish_from_learner, without
+from rlhf_ray.sync.transport import (close_sender, fetch, open_sender, publish, publish_from_learner, send_refs,
+                                     sender_address, without)
 from rlhf_ray.utils.device import Backend, resolve_backend
 
 MODE_OF = {"auto": lambda lora: "adapter" if lora else "full", "full": lambda lora: "full",
@@ -64,6 +66,10 @@ def _learner_ranks(source) -> list:
     return []
 
 
+def _actor_id(handle) -> Optional[str]:
+    return None if handle is None else handle._actor_id.hex()
+
+
 class PendingRollout:
     """Per-engine rollouts in flight; `result()` merges them in prompt order."""
 
@@ -90,7 +96,7 @@ class GeneratorGroup:
         self.cfg, self.backend, self.lora = rollout_cfg, backend, lora
         self.version = 0
         self._restore: dict[str, Any] = {}          # mode -> (refs, adapter_config, version)
-        self._collective: Optional[CollectiveGroup] = None
+        self._collective: Optional[tuple] = None   # (sender learner or None for the driver, driver's group)
         self._timeout = collective_timeout_s
         self._skip_full = tied_names(model_path)
         opts = dict(max_lora_rank=max_lora_rank, quantization=quantization, engine_kwargs=engine_kwargs)
@@ -121,7 +127,10 @@ class GeneratorGroup:
             backend = resolve_backend(cfg.cluster.device, cfg.model.dtype)
             quantization = quantization_for(backend, cfg.model.quantization.load_in_4bit)
         lora = cfg.model.lora.enabled if lora is None else lora
-        return cls(model_path or resolve_model_path(cfg.model.path), cfg.rollout, backend, lora,
+        rollout = cfg.rollout
+        if cfg.cluster.simulate:  # a tensor-parallel engine's bundle keeps its logical GPUs; one CPU process computes
+            rollout = rollout.model_copy(update={"tensor_parallel_size": 1})
+        return cls(model_path or resolve_model_path(cfg.model.path), rollout, backend, lora,
                    max_model_len or cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
                    max_lora_rank=lora_rank_slot(cfg.model.lora.r) if lora else 16,
                    quantization=quantization, **kwargs)
@@ -181,7 +190,7 @@ class GeneratorGroup:
             raise ValueError("adapter sync needs adapter_config (the peft LoraConfig as a dict)")
         t_pack = time.perf_counter()
         if self.transport == "collective":
-            engine_s = self._broadcast(refs, mode, version, adapter_config)
+            engine_s = self._broadcast(refs, mode, version, adapter_config, ranks[0] if ranks else None)
         else:
             engine_s = ray.get([self._load_call(a, mode, refs, adapter_config, version) for a in self.actors])
         self._restore[mode] = (refs, adapter_config, version)
@@ -198,19 +207,40 @@ class GeneratorGroup:
             return actor.load_full.remote(refs, version)
         return actor.load_adapter.remote(refs, adapter_config, version)
 
-    def _broadcast(self, refs: list, mode: str, version: int, adapter_config: Optional[dict]) -> list[float]:
+    def _broadcast(self, refs: list, mode: str, version: int, adapter_config: Optional[dict],
+                   sender=None) -> list[float]:
+        """Rank 0 is `sender` (learner rank 0: its node has the device the backend needs and the buckets)
+        when the weights come from a learner; the driver only for an iterator source (tests, tools)."""
         import ray
 
+        if self._collective is not None and _actor_id(self._collective[0]) != _actor_id(sender):
+            self._drop_collective()
         if self._collective is None:
-            host, port, world = ray.util.get_node_ip_address(), free_port(), len(self.actors) + 1
-            device = self.backend.device
-            joins = [a.join_group.remote(host, port, i + 1, world, self.backend.dist_backend, device, self._timeout)
+            world, backend, device = len(self.actors) + 1, self.backend.dist_backend, self.backend.device
+            if sender is None:
+                host, port = ray.util.get_node_ip_address(), free_port()
+            else:
+                host, port = ray.get(sender.__ray_call__.remote(sender_address))
+            joins = [a.join_group.remote(host, port, i + 1, world, backend, device, self._timeout)
                      for i, a in enumerate(self.actors)]
-            self._collective = CollectiveGroup(host, port, 0, world, self.backend.dist_backend, device, self._timeout)
-            ray.get(joins)
+            if sender is None:
+                group = CollectiveGroup(host, port, 0, world, backend, device, self._timeout)
+            else:
+                joins.append(sender.__ray_call__.remote(open_sender, host, port, world, backend, device, self._timeout))
+                group = None
+            self._collective = (sender, group)  # set first: a failed join is torn down like a failed send
+            try:
+                ray.get(joins)
+            except Exception:
+                self._drop_collective()
+                raise
         done = [a.receive.remote(mode, version, adapter_config) for a in self.actors]
         try:
-            self._collective.send_buckets(fetch(r) for r in refs)
+            sender, group = self._collective
+            if sender is None:
+                group.send_buckets(fetch(r) for r in refs)
+            else:
+                ray.get(sender.__ray_call__.remote(send_refs, refs))
             return ray.get(done)
         except Exception:
             self._drop_collective()
@@ -220,8 +250,12 @@ class GeneratorGroup:
         import ray
 
         if self._collective is not None:
-            self._collective.close()
+            sender, group = self._collective
             self._collective = None
+            if group is not None:
+                group.close()
+            else:
+                ray.wait([sender.__ray_call__.remote(close_sender)], timeout=10)
             ray.wait([a.leave_group.remote() for a in self.actors], num_returns=len(self.actors), timeout=10)
 
     # -- restarts -------------------------------------------------------------------------------

@@ -30,12 +30,21 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+def cached_snapshot(spec: str, files: Optional[list[str]] = None) -> Optional[str]:
+    """The snapshot folder of `spec` in the local hub cache holding `files`, or None (never downloads)."""
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(spec, local_files_only=True, allow_patterns=files)
+    except Exception:  # noqa: BLE001 - any miss in the cache
+        return None
+    return str(folder) if all((Path(folder) / f).exists() for f in files or ()) else None
+
+
 def resolve_hub_id(spec: str, files: Optional[list[str]] = None) -> str:
     """The snapshot folder of hub id `spec`. `files`: only these (e.g. ["config.json"] for a plan)."""
     from huggingface_hub import constants, snapshot_download
-    try:
-        folder = snapshot_download(spec, local_files_only=True, allow_patterns=files)
-    except Exception:  # noqa: BLE001 - any miss in the cache: download if we may, else say how
+    folder = cached_snapshot(spec, files)
+    if folder is None:  # not cached: download if we may, else say how
         if _offline():
             raise HubModelMissing(
                 f"model {spec!r} is a hub id that is not in the local hub cache ({constants.HF_HUB_CACHE}) and "

@@ -10,10 +10,18 @@ from rlhf_ray.placement.plan import Plan
 
 
 def model_config(spec: str) -> dict:
-    """config.json of a model spec (built-in, hub id or folder); a hub id fetches config.json only."""
-    from rlhf_ray.models.hub import is_hub_id, resolve_hub_id
+    """config.json of a model spec (built-in, hub id or folder). A hub id is read from the local hub cache,
+    else from the facts this package ships (`placement/known_models`), else downloaded (config.json only)."""
+    from rlhf_ray.models.hub import cached_snapshot, is_hub_id, resolve_hub_id
     from rlhf_ray.models.kit import resolve_model_path
-    folder = resolve_hub_id(spec, ["config.json"]) if is_hub_id(spec) else resolve_model_path(spec)
+    from rlhf_ray.placement.shapes import known_config
+    if is_hub_id(spec):
+        folder = cached_snapshot(spec, ["config.json"])
+        if folder is None and (known := known_config(spec)) is not None:
+            return known
+        folder = folder or resolve_hub_id(spec, ["config.json"])
+    else:
+        folder = resolve_model_path(spec)
     return json.loads((Path(folder) / "config.json").read_text())
 
 

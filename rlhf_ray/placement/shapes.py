@@ -9,9 +9,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
+# config.json of the hub models the shipped GPU configs name (source and rules: known_models/README.md).
+KNOWN_MODELS = Path(__file__).with_name("known_models")
 # Decoders whose MLP is gated (gate, up, down: 3 matrices); BERT-style encoders have 2 and biases.
 ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta-v2"})
+
+
+def known_config(hub_id: str) -> Optional[dict]:
+    """The shipped config.json of hub id `org/name`, or None when the package does not carry it."""
+    path = KNOWN_MODELS / (hub_id.replace("/", "--") + ".json")
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class ShapeError(ValueError):

@@ -58,3 +58,38 @@ def publish_from_learner(learner: Any, mode: str, bucket_bytes: int, dtype: Opti
         return [], None
     refs = publish(pack_buckets(without(named, skip), bucket_bytes, dtype, reuse=True))
     return refs, (learner.adapter_config() if mode == "adapter" else None)
+
+
+# -- the collective sender inside a learner rank (through `__ray_call__`) -----------------------------
+# The broadcast's rank 0 is the learner's rank 0, not the driver: the driver may run on a CPU-only head
+# node (no CUDA for NCCL), and the buckets are the learner's own objects, so they never detour via the head.
+_SENDER = "_rlhf_ray_weight_sender"
+
+
+def sender_address(learner: Any) -> tuple[str, int]:
+    """The learner node's IP and a free port on it: where the engines meet the sender."""
+    import ray
+    from rlhf_ray.utils.net import free_port
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def open_sender(learner: Any, host: str, port: int, world_size: int, backend: str, device: str,
+                timeout_s: float) -> None:
+    from rlhf_ray.sync.collective import CollectiveGroup
+    close_sender(learner)
+    setattr(learner, _SENDER, CollectiveGroup(host, port, 0, world_size, backend, device, timeout_s))
+
+
+def send_refs(learner: Any, refs: list) -> int:
+    """Broadcast the published buckets (refs inside a list: Ray passes them unresolved)."""
+    group = getattr(learner, _SENDER, None)
+    if group is None:
+        raise RuntimeError("send_refs() before open_sender()")
+    return group.send_buckets(fetch(r) for r in refs)
+
+
+def close_sender(learner: Any) -> None:
+    group = getattr(learner, _SENDER, None)
+    if group is not None:
+        group.close()
+        setattr(learner, _SENDER, None)

