@@ -110,9 +110,6 @@ class ColocatedRank(PolicyRank):
         return self.engine.load_adapter(self.learner.named_weights("adapter"), self.learner.adapter_config(),
                                         version)
 
-    def engine_version(self) -> int:
-        return self.engine.version
-
     # -- checkpoints: the critic lives here too --------------------------------------------------
     def save_roles(self, path: str, extra_state: dict) -> None:
         self.learner.save_checkpoint(os.path.join(path, "policy"), extra_state)
