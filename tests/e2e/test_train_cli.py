@@ -21,6 +21,8 @@ pytestmark = pytest.mark.slow
 # tests/e2e is on the path
 from helpers import QUICK, ROOT, assert_quiet_console, metrics, serve, stop_process, train  # noqa: E402
 
+from rlhf_ray.utils.device import LOGPROB_TOLERANCE, cpu_has_fast_bf16  # noqa: E402
+
 
 OFFLINE_SAVES = ("sft.save_every=20", "rm.save_every=20")  # 56 steps each: checkpoints at 20 and 40 stay
 
@@ -261,3 +263,19 @@ def test_overlapped_run_scores_through_the_http_reward_service(offline, tmp_path
     local = RewardScorer(RewardConfig(sources=(RewardSource(kind="model", path=str(rm)),)))
     want, _ = local.score([s["prompt"] for s in samples], [s["response"] for s in samples])
     assert [s["score"] for s in samples] == pytest.approx(want, rel=1e-4, abs=1e-4)  # the service's scores
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no native bf16: emulated bf16 is far too slow "
+                                                   "and not a path a run would take here")
+def test_a_bf16_run_checks_agreement_at_bf16_thresholds_and_weighs_the_gap(offline, tmp_path):
+    """bf16 learner, reference and vLLM engine (colocated): the agreement check runs at bf16's thresholds
+    (LOGPROB_TOLERANCE) instead of stopping the run at fp32's, and truncated IS weighs the remaining gap."""
+    out = tmp_path / "bf16"
+    train(*rl_args(offline, out, "model.dtype=bfloat16", "algorithm.tis=true", "rl.steps=3", "rl.save_every=0"))
+    rows = metrics(out / "rl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    gap = [r["sync/logprob_max_abs"] for r in rows]
+    bf16 = LOGPROB_TOLERANCE["bfloat16"]
+    assert all(g < bf16[0] for g in gap) and max(gap) > 1e-3, gap  # bf16 (not fp32 noise), within its bound
+    assert all(r["sync/logprob_mean_abs"] < bf16[1] for r in rows)
+    assert all(r["tis/ratio_mean"] != 1.0 and abs(r["tis/ratio_mean"] - 1) < 0.1 for r in rows), rows
