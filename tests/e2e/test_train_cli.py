@@ -6,6 +6,7 @@ These tests start Ray, DeepSpeed and vLLM in subprocesses (minutes in all); they
 and the two PPO tests share one PPO run.
 """
 import json
+import math
 import os
 import shutil
 import signal
@@ -183,16 +184,21 @@ def test_ppo_epochs_clip_and_the_kl_and_entropy_terms_enter_the_objective(ppo_ru
     for r in rows:  # 4 minibatches x 2 epochs: after the first update the ratio moves and is clipped
         assert r["policy/clip_frac"] > 0.01 and r["policy/ratio_max"] > 1.2, r["step"]
         assert "value/loss" in r and r["value/objective"] == pytest.approx(0.5 * r["value/loss"], rel=1e-5)
-    beta = 0.02
+    beta, last, reached = 0.02, None, False
     for r in rows:
         # The minimised objective is surrogate + beta * KL (as a loss, k3) - entropy_coef * entropy, with the
         # beta the adaptive controller held at that step (micro-batch = minibatch, so the means are exact).
         expected = r["policy/loss"] + beta * r["kl/loss"] - 0.01 * r["policy/entropy"]
         assert r["policy/objective"] == pytest.approx(expected, rel=1e-4, abs=1e-7), r["step"]
-        # Ziegler's rule on the KL per sequence: beta *= 1 + clip(KL / target - 1, +-0.2) * batch / horizon
-        error = min(max(r["kl/seq_mean"] / 0.5 - 1, -0.2), 0.2)
-        beta *= 1 + error * BATCH / 100
-        assert r["kl/coef"] == pytest.approx(beta, rel=1e-6), r["step"]
+        # Ziegler's rule on the KL per sequence, beta *= exp(clip(KL / target - 1, +-0.2) * batch / horizon),
+        # with the controller's anti-windup (rlhf_ray.algo.kl): beta holds until the KL first reaches the
+        # target, and while the KL already moves towards it
+        kl = r["kl/seq_mean"]
+        reached = reached or kl >= 0.5
+        if reached and not (last is not None and (kl - 0.5) * (kl - last) < 0):
+            beta *= math.exp(min(max(kl / 0.5 - 1, -0.2), 0.2) * BATCH / 100)
+        last = kl
+        assert r["kl/coef"] == pytest.approx(beta, rel=1e-6), (r["step"], [x["kl/seq_mean"] for x in rows])
     assert rows[-1]["kl/loss"] > 0 and rows[-1]["kl/coef"] != rows[0]["kl/coef"]
     assert all(r["reward/seq_mean"] == pytest.approx(r["reward/score_mean"], rel=1e-5) for r in rows)  # no KL in reward
 

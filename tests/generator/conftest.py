@@ -87,3 +87,14 @@ def standin_learner_cls():
 
     return StandInLearner
 
+
+
+def submit_as_the_roles_do(group, prompts, **kwargs):
+    """`group.submit(...).result()` with the one retry `rl.distributed.DistributedRoles.generate` makes: an
+    engine killed just before the call may still take it (a kill is asynchronous) and raise from `.result()`;
+    the retry finds it restarted and re-synced."""
+    import ray
+    try:
+        return group.submit(prompts, **kwargs).result()
+    except ray.exceptions.RayActorError:
+        return group.submit(prompts, **kwargs).result()

@@ -5,7 +5,7 @@ import torch
 from rlhf_ray.config.schema import RolloutConfig
 from rlhf_ray.utils.device import resolve_backend
 
-from .conftest import hf_greedy, load_hf, named_weights, perturb
+from .conftest import hf_greedy, load_hf, named_weights, perturb, submit_as_the_roles_do
 
 pytestmark = pytest.mark.slow
 NEW = 6
@@ -23,7 +23,7 @@ def _cut(seq, eos=2):
 
 
 def _expect_greedy(group, model, prompts):
-    r = group.submit(prompts, n=2, temperature=0.0).result()
+    r = submit_as_the_roles_do(group, prompts, n=2, temperature=0.0)
     want = [_cut(x) for x in hf_greedy(model, prompts, NEW)]
     assert r.prompt_index == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert r.response_ids == [w for w in want for _ in range(2)]

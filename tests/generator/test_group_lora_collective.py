@@ -5,7 +5,7 @@ import torch
 from rlhf_ray.config.schema import RolloutConfig
 from rlhf_ray.utils.device import resolve_backend
 
-from .conftest import adapter_config, hf_greedy, load_hf, named_weights, perturb
+from .conftest import adapter_config, hf_greedy, load_hf, named_weights, perturb, submit_as_the_roles_do
 
 pytestmark = pytest.mark.slow
 NEW = 6
@@ -35,7 +35,7 @@ def test_adapter_versions_over_collective_and_restart(ray_local, tiny_path):
         assert r.weight_version == group.version == 2
 
         ray_local.kill(group.actors[0], no_restart=False)      # restored from the object store
-        r = group.submit(prompts, n=1, temperature=0.0).result()
+        r = submit_as_the_roles_do(group, prompts, n=1, temperature=0.0)
         assert r.weight_version == 2 and r.response_ids == [_cut(x) for x in hf_greedy(policy, prompts, NEW)]
         perturb(policy, seed=43, scale=0.2)                     # the group is rebuilt for the next push
         group.sync_weights(named_weights(policy, "adapter"), adapter_config=adapter_config(policy))

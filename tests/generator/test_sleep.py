@@ -1,5 +1,7 @@
 """Sharing a GPU with the learner: the engine releases its memory after generating and takes back exactly
 what each later call needs; on a device that cannot sleep (CPU) nothing is ever released."""
+from types import SimpleNamespace
+
 from rlhf_ray.generator.engine import GeneratorEngine
 
 
@@ -24,6 +26,7 @@ class FakeLLM:
 def engine(can_sleep: bool) -> GeneratorEngine:
     e = object.__new__(GeneratorEngine)  # the state machine only; no vLLM engine behind it
     e.llm, e.can_sleep, e.asleep, e.version = FakeLLM(), can_sleep, frozenset(), 0
+    e.cfg = SimpleNamespace(tensor_parallel_size=1)  # one process: weights cross as an iterator
     return e
 
 
