@@ -1,6 +1,6 @@
 """Work, not time: GEMM FLOPs of one GRPO step's learner passes on SmolLM2-135M + LoRA r16 (q/k/v/o),
 32 rows x (P prompt + 48 response) tokens, with the LM head over every position (before) and over the
-response positions only (`rlhf_ray.rl.micro.response_logits`). Counted with torch's FlopCounterMode on
+response positions only (`rlhf_ray.rl.micro.forward_response_logits`). Counted with torch's FlopCounterMode on
 4 rows and scaled to 32, so it runs in seconds and does not depend on how loaded the machine is.
 
     python benchmarks/step_flops.py [--prompt-len 64]

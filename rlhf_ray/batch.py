@@ -62,9 +62,16 @@ def pad_ragged(rows: Sequence[Sequence[float]], width: int, fill: float = 0.0) -
     return out
 
 
-def response_logits(logits: torch.Tensor, prompt_len: int, response_len: int) -> torch.Tensor:
-    """(B, P + T, V) -> (B, T, V): the logits that predict each response token."""
-    return logits[:, prompt_len - 1:prompt_len - 1 + response_len]
+def logits_to_keep(seq: SequenceBatch) -> int:
+    """How many final positions' logits a forward must compute to predict every response token (HF's
+    `logits_to_keep`): the LM head over the prompt is work nobody reads, forward and backward."""
+    return seq.response_mask.shape[1] + 1
+
+
+def response_logits(logits: torch.Tensor, seq: SequenceBatch) -> torch.Tensor:
+    """(B, L', V) logits of the last L' positions, the whole sequence (L' = P + T) or the last
+    `logits_to_keep(seq)` -> (B, T, V): the logits that predict each response token."""
+    return logits[:, -logits_to_keep(seq):-1]
 
 
 def minibatches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -75,7 +82,7 @@ def minibatches(n: int, size: int, generator: torch.Generator | None = None) -> 
 
 
 def response_logprobs(logits: torch.Tensor, seq: SequenceBatch, temperature: float) -> torch.Tensor:
-    """(B, P+T, V) logits -> (B, T) log pi(a_t | s_t) of the response tokens at the sampling temperature."""
+    """(B, L', V) logits (as `response_logits` takes them) -> (B, T) log pi(a_t | s_t) of the response
+    tokens at the sampling temperature."""
     from rlhf_ray import algo
-    return algo.token_logprobs(response_logits(logits, seq.prompt_len, seq.response_mask.shape[1]),
-                               seq.response_ids, temperature=temperature)
+    return algo.token_logprobs(response_logits(logits, seq), seq.response_ids, temperature=temperature)

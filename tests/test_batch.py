@@ -20,7 +20,7 @@ def test_response_logits_align_with_response_tokens():
     logits = torch.zeros(2, L, 10)
     for j in range(L - 1):
         logits[torch.arange(2), j, b.input_ids[:, j + 1]] = 1.0
-    picked = response_logits(logits, b.prompt_len, 3).argmax(-1)
+    picked = response_logits(logits, b).argmax(-1)
     assert torch.equal(picked * b.response_mask.long(), b.response_ids * b.response_mask.long())
 
 

@@ -20,8 +20,7 @@ from rlhf_ray.rl.advantage_step import clean_scores, make_train_batch
 from rlhf_ray.rl.dynamic_sampling import fill_batch, score_round
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.records import ScoredBatch
-from rlhf_ray.sync.checks import check_logprob_agreement, check_version
-from rlhf_ray.utils.device import logprob_tolerance
+from rlhf_ray.sync.checks import agreement_thresholds, check_logprob_agreement, check_version
 from rlhf_ray.utils.timing import PhaseTimer
 
 
@@ -164,14 +163,6 @@ class RLController:
         self.kl_ctl.load_state_dict(d["kl"])
         self._shuffle.set_state(torch.tensor(d["shuffle"], dtype=torch.uint8))
         self.version = int(d["version"])
-
-
-def agreement_thresholds(sync, dtypes: tuple[str, ...]):
-    """The sync config with the log-prob agreement thresholds it leaves unset taken from the precisions
-    in use (`rlhf_ray.utils.device.LOGPROB_TOLERANCE`); thresholds set in the config always win."""
-    max_abs, mean_abs = logprob_tolerance(dtypes)
-    return sync.model_copy(update={"logprob_max_abs_diff": sync.logprob_max_abs_diff or max_abs,
-                                   "logprob_mean_abs_diff": sync.logprob_mean_abs_diff or mean_abs})
 
 
 def metrics_of(reward_stats: dict, update_stats: dict) -> tuple[float, float]:

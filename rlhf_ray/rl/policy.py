@@ -12,7 +12,7 @@ from rlhf_ray import algo
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.learner.group import LearnerRank
-from rlhf_ray.rl.micro import OBJECTIVE, micro_batches, response_logits, token_weight
+from rlhf_ray.rl.micro import OBJECTIVE, forward_response_logits, micro_batches, token_weight
 from rlhf_ray.rl.records import TrainBatch
 from rlhf_ray.rl.step_loss import policy_minibatch_loss
 from rlhf_ray.sync.checks import logprob_agreement
@@ -47,7 +47,7 @@ class PolicyWorker:
         out = []
         for i in range(0, len(seq), self.mbs):
             mb = seq.select(slice(i, i + self.mbs))
-            out.append(algo.token_logprobs(response_logits(self.learner, mb), mb.response_ids,
+            out.append(algo.token_logprobs(forward_response_logits(self.learner, mb), mb.response_ids,
                                            self.temperature).cpu())
         return torch.cat(out)
 
@@ -67,7 +67,7 @@ class PolicyWorker:
 
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu())
-            logits = response_logits(learner, tb.seq).float()
+            logits = forward_response_logits(learner, tb.seq).float()
             logp = algo.token_logprobs(logits, tb.seq.response_ids, self.temperature)
             prox = logp.detach() if live else None if proximal is None else proximal[mb["idx"].cpu()]
             loss, stats = policy_minibatch_loss(logits, logp, tb, self.algo, self.ref_cfg, kl_coef, self.temperature,

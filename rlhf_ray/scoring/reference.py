@@ -9,8 +9,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from rlhf_ray import algo
-from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.batch import SequenceBatch, logits_to_keep, response_logprobs
 from rlhf_ray.utils.phases import set_phase_threads, timed
 
 
@@ -28,12 +27,10 @@ class ReferenceScorer:
         out = []
         for i in range(0, len(seq), self.mbs):
             mb = seq.select(slice(i, i + self.mbs))
-            T = mb.response_mask.shape[1]
-            # the LM head over the response positions only (the prompt's logits are never read)
             logits = self.model(input_ids=mb.input_ids.to(self.device),
                                 attention_mask=mb.attention_mask.to(self.device),
-                                position_ids=mb.position_ids.to(self.device), logits_to_keep=T + 1).logits[:, :T]
-            out.append(algo.token_logprobs(logits, mb.response_ids, self.temperature).cpu())
+                                position_ids=mb.position_ids.to(self.device), logits_to_keep=logits_to_keep(mb)).logits
+            out.append(response_logprobs(logits, mb, self.temperature).cpu())
         return torch.cat(out)
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from rlhf_ray.utils.device import LOGPROB_TOLERANCE
+from rlhf_ray.utils.device import logprob_tolerance
 
 
 class StaleWeightsError(RuntimeError):
@@ -58,6 +58,14 @@ def logprob_agreement(learner_logp: torch.Tensor, generator_logp: torch.Tensor,
     return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "num_tokens": float(n)}
 
 
+def agreement_thresholds(sync_cfg, dtypes: tuple[str, ...] = ()):
+    """The sync config with the log-prob agreement thresholds it leaves unset taken from the precisions
+    in use (`rlhf_ray.utils.device.LOGPROB_TOLERANCE`; none named: fp32's); set thresholds always win."""
+    max_abs, mean_abs = logprob_tolerance(dtypes)
+    return sync_cfg.model_copy(update={"logprob_max_abs_diff": sync_cfg.logprob_max_abs_diff or max_abs,
+                                       "logprob_mean_abs_diff": sync_cfg.logprob_mean_abs_diff or mean_abs})
+
+
 def check_logprob_agreement(stats: dict[str, float], sync_cfg, version: Optional[int] = None) -> None:
     """Raise LogprobMismatchError if `stats` exceed `sync_cfg.logprob_max_abs_diff` / `logprob_mean_abs_diff`.
 
@@ -66,9 +74,8 @@ def check_logprob_agreement(stats: dict[str, float], sync_cfg, version: Optional
     """
     if not sync_cfg.logprob_check:
         return
-    # thresholds left unset: fp32's (the controller fills them per precision, rl.controller.agreement_thresholds)
-    fp32_max, fp32_mean = LOGPROB_TOLERANCE["float32"]
-    max_lim, mean_lim = sync_cfg.logprob_max_abs_diff or fp32_max, sync_cfg.logprob_mean_abs_diff or fp32_mean
+    limits = agreement_thresholds(sync_cfg)  # unset: fp32's (the controller passes them per precision)
+    max_lim, mean_lim = limits.logprob_max_abs_diff, limits.logprob_mean_abs_diff
     max_abs, mean_abs = stats["max_abs"], stats["mean_abs"]
     bad = []
     if not (max_abs <= max_lim):

@@ -4,28 +4,18 @@ On CPUs without it, bf16 matmuls are emulated and 7-500x slower (STACK.md), so t
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from rlhf_ray.learner.learner import Learner
 from rlhf_ray.offline.stages import sft_step_loss
 from rlhf_ray.batch import pack_sequences, response_logprobs
-from rlhf_ray.utils.device import resolve_backend
+from rlhf_ray.utils.device import cpu_has_fast_bf16, resolve_backend
 from tests.learner.helpers import learner_cfg, model_cfg, split, token_batches
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-
-
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not {"avx512_bf16", "amx_bf16"} & _cpu_flags(),
+              pytest.mark.skipif(not cpu_has_fast_bf16(),
                                  reason="this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag): bf16 "
                                         "would be emulated, far too slow to test, and not the path a run uses")]
 

@@ -7,8 +7,8 @@ import torch
 from rlhf_ray.batch import pack_sequences, response_logprobs
 from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConfig, SyncConfig
 from rlhf_ray.learner.learner import Learner
-from rlhf_ray.rl.controller import agreement_thresholds
-from rlhf_ray.rl.micro import response_logits
+from rlhf_ray.sync.checks import agreement_thresholds
+from rlhf_ray.rl.micro import forward_response_logits
 from rlhf_ray.rl.policy import PolicyWorker, has_dropout, proximal_is_live
 from rlhf_ray.rl.records import TrainBatch
 from rlhf_ray.utils.device import LOGPROB_TOLERANCE, logprob_tolerance, resolve_backend
@@ -76,7 +76,7 @@ def test_response_logits_are_the_full_forward_at_the_response_positions():
     seq = _batch(learner).seq
     with torch.no_grad():
         full = learner.forward_logits(seq.input_ids, seq.attention_mask, seq.position_ids)
-        part = response_logits(learner, seq)
+        part = forward_response_logits(learner, seq)
     T = seq.response_mask.shape[1]
     assert part.shape == (len(seq), T, full.shape[-1])
     torch.testing.assert_close(part, full[:, seq.prompt_len - 1:seq.prompt_len - 1 + T], rtol=1e-5, atol=1e-5)
