@@ -24,7 +24,7 @@ from rlhf_ray.generator.engine import Prompt, lora_rank_slot, quantization_for
 from rlhf_ray.generator.records import Rollout, concat_rollouts
 from rlhf_ray.generator.threads import engine_env
 from rlhf_ray.sync.buckets import pack_buckets
-from rlhf_ray.utils.net import free_port
+from rlhf_ray.utils.net import node_address
 from rlhf_ray.sync.collective import CollectiveGroup
 from rlhf_ray.sync.transport import (close_sender, fetch, open_sender, publish, publish_from_learner, send_refs,
                                      sender_address, without)
@@ -218,7 +218,7 @@ class GeneratorGroup:
         if self._collective is None:
             world, backend, device = len(self.actors) + 1, self.backend.dist_backend, self.backend.device
             if sender is None:
-                host, port = ray.util.get_node_ip_address(), free_port()
+                host, port = node_address()
             else:
                 host, port = ray.get(sender.__ray_call__.remote(sender_address))
             joins = [a.join_group.remote(host, port, i + 1, world, backend, device, self._timeout)

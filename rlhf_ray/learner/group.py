@@ -37,8 +37,8 @@ class LearnerRank:
         self.learner = None
 
     def address(self) -> tuple[str, int]:
-        from rlhf_ray.utils.net import free_port
-        return ray.util.get_node_ip_address(), free_port()
+        from rlhf_ray.utils.net import node_address
+        return node_address()
 
     def setup(self, addr: str, port: int, model_cfg, learner_cfg, kind, init_path, backend, total_steps, seed):
         from rlhf_ray.learner.learner import Learner

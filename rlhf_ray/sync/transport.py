@@ -68,9 +68,8 @@ _SENDER = "_rlhf_ray_weight_sender"
 
 def sender_address(learner: Any) -> tuple[str, int]:
     """The learner node's IP and a free port on it: where the engines meet the sender."""
-    import ray
-    from rlhf_ray.utils.net import free_port
-    return ray.util.get_node_ip_address(), free_port()
+    from rlhf_ray.utils.net import node_address
+    return node_address()
 
 
 def open_sender(learner: Any, host: str, port: int, world_size: int, backend: str, device: str,

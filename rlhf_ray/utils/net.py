@@ -35,3 +35,9 @@ def free_port(host: str = "") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the gap is full or absent: any free port
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def node_address() -> tuple[str, int]:
+    """This Ray node's IP and a free port on it: where a rendezvous (DeepSpeed's, a weight broadcast's) meets."""
+    import ray
+    return ray.util.get_node_ip_address(), free_port()
