@@ -45,13 +45,18 @@ def apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    set_dotted(raw, parts, value, what=f"override {item!r}")
+
+
+def set_dotted(raw: dict, parts: list[str], value: Any, what: str = "key") -> None:
+    """raw[a][b][c] = value for parts [a, b, c], making the sections that are missing."""
     node = raw
     for i, part in enumerate(parts[:-1]):
         nxt = node.get(part)
         if nxt is None:
             nxt = node[part] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+            raise ConfigError(f"{what}: {'.'.join(parts[:i + 1])} is a value, not a section")
         node = nxt
     node[parts[-1]] = value
 

@@ -99,16 +99,12 @@ def simulation_updates(cfg: "Config", read_config: Callable[[str], dict]) -> dic
 def simulated_config(cfg: "Config", overrides: Iterable[str] = (),
                      read_config: Callable[[str], dict] | None = None) -> "Config":
     """`cfg` with its compute swapped for the simulation; the operator's own `overrides` still win."""
-    from rlhf_ray.config.load import apply_override, validate
+    from rlhf_ray.config.load import apply_override, set_dotted, validate
     if read_config is None:
         from rlhf_ray.placement.report import model_config as read_config
     raw = cfg.model_dump(mode="json")
     for key, value in simulation_updates(cfg, read_config).items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(raw, key.split("."), value)
     for item in overrides:
         apply_override(raw, item)
     sim = validate(raw, source=f"the simulation of {cfg.run.name}")
