@@ -55,7 +55,7 @@ def reward_model() -> Path:
 def run_ours(algo: str, rm: Path, steps: int) -> dict:
     out = WORK / f"ours-{algo}"
     done = out / "bench_result.json"  # a finished run of this size is reused when another run failed
-    size = {"steps": steps, "prompts": PROMPTS, "group": GROUP, "new_tokens": NEW_TOKENS}
+    size = {"steps": steps, "prompts": PROMPTS, "group": GROUP, "new_tokens": NEW_TOKENS, "lr": LR, "beta": BETA}
     if done.exists() and json.loads(done.read_text())["size"] == size:
         return json.loads(done.read_text())["result"]
     t0 = time.time()
@@ -146,7 +146,9 @@ def run_trl(rm: Path, steps: int) -> dict:
     return res
 
 
-def summary(res: dict, k: int = 3) -> dict:
+def summary(res: dict) -> dict:
+    """First and last quarter of the run (at least 3 steps each): one step's 16 samples are noisy."""
+    k = max(3, len(res["reward"]) // 4)
     mean = (lambda xs: sum(xs) / len(xs))
     return {"reward_first": mean(res["reward"][:k]), "reward_last": mean(res["reward"][-k:]),
             "gold_first": mean(res["gold"][:k]), "gold_last": mean(res["gold"][-k:]),
@@ -172,15 +174,17 @@ def plot(runs: dict[str, dict], path: Path) -> None:
 
 
 def main() -> None:
-    global PROMPTS, GROUP, NEW_TOKENS  # one size for every run of this invocation
+    global PROMPTS, GROUP, NEW_TOKENS, LR, BETA  # one size for every run of this invocation
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per step")
     ap.add_argument("--group", type=int, default=GROUP, help="samples per prompt")
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="max response tokens")
+    ap.add_argument("--lr", type=float, default=LR, help="policy learning rate (LoRA), both sides")
+    ap.add_argument("--beta", type=float, default=BETA, help="KL coefficient, both sides")
     ap.add_argument("--skip-trl", action="store_true", help="only rlhf_ray's runs (TRL not installed)")
     args = ap.parse_args()
-    PROMPTS, GROUP, NEW_TOKENS = args.prompts, args.group, args.new_tokens
+    PROMPTS, GROUP, NEW_TOKENS, LR, BETA = args.prompts, args.group, args.new_tokens, args.lr, args.beta
     rm = reward_model()
     runs = {"rlhf_ray ppo": run_ours("ppo", rm, args.steps), "rlhf_ray grpo": run_ours("grpo", rm, args.steps)}
     if not args.skip_trl:

@@ -74,10 +74,17 @@ def response_logits(logits: torch.Tensor, seq: SequenceBatch) -> torch.Tensor:
     return logits[:, -logits_to_keep(seq):-1]
 
 
-def minibatches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def minibatches(n: int, size: int, generator: torch.Generator | None = None, group: int = 1) -> list[torch.Tensor]:
     """Shuffled index sets of `size` rows, each row at most once. The config makes size divide a full
-    batch; when groups were dropped (non-finite rewards) the incomplete tail is left out of this epoch."""
-    perm = torch.randperm(n, generator=generator)
+    batch; when groups were dropped (non-finite rewards) the incomplete tail is left out of this epoch.
+
+    Rows come in groups of `group` (the samples of one prompt, adjacent). When whole groups fit, the
+    groups are shuffled and kept whole, so a micro-batch holds each prompt's samples together and the
+    forward computes the prompt once (`rlhf_ray.models.shared_prompt`)."""
+    if group > 1 and size % group == 0 and n % group == 0:
+        perm = (torch.randperm(n // group, generator=generator)[:, None] * group + torch.arange(group)).flatten()
+    else:
+        perm = torch.randperm(n, generator=generator)
     return [perm[i:i + size] for i in range(0, n - size + 1, size)]
 
 

@@ -102,12 +102,22 @@ class Learner:
         `keep_last` > 0: logits of the last that many positions only, (B, keep_last, V). RL reads only
         the response's; the LM head over the prompt (and its backward) is most of a small model's GEMMs.
         """
-        extra = {} if position_ids is None else {"position_ids": position_ids.to(self.engine.device)}
+        extra = {} if position_ids is None else {"position_ids": position_ids}
         if keep_last:
             extra["logits_to_keep"] = keep_last
-        out = self.engine(input_ids=input_ids.to(self.engine.device),
-                          attention_mask=attention_mask.to(self.engine.device), **extra)
-        return out.logits
+        return self.forward(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+    def forward(self, **kwargs):
+        """The wrapped model's HF output; tensors go to the learner's device (`rlhf_ray.models.shared_prompt`
+        calls it with a KV cache)."""
+        return self.engine(**{k: v.to(self.engine.device) if isinstance(v, torch.Tensor) else v
+                              for k, v in kwargs.items()})
+
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether a forward may compute shared prompts once through the KV cache: HF's checkpointed layers
+        drop the cache in training mode."""
+        return not (self.model_cfg.gradient_checkpointing and self.engine.module.training)
 
     def forward_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -148,7 +148,8 @@ class RLController:
     def _minibatches(self, n_rows: int) -> list[list[torch.Tensor]]:
         """Index sets per PPO epoch; drawn here so the shuffle is part of the driver's resumable state."""
         size = min(self.cfg.algorithm.mini_batch_size, n_rows)
-        return [minibatches(n_rows, size, self._shuffle) for _ in range(self.cfg.algorithm.ppo_epochs)]
+        n = self.cfg.rollout.n_samples_per_prompt
+        return [minibatches(n_rows, size, self._shuffle, group=n) for _ in range(self.cfg.algorithm.ppo_epochs)]
 
     # -- resumable state -----------------------------------------------------------------------
     def state_dict(self) -> dict:

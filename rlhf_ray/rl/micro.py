@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_ray.batch import SequenceBatch, logits_to_keep, response_logits
+from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.learner.dispatch import shard_rows
+from rlhf_ray.models.shared_prompt import response_logits_of
 
 # The learner's "loss" is the whole minimised objective (surrogate + KL + entropy terms); named apart so it
 # neither overwrites nor adds into the algorithm's own "policy/loss" / "value/loss" statistic.
@@ -39,7 +40,6 @@ def token_weight(agg: str, micro_mask: torch.Tensor, mb: dict) -> float:
 
 
 def forward_response_logits(learner, seq: SequenceBatch) -> torch.Tensor:
-    """(B, T, V) logits that predict each response token, the LM head run over those positions only (for
-    SmolLM2-135M with 64-token prompts the prompt's share was about 12% of a step's GEMMs)."""
-    kept = learner.forward_logits(seq.input_ids, seq.attention_mask, seq.position_ids, keep_last=logits_to_keep(seq))
-    return response_logits(kept, seq)
+    """(B, T, V) logits that predict each response token: the LM head over those positions only, and each
+    distinct prompt of the micro-batch computed once (`rlhf_ray.models.shared_prompt`)."""
+    return response_logits_of(learner.forward, seq, learner.shares_prompts)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import ray
 import torch
 
-from rlhf_ray.batch import SequenceBatch, logits_to_keep, response_logprobs
+from rlhf_ray import algo
+from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.models.shared_prompt import response_logits_of
 from rlhf_ray.utils.phases import set_phase_threads, timed
 
 
@@ -27,11 +29,12 @@ class ReferenceScorer:
         out = []
         for i in range(0, len(seq), self.mbs):
             mb = seq.select(slice(i, i + self.mbs))
-            logits = self.model(input_ids=mb.input_ids.to(self.device),
-                                attention_mask=mb.attention_mask.to(self.device),
-                                position_ids=mb.position_ids.to(self.device), logits_to_keep=logits_to_keep(mb)).logits
-            out.append(response_logprobs(logits, mb, self.temperature).cpu())
+            logits = response_logits_of(self._call, mb)
+            out.append(algo.token_logprobs(logits, mb.response_ids, temperature=self.temperature).cpu())
         return torch.cat(out)
+
+    def _call(self, **kwargs):
+        return self.model(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
 
 
 @ray.remote
