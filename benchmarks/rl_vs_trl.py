@@ -64,8 +64,16 @@ def policy_path(name: str, case: dict) -> str:
     return str(model)
 
 
-def run_ours(name: str, case: dict, model: str, steps: int, placement: str, *extra: str) -> dict:
-    out = WORK / name / (placement + ("-" + "-".join(e.split("=")[1] for e in extra) if extra else ""))
+# "colocated-2ranks": two colocated ranks of one thread each on the CPU node, data-parallel over its cores
+# (each rank generates, scores and trains half the prompts; DeepSpeed averages the gradients)
+VARIANTS = {"colocated": ("colocated", ()), "distributed": ("distributed", ()),
+            "colocated-2ranks": ("colocated", ("rl.policy.num_ranks=2", "cluster.torch_threads=1"))}
+
+
+def run_ours(name: str, case: dict, model: str, steps: int, variant: str, *extra: str) -> dict:
+    out = WORK / name / (variant + ("-" + "-".join(e.split("=")[1] for e in extra) if extra else ""))
+    placement, variant_extra = VARIANTS[variant]
+    extra = (*variant_extra, *extra)
     lora = (["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32"] if case["lora"] else [])
     t0 = time.time()
     cli("train", "configs/quickstart.yaml", f"run.output_dir={out}", "run.stages=[rl]", f"rl.init_from={model}",
@@ -206,7 +214,7 @@ def main() -> None:
     ap.add_argument("--steps", nargs="+", type=int, help="steps per case (default: tiny 20, smollm2 5)")
     ap.add_argument("--bf16", action="store_true", help="also run colocated and TRL both in bf16 (see above)")
     ap.add_argument("--placements", nargs="+", default=["colocated", "distributed"],
-                    choices=["colocated", "distributed"], help="our placements to run (default: both)")
+                    choices=list(VARIANTS), help="our placements to run (default: colocated, distributed)")
     args = ap.parse_args()
     steps = args.steps or [CASES[c]["steps"] for c in args.cases]
     if args.bf16:
