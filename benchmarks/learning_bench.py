@@ -5,9 +5,10 @@ the reward model is MiniLM-L6 trained here on the built-in preference pairs (`bu
 VADER judge labelled); VADER itself is the independent gold judge, never trained on. Every run sees the
 same number of samples per step (prompts x group) and the same number of steps, one run at a time.
 
-    python benchmarks/learning_bench.py [--steps 20] [--prompts 4 --group 4 --new-tokens 48]
-    # TRL: `pip install trl==1.16.0` (make bench does it). The committed results: --steps 10 --new-tokens 24,
-    # on 2 shared CPU cores (about 15 minutes a run); step times there are noisy (other jobs ran alongside).
+    python benchmarks/learning_bench.py [--steps 20] [--prompts 4 --group 4 --new-tokens 48] [--lr 1e-4]
+    # TRL: `pip install trl==1.16.0` (make bench does it). The committed results: --steps 40 --new-tokens 24
+    # --lr 5e-4 (640 samples a run; 10-25 minutes a run on 2 shared CPU cores: the step times there are
+    # not a speed measurement, benchmarks/rl_vs_trl.py is). At --lr 1e-4 and 10 steps nothing moved.
 
 Both GRPO implementations put a k3 KL in the loss with beta 0.04 and normalise rewards by the group's std;
 TRL 1.16 reduces the loss over all tokens of the batch (its default loss_type "dapo") where rlhf_ray's grpo
@@ -150,7 +151,9 @@ def summary(res: dict) -> dict:
     """First and last quarter of the run (at least 3 steps each): one step's 16 samples are noisy."""
     k = max(3, len(res["reward"]) // 4)
     mean = (lambda xs: sum(xs) / len(xs))
-    return {"reward_first": mean(res["reward"][:k]), "reward_last": mean(res["reward"][-k:]),
+    # the whole run's mean: the area under the curve per sample, i.e. how fast reward rose along the way
+    return {"reward_mean": mean(res["reward"]), "gold_mean": mean(res["gold"]),
+            "reward_first": mean(res["reward"][:k]), "reward_last": mean(res["reward"][-k:]),
             "gold_first": mean(res["gold"][:k]), "gold_last": mean(res["gold"][-k:]),
             "kl_last": mean(res["kl"][-k:]), "total_s": res["total_s"]}
 

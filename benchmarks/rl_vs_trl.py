@@ -64,10 +64,13 @@ def policy_path(name: str, case: dict) -> str:
     return str(model)
 
 
-# "colocated-2ranks": two colocated ranks of one thread each on the CPU node, data-parallel over its cores
+# variants of our side. "colocated-2ranks": two colocated ranks of one thread each on the CPU node, data-parallel over its cores
 # (each rank generates, scores and trains half the prompts; DeepSpeed averages the gradients)
 VARIANTS = {"colocated": ("colocated", ()), "distributed": ("distributed", ()),
-            "colocated-2ranks": ("colocated", ("rl.policy.num_ranks=2", "cluster.torch_threads=1"))}
+            "colocated-2ranks": ("colocated", ("rl.policy.num_ranks=2", "cluster.torch_threads=1")),
+            # the next step's generation on the engine's core while this step trains (one version behind,
+            # TIS on by default; every 10th step in lockstep for the log-prob check)
+            "distributed-overlap": ("distributed", ("rollout.sync.max_off_policy_lag=1",))}
 
 
 def run_ours(name: str, case: dict, model: str, steps: int, variant: str, *extra: str) -> dict:
