@@ -17,7 +17,7 @@ BENCHES = {
     "sync": ["sync_bench.py", "--models", "tiny", "smollm2-135m"],
     "rollout": ["rollout_bench.py"],
     "rl_vs_trl": ["rl_vs_trl.py"],
-    "learning": ["learning_bench.py", "--steps", "20"],
+    "learning": ["learning_bench.py", "--steps", "40", "--new-tokens", "24", "--lr", "5e-4"],
 }
 
 
