@@ -115,9 +115,10 @@ class Learner:
 
     @property
     def shares_prompts(self) -> bool:
-        """Whether a forward may compute shared prompts once through the KV cache: HF's checkpointed layers
-        drop the cache in training mode."""
-        return not (self.model_cfg.gradient_checkpointing and self.engine.module.training)
+        """Whether a forward may compute shared prompts once through the KV cache (not in training mode
+        under gradient checkpointing: `rlhf_ray.models.shared_prompt.can_share`)."""
+        from rlhf_ray.models.shared_prompt import can_share
+        return can_share(self.engine.module)
 
     def forward_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

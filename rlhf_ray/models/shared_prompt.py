@@ -34,11 +34,15 @@ def distinct_prompts(seq: SequenceBatch) -> Optional[tuple[torch.Tensor, torch.T
     return first, inverse
 
 
+def can_share(model: torch.nn.Module) -> bool:
+    """Whether `model` keeps a KV cache in its current mode: HF's gradient-checkpointed layers drop it in
+    training mode (they recompute in the backward), so such a model runs the plain forward there."""
+    return not (model.training and bool(getattr(model, "is_gradient_checkpointing", False)))
+
+
 def response_logits_of(call: ModelCall, seq: SequenceBatch, share_prompts: bool = True) -> torch.Tensor:
     """(B, T, V) logits that predict each response token; the LM head runs over response positions only.
-
-    share_prompts=False runs the plain forward: a model whose layers recompute under gradient
-    checkpointing drops the KV cache in training mode (HF's checkpointed layers do), so it cannot share."""
+    share_prompts=False (see `can_share`) runs the plain forward."""
     found = distinct_prompts(seq) if share_prompts else None
     if found is None:
         return response_logits(call(input_ids=seq.input_ids, attention_mask=seq.attention_mask,

@@ -88,3 +88,19 @@ def test_shared_prompt_under_lora_trains_the_adapter_alike():
         grads[-1]["ref"] = ref
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4), k
+
+
+def test_gradient_checkpointing_in_training_mode_runs_the_plain_forward():
+    from rlhf_ray.models.shared_prompt import can_share
+    seq = grouped_batch()
+    m = model().train()
+    assert can_share(m)
+    m.gradient_checkpointing_enable()
+    assert not can_share(m) and can_share(m.eval())  # no recompute (and a kept cache) in eval mode
+    m.train()
+    with pytest.raises(AttributeError):  # the checkpointed layers dropped the cache: sharing cannot run
+        response_logits_of(call(m), seq, share_prompts=True)
+    logits = response_logits_of(call(m), seq, share_prompts=can_share(m))
+    reference = model().train()
+    expected = response_logits_of(call(reference), seq, share_prompts=False)
+    assert (logits - expected)[seq.response_mask.bool()].abs().max() < 1e-5
