@@ -43,3 +43,16 @@ def test_minibatches_partition_all_rows():
 def test_empty_response_still_has_one_column():
     b = pack_sequences([[5]], [[]], pad_id=0)
     assert b.response_mask.shape == (1, 1) and b.response_mask.sum() == 0
+
+
+def test_minibatches_keep_groups_whole():
+    g = torch.Generator().manual_seed(0)
+    mbs = minibatches(12, 6, g, group=3)
+    assert sorted(torch.cat(mbs).tolist()) == list(range(12))
+    for mb in mbs:  # each minibatch holds whole groups: rows 3k, 3k+1, 3k+2 together
+        groups = sorted(set((mb // 3).tolist()))
+        assert sorted(mb.tolist()) == [3 * k + j for k in groups for j in range(3)]
+    # rows shuffled at the group level still differ from epoch to epoch
+    assert not torch.equal(torch.cat(minibatches(12, 6, g, group=3)), torch.cat(mbs))
+    # a size that splits groups falls back to shuffling rows
+    assert len(minibatches(12, 4, g, group=3)) == 3
