@@ -18,6 +18,10 @@ reported beside it.
     python benchmarks/rl_vs_trl.py [--cases tiny smollm2] [--steps 20 5] [--bf16] [--placements colocated]
     # needs trl==1.16.0 (make bench)
 
+`--placements` picks our side's variants: colocated, distributed, colocated-2ranks (two one-thread
+colocated ranks on the CPU node, data-parallel over its cores) and distributed-overlap (the next step
+sampled during this step's update, `rollout.sync.max_off_policy_lag=1`; TIS on by default there).
+
 Prints a table per case and writes benchmarks/results/rl_vs_trl.json.
 """
 from __future__ import annotations
