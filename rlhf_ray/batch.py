@@ -86,10 +86,3 @@ def minibatches(n: int, size: int, generator: torch.Generator | None = None, gro
     else:
         perm = torch.randperm(n, generator=generator)
     return [perm[i:i + size] for i in range(0, n - size + 1, size)]
-
-
-def response_logprobs(logits: torch.Tensor, seq: SequenceBatch, temperature: float) -> torch.Tensor:
-    """(B, L', V) logits (as `response_logits` takes them) -> (B, T) log pi(a_t | s_t) of the response
-    tokens at the sampling temperature."""
-    from rlhf_ray import algo
-    return algo.token_logprobs(response_logits(logits, seq), seq.response_ids, temperature=temperature)

@@ -20,7 +20,7 @@ from rlhf_ray.config.schema import LearnerConfig, ModelConfig
 from rlhf_ray.learner import build, checkpoint, finite, weights
 from rlhf_ray.learner.ds_config import deepspeed_config, lr_lambda
 from rlhf_ray.models.kit import resolve_model_path
-from rlhf_ray.utils.device import Backend
+from rlhf_ray.utils.device import Backend, on_device
 from rlhf_ray.utils.net import free_port
 
 Batch = dict[str, torch.Tensor]
@@ -90,7 +90,7 @@ class Learner:
         return build.unwrap_peft(self.engine.module)
 
     def _device(self, batch: Batch) -> Batch:
-        return {k: v.to(self.engine.device) for k, v in batch.items()}
+        return on_device(batch, self.engine.device)
 
     # -- forward passes -------------------------------------------------------------------------
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -110,8 +110,7 @@ class Learner:
     def forward(self, **kwargs):
         """The wrapped model's HF output; tensors go to the learner's device (`rlhf_ray.models.shared_prompt`
         calls it with a KV cache)."""
-        return self.engine(**{k: v.to(self.engine.device) if isinstance(v, torch.Tensor) else v
-                              for k, v in kwargs.items()})
+        return self.engine(**on_device(kwargs, self.engine.device))
 
     @property
     def shares_prompts(self) -> bool:

@@ -12,6 +12,7 @@ import torch
 from rlhf_ray import algo
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.models.shared_prompt import response_logits_of
+from rlhf_ray.utils.device import on_device
 from rlhf_ray.utils.phases import set_phase_threads, timed
 
 
@@ -34,7 +35,7 @@ class ReferenceScorer:
         return torch.cat(out)
 
     def _call(self, **kwargs):
-        return self.model(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        return self.model(**on_device(kwargs, self.device))
 
 
 @ray.remote

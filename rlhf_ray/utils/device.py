@@ -74,3 +74,8 @@ def set_threads(n: int | None) -> int:
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
     return n
+
+
+def on_device(kwargs: dict, device) -> dict:
+    """Model call arguments with their tensors on `device` (flags such as use_cache pass through)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}

@@ -40,3 +40,14 @@ def token_batches(n: int, rows: int = 8, length: int = 12, seed: int = 0) -> lis
 def split(batch: dict, size: int = 4) -> list[dict]:
     from rlhf_ray.learner.dispatch import micro_batches
     return micro_batches(batch, size)
+
+
+@torch.no_grad()
+def plain_logprobs(learner: Learner, seq) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens from one plain forward over whole rows (every position's
+    logits, no shared prompts), masked: the reference the learner's own paths are checked against."""
+    from rlhf_ray import algo
+    from rlhf_ray.batch import response_logits
+    learner.engine.eval()
+    logits = learner.forward_logits(seq.input_ids, seq.attention_mask, seq.position_ids).float()
+    return algo.token_logprobs(response_logits(logits, seq), seq.response_ids, 1.0) * seq.response_mask

@@ -9,9 +9,9 @@ import torch
 
 from rlhf_ray.learner.learner import Learner
 from rlhf_ray.offline.stages import sft_step_loss
-from rlhf_ray.batch import pack_sequences, response_logprobs
+from rlhf_ray.batch import pack_sequences
 from rlhf_ray.utils.device import cpu_has_fast_bf16, resolve_backend
-from tests.learner.helpers import learner_cfg, model_cfg, split, token_batches
+from tests.learner.helpers import learner_cfg, model_cfg, plain_logprobs, split, token_batches
 
 
 pytestmark = [pytest.mark.slow,
@@ -34,10 +34,7 @@ def test_bf16_learner_trains_and_its_logprobs_stay_close_to_fp32():
                          [torch.randint(3, 300, (n,), generator=g).tolist() for n in (3, 8, 5, 1)], 0)
     logp = {}
     for name, learner in (("bf16", bf16), ("fp32", fp32)):
-        learner.engine.eval()
-        with torch.no_grad():
-            logits = learner.forward_logits(seq.input_ids, seq.attention_mask, seq.position_ids)
-            logp[name] = response_logprobs(logits.float(), seq, 1.0) * seq.response_mask
+        logp[name] = plain_logprobs(learner, seq)
     diff = (logp["bf16"] - logp["fp32"]).abs()
     assert 0 < diff.max() < 0.1, diff.max()  # bf16 really ran (not 0) and stays close
     # It learns: the SFT loss falls as in fp32, and the exported weights are bf16 tensors.

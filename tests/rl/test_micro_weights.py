@@ -5,11 +5,11 @@ import torch
 
 from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConfig
 from rlhf_ray.learner.learner import Learner
-from rlhf_ray.batch import pack_sequences, response_logprobs
+from rlhf_ray.batch import pack_sequences
 from rlhf_ray.rl.records import TrainBatch
 from rlhf_ray.rl.policy import PolicyWorker
 from rlhf_ray.utils.device import resolve_backend
-from tests.learner.helpers import model_cfg
+from tests.learner.helpers import model_cfg, plain_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +22,7 @@ def _batch(learner) -> TrainBatch:
     prompts = [torch.randint(3, 200, (3,), generator=g).tolist() for _ in LENGTHS]
     responses = [torch.randint(3, 200, (n,), generator=g).tolist() for n in LENGTHS]
     seq = pack_sequences(prompts, responses, learner.tokenizer.pad_token_id)
-    learner.engine.eval()
-    with torch.no_grad():  # sampled by these very weights: ratio 1, so no token is clipped
-        old = response_logprobs(learner.forward_logits(seq.input_ids, seq.attention_mask, seq.position_ids).float(),
-                                seq, 1.0) * seq.response_mask
+    old = plain_logprobs(learner, seq)  # sampled by these very weights: ratio 1, so no token is clipped
     adv = torch.randn(seq.response_mask.shape, generator=g) * seq.response_mask
     return TrainBatch(seq, old, old.clone(), adv, adv.clone(), None)
 

@@ -4,7 +4,7 @@ thresholds chosen per precision."""
 import pytest
 import torch
 
-from rlhf_ray.batch import pack_sequences, response_logprobs
+from rlhf_ray.batch import pack_sequences
 from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConfig, SyncConfig
 from rlhf_ray.learner.learner import Learner
 from rlhf_ray.sync.checks import agreement_thresholds
@@ -12,7 +12,7 @@ from rlhf_ray.rl.micro import forward_response_logits
 from rlhf_ray.rl.policy import PolicyWorker, has_dropout, proximal_is_live
 from rlhf_ray.rl.records import TrainBatch
 from rlhf_ray.utils.device import LOGPROB_TOLERANCE, logprob_tolerance, resolve_backend
-from tests.learner.helpers import model_cfg
+from tests.learner.helpers import model_cfg, plain_logprobs
 
 LENGTHS = [2, 5, 3, 1, 4, 6]
 
@@ -60,10 +60,7 @@ def _batch(learner) -> TrainBatch:
     prompts = [torch.randint(3, 200, (n % 3 + 2,), generator=g).tolist() for n in LENGTHS]
     responses = [torch.randint(3, 200, (n,), generator=g).tolist() for n in LENGTHS]
     seq = pack_sequences(prompts, responses, learner.tokenizer.pad_token_id)
-    learner.engine.eval()
-    with torch.no_grad():
-        full = response_logprobs(learner.forward_logits(seq.input_ids, seq.attention_mask, seq.position_ids).float(),
-                                 seq, 1.0) * seq.response_mask
+    full = plain_logprobs(learner, seq)
     # a generator that samples a little off the learner (another precision, another kernel): TIS weights != 1
     gen = (full + 0.05 * torch.randn(full.shape, generator=g)) * seq.response_mask
     adv = torch.randn(seq.response_mask.shape, generator=g) * seq.response_mask
