@@ -104,7 +104,7 @@ def _process_items(cfg, plan: Plan, b: Bundle, shapes, specs, seq, capacity, mic
                 world=world if plan.placement == "colocated" else lc.num_ranks,
                 zero_stage=lc.deepspeed.zero_stage, offload_optimizer=lc.deepspeed.offload_optimizer,
                 offload_params=lc.deepspeed.offload_params, checkpointing=m.gradient_checkpointing,
-                tokens=lc.micro_batch_size * seq,
+                tokens=lc.micro_batch_size * seq, logit_tokens=lc.micro_batch_size * (r.max_new_tokens + 1),
                 lora_params=shape.lora_params(m.lora.r, m.lora.target_modules) if lora else 0,
                 nf4_double_quant=m.quantization.double_quant if m.quantization.load_in_4bit else None,
                 ref_forward=role == "policy" and lora and cfg.reference.path is None and cfg.reference.kl_coef > 0))
@@ -118,7 +118,8 @@ def _process_items(cfg, plan: Plan, b: Bundle, shapes, specs, seq, capacity, mic
             mb = micro.get(role, 1)
             for spec in specs.get(role, []):
                 items += frozen_items(role, shapes[spec], head="lm" if role == "reference" else "score",
-                                      dtype=role_dtype(cfg, plan, role), tokens=mb * seq)
+                                      dtype=role_dtype(cfg, plan, role), tokens=mb * seq,
+                                      logit_tokens=mb * (r.max_new_tokens + 1))
     return items
 
 

@@ -62,3 +62,12 @@ def test_engine_kv_is_what_the_utilization_leaves_and_sleep_frees_the_gpu():
     fp8 = engine_items(S, dtype="bfloat16", quantization="fp8", tp=2, utilization=0.5, capacity=cap,
                        enforce_eager=True, sleeps=False)
     assert fp8[0].bytes == (S.linear_params() + (S.params() - S.linear_params()) * 2) / 2
+
+
+def test_logits_count_the_positions_the_lm_head_runs_over():
+    # the learner and the reference run the LM head over the response positions only (logits_to_keep)
+    it = items(tokens=100, logit_tokens=20, ref_forward=True)
+    assert it["logits (train)"].bytes == logits_bytes(S, 20, 2, grad=True)
+    assert it["logits (reference, adapter off)"].bytes == logits_bytes(S, 20, 2, grad=False)
+    assert it["activations"].bytes == 100 * activation_bytes_per_token(S, 2, checkpointing=False)
+    assert items(tokens=100)["logits (train)"].bytes == logits_bytes(S, 100, 2, grad=True)

@@ -63,8 +63,8 @@ def test_70b_on_too_few_nodes_is_refused_at_validation():
 
 def test_70b_on_too_few_gpus_is_refused_naming_the_line_item(hub):
     path = ROOT / "configs/gpu/llama3.1-70b-4x8xh100.yaml"
-    _, problems = planned(path, "rl.policy.num_ranks=4")  # ZeRO-3 over 4 ranks: 35 GB of weights each
-    assert any("while it trains" in p and "policy weights (bfloat16) 32.9 GiB" in p for p in problems), problems
+    _, problems = planned(path, "rl.policy.num_ranks=3")  # ZeRO-3 over 3 ranks: 47 GB of weights each
+    assert any("while it trains" in p and "policy weights (bfloat16) 43.8 GiB" in p for p in problems), problems
     _, problems = planned(path, "rollout.tensor_parallel_size=1", "rollout.gpus_per_engine=1")
     assert any("KV cache gets" in p and "engine weights (bfloat16) 131.4 GiB" in p
                for p in problems), problems
@@ -155,3 +155,12 @@ def test_a_simulated_plan_keeps_the_bundles_and_says_so_loudly(capsys):
 def test_the_readme_shows_the_current_plan(path, hub, capsys):
     main(["plan", str(path)])
     assert capsys.readouterr().out.rstrip() in (ROOT / "README.md").read_text(), f"update README's plan of {path.name}"
+
+
+def test_the_4090_plan_counts_logits_over_response_positions(hub):
+    plan, problems = planned(ROOT / "configs/gpu/llama3.1-8b-qlora-4090.yaml")
+    cfg = load_config(ROOT / "configs/gpu/llama3.1-8b-qlora-4090.yaml")
+    items = {i.name: i for i in next(iter(plan.memory.values())) if i.role == "policy"}
+    head_tokens = cfg.rl.policy.micro_batch_size * (cfg.rollout.max_new_tokens + 1)
+    assert items["logits (train)"].bytes == 128256 * head_tokens * (2 + 12)
+    assert not problems
