@@ -1,5 +1,8 @@
 """The plan made real on Ray: one STRICT_PACK placement group per planned node, and the options each
-role's actor is started with. Nothing here decides a number; it all comes from the `Plan`.
+role's actor is started with. Nothing here decides a number; it all comes from the `Plan`. A plan made on
+the live cluster (`ClusterSpec.from_ray`) names each node's Ray id, and its group is held to that node:
+STRICT_PACK alone keeps a group on one node but lets Ray choose which, so a CPU-only group planned for the
+head could land beside another planned node.
 
     groups = reserve(plan)                                   # waits until every node group is placed
     Actor.options(**actor_options(plan, groups, "policy", rank)).remote(...)
@@ -23,11 +26,15 @@ def reserve(plan: Plan, timeout_s: float = 600.0) -> dict[int, object]:
     """{planned node: placement group}. A group that Ray cannot place within `timeout_s` is an error that
     names its roles (instead of actors pending forever)."""
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_placement_group
 
-    groups = {n: placement_group([_resources(b) for b in _node_bundles(plan, n)], strategy="STRICT_PACK",
-                                 name=f"rlhf-ray-node{n}")
-              for n in sorted({b.node for b in plan.bundles})}
+    def group(n: int):
+        bundles = [_resources(b) for b in _node_bundles(plan, n)]
+        ray_id = plan.cluster.nodes[n].ray_id
+        pinned = {"bundle_label_selector": [{NODE_ID_LABEL_KEY: ray_id}] * len(bundles)} if ray_id else {}
+        return placement_group(bundles, strategy="STRICT_PACK", name=f"rlhf-ray-node{n}", **pinned)
+
+    groups = {n: group(n) for n in sorted({b.node for b in plan.bundles})}
     ready, pending = ray.wait([g.ready() for g in groups.values()], num_returns=len(groups), timeout=timeout_s)
     if pending:
         waiting = [n for n, g in groups.items() if g.ready() not in ready]

@@ -36,6 +36,7 @@ class NodeSpec:
     cpus: Optional[float] = None       # None: not declared (not checked)
     gpu_memory_gib: float = 0.0        # 0: not declared (memory not checked)
     cpu_memory_gib: float = 0.0        # host RAM; 0: not declared (not checked)
+    ray_id: Optional[str] = None       # the live node this spec was read from (`from_ray`); None: declared
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,9 @@ class ClusterSpec:
     @classmethod
     def from_ray(cls, nodes: list[dict], gpu_memory_gib: float = 0.0) -> "ClusterSpec":
         """From `ray.nodes()`: the live cluster (a CPU-only head node is simply a node with 0 GPUs)."""
-        alive = [n["Resources"] for n in nodes if n.get("Alive", True)]
-        return cls(tuple(NodeSpec(int(r.get("GPU", 0)), float(r.get("CPU", 0)), gpu_memory_gib) for r in alive))
+        alive = [n for n in nodes if n.get("Alive", True)]
+        return cls(tuple(NodeSpec(int(n["Resources"].get("GPU", 0)), float(n["Resources"].get("CPU", 0)),
+                                  gpu_memory_gib, ray_id=n.get("NodeID")) for n in alive))
 
     @property
     def gpus(self) -> int:

@@ -44,7 +44,9 @@ def test_every_role_lands_where_the_plan_put_it(cluster, name):
     _, gpu_nodes = cluster
     cfg = load_config(f"configs/gpu/{name}", ["cluster.simulate=true"])
     assert ray.get_runtime_context().get_node_id() not in gpu_nodes  # the driver's node has no GPU
-    plan = check_fits(cfg)                                            # the plan on the live cluster
+    # the plan on the live cluster, the head listed first (ray.nodes() order varies): CPU-only roles are then
+    # planned on the head, which a placement group must honour (STRICT_PACK alone let Ray pick any node)
+    plan = check_fits(cfg, nodes=sorted(ray.nodes(), key=lambda n: n["Resources"].get("GPU", 0)))
     assert plan.device == "cuda" and plan.simulated and plan.role_device("policy") == "cpu"  # compute on CPU
     groups = reserve(plan, timeout_s=120)
     try:
@@ -58,7 +60,10 @@ def test_every_role_lands_where_the_plan_put_it(cluster, name):
             assert given.get("GPU", 0) == pytest.approx(b.gpu_ask)      # what Ray gave is what the plan asked
             assert given.get("CPU", 0) == pytest.approx(b.cpus)
             assert len([v for v in visible.split(",") if v]) == (len(b.gpus) if b.gpu_ask else 0)
-        assert len(set(node_of.values())) == len(node_of) and set(node_of.values()) <= gpu_nodes
+        # every planned node is the live node the plan read (a CPU-only one may be the head), one each
+        assert node_of == {n: plan.cluster.nodes[n].ray_id for n in node_of}
+        assert len(set(node_of.values())) == len(node_of)
+        assert all(node in gpu_nodes for n, node in node_of.items() if plan.cluster.nodes[n].gpus)
         for a in actors.values():
             ray.kill(a)
     finally:
