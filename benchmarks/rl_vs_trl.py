@@ -19,8 +19,9 @@ reported beside it.
     # needs trl==1.16.0 (make bench)
 
 `--placements` picks our side's variants: colocated, distributed, colocated-2ranks (two one-thread
-colocated ranks on the CPU node, data-parallel over its cores) and distributed-overlap (the next step
-sampled during this step's update, `rollout.sync.max_off_policy_lag=1`; TIS on by default there).
+colocated ranks on the CPU node, data-parallel over its cores), distributed-overlap (the next step
+sampled during this step's update, `rollout.sync.max_off_policy_lag=1`; TIS on by default there) and
+colocated-overlap (the same inside the colocated process: its engine thread beside its learner thread).
 
 Prints a table per case and writes benchmarks/results/rl_vs_trl.json.
 """
@@ -74,7 +75,10 @@ VARIANTS = {"colocated": ("colocated", ()), "distributed": ("distributed", ()),
             "colocated-2ranks": ("colocated", ("rl.policy.num_ranks=2", "cluster.torch_threads=1")),
             # the next step's generation on the engine's core while this step trains (one version behind,
             # TIS on by default; every 10th step in lockstep for the log-prob check)
-            "distributed-overlap": ("distributed", ("rollout.sync.max_off_policy_lag=1",))}
+            "distributed-overlap": ("distributed", ("rollout.sync.max_off_policy_lag=1",)),
+            # the same overlap inside the one colocated process: the engine's thread on one core, the learner's
+            # on the other
+            "colocated-overlap": ("colocated", ("rollout.sync.max_off_policy_lag=1",))}
 
 
 def run_ours(name: str, case: dict, model: str, steps: int, variant: str, *extra: str) -> dict:

@@ -100,7 +100,9 @@ class LearnerGroup:
         """backend: the ranks' device, dtype and dist backend (from the plan in RL runs). options: Ray actor
         options per rank (`rlhf_ray.placement.groups.actor_options`: CPUs, GPUs, placement-group bundle)."""
         n = learner_cfg.num_ranks
-        remote, extra = ray.remote(rank_cls), rank_kwargs or {}
+        # a rank class may declare class-level actor settings that `.options()` cannot take (concurrency groups)
+        args = getattr(rank_cls, "REMOTE_ARGS", None)
+        remote, extra = (ray.remote(**args)(rank_cls) if args else ray.remote(rank_cls)), rank_kwargs or {}
         self.num_ranks, self.cfg = n, learner_cfg
         threads = num_threads or max(1, int(learner_cfg.cpus_per_rank))
         if options is None:

@@ -9,6 +9,11 @@ go from the learner's parameters straight into the engine's `reload_weights`, no
 store. On N devices the prompts and batches are sharded over the N ranks and DeepSpeed averages the
 gradients; each rank hands its own weights to its own engine.
 
+With rollouts allowed one version behind (`rollout.sync.max_off_policy_lag=1`) the next step's generation
+runs in the rank's engine thread while its learner thread trains, on disjoint cores (`ENGINE` concurrency
+group: generations and weight pushes run there in the order they were called, so a push never lands
+during a generation and a generation started before the update samples the weights before it).
+
 `ColocatedRoles` is the controller's handle; it answers the same calls as the distributed
 `rlhf_ray.rl.distributed.DistributedRoles`, so the controller never knows which placement it runs under.
 """
@@ -30,11 +35,18 @@ from rlhf_ray.placement.plan import Plan
 from rlhf_ray.rl.roles import (Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, role_backend,
                                split_rows, sync_mode)
 from rlhf_ray.sync.transport import without
-from rlhf_ray.utils.phases import set_phase_threads
+from rlhf_ray.generator.threads import engine_threads
+from rlhf_ray.utils.phases import set_phase_threads, set_thread_share, side_by_side, timed
+
+# Ray concurrency group of a rank's engine calls (generate, sync): one thread of its own, in call order;
+# every other call (score, update, checkpoints) runs in the actor's default thread.
+ENGINE = "engine"
 
 
 class ColocatedRank(PolicyRank):
     """A policy learner rank that also hosts the engine, the scorers and the critic of its device."""
+
+    REMOTE_ARGS = {"concurrency_groups": {ENGINE: 1}}
 
     def __init__(self, rank: int, world_size: int, num_threads: int, *, cfg: Config, generate_threads: int,
                  roles: tuple[str, ...]):
@@ -43,6 +55,10 @@ class ColocatedRank(PolicyRank):
         self.cfg, self.threads, self.generate_threads = cfg, num_threads, generate_threads
         self.plan_roles = roles  # the roles the plan starts (the reference only with a KL term)
         self.engine = self.reward = self.reference = self.critic = None
+        # (threads, cores) of the engine and of the learner while both run; ranks sharing a node split it
+        # by threads only (their processes' core lists are the same)
+        alone = side_by_side(num_threads, engine_threads(cfg.rollout.cpus_per_engine))
+        self.side_by_side = alone if world_size == 1 else tuple((n, None) for n, _ in alone)
 
     def setup_roles(self, generator_base: str, paths: Paths, total_steps: int, sync: str,
                     micro_batches: dict) -> None:
@@ -76,35 +92,50 @@ class ColocatedRank(PolicyRank):
         set_phase_threads(self.threads)
 
     # -- the phases ----------------------------------------------------------------------------
-    def generate(self, prompts: list, n: int, overrides: dict):
+    @ray.method(concurrency_group=ENGINE)
+    def generate(self, prompts: list, n: int, overrides: dict, beside_update: bool = False):
         """Sample on this rank's engine, then hand the device back to the learner (on GPUs the engine
-        sleeps until the weight push; after it the engine generates from the pushed weights only)."""
-        set_phase_threads(self.generate_threads)
+        sleeps until the weight push; after it the engine generates from the pushed weights only).
+        beside_update: the learner trains at the same time; the engine keeps to its share of the cores."""
+        if beside_update:
+            set_thread_share(*self.side_by_side[0])
+        else:
+            set_phase_threads(self.generate_threads)
         try:
             return self.engine.generate(prompts, n, **overrides)
         finally:
             self.engine.release()
-            set_phase_threads(self.threads)
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """(scores, reference log-probs, values or None, reward stats, compute seconds) of this shard."""
+        set_phase_threads(self.threads)  # every core again, after an update that ran beside a generation
         t0 = time.perf_counter()
         scores, stats = self.reward.score(prompts, responses)
         ref = self.reference.logprobs(seq) if self.reference is not None else self.worker.ref_logprobs(seq)
         values = self.critic.values(seq) if self.critic is not None else None
         return scores, ref, values, stats, time.perf_counter() - t0
 
-    def update(self, batch, minibatches, kl_coef: float, threads: int = 0) -> dict:
-        stats = super().update(batch, minibatches, kl_coef)
+    def update(self, batch, minibatches, kl_coef: float, beside_generation: bool = False) -> dict:
+        """PPO epochs of the policy (and the critic). beside_generation: the next step's rollouts are being
+        sampled at the same time; the learner keeps to its share of the cores."""
+        if beside_generation:
+            set_thread_share(*self.side_by_side[1])
+        else:
+            set_phase_threads(self.threads)
+        stats, secs = timed(self.worker.update, batch, minibatches, kl_coef, self.rank, self.world_size)
+        stats["time/compute_s"] = secs
         if self.critic is not None:
             t0 = time.perf_counter()
             stats.update(self.critic.update(batch, minibatches, self.rank, self.world_size))
             stats["time/compute_s"] += time.perf_counter() - t0
         return stats
 
+    @ray.method(concurrency_group=ENGINE)
     def sync(self, mode: str, version: int) -> float:
-        """Hand this rank's weights to its engine, in process. Under ZeRO-3 every rank iterates (the
-        gathers are collectives) and each loads what it gathered. Returns the seconds spent."""
+        """Hand this rank's weights to its engine, in process, after any generation called before it. Under
+        ZeRO-3 every rank iterates (the gathers are collectives) and each loads what it gathered. Returns
+        the seconds spent."""
+        set_phase_threads(self.threads)
         if mode == "full":
             return self.engine.load_full(without(self.learner.named_weights("full"), self._skip_full), version)
         return self.engine.load_adapter(self.learner.named_weights("adapter"), self.learner.adapter_config(),
@@ -148,21 +179,20 @@ class ColocatedRoles:
         return ray.get(self.ranks[0].version.remote())
 
     def generate(self, prompts: list, n: int, step: int):
-        return self.submit(prompts, n, step).result()
+        return self._fan_out(prompts, n, generation_seed(self.cfg, step), {}).result()
 
     def submit(self, prompts: list, n: int, step: int) -> PendingRollout:
-        """Prompts sharded over the ranks' engines. Each rank runs its calls in order, so a generation
-        submitted before an update runs before it (the overlap mode then simply samples one version
-        behind)."""
-        return self._fan_out(prompts, n, generation_seed(self.cfg, step), {})
+        """Start the next step's rollouts, sharded over the ranks' engines, to run beside the coming update
+        (each rank's engine thread; the weight push that follows the update waits for them)."""
+        return self._fan_out(prompts, n, generation_seed(self.cfg, step), {}, beside_update=True)
 
     def sample(self, prompts: list, n: int, temperature: float, seed: int):
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""
         return self._fan_out(prompts, n, seed, {"temperature": temperature}).result()
 
-    def _fan_out(self, prompts: list, n: int, seed: int, overrides: dict) -> PendingRollout:
+    def _fan_out(self, prompts: list, n: int, seed: int, overrides: dict, beside_update: bool = False) -> PendingRollout:
         chunks = split_evenly(list(range(len(prompts))), len(self.ranks))
-        refs = [r.generate.remote([prompts[j] for j in c], n, {**overrides, "call_seed": seed + i})
+        refs = [r.generate.remote([prompts[j] for j in c], n, {**overrides, "call_seed": seed + i}, beside_update)
                 for i, (r, c) in enumerate(zip(self.ranks, chunks)) if c]
         return PendingRollout(refs, [c[0] for c in chunks if c])
 
@@ -179,7 +209,7 @@ class ColocatedRoles:
         return scores, ref_logp, values, stats
 
     def update(self, batch, minibatches, kl_coef: float, overlapped: bool = False) -> dict[str, float]:
-        per_rank = ray.get([r.update.remote(batch, minibatches, kl_coef) for r in self.ranks])
+        per_rank = ray.get([r.update.remote(batch, minibatches, kl_coef, overlapped) for r in self.ranks])
         stats = merge_update_stats(per_rank)
         stats["time/update_compute_s"] = max(s["time/compute_s"] for s in per_rank)
         stats.pop("time/compute_s", None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Optional
 
@@ -34,6 +35,28 @@ def set_phase_threads(n: int, cores: Optional[tuple[int, Optional[int]]] = None)
             except OSError:  # a thread that just ended
                 pass
         _pinned[0] = want
+
+
+def set_thread_share(n: int, cores: Optional[tuple[int, Optional[int]]] = None) -> None:
+    """For one of two phases running at once in ONE process (a colocated rank sampling the next step while
+    it trains): n threads for the calling thread's own OpenMP teams (the team size is a per-thread setting)
+    and the calling thread alone pinned to its slice of the cores, so the other phase's thread keeps its
+    own. OpenMP workers this thread started earlier keep the mask they were created with: exact when n is 1
+    (no workers), as on a 2-core node."""
+    _set_num_threads(n)
+    want = _ALL_CORES[slice(*cores)] if cores is not None else _ALL_CORES
+    if want:
+        os.sched_setaffinity(threading.get_native_id(), want)
+    _pinned[0] = [-1]  # the threads differ now: the next set_phase_threads pins them all again
+
+
+def side_by_side(threads: int, first: int) -> tuple[tuple[int, Optional[tuple[int, int]]], ...]:
+    """(threads, cores) of two phases that share `threads` cores at once: the first gets `first` of them
+    (at least one, and one left for the second), the second the rest; one core cannot be split."""
+    if threads < 2:
+        return (1, None), (1, None)
+    a = min(max(1, first), threads - 1)
+    return (a, (0, a)), (threads - a, (a, threads))
 
 
 def node_cores() -> int:

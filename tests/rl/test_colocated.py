@@ -74,3 +74,19 @@ def test_an_engine_left_on_stale_weights_is_caught(graph, monkeypatch):
     c.step()  # trains on rollouts of the engine's (still current) version, then skips the push
     with pytest.raises(LogprobMismatchError):
         c.step()
+
+
+def test_a_generation_runs_beside_the_learner_and_a_push_waits_for_it(graph):
+    """The overlap mode's contract inside one rank: a generation (the engine thread) leaves the learner
+    free to answer, and a weight push called after it runs only once it has finished."""
+    import ray
+    _, roles, prompts, _ = graph
+    rank = roles.ranks[0]
+    gen = rank.generate.remote([p.ids for p in prompts[:4]] * 64, 4, {"call_seed": 0}, True)
+    learner = rank.version.remote()
+    first, _ = ray.wait([gen, learner], num_returns=1)
+    assert first == [learner] and not ray.wait([gen], timeout=0)[0]  # answered while still sampling
+    push = rank.sync.remote(roles.mode, roles.version)
+    ray.get(push)
+    assert ray.wait([gen], timeout=0)[0] == [gen]  # the push waited for the generation called before it
+    assert len(ray.get(gen)) == 4 * 64 * 4
