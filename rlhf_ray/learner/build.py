@@ -98,7 +98,14 @@ def _same_4bit_kernel_for_inference(model: torch.nn.Module) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+def peft_loaded():
+    """The peft module when this process imported it, else None: a model can hold peft layers only once peft
+    was imported, and importing it (with bitsandbytes) costs about 1.4 s of every learner process's start."""
+    import sys
+    return sys.modules.get("peft")
+
+
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model inside a peft wrapper (LoRA layers injected in place), or the model itself."""
-    from peft import PeftModel
-    return model.base_model.model if isinstance(model, PeftModel) else model
+    peft = peft_loaded()
+    return model.base_model.model if peft is not None and isinstance(model, peft.PeftModel) else model

@@ -46,8 +46,12 @@ def _own_state(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def full_weights(hf_model: torch.nn.Module, dtype: torch.dtype) -> Iterator[NamedTensor]:
     """Plain-HF names and tensors of `hf_model` (the model inside peft, LoRA layers injected in place)."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
+    from rlhf_ray.learner.build import peft_loaded
+    if peft_loaded() is not None:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+    else:  # no peft in this process: no module can be one of its layers
+        LoraLayer = ModulesToSaveWrapper = ()
 
     handled: list[str] = []
     for mod_name, module in hf_model.named_modules():

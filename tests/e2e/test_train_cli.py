@@ -41,7 +41,10 @@ def first_last(rows, key, k=3):
 def offline(tmp_path_factory):
     """SFT and reward model of the quickstart, trained once for the module."""
     out = tmp_path_factory.mktemp("pipeline")
-    assert_quiet_console(train(f"run.output_dir={out}", "run.stages=[sft,rm]", "sft.epochs=1", *OFFLINE_SAVES))
+    # given relative to where the command runs, as `make demo`'s runs/quickstart: the reward model starts from
+    # the SFT stage's folder, which Ray Train's workers (in their own working directory) must still find
+    relative = os.path.relpath(out, ROOT)
+    assert_quiet_console(train(f"run.output_dir={relative}", "run.stages=[sft,rm]", "sft.epochs=1", *OFFLINE_SAVES))
     rm_rows = metrics(out / "rm")
     assert rm_rows[-1]["eval/accuracy"] > 0.8
     return out

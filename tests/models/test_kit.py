@@ -85,3 +85,12 @@ def test_minilm_reward_backbone_from_package(fresh_cache):
     with torch.no_grad():
         out = model(**tok(["a wonderful film", "a dull film"], return_tensors="pt", padding=True)).logits
     assert out.shape == (2, 1) and torch.isfinite(out).all() and out[0, 0] != out[1, 0]
+
+
+def test_a_relative_model_folder_resolves_to_an_absolute_path(tmp_path, monkeypatch):
+    """Processes that run elsewhere (Ray Train's workers run in their run's own working directory) must find
+    the folder that a relative path named where the command ran."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert kit.resolve_model_path("m") == str(tmp_path / "m")
