@@ -19,7 +19,9 @@ during a generation and a generation started before the update samples the weigh
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 
 import ray
@@ -59,6 +61,14 @@ class ColocatedRank(PolicyRank):
         # by threads only (their processes' core lists are the same)
         alone = side_by_side(num_threads, engine_threads(cfg.rollout.cpus_per_engine))
         self.side_by_side = alone if world_size == 1 else tuple((n, None) for n, _ in alone)
+        self._turns = threading.Lock()
+
+    def _device_turn(self):
+        """Where the phases own the device (a GPU: the engine sleeps while the learner trains, and the memory
+        plan counts them apart), a generation and an update never run at once, whichever thread they come on;
+        a generation that waits for the update still samples the weights before it (the push comes after
+        both). On a CPU they share the cores instead."""
+        return self._turns if self.learner.backend.engine_can_sleep else contextlib.nullcontext()
 
     def setup_roles(self, generator_base: str, paths: Paths, total_steps: int, sync: str,
                     micro_batches: dict) -> None:
@@ -97,14 +107,15 @@ class ColocatedRank(PolicyRank):
         """Sample on this rank's engine, then hand the device back to the learner (on GPUs the engine
         sleeps until the weight push; after it the engine generates from the pushed weights only).
         beside_update: the learner trains at the same time; the engine keeps to its share of the cores."""
-        if beside_update:
-            set_thread_share(*self.side_by_side[0])
-        else:
-            set_phase_threads(self.generate_threads)
-        try:
-            return self.engine.generate(prompts, n, **overrides)
-        finally:
-            self.engine.release()
+        with self._device_turn():
+            if beside_update:
+                set_thread_share(*self.side_by_side[0])
+            else:
+                set_phase_threads(self.generate_threads)
+            try:
+                return self.engine.generate(prompts, n, **overrides)
+            finally:
+                self.engine.release()
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """(scores, reference log-probs, values or None, reward stats, compute seconds) of this shard."""
@@ -118,16 +129,17 @@ class ColocatedRank(PolicyRank):
     def update(self, batch, minibatches, kl_coef: float, beside_generation: bool = False) -> dict:
         """PPO epochs of the policy (and the critic). beside_generation: the next step's rollouts are being
         sampled at the same time; the learner keeps to its share of the cores."""
-        if beside_generation:
-            set_thread_share(*self.side_by_side[1])
-        else:
-            set_phase_threads(self.threads)
-        stats, secs = timed(self.worker.update, batch, minibatches, kl_coef, self.rank, self.world_size)
-        stats["time/compute_s"] = secs
-        if self.critic is not None:
-            t0 = time.perf_counter()
-            stats.update(self.critic.update(batch, minibatches, self.rank, self.world_size))
-            stats["time/compute_s"] += time.perf_counter() - t0
+        with self._device_turn():
+            if beside_generation:
+                set_thread_share(*self.side_by_side[1])
+            else:
+                set_phase_threads(self.threads)
+            stats, secs = timed(self.worker.update, batch, minibatches, kl_coef, self.rank, self.world_size)
+            stats["time/compute_s"] = secs
+            if self.critic is not None:
+                t0 = time.perf_counter()
+                stats.update(self.critic.update(batch, minibatches, self.rank, self.world_size))
+                stats["time/compute_s"] += time.perf_counter() - t0
         return stats
 
     @ray.method(concurrency_group=ENGINE)
