@@ -224,8 +224,9 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--steps", nargs="+", type=int, help="steps per case (default: tiny 20, smollm2 5)")
     ap.add_argument("--bf16", action="store_true", help="also run colocated and TRL both in bf16 (see above)")
-    ap.add_argument("--placements", nargs="+", default=["colocated", "distributed"],
-                    choices=list(VARIANTS), help="our placements to run (default: colocated, distributed)")
+    ap.add_argument("--placements", nargs="+", default=["colocated", "distributed", "colocated-overlap"],
+                    choices=list(VARIANTS), help="our placements to run (default: colocated, distributed, "
+                                                 "colocated-overlap)")
     args = ap.parse_args()
     steps = args.steps or [CASES[c]["steps"] for c in args.cases]
     if args.bf16:
