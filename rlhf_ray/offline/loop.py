@@ -52,12 +52,8 @@ def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_pat
                    eval_fn=eval_fn, out_dir=str(out_dir.resolve()), total_steps=total, steps_per_epoch=per_epoch,
                    metrics=metrics, setup=setup)
     # Ray Train records each run (status, attempts, workers) for Ray's dashboard only when asked; read by
-    # the trainer in this driver process. Not on the private Ray of `cluster.address=local`: it ends with the
-    # run and its dashboard sits on a random port, while the state actor costs about 2.6 CPU-seconds a stage
-    # (a quarter of Ray Train's own start-up, measured on the 2-core machine). RAY_TRAIN_ENABLE_STATE_TRACKING
-    # set by the user wins either way.
-    if cfg.cluster.address != "local":
-        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    # the trainer in this driver process.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     learner = stage.learner
     resources = {"CPU": learner.cpus_per_rank} | ({"GPU": learner.gpus_per_rank} if learner.gpus_per_rank else {})
     trainer = TorchTrainer(
