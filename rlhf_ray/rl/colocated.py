@@ -63,12 +63,19 @@ class ColocatedRank(PolicyRank):
         self.side_by_side = alone if world_size == 1 else tuple((n, None) for n, _ in alone)
         self._turns = threading.Lock()
 
-    def _device_turn(self):
-        """Where the phases own the device (a GPU: the engine sleeps while the learner trains, and the memory
-        plan counts them apart), a generation and an update never run at once, whichever thread they come on;
-        a generation that waits for the update still samples the weights before it (the push comes after
-        both). On a CPU they share the cores instead."""
-        return self._turns if self.learner.backend.engine_can_sleep else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _phase(self, beside: bool, share: tuple, threads: int):
+        """Run a generation or an update: alone with `threads` threads on every core, or beside the other one
+        (the overlap mode) with its `share` (threads, cores) of them. Where the phases own the device (a GPU:
+        the engine sleeps while the learner trains, and the memory plan counts them apart) the two never run
+        at once, whichever thread they come on; a generation that waits for the update still samples the
+        weights before it (the push comes after both)."""
+        with self._turns if self.learner.backend.engine_can_sleep else contextlib.nullcontext():
+            if beside:
+                set_thread_share(*share)
+            else:
+                set_phase_threads(threads)
+            yield
 
     def setup_roles(self, generator_base: str, paths: Paths, total_steps: int, sync: str,
                     micro_batches: dict) -> None:
@@ -107,11 +114,7 @@ class ColocatedRank(PolicyRank):
         """Sample on this rank's engine, then hand the device back to the learner (on GPUs the engine
         sleeps until the weight push; after it the engine generates from the pushed weights only).
         beside_update: the learner trains at the same time; the engine keeps to its share of the cores."""
-        with self._device_turn():
-            if beside_update:
-                set_thread_share(*self.side_by_side[0])
-            else:
-                set_phase_threads(self.generate_threads)
+        with self._phase(beside_update, self.side_by_side[0], self.generate_threads):
             try:
                 return self.engine.generate(prompts, n, **overrides)
             finally:
@@ -129,11 +132,7 @@ class ColocatedRank(PolicyRank):
     def update(self, batch, minibatches, kl_coef: float, beside_generation: bool = False) -> dict:
         """PPO epochs of the policy (and the critic). beside_generation: the next step's rollouts are being
         sampled at the same time; the learner keeps to its share of the cores."""
-        with self._device_turn():
-            if beside_generation:
-                set_thread_share(*self.side_by_side[1])
-            else:
-                set_phase_threads(self.threads)
+        with self._phase(beside_generation, self.side_by_side[1], self.threads):
             stats, secs = timed(self.worker.update, batch, minibatches, kl_coef, self.rank, self.world_size)
             stats["time/compute_s"] = secs
             if self.critic is not None:
