@@ -7,8 +7,11 @@ write to them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import sys
+import threading
 
 DESCRIPTION = """\
 rlhf-ray: reinforcement learning from human feedback on Ray.
@@ -179,5 +182,23 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def entry() -> None:
+    """The `rlhf-ray` console script: `main`, then an exit that skips the interpreter's own teardown.
+
+    After a run, Python's finalization (module teardown, the destructors of Ray's core worker and torch's
+    thread pools) took 1.5 s on the 2-core machine with nothing left to do: every file is closed and Ray is
+    shut down by then. The atexit handlers (logging, metric sinks) still run first, and a thread that is
+    still working (not a daemon) is waited for as usual."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # noqa: SLF001 - what a normal exit runs before finalization
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -19,3 +19,12 @@ def test_the_operators_environment_wins(monkeypatch):
     env = role_env(local_env(cuda=False))
     assert env["TORCH_CPP_LOG_LEVEL"] == "WARNING" != LOCAL_CPU_ENV["TORCH_CPP_LOG_LEVEL"]
     assert env["VLLM_LOGGING_LEVEL"] == "INFO"
+
+
+def test_a_private_ray_polls_ray_trains_workers_sooner_than_rays_default():
+    """A stage's end and each checkpoint hand-over wait for the controller's next poll; the name must be the
+    one Ray Train reads (a renamed variable in a Ray upgrade would silently bring the 2 s back)."""
+    from ray.train.v2._internal.constants import DEFAULT_HEALTH_CHECK_INTERVAL_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    local = role_env(local_env(cuda=False))
+    assert float(local[HEALTH_CHECK_INTERVAL_S_ENV_VAR]) < DEFAULT_HEALTH_CHECK_INTERVAL_S
+    assert HEALTH_CHECK_INTERVAL_S_ENV_VAR not in role_env()  # a cluster keeps Ray's default
