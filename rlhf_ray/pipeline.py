@@ -5,8 +5,9 @@
     dpo  (dpo.init_from or the SFT model)   -> <output_dir>/dpo/model
     rl   (rl.init_from or the DPO / SFT model; reward `stage:rm`) -> <output_dir>/rl/model
 
-sft, rm and dpo run on Ray Train. A stage whose `model/` is complete is not run again with `--resume`; an
-interrupted stage resumes from its latest checkpoint (offline: Ray Train's; RL: its own). Paths `stage:sft` / `stage:rm` in the config name these outputs.
+sft, rm and dpo run on Ray Train (consecutive ones asking for the same workers in one run). A stage whose
+`model/` is complete is not run again with `--resume`; an interrupted stage resumes from its latest
+checkpoint (offline: Ray Train's; RL: its own). Paths `stage:sft` / `stage:rm` in the config name these outputs.
 """
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, str]:
     policy = cfg.model.path
     t0 = time.time()
     with ray_session(cfg.cluster):
-        from rlhf_ray.offline.stages import run_offline_stage
-        for stage in ("sft", "rm", "dpo"):
-            if stage in cfg.run.stages:
-                results[stage] = str(_stage(resume, outs.final(stage),
-                                            lambda s=stage: run_offline_stage(cfg, s, fresh=not resume)))
+        from rlhf_ray.offline.stages import run_offline_stages
+        offline = [stage for stage in ("sft", "rm", "dpo") if stage in cfg.run.stages]
+        done = tuple(stage for stage in offline if resume and is_complete(outs.final(stage)))
+        ran = run_offline_stages(cfg, offline, skip=done, fresh=not resume)
+        results |= {stage: str(ran.get(stage, outs.final(stage))) for stage in offline}
         policy = results.get("dpo", results.get("sft", policy))  # RL continues from the last policy stage
         if "rl" in cfg.run.stages:
             from rlhf_ray.rl.run import run_rl
@@ -60,8 +61,3 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, str]:
     results["wall_time_s"] = f"{time.time() - t0:.1f}"
     return results
 
-
-def _stage(resume: bool, final: Path, run):
-    if resume and is_complete(final):
-        return final
-    return run()

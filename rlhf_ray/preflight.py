@@ -73,16 +73,15 @@ def resume_points(cfg: Config) -> list[Path]:
     """Finished stage outputs and checkpoints of a run: RL's own under `<output_dir>/rl/checkpoints`, the
     offline stages' in their Ray Train run folders (`offline.loop.train_run_location`)."""
     from rlhf_ray.learner.checkpoint import complete_checkpoints, is_complete
-    from rlhf_ray.offline.loop import train_run_location
+    from rlhf_ray.offline.loop import stage_groups, train_run_location
     root, out = Path(cfg.run.output_dir), []
     for stage in cfg.run.stages:
         if is_complete(root / stage / "model"):
             out.append(root / stage / "model")
-        if stage == "rl":
-            out += complete_checkpoints(root / stage / "checkpoints")
-        else:
-            storage, name = train_run_location(cfg, stage)
-            out += sorted(p for p in (Path(storage) / name).glob("step_*") if p.is_dir())
+    out += complete_checkpoints(root / "rl" / "checkpoints") if "rl" in cfg.run.stages else []
+    for group in stage_groups(cfg, [stage for stage in cfg.run.stages if stage != "rl"]):
+        storage, name = train_run_location(cfg, group)
+        out += sorted(p for p in (Path(storage) / name).glob("*-step_*") if p.is_dir())
     return out
 
 

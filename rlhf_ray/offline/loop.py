@@ -1,11 +1,18 @@
-"""The driver of an offline stage (SFT, reward model, DPO): one Ray Train job (`TorchTrainer`) whose workers
-run `rlhf_ray.offline.worker.train_loop`, and a follower that feeds rank 0's step stats to the progress bar
+"""The driver of the offline stages (SFT, reward model, DPO): one Ray Train job (`TorchTrainer`) whose workers
+run `rlhf_ray.offline.worker.train_loop`, and a follower that feeds rank 0's step stats to the progress bars
 and our metric sinks.
 
-Ray Train owns scaling (`ScalingConfig` from the stage's learner section), checkpoints (`RunConfig(name,
+Consecutive stages that ask for the same workers (ranks, CPUs and GPUs per rank, `max_failures`) run in one
+Ray Train run, one stage after the other in the same worker group: `make demo`'s SFT and reward model. A
+run's start-up (Ray Train's controller and its helper actors, each a process started one after the other,
+then the workers' imports and process group) took 8-11 s of the demo's 80 per stage on a 2-core machine;
+the second stage now skips it. Stages asking for different workers get a run each.
+
+Ray Train owns scaling (`ScalingConfig` from the stages' learner section), checkpoints (`RunConfig(name,
 storage_path)`: the run folder unless `run.storage_path` names shared storage, `num_to_keep` pruning),
 and recovery: `FailureConfig(max_failures)` restarts a failed worker group from the last checkpoint within
 a run, and `train --resume` starts the same `RunConfig` again, which Ray Train restores from its snapshot.
+A checkpoint's folder names its stage (`rm-step_000040`), so a restored checkpoint resumes only that stage.
 """
 from __future__ import annotations
 
@@ -13,8 +20,10 @@ import os
 import queue as queue_lib
 import shutil
 import threading
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 from rlhf_ray.config.schema import Config, StageConfig
 from rlhf_ray.offline.data import StageData, plan
@@ -24,77 +33,118 @@ from rlhf_ray.offline.worker import StageJob, clear_staging, train_loop
 KEEP_CHECKPOINTS = 2
 
 
-def train_run_location(cfg: Config, name: str) -> tuple[str, str]:
-    """(storage_path, run name) of a stage's Ray Train run: `<storage>/<run.name>-<stage>`."""
+@dataclass(frozen=True)
+class StageSpec:
+    """One offline stage as `offline.stages` describes it to the driver."""
+
+    name: str                 # "sft" | "rm" | "dpo"
+    stage: StageConfig
+    kind: str                 # learner kind: "policy" | "reward"
+    init_path: str            # absolute (workers run elsewhere); may be an earlier stage's output, written first
+    data: StageData
+    loss_fn: Callable
+    eval_fn: Callable
+    out_dir: Path
+    setup: Optional[Callable] = None
+
+
+def workers_of(stage: StageConfig) -> tuple:
+    """What a stage asks of its Ray Train workers; stages that ask the same can share a run."""
+    learner = stage.learner
+    return learner.num_ranks, learner.cpus_per_rank, learner.gpus_per_rank, stage.max_failures
+
+
+def stage_groups(cfg: Config, names: Sequence[str]) -> list[list[str]]:
+    """`names` (in run order) cut into runs of consecutive stages that ask for the same workers."""
+    groups: list[list[str]] = []
+    for name in names:
+        if groups and workers_of(getattr(cfg, groups[-1][-1])) == workers_of(getattr(cfg, name)):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def train_run_location(cfg: Config, group: Sequence[str]) -> tuple[str, str]:
+    """(storage_path, run name) of a group's Ray Train run: `<storage>/<run.name>-<stage>[+<stage>...]`. The
+    name is the whole group's, also when `--resume` has only its later stages left to run."""
     storage = cfg.run.storage_path or cfg.run.output_dir
-    return str(Path(storage).resolve()), f"{cfg.run.name}-{name}"
+    return str(Path(storage).resolve()), f"{cfg.run.name}-{'+'.join(group)}"
 
 
-def run_stage(name: str, cfg: Config, stage: StageConfig, *, kind: str, init_path: str, data: StageData,
-              loss_fn: Callable, eval_fn: Callable, out_dir: Path, fresh: bool = False,
-              setup: Callable | None = None) -> Path:
-    """Train, checkpoint, evaluate and export one offline stage on Ray Train; returns the exported HF folder."""
+def run_stages(cfg: Config, group: Sequence[str], specs: Sequence[StageSpec], fresh: bool = False) -> list[Path]:
+    """Train, checkpoint, evaluate and export `specs` (the stages of `group` still to run, in order) in one Ray
+    Train run; returns their exported HF folders."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from rlhf_ray.models.kit import resolve_model_path
     from rlhf_ray.utils.device import resolve_backend
-    init_path = resolve_model_path(init_path)  # here, where a relative path means what the user meant
-    per_epoch, total = plan(name, stage, len(data.train))
-    storage, run_name = train_run_location(cfg, name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clear_staging(out_dir)
+    storage, run_name = train_run_location(cfg, group)
     if fresh:
         shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
     metrics = Queue(actor_options={"num_cpus": 0})
-    job = StageJob(name=name, cfg=cfg, stage=stage, kind=kind, init_path=init_path, data=data, loss_fn=loss_fn,
-                   eval_fn=eval_fn, out_dir=str(out_dir.resolve()), total_steps=total, steps_per_epoch=per_epoch,
-                   metrics=metrics, setup=setup)
+    token = uuid.uuid4().hex  # marks the stages this run finished: a restarted worker group skips them
+    jobs = []
+    for spec in specs:
+        per_epoch, total = plan(spec.name, spec.stage, len(spec.data.train))
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        clear_staging(spec.out_dir)
+        jobs.append(StageJob(name=spec.name, cfg=cfg, stage=spec.stage, kind=spec.kind,
+                             init_path=spec.init_path,
+                             data=spec.data, loss_fn=spec.loss_fn, eval_fn=spec.eval_fn,
+                             out_dir=str(spec.out_dir.resolve()), total_steps=total, steps_per_epoch=per_epoch,
+                             metrics=metrics, setup=spec.setup, token=token))
     # Ray Train records each run (status, attempts, workers) for Ray's dashboard only when asked; read by
     # the trainer in this driver process.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    learner = stage.learner
+    first = specs[0].stage
+    learner = first.learner
     resources = {"CPU": learner.cpus_per_rank} | ({"GPU": learner.gpus_per_rank} if learner.gpus_per_rank else {})
     trainer = TorchTrainer(
-        train_loop, train_loop_config={"job": job},
+        train_loop, train_loop_config={"jobs": jobs},
         # The device picks the collective backend (gloo on CPU, also when a CPU node advertises logical GPUs).
         torch_config=TorchConfig(backend=resolve_backend(cfg.cluster.device, cfg.model.dtype).dist_backend),
         scaling_config=ScalingConfig(num_workers=learner.num_ranks, use_gpu=learner.gpus_per_rank > 0,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.cluster.placement_strategy),
         run_config=RunConfig(name=run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=stage.max_failures),
+                             failure_config=FailureConfig(max_failures=first.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                              # Ray Train's INFO lines (each report, each worker start) would bury the step lines.
                              logging_config=LoggingConfig(log_level="WARNING")))
-    follower = MetricsFollower(metrics, lambda start: _logger(name, cfg, data, out_dir, total, start))
+    by_name = {spec.name: spec for spec in specs}
+    follower = MetricsFollower(metrics, lambda name, start: _logger(by_name[name], cfg, start))
     follower.start()
     try:
         trainer.fit()
     finally:
         follower.stop()
-        clear_staging(out_dir)
-    return out_dir / "model"
+        for spec in specs:
+            clear_staging(spec.out_dir)
+    return [spec.out_dir / "model" for spec in specs]
 
 
-def _logger(name: str, cfg: Config, data: StageData, out_dir: Path, total: int, start: int) -> StageLog:
-    logger = StageLog(out_dir, cfg.logging, total_steps=total, start_step=start, title=name)
-    logger.log(start, {f"data/{k}": float(v) for k, v in data.info.items()} | {"resumed_from_step": float(start)},
-               advance=False)
+def _logger(spec: StageSpec, cfg: Config, start: int) -> StageLog:
+    _, total = plan(spec.name, spec.stage, len(spec.data.train))
+    logger = StageLog(spec.out_dir, cfg.logging, total_steps=total, start_step=start, title=spec.name)
+    logger.log(start, {f"data/{k}": float(v) for k, v in spec.data.info.items()}
+               | {"resumed_from_step": float(start)}, advance=False)
     return logger
 
 
 class MetricsFollower(threading.Thread):
-    """Drains the workers' queue into a `StageLog`. Messages: ("start", step, {}) when a worker group
-    (re)starts from `step`; ("step", step, stats); ("final", step, held-out stats). A restart after a
-    failure rewinds the sinks to the restored step, so every step is logged once."""
+    """Drains the workers' queue into one `StageLog` per stage. Messages, each naming its stage: ("start",
+    stage, step, {}) when a stage (re)starts from `step`; ("step", stage, step, stats); ("final", stage, step,
+    held-out stats). A stage's start closes the one before it (its bar ends, its held-out line prints). A
+    restart after a failure rewinds the sinks to the restored step, so every step is logged once."""
 
-    def __init__(self, q, make_logger: Callable[[int], StageLog]):
+    def __init__(self, q, make_logger: Callable[[str, int], StageLog]):
         super().__init__(daemon=True)
         self.q, self.make_logger = q, make_logger
-        self.logger: StageLog | None = None
-        self.final: dict = {}
+        self.loggers: dict[str, StageLog] = {}
+        self.finals: dict[str, dict] = {}
+        self._open: Optional[str] = None
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -104,20 +154,31 @@ class MetricsFollower(threading.Thread):
     def _drain(self, timeout: float | None) -> None:
         from ray.util.queue import Empty
         try:
-            kind, step, stats = self.q.get(timeout=timeout) if timeout else self.q.get_nowait()
+            kind, stage, step, stats = self.q.get(timeout=timeout) if timeout else self.q.get_nowait()
         except (Empty, queue_lib.Empty):
             return
         if kind == "start":
-            if self.logger is None:
-                self.logger = self.make_logger(step)
+            if stage != self._open:
+                self._close_open()
+            if stage not in self.loggers:
+                self.loggers[stage] = self.make_logger(stage, step)
             else:  # FailureConfig restarted the worker group from the checkpoint of `step`
-                self.logger.restart(step)
-                self.logger.log(step, {"resumed_from_step": float(step)}, advance=False)
+                self.loggers[stage].restart(step)
+                self.loggers[stage].log(step, {"resumed_from_step": float(step)}, advance=False)
+            self._open = stage
         elif kind == "step":
-            self.logger.log(step, stats)
+            self.loggers[stage].log(step, stats)
         else:
-            self.final = stats
-            self.logger.log(step, stats, advance=False)
+            self.finals[stage] = stats
+            self.loggers[stage].log(step, stats, advance=False)
+
+    def _close_open(self) -> None:
+        if self._open is None:
+            return
+        self.loggers[self._open].close()
+        if final := self.finals.get(self._open):
+            print(f"{self._open}: held-out " + ", ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in final.items()))
+        self._open = None
 
     def stop(self) -> None:
         """After `fit()`: every put has returned, so what is left in the queue is complete."""
@@ -125,10 +186,6 @@ class MetricsFollower(threading.Thread):
         self.join()
         while not self.q.empty():
             self._drain(timeout=None)
-        if self.logger:
-            self.logger.close()
-        if self.final:
-            print(f"{self.logger.title}: held-out " +
-                  ", ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in self.final.items()))
+        self._close_open()
         import ray
         ray.kill(self.q.actor)

@@ -16,7 +16,7 @@ from rlhf_ray.data.encode import Limits, collate_preferences, collate_sft, encod
 from rlhf_ray.data.sources import load_rows, split_eval
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.offline.data import StageData
-from rlhf_ray.offline.loop import run_stage
+from rlhf_ray.offline.loop import StageSpec, run_stages, stage_groups
 
 
 # -- losses -------------------------------------------------------------------------------------
@@ -57,9 +57,9 @@ def _tokenizer(cfg: Config, init_path: str):
     return load_tokenizer(cfg.model, resolve_model_path(init_path))
 
 
-def _stage_data(cfg: Config, init_path: str, spec: str, kind: str, encode, collate) -> StageData:
+def _stage_data(cfg: Config, tokenizer_path: str, spec: str, kind: str, encode, collate) -> StageData:
     """Read, split and encode a stage's rows; `info` counts what was read, skipped and truncated."""
-    tok = _tokenizer(cfg, init_path)
+    tok = _tokenizer(cfg, tokenizer_path)
     rows, read = load_rows(spec, kind, cfg.data, cfg.run.seed)
     train, held = split_eval(rows, cfg.data.eval_fraction, cfg.run.seed)
     train_ex, c1 = encode(train, tok, _limits(cfg))
@@ -67,14 +67,6 @@ def _stage_data(cfg: Config, init_path: str, spec: str, kind: str, encode, colla
     info = {"rows": read.rows, "rows_skipped": read.skipped, "train": len(train_ex), "eval": len(eval_ex),
             **(c1 + c2)}
     return StageData(train_ex, eval_ex, functools.partial(collate, pad_id=tok.pad_token_id), info)
-
-
-def sft_data(cfg: Config, init_path: str) -> StageData:
-    return _stage_data(cfg, init_path, cfg.data.sft, "sft", encode_sft, collate_sft)
-
-
-def preference_data(cfg: Config, init_path: str) -> StageData:
-    return _stage_data(cfg, init_path, cfg.data.preferences, "preferences", encode_preferences, collate_preferences)
 
 
 # -- drivers ------------------------------------------------------------------------------------
@@ -86,59 +78,72 @@ def sft_init_path(cfg: Config) -> str:
     return cfg.sft.init_from or cfg.model.path
 
 
-def _after_sft(cfg: Config, init_from: Optional[str]) -> str:
-    """`init_from`, else this run's SFT model when the run has an SFT stage and it exists, else model.path."""
+def _after_sft(cfg: Config, init_from: Optional[str], sft_first: bool) -> str:
+    """`init_from`, else this run's SFT model when the run has an SFT stage and it exists (or `sft_first`:
+    the same Ray Train run writes it before this stage starts), else model.path."""
     if init_from:
         return init_from
     sft_model = stage_dir(cfg, "sft") / "model"
-    if "sft" in cfg.run.stages and (sft_model / "COMPLETE").exists():
+    if sft_first or ("sft" in cfg.run.stages and (sft_model / "COMPLETE").exists()):
         return str(sft_model)
     return cfg.model.path
 
 
-def rm_init_path(cfg: Config) -> str:
-    """The reward model starts from the SFT policy's backbone (a fresh scalar head) unless told otherwise."""
-    return _after_sft(cfg, cfg.rm.init_from)
-
-
-def dpo_init_path(cfg: Config) -> str:
-    return _after_sft(cfg, cfg.dpo.init_from)
-
-
-def prepare(cfg: Config, stage: str) -> StageData:
-    """Read and tokenize a stage's data (before Ray starts, so bad data fails in seconds)."""
+def init_path(cfg: Config, stage: str, sft_first: bool = False) -> str:
+    """The model a stage starts from. The reward model starts from the SFT policy's backbone (a fresh scalar
+    head) unless told otherwise; so does DPO."""
     if stage == "sft":
-        return sft_data(cfg, sft_init_path(cfg))
-    return preference_data(cfg, rm_init_path(cfg) if stage == "rm" else dpo_init_path(cfg))
+        return sft_init_path(cfg)
+    return _after_sft(cfg, cfg.rm.init_from if stage == "rm" else cfg.dpo.init_from, sft_first)
 
 
-def run_sft(cfg: Config, *, fresh: bool = False, data: Optional[StageData] = None) -> Path:
-    """Train the policy on `data.sft`; needs Ray up. Returns `<output_dir>/sft/model`."""
-    init = sft_init_path(cfg)
-    return run_stage("sft", cfg, cfg.sft, kind="policy", init_path=init, data=data or prepare(cfg, "sft"),
-                     loss_fn=sft_step_loss, eval_fn=sft_eval, out_dir=stage_dir(cfg, "sft"), fresh=fresh)
+def prepare(cfg: Config, stage: str, sft_first: bool = False) -> StageData:
+    """Read and tokenize a stage's data (before Ray starts, so bad data fails in seconds). A stage that starts
+    from an SFT model not written yet reads with the SFT stage's tokenizer: its export saves that one."""
+    if stage == "sft" or sft_first and not (cfg.rm.init_from if stage == "rm" else cfg.dpo.init_from):
+        tokenizer_path = sft_init_path(cfg)
+    else:
+        tokenizer_path = init_path(cfg, stage)
+    if stage == "sft":
+        return _stage_data(cfg, tokenizer_path, cfg.data.sft, "sft", encode_sft, collate_sft)
+    return _stage_data(cfg, tokenizer_path, cfg.data.preferences, "preferences", encode_preferences,
+                       collate_preferences)
 
 
-def run_rm(cfg: Config, *, fresh: bool = False, data: Optional[StageData] = None) -> Path:
-    """Train the reward model on `data.preferences`; needs Ray up. Returns `<output_dir>/rm/model`."""
-    init = rm_init_path(cfg)
-    return run_stage("rm", cfg, cfg.rm, kind="reward", init_path=init, data=data or prepare(cfg, "rm"),
-                     loss_fn=functools.partial(rm_step_loss, margin=cfg.rm.margin), eval_fn=rm_eval,
-                     out_dir=stage_dir(cfg, "rm"), fresh=fresh)
-
-
-def run_dpo(cfg: Config, *, fresh: bool = False, data: Optional[StageData] = None) -> Path:
-    """Train the policy on `data.preferences` with DPO; needs Ray up. Returns `<output_dir>/dpo/model`."""
+def stage_spec(cfg: Config, name: str, sft_first: bool = False, data: Optional[StageData] = None) -> StageSpec:
+    """What the driver needs to run stage `name`; `sft_first`: an SFT stage runs before it in the same run."""
+    init = init_path(cfg, name, sft_first)
+    # absolute here, where a relative path means what the user meant: Ray Train's workers run elsewhere
+    init = str(Path(init).resolve()) if sft_first and init == str(stage_dir(cfg, "sft") / "model") \
+        else resolve_model_path(init)
+    data = data or prepare(cfg, name, sft_first)
+    common = dict(name=name, stage=getattr(cfg, name), init_path=init, data=data, out_dir=stage_dir(cfg, name))
+    if name == "sft":
+        return StageSpec(kind="policy", loss_fn=sft_step_loss, eval_fn=sft_eval, **common)
+    if name == "rm":
+        return StageSpec(kind="reward", loss_fn=functools.partial(rm_step_loss, margin=cfg.rm.margin),
+                         eval_fn=rm_eval, **common)
     from rlhf_ray.offline.dpo import DPOStep
     step = DPOStep(cfg.dpo.beta, cfg.dpo.label_smoothing)
-    return run_stage("dpo", cfg, cfg.dpo, kind="policy", init_path=dpo_init_path(cfg),
-                     data=data or prepare(cfg, "dpo"), loss_fn=step, eval_fn=step.evaluate,
-                     out_dir=stage_dir(cfg, "dpo"), fresh=fresh)
+    return StageSpec(kind="policy", loss_fn=step, eval_fn=step.evaluate, **common)
+
+
+def run_offline_stages(cfg: Config, names: list[str], *, skip: tuple[str, ...] = (), fresh: bool = False,
+                       data: Optional[dict[str, StageData]] = None) -> dict[str, Path]:
+    """Run the offline stages `names` (in order; a subset of "sft", "rm", "dpo"), consecutive ones that ask
+    for the same workers in one Ray Train run (`offline.loop`); needs Ray up. `skip`: stages of `names`
+    already finished (`--resume`), which still name their run. Returns each run stage's `<output_dir>/<stage>/model`."""
+    out: dict[str, Path] = {}
+    for group in stage_groups(cfg, names):
+        todo = [name for name in group if name not in skip]
+        if not todo:
+            continue
+        specs = [stage_spec(cfg, name, sft_first="sft" in todo[:i], data=(data or {}).get(name))
+                 for i, name in enumerate(todo)]
+        out |= dict(zip(todo, run_stages(cfg, group, specs, fresh=fresh)))
+    return out
 
 
 def run_offline_stage(cfg: Config, stage: str, *, fresh: bool = False, data: Optional[StageData] = None) -> Path:
-    """Run the offline stage named `stage` ("sft", "rm" or "dpo"); needs Ray up."""
-    return OFFLINE_STAGES[stage](cfg, fresh=fresh, data=data)
-
-
-OFFLINE_STAGES = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo}
+    """Run the offline stage named `stage` ("sft", "rm" or "dpo") on its own; needs Ray up."""
+    return run_offline_stages(cfg, [stage], fresh=fresh, data={stage: data} if data else None)[stage]

@@ -45,16 +45,54 @@ class StageJob:
     steps_per_epoch: int
     metrics: Any              # ray.util.queue.Queue: rank 0 -> driver
     setup: Callable = None    # optional (learner) -> None, run once after the learner is built (DPO reference)
+    token: str = ""           # this run's: written beside the export when the stage is done
+
+
+FINISHED = ".finished_by"     # in the stage's folder: the token of the run that exported its model
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's `train_loop_per_worker`."""
+    """Ray Train's `train_loop_per_worker`: the run's stages in order, each with its own learner. A worker
+    group that Ray Train restarts skips the stages this run already finished, and resumes a stage only from a
+    checkpoint of that stage."""
+    import ray.train
+    _quiet_report_lines()
+    restored = ray.train.get_checkpoint()
+    for job in config["jobs"]:
+        if finished_in_this_run(job):
+            continue
+        train_stage(job, restored if restored is not None and checkpoint_stage(restored.path) == job.name else None)
+        _free_memory()  # the stage's learner (DeepSpeed's engine holds reference cycles) before the next one's
+
+
+def _free_memory() -> None:
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def checkpoint_name(stage: str, step: int) -> str:
+    return f"{stage}-step_{step:06d}"
+
+
+def checkpoint_stage(path: str) -> str:
+    """The stage a checkpoint folder (`checkpoint_name`) belongs to."""
+    return Path(path).name.partition("-")[0]
+
+
+def finished_in_this_run(job: StageJob) -> bool:
+    marker = Path(job.out_dir) / FINISHED
+    return marker.is_file() and marker.read_text() == job.token
+
+
+def train_stage(job: StageJob, restored) -> None:
+    """One stage on this rank: build its learner, resume from `restored` (a checkpoint of this stage) if
+    given, train, evaluate, export; the learner is freed on return."""
     import ray.train
 
     from rlhf_ray.learner.learner import Learner
     from rlhf_ray.utils.device import resolve_backend
-    _quiet_report_lines()
-    job: StageJob = config["job"]
     cfg, stage = job.cfg, job.stage
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -66,12 +104,11 @@ def train_loop(config: dict) -> None:
     if job.setup is not None:
         job.setup(learner)
     start = 0
-    restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as path:
             start = int(learner.load_checkpoint(path)["step"])
     if rank == 0:
-        job.metrics.put(("start", start, {}))
+        job.metrics.put(("start", job.name, start, {}))
     staging = Path(job.out_dir) / ".staging"
     for step in range(start, job.total_steps):
         t0 = time.perf_counter()
@@ -85,17 +122,26 @@ def train_loop(config: dict) -> None:
         if evaluated:
             stats |= evaluate(learner, job.data, job.eval_fn, stage.batch_size, rank, world)
         if rank == 0:
-            job.metrics.put(("step", step + 1, stats))
+            job.metrics.put(("step", job.name, step + 1, stats))
         save = bool(stage.save_every and (step + 1) % stage.save_every == 0 and step + 1 < job.total_steps)
         if save or evaluated:
-            _report(stats, step + 1, learner, staging if save else None, rank)
+            _report(stats, step + 1, learner, staging / checkpoint_name(job.name, step + 1) if save else None, rank)
     final_eval = evaluate(learner, job.data, job.eval_fn, stage.batch_size, rank, world) if job.data.eval else {}
     if rank == 0 and final_eval:
-        job.metrics.put(("final", job.total_steps, final_eval))
+        job.metrics.put(("final", job.name, job.total_steps, final_eval))
     _report(final_eval, job.total_steps, learner, None, rank)
     learner.export_hf(Path(job.out_dir) / "model", merge_lora=True)
     if cfg.model.lora.enabled:
         learner.export_hf(Path(job.out_dir) / "adapter", merge_lora=False)
+    if rank == 0:
+        (Path(job.out_dir) / FINISHED).write_text(job.token)
+    barrier()  # the next stage may start from this export (the reward model from the SFT model)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _quiet_report_lines() -> None:
@@ -108,18 +154,18 @@ def _quiet_report_lines() -> None:
 
 
 def _report(stats: dict, step: int, learner, staging: Path | None, rank: int) -> None:
-    """`ray.train.report` on every rank; with `staging`, the ranks first write one checkpoint there together
-    (the stage folder is shared storage) and rank 0 hands it to Ray Train, which copies it into the run."""
+    """`ray.train.report` on every rank; with `staging` (a folder named by `checkpoint_name`), the ranks first
+    write one checkpoint there together (the stage folder is shared storage) and rank 0 hands it to Ray Train,
+    which copies it into the run under the same name."""
     import ray.train
     from ray.train import Checkpoint
     if staging is None:
         ray.train.report({**stats, "step": step})
         return
-    name = f"step_{step:06d}"
-    learner.save_checkpoint(staging / name, {"step": step})
+    learner.save_checkpoint(staging, {"step": step})
     ray.train.report({**stats, "step": step},
-                     checkpoint=Checkpoint.from_directory(str(staging / name)) if rank == 0 else None,
-                     checkpoint_dir_name=name, delete_local_checkpoint_after_upload=rank == 0)
+                     checkpoint=Checkpoint.from_directory(str(staging)) if rank == 0 else None,
+                     checkpoint_dir_name=staging.name, delete_local_checkpoint_after_upload=rank == 0)
 
 
 def mean_over_ranks(stats: dict) -> dict:
