@@ -1,5 +1,6 @@
-"""What runs inside each Ray Train worker of an offline stage: one `Learner` (DeepSpeed) per rank, the loop
-over batches, evaluation, checkpoints through Ray Train's checkpoint API, the final export.
+"""What runs inside each Ray Train worker of the offline stages: per stage one `Learner` (DeepSpeed) per rank,
+the loop over batches, evaluation, checkpoints through Ray Train's checkpoint API, the final export; the
+stages of one run (`offline.loop`) one after the other, each learner freed before the next is built.
 
 Why Ray Train here, and a controller-driven rank group for the RL learner (`learner/group.py`): an offline
 stage is one loop over a fixed dataset that a trainer can own from start to end (`TorchTrainer.fit()`), so
@@ -124,11 +125,15 @@ def train_stage(job: StageJob, restored) -> None:
         if rank == 0:
             job.metrics.put(("step", job.name, step + 1, stats))
         save = bool(stage.save_every and (step + 1) % stage.save_every == 0 and step + 1 < job.total_steps)
+        if save and rank == 0:
+            driver_took_everything(job.metrics)
         if save or evaluated:
             _report(stats, step + 1, learner, staging / checkpoint_name(job.name, step + 1) if save else None, rank)
     final_eval = evaluate(learner, job.data, job.eval_fn, stage.batch_size, rank, world) if job.data.eval else {}
     if rank == 0 and final_eval:
         job.metrics.put(("final", job.name, job.total_steps, final_eval))
+    if rank == 0:
+        driver_took_everything(job.metrics)
     _report(final_eval, job.total_steps, learner, None, rank)
     learner.export_hf(Path(job.out_dir) / "model", merge_lora=True)
     if cfg.model.lora.enabled:
@@ -136,6 +141,16 @@ def train_stage(job: StageJob, restored) -> None:
     if rank == 0:
         (Path(job.out_dir) / FINISHED).write_text(job.token)
     barrier()  # the next stage may start from this export (the reward model from the SFT model)
+
+
+def driver_took_everything(metrics) -> None:
+    """Wait until the driver has taken every step's stats put so far, before a checkpoint or the export (the
+    other ranks wait at its barrier). A driver killed with SIGKILL leaves its workers running for a few seconds
+    until Ray ends the job: without this wait they went on checkpointing steps that no one logged (a resume
+    then continued from step 80 with steps 25-80 missing from the metrics). Now they block here instead; the
+    queue fails once Ray has ended the driver's actors."""
+    while not metrics.empty():
+        time.sleep(0.01)
 
 
 def barrier() -> None:

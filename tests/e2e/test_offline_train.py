@@ -19,6 +19,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
 SMALL = ("data.num_samples=400", "logging.console=false", "cluster.torch_threads=1")
+# (steps, checkpoint every) of a stage killed mid-way: a tiny step takes 20 ms, so a stage must be long enough
+# that the kill lands while it trains (these tests poll the run folder every 0.2 s)
+LONG = (160, 8)
 
 
 def _env() -> dict:
@@ -43,22 +46,24 @@ def steps_logged(stage_dir: Path) -> list[int]:
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage):
-    total, every = 32, 4
+    total, every = LONG
     args = [f"run.output_dir={tmp_path}", f"run.stages=[{stage}]", *SMALL, f"{stage}.batch_size=8",
-            f"{stage}.max_steps={total}", f"{stage}.save_every={every}", f"{stage}.eval_every=0"]
+            f"{stage}.epochs=8", f"{stage}.max_steps={total}", f"{stage}.save_every={every}", f"{stage}.eval_every=0"]
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ray_train_run = tmp_path / f"quickstart-{stage}"  # <run.name>-<stage>: Ray Train's run folder
     deadline = time.time() + 600
     try:  # kill once Ray Train holds two checkpoints (so the first is surely registered) and steps ran past them
         while time.time() < deadline and proc.poll() is None:
-            if len(list(ray_train_run.glob("step_*"))) >= 2 and max(steps_logged(tmp_path / stage), default=0) > 2 * every:
+            if len(list(ray_train_run.glob(f"{stage}-step_*"))) >= 2 and max(steps_logged(tmp_path / stage), default=0) > 2 * every:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the stage finished (or failed) before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # the worker (in Ray's own process group) may run on for a moment: it must not have finished the stage
+    assert not (tmp_path / stage / "model" / "COMPLETE").exists(), "killed too late: the stage had finished"
     before = steps_logged(tmp_path / stage)
     assert before and max(before) < total
 
@@ -74,9 +79,9 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
     """FailureConfig: SIGKILL one Ray Train worker mid-stage; the same run restarts the worker group from
     Ray Train's last checkpoint and finishes, every step logged once."""
     import psutil
-    total, every = 32, 4
-    args = [f"run.output_dir={tmp_path}", "run.stages=[sft]", *SMALL, "sft.batch_size=8", f"sft.max_steps={total}",
-            f"sft.save_every={every}", "sft.max_failures=1"]
+    total, every = LONG
+    args = [f"run.output_dir={tmp_path}", "run.stages=[sft]", *SMALL, "sft.batch_size=8", "sft.epochs=8",
+            f"sft.max_steps={total}", f"sft.save_every={every}", "sft.max_failures=1"]
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -97,6 +102,42 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
     assert steps_logged(tmp_path / "sft") == list(range(1, total + 1))
     resumed = [r["resumed_from_step"] for r in rows(tmp_path / "sft" / "metrics.jsonl") if "resumed_from_step" in r]
     assert resumed[0] == 0 and resumed[-1] >= every, resumed  # the restarted group loaded a checkpoint
+
+
+def test_a_worker_killed_in_the_second_stage_of_a_shared_run_resumes_that_stage_only(tmp_path):
+    """SFT and the reward model ask for the same workers, so they run in one Ray Train run. SIGKILL the worker
+    during the reward model: the restarted group skips SFT (finished by this run: not trained again) and
+    resumes the reward model from its own checkpoint."""
+    import psutil
+    total, every = LONG
+    args = [f"run.output_dir={tmp_path}", "run.stages=[sft,rm]", *SMALL, "sft.batch_size=8", "sft.max_steps=8",
+            "rm.batch_size=8", "rm.epochs=8", f"rm.max_steps={total}", f"rm.save_every={every}",
+            "sft.max_failures=1", "rm.max_failures=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if _registered_checkpoint(tmp_path / "quickstart-sft+rm"):
+                break
+            time.sleep(0.2)
+        sft_model = (tmp_path / "sft" / "model" / "COMPLETE").stat().st_mtime_ns
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 1 and proc.poll() is None, "no running Ray Train worker to kill"
+        workers[0].kill()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    assert (tmp_path / "sft" / "model" / "COMPLETE").stat().st_mtime_ns == sft_model  # not trained again
+    assert [r["resumed_from_step"] for r in rows(tmp_path / "sft" / "metrics.jsonl") if "resumed_from_step" in r] == [0]
+    assert steps_logged(tmp_path / "sft") == list(range(1, 9))
+    assert steps_logged(tmp_path / "rm") == list(range(1, total + 1))
+    resumed = [r["resumed_from_step"] for r in rows(tmp_path / "rm" / "metrics.jsonl") if "resumed_from_step" in r]
+    assert resumed[0] == 0 and resumed[-1] >= every and resumed[-1] % every == 0, resumed  # its own checkpoint
+    assert (tmp_path / "rm" / "model" / "COMPLETE").exists()
 
 
 def _registered_checkpoint(run_dir: Path) -> bool:
@@ -163,14 +204,16 @@ def test_two_ranks_per_stage_on_a_two_node_cluster(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert sorted(runs) == [f"quickstart-{s}" for s in ("dpo", "rm", "sft")]
+    assert sorted(runs) == ["quickstart-sft+rm+dpo"]
     assert {r.status.value for r in runs.values()} == {"FINISHED"}
     assert len({r.job_id for r in runs.values()}) == 1  # one Ray job: the CLI's driver
+    # Ray Train's checkpoints of both ranks, named by their stage; num_to_keep=2 keeps the run's last two
+    assert sorted(p.name for p in (tmp_path / "quickstart-sft+rm+dpo").glob("*-step_*")) == [
+        "dpo-step_000003", "rm-step_000003"]
     for run in runs.values():
         last = max(attempts[run.id].values(), key=lambda a: a.start_time_ns)
         assert len({w.node_id for w in last.workers}) == 2, run.name  # 2 ranks, one per node
     for stage in ("sft", "rm", "dpo"):
         assert (tmp_path / stage / "model" / "COMPLETE").exists()
         assert steps_logged(tmp_path / stage) == list(range(1, 7))
-        assert (tmp_path / f"quickstart-{stage}" / "step_000003").is_dir()  # Ray Train's checkpoint of both ranks
         assert any("eval/loss" in r for r in rows(tmp_path / stage / "metrics.jsonl"))

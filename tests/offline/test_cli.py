@@ -24,7 +24,7 @@ def test_sft_then_rm_save_models_that_load_and_rm_beats_chance(tmp_path, ray_loc
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
     assert any("eval/loss" in r for r in rows)
-    assert (tmp_path / "run-sft" / "step_000010" / "COMPLETE").exists()  # Ray Train kept it in the run folder
+    assert (tmp_path / "run-sft" / "sft-step_000010" / "COMPLETE").exists()  # Ray Train kept it in the run folder
     assert list((sft / "tb").glob("events.out.tfevents.*"))
     AutoModelForCausalLM.from_pretrained(sft / "model")
 

@@ -104,6 +104,15 @@ def test_resume_modes(tmp_path):
     assert resume_wanted(c, "required") is True and resume_wanted(c, "auto") is True
 
 
+def test_a_checkpoint_in_the_shared_run_of_sft_and_rm_is_a_resume_point(tmp_path):
+    c = cfg(f"run.output_dir={tmp_path}", "run.stages=[sft,rm]")  # same workers: one Ray Train run
+    assert resume_wanted(c, "auto") is False
+    (tmp_path / "run-sft+rm" / "rm-step_000004").mkdir(parents=True)
+    assert resume_wanted(c, "required") is True
+    assert resume_wanted(cfg(f"run.output_dir={tmp_path}", "run.stages=[sft,rm]", "rm.learner.num_ranks=2"),
+                         "auto") is False  # different workers: runs of their own, which hold nothing
+
+
 def test_no_file_is_unpickled_and_no_remote_code_is_trusted():
     root = Path(__file__).resolve().parents[2] / "rlhf_ray"
     for path in root.rglob("*.py"):
