@@ -5,7 +5,10 @@ For each path, on a GRPO-shaped batch (3 prompts of different lengths, left-padd
 responses): the prompt-sharing forward against the plain forward (max and mean |log-prob diff| over response
 tokens; eval mode), the adapter-off reference against the adapter-on policy before any step (LoRA starts at
 B = 0, so they must agree exactly), one train step (finite loss and gradient norm, the policy moves), and
-the weights handed to the generator (`named_weights`: dtype and device). Writes JSON.
+the weights handed to the generator (`named_weights`: dtype and device). After each path the learner is
+freed as a shared Ray Train run frees a finished stage's before the next stage builds its own
+(`Learner.close`, then `offline.worker._free_memory`): `left_after_free_mib` is the device memory still allocated then, against
+before the learner was built. Writes JSON.
 
     python benchmarks/cuda_paths.py [--device cuda] [--out benchmarks/results/cuda_paths.json]
 """
@@ -103,6 +106,7 @@ def check(name: str, spec: dict, folder: str, device: str) -> dict:
         "sync_mib": round(sum(t.numel() * t.element_size() for _, t in sent) / 2 ** 20, 1),
     }
     print(json.dumps(out), flush=True)
+    ln.close()
     del ln
     return out
 
@@ -116,7 +120,17 @@ def main() -> None:
     args = ap.parse_args()
     from benchmarks.cuda_memory import build_random_model
     build_random_model(SMOLLM2_135M, Path(args.folder), args.device)
-    results = [check(p, PATHS[p], args.folder, args.device) for p in args.paths]
+    from rlhf_ray.offline.worker import _free_memory
+    results = []
+    for path in args.paths:
+        before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
+        results.append(check(path, PATHS[path], args.folder, args.device))
+        _free_memory()
+        if args.device == "cuda":
+            results[-1]["left_after_free_mib"] = round((torch.cuda.memory_allocated() - before) / 2 ** 20, 1)
+            results[-1]["reserved_after_free_mib"] = round(torch.cuda.memory_reserved() / 2 ** 20, 1)
+            print(json.dumps({k: results[-1][k] for k in ("path", "left_after_free_mib",
+                                                          "reserved_after_free_mib")}), flush=True)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": gpu, "torch": torch.__version__, "paths": results}, indent=1) + "\n")

@@ -270,3 +270,10 @@ class Learner:
             self.tokenizer.save_pretrained(tmp)
             checkpoint.publish(tmp, final)
         dist.barrier()
+
+    def close(self) -> None:
+        """Release the model and optimizer for a next learner in this process (the stages of a shared Ray Train
+        run). Dropping the last reference is not enough: a ZeRO optimizer's gradient hooks sit on the
+        parameters' autograd nodes, a cycle through C++ that Python's collector cannot see; on an H100 a
+        135M model's optimizer state (1.8-2.1 GiB) stayed allocated. DeepSpeed's `destroy` removes them."""
+        self.engine.destroy()

@@ -54,11 +54,19 @@ def workers_of(stage: StageConfig) -> tuple:
     return learner.num_ranks, learner.cpus_per_rank, learner.gpus_per_rank, stage.max_failures
 
 
+def shares_a_run(stage: StageConfig) -> bool:
+    """DeepSpeed 0.19.8's ZeRO-3 engine stays alive after its `destroy` (a reference held where Python's
+    collector cannot see it; ZeRO-1/2 and plain engines are freed by `Learner.close`): a ZeRO-3 stage gets
+    worker processes of its own rather than leave its model and optimizer beside the next stage's."""
+    return stage.learner.deepspeed.zero_stage < 3
+
+
 def stage_groups(cfg: Config, names: Sequence[str]) -> list[list[str]]:
     """`names` (in run order) cut into runs of consecutive stages that ask for the same workers."""
     groups: list[list[str]] = []
     for name in names:
-        if groups and workers_of(getattr(cfg, groups[-1][-1])) == workers_of(getattr(cfg, name)):
+        stage, last = getattr(cfg, name), getattr(cfg, groups[-1][-1]) if groups else None
+        if last is not None and shares_a_run(last) and shares_a_run(stage) and workers_of(last) == workers_of(stage):
             groups[-1].append(name)
         else:
             groups.append([name])

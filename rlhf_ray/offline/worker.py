@@ -140,6 +140,7 @@ def train_stage(job: StageJob, restored) -> None:
         learner.export_hf(Path(job.out_dir) / "adapter", merge_lora=False)
     if rank == 0:
         (Path(job.out_dir) / FINISHED).write_text(job.token)
+    learner.close()
     barrier()  # the next stage may start from this export (the reward model from the SFT model)
 
 

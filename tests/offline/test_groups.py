@@ -1,4 +1,7 @@
-"""Which offline stages share a Ray Train run, and which stage a checkpoint folder belongs to."""
+"""Which offline stages share a Ray Train run, which stage a checkpoint folder belongs to, and a finished
+stage's learner freed before the next one's."""
+import pytest
+
 from rlhf_ray.config import load_config
 from rlhf_ray.offline.loop import stage_groups, train_run_location
 from rlhf_ray.offline.worker import checkpoint_name, checkpoint_stage
@@ -25,10 +28,11 @@ def test_a_checkpoint_folder_names_its_stage():
     assert checkpoint_stage(checkpoint_name("sft", 3)) == "sft"
 
 
-def test_a_finished_stages_learner_is_freed_before_the_next_stage_builds_its_own():
-    """Stages of one run train one after the other in the same worker process: the first stage's model must
-    not stay resident beside the second's (DeepSpeed's engine holds reference cycles: dropping the last name
-    alone leaves it alive until a collection)."""
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_finished_stages_learner_is_freed_before_the_next_stage_builds_its_own(zero):
+    """Stages of one run train one after the other in the same worker process: the first stage's model and
+    optimizer must not stay resident beside the second's. DeepSpeed's engine holds reference cycles (a
+    collection frees them), and a ZeRO optimizer's gradient hooks a cycle through C++ (`Learner.close`)."""
     import weakref
 
     from rlhf_ray.algo import sft_loss
@@ -40,10 +44,22 @@ def test_a_finished_stages_learner_is_freed_before_the_next_stage_builds_its_own
         return sft_loss(logits[:, :-1], mb["input_ids"][:, 1:], mb["loss_mask"][:, 1:])
 
     def stage():
-        learner = make_learner()
+        learner = make_learner(zero=zero)
         learner.train_step(loss_fn, split(token_batches(1)[0]))
-        return weakref.ref(learner.model), weakref.ref(learner.engine)
+        refs = weakref.ref(learner.model), weakref.ref(learner.engine), weakref.ref(learner.engine.optimizer)
+        learner.close()
+        return refs
 
-    model, engine = stage()
+    refs = stage()
     _free_memory()
-    assert model() is None and engine() is None
+    assert [ref() is None for ref in refs] == [True, True, True]
+
+
+def test_a_zero3_stage_runs_alone():
+    """DeepSpeed 0.19.8's ZeRO-3 engine outlives `destroy` (a reference no Python collector sees): a stage
+    under ZeRO-3 gets worker processes of its own instead of leaving its model to the next stage's."""
+    cfg = load_config(None, ["sft.learner.deepspeed.zero_stage=3", "rm.learner.deepspeed.zero_stage=3",
+                             "dpo.learner.deepspeed.zero_stage=3"])
+    assert stage_groups(cfg, ["sft", "rm", "dpo"]) == [["sft"], ["rm"], ["dpo"]]
+    cfg = load_config(None, ["sft.learner.deepspeed.zero_stage=2", "rm.learner.deepspeed.zero_stage=2"])
+    assert stage_groups(cfg, ["sft", "rm"]) == [["sft", "rm"]]
