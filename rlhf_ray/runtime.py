@@ -55,7 +55,11 @@ LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK
 # ... and without a GPU, vLLM's CPU worker logs "NUMA binding: Using MEMBIND policy" through torch's C++ log
 # at WARNING in every engine start; no Python logger or option reaches it. ERROR keeps torch's C++ errors
 # (Python-side torch warnings are Python warnings, not this log). GPU runs keep the C++ warnings (NCCL's).
-LOCAL_CPU_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR"}
+# vLLM's sampler compiles one small kernel with torch.compile (counting the tokens ranked above each sampled
+# one, for the log-probs the weight-sync check reads) on an engine's first generation: 1.9 s of the demo's
+# first RL step (2.3 s, then 0.4 s), every run, for a count that eager mode does in microseconds on a CPU.
+# Nothing else in a role process compiles; `TORCHDYNAMO_DISABLE=0` in the operator's environment wins.
+LOCAL_CPU_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR", "TORCHDYNAMO_DISABLE": "1"}
 
 
 def quiet_libraries() -> None:
