@@ -78,27 +78,10 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage)
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
     """FailureConfig: SIGKILL one Ray Train worker mid-stage; the same run restarts the worker group from
     Ray Train's last checkpoint and finishes, every step logged once."""
-    import psutil
     total, every = LONG
-    args = [f"run.output_dir={tmp_path}", "run.stages=[sft]", *SMALL, "sft.batch_size=8", "sft.epochs=8",
-            f"sft.max_steps={total}", f"sft.save_every={every}", "sft.max_failures=1"]
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            if _registered_checkpoint(tmp_path / "quickstart-sft"):
-                break
-            time.sleep(0.2)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline())]
-        assert len(workers) == 1 and proc.poll() is None, "no running Ray Train worker to kill"
-        workers[0].kill()
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-4000:]
+    _kill_the_worker_once_a_checkpoint_is_registered(
+        [f"run.output_dir={tmp_path}", "run.stages=[sft]", *SMALL, "sft.batch_size=8", "sft.epochs=8",
+         f"sft.max_steps={total}", f"sft.save_every={every}", "sft.max_failures=1"], tmp_path / "quickstart-sft")
     assert steps_logged(tmp_path / "sft") == list(range(1, total + 1))
     resumed = [r["resumed_from_step"] for r in rows(tmp_path / "sft" / "metrics.jsonl") if "resumed_from_step" in r]
     assert resumed[0] == 0 and resumed[-1] >= every, resumed  # the restarted group loaded a checkpoint
@@ -108,20 +91,35 @@ def test_a_worker_killed_in_the_second_stage_of_a_shared_run_resumes_that_stage_
     """SFT and the reward model ask for the same workers, so they run in one Ray Train run. SIGKILL the worker
     during the reward model: the restarted group skips SFT (finished by this run: not trained again) and
     resumes the reward model from its own checkpoint."""
-    import psutil
     total, every = LONG
-    args = [f"run.output_dir={tmp_path}", "run.stages=[sft,rm]", *SMALL, "sft.batch_size=8", "sft.max_steps=8",
-            "rm.batch_size=8", "rm.epochs=8", f"rm.max_steps={total}", f"rm.save_every={every}",
-            "sft.max_failures=1", "rm.max_failures=1"]
+    sft_model = tmp_path / "sft" / "model" / "COMPLETE"
+    written = _kill_the_worker_once_a_checkpoint_is_registered(
+        [f"run.output_dir={tmp_path}", "run.stages=[sft,rm]", *SMALL, "sft.batch_size=8", "sft.max_steps=8",
+         "rm.batch_size=8", "rm.epochs=8", f"rm.max_steps={total}", f"rm.save_every={every}",
+         "sft.max_failures=1", "rm.max_failures=1"], tmp_path / "quickstart-sft+rm",
+        before_kill=lambda: sft_model.stat().st_mtime_ns)
+    assert sft_model.stat().st_mtime_ns == written  # not trained again
+    assert [r["resumed_from_step"] for r in rows(tmp_path / "sft" / "metrics.jsonl") if "resumed_from_step" in r] == [0]
+    assert steps_logged(tmp_path / "sft") == list(range(1, 9))
+    assert steps_logged(tmp_path / "rm") == list(range(1, total + 1))
+    resumed = [r["resumed_from_step"] for r in rows(tmp_path / "rm" / "metrics.jsonl") if "resumed_from_step" in r]
+    assert resumed[0] == 0 and resumed[-1] >= every and resumed[-1] % every == 0, resumed  # its own checkpoint
+    assert (tmp_path / "rm" / "model" / "COMPLETE").exists()
+
+
+def _kill_the_worker_once_a_checkpoint_is_registered(args: list[str], run_dir: Path, before_kill=lambda: None):
+    """`train` with `args`; SIGKILL its one Ray Train worker once `run_dir` holds a registered checkpoint; the
+    run must still finish (FailureConfig). Returns what `before_kill` returned."""
+    import psutil
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
-            if _registered_checkpoint(tmp_path / "quickstart-sft+rm"):
+            if _registered_checkpoint(run_dir):
                 break
             time.sleep(0.2)
-        sft_model = (tmp_path / "sft" / "model" / "COMPLETE").stat().st_mtime_ns
+        seen = before_kill()
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if "RayTrainWorker" in " ".join(p.cmdline())]
         assert len(workers) == 1 and proc.poll() is None, "no running Ray Train worker to kill"
@@ -131,13 +129,7 @@ def test_a_worker_killed_in_the_second_stage_of_a_shared_run_resumes_that_stage_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-4000:]
-    assert (tmp_path / "sft" / "model" / "COMPLETE").stat().st_mtime_ns == sft_model  # not trained again
-    assert [r["resumed_from_step"] for r in rows(tmp_path / "sft" / "metrics.jsonl") if "resumed_from_step" in r] == [0]
-    assert steps_logged(tmp_path / "sft") == list(range(1, 9))
-    assert steps_logged(tmp_path / "rm") == list(range(1, total + 1))
-    resumed = [r["resumed_from_step"] for r in rows(tmp_path / "rm" / "metrics.jsonl") if "resumed_from_step" in r]
-    assert resumed[0] == 0 and resumed[-1] >= every and resumed[-1] % every == 0, resumed  # its own checkpoint
-    assert (tmp_path / "rm" / "model" / "COMPLETE").exists()
+    return seen
 
 
 def _registered_checkpoint(run_dir: Path) -> bool:
