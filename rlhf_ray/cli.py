@@ -190,8 +190,6 @@ def entry() -> None:
     shut down by then. The atexit handlers (logging, metric sinks) still run first, and a thread that is
     still working (not a daemon) is waited for as usual."""
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()  # noqa: SLF001 - what a normal exit runs before finalization

@@ -121,7 +121,7 @@ def run_stages(cfg: Config, group: Sequence[str], specs: Sequence[StageSpec], fr
                              checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                              # Ray Train's INFO lines (each report, each worker start) would bury the step lines.
                              logging_config=LoggingConfig(log_level="WARNING")))
-    by_name = {spec.name: spec for spec in specs}
+    by_name = {job.name: job for job in jobs}
     follower = MetricsFollower(metrics, lambda name, start: _logger(by_name[name], cfg, start))
     follower.start()
     try:
@@ -133,10 +133,9 @@ def run_stages(cfg: Config, group: Sequence[str], specs: Sequence[StageSpec], fr
     return [spec.out_dir / "model" for spec in specs]
 
 
-def _logger(spec: StageSpec, cfg: Config, start: int) -> StageLog:
-    _, total = plan(spec.name, spec.stage, len(spec.data.train))
-    logger = StageLog(spec.out_dir, cfg.logging, total_steps=total, start_step=start, title=spec.name)
-    logger.log(start, {f"data/{k}": float(v) for k, v in spec.data.info.items()}
+def _logger(job: StageJob, cfg: Config, start: int) -> StageLog:
+    logger = StageLog(Path(job.out_dir), cfg.logging, total_steps=job.total_steps, start_step=start, title=job.name)
+    logger.log(start, {f"data/{k}": float(v) for k, v in job.data.info.items()}
                | {"resumed_from_step": float(start)}, advance=False)
     return logger
 

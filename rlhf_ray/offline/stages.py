@@ -78,32 +78,35 @@ def sft_init_path(cfg: Config) -> str:
     return cfg.sft.init_from or cfg.model.path
 
 
-def _after_sft(cfg: Config, init_from: Optional[str], sft_first: bool) -> str:
-    """`init_from`, else this run's SFT model when the run has an SFT stage and it exists (or `sft_first`:
-    the same Ray Train run writes it before this stage starts), else model.path."""
+def _after_sft(cfg: Config, init_from: Optional[str]) -> str:
+    """`init_from`, else this run's SFT model when the run has an SFT stage and it exists, else model.path
+    (one that the same Ray Train run writes first: `_from_pending_sft`)."""
     if init_from:
         return init_from
     sft_model = stage_dir(cfg, "sft") / "model"
-    if sft_first or ("sft" in cfg.run.stages and (sft_model / "COMPLETE").exists()):
+    if "sft" in cfg.run.stages and (sft_model / "COMPLETE").exists():
         return str(sft_model)
     return cfg.model.path
 
 
-def init_path(cfg: Config, stage: str, sft_first: bool = False) -> str:
+def init_path(cfg: Config, stage: str) -> str:
     """The model a stage starts from. The reward model starts from the SFT policy's backbone (a fresh scalar
     head) unless told otherwise; so does DPO."""
     if stage == "sft":
         return sft_init_path(cfg)
-    return _after_sft(cfg, cfg.rm.init_from if stage == "rm" else cfg.dpo.init_from, sft_first)
+    return _after_sft(cfg, cfg.rm.init_from if stage == "rm" else cfg.dpo.init_from)
+
+
+def _from_pending_sft(cfg: Config, stage: str, sft_first: bool) -> bool:
+    """`stage` starts from the SFT model that its own Ray Train run writes first (not on disk yet)."""
+    return stage != "sft" and sft_first and not (cfg.rm.init_from if stage == "rm" else cfg.dpo.init_from)
 
 
 def prepare(cfg: Config, stage: str, sft_first: bool = False) -> StageData:
     """Read and tokenize a stage's data (before Ray starts, so bad data fails in seconds). A stage that starts
     from an SFT model not written yet reads with the SFT stage's tokenizer: its export saves that one."""
-    if stage == "sft" or sft_first and not (cfg.rm.init_from if stage == "rm" else cfg.dpo.init_from):
-        tokenizer_path = sft_init_path(cfg)
-    else:
-        tokenizer_path = init_path(cfg, stage)
+    sft_tokenizer = stage == "sft" or _from_pending_sft(cfg, stage, sft_first)
+    tokenizer_path = sft_init_path(cfg) if sft_tokenizer else init_path(cfg, stage)
     if stage == "sft":
         return _stage_data(cfg, tokenizer_path, cfg.data.sft, "sft", encode_sft, collate_sft)
     return _stage_data(cfg, tokenizer_path, cfg.data.preferences, "preferences", encode_preferences,
@@ -112,10 +115,9 @@ def prepare(cfg: Config, stage: str, sft_first: bool = False) -> StageData:
 
 def stage_spec(cfg: Config, name: str, sft_first: bool = False, data: Optional[StageData] = None) -> StageSpec:
     """What the driver needs to run stage `name`; `sft_first`: an SFT stage runs before it in the same run."""
-    init = init_path(cfg, name, sft_first)
     # absolute here, where a relative path means what the user meant: Ray Train's workers run elsewhere
-    init = str(Path(init).resolve()) if sft_first and init == str(stage_dir(cfg, "sft") / "model") \
-        else resolve_model_path(init)
+    init = str((stage_dir(cfg, "sft") / "model").resolve()) if _from_pending_sft(cfg, name, sft_first) \
+        else resolve_model_path(init_path(cfg, name))
     data = data or prepare(cfg, name, sft_first)
     common = dict(name=name, stage=getattr(cfg, name), init_path=init, data=data, out_dir=stage_dir(cfg, name))
     if name == "sft":

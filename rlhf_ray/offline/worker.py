@@ -140,8 +140,7 @@ def train_stage(job: StageJob, restored) -> None:
         learner.export_hf(Path(job.out_dir) / "adapter", merge_lora=False)
     if rank == 0:
         (Path(job.out_dir) / FINISHED).write_text(job.token)
-    learner.close()
-    barrier()  # the next stage may start from this export (the reward model from the SFT model)
+    learner.close()  # (export_hf ended on a barrier: a next stage starting from this export finds it whole)
 
 
 def driver_took_everything(metrics) -> None:
@@ -152,12 +151,6 @@ def driver_took_everything(metrics) -> None:
     queue fails once Ray has ended the driver's actors."""
     while not metrics.empty():
         time.sleep(0.01)
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _quiet_report_lines() -> None:
