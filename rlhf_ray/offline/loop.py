@@ -92,6 +92,7 @@ def run_stages(cfg: Config, group: Sequence[str], specs: Sequence[StageSpec], fr
     if fresh:
         shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
     metrics = Queue(actor_options={"num_cpus": 0})
+    logged = Queue(actor_options={"num_cpus": 0})  # the driver's answers: every record up to a step is written
     token = uuid.uuid4().hex  # marks the stages this run finished: a restarted worker group skips them
     jobs = []
     for spec in specs:
@@ -102,7 +103,7 @@ def run_stages(cfg: Config, group: Sequence[str], specs: Sequence[StageSpec], fr
                              init_path=spec.init_path,
                              data=spec.data, loss_fn=spec.loss_fn, eval_fn=spec.eval_fn,
                              out_dir=str(spec.out_dir.resolve()), total_steps=total, steps_per_epoch=per_epoch,
-                             metrics=metrics, setup=spec.setup, token=token))
+                             metrics=metrics, logged=logged, setup=spec.setup, token=token))
     # Ray Train records each run (status, attempts, workers) for Ray's dashboard only when asked; read by
     # the trainer in this driver process.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
@@ -122,7 +123,7 @@ def run_stages(cfg: Config, group: Sequence[str], specs: Sequence[StageSpec], fr
                              # Ray Train's INFO lines (each report, each worker start) would bury the step lines.
                              logging_config=LoggingConfig(log_level="WARNING")))
     by_name = {job.name: job for job in jobs}
-    follower = MetricsFollower(metrics, lambda name, start: _logger(by_name[name], cfg, start))
+    follower = MetricsFollower(metrics, logged, lambda name, start: _logger(by_name[name], cfg, start))
     follower.start()
     try:
         trainer.fit()
@@ -143,12 +144,13 @@ def _logger(job: StageJob, cfg: Config, start: int) -> StageLog:
 class MetricsFollower(threading.Thread):
     """Drains the workers' queue into one `StageLog` per stage. Messages, each naming its stage: ("start",
     stage, step, {}) when a stage (re)starts from `step`; ("step", stage, step, stats); ("final", stage, step,
-    held-out stats). A stage's start closes the one before it (its bar ends, its held-out line prints). A
+    held-out stats); ("logged?", stage, step, {}), answered with (stage, step) on `logged` once every record
+    before it is written (a worker takes a checkpoint only then). A stage's start closes the one before it (its bar ends, its held-out line prints). A
     restart after a failure rewinds the sinks to the restored step, so every step is logged once."""
 
-    def __init__(self, q, make_logger: Callable[[str, int], StageLog]):
+    def __init__(self, q, logged, make_logger: Callable[[str, int], StageLog]):
         super().__init__(daemon=True)
-        self.q, self.make_logger = q, make_logger
+        self.q, self.logged, self.make_logger = q, logged, make_logger
         self.loggers: dict[str, StageLog] = {}
         self.finals: dict[str, dict] = {}
         self._open: Optional[str] = None
@@ -175,6 +177,8 @@ class MetricsFollower(threading.Thread):
             self._open = stage
         elif kind == "step":
             self.loggers[stage].log(step, stats)
+        elif kind == "logged?":  # every record before this one is written (the sinks flush each line)
+            self.logged.put((stage, step))
         else:
             self.finals[stage] = stats
             self.loggers[stage].log(step, stats, advance=False)
@@ -196,3 +200,4 @@ class MetricsFollower(threading.Thread):
         self._close_open()
         import ray
         ray.kill(self.q.actor)
+        ray.kill(self.logged.actor)

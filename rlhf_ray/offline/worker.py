@@ -45,6 +45,7 @@ class StageJob:
     total_steps: int
     steps_per_epoch: int
     metrics: Any              # ray.util.queue.Queue: rank 0 -> driver
+    logged: Any = None        # ray.util.queue.Queue: driver -> rank 0, (stage, step) once that step is written
     setup: Callable = None    # optional (learner) -> None, run once after the learner is built (DPO reference)
     token: str = ""           # this run's: written beside the export when the stage is done
 
@@ -126,14 +127,14 @@ def train_stage(job: StageJob, restored) -> None:
             job.metrics.put(("step", job.name, step + 1, stats))
         save = bool(stage.save_every and (step + 1) % stage.save_every == 0 and step + 1 < job.total_steps)
         if save and rank == 0:
-            driver_took_everything(job.metrics)
+            wait_until_logged(job, step + 1)
         if save or evaluated:
             _report(stats, step + 1, learner, staging / checkpoint_name(job.name, step + 1) if save else None, rank)
     final_eval = evaluate(learner, job.data, job.eval_fn, stage.batch_size, rank, world) if job.data.eval else {}
     if rank == 0 and final_eval:
         job.metrics.put(("final", job.name, job.total_steps, final_eval))
     if rank == 0:
-        driver_took_everything(job.metrics)
+        wait_until_logged(job, job.total_steps)
     _report(final_eval, job.total_steps, learner, None, rank)
     learner.export_hf(Path(job.out_dir) / "model", merge_lora=True)
     if cfg.model.lora.enabled:
@@ -143,14 +144,18 @@ def train_stage(job: StageJob, restored) -> None:
     learner.close()  # (export_hf ended on a barrier: a next stage starting from this export finds it whole)
 
 
-def driver_took_everything(metrics) -> None:
-    """Wait until the driver has taken every step's stats put so far, before a checkpoint or the export (the
-    other ranks wait at its barrier). A driver killed with SIGKILL leaves its workers running for a few seconds
-    until Ray ends the job: without this wait they went on checkpointing steps that no one logged (a resume
-    then continued from step 80 with steps 25-80 missing from the metrics). Now they block here instead; the
-    queue fails once Ray has ended the driver's actors."""
-    while not metrics.empty():
-        time.sleep(0.01)
+def wait_until_logged(job: StageJob, step: int) -> None:
+    """Wait until the driver has written every record put so far (through `step`), before a checkpoint or the
+    export (the other ranks wait at its barrier): a checkpoint must never hold a step that no one logged.
+
+    A barrier message travels behind the step records and the driver answers it only after writing them
+    (`MetricsFollower`). Waiting for an empty queue was not enough: the driver takes a record, then writes it,
+    and a driver SIGKILLed between the two lost that step for good once the checkpoint after it existed (a
+    resumed reward model lacked step 24 of 160). A dead driver's worker blocks here until Ray ends the job,
+    so it checkpoints nothing more."""
+    job.metrics.put(("logged?", job.name, step, {}))
+    while job.logged.get() != (job.name, step):
+        pass  # an answer meant for a worker group that Ray Train has since restarted
 
 
 def _quiet_report_lines() -> None:
