@@ -1,9 +1,13 @@
 """`describe_failure`: whatever a step raised becomes one line naming the role, the step and the cause."""
 from __future__ import annotations
 
+import sys
+
+import pytest
 import ray.exceptions as rx
 
 from rlhf_ray.errors import RunError, StepError, describe_failure, user_traceback
+from rlhf_ray.scoring.reward import FunctionSource, RewardSourceError
 
 
 def _raise_in_user_code():
@@ -16,8 +20,22 @@ def test_user_traceback_keeps_only_the_users_frames():
     except KeyError as e:
         text = user_traceback(e)
     assert '"/home/me/my_reward.py", line 2, in user_fn' in text and "KeyError: 'label'" in text
-    assert "test_errors.py" not in text or "tests" in text  # our test file is "user code" here; rlhf_ray is not
+    # this test file lies outside rlhf_ray, so it is "user code" and stays; the frame inside rlhf_ray goes
+    assert "test_errors.py" in text and "in _raise_in_user_code" in text
     assert "rlhf_ray/" not in text
+
+
+def test_user_traceback_drops_the_frames_inside_rlhf_ray(tmp_path, monkeypatch):
+    """A reward function called by `FunctionSource.__call__` (a frame in rlhf_ray/scoring/reward.py) fails:
+    the operator sees their own frame and not ours."""
+    (tmp_path / "my_reward_tb.py").write_text("def f(prompts, responses):\n    raise KeyError('label')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_reward_tb", raising=False)
+    with pytest.raises(RewardSourceError) as caught:
+        FunctionSource("my_reward_tb:f")(["p"], ["r"])
+    text = caught.value.detail
+    assert f'"{tmp_path / "my_reward_tb.py"}", line 2, in f' in text and "KeyError: 'label'" in text
+    assert "rlhf_ray/" not in text and "in __call__" not in text
 
 
 def test_operator_error_keeps_its_detail_and_gains_the_step():

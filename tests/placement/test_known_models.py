@@ -38,10 +38,18 @@ def test_every_hub_model_of_a_shipped_config_is_known():
     assert not missing, f"add their config.json to {KNOWN_MODELS}: {missing}"
 
 
-@pytest.mark.parametrize("repo", sorted(PUBLISHED))
+SHIPPED = sorted(f.stem.replace("--", "/") for f in KNOWN_MODELS.glob("*.json"))
+
+
+def test_facts_are_shipped():
+    assert SHIPPED, f"no fact files under {KNOWN_MODELS} (the test below would check nothing)"
+
+
+@pytest.mark.parametrize("repo", SHIPPED)
 def test_shipped_facts_match_the_published_shapes(repo):
-    if known_config(repo) is None:
-        pytest.skip(f"{repo} is named by no shipped config")
+    """Every shipped fact file is checked against the model's published config.json (tests/placement/hubcache.py)."""
+    assert repo in PUBLISHED, f"add {repo}'s published config.json fields to tests/placement/hubcache.py"
+    assert known_config(repo) is not None
     assert ModelShape.from_config(known_config(repo)) == ModelShape.from_config(PUBLISHED[repo])
 
 

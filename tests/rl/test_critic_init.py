@@ -4,7 +4,10 @@ import torch
 
 from rlhf_ray.config import ModelConfig, load_config
 from rlhf_ray.learner.build import build_model
+from rlhf_ray.learner.checkpoint import MARKER
 from rlhf_ray.models.kit import resolve_model_path
+from rlhf_ray.pipeline import StageOutputs
+from rlhf_ray.rl.roles import Paths, critic_init_path
 from rlhf_ray.utils.device import resolve_backend
 
 
@@ -27,8 +30,13 @@ def test_critic_built_from_the_reward_model_has_its_weights_and_scores():
     assert value_last.item() == pytest.approx(score.item(), abs=1e-6)  # V(final state) == the RM's reward
 
 
-def test_critic_init_option_is_validated():
+def test_critic_init_option_picks_the_critics_start_and_is_validated(tmp_path):
+    outs = StageOutputs(tmp_path)
+    (outs.final("rm")).mkdir(parents=True)
+    (outs.final("rm") / MARKER).write_text("")
+    paths = Paths(policy_init="/runs/sft/model", resolve=outs.resolve, scratch=str(tmp_path))
     cfg = load_config(None, ["algorithm.name=ppo", "rl.critic_init_from=stage:rm"])
-    assert cfg.rl.critic_init_from == "stage:rm"
+    assert critic_init_path(cfg, paths) == str(outs.final("rm"))  # the RM stage's output, resolved
+    assert critic_init_path(load_config(None, ["algorithm.name=ppo"]), paths) == "/runs/sft/model"
     with pytest.raises(Exception, match="rl.critic_init_from is set but algorithm.name=grpo trains no critic"):
         load_config(None, ["algorithm.name=grpo", "rl.critic_init_from=stage:rm"])
