@@ -48,13 +48,14 @@ def engine(tiny_path):
 def test_full_sync_greedy_matches_hf_including_long_prompts(engine, tiny_path):
     learner = load_hf(tiny_path)
     prompts = _prompts()
-    assert [_cut(x) for x in hf_greedy(learner, prompts, NEW)] == _greedy(engine, prompts)  # version 0 agrees
+    before = _greedy(engine, prompts)
+    assert [_cut(x) for x in hf_greedy(learner, prompts, NEW)] == before  # version 0 agrees
     perturb(learner, seed=11)
+    want = [_cut(x) for x in hf_greedy(learner, prompts, NEW)]
+    assert want != before                                   # the sync must change what the engine says
     engine.load_full(_bucketed(named_weights(learner)), version=1)
     assert engine.version == 1
-    want = [_cut(x) for x in hf_greedy(learner, prompts, NEW)]
-    got = _greedy(engine, prompts)
-    assert got == want
+    assert _greedy(engine, prompts) == want
 
 
 def test_sampled_logprobs_agree_with_learner_and_skipped_sync_is_caught(engine, tiny_path):
@@ -84,11 +85,19 @@ def test_same_seed_reproduces_and_n_samples_differ(engine):
     assert len({tuple(x) for x in a.response_ids[:3]}) > 1
 
 
-def test_text_prompts_and_stop_reasons(engine):
-    r = engine.generate(["the movie was", "I"], n=1, temperature=0.0, max_new_tokens=4)
-    assert len(r.texts) == 2 and all(isinstance(t, str) for t in r.texts)
-    assert all(len(p) > 0 for p in r.prompt_ids)
-    assert all(f in ("stop", "length") for f in r.finish_reasons)
+def test_text_prompts_are_tokenized_answered_and_decoded_like_token_prompts(engine, tiny_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    texts = ["the movie was", "I"]
+    r = engine.generate(texts, n=1, temperature=0.0, max_new_tokens=4)
+    assert r.prompt_ids == [tok(t).input_ids for t in texts]       # the model's own tokenizer, specials included
+    by_ids = engine.generate(r.prompt_ids, n=1, temperature=0.0, max_new_tokens=4)
+    assert r.response_ids == by_ids.response_ids and r.response_logprobs == by_ids.response_logprobs
+    assert r.texts == [tok.decode(ids, skip_special_tokens=True) for ids in r.response_ids]
+    for ids, logp, reason in zip(r.response_ids, r.response_logprobs, r.finish_reasons):
+        assert 0 < len(ids) <= 4 and len(logp) == len(ids) and all(lp <= 0 for lp in logp)
+        # "length": the 4-token budget ran out; "stop": the model emitted EOS
+        assert reason == ("stop" if ids[-1] == EOS else "length") and (reason == "stop" or len(ids) == 4)
 
 
 def _stop_text(text: str) -> str:
