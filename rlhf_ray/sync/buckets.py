@@ -12,6 +12,7 @@ see whole tensors only).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -40,7 +41,7 @@ class Bucket:
 
 
 def dtype_of(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
+    dtype = getattr(torch, name, None) if name.isidentifier() else None
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype name {name!r} in a bucket spec")
     return dtype
@@ -51,12 +52,18 @@ def _aligned(n: int) -> int:
 
 
 def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-                 dtype: Optional[torch.dtype] = None, reuse: bool = False) -> Iterator[Bucket]:
+                 dtype: Optional[torch.dtype] = None, reuse: bool = False,
+                 device: Optional[torch.device | str] = None) -> Iterator[Bucket]:
     """Yield buckets of at most `bucket_bytes` (or one oversized tensor) from `(name, tensor)` pairs.
 
-    Each tensor is copied once, into the bucket (cast to `dtype` on the way if given, e.g. fp32
-    learner -> bf16 engine). The iterator is consumed lazily: a ZeRO-3 learner that gathers one
-    parameter at a time holds at most one gathered parameter plus one bucket.
+    Each tensor is copied once, into the bucket, as soon as it arrives (cast to `dtype` on the way if
+    given, e.g. fp32 learner -> bf16 engine), and no reference to it is kept: the producer's copy is
+    free before the next one is asked for. The iterator is consumed lazily: a ZeRO-3 learner that
+    gathers one parameter at a time holds at most one gathered parameter plus one bucket.
+
+    device: where the buckets live (default: each bucket where its first tensor is). `device="cpu"` for
+    tensors on a GPU streams them to host memory tensor by tensor: the device then holds only the tensor
+    in flight, never a bucket (a full-weight export: `rlhf_ray.learner.export`).
 
     reuse=True packs every bucket into the same buffer: a consumer that copies each bucket away
     before asking for the next (`ray.put`, a broadcast) then touches fresh memory once instead of
@@ -65,39 +72,79 @@ def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    pending: list[tuple[str, torch.Tensor, int]] = []   # (name, tensor, offset)
+    buffer: Optional[torch.Tensor] = None      # the bucket being filled (capacity >= its end)
+    arena: Optional[torch.Tensor] = None       # reuse: the one buffer every bucket is packed into
+    specs: list[TensorSpec] = []
     end = 0
-    arena: list = [None, bucket_bytes] if reuse else []     # [buffer, its minimum size]
     for name, tensor in named:
         tensor = tensor.detach()
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        nbytes = tensor.numel() * tensor.element_size()
+        out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        nbytes = tensor.numel() * out_dtype.itemsize
         offset = _aligned(end)
-        if pending and offset + nbytes > bucket_bytes:
-            yield _fill(pending, end, arena)
-            pending, offset = [], 0
-        pending.append((name, tensor, offset))
+        if specs and offset + nbytes > bucket_bytes:
+            yield Bucket(buffer[:end], tuple(specs))
+            buffer, specs, offset = None, [], 0
+        if buffer is None:
+            where = torch.device(device) if device is not None else tensor.device
+            size = max(nbytes, bucket_bytes)
+            if not reuse:
+                buffer = torch.empty(size, dtype=torch.uint8, device=where)
+            else:
+                if arena is None or arena.numel() < size or arena.device != where:
+                    arena = None  # drop the old one before allocating its successor
+                    arena = torch.empty(size, dtype=torch.uint8, device=where)
+                buffer = arena
+        dst = buffer[offset:offset + nbytes].view(out_dtype).view(tensor.shape)
+        dst.copy_(tensor)  # cast and device move in one copy
+        specs.append(TensorSpec(name, tuple(tensor.shape), str(out_dtype).removeprefix("torch."), offset, nbytes))
         end = offset + nbytes
-    if pending:
-        yield _fill(pending, end, arena)
+        del tensor, dst  # the producer's tensor is not kept alive while the next one is made
+    if specs:
+        yield Bucket(buffer[:end], tuple(specs))
 
 
-def _fill(pending: list[tuple[str, torch.Tensor, int]], end: int, arena: list) -> Bucket:
-    device = pending[0][1].device
-    if arena:  # reuse: grow the one buffer when needed, hand out a prefix view of it
-        if arena[0] is None or arena[0].numel() < end or arena[0].device != device:
-            arena[0] = torch.empty(max(end, arena[1]), dtype=torch.uint8, device=device)
-        buffer = arena[0][:end]
-    else:
-        buffer = torch.empty(end, dtype=torch.uint8, device=device)
+# -- the header that describes a bucket on the wire: JSON, never pickle ------------------------------
+MAX_HEADER_BYTES = 64 << 20   # a 70B model's specs are about 100 kB; anything near this is not a header
+
+
+def encode_specs(specs: tuple[TensorSpec, ...]) -> bytes:
+    """The specs as JSON bytes: a list of [name, shape, dtype, offset, nbytes]."""
+    return json.dumps([[s.name, list(s.shape), s.dtype, s.offset, s.nbytes] for s in specs],
+                      separators=(",", ":")).encode()
+
+
+def decode_specs(raw: bytes, buffer_bytes: int) -> tuple[TensorSpec, ...]:
+    """Specs from `encode_specs` bytes received from a peer, checked against the buffer they describe.
+
+    Refuses (ValueError) anything that is not that JSON: a pickled payload, unknown dtypes, shapes whose
+    size disagrees with the byte count, or slices outside the buffer. Nothing is evaluated or unpickled.
+    """
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"bucket header of {len(raw)} bytes refused (limit {MAX_HEADER_BYTES})")
+    try:
+        rows = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"bucket header is not the JSON spec list ({e.__class__.__name__}); refused "
+                         f"(a pickled header from an older or foreign sender?)") from None
+    if not isinstance(rows, list):
+        raise ValueError("bucket header must be a JSON list of tensor specs")
     specs = []
-    for name, tensor, offset in pending:
-        nbytes = tensor.numel() * tensor.element_size()
-        dst = buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-        dst.copy_(tensor)
-        specs.append(TensorSpec(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), offset, nbytes))
-    return Bucket(buffer, tuple(specs))
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 5):
+            raise ValueError(f"bad tensor spec {row!r} in a bucket header")
+        name, shape, dtype, offset, nbytes = row
+        if not (isinstance(name, str) and isinstance(shape, list) and isinstance(dtype, str)
+                and all(type(d) is int and d >= 0 for d in shape) and type(offset) is int and type(nbytes) is int):
+            raise ValueError(f"bad tensor spec {row!r} in a bucket header")
+        itemsize = dtype_of(dtype).itemsize
+        numel = 1
+        for d in shape:
+            numel *= d
+        if nbytes != numel * itemsize or offset < 0 or offset % ALIGN or offset + nbytes > buffer_bytes:
+            raise ValueError(f"tensor spec {name!r} ({dtype}{shape}, {nbytes} B at {offset}) does not fit a "
+                             f"{buffer_bytes}-byte bucket")
+        specs.append(TensorSpec(name, tuple(shape), dtype, offset, nbytes))
+    return tuple(specs)
 
 
 def unpack_bucket(bucket: Bucket) -> list[tuple[str, torch.Tensor]]:

@@ -9,22 +9,35 @@ No hangs: the store and the group carry a timeout, so a rank that never arrives 
 address) fails every other rank with a timeout error instead of blocking forever.
 
 Wire protocol per bucket, all broadcasts from rank 0: a header (2,) int64 [buffer bytes, spec bytes],
-the pickled specs as uint8, then the buffer. A header of [0, 0] ends the stream, so receivers need
-no advance knowledge of how many buckets or which tensors will come.
+the specs as JSON bytes (`rlhf_ray.sync.buckets.encode_specs`), then the buffer. A header of [0, 0] ends
+the stream, so receivers need no advance knowledge of how many buckets or which tensors will come.
+Nothing received is unpickled: a peer on the network could otherwise run code in every engine; the
+JSON header is checked against the buffer it describes before any byte of it is read.
 """
 from __future__ import annotations
 
-import pickle
 from datetime import timedelta
 from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.sync.buckets import Bucket, unpack_bucket
+from rlhf_ray.sync.buckets import MAX_HEADER_BYTES, Bucket, decode_specs, encode_specs, unpack_bucket
 
-_BACKENDS = {"gloo": lambda store, rank, size, timeout: dist.ProcessGroupGloo(store, rank, size, timeout),
-             "nccl": lambda store, rank, size, timeout: dist.ProcessGroupNCCL(store, rank, size)}
+def _gloo(store, rank: int, size: int, timeout: timedelta):
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+def _nccl(store, rank: int, size: int, timeout: timedelta):
+    # Without options ProcessGroupNCCL keeps NCCL's 10-minute default (STACK.md): a sync that stalls would
+    # then wait 10 minutes and the watchdog kill the learner instead of failing in `timeout`. This is how
+    # torch's own `init_process_group` hands its timeout to NCCL (`distributed_c10d._new_process_group_helper`).
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, size, options)
+
+
+_BACKENDS = {"gloo": _gloo, "nccl": _nccl}
 
 
 class CollectiveGroup:
@@ -47,7 +60,7 @@ class CollectiveGroup:
         """Rank 0: broadcast every bucket, then the end marker. Returns bytes sent."""
         sent = 0
         for bucket in buckets:
-            meta = torch.frombuffer(bytearray(pickle.dumps(bucket.specs)), dtype=torch.uint8).to(self.device)
+            meta = torch.frombuffer(bytearray(encode_specs(bucket.specs)), dtype=torch.uint8).to(self.device)
             self.broadcast(torch.tensor([bucket.nbytes, meta.numel()], dtype=torch.int64, device=self.device))
             self.broadcast(meta)
             self.broadcast(bucket.buffer.to(self.device))
@@ -61,8 +74,10 @@ class CollectiveGroup:
             header = self.broadcast(torch.zeros(2, dtype=torch.int64, device=self.device)).tolist()
             if header == [0, 0]:
                 return
+            if not (0 < header[1] <= MAX_HEADER_BYTES and header[0] >= 0):
+                raise ValueError(f"bucket stream header {header} refused: not a [buffer bytes, spec bytes] pair")
             meta = self.broadcast(torch.empty(header[1], dtype=torch.uint8, device=self.device))
-            specs = pickle.loads(meta.cpu().numpy().tobytes())
+            specs = decode_specs(meta.cpu().numpy().tobytes(), header[0])
             buffer = self.broadcast(torch.empty(header[0], dtype=torch.uint8, device=self.device))
             yield from unpack_bucket(Bucket(buffer, specs))
 

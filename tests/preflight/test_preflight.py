@@ -1,6 +1,7 @@
 """Preflight checks, in-process and without Ray: each bad input is one `PreflightError` naming it."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -113,10 +114,25 @@ def test_a_checkpoint_in_the_shared_run_of_sft_and_rm_is_a_resume_point(tmp_path
                          "auto") is False  # different workers: runs of their own, which hold nothing
 
 
+# Unpickling runs code named by the bytes: `pickle.load(f)` of a file and `pickle.loads(b)` of bytes off the
+# network alike (the sync's bucket header once was `pickle.loads` of a broadcast), and their cloudpickle and
+# `torch.load(weights_only=False)` spellings.
+UNSAFE = re.compile(r"\b(?:c?pickle|cloudpickle|dill)\.loads?\s*\(|\bUnpickler\s*\(|weights_only\s*=\s*False"
+                    r"|trust_remote_code\s*=\s*True")
+
+
+def unsafe_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if UNSAFE.search(line)]
+
+
+@pytest.mark.parametrize("line", ["specs = pickle.loads(meta.cpu().numpy().tobytes())", "x = pickle.load(f)",
+                                  "cloudpickle.loads(raw)", "pickle.Unpickler(f).load()", "torch.load(p, weights_only=False)",
+                                  "AutoModel.from_pretrained(p, trust_remote_code=True)"])
+def test_the_unpickling_grep_catches_each_spelling(line):
+    assert unsafe_lines(f"a = 1\n    {line}\n") == [line]
+
+
 def test_no_file_is_unpickled_and_no_remote_code_is_trusted():
     root = Path(__file__).resolve().parents[2] / "rlhf_ray"
-    for path in root.rglob("*.py"):
-        text = path.read_text()
-        assert "weights_only=False" not in text, path
-        assert "trust_remote_code=True" not in text, path
-        assert "pickle.load(" not in text, path
+    found = {str(path.relative_to(root)): bad for path in root.rglob("*.py") if (bad := unsafe_lines(path.read_text()))}
+    assert found == {}

@@ -100,3 +100,36 @@ def test_reuse_packs_into_one_buffer_and_each_bucket_is_right_when_yielded():
         seen += [(n, t.clone()) for n, t in unpack_bucket(bucket)]
     assert len(ptrs) <= 2                      # one arena, regrown once for the oversized tensor
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen, named)) and len(seen) == len(named)
+
+
+def test_specs_round_trip_through_the_json_header():
+    from rlhf_ray.sync.buckets import decode_specs, encode_specs
+    for b in pack_buckets(_named(), bucket_bytes=256):
+        raw = encode_specs(b.specs)
+        assert raw.startswith(b"[") and decode_specs(raw, b.nbytes) == b.specs
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"\x80\x05\x95", "not the JSON spec list"),                                   # a pickle's first bytes
+    (b'{"a": 1}', "JSON list"),
+    (b'[["w", [4], "float32", 0, 15]]', "does not fit"),                          # bytes disagree with shape
+    (b'[["w", [4], "float32", 64, 16]]', "does not fit"),                         # past the buffer's end
+    (b'[["w", [4], "float32", 8, 16]]', "does not fit"),                          # unaligned
+    (b'[["w", [4], "Tensor", 0, 16]]', "unknown dtype"),
+    (b'[["w", [4], "__import__", 0, 16]]', "unknown dtype"),
+    (b'[["w", [-4], "float32", 0, 16]]', "bad tensor spec"),
+])
+def test_decode_refuses_what_is_not_a_well_formed_header(raw, why):
+    from rlhf_ray.sync.buckets import decode_specs
+    with pytest.raises(ValueError, match=why):
+        decode_specs(raw, 64)
+
+
+def test_each_tensor_is_released_as_soon_as_it_is_packed():
+    """No reference to a packed tensor is kept: while the producer makes tensor k, tensor k-1 is gone, so a
+    producer on a GPU holds one tensor, never a bucket's worth of them, beside the bucket."""
+    from tests.sync.live_bytes import LiveBytes
+    live = LiveBytes()
+    shapes = [(f"p{k}", (16,)) for k in range(12)]           # 64 B each, 4 per 256-B bucket
+    assert len(list(pack_buckets(live.source(shapes), bucket_bytes=256))) == 3
+    assert live.peak == 64 and live.made == 12 * 64

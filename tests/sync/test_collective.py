@@ -61,3 +61,58 @@ def test_empty_stream_ends_cleanly():
 def test_a_missing_rank_times_out_instead_of_hanging():
     with pytest.raises(Exception, match="(?i)timed? ?out|timeout"):
         CollectiveGroup("127.0.0.1", free_port(), 0, 2, "gloo", timeout_s=2)
+
+
+def test_nccl_group_is_built_with_the_configured_timeout(monkeypatch):
+    """ProcessGroupNCCL without options keeps NCCL's 10-minute default; the sync's timeout must reach it.
+    The CPU torch build has no NCCL, so a stand-in records what the group is constructed with."""
+    import datetime
+
+    import torch.distributed as dist
+
+    built = []
+
+    class FakeNCCL:
+        class Options:
+            def __init__(self, is_high_priority_stream=False):
+                self._timeout = datetime.timedelta(minutes=10)   # NCCL's default, as in torch
+
+        def __init__(self, store, rank, size, options=None):
+            built.append((rank, size, options))
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", FakeNCCL, raising=False)
+    group = CollectiveGroup("127.0.0.1", free_port(), 0, 1, "nccl", timeout_s=37)
+    group.close()
+    (rank, size, options), = built
+    assert (rank, size) == (0, 1)
+    assert options is not None and options._timeout == datetime.timedelta(seconds=37)
+
+
+def test_a_pickled_bucket_header_is_refused_before_the_buffer_is_read():
+    """The old wire format (pickled specs) from a peer: the receiver refuses it and unpickles nothing."""
+    import pickle
+
+    named = [("w", torch.ones(4))]
+    (bucket,) = list(pack_buckets(named, bucket_bytes=1024))
+    ran = []
+
+    class Boom:                       # what a hostile peer would send: runs code when unpickled
+        def __reduce__(self):
+            return ran.append, ("unpickled",)
+
+    payload = pickle.dumps((bucket.specs, Boom()))
+
+    def target(group, rank):
+        if rank == 0:              # header and pickled specs only: the receiver must stop before the buffer
+            group.broadcast(torch.tensor([bucket.nbytes, len(payload)], dtype=torch.int64))
+            group.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+            return None
+        with pytest.raises(ValueError, match="not the JSON spec list"):
+            list(group.recv_named())
+        return "refused"
+
+    assert _run_ranks(2, target)[1] == "refused"
+    assert ran == []
