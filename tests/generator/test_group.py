@@ -58,24 +58,29 @@ def learner_actor(ray_local, tiny_path, standin_learner_cls):
     ray_local.kill(actor)
 
 
+def _learner_weights(tiny_path):
+    """The stand-in learner actor's weights (`learner_actor` perturbs the tiny model with seed 32)."""
+    model = load_hf(tiny_path)
+    perturb(model, seed=32)
+    return model
+
+
 def test_full_sync_from_iterator_then_from_learner_actor(group, tiny_path, learner_actor):
+    v = group.version
     learner = load_hf(tiny_path)
     perturb(learner, seed=31)
     stats = group.sync_weights(named_weights(learner), mode="full")
-    assert group.version == 1 and stats["buckets"] >= 1
-    assert _expect_greedy(group, learner, _prompts()).weight_version == 1
+    assert group.version == v + 1 and stats["buckets"] >= 1
+    assert _expect_greedy(group, learner, _prompts()).weight_version == v + 1
 
-    group.sync_weights(learner_actor, mode="full", version=2)   # packed inside the learner's process
-    reference = load_hf(tiny_path)
-    perturb(reference, seed=32)
-    assert _expect_greedy(group, reference, _prompts()).weight_version == 2
+    group.sync_weights(learner_actor, mode="full", version=v + 2)   # packed inside the learner's process
+    assert _expect_greedy(group, _learner_weights(tiny_path), _prompts()).weight_version == v + 2
 
 
 def test_killed_engine_comes_back_with_current_weights(group, tiny_path, ray_local, learner_actor):
-    current = load_hf(tiny_path)
-    perturb(current, seed=32)                      # version 2 from the test above
-    assert group.version == 2
+    current = group.version + 1  # this test's own sync: it needs no other test to have run first
+    group.sync_weights(learner_actor, mode="full", version=current)
     ray_local.kill(group.actors[0], no_restart=False)
-    r = _expect_greedy(group, current, _prompts())  # engine 0 restarted at version 0, healed to 2
-    assert r.weight_version == 2
-    assert ray_local.get([a.version.remote() for a in group.actors]) == [2, 2]
+    r = _expect_greedy(group, _learner_weights(tiny_path), _prompts())  # engine 0 restarted at 0, healed
+    assert r.weight_version == current
+    assert ray_local.get([a.version.remote() for a in group.actors]) == [current, current]
