@@ -6,6 +6,7 @@ named_weights, save/export) are collectives: all ranks call them together. `Lear
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -251,21 +252,24 @@ class Learner:
         return json.loads((path / "extra_state.json").read_text())
 
     def export_hf(self, path: str | Path, merge_lora: bool = True) -> None:
-        """A folder transformers loads back: the full model (LoRA merged, fp weights) or the peft adapter."""
+        """A folder transformers loads back: the full model (LoRA merged, fp weights) or the peft adapter.
+
+        Streamed: rank 0 copies each tensor to host memory as it is gathered and writes size-capped
+        shards (`rlhf_ray.learner.export`), so the device never holds more than the tensor in flight."""
         from rlhf_ray.learner.export import write_adapter, write_full
         final, tmp = Path(path), checkpoint.temp_dir_for(path)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         adapter_only = self.lora and not merge_lora
-        weights_iter = self.named_weights("adapter" if adapter_only else "full")
+        mode = "adapter" if adapter_only else "full"
         if self.rank != 0:
-            for _ in weights_iter:  # take part in the ZeRO-3 gathers without keeping a copy
-                pass
+            if self.cfg.deepspeed.zero_stage == 3:  # take part in the gathers, keeping no copy
+                collections.deque(self.named_weights(mode), maxlen=0)
         elif adapter_only:
-            write_adapter(tmp, dict(weights_iter), self.model.peft_config["default"], self.init_path)
+            write_adapter(tmp, self.named_weights(mode), self.model.peft_config["default"], self.init_path)
         else:
-            write_full(tmp, dict(weights_iter), self.hf_model.config, type(self.hf_model).__name__)
+            write_full(tmp, self.named_weights(mode), self.hf_model.config, type(self.hf_model).__name__)
         if self.rank == 0:
             self.tokenizer.save_pretrained(tmp)
             checkpoint.publish(tmp, final)

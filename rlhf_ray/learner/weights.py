@@ -67,6 +67,7 @@ def full_weights(hf_model: torch.nn.Module, dtype: torch.dtype) -> Iterator[Name
                     if adapter in module.lora_A and not module.disable_adapters:
                         weight += module.get_delta_weight(adapter).to(dtype)
                 yield prefix + "weight", weight
+                del weight  # the consumer has its copy (a host bucket): not kept while the bias is made
                 if getattr(base, "bias", None) is not None:
                     yield prefix + "bias", base.bias.detach().to(dtype).clone()
         elif isinstance(module, ModulesToSaveWrapper):

@@ -29,6 +29,11 @@ class LiveBytes:
         self.peak = max(self.peak, self.alive())
         return t
 
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A tracked copy of `t` (same values, dtype and shape; dtypes numpy has)."""
+        np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[t.dtype]
+        return self.tensor(tuple(t.shape), dtype=np_dtype).copy_(t)
+
     def alive(self) -> int:
         return sum(n for r, n in self._refs if r() is not None)
 
