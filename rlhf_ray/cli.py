@@ -59,12 +59,13 @@ def cmd_models(args) -> int:
 
 def cmd_train(args) -> int:
     from rlhf_ray.pipeline import run_pipeline
-    from rlhf_ray.preflight import preflight, resume_wanted
+    from rlhf_ray.preflight import check_output_dir, preflight, resume_wanted
     cfg = load(args)  # validated before Ray starts
     if args.simulate or cfg.cluster.simulate:
         from rlhf_ray.placement.simulate import BANNER, simulated_config
         cfg = simulated_config(cfg, args.overrides)
         print(BANNER, flush=True)
+    check_output_dir(cfg)
     resume = resume_wanted(cfg, args.resume)
     preflight(cfg, resume=resume)  # every input knowable before Ray starts
     print(json.dumps(run_pipeline(cfg, resume=resume), indent=2))
@@ -74,8 +75,10 @@ def cmd_train(args) -> int:
 def cmd_offline(args) -> int:
     """`sft` / `rm` / `dpo`: one offline stage on its own (resumes from the stage's checkpoints unless --fresh)."""
     from rlhf_ray.offline.stages import prepare, run_offline_stage
+    from rlhf_ray.preflight import check_output_dir
     from rlhf_ray.runtime import ray_session
     cfg = load(args)
+    check_output_dir(cfg)
     data = prepare(cfg, args.command)  # bad data fails before Ray starts
     with ray_session(cfg.cluster):
         out = run_offline_stage(cfg, args.command, fresh=args.fresh, data=data)

@@ -56,6 +56,26 @@ def preflight(cfg: Config, resolve: Optional[Callable[[str], str]] = None, resum
         check_reward_functions(cfg, [p.text for p in prompts[:2]])
 
 
+def check_output_dir(cfg: Config) -> None:
+    """`run.output_dir` is a folder this process can create and write in (checked by writing a file there):
+    a file in its place, or a place it cannot write, is named with the key before Ray starts."""
+    import tempfile
+    p = Path(cfg.run.output_dir)
+    blocker = next((a for a in (p, *p.parents) if a.exists() and not a.is_dir()), None)
+    if blocker == p:
+        raise PreflightError(f"run.output_dir: {p} is a file, not a folder; give a folder (or a path that does "
+                             f"not exist yet)")
+    if blocker is not None:
+        raise PreflightError(f"run.output_dir: {p} cannot be created: {blocker} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise PreflightError(f"run.output_dir: {p} cannot be created or written in "
+                             f"({e.strerror or type(e).__name__}: {e.filename or p})") from None
+
+
 def resume_wanted(cfg: Config, mode: Optional[str]) -> bool:
     """`--resume` (mode "required"): there must be something to resume; "auto": resume if there is,
     start fresh if not (a retried job); None: start fresh."""

@@ -41,11 +41,19 @@ class ReadStats:
 # -- file formats ---------------------------------------------------------------------------------
 def _jsonl(path: Path) -> list[tuple[str, object]]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    # Read as bytes and decode line by line: a file in another encoding (Latin-1, UTF-16) is then named
+    # at the first line that is not UTF-8, like a line that is not JSON, instead of failing mid-iteration.
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            where = f"{path}:{i}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                out.append((where, DataError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                             f"save the file as UTF-8")))
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{i}"
             try:
                 out.append((where, json.loads(line)))
             except json.JSONDecodeError as e:

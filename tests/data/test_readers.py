@@ -77,3 +77,14 @@ def test_unknown_format_and_missing_path(tmp_path):
         read_rows(tmp_path / "d.csv", "prompts")
     with pytest.raises(DataError, match="does not exist"):
         read_rows(tmp_path / "nope.jsonl", "prompts")
+
+
+def test_a_line_that_is_not_utf8_is_named_or_skipped(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"prompt": "a", "response": "b"}\n' + '{"prompt": "caf\xe9", "response": "b"}\n'.encode("latin-1")
+                  + b'{"prompt": "c", "response": "d"}\n')
+    with pytest.raises(DataError) as e:
+        read_rows(p, "sft")
+    assert f"{p}:2" in str(e.value) and "not valid UTF-8 (byte 0xe9 at column 16)" in str(e.value)
+    rows, stats = read_rows(p, "sft", on_bad_row="skip")  # the lines after it are still read
+    assert [r["prompt"] for r in rows] == ["a", "c"] and stats.skipped == 1 and f"{p}:2" in stats.reasons[0]

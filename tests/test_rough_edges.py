@@ -1,0 +1,98 @@
+"""Inputs a new user gets wrong, through the CLI: each ends in one line naming the key or the file and line,
+exit 1, before Ray starts (cluster.address points at nothing: a run that got as far as Ray would fail there
+instead, with another message). One case runs the console script as a user does; the rest call `main` in
+this process (seconds instead of an interpreter and its imports each)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_RAY = "cluster.address=ray://127.0.0.1:1"
+VADER = "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([sys.executable, "-m", "rlhf_ray.cli", *args, NO_RAY], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line(p: subprocess.CompletedProcess, *expected: str) -> str:
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("rlhf-ray: error: "), p.stderr[-3000:]
+    for e in expected:
+        assert e in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def run_main(capsys):
+    """`main(args)` in this process, as a CompletedProcess (its stderr is what the console would show)."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = main([*args, NO_RAY])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run
+
+
+# -- run.output_dir --------------------------------------------------------------------------------
+def test_output_dir_that_is_a_file_is_named(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    one_line(cli("train", "configs/quickstart.yaml", f"run.output_dir={f}", "run.stages=[sft]"),
+             "run.output_dir", str(f), "is a file, not a folder")
+    assert f.read_text() == "mine"
+
+
+def test_output_dir_below_a_file_is_named(tmp_path, run_main):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    one_line(run_main("train", "configs/quickstart.yaml", f"run.output_dir={f / 'run'}", "run.stages=[sft]"),
+             "run.output_dir", f"{f} is a file")
+
+
+def test_output_dir_that_cannot_be_created_is_named(run_main):
+    # /proc takes no new folders, for root too (permission bits would not stop root)
+    one_line(run_main("train", "configs/quickstart.yaml", "run.output_dir=/proc/rlhf_ray_nowhere/run", "run.stages=[sft]"),
+             "run.output_dir: /proc/rlhf_ray_nowhere/run cannot be created or written in")
+
+
+def test_offline_command_names_a_bad_output_dir_too(tmp_path, run_main):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    one_line(run_main("sft", "configs/quickstart.yaml", f"run.output_dir={f}"), "run.output_dir", "is a file")
+
+
+# -- files that are not UTF-8 ----------------------------------------------------------------------
+LATIN1 = '{"prompt": "caf\xe9 au lait"}\n'.encode("latin-1")
+
+
+def test_prompts_file_not_utf8_names_file_and_line(tmp_path, run_main):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"prompt": "fine"}\n' + LATIN1)
+    one_line(run_main("train", "configs/quickstart.yaml", f"run.output_dir={tmp_path / 'run'}", "run.stages=[rl]",
+                 f"data.prompts={prompts}", VADER),
+             f"{prompts}:2", "not valid UTF-8")
+
+
+def test_preference_file_not_utf8_names_file_and_line(tmp_path, run_main):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_bytes(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+                      + '{"prompt": "p", "chosen": "s\xfcper", "rejected": "b"}\n'.encode("latin-1"))
+    one_line(run_main("rm", "configs/quickstart.yaml", f"run.output_dir={tmp_path / 'run'}", "rm.init_from=builtin:tiny",
+                 f"data.preferences={prefs}"),
+             f"{prefs}:2", "not valid UTF-8")
+
+
+def test_config_file_not_utf8_is_one_line(tmp_path, run_main):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"run:\n  name: caf\xe9\n")
+    p = run_main("config", str(cfg))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().count("\n") == 0 and "not valid UTF-8 (line 2" in p.stderr, p.stderr
