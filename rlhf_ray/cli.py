@@ -88,7 +88,7 @@ def cmd_offline(args) -> int:
 
 def cmd_plan(args) -> int:
     from rlhf_ray.placement.report import print_plan
-    return print_plan(load(args))  # validation already placed it: a placement error ends there, naming the key
+    return print_plan(load(args), as_json=args.json)  # validation already placed it: a placement error ends there
 
 
 def cmd_export(args) -> int:
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="place every role on the declared cluster and check each GPU's memory")
     _config_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="print the plan as JSON: every process with its bundle, memory and construction arguments")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("serve", help="serve the trained policy (OpenAI-compatible) or the reward model over HTTP")

@@ -141,6 +141,9 @@ class SyncConfig(Section):
                                                   "(rlhf_ray.utils.device.LOGPROB_TOLERANCE: fp32 0.5, bf16 4.0)")
     logprob_mean_abs_diff: Optional[float] = Field(None, gt=0, description="default: per compute precision "
                                                    "(fp32 0.02, bf16 0.15)")
+    logprob_precision: Literal["auto", "float32", "bfloat16", "float16", "fp8"] = Field(
+        "auto", description="the precision whose row of LOGPROB_TOLERANCE sets the unset thresholds; auto: the "
+                            "loosest of what the learner and the engine compute in (an fp8 engine: fp8's, docs/GPU.md)")
 
 
 class RolloutConfig(Section):
@@ -154,7 +157,11 @@ class RolloutConfig(Section):
     seed: Optional[int] = 0
     kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0)
-    enforce_eager: bool = True
+    enforce_eager: Optional[bool] = Field(None, description="decode without CUDA graphs; default: by device "
+                                          "(eager on CPU, where graphs gave no speed-up; graphs on a GPU)")
+    quantization: Literal["auto", "none", "fp8_per_tensor", "fp8_per_channel"] = Field(
+        "auto", description="the engine's online weight quantization (vLLM 0.32 names); auto: fp8_per_tensor for a "
+                            "4-bit policy on a GPU (vLLM has no NF4), none otherwise. fp8_per_channel needs SM89+")
     on_empty_response: Literal["error", "zero_reward"] = "zero_reward"
     cpus_per_engine: float = Field(1.0, gt=0, description="Ray CPUs of a distributed engine actor")
     gpus_per_engine: float = Field(0.0, ge=0)

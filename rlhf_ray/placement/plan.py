@@ -222,6 +222,10 @@ def place(cfg: "Config", cluster: Optional[ClusterSpec] = None, simulate: Option
     cluster = cluster or ClusterSpec.from_config(cfg.cluster)
     device = resolve_device(cfg, cluster)
     roles = run_roles(cfg)
+    if cfg.rollout.quantization not in ("auto", "none") and (device != "cuda" or simulate):
+        raise PlanError(f"rollout.quantization={cfg.rollout.quantization} needs a CUDA engine (vLLM's CPU backend has "
+                        f"no online fp8) but the generator computes on cpu" + (" (--simulate)" if simulate else "")
+                        + "; use rollout.quantization=auto")
     bundles = _pack(_asks(cfg, roles, device), cluster)
     return Plan(cfg.cluster.placement, device, cluster, tuple(bundles),
                 engine_sleeps=cfg.cluster.placement == "colocated" and device == "cuda" and not simulate, roles=roles,
@@ -236,8 +240,12 @@ def role_dtype(cfg: "Config", plan: Plan, role: str) -> str:
 
 
 def engine_quantization(cfg: "Config", plan: Plan) -> Optional[str]:
-    """vLLM 0.32 has no NF4 (bitsandbytes): a 4-bit policy's engine holds an fp8 base on a GPU (half the
-    bf16 footprint, what makes an 8B QLoRA run fit a 24 GB card) and the dequantized base on CPU."""
-    if cfg.model.quantization.load_in_4bit and plan.role_device("generator") == "cuda":
-        return "fp8"
-    return None
+    """The generator's online quantization (`rollout.quantization`; auto: fp8 under a 4-bit policy on a GPU,
+    `rlhf_ray.generator.engine.quantization_for`). vLLM 0.32 has no NF4 (bitsandbytes): the engine holds the
+    learner's dequantized base, in fp8 on a GPU (half the bf16 footprint, what makes an 8B QLoRA run fit a
+    24 GB card)."""
+    from rlhf_ray.generator.engine import quantization_for
+    q = cfg.rollout.quantization
+    if q == "auto":
+        return quantization_for(plan.role_device("generator"), cfg.model.quantization.load_in_4bit)
+    return None if q == "none" else q

@@ -111,11 +111,36 @@ def _memory_tables(plan: Plan) -> list[str]:
     return out
 
 
-def print_plan(cfg) -> int:
-    """`rlhf-ray plan`: the placement and the memory table; 1 when something does not fit."""
+def plan_json(cfg, plan: Plan, problems: list[str]) -> dict:
+    """The plan for `rlhf-ray plan --json`: per process its bundle, the memory of its GPUs and a `construct`
+    object (`rlhf_ray.placement.construct`: what its libraries are built with)."""
+    from rlhf_ray.placement.construct import construct
+    args = construct(cfg, plan)
+    processes = []
+    for b, p in zip(plan.bundles, args.processes):
+        memory = {f"node {b.node} GPU {g}": [{"role": i.role, "item": i.name, "gib": round(i.bytes / GiB, 3),
+                                              "phases": sorted(i.phases), "host": i.host}
+                                             for i in plan.memory.get((b.node, g), []) if i.role in b.roles
+                                             or i.role == "+".join(b.roles)]
+                  for g in b.gpus}
+        construct_obj = {k: v for k, v in args.to_json()["processes"][len(processes)].items()
+                         if k in ("threads", "generate_threads", "engine", "learners", "scorers")}
+        processes.append({"roles": list(b.roles), "index": b.index, "node": b.node, "gpus": list(b.gpus),
+                          "cpus": b.cpus, "gpu_ask": b.gpu_ask, "memory": memory, "construct": construct_obj})
+    return {"name": cfg.run.name, "placement": plan.placement, "device": plan.device, "simulated": plan.simulated,
+            "engine_sleeps": plan.engine_sleeps, "cores": args.cores, "micro_batches": plan.micro_batches,
+            "sync": args.to_json()["sync"], "processes": processes, "problems": problems}
+
+
+def print_plan(cfg, as_json: bool = False) -> int:
+    """`rlhf-ray plan`: the placement and the memory table (or, `as_json`, every process with its construction
+    arguments); 1 when something does not fit."""
     from rlhf_ray.placement.budget import budget
     from rlhf_ray.placement.plan import place
     plan, problems = budget(cfg, place(cfg), model_config)
+    if as_json:
+        print(json.dumps(plan_json(cfg, plan, problems), indent=2))
+        return 1 if problems else 0
     print(format_plan(plan, cfg.run.name))
     for p in problems:
         print(f"DOES NOT FIT: {p}")

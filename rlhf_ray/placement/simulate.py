@@ -77,6 +77,7 @@ def simulation_updates(cfg: "Config", read_config: Callable[[str], dict]) -> dic
         "run.stages": ["rl"], "run.output_dir": os.path.join("runs", "simulated", cfg.run.name),
         "model.path": twin, "model.tokenizer": None, "model.dtype": "float32",
         "model.quantization.load_in_4bit": False,  # a GPU memory measure; the twin trains in fp32
+        "rollout.quantization": "auto",  # online fp8 is CUDA-only: the twin's engine loads fp32
         "reference.path": tiny_twin(cfg.reference.path, read_config) if cfg.reference.path else None,
         "reward.sources": sources, "reward.gold": None,
         "data.prompts": "builtin:reviews", "data.max_prompt_len": SIM_PROMPT_LEN,

@@ -32,12 +32,13 @@ from rlhf_ray.config import Config
 from rlhf_ray.generator.group import PendingRollout, split_evenly, tied_names
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.rl.policy import PolicyRank
+from rlhf_ray.placement.construct import ProcessArgs, construct
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
-from rlhf_ray.rl.roles import (Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, role_backend,
-                               split_rows, sync_mode)
+from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, split_rows
 from rlhf_ray.sync.transport import without
 from rlhf_ray.generator.threads import engine_threads
+from rlhf_ray.utils.device import make_backend
 from rlhf_ray.utils.phases import set_phase_threads, set_thread_share, side_by_side, timed
 
 # Ray concurrency group of a rank's engine calls (generate, sync): one thread of its own, in call order;
@@ -77,34 +78,35 @@ class ColocatedRank(PolicyRank):
                 set_phase_threads(threads)
             yield
 
-    def setup_roles(self, generator_base: str, paths: Paths, total_steps: int, sync: str,
-                    micro_batches: dict) -> None:
-        """Build the other roles once the learner (and its process group) exists. The engine comes last:
-        it finds the process group DeepSpeed made and reuses it. micro_batches: the plan's scoring
-        micro-batches (role -> rows)."""
-        from rlhf_ray.generator.engine import GeneratorEngine, lora_rank_slot
+    def setup_roles(self, generator_base: str, paths: Paths, total_steps: int, process: ProcessArgs) -> None:
+        """Build the other roles once the learner (and its process group) exists, each from the plan's
+        construction arguments of this process (`rlhf_ray.placement.construct`). The engine comes last: it
+        finds the process group DeepSpeed made and reuses it."""
+        from rlhf_ray.generator.engine import GeneratorEngine
         from rlhf_ray.learner.learner import Learner
         from rlhf_ray.rl.critic import CriticWorker
         from rlhf_ray.scoring.reference import ReferenceScorer
         from rlhf_ray.scoring.reward import RewardScorer
 
-        cfg, backend = self.cfg, self.learner.backend
-        if cfg.uses_critic:
-            learner = Learner(cfg.model, cfg.rl.critic, kind="value", init_path=critic_init_path(cfg, paths), backend=backend,
-                              total_steps=total_steps, seed=cfg.run.seed)
+        cfg = self.cfg
+        critic = next((a for a in process.learners if a.role == "critic"), None)
+        if critic is not None:
+            learner = Learner(cfg.model, cfg.rl.critic, kind="value", init_path=critic_init_path(cfg, paths),
+                              backend=critic.backend(), total_steps=total_steps, seed=cfg.run.seed)
             self.critic = CriticWorker(learner, cfg.algorithm, norm_len=cfg.rollout.max_new_tokens)
-        # one process, one bundle: every role computes on the device and dtype the plan gave this rank
-        self.reward = RewardScorer(cfg.reward, resolve_path=paths.resolve, device=backend.device, dtype=backend.dtype,
-                                   batch_size=micro_batches.get("reward", 64))
-        if "reference" in self.plan_roles:
+        scorers = {s.role: s for s in process.scorers}
+        rew = scorers["reward"]
+        self.reward = RewardScorer(cfg.reward, resolve_path=paths.resolve, device=rew.device,
+                                   dtype=getattr(torch, rew.dtype), batch_size=rew.micro_batch)
+        if "reference" in scorers:
+            ref = scorers["reference"]
             self.reference = ReferenceScorer(paths.resolve(cfg.reference.path or paths.policy_init),
-                                             dtype=backend.dtype, device=backend.device,
-                                             temperature=cfg.rollout.temperature,
-                                             micro_batch_size=micro_batches.get("reference", 64))
-        lora = sync == "adapter"
-        self.engine = GeneratorEngine(generator_base, cfg.rollout, backend, lora,
-                                      cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
-                                      max_lora_rank=lora_rank_slot(cfg.model.lora.r) if lora else 16)
+                                             dtype=getattr(torch, ref.dtype), device=ref.device,
+                                             temperature=cfg.rollout.temperature, micro_batch_size=ref.micro_batch)
+        e = process.engine
+        self.engine = GeneratorEngine(generator_base, cfg.rollout, make_backend(e.device, e.dtype), e.enable_lora,
+                                      e.max_model_len, max_lora_rank=e.max_lora_rank or 16,
+                                      quantization=e.quantization, engine_kwargs=e.llm_kwargs(generator_base))
         self._skip_full = tied_names(generator_base)
         set_phase_threads(self.threads)
 
@@ -170,20 +172,21 @@ class ColocatedRoles:
 
     def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
         """Rank i asks Ray for exactly the plan's colocated bundle i (it holds every role of the rank)."""
-        backend = role_backend(cfg, plan, "policy")
-        self.cfg, self.backend = cfg, backend
-        self.mode = sync_mode(cfg, backend)
+        self.args = args = construct(cfg, plan, cores=os.cpu_count())  # every process's construction arguments
+        first = args.process("policy", 0)
+        policy = first.learners[0]
+        self.cfg, self.backend = cfg, policy.backend()
+        self.mode = args.sync.mode
         p = cfg.rl.policy
-        threads = cfg.cluster.torch_threads or max(1, (os.cpu_count() or 1) // min(p.num_ranks, os.cpu_count() or 1))
-        gen_threads = cfg.rollout.threads or threads
         self.policy = LearnerGroup(cfg.model, p, kind="policy", init_path=paths.policy_init, total_steps=total_steps,
-                                   backend=backend, seed=cfg.run.seed, num_threads=threads,
+                                   backend=self.backend, seed=cfg.run.seed, num_threads=policy.threads,
                                    options=[actor_options(plan, groups, "policy", r) for r in range(p.num_ranks)],
                                    rank_cls=ColocatedRank,
-                                   rank_kwargs=dict(cfg=cfg, generate_threads=gen_threads, roles=plan.roles))
+                                   rank_kwargs=dict(cfg=cfg, generate_threads=first.generate_threads, roles=first.roles))
         self.ranks = self.policy.actors
         base = generator_base(cfg, paths, self.policy)
-        ray.get([r.setup_roles.remote(base, paths, total_steps, self.mode, plan.micro_batches) for r in self.ranks])
+        ray.get([r.setup_roles.remote(base, paths, total_steps, args.process("policy", i))
+                 for i, r in enumerate(self.ranks)])
         self.version = 0  # the weight version every engine serves
 
     def policy_version(self) -> int:

@@ -20,10 +20,11 @@ from rlhf_ray.config import Config
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.rl.critic import CriticRank
 from rlhf_ray.rl.policy import PolicyRank
+from rlhf_ray.placement.construct import construct
 from rlhf_ray.placement.groups import actor_options
-from rlhf_ray.placement.plan import Plan, engine_quantization
-from rlhf_ray.rl.roles import (Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, role_backend,
-                               split_rows, sync_mode)
+from rlhf_ray.placement.plan import Plan
+from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, split_rows
+from rlhf_ray.utils.device import make_backend
 from rlhf_ray.scoring.reference import ReferenceActor
 from rlhf_ray.scoring.reward import RewardActor
 
@@ -32,49 +33,55 @@ class DistributedRoles:
     """The controller's handle on separate actors per role (see the module docstring)."""
 
     def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
-        """Every actor asks Ray for exactly its bundle of `plan` (reserved as `groups`) and computes on the
-        device and dtype the plan gives its role."""
+        """Every actor asks Ray for exactly its bundle of `plan` (reserved as `groups`) and is built from the
+        plan's construction arguments of its process (`rlhf_ray.placement.construct`)."""
         from rlhf_ray.generator.group import GeneratorGroup
-        backend = role_backend(cfg, plan, "policy")
-        self.cfg, self.backend = cfg, backend
-        self.cores = cfg.cluster.torch_threads or os.cpu_count() or 1
-        gen_backend = role_backend(cfg, plan, "generator")
-        self.mode = sync_mode(cfg, gen_backend)
+        self.args = args = construct(cfg, plan, cores=os.cpu_count())
+        policy = args.learners("policy")[0]
+        self.cfg, self.backend = cfg, policy.backend()
+        self.cores = policy.threads
+        self.mode = args.sync.mode
         norm_len = cfg.rollout.max_new_tokens
 
         def ranks(role: str, n: int) -> list[dict]:
             return [actor_options(plan, groups, role, i) for i in range(n)]
 
-        common = dict(init_path=paths.policy_init, total_steps=total_steps, seed=cfg.run.seed, num_threads=self.cores)
+        common = dict(init_path=paths.policy_init, total_steps=total_steps, seed=cfg.run.seed)
         self.policy = LearnerGroup(cfg.model, cfg.rl.policy, kind="policy", rank_cls=PolicyRank, **common,
-                                   backend=backend, options=ranks("policy", cfg.rl.policy.num_ranks),
+                                   backend=self.backend, num_threads=policy.threads,
+                                   options=ranks("policy", cfg.rl.policy.num_ranks),
                                    rank_kwargs=dict(algo=cfg.algorithm, ref=cfg.reference,
                                                     temperature=cfg.rollout.temperature, norm_len=norm_len))
         self.critic = None
         if cfg.uses_critic:
+            critic = args.learners("critic")[0]
             self.critic = LearnerGroup(cfg.model, cfg.rl.critic, kind="value", rank_cls=CriticRank,
                                        **{**common, "init_path": critic_init_path(cfg, paths)},
-                                       backend=role_backend(cfg, plan, "critic"),
+                                       backend=critic.backend(), num_threads=critic.threads,
                                        options=ranks("critic", cfg.rl.critic.num_ranks),
                                        rank_kwargs=dict(algo=cfg.algorithm, norm_len=norm_len))
         self.reference = None  # under LoRA: the policy ranks with the adapter off, no second copy
-        if "reference" in plan.roles:
+        if (ref := args.scorer("reference")) is not None:
             ref_path = paths.resolve(cfg.reference.path or paths.policy_init)
-            ref = role_backend(cfg, plan, "reference")
             self.reference = ReferenceActor.options(**actor_options(plan, groups, "reference")).remote(
-                ref_path, dtype=ref.dtype, device=ref.device, temperature=cfg.rollout.temperature,
-                micro_batch_size=plan.micro_batches.get("reference", 64))
+                ref_path, dtype=getattr(torch, ref.dtype), device=ref.device, temperature=cfg.rollout.temperature,
+                micro_batch_size=ref.micro_batch)
         # a reward process that dies is restarted once and its call retried once
-        rew = role_backend(cfg, plan, "reward")
+        rew = args.scorer("reward")
         self.reward = RewardActor.options(**actor_options(plan, groups, "reward"), max_restarts=1,
                                           max_task_retries=1).remote(
-            cfg.reward, resolve_path=paths.resolve, device=rew.device, dtype=rew.dtype,
-            batch_size=plan.micro_batches.get("reward", 64))
-        self.generator = GeneratorGroup.from_config(cfg, generator_base(cfg, paths, self.policy),
-                                                    lora=self.mode == "adapter", backend=gen_backend,
-                                                    quantization=engine_quantization(cfg, plan),
-                                                    options=ranks("generator", cfg.rollout.num_engines))
-        self.generator_threads = max(1, int(cfg.rollout.cpus_per_engine))  # its share while overlapping
+            cfg.reward, resolve_path=paths.resolve, device=rew.device, dtype=getattr(torch, rew.dtype),
+            batch_size=rew.micro_batch)
+        engines = args.engines()
+        e = engines[0]  # every engine of the group is built alike
+        base = generator_base(cfg, paths, self.policy)
+        self.generator = GeneratorGroup(base, cfg.rollout.model_copy(update={"tensor_parallel_size": e.tensor_parallel_size}),
+                                        make_backend(e.device, e.dtype), e.enable_lora, e.max_model_len,
+                                        max_lora_rank=e.max_lora_rank or 16, quantization=e.quantization,
+                                        engine_kwargs=e.llm_kwargs(base), transport=args.sync.transport,
+                                        collective_timeout_s=args.sync.timeout_s,
+                                        options=ranks("generator", len(engines)))
+        self.generator_threads = args.process("generator", 0).generate_threads  # its share while overlapping
 
     # -- the controller's calls ----------------------------------------------------------------
     def policy_version(self) -> int:

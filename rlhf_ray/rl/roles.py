@@ -4,8 +4,9 @@ The controller calls the graph it is given (`policy_version`, `generate`, `submi
 `sync_weights`, `save`, `load`, `export`, `shutdown`) without knowing which placement answers:
     colocated    every role of a device in one process (`rlhf_ray.rl.colocated`)
     distributed  each role its own Ray actors (`rlhf_ray.rl.distributed`)
-The roles themselves live in one home each: `rl.policy`, `rl.critic`, `generator`, `scoring.reference`,
-`scoring.reward`.
+What each process is built with (device, dtype, engine and learner arguments, sync mode) is the plan's
+`rlhf_ray.placement.construct`, read by both placements. The roles themselves live in one home each:
+`rl.policy`, `rl.critic`, `generator`, `scoring.reference`, `scoring.reward`.
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ from typing import Callable
 
 from rlhf_ray.config import Config
 from rlhf_ray.batch import SequenceBatch
-from rlhf_ray.placement.plan import Plan, role_dtype
-from rlhf_ray.utils.device import Backend, make_backend
+from rlhf_ray.placement.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -24,22 +24,6 @@ class Paths:
     policy_init: str          # HF folder the policy (and reference) start from
     resolve: Callable[[str], str]  # resolves `stage:rm`, `builtin:...` and plain paths
     scratch: str              # run-local folder for files the roles hand each other
-
-
-def role_backend(cfg: Config, plan: Plan, role: str) -> Backend:
-    """A role's device, dtype and dist backend, all read from the plan: the driver never asks its own node
-    (a CPU-only head node drives a GPU run; a simulated plan computes on CPU under logical GPUs)."""
-    return make_backend(plan.role_device(role), role_dtype(cfg, plan, role), plan.dist_backend(role))
-
-
-def sync_mode(cfg: Config, backend: Backend) -> str:
-    """What travels to the engines. `auto`: the adapter alone where the device's engine runs LoRA at
-    full speed; elsewhere the merged weights (vLLM's CPU LoRA path decoded 2.4x slower than the base,
-    while a full reload of SmolLM2-135M costs about a second)."""
-    mode = cfg.rollout.sync.mode
-    if mode != "auto":
-        return mode
-    return "adapter" if cfg.model.lora.enabled and backend.fast_engine_lora else "full"
 
 
 def generation_seed(cfg: Config, step: int) -> int:

@@ -24,14 +24,21 @@ class Backend:
     # vLLM's sleep mode (weights to host memory, KV cache freed) exists on CUDA only; on CPU a phase
     # simply gets every core and there is no device memory to hand back.
     engine_can_sleep: bool = False
+    # vLLM decodes without CUDA graphs (a kernel launch per op) unless told otherwise; on CPU graphs gave no
+    # speed-up (STACK.md), on a GPU decoding is launch-bound without them. `rollout.enforce_eager` overrides.
+    engine_eager: bool = True
 
 
 # Learner-vs-generator log-prob agreement (max, mean |diff| over the sampled tokens) that a correct weight
 # sync stays within, per compute precision: the looser of the learner's and the engine's applies. fp32
 # agrees to about 1e-3 (vLLM vs HF kernels); bf16 rounds each side differently (SmolLM2-135M, both in
 # bf16: max 0.66, mean 0.047), a gap the truncated-IS correction (algorithm.tis) weighs out of the loss.
-# A wrong or stale model is off by far more on the mean (a skipped sync: 0.3 and up).
-LOGPROB_TOLERANCE = {"float32": (0.5, 0.02), "bfloat16": (4.0, 0.15), "float16": (2.0, 0.08)}
+# A wrong or stale model is off by far more on the mean (a skipped sync: 0.3 and up). fp8: an engine whose
+# linear layers run online fp8 (e4m3: 3 mantissa bits to bf16's 7) against a bf16 / NF4 learner; not
+# measured here (no vLLM on a CUDA machine yet), decided from the formats and published fp8-rollout gaps
+# in docs/GPU.md: a max 1.5x bf16's, a mean that still sits below a skipped sync's (0.3).
+# `rollout.sync.logprob_precision` picks the row; the two threshold keys override it.
+LOGPROB_TOLERANCE = {"float32": (0.5, 0.02), "bfloat16": (4.0, 0.15), "float16": (2.0, 0.08), "fp8": (6.0, 0.25)}
 
 
 def logprob_tolerance(dtype_names) -> tuple[float, float]:
@@ -51,10 +58,10 @@ def cpu_has_fast_bf16() -> bool:
 
 def make_backend(device: str, dtype: str, dist_backend: str | None = None) -> Backend:
     """The backends of an explicit device and dtype name. No CUDA check: the driver builds a role's backend
-    from the plan (`rlhf_ray.rl.roles.role_backend`) and may itself run on a CPU-only head node."""
+    from the plan (`rlhf_ray.placement.construct`) and may itself run on a CPU-only head node."""
     return Backend(device=device, dist_backend=dist_backend or ("nccl" if device == "cuda" else "gloo"),
                    dtype=getattr(torch, dtype), dtype_name=dtype, fast_engine_lora=device == "cuda",
-                   engine_can_sleep=device == "cuda")
+                   engine_can_sleep=device == "cuda", engine_eager=device != "cuda")
 
 
 def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:
