@@ -18,3 +18,43 @@ def ray_local():
              object_store_memory=256 * 2 ** 20, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+# -- the fast tier stays fast: a test that starts Ray, a vLLM engine or a DeepSpeed learner must say so ------
+# (`@pytest.mark.slow`; `make test-fast` / CI's first tier run `-m "not slow"`). Each entry: where the start
+# happens, and what it starts. Product code reaches vLLM only through GeneratorEngine and DeepSpeed only
+# through Learner; tests that call the libraries directly call these too.
+STARTS = [("ray", "init", "Ray"), ("ray._private.worker", "init", "Ray"),
+          ("ray.cluster_utils", "Cluster.__init__", "a Ray cluster"),
+          ("rlhf_ray.generator.engine", "GeneratorEngine.__init__", "a vLLM engine"),
+          ("rlhf_ray.learner.learner", "Learner.__init__", "a DeepSpeed learner")]
+
+
+class StartedInTheFastTier(BaseException):
+    """A BaseException, so that the product's own `except Exception` (one-line errors) cannot swallow it."""
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_nothing(request, monkeypatch):
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import importlib
+    started = []
+
+    def refuse(what):
+        def start(*args, **kwargs):
+            started.append(what)
+            raise StartedInTheFastTier(f"{request.node.nodeid} starts {what}: mark it @pytest.mark.slow")
+        return start
+
+    for module, attr, what in STARTS:
+        owner = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        monkeypatch.setattr(owner, name, refuse(what))
+    yield
+    if started:
+        pytest.fail(f"{request.node.nodeid} starts {started[0]} but is not marked slow "
+                    "(@pytest.mark.slow: the fast tier must run in seconds)", pytrace=False)

@@ -28,6 +28,7 @@ def test_a_checkpoint_folder_names_its_stage():
     assert checkpoint_stage(checkpoint_name("sft", 3)) == "sft"
 
 
+@pytest.mark.slow  # builds DeepSpeed learners
 @pytest.mark.parametrize("zero", [0, 2])
 def test_a_finished_stages_learner_is_freed_before_the_next_stage_builds_its_own(zero):
     """Stages of one run train one after the other in the same worker process: the first stage's model and
