@@ -9,7 +9,8 @@ QLoRA is "LoRA with a quantized base": the same LoRA step runs after a 4-bit loa
 """
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Literal, Optional
 
 import torch
 
@@ -52,15 +53,41 @@ def load_tokenizer(cfg: ModelConfig, path: str):
     return tok
 
 
-def build_model(cfg: ModelConfig, kind: Kind, path: str, backend: Backend, pad_token_id: int) -> torch.nn.Module:
-    """The HF model (wrapped by peft when LoRA is on), on `backend.device`, trainable parameters marked."""
+@contextlib.contextmanager
+def zero3_init(deepspeed_config: Optional[dict]):
+    """Build a ZeRO-3 model partitioned as it loads: transformers wraps `from_pretrained` in
+    `deepspeed.zero.Init` only while an `HfDeepSpeedConfig` is alive (`integrations/deepspeed.py`,
+    `is_deepspeed_zero3_enabled`); without it every rank loads the whole model into host RAM (eight 70B ranks:
+    1.1 TB a node) and DeepSpeed then moves a module it did not partition to the GPU. The config is dropped
+    on exit, so a model built later in the same process (a colocated reference) is not partitioned too.
+    Any other stage (or None): nothing changes."""
+    if not deepspeed_config or deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    import torch._dynamo  # noqa: F401 - before zero.Init, or transformers' lazy imports fail (STACK.md)
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+    live = HfDeepSpeedConfig(deepspeed_config)  # transformers holds only a weak reference: keep it alive here
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del live
+
+
+def build_model(cfg: ModelConfig, kind: Kind, path: str, backend: Backend, pad_token_id: int,
+                deepspeed_config: Optional[dict] = None) -> torch.nn.Module:
+    """The HF model (wrapped by peft when LoRA is on), on `backend.device`, trainable parameters marked.
+    `deepspeed_config`: what `deepspeed.initialize` will get; under ZeRO-3 the model is built partitioned
+    (`zero3_init`)."""
     kwargs: dict = {"dtype": backend.dtype}
     if kind != "policy":
         kwargs["num_labels"] = 1
     if cfg.quantization.load_in_4bit:
         kwargs["quantization_config"] = quantization_config(cfg, backend, kind)
         kwargs["device_map"] = {"": backend.device}
-    model = model_class(kind).from_pretrained(path, **kwargs)
+    cls = model_class(kind)
+    with zero3_init(deepspeed_config):
+        model = cls.from_pretrained(path, **kwargs)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
     if kind == "value":
