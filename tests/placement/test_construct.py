@@ -1,0 +1,261 @@
+"""The construction arguments (`rlhf_ray.placement.construct`): one record per process of the plan, what both
+placements and the simulation build from, and what `rlhf-ray plan --json` prints. Each shipped GPU config is
+checked against its plan without a GPU; `test_construct_libraries.py` runs the libraries' own validation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rlhf_ray.cli import main
+from rlhf_ray.config import load_config
+from rlhf_ray.placement.budget import budget
+from rlhf_ray.placement.construct import construct
+from rlhf_ray.placement.memory import GiB, PROCESS_OVERHEAD
+from rlhf_ray.placement.plan import engine_quantization, place
+from rlhf_ray.placement.report import model_config
+from rlhf_ray.utils.device import LOGPROB_TOLERANCE
+from tests.placement.hubcache import make_hub_cache
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU = ROOT / "configs" / "gpu"
+GPU_CONFIGS = sorted(GPU.glob("*.yaml"))
+QLORA, H100X8, H70B = (GPU / n for n in ("llama3.1-8b-qlora-4090.yaml", "llama3.1-8b-8xh100.yaml",
+                                          "llama3.1-70b-4x8xh100.yaml"))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(make_hub_cache(tmp_path / "hub")))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def built(path, *overrides):
+    cfg = load_config(path, list(overrides))
+    plan, problems = budget(cfg, place(cfg), model_config)
+    return cfg, plan, construct(cfg, plan, cores=16), problems
+
+
+# -- every shipped GPU config: the arguments match the plan --------------------------------------
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_every_process_of_the_plan_has_its_arguments_and_they_match_it(path, hub):
+    cfg, plan, args, problems = built(path)
+    assert not problems
+    assert [(p.roles, p.index, p.node, p.gpus) for p in args.processes] == \
+        [(b.roles, b.index, b.node, b.gpus) for b in plan.bundles]
+    for p in args.processes:
+        if p.engine is not None:
+            e = p.engine
+            assert (e.device, e.quantization, e.tensor_parallel_size, e.enable_sleep_mode) == \
+                ("cuda", engine_quantization(cfg, plan), cfg.rollout.tensor_parallel_size, plan.engine_sleeps)
+            assert len(p.gpus) == e.tensor_parallel_size  # the bundle holds every GPU the engine's workers use
+            assert e.max_model_len == cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+            assert e.llm_kwargs("m")["quantization"] == e.quantization
+        for a in p.learners:
+            lc = cfg.rl.policy if a.role == "policy" else cfg.rl.critic
+            assert a.deepspeed_config["zero_optimization"]["stage"] == a.zero_stage == lc.deepspeed.zero_stage
+            assert a.deepspeed_config["train_batch_size"] == lc.micro_batch_size * a.world_size
+            assert a.deepspeed_config["bf16"]["enabled"] == (a.dtype == "bfloat16")
+            assert a.zero_init == (a.zero_stage == 3)
+            assert a.export_device == "cpu"
+        for s in p.scorers:
+            assert s.device == plan.role_device(s.role) and s.micro_batch == plan.micro_batches.get(s.role, 64)
+    assert args.sync.backend == "nccl" and args.sync.timeout_s > 0
+
+
+def test_plan_json_lists_every_process_with_its_construct_object(hub, capsys):
+    assert main(["plan", str(H70B), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["processes"]) == len(place(load_config(H70B)).bundles)
+    engine = next(p for p in out["processes"] if p["roles"] == ["generator"])["construct"]["engine"]
+    assert engine["distributed_executor_backend"] == "mp" and engine["tensor_parallel_size"] == 8
+    policy = next(p for p in out["processes"] if p["roles"] == ["policy"])
+    assert policy["construct"]["learners"][0]["zero_init"] is True
+    assert policy["memory"] and out["problems"] == []
+
+
+# -- finding 1: the 4090 engine is quantized as the plan counts ---------------------------------
+def test_the_4090_engine_is_online_fp8_under_vllm_032s_name(hub):
+    from rlhf_ray.generator.engine import quantization_for
+    _, plan, args, _ = built(QLORA)
+    (engine,) = args.engines()
+    assert engine.quantization == "fp8_per_tensor" == quantization_for("cuda", True)
+    items = [i.name for i in next(iter(plan.memory.values())) if i.role == "generator"]
+    assert "engine weights (fp8_per_tensor)" in items  # the plan counts the engine that is built
+    assert quantization_for("cpu", True) is None       # vLLM's CPU backend has no online fp8
+    cfg = load_config(QLORA, ["rollout.quantization=fp8_per_channel"])
+    assert construct(cfg, place(cfg)).engines()[0].quantization == "fp8_per_channel"
+
+
+def test_explicit_fp8_on_a_cpu_engine_is_one_line_naming_the_key():
+    from rlhf_ray.config import ConfigError
+    with pytest.raises(ConfigError, match="rollout.quantization=fp8_per_tensor needs a CUDA engine"):
+        load_config(None, ["rollout.quantization=fp8_per_tensor"])
+
+
+# -- finding 3: ZeRO-3 learners are built under zero.Init ----------------------------------------
+@pytest.mark.parametrize("path", [H100X8, H70B], ids=lambda p: p.name)
+def test_every_zero3_learner_is_built_under_zero_init(path, hub):
+    _, _, args, _ = built(path)
+    learners = [a for p in args.processes for a in p.learners]
+    assert learners and all(a.zero_init and a.zero_stage == 3 for a in learners)
+
+
+# -- finding 4: the 70B TP=8 engine's executor fits its bundle -----------------------------------
+def test_a_tensor_parallel_gpu_engine_runs_the_mp_executor_inside_its_bundle(hub):
+    _, plan, args, _ = built(H70B)
+    for e, b in zip(args.engines(), plan.bundles_of("generator")):
+        assert e.distributed_executor_backend == "mp" and len(b.gpus) == e.tensor_parallel_size == 8
+        assert e.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    _, _, single, _ = built(H100X8)
+    assert single.engines()[0].distributed_executor_backend is None  # TP=1: vLLM's in-process executor
+
+
+# -- finding 6: GPU engines capture CUDA graphs unless a config says otherwise --------------------
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_gpu_engines_are_not_eager_unless_the_config_says_so(path, hub):
+    assert not any(e.enforce_eager for e in built(path)[2].engines())
+    assert all(e.enforce_eager for e in built(path, "rollout.enforce_eager=true")[2].engines())
+
+
+def test_cpu_engines_stay_eager():
+    for overrides in ([], ["cluster.placement=distributed"]):
+        cfg = load_config(None, overrides)
+        assert all(e.enforce_eager for e in construct(cfg, place(cfg)).engines())
+
+
+# -- finding 8: capacities as the cards report them, the CUDA context as measured ------------------
+def test_capacities_are_what_the_cards_report_not_their_nominal_size():
+    caps = {p.name: load_config(p).cluster.gpu_memory_gib for p in GPU_CONFIGS}
+    assert caps == {QLORA.name: 23.6, H100X8.name: 79.1, H70B.name: 79.1}
+
+
+def test_the_per_process_overhead_is_at_least_the_measured_cuda_context():
+    runs = json.loads((ROOT / "benchmarks/results/cuda_memory.json").read_text())
+    measured = max(r["device_used_gib"] - r["reserved_peak_gib"] for r in runs)
+    assert measured > 1.0 and PROCESS_OVERHEAD / GiB >= measured - 0.01
+
+
+# -- finding 9: an fp8 engine's log-prob agreement has its own row -------------------------------
+def test_an_fp8_engine_against_an_nf4_learner_is_checked_at_the_fp8_row(hub):
+    _, _, args, _ = built(QLORA)
+    fp8, bf16 = LOGPROB_TOLERANCE["fp8"], LOGPROB_TOLERANCE["bfloat16"]
+    assert "fp8" in args.sync.agreement_precisions
+    assert (args.sync.logprob_max_abs_diff, args.sync.logprob_mean_abs_diff) == fp8
+    assert fp8[0] >= bf16[0] and bf16[1] <= fp8[1] < 0.3  # looser than bf16, tighter than a skipped sync
+    _, _, pinned, _ = built(QLORA, "rollout.sync.logprob_precision=bfloat16")
+    assert (pinned.sync.logprob_max_abs_diff, pinned.sync.logprob_mean_abs_diff) == bf16
+    _, _, bf16_engine, _ = built(H100X8)
+    assert "fp8" not in bf16_engine.sync.agreement_precisions
+
+
+# -- finding 10: a learner rank sees its own GPU only ----------------------------------------------
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_each_learner_rank_sees_only_its_own_gpu(path, hub):
+    _, plan, args, _ = built(path)
+    for p in args.processes:
+        for a in p.learners:
+            assert a.visible_gpus == plan.bundle(a.role, a.rank).gpus and len(a.visible_gpus) == 1
+    assert "## Finding 10" in (ROOT / "docs/GPU.md").read_text()
+
+
+# -- the simulation and both placements build from the same function ------------------------------
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_the_simulation_constructs_the_same_processes_on_cpu(path, hub):
+    from rlhf_ray.placement.simulate import simulated_config
+    cfg = load_config(path)
+    sim = simulated_config(cfg)
+    real_args, sim_args = construct(cfg, place(cfg), cores=16), construct(sim, place(sim), cores=16)
+    shape = lambda a: [(p.roles, p.index, p.node, p.gpus, p.cpus, p.gpu_ask,  # noqa: E731
+                        [(x.role, x.rank, x.world_size, x.zero_stage) for x in p.learners],
+                        [s.role for s in p.scorers], p.engine is not None) for p in a.processes]
+    assert shape(sim_args) == shape(real_args)
+    assert sim_args.simulated and {p.engine.device for p in sim_args.processes if p.engine} == {"cpu"}
+    assert all(e.quantization is None and e.tensor_parallel_size == 1 for e in sim_args.engines())
+
+
+class _Recorder:
+    """Stands in for a class the placements build: records the arguments of each construction."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return SimpleNamespace(actors=[_Actor()])
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+
+class _Actor:
+    def __init__(self):
+        self.setup_roles = SimpleNamespace(remote=lambda *a: a)
+
+
+def test_the_distributed_placement_builds_every_actor_from_the_construction(hub, monkeypatch):
+    import rlhf_ray.generator.group as group
+    import rlhf_ray.rl.distributed as dist
+    cfg, plan, _, _ = built(H70B)
+    seen = {}
+    for name in ("LearnerGroup", "ReferenceActor", "RewardActor"):
+        monkeypatch.setattr(dist, name, seen.setdefault(name, _Recorder()))
+    monkeypatch.setattr(group, "GeneratorGroup", seen.setdefault("GeneratorGroup", _Recorder()))
+    monkeypatch.setattr(dist, "actor_options", lambda *a: {})
+    monkeypatch.setattr(dist, "generator_base", lambda *a: "/base")
+    paths = SimpleNamespace(policy_init="/init", resolve=lambda p: p, scratch="/tmp")
+    roles = dist.DistributedRoles(cfg, paths, plan, {}, total_steps=10)
+    args = roles.args
+    assert args == construct(cfg, plan, cores=args.cores)
+    (policy_call,) = seen["LearnerGroup"].calls
+    learner = args.learners("policy")[0]
+    assert policy_call[1]["backend"] == learner.backend() and policy_call[1]["num_threads"] == learner.threads
+    (gen_args, gen_kwargs), = seen["GeneratorGroup"].calls
+    engine = args.engines()[0]
+    assert gen_kwargs["engine_kwargs"] == engine.llm_kwargs("/base")
+    assert gen_kwargs["engine_kwargs"]["distributed_executor_backend"] == "mp"
+    assert (gen_kwargs["transport"], gen_kwargs["collective_timeout_s"]) == ("collective", args.sync.timeout_s)
+    assert gen_args[1].tensor_parallel_size == engine.tensor_parallel_size
+
+
+def test_the_colocated_placement_builds_every_role_from_the_construction(hub, monkeypatch):
+    import rlhf_ray.rl.colocated as colo
+    cfg, plan, _, _ = built(QLORA)
+    groups = _Recorder()
+    monkeypatch.setattr(colo, "LearnerGroup", groups)
+    monkeypatch.setattr(colo, "actor_options", lambda *a: {})
+    monkeypatch.setattr(colo, "generator_base", lambda *a: "/base")
+    monkeypatch.setattr(colo.ray, "get", lambda refs: refs)
+    paths = SimpleNamespace(policy_init="/init", resolve=lambda p: p, scratch="/tmp")
+    roles = colo.ColocatedRoles(cfg, paths, plan, {}, total_steps=10)
+    args = roles.args
+    (call,) = groups.calls
+    assert call[1]["backend"] == args.learners("policy")[0].backend()
+    assert call[1]["rank_kwargs"]["generate_threads"] == args.process("policy", 0).generate_threads
+
+    # the rank builds its engine and scorers from its process's record
+    import rlhf_ray.generator.engine as engine_mod
+    import rlhf_ray.scoring.reward as reward_mod
+    built_with = {}
+    monkeypatch.setattr(engine_mod, "GeneratorEngine", lambda *a, **k: built_with.setdefault("engine", (a, k)))
+    monkeypatch.setattr(reward_mod, "RewardScorer", lambda *a, **k: built_with.setdefault("reward", (a, k)))
+    monkeypatch.setattr(colo, "tied_names", lambda path: frozenset())
+    monkeypatch.setattr(colo, "set_phase_threads", lambda n: None)
+    rank = colo.ColocatedRank.__new__(colo.ColocatedRank)
+    rank.cfg, rank.threads, rank.critic, rank.reference = cfg, 1, None, None
+    process = args.process("policy", 0)
+    rank.setup_roles("/base", paths, 10, process)
+    engine_args, engine_kwargs = built_with["engine"]
+    assert engine_kwargs["engine_kwargs"] == process.engine.llm_kwargs("/base")
+    assert engine_kwargs["quantization"] == engine_kwargs["engine_kwargs"]["quantization"] == "fp8_per_tensor"
+    assert engine_kwargs["engine_kwargs"]["enable_sleep_mode"] and not engine_kwargs["engine_kwargs"]["enforce_eager"]
+    reward = process.scorers[0]
+    assert built_with["reward"][1]["batch_size"] == reward.micro_batch and built_with["reward"][1]["device"] == "cuda"
