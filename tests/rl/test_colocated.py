@@ -26,7 +26,7 @@ def _config(*extra):
 
 
 @pytest.fixture(scope="module")
-def graph(ray_local, tmp_path_factory):
+def built(ray_local, tmp_path_factory):
     from transformers import AutoTokenizer
     from rlhf_ray.data.prompts import load_prompts
 
@@ -43,6 +43,16 @@ def graph(ray_local, tmp_path_factory):
     release(groups)
 
 
+@pytest.fixture
+def graph(built):
+    """The module's role graph (built once), its engines serving the learner's current weights whatever
+    an earlier test left them on: each test starts from a graph in sync and assumes no step count."""
+    _, roles, _, _ = built
+    roles.sync_weights()
+    assert roles.version == roles.policy_version()
+    return built
+
+
 def _controller(graph):
     cfg, roles, prompts, pad = graph
     return RLController(cfg, roles, PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed), pad_id=pad)
@@ -57,9 +67,10 @@ def test_every_role_lives_in_one_process_per_rank(graph):
 def test_steps_hand_weights_over_in_process_and_stay_exact(graph):
     _, roles, _, _ = graph
     c = _controller(graph)
+    start = roles.version
     for step in (1, 2):
         m = c.step().metrics
-        assert m["sync/version"] == step == roles.version == roles.policy_version()
+        assert m["sync/version"] == start + step == roles.version == roles.policy_version()
         assert m["sync/logprob_max_abs"] < 1e-3 and m["sync/logprob_num_tokens"] > 0
         assert m["sync/buckets"] == 0.0  # nothing was packed for a transport
 
