@@ -10,6 +10,7 @@ import argparse
 import atexit
 import json
 import os
+import signal
 import sys
 import threading
 
@@ -58,7 +59,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from rlhf_ray.pipeline import run_pipeline
+    from rlhf_ray.pipeline import Interrupted, run_pipeline
     from rlhf_ray.preflight import check_output_dir, preflight, resume_wanted
     cfg = load(args)  # validated before Ray starts
     if args.simulate or cfg.cluster.simulate:
@@ -68,7 +69,12 @@ def cmd_train(args) -> int:
     check_output_dir(cfg)
     resume = resume_wanted(cfg, args.resume)
     preflight(cfg, resume=resume)  # every input knowable before Ray starts
-    print(json.dumps(run_pipeline(cfg, resume=resume), indent=2))
+    try:
+        results = run_pipeline(cfg, resume=resume)
+    except Interrupted as e:  # Ctrl-C or SIGTERM: where it stopped and how to continue, in one line
+        print(f"rlhf-ray: {e}", file=sys.stderr)
+        return e.code
+    print(json.dumps(results, indent=2))
     return 0
 
 
@@ -177,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rlhf-ray: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under `entry` (`train` says more: where, how to resume)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"rlhf-ray: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except Exception as e:  # noqa: BLE001 - errors meant for the operator are printed, the rest re-raised
         cause = unwrap(e)
         if isinstance(cause, (RunError, FileNotFoundError)):
@@ -193,7 +203,9 @@ def entry() -> None:
     After a run, Python's finalization (module teardown, the destructors of Ray's core worker and torch's
     thread pools) took 1.5 s on the 2-core machine with nothing left to do: every file is closed and Ray is
     shut down by then. The atexit handlers (logging, metric sinks) still run first, and a thread that is
-    still working (not a daemon) is waited for as usual."""
+    still working (not a daemon) is waited for as usual. SIGTERM stops a command as Ctrl-C does."""
+    from rlhf_ray.runtime import stop_on_sigterm
+    stop_on_sigterm()
     code = main()
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)

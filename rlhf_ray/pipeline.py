@@ -11,6 +11,9 @@ checkpoint (offline: Ray Train's; RL: its own). Paths `stage:sft` / `stage:rm` i
 """
 from __future__ import annotations
 
+import json
+import re
+import signal
 import time
 from pathlib import Path
 
@@ -37,6 +40,16 @@ class StageOutputs:
         return resolve_model_path(spec)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run, raised once Ray is shut down; `str()` is the one line for the
+    console: the stage and the last step it logged, and how to continue. `code`: the exit status a shell
+    gives a process ended by that signal (130, 143)."""
+
+    def __init__(self, line: str, signum: int):
+        super().__init__(line)
+        self.code = 128 + signum
+
+
 def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, str]:
     from rlhf_ray.runtime import ray_session
 
@@ -47,17 +60,67 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, str]:
     results: dict[str, str] = {}
     policy = cfg.model.path
     t0 = time.time()
-    with ray_session(cfg.cluster):
-        from rlhf_ray.offline.stages import run_offline_stages
-        offline = [stage for stage in ("sft", "rm", "dpo") if stage in cfg.run.stages]
-        done = tuple(stage for stage in offline if resume and is_complete(outs.final(stage)))
-        ran = run_offline_stages(cfg, offline, skip=done, fresh=not resume)
-        results |= {stage: str(ran.get(stage, outs.final(stage))) for stage in offline}
-        policy = results.get("dpo", results.get("sft", policy))  # RL continues from the last policy stage
-        if "rl" in cfg.run.stages:
-            from rlhf_ray.rl.run import run_rl
-            start = outs.resolve(cfg.rl.init_from) if cfg.rl.init_from else policy
-            results["rl"] = str(run_rl(cfg, start, outs.resolve, root / "rl", resume=resume))
+    running: tuple[str, ...] = ()  # the stages under way (consecutive offline stages run together)
+    try:
+        with ray_session(cfg.cluster):
+            from rlhf_ray.offline.stages import run_offline_stages
+            offline = [stage for stage in ("sft", "rm", "dpo") if stage in cfg.run.stages]
+            done = tuple(stage for stage in offline if resume and is_complete(outs.final(stage)))
+            running = tuple(stage for stage in offline if stage not in done)
+            ran = run_offline_stages(cfg, offline, skip=done, fresh=not resume)
+            results |= {stage: str(ran.get(stage, outs.final(stage))) for stage in offline}
+            policy = results.get("dpo", results.get("sft", policy))  # RL continues from the last policy stage
+            if "rl" in cfg.run.stages:
+                from rlhf_ray.rl.run import run_rl
+                running = ("rl",)
+                start = outs.resolve(cfg.rl.init_from) if cfg.rl.init_from else policy
+                results["rl"] = str(run_rl(cfg, start, outs.resolve, root / "rl", resume=resume))
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (runtime.Terminated); Ray is shut down by now
+        signum = getattr(e, "signum", signal.SIGINT)
+        raise Interrupted(stopped_line(cfg, running, t0, signum), signum) from None
     results["wall_time_s"] = f"{time.time() - t0:.1f}"
     return results
+
+
+def stopped_line(cfg: Config, running: tuple[str, ...], since: float, signum: int) -> str:
+    """Where an interrupted run stopped (the stage whose metrics were written last since `since`, and its
+    last logged step) and what `--resume` will do from what is on disk."""
+    root = Path(cfg.run.output_dir)
+    written = [(f.stat().st_mtime, stage) for stage in running
+               if (f := root / stage / "metrics.jsonl").is_file() and f.stat().st_mtime >= since]
+    stage = max(written)[1] if written else (running[0] if running else None)
+    how = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else f"{signal.Signals(signum).name}"
+    if stage is None:
+        return f"stopped by {how} before any stage started; rerun the same command to start again"
+    step = _last_step(root / stage / "metrics.jsonl") if written else None
+    where = f"in stage {stage} " + (f"after step {step}" if step else "before its first step")
+    ckpt = _latest_checkpoint_step(cfg, stage)
+    if ckpt is not None:
+        todo = f"rerun with --resume to continue {stage} from its checkpoint of step {ckpt}"
+    else:
+        from rlhf_ray.preflight import resume_points
+        finished = [s for s in cfg.run.stages if is_complete(root / s / "model")]
+        keep = f"keep the finished {', '.join(finished)} and " if finished else ""
+        todo = (f"rerun with --resume to {keep}start {stage} again (no checkpoint of it yet)" if resume_points(cfg)
+                else "nothing is saved to resume from yet: rerun the same command to start again")
+    return f"stopped by {how} {where}; {todo}"
+
+
+def _last_step(metrics: Path) -> int | None:
+    lines = [x for x in metrics.read_text().splitlines() if x.strip()]
+    try:
+        return int(json.loads(lines[-1])["step"]) if lines else None
+    except (ValueError, KeyError, TypeError):  # a line cut short by the interruption
+        return None
+
+
+def _latest_checkpoint_step(cfg: Config, stage: str) -> int | None:
+    """The newest complete checkpoint `--resume` would continue `stage` from (RL's own `step_N` folders,
+    an offline stage's `<stage>-step_N` in its Ray Train run)."""
+    from rlhf_ray.preflight import resume_points
+    rl_root = Path(cfg.run.output_dir) / "rl" / "checkpoints"
+    steps = [int(m.group(1)) for p in resume_points(cfg)
+             if (m := re.fullmatch(r"step_(\d+)" if stage == "rl" else rf"{stage}-step_(\d+)", p.name))
+             and (stage != "rl" or p.parent == rl_root)]
+    return max(steps) if steps else None
 

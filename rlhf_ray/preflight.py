@@ -32,8 +32,10 @@ def preflight(cfg: Config, resolve: Optional[Callable[[str], str]] = None, resum
     paths to folders; `stage:` outputs of this run may not exist yet and are skipped. On `resume`, an
     override the RL checkpoint cannot honour is refused here, not after the offline stages have run."""
     if resume and "rl" in cfg.run.stages:
+        from rlhf_ray.rl.checkpoint import continues_finished
         from rlhf_ray.rl.plateau import resume_changes
         resume_changes(Path(cfg.run.output_dir) / "rl" / "run_config.json", cfg)
+        continues_finished(Path(cfg.run.output_dir) / "rl", cfg.rl.steps)  # more steps than it can continue to
     if resolve is None:
         from rlhf_ray.models.kit import resolve_model_path as resolve
 

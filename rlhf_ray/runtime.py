@@ -6,6 +6,8 @@ the cluster this process runs in (the `ray job submit` case); anything else is p
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from typing import Optional
 
@@ -96,6 +98,32 @@ def role_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: every `finally` on the way out
+    runs (actors stopped, Ray shut down), and no `except Exception` turns it into a step error."""
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def stop_on_sigterm() -> None:
+    """The console script's SIGTERM handling (a scheduler's stop, `kill`, `timeout`): as Ctrl-C."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _sigterm_back_to_python(before) -> None:
+    """`ray.init` replaces the process's SIGTERM handling twice: a Python handler that exits with status 15,
+    and, as the driver's core worker starts, Ray's C++ failure signal handler (absl's, installed by
+    `RayLog::InstallFailureSignalHandler`), which prints `*** SIGTERM received ...` and a stack dump from
+    logging.cc to the console, then aborts. Putting the Python handler back (`before`, the one the process
+    had, else Ray's) hands SIGTERM to Python again; crash signals (SIGSEGV, SIGABRT, ...) keep Ray's dump."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, before if callable(before) else signal.getsignal(signal.SIGTERM))
+
+
 def _has_cuda() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -108,10 +136,12 @@ def ray_session(cfg: ClusterConfig):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False
     quiet_libraries()
+    sigterm = signal.getsignal(signal.SIGTERM)
     if not ray.is_initialized() and cfg.simulate:  # a local multi-node cluster of logical GPUs
         from rlhf_ray.placement.simulate import simulated_cluster
         runtime_env = {"env_vars": role_env(), "worker_process_setup_hook": "rlhf_ray.runtime.setup_role_process"}
         with simulated_cluster(cfg, dict(runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")):
+            _sigterm_back_to_python(sigterm)
             yield
         return
     if not ray.is_initialized():
@@ -135,6 +165,7 @@ def ray_session(cfg: ClusterConfig):
             os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
             ray.init(address=cfg.address, runtime_env=runtime_env, logging_level="WARNING")
         started = True
+        _sigterm_back_to_python(sigterm)
     try:
         yield
     finally:

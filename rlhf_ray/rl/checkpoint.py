@@ -6,7 +6,8 @@ Written under a temporary name and renamed into place with a COMPLETE marker, so
 saving leaves the previous checkpoint as the latest complete one, never a half-written one. A save that
 fails (a full disk) removes its partial folder and stops the run with one line; the previous checkpoint
 is pruned only after the new one is in place. A load skips a checkpoint whose files do not match their
-manifest (or that fails to load) and falls back to the one before it.
+manifest (or that fails to load) and falls back to the one before it. A run saves its last step too, so
+that `--resume` with a larger `rl.steps` continues a finished stage (`continues_finished`).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import logging
 from typing import Callable, Optional
 
-from rlhf_ray.learner.checkpoint import (CheckpointError, complete_checkpoints, damage, prune_checkpoints, publish,
-                                         temp_dir_for, write_json)
+from rlhf_ray.learner.checkpoint import (CheckpointError, complete_checkpoints, damage, is_complete, latest_checkpoint,
+                                         prune_checkpoints, publish, temp_dir_for, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +68,28 @@ def load(roles, root: Path, note: Callable[[str], None] = log.warning) -> Option
         raise CheckpointError(f"no checkpoint under {root} can be loaded ({'; '.join(problems)}); "
                               f"start fresh without --resume, or restore the folder")
     return None
+
+
+def continues_finished(out: Path, steps: int) -> bool:
+    """On `--resume` of a finished RL stage (`out/model` written): True when `steps` (rl.steps) asks for
+    more steps than the stage ran and its checkpoint of the last step is there to continue from; False when
+    nothing is left to do. More steps without that checkpoint (a run from before final checkpoints, or one
+    with rl.save_every=0) is refused in one line."""
+    ran = steps_ran(out)
+    if not is_complete(out / "model") or ran is None or steps <= ran:
+        return False
+    latest = latest_checkpoint(out / "checkpoints")
+    if latest is None or int(latest.name[len("step_"):]) != ran:
+        kept = f"its latest checkpoint is {latest.name}" if latest else "it kept no checkpoint"
+        raise CheckpointError(f"rl.steps={steps}: the finished RL stage in {out} ran {ran} steps and {kept}, so it "
+                              f"cannot continue to step {steps}; start a new RL stage from its policy instead "
+                              f"(run.stages=[rl] rl.init_from={out / 'model'} and another run.output_dir)")
+    return True
+
+
+def steps_ran(out: Path) -> Optional[int]:
+    """`rl.steps` of the run recorded in `out/run_config.json` (the last one started there), if any."""
+    try:
+        return int(json.loads((out / "run_config.json").read_text())["rl"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

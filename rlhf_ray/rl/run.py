@@ -38,9 +38,9 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
 
     out = Path(out_dir)
     final = out / "model"
+    if resume and is_complete(final) and not rl_checkpoint.continues_finished(out, cfg.rl.steps):
+        return final  # finished, and no more steps asked for (read before the new config is recorded below)
     changed = check_resume_overrides(out / "run_config.json", cfg, resume)  # unsafe changes refused by name
-    if resume and is_complete(final):
-        return final
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # a fresh run must never resume from an older run's checkpoints later
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -105,7 +105,8 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
                 view.step(step, result.metrics)
                 if cfg.rl.sample_every and step % cfg.rl.sample_every == 0:
                     logger.log_samples(step, result.prompts[:4], result.responses[:4], result.scores[:4])
-                if cfg.rl.save_every and step % cfg.rl.save_every == 0 and step < cfg.rl.steps:
+                # the last step too: `--resume` with a larger rl.steps continues a finished stage from it
+                if cfg.rl.save_every and (step % cfg.rl.save_every == 0 or step == cfg.rl.steps):
                     rl_checkpoint.save(roles, out / "checkpoints", step, controller.state_dict())
         logger.close()
         if cfg.model.lora.enabled:  # the adapter alone too: megabytes, to serve on the same base
