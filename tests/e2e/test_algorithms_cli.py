@@ -1,6 +1,6 @@
 """Every algorithm end to end through the real CLI, learning judged on held-out prompts by the gold judge.
 
-One SFT + reward model for the module; each algorithm then trains briefly on the quickstart task with a
+The session's one SFT + reward model (conftest.py `offline`); each algorithm then trains briefly on the quickstart task with a
 held-out evaluation (greedy and sampled) before the first step and after the last. Each run also turns on
 one of the features the algorithm family uses (TIS with overlapped rollouts, DAPO dynamic sampling, the
 overlong penalty, the critic from the RM with an adaptive KL), so every path runs with real models; `dapo`
@@ -13,16 +13,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from helpers import metrics, train  # noqa: E402  (tests/e2e is on the path)
+from helpers import (assert_learned_on_held_out_prompts, assert_the_kl_regularised_objective_rose,  # noqa: E402
+                     mean_of, metrics, train)  # (tests/e2e is on the path)
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    train(f"run.output_dir={out}", "run.stages=[sft,rm]", "sft.epochs=1")
-    return out
 
 
 def rl_args(offline: Path, out: Path, *extra):
@@ -34,21 +28,15 @@ def rl_args(offline: Path, out: Path, *extra):
             "reference.kl_coef=0.05", *extra]
 
 
-def assert_learned_on_held_out_prompts(rows, out):
-    steps = [r["step"] for r in rows if "reward/score_mean" in r]
-    assert steps == list(range(1, STEPS + 1))
-    evals = [r for r in rows if "eval/greedy_gold" in r]
-    assert [r["step"] for r in evals] == [0, 6, STEPS]
-    first, last = evals[0], evals[-1]
-    for kind in ("greedy", "sampled"):
-        # the gold judge (VADER) was never trained on, and these prompts were never trained on
-        assert last[f"eval/{kind}_gold"] > first[f"eval/{kind}_gold"] + 0.1, (kind, first, last)
-        assert last[f"eval/{kind}_reward"] > first[f"eval/{kind}_reward"] + 0.5, (kind, first, last)
+def assert_learned(rows, out, fixed_kl=True):
     train_rows = [r for r in rows if "reward/score_mean" in r]
-    start = sum(r["reward/score_mean"] for r in train_rows[:3]) / 3
-    end = sum(r["reward/score_mean"] for r in train_rows[-3:]) / 3
+    assert [r["step"] for r in train_rows] == list(range(1, len(train_rows) + 1))
+    steps = len(train_rows)
+    assert_learned_on_held_out_prompts(rows, [0, steps // 2, steps])
+    start, end = mean_of(train_rows, "reward/score_mean")
     assert end > start + 0.5, (start, end)
-    assert max(r["kl/mean"] for r in train_rows) < 1.0
+    if fixed_kl:  # an adaptive beta is a controller's output, not the objective's weight
+        assert_the_kl_regularised_objective_rose(train_rows)
     report = (out / "report.md").read_text()
     assert "eval/greedy_gold" in report and (out / "report.png").exists()
 
@@ -72,7 +60,7 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
     out = tmp_path / case
     p = train(*rl_args(offline, out, *CASES[case]))
     rows = metrics(out / "rl")
-    assert_learned_on_held_out_prompts(rows, out / "rl")
+    assert_learned(rows, out / "rl")
     assert "eval @ step    0" in p.stdout and f"eval @ step   {STEPS}" in p.stdout
     cfg = json.loads((out / "rl" / "run_config.json").read_text())
     train_rows = [r for r in rows if "reward/score_mean" in r]
@@ -105,7 +93,9 @@ def test_ppo_critic_from_the_rm_and_adaptive_kl_holds_the_kl_near_its_target(off
                "reference.kl_horizon=16")
     train(*rl_args(offline, out, "algorithm.name=ppo", f"rl.critic_init_from={offline / 'rm' / 'model'}",
                    *kl_args, "rl.steps=16", "rl.eval_every=8"))
-    rows = [r for r in metrics(out / "rl") if "reward/score_mean" in r]
+    all_rows = metrics(out / "rl")
+    assert_learned(all_rows, out / "rl", fixed_kl=False)  # PPO learns on held-out prompts too (evaluated at 0, 8, 16)
+    rows = [r for r in all_rows if "reward/score_mean" in r]
     seq_kl = [r["kl/seq_mean"] for r in rows]
     coef = [r["kl/coef"] for r in rows]
     # The KL stays near its target over the second half. Measured on main (PPO's critic without dropout,
@@ -120,7 +110,6 @@ def test_ppo_critic_from_the_rm_and_adaptive_kl_holds_the_kl_near_its_target(off
     # beta only rises above the target and only falls below it
     assert all(kl > target for c0, c1, kl in zip(coef, coef[1:], seq_kl[1:]) if c1 > c0), trace
     assert all(kl < target for c0, c1, kl in zip(coef, coef[1:], seq_kl[1:]) if c1 < c0), trace
-    assert rows[-1]["reward/score_mean"] > rows[0]["reward/score_mean"]
 
     # resuming that run with a change that the checkpoint cannot honour is refused, naming the key
     p = train(*rl_args(offline, out, "algorithm.name=ppo", f"rl.critic_init_from={offline / 'rm' / 'model'}",

@@ -1,5 +1,7 @@
-"""Offline stages on Ray Train, end to end: SIGKILL then `train --resume` for each stage (every step logged
-once, resumed from a Ray Train checkpoint); DPO learns the preferences; 2 ranks per stage on a 2-node cluster.
+"""Offline stages on Ray Train, end to end: SIGKILL then resume for each stage (every step logged once, resumed
+from a Ray Train checkpoint), SFT and the reward model through their own commands (`rlhf-ray sft`, `rlhf-ray rm`,
+which resume by default), DPO through `train --resume`; DPO learns the preferences; 2 ranks per stage on a
+2-node cluster.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ def _env() -> dict:
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def train(*args, timeout=900):
-    p = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
+def train(*args, command="train", timeout=900):
+    p = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", command, QUICK, *args], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
@@ -44,12 +46,17 @@ def steps_logged(stage_dir: Path) -> list[int]:
     return [r["step"] for r in rows(stage_dir / "metrics.jsonl") if "loss" in r]
 
 
+# the stage's own command (resumes by default), or `train` with `--resume`
+COMMAND = {"sft": ("sft", ()), "rm": ("rm", ()), "dpo": ("train", ("--resume",))}
+
+
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage):
     total, every = LONG
+    command, resume = COMMAND[stage]
     args = [f"run.output_dir={tmp_path}", f"run.stages=[{stage}]", *SMALL, f"{stage}.batch_size=8",
             f"{stage}.epochs=8", f"{stage}.max_steps={total}", f"{stage}.save_every={every}", f"{stage}.eval_every=0"]
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", command, QUICK, *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ray_train_run = tmp_path / f"quickstart-{stage}"  # <run.name>-<stage>: Ray Train's run folder
     deadline = time.time() + 600
@@ -67,7 +74,7 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage)
     before = steps_logged(tmp_path / stage)
     assert before and max(before) < total
 
-    train(*args, "--resume")
+    train(*args, *resume, command=command)
     logged = rows(tmp_path / stage / "metrics.jsonl")
     assert steps_logged(tmp_path / stage) == list(range(1, total + 1))  # each step once, in order
     resumed = [r["resumed_from_step"] for r in logged if "resumed_from_step" in r]

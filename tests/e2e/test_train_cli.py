@@ -2,8 +2,8 @@
 PPO's full update (minibatches x epochs, KL loss, adaptive KL, entropy) and its resume; LoRA / QLoRA / 2-rank
 runs; stage skipping and SFT/RM resume; overlap mode scoring through the HTTP reward service.
 
-These tests start Ray, DeepSpeed and vLLM in subprocesses (minutes in all); they share one SFT + RM run,
-and the two PPO tests share one PPO run.
+These tests start Ray, DeepSpeed and vLLM in subprocesses (minutes in all); they read the session's one SFT + RM
+run (conftest.py `offline`), and the two PPO tests share one PPO run.
 """
 import json
 import math
@@ -20,34 +20,15 @@ import pytest
 pytestmark = pytest.mark.slow
 
 # tests/e2e is on the path
-from helpers import QUICK, ROOT, assert_quiet_console, metrics, serve, stop_process, train  # noqa: E402
+from helpers import (OFFLINE_SAVES, QUICK, ROOT, assert_learned_on_held_out_prompts,  # noqa: E402
+                     assert_quiet_console, assert_the_kl_regularised_objective_rose, mean_of, metrics, serve,
+                     stop_process, train)
 
 from rlhf_ray.utils.device import LOGPROB_TOLERANCE, cpu_has_fast_bf16  # noqa: E402
 
 
-OFFLINE_SAVES = ("sft.save_every=20", "rm.save_every=20")  # 56 steps each: checkpoints at 20 and 40 stay
-
-
 def rows_at(rows, step):
     return [r for r in rows if r["step"] == step]
-
-
-def first_last(rows, key, k=3):
-    vals = [r[key] for r in rows]
-    return sum(vals[:k]) / k, sum(vals[-k:]) / k
-
-
-@pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    """SFT and reward model of the quickstart, trained once for the module."""
-    out = tmp_path_factory.mktemp("pipeline")
-    # given relative to where the command runs, as `make demo`'s runs/quickstart: the reward model starts from
-    # the SFT stage's folder, which Ray Train's workers (in their own working directory) must still find
-    relative = os.path.relpath(out, ROOT)
-    assert_quiet_console(train(f"run.output_dir={relative}", "run.stages=[sft,rm]", "sft.epochs=1", *OFFLINE_SAVES))
-    rm_rows = metrics(out / "rm")
-    assert rm_rows[-1]["eval/accuracy"] > 0.8
-    return out
 
 
 def rl_args(offline: Path, out: Path, *extra):
@@ -65,14 +46,17 @@ PLACEMENTS = ["colocated", "distributed"]
 def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
     out = tmp_path / algo
     assert_quiet_console(train(*rl_args(offline, out, f"algorithm.name={algo}", "rl.steps=14", "rl.save_every=0",
-                                        f"cluster.placement={placement}")))
-    rows = metrics(out / "rl")
+                                        f"cluster.placement={placement}", "rl.eval_every=7",
+                                        "data.rl_eval_prompts=24", "rl.eval_samples=2")))
+    all_rows = metrics(out / "rl")
+    assert_learned_on_held_out_prompts(all_rows, [0, 7, 14])  # GRPO and PPO learn on held-out prompts
+    rows = [r for r in all_rows if "reward/score_mean" in r]
     assert [r["step"] for r in rows] == list(range(1, 15))
-    start, end = first_last(rows, "reward/score_mean")
+    start, end = mean_of(rows, "reward/score_mean")
     assert end > start + 1.0, f"reward did not rise clearly: {start:.3f} -> {end:.3f}"
-    gold_start, gold_end = first_last(rows, "reward/gold_mean")
+    gold_start, gold_end = mean_of(rows, "reward/gold_mean")
     assert gold_end > gold_start + 0.1, f"VADER gold reward did not rise: {gold_start:.3f} -> {gold_end:.3f}"
-    assert max(r["kl/mean"] for r in rows) < 1.0
+    assert_the_kl_regularised_objective_rose(rows)  # the KL bounded by what it bought, on any CPU kind
     assert max(r["sync/logprob_max_abs"] for r in rows) < 1e-3  # generator runs the learner's weights
     assert (out / "rl" / "model" / "config.json").exists() and (out / "rl" / "report.png").exists()
     if algo == "ppo":
@@ -142,10 +126,10 @@ def test_lora_qlora_and_two_rank_runs_keep_the_generator_exact(offline, tmp_path
         b_mats = [v for k, v in adapter.items() if "lora_B" in k]
         # LoRA B starts at 0: every adapter matrix took more than one optimizer step's worth (about lr)
         assert b_mats and min(float(v.abs().max()) for v in b_mats) > lr, "an adapter matrix did not train"
-    else:  # full fine-tuning learns within 3 steps: the policy leaves the reference and the reward rises
+    else:  # the 2 ranks' updates reach the policy: it leaves the reference. That they learn as one rank does
+        # is rl/test_ranks_token_mean.py (one update on 2 ranks equals 1 rank, to float rounding) with the
+        # 1-rank runs above; 3 steps are too few for a reward trend to tell learning from noise.
         assert rows[0]["kl/mean"] < 1e-5 and rows[-1]["kl/mean"] > 0.01, [r["kl/mean"] for r in rows]
-        assert rows[-1]["reward/score_mean"] > rows[0]["reward/score_mean"] + 0.3, \
-            [r["reward/score_mean"] for r in rows]
     if name == "lora":  # resume from the step-2 checkpoint: step 3 is done again, the same way
         shutil.rmtree(out / "rl" / "model")
         shutil.rmtree(out / "rl" / "adapter")
