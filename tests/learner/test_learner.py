@@ -82,6 +82,30 @@ def test_lora_changes_only_adapter_weights_and_reference_is_the_base(tmp_path):
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
+def test_qlora_changes_only_adapter_weights_and_reference_is_the_4bit_base():
+    """QLoRA's reference is the same learner with its adapter off: the frozen NF4 base, as it was before
+    training (no second copy), while the trained policy has moved away from it."""
+    learner = make_learner(qlora=True, lr=1e-2)
+    assert any(type(m).__name__ == "Linear4bit" for m in learner.model.modules())
+    ids = token_batches(1, seed=5)[0]
+    learner.engine.eval()
+    with torch.no_grad():
+        before = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
+    base_before = {k: v.clone() for k, v in learner.model.state_dict().items() if "lora_" not in k}
+    _train(learner, token_batches(4))
+    base_after = {k: v for k, v in learner.model.state_dict().items() if "lora_" not in k}
+    assert base_before.keys() == base_after.keys()
+    for k in base_before:
+        assert torch.equal(base_before[k], base_after[k]), f"frozen 4-bit base weight {k} moved"
+    learner.engine.eval()
+    with torch.no_grad():
+        policy = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
+        with learner.reference_context():
+            ref = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
+    assert (policy - before).abs().max() > 1e-2  # the adapter trained: the policy is not the base
+    torch.testing.assert_close(ref, before)       # adapter off = the initial (quantized) model
+
+
 def test_qlora_trains_and_merged_export_matches_adapter_model(tmp_path):
     from transformers import LlamaForCausalLM
     learner = make_learner(qlora=True, lr=1e-2)
