@@ -182,7 +182,8 @@ class ColocatedRoles:
                                    backend=self.backend, seed=cfg.run.seed, num_threads=policy.threads,
                                    options=[actor_options(plan, groups, "policy", r) for r in range(p.num_ranks)],
                                    rank_cls=ColocatedRank,
-                                   rank_kwargs=dict(cfg=cfg, generate_threads=first.generate_threads, roles=first.roles))
+                                   rank_kwargs=dict(cfg=cfg, generate_threads=first.generate_threads,
+                                                    roles=first.roles))
         self.ranks = self.policy.actors
         base = generator_base(cfg, paths, self.policy)
         ray.get([r.setup_roles.remote(base, paths, total_steps, args.process("policy", i))

@@ -75,8 +75,8 @@ class DistributedRoles:
         engines = args.engines()
         e = engines[0]  # every engine of the group is built alike
         base = generator_base(cfg, paths, self.policy)
-        self.generator = GeneratorGroup(base, cfg.rollout.model_copy(update={"tensor_parallel_size": e.tensor_parallel_size}),
-                                        make_backend(e.device, e.dtype), e.enable_lora, e.max_model_len,
+        rollout = cfg.rollout.model_copy(update={"tensor_parallel_size": e.tensor_parallel_size})
+        self.generator = GeneratorGroup(base, rollout, make_backend(e.device, e.dtype), e.enable_lora, e.max_model_len,
                                         max_lora_rank=e.max_lora_rank or 16, quantization=e.quantization,
                                         engine_kwargs=e.llm_kwargs(base), transport=args.sync.transport,
                                         collective_timeout_s=args.sync.timeout_s,

@@ -51,7 +51,8 @@ def test_learner_arguments_pass_deepspeeds_and_transformers_validation(path):
             ds = a.deepspeed_config
             # without a process group DeepSpeed counts one rank: check the batch sizes for that one
             one = DeepSpeedConfig({**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"]})
-            assert one.zero_optimization_stage == a.zero_stage and one.bfloat16_config.enabled == (a.dtype == "bfloat16")
+            assert one.zero_optimization_stage == a.zero_stage
+            assert one.bfloat16_config.enabled == (a.dtype == "bfloat16")
             assert one.zero_config.offload_optimizer is not None or not a.offload_optimizer
             hf = HfDeepSpeedConfig(ds)
             try:
