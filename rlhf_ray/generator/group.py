@@ -4,30 +4,34 @@ Dataflow of one step, as the RL roles (`rlhf_ray.rl.distributed`) drive it:
     rollout = group.submit(prompts).result()          # spread over engines, merged back in order
     ... learner update ...
     group.sync_weights(learner, version=step + 1)     # every engine at the new version
-Each sync keeps its buckets in Ray's object store as the restore point: an engine that died is
-restarted by Ray (`max_restarts`) with the weights at `model_path`, noticed by its version, and
-re-synced from that point before it serves again. Buckets packed from an iterator are owned by the
-driver; buckets packed inside a learner actor are owned by that learner (Ray 2.56 removed
-`ray.put(_owner=...)`), so they live as long as the learner does, which is as long as the run.
+Each sync streams bucket by bucket from where the weights are (learner rank 0, or the driver for an
+iterator) to every engine, and leaves a copy on the producer's disk as the restore point
+(`rlhf_ray.sync.restore`): an engine that died is restarted by Ray (`max_restarts`) with the weights at
+`model_path`, noticed by its version, and re-synced from that point before it serves again. Neither
+the sync nor the restore point holds a model in Ray's object store (at most two buckets in flight).
 
-Transport: "object_store" when every engine shares the driver's node (one put, zero-copy maps);
-"collective" otherwise (a gloo/NCCL broadcast to every engine, see sync/collective.py, sent by the
-learner's rank 0 when the weights come from a learner: the driver may sit on a CPU-only head node).
+Transport: "object_store" when every engine shares the driver's node (a bounded stream through the store,
+zero-copy maps, `rlhf_ray.sync.stream`); "collective" otherwise (a gloo/NCCL broadcast to every engine,
+see sync/collective.py, sent by the learner's rank 0 when the weights come from a learner: the driver may
+sit on a CPU-only head node). A re-sync always goes through the store, from the restore point's disk.
 """
 from __future__ import annotations
 
+import tempfile
 import time
+import uuid
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from rlhf_ray.generator.actor import GeneratorActor
 from rlhf_ray.generator.engine import Prompt, lora_rank_slot, quantization_for
 from rlhf_ray.generator.records import Rollout, concat_rollouts
 from rlhf_ray.generator.threads import engine_env
-from rlhf_ray.sync.buckets import pack_buckets
-from rlhf_ray.utils.net import node_address
 from rlhf_ray.sync.collective import CollectiveGroup
-from rlhf_ray.sync.transport import (close_sender, fetch, open_sender, publish, publish_from_learner, send_refs,
-                                     sender_address, without)
+from rlhf_ray.sync.stream import ChannelSink, open_channel
+from rlhf_ray.sync.transport import (COLLECTIVE, close_sender, learner_adapter_config, open_sender, remove_restore,
+                                     replay_restore, sender_address, stream_from_learner, stream_weights)
+from rlhf_ray.utils.net import node_address
 from rlhf_ray.utils.device import Backend, resolve_backend
 
 MODE_OF = {"auto": lambda lora: "adapter" if lora else "full", "full": lambda lora: "full",
@@ -85,17 +89,23 @@ class GeneratorGroup:
     def __init__(self, model_path: str, rollout_cfg, backend: Backend, lora: bool = False, max_model_len: int = 512,
                  *, max_lora_rank: int = 16, quantization: Optional[str] = None,
                  engine_kwargs: Optional[dict[str, Any]] = None, transport: str = "auto", max_restarts: int = 3,
-                 collective_timeout_s: float = 120.0, options: Optional[list[dict]] = None):
+                 collective_timeout_s: float = 120.0, options: Optional[list[dict]] = None,
+                 restore_dir: Optional[str] = None):
         """options: Ray actor options per engine (`rlhf_ray.placement.groups.actor_options`: CPUs, GPUs,
         placement-group bundle); without them each engine asks for `rollout.cpus_per_engine` and
-        `rollout.gpus_per_engine` (the engine's total, all its tensor-parallel workers)."""
+        `rollout.gpus_per_engine` (the engine's total, all its tensor-parallel workers).
+        restore_dir: the folder of the restore point on the producer's node (disk, not /dev/shm: it holds
+        a model); default a fresh folder under the system's temporary directory."""
         import ray
 
         if transport not in ("auto", "object_store", "collective"):
             raise ValueError(f"transport must be auto, object_store or collective, got {transport!r}")
         self.cfg, self.backend, self.lora = rollout_cfg, backend, lora
         self.version = 0
-        self._restore: dict[str, Any] = {}          # mode -> (refs, adapter_config, version)
+        self._restore: dict[str, Any] = {}          # mode -> (holder: learner rank 0 or None, folder, adapter cfg, version)
+        self._restore_root = restore_dir or str(Path(tempfile.gettempdir()) / f"rlhf_ray_restore_{uuid.uuid4().hex[:12]}")
+        self._holders: dict[Optional[str], Any] = {}   # who wrote restore points here: their folders go at shutdown
+        self._channel = None                       # the object-store stream's queues (`rlhf_ray.sync.stream`)
         self._collective: Optional[tuple] = None   # (sender learner or None for the driver, driver's group)
         self._timeout = collective_timeout_s
         self._skip_full = tied_names(model_path)
@@ -179,27 +189,46 @@ class GeneratorGroup:
         bucket_bytes = int(self.cfg.sync.bucket_mb * 2 ** 20)
         skip = self._skip_full if mode == "full" else frozenset()
         ranks = _learner_ranks(source)
-        if ranks:
-            outs = ray.get([r.__ray_call__.remote(publish_from_learner, mode, bucket_bytes, self.backend.dtype, k == 0,
-                                                  skip) for k, r in enumerate(ranks)])
-            refs, learner_cfg = outs[0]
-            adapter_config = adapter_config or learner_cfg
-        else:
-            refs = publish(pack_buckets(without(source, skip), bucket_bytes, self.backend.dtype, reuse=True))
+        holder = ranks[0] if ranks else None
+        if mode == "adapter" and adapter_config is None and holder is not None:
+            adapter_config = ray.get(holder.__ray_call__.remote(learner_adapter_config))
         if mode == "adapter" and adapter_config is None:
             raise ValueError("adapter sync needs adapter_config (the peft LoraConfig as a dict)")
-        t_pack = time.perf_counter()
+        folder = str(Path(self._restore_root) / mode)
+        meta = {"mode": mode, "version": version}
         if self.transport == "collective":
-            engine_s = self._broadcast(refs, mode, version, adapter_config, ranks[0] if ranks else None)
+            self._ensure_collective(holder)
+            sink, done = COLLECTIVE, [a.receive.remote(mode, version, adapter_config) for a in self.actors]
         else:
-            engine_s = ray.get([self._load_call(a, mode, refs, adapter_config, version) for a in self.actors])
-        self._restore[mode] = (refs, adapter_config, version)
+            sink = ChannelSink.open(self._open_channel(), len(self.actors), self._timeout)
+            done = [self._load_call(a, mode, [sink.reader(i)], adapter_config, version)
+                    for i, a in enumerate(self.actors)]
+        try:
+            if ranks:
+                outs = ray.get([r.__ray_call__.remote(stream_from_learner, mode, bucket_bytes, self.backend.dtype,
+                                                      k == 0, skip, sink, folder, meta) for k, r in enumerate(ranks)])
+                sent = outs[0]
+            else:
+                group = self._collective[1] if sink == COLLECTIVE else None
+                sent = stream_weights(source, bucket_bytes, self.backend.dtype, skip, sink, folder, meta, group)
+            t_pack = time.perf_counter()
+            engine_s = ray.get(done)
+        except Exception:
+            if sink == COLLECTIVE:
+                self._drop_collective()
+            raise
+        finally:
+            if sink != COLLECTIVE:
+                sink.close()
+        self._holders[_actor_id(holder)] = holder
+        self._restore[mode] = (holder, folder, adapter_config, version)
         self.version = version
         t_end = time.perf_counter()
-        # pack_s: pack + put (driver or learner); load_s: until every engine serves the new version;
-        # engine_s: the slowest engine's own fetch + vLLM reload (load_s minus it is transport overhead).
-        return {"version": version, "buckets": len(refs), "pack_s": t_pack - t0, "load_s": t_end - t_pack,
-                "engine_s": max(engine_s), "total_s": t_end - t0}
+        # pack_s: until the producer sent its last bucket (packing, the restore point's write and the transfer
+        # overlap: the engines load while it packs); load_s: the rest, until every engine serves the new
+        # version; engine_s: the slowest engine's own receive + vLLM reload.
+        return {"version": version, "buckets": sent["buckets"], "bytes": sent["bytes"], "pack_s": t_pack - t0,
+                "load_s": t_end - t_pack, "engine_s": max(engine_s), "total_s": t_end - t0}
 
     @staticmethod
     def _load_call(actor, mode, refs, adapter_config, version):
@@ -207,41 +236,36 @@ class GeneratorGroup:
             return actor.load_full.remote(refs, version)
         return actor.load_adapter.remote(refs, adapter_config, version)
 
-    def _broadcast(self, refs: list, mode: str, version: int, adapter_config: Optional[dict],
-                   sender=None) -> list[float]:
-        """Rank 0 is `sender` (learner rank 0: its node has the device the backend needs and the buckets)
-        when the weights come from a learner; the driver only for an iterator source (tests, tools)."""
+    def _open_channel(self):
+        if self._channel is None:
+            self._channel = open_channel()
+        return self._channel
+
+    def _ensure_collective(self, sender=None) -> None:
+        """Join every engine and the sender into one broadcast group (kept across syncs). Rank 0 is `sender`
+        (learner rank 0: its node has the device the backend needs and the weights) when the weights come
+        from a learner; the driver only for an iterator source (tests, tools)."""
         import ray
 
         if self._collective is not None and _actor_id(self._collective[0]) != _actor_id(sender):
             self._drop_collective()
-        if self._collective is None:
-            world, backend, device = len(self.actors) + 1, self.backend.dist_backend, self.backend.device
-            if sender is None:
-                host, port = node_address()
-            else:
-                host, port = ray.get(sender.__ray_call__.remote(sender_address))
-            joins = [a.join_group.remote(host, port, i + 1, world, backend, device, self._timeout)
-                     for i, a in enumerate(self.actors)]
-            if sender is None:
-                group = CollectiveGroup(host, port, 0, world, backend, device, self._timeout)
-            else:
-                joins.append(sender.__ray_call__.remote(open_sender, host, port, world, backend, device, self._timeout))
-                group = None
-            self._collective = (sender, group)  # set first: a failed join is torn down like a failed send
-            try:
-                ray.get(joins)
-            except Exception:
-                self._drop_collective()
-                raise
-        done = [a.receive.remote(mode, version, adapter_config) for a in self.actors]
+        if self._collective is not None:
+            return
+        world, backend, device = len(self.actors) + 1, self.backend.dist_backend, self.backend.device
+        if sender is None:
+            host, port = node_address()
+        else:
+            host, port = ray.get(sender.__ray_call__.remote(sender_address))
+        joins = [a.join_group.remote(host, port, i + 1, world, backend, device, self._timeout)
+                 for i, a in enumerate(self.actors)]
+        if sender is None:
+            group = CollectiveGroup(host, port, 0, world, backend, device, self._timeout)
+        else:
+            joins.append(sender.__ray_call__.remote(open_sender, host, port, world, backend, device, self._timeout))
+            group = None
+        self._collective = (sender, group)  # set first: a failed join is torn down like a failed send
         try:
-            sender, group = self._collective
-            if sender is None:
-                group.send_buckets(fetch(r) for r in refs)
-            else:
-                ray.get(sender.__ray_call__.remote(send_refs, refs))
-            return ray.get(done)
+            ray.get(joins)
         except Exception:
             self._drop_collective()
             raise
@@ -281,12 +305,24 @@ class GeneratorGroup:
         return healed
 
     def _resync(self, actor) -> None:
+        """Replay the restore points to one engine through the object store, from the disk that holds them."""
         import ray
 
+        bucket_bytes = int(self.cfg.sync.bucket_mb * 2 ** 20)
         for mode in ("full", "adapter"):     # a base push first, then the adapter on top of it
-            if mode in self._restore:
-                refs, adapter_config, version = self._restore[mode]
-                ray.get(self._load_call(actor, mode, refs, adapter_config, version))
+            if mode not in self._restore:
+                continue
+            holder, folder, adapter_config, version = self._restore[mode]
+            sink = ChannelSink.open(self._open_channel(), 1, self._timeout)
+            try:
+                done = self._load_call(actor, mode, [sink.reader(0)], adapter_config, version)
+                if holder is None:
+                    replay_restore(None, folder, sink, bucket_bytes)
+                else:
+                    ray.get(holder.__ray_call__.remote(replay_restore, folder, sink, bucket_bytes))
+                ray.get(done)
+            finally:
+                sink.close()
         if ray.get(actor.version.remote()) != self.version:
             raise RuntimeError(f"re-synced engine is at version {ray.get(actor.version.remote())}, "
                                f"expected {self.version}")
@@ -299,3 +335,12 @@ class GeneratorGroup:
             ray.kill(a, no_restart=True)
         self.actors = []
         self._restore = {}
+        for holder in self._holders.values():   # the restore points on disk, wherever they were written
+            if holder is None:
+                remove_restore(None, self._restore_root)
+            else:
+                ray.wait([holder.__ray_call__.remote(remove_restore, self._restore_root)], timeout=10)
+        self._holders = {}
+        if self._channel is not None:
+            ray.kill(self._channel)
+            self._channel = None

@@ -57,13 +57,17 @@ def write_sync_folder(buckets: Iterable[Bucket], folder: str | Path) -> list[Pat
         old.unlink()
     paths = []
     for i, bucket in enumerate(buckets):
-        path = folder / f"weights-{i:05d}.safetensors"
-        with open(path, "wb") as f:
-            f.write(_header(bucket))
-            for chunk in _chunks(bucket):
-                f.write(chunk)
-        paths.append(path)
+        paths.append(write_bucket_file(bucket, folder / f"weights-{i:05d}.safetensors"))
     return paths
+
+
+def write_bucket_file(bucket: Bucket, path: Path) -> Path:
+    """One bucket as one safetensors file (a bucket on a GPU is copied to the host first, one at a time)."""
+    with open(path, "wb") as f:
+        f.write(_header(bucket))
+        for chunk in _chunks(bucket):
+            f.write(chunk)
+    return path
 
 
 def reload_payload(folder: str | Path) -> tuple[str, dict[str, Any]]:

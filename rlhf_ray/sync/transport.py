@@ -1,69 +1,88 @@
-"""Moving buckets through Ray's object store: the in-node transport, and the restore point for engines.
+"""A weight sync as one stream of buckets: packed where the weights are, sent as they are packed.
 
-`ray.put` of a bucket's byte buffer as a numpy array is one copy into shared memory; every engine on
-the node then maps the same object without a copy (`ray.get` of a numpy array is zero-copy,
-read-only). Across nodes Ray moves the object once per node. The refs also serve as the last synced
-weights, from which a restarted engine is re-synced.
-
-`publish_from_learner` runs inside a learner actor (through Ray's `__ray_call__`), so the learner
-packs its own weights and only object refs travel back to the driver.
+The producer is learner rank 0 (through Ray's `__ray_call__`: its own weights never detour via the
+driver, which may sit on a CPU-only head node) or the driver for a `(name, tensor)` iterable. It packs
+lazily (`pack_buckets(..., reuse=True)`: one bucket buffer), writes each bucket to the on-disk restore
+point (`rlhf_ray.sync.restore`) and sends it before packing the next:
+- "collective": a gloo / NCCL broadcast to every engine (`rlhf_ray.sync.collective`); nothing in the
+  object store;
+- "channel": through the object store, at most two buckets at a time (`rlhf_ray.sync.stream`).
+A restarted engine is re-synced by replaying the restore point from the disk of whoever wrote it.
 """
 from __future__ import annotations
 
-import warnings
+import collections
+import shutil
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from rlhf_ray.sync.buckets import Bucket, pack_buckets, unpack_bucket
+from rlhf_ray.sync.buckets import pack_buckets, unpack_bucket
+from rlhf_ray.sync.restore import RestoreWriter, read_restore
+from rlhf_ray.sync.stream import BucketStream, ChannelSink, fetch
+
+COLLECTIVE = "collective"   # the sink of a broadcast stream (the group itself is the producer's)
 
 
-def publish(buckets: Iterable[Bucket]) -> list:
-    """Put each bucket in the object store; return the refs in order. Each bucket is copied before
-    the next is drawn, so `pack_buckets(..., reuse=True)` is safe here."""
-    import ray
-    return [ray.put((b.buffer.cpu().numpy(), b.specs)) for b in buckets]
-
-
-def fetch(ref) -> Bucket:
-    """A bucket whose buffer maps the object store's shared memory (no copy, do not write to it)."""
-    import ray
-    array, specs = ray.get(ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we only read it
-        return Bucket(torch.from_numpy(array), specs)
-
-
-def iter_named(refs: Iterable) -> Iterator[tuple[str, torch.Tensor]]:
-    """`(name, tensor)` from bucket refs, fetching one bucket at a time."""
-    for ref in refs:
-        yield from unpack_bucket(fetch(ref))
+def iter_named(items: Iterable) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(name, tensor)` from what an engine's load call received: a `BucketStream`, or bucket refs."""
+    for item in items:
+        if isinstance(item, BucketStream):
+            yield from item.named()
+        else:
+            yield from unpack_bucket(fetch(item))
 
 
 def without(named: Iterable[tuple[str, torch.Tensor]], skip: frozenset) -> Iterator[tuple[str, torch.Tensor]]:
     return ((n, t) for n, t in named if n not in skip)
 
 
-def publish_from_learner(learner: Any, mode: str, bucket_bytes: int, dtype: Optional[torch.dtype],
-                         is_source: bool, skip: frozenset = frozenset()) -> tuple[list, Optional[dict]]:
-    """Run inside a learner rank: pack `learner.named_weights(mode)` and publish it (rank 0 only).
+def send(buckets, sink, group=None) -> dict[str, int]:
+    if sink == COLLECTIVE:
+        count = [0]
 
-    Every rank consumes the iterator, because a ZeRO-3 learner gathers each parameter collectively;
-    the ranks that are not the source drop what they gather.
-    """
+        def counted():
+            for b in buckets:
+                count[0] += 1
+                yield b
+        return {"bytes": group.send_buckets(counted()), "buckets": count[0]}
+    return sink.send(buckets)
+
+
+def stream_weights(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: Optional[torch.dtype],
+                   skip: frozenset, sink, restore_folder: str, meta: dict, group=None) -> dict[str, int]:
+    """Pack, keep on disk and send one sync; the restore point is swapped in only once all was sent."""
+    writer = RestoreWriter(restore_folder, meta)
+    out = send(writer.tee(pack_buckets(without(named, skip), bucket_bytes, dtype, reuse=True)), sink, group)
+    writer.commit()
+    return out
+
+
+# -- run inside a learner rank (`learner.__ray_call__.remote(fn, ...)`: `learner` is the actor) ----------
+_SENDER = "_rlhf_ray_weight_sender"
+
+
+def stream_from_learner(learner: Any, mode: str, bucket_bytes: int, dtype: Optional[torch.dtype], is_source: bool,
+                        skip: frozenset, sink, restore_folder: str, meta: dict) -> Optional[dict]:
+    """Every rank iterates (a ZeRO-3 learner gathers each parameter collectively); rank 0 streams."""
     named = learner.named_weights(mode)
     if not is_source:
-        for _ in named:
-            pass
-        return [], None
-    refs = publish(pack_buckets(without(named, skip), bucket_bytes, dtype, reuse=True))
-    return refs, (learner.adapter_config() if mode == "adapter" else None)
+        collections.deque(named, maxlen=0)   # take part in the gathers, keep nothing
+        return None
+    return stream_weights(named, bucket_bytes, dtype, skip, sink, restore_folder, meta, getattr(learner, _SENDER, None))
 
 
-# -- the collective sender inside a learner rank (through `__ray_call__`) -----------------------------
-# The broadcast's rank 0 is the learner's rank 0, not the driver: the driver may run on a CPU-only head
-# node (no CUDA for NCCL), and the buckets are the learner's own objects, so they never detour via the head.
-_SENDER = "_rlhf_ray_weight_sender"
+def replay_restore(holder: Any, folder: str, sink, bucket_bytes: int) -> dict[str, int]:
+    """Send a restore point from this process's disk (`holder`: the learner actor, or None on the driver)."""
+    return send(pack_buckets(read_restore(folder), bucket_bytes, reuse=True), sink)
+
+
+def remove_restore(holder: Any, root: str) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def learner_adapter_config(learner: Any) -> dict:
+    return learner.adapter_config()
 
 
 def sender_address(learner: Any) -> tuple[str, int]:
@@ -77,14 +96,6 @@ def open_sender(learner: Any, host: str, port: int, world_size: int, backend: st
     from rlhf_ray.sync.collective import CollectiveGroup
     close_sender(learner)
     setattr(learner, _SENDER, CollectiveGroup(host, port, 0, world_size, backend, device, timeout_s))
-
-
-def send_refs(learner: Any, refs: list) -> int:
-    """Broadcast the published buckets (refs inside a list: Ray passes them unresolved)."""
-    group = getattr(learner, _SENDER, None)
-    if group is None:
-        raise RuntimeError("send_refs() before open_sender()")
-    return group.send_buckets(fetch(r) for r in refs)
 
 
 def close_sender(learner: Any) -> None:

@@ -1,0 +1,137 @@
+"""A weight sync streams through a real local Ray with at most two buckets in the object store, keeps its
+restore point on disk, and re-syncs a restarted engine from there. The engines are stand-ins that record
+the object store's pinned bytes as each tensor arrives (`object_store_bytes_primary_copy` of the raylet's
+own stats: objects still referenced somewhere; an object no one references is unpinned at once, evictable,
+and deleted in the raylet's next batch, so it never spills), so no vLLM starts; the group, transports,
+channel and restore point are the product's. 16 buckets of 1 MiB; the stream may hold 2 (one read, one
+queued). Today's code (972499a) held all 16 through the sync and after it, as the restore point.
+"""
+import sys
+
+import pytest
+import torch
+
+from rlhf_ray.config.schema import RolloutConfig, SyncConfig
+from rlhf_ray.utils.device import resolve_backend
+
+pytestmark = pytest.mark.slow
+MIB = 1 << 20
+N = 16
+CFG = RolloutConfig(num_engines=2, cpus_per_engine=0.5, sync=SyncConfig(bucket_mb=1.0))
+
+
+def weights(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(f"layer{k}.weight", torch.randn(MIB // 4, generator=g)) for k in range(N)]   # 1 MiB each
+
+
+def store_bytes() -> int:
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return get_memory_info_reply(state).store_stats.object_store_bytes_primary_copy
+
+
+class CountingEngine:
+    """The generator actor's contract (`rlhf_ray.generator.actor.GeneratorActor`) without vLLM."""
+
+    def __init__(self, model_path, rollout_cfg, backend, lora, max_model_len, engine_opts):
+        self.v, self.got, self.peak, self._group = 0, {}, 0, None
+
+    def node_id(self):
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
+    def version(self):
+        return self.v
+
+    def _take(self, named, version):
+        self.got, self.peak = {}, 0
+        for name, t in named:
+            self.peak = max(self.peak, store_bytes())
+            self.got[name] = t.clone()
+        self.v = version
+        return 0.0
+
+    def load_full(self, refs, version):
+        from rlhf_ray.sync.transport import iter_named
+        return self._take(iter_named(refs), version)
+
+    def load_adapter(self, refs, adapter_config, version):
+        return self.load_full(refs, version)
+
+    def join_group(self, host, port, rank, world_size, backend, device, timeout_s):
+        from rlhf_ray.sync.collective import CollectiveGroup
+        self._group = CollectiveGroup(host, port, rank, world_size, backend, device, timeout_s)
+
+    def receive(self, mode, version, adapter_config):
+        return self._take(self._group.recv_named(), version)
+
+    def leave_group(self):
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+    def received(self):
+        return self.got, self.peak
+
+
+class StandInLearner:
+    def __init__(self, seed):
+        self.named = weights(seed)
+
+    def named_weights(self, mode):
+        return iter(self.named)
+
+
+def _group(monkeypatch, tmp_path, transport):
+    from ray import cloudpickle
+
+    import rlhf_ray.generator.group as group_mod
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])    # workers cannot import tests/ modules
+    monkeypatch.setattr(group_mod, "GeneratorActor", CountingEngine)
+    return group_mod.GeneratorGroup("unused", CFG, resolve_backend("cpu"), transport=transport,
+                                    collective_timeout_s=60, restore_dir=str(tmp_path / "restore"))
+
+
+def _check(ray, group, want, bound):
+    for got, peak in ray.get([a.received.remote() for a in group.actors]):
+        assert list(got) == [n for n, _ in want] and all(torch.equal(got[n], t) for n, t in want)
+        assert peak <= bound, f"{peak / MIB:.2f} MiB in the object store while streaming (bound {bound / MIB:.1f})"
+
+
+def test_object_store_stream_holds_two_buckets_and_the_restore_point_is_on_disk(ray_local, monkeypatch, tmp_path):
+    from rlhf_ray.sync.restore import read_manifest
+    group = _group(monkeypatch, tmp_path, "object_store")
+    try:
+        want = weights(1)
+        stats = group.sync_weights(iter(want), mode="full")
+        assert stats["buckets"] == N and stats["bytes"] == N * MIB
+        _check(ray_local, group, want, 2 * MIB + MIB // 4)          # a quarter MiB for the refs' metadata
+        assert store_bytes() < MIB                                   # nothing kept in the store after the sync
+        assert read_manifest(tmp_path / "restore" / "full")["version"] == 1
+
+        ray_local.kill(group.actors[0], no_restart=False)            # restarts at version 0
+        assert group.ensure_synced() == [0]                          # replayed from the disk
+        got, peak = ray_local.get(group.actors[0].received.remote())
+        assert ray_local.get(group.actors[0].version.remote()) == 1
+        assert all(torch.equal(got[n], t) for n, t in want) and len(got) == N and peak <= 2 * MIB + MIB // 4
+    finally:
+        group.shutdown()
+    assert not (tmp_path / "restore").exists()
+
+
+def test_collective_stream_from_a_learner_puts_nothing_in_the_object_store(ray_local, monkeypatch, tmp_path):
+    from rlhf_ray.sync.restore import read_manifest
+    learner = ray_local.remote(num_cpus=0)(StandInLearner).remote(7)
+    group = _group(monkeypatch, tmp_path, "collective")
+    try:
+        for version in (1, 2):                                       # the group is kept across syncs
+            stats = group.sync_weights(learner, mode="full", version=version)
+            assert stats["buckets"] == N
+            _check(ray_local, group, weights(7), MIB // 4)
+            assert read_manifest(tmp_path / "restore" / "full")["version"] == version
+        assert store_bytes() < MIB
+    finally:
+        group.shutdown()
+        ray_local.kill(learner)
