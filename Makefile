@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv first (idempotent: seconds when already done).
-.PHONY: setup demo test test-fast bench clean-runs
+.PHONY: setup demo test test-fast test-gpu bench clean-runs
 
 setup:
 	@bash launch/setup_env.sh
@@ -12,6 +12,10 @@ test: setup
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow" tests
+
+# The GPU tier (tests/gpu): skipped without CUDA; needs the CUDA builds (pip install -e .[gpu]).
+test-gpu: setup
+	.venv/bin/python -m pytest -q -rs -m gpu tests/gpu
 
 bench: setup
 	bash launch/setup_env.sh --bench
