@@ -166,14 +166,16 @@ def _vader_of_samples(model_dir: Path, n_prompts: int = 128) -> float:
     return sum(vader_reward(prompts, texts)) / len(texts)
 
 
-def test_dpo_learns_the_preferences(tmp_path):
-    train(f"run.output_dir={tmp_path}", "run.stages=[sft,dpo]", "logging.console=false", "sft.epochs=1",
-          "dpo.batch_size=32", "dpo.epochs=2", "dpo.learner.optim.lr=1e-3", "dpo.eval_every=28")
+def test_dpo_learns_the_preferences(offline, tmp_path):
+    """DPO from the session's SFT model (conftest.py `offline`), its reference that same model."""
+    train(f"run.output_dir={tmp_path}", "run.stages=[dpo]", f"dpo.init_from={offline / 'sft' / 'model'}",
+          "logging.console=false", "dpo.batch_size=32", "dpo.epochs=2", "dpo.learner.optim.lr=1e-3",
+          "dpo.eval_every=28")
     evals = [r for r in rows(tmp_path / "dpo" / "metrics.jsonl") if "eval/accuracy" in r]
     assert evals[-1]["eval/rows"] >= 100
     assert evals[-1]["eval/accuracy"] > 0.8, evals  # chance is 0.5 (and 0 at the start: policy == reference)
     assert evals[-1]["eval/margin"] > 0.5
-    sft_gold, dpo_gold = _vader_of_samples(tmp_path / "sft" / "model"), _vader_of_samples(tmp_path / "dpo" / "model")
+    sft_gold, dpo_gold = _vader_of_samples(offline / "sft" / "model"), _vader_of_samples(tmp_path / "dpo" / "model")
     assert dpo_gold > sft_gold + 0.15, (sft_gold, dpo_gold)  # the chosen reviews are the more positive ones
 
 
