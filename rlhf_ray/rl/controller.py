@@ -109,7 +109,8 @@ class RLController:
                    "reward/score_std": float(scores[keep].std()) if keep.sum() > 1 else 0.0,
                    "kl/coef": self.kl_ctl.value, "sync/version": float(self.version),
                    "sync/lag": float(lag), "response/empty_frac": float(empty.float().mean()),
-                   "throughput/tokens_per_s": float(seq.response_mask.sum()) / max(t.times["generate"], 1e-9),
+                   "throughput/tokens_per_s": tokens_per_s(float(seq.response_mask.sum()), t.times["generate"],
+                                                           rollout.generate_s),
                    "sync/overlapped": float(overlapped),
                    # an overlapped generation hides behind the previous update: only its wait is on the path
                    **overhead(t.stats()["timing/step_s"], min(rollout.generate_s, t.times["generate"]),
@@ -164,6 +165,15 @@ class RLController:
         self.kl_ctl.load_state_dict(d["kl"])
         self._shuffle.set_state(torch.tensor(d["shuffle"], dtype=torch.uint8))
         self.version = int(d["version"])
+
+
+def tokens_per_s(tokens: float, wait_s: float, engine_s: float) -> float:
+    """The generator's rate: tokens over the time their generation took. In lockstep that is the driver's
+    generate phase (wall time, the engine's seconds plus Ray's hand-off). An overlapped rollout (one step
+    behind) was sampled beside the previous update and the driver only waited for its tail (often ~0 s,
+    which printed millions of tok/s): there the engine's own seconds are its duration. So: the longer of
+    the two. Not the step's wall time: the step's pace is `timing/step_s`; this one compares engines."""
+    return tokens / max(wait_s, engine_s, 1e-9)
 
 
 def metrics_of(reward_stats: dict, update_stats: dict) -> tuple[float, float]:

@@ -13,7 +13,9 @@ PHASES = ("generate", "score", "advantage", "update", "sync")
 
 def format_step(m: dict[str, float]) -> str:
     parts = [f"{label} {fmt.format(m[k])}" for k, label, fmt in WATCH if k in m]
-    phases = [f"{p} {m[f'timing/{p}_s']:.2f}" for p in PHASES if f"timing/{p}_s" in m]
+    # an overlapped rollout was sampled during the previous update: its phase is only the driver's wait
+    label = {"generate": "gen-wait"} if m.get("sync/overlapped") else {}
+    phases = [f"{label.get(p, p)} {m[f'timing/{p}_s']:.2f}" for p in PHASES if f"timing/{p}_s" in m]
     return "  ".join(parts) + ("  [" + " ".join(phases) + "]" if phases else "")
 
 
