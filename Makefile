@@ -7,8 +7,11 @@ setup:
 demo: setup
 	.venv/bin/rlhf-ray train configs/quickstart.yaml
 
+# The fast tier first (seconds: pure functions, config, CLI paths that stop before Ray), then the tier that
+# starts Ray, vLLM and DeepSpeed (`slow`; tests/conftest.py fails an unmarked test that starts them).
 test: setup
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q -m "not slow" tests
+	.venv/bin/python -m pytest -q -m slow tests
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow" tests
