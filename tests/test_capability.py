@@ -1,0 +1,125 @@
+"""The measured CPU capability (rlhf_ray.utils.capability) and the dtype `model.dtype=measure` resolves to.
+Pure: the probe's timings are faked except in one tiny real GEMM run."""
+import json
+
+import pytest
+import torch
+
+from rlhf_ray.config import load_config
+from rlhf_ray.placement.plan import place, role_dtype
+from rlhf_ray.utils import capability as cap
+from rlhf_ray.utils.device import resolve_backend
+
+AMX = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile
+processor\t: 1
+model name\t: ignored, the first processor's
+"""
+ZEN3 = "model name\t: AMD EPYC 7B13\nflags\t\t: fpu avx avx2 fma\n"
+
+
+def test_cpu_info_reads_the_model_and_whole_flag_words():
+    info = cap.cpu_info(AMX)
+    assert info["model"] == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+    assert info["flags"] == {"avx512_bf16": True, "amx_bf16": True, "amx_tile": True, "avx512f": True, "avx2": True}
+    assert cap.cpu_info(ZEN3)["flags"] == {"avx512_bf16": False, "amx_bf16": False, "amx_tile": False,
+                                           "avx512f": False, "avx2": True}
+    # a word that only contains a flag's name is not the flag
+    assert cap.cpu_info("flags\t: avx512_bf16x avx2_\n")["flags"]["avx512_bf16"] is False
+    assert cap.cpu_info("flags\t: avx512_bf16x avx2_\n")["flags"]["avx2"] is False
+
+
+@pytest.mark.parametrize("speedup, dtype", [
+    (1 / 500, "float32"),   # AVX2 Zen 3 torch.mm bf16 (STACK.md)
+    (1 / 7, "float32"),     # AVX2 F.linear bf16
+    (1.5, "float32"),       # a bf16 gain the non-GEMM work and noise would eat
+    (2.0, "bfloat16"),      # the stated threshold
+    (2.6, "bfloat16"),      # AMD EPYC with AVX-512 BF16
+    (6.2, "bfloat16"),      # Intel AMX
+])
+def test_decision_follows_the_measured_ratio(speedup, dtype):
+    assert cap.decide_dtype(speedup) == dtype
+
+
+def test_env_pins_skip_the_probe_and_bad_values_are_refused(monkeypatch):
+    monkeypatch.setattr(cap, "cached_measure", lambda *a, **k: pytest.fail("pinned: no probe"))
+    assert cap.cpu_default_dtype({cap.ENV: "float32"}) == "float32"
+    assert cap.cpu_default_dtype({cap.ENV: "bfloat16"}) == "bfloat16"
+    with pytest.raises(ValueError, match="RLHF_RAY_CPU_DTYPE='fp16': choose one of float32, bfloat16, measure"):
+        cap.cpu_default_dtype({cap.ENV: "fp16"})
+
+
+@pytest.mark.parametrize("speedup, dtype", [(6.2, "bfloat16"), (0.002, "float32")])
+def test_measure_decides_from_the_probe(monkeypatch, speedup, dtype):
+    monkeypatch.setattr(cap, "cached_measure", lambda *a, **k: {"bf16_speedup": speedup})
+    assert cap.cpu_default_dtype({}) == dtype            # unset means measure
+    assert cap.cpu_default_dtype({cap.ENV: "measure"}) == dtype
+
+
+def test_the_probe_runs_once_per_machine_and_is_kept_on_disk(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(cap, "measure", lambda threads=None: calls.append(1) or {"bf16_speedup": 3.0})
+    monkeypatch.setattr(cap, "_MEASURED", {})
+    path = tmp_path / "cpu_capability.json"
+    assert cap.cached_measure(path=path)["bf16_speedup"] == 3.0
+    assert cap.cached_measure(path=path)["bf16_speedup"] == 3.0  # this process: memory
+    monkeypatch.setattr(cap, "_MEASURED", {})                      # a new process: the file
+    assert cap.cached_measure(path=path)["bf16_speedup"] == 3.0
+    assert len(calls) == 1
+    (key,) = json.loads(path.read_text())
+    assert cap.cpu_info()["model"] in key and torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
+    path.write_text("{not json")                                   # a damaged file: measured again
+    monkeypatch.setattr(cap, "_MEASURED", {})
+    assert cap.cached_measure(path=path)["bf16_speedup"] == 3.0 and len(calls) == 2
+
+
+def test_probe_grows_the_size_only_while_it_fits_the_budget(monkeypatch):
+    monkeypatch.setattr(cap, "_best_s", lambda dtype, size, runs: 1e-6 * (size / 256) ** 3)
+    assert cap.measure(n=2048)["gemm_n"] == 2048
+    slow = {"float32": 1e-6, "bfloat16": 0.2}  # bf16 without a fast kernel: stop at the first size
+    monkeypatch.setattr(cap, "_best_s", lambda dtype, size, runs: slow[dtype] * (size / 256) ** 3)
+    r = cap.measure(n=2048, budget_s=1.0)
+    assert r["gemm_n"] == 256 and r["bf16_speedup"] == pytest.approx(1e-6 / 0.2)
+
+
+def test_probe_measures_real_gemms():
+    r = cap.measure(threads=1, n=256, runs=1)
+    assert r["gemm_n"] == 256 and r["threads"] == 1 and r["fp32_gflops"] > 0 and r["bf16_gflops"] > 0
+    assert r["bf16_speedup"] == pytest.approx(r["bf16_gflops"] / r["fp32_gflops"])
+
+
+def test_probe_restores_the_thread_count():
+    before = torch.get_num_threads()
+    cap.measure(threads=1 if before != 1 else 2, n=256, runs=1)
+    assert torch.get_num_threads() == before
+
+
+def test_measure_in_the_config_resolves_once_with_tis_on_for_bf16(monkeypatch):
+    monkeypatch.setenv(cap.ENV, "bfloat16")
+    cfg = load_config(None, ["model.dtype=measure"])
+    assert cfg.model.dtype == "bfloat16" and cfg.algorithm.tis is True
+    plan = place(cfg)
+    assert role_dtype(cfg, plan, "policy") == role_dtype(cfg, plan, "generator") == "bfloat16"
+    assert load_config(None, ["model.dtype=measure", "algorithm.tis=false"]).algorithm.tis is False
+    monkeypatch.setenv(cap.ENV, "float32")
+    cfg = load_config(None, ["model.dtype=measure"])
+    assert cfg.model.dtype == "float32" and cfg.algorithm.tis is False  # as auto: lockstep, no TIS
+
+
+def test_auto_is_unchanged_and_gpu_roles_keep_their_default(monkeypatch):
+    monkeypatch.setenv(cap.ENV, "bfloat16")
+    cfg = load_config(None, [])
+    assert cfg.model.dtype == "auto" and role_dtype(cfg, place(cfg), "policy") == "float32"
+    gpu = "configs/gpu/llama3.1-8b-8xh100.yaml"
+    assert load_config(gpu, ["model.dtype=measure"]).model.dtype == "auto"
+    sim = load_config(gpu, ["model.dtype=measure", "cluster.simulate=true"])  # every role computes on CPU
+    assert sim.model.dtype == "bfloat16"
+
+
+def test_resolve_backend_measures_on_cpu(monkeypatch):
+    monkeypatch.setenv(cap.ENV, "bfloat16")
+    assert resolve_backend("cpu", "measure").dtype == torch.bfloat16
+    assert resolve_backend("cpu", "auto").dtype == torch.float32
+    monkeypatch.setenv(cap.ENV, "float32")
+    assert resolve_backend("cpu", "measure").dtype == torch.float32
