@@ -34,7 +34,7 @@ def reward_url(ray_local, tmp_path):
     # a long wait: the batch closes as soon as it is full, so it costs nothing unless the batch cannot fill
     probe = "tests.serve.test_replica_batching:rows_in_call"  # the replica imports it (Ray adds the cwd)
     cfg = load_config(None, [f"reward.sources=[{{kind: function, path: '{probe}'}}]",
-                             f"serve.reward_max_batch_size={REQUESTS}", "serve.reward_batch_wait_s=3.0"])
+                             f"serve.reward_max_batch_size={REQUESTS}", "serve.reward_batch_wait_s=10.0"])
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
