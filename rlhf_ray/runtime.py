@@ -79,8 +79,24 @@ def setup_role_process() -> None:
     cluster up by scanning the machine, and fails with a traceback where several Ray instances run on one
     machine (a shared workstation, CI)."""
     import ray
-    quiet_libraries()
+    quiet_role_process()
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+# GPU device nodes of the NVIDIA and AMD drivers: where none exists, every engine here is vLLM's CPU one.
+GPU_DEVICES = ("/dev/nvidiactl", "/dev/kfd")
+
+
+def quiet_role_process() -> None:
+    """`quiet_libraries`, and on a machine without a GPU, torch's C++ warnings off (LOCAL_CPU_ENV's
+    TORCH_CPP_LOG_LEVEL) for a cluster too. vLLM's CPU worker calls `init_cpu_memory_env` as it starts, which
+    warns "NUMA binding: Using MEMBIND policy ..." through torch's C++ log, in every engine start of every
+    run. A joined cluster (`ray job submit`, `launch/submit.sh`) does not get LOCAL_CPU_ENV: the driver
+    cannot know its nodes' devices, but each role process can see its own machine's. torch reads the level
+    once, as it is imported: this runs before a role imports torch, and an operator's own value wins."""
+    quiet_libraries()
+    if not any(os.path.exists(d) for d in GPU_DEVICES):
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", LOCAL_CPU_ENV["TORCH_CPP_LOG_LEVEL"])
 
 
 def local_env(cuda: bool) -> dict[str, str]:

@@ -96,3 +96,42 @@ def test_config_file_not_utf8_is_one_line(tmp_path, run_main):
     p = run_main("config", str(cfg))
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip().count("\n") == 0 and "not valid UTF-8 (line 2" in p.stderr, p.stderr
+
+
+# -- torch's NUMA binding warning from vLLM's CPU worker ---------------------------------------------
+NUMA = """
+import sys
+if sys.argv[1] == "role":
+    from rlhf_ray.runtime import quiet_role_process
+    quiet_role_process()  # what Ray runs first in each of our role processes, local Ray or a joined cluster
+import torch
+from vllm.platforms.cpu import CpuPlatform
+CpuPlatform.import_kernels()
+torch.ops._C.init_cpu_memory_env([0])  # what vLLM's CPU worker calls as it starts (v1/worker/cpu_worker.py)
+print("bound", flush=True)
+"""
+
+
+@pytest.mark.slow  # imports vLLM's kernels in two subprocesses (about 6 s each)
+def test_a_role_process_without_a_gpu_keeps_vllms_numa_warning_off_the_console():
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}  # a job's env, as submit.sh gives
+    plain, role = (subprocess.run([sys.executable, "-c", NUMA, kind], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=300) for kind in ("plain", "role"))
+    assert plain.returncode == 0 and "NUMA binding" in plain.stderr, plain.stderr[-2000:]  # the source still warns
+    assert role.returncode == 0 and "bound" in role.stdout, role.stderr[-2000:]
+    assert "NUMA binding" not in role.stderr, role.stderr[-2000:]
+
+
+def test_torchs_cpp_warnings_are_off_only_where_no_gpu_is_and_the_operator_did_not_ask(tmp_path, monkeypatch):
+    from rlhf_ray import runtime
+    monkeypatch.delenv("TORCH_CPP_LOG_LEVEL", raising=False)
+    monkeypatch.setattr(runtime, "GPU_DEVICES", (str(tmp_path / "nvidiactl"),))
+    runtime.quiet_role_process()
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == "ERROR"
+    monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "INFO")  # the operator's, to debug
+    runtime.quiet_role_process()
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == "INFO"
+    monkeypatch.delenv("TORCH_CPP_LOG_LEVEL")
+    (tmp_path / "nvidiactl").write_text("")  # a GPU machine keeps the C++ warnings (NCCL's)
+    runtime.quiet_role_process()
+    assert "TORCH_CPP_LOG_LEVEL" not in os.environ

@@ -1,0 +1,125 @@
+"""Stopping `rlhf-ray train` as an operator does, through the real CLI on a local Ray:
+
+    Ctrl-C (SIGINT to the whole process group, as a terminal sends it)   one line: stage, last step, what
+    SIGTERM to the driver alone (a scheduler, `kill`, `timeout`)          --resume continues from; exit
+                                                                         130 / 143; no Ray process left,
+                                                                         no Ray stack dump on the console
+Then `--resume` continues from that checkpoint, and a second `--resume` with a larger `rl.steps`
+continues the finished stage (each step logged exactly once).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = ["configs/quickstart.yaml", "run.stages=[rl]", "rl.init_from=builtin:tiny", "rl.steps=40", "rl.save_every=1",
+        "rl.sample_every=0", "logging.report=false", "logging.tensorboard=false",
+        "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]"]
+STOPPED = re.compile(r"rlhf-ray: stopped by (?P<how>.+) in stage rl after step (?P<step>\d+); rerun with --resume "
+                     r"to continue rl from its checkpoint of step (?P<ckpt>\d+)$")
+RAY_DUMP = ("logging.cc", "SIGTERM received", "PC: @", "Traceback")
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", *ARGS, f"run.output_dir={out}", *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def steps_logged(out: Path) -> list[int]:
+    f = out / "rl" / "metrics.jsonl"
+    return [json.loads(x)["step"] for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
+def live_in_session(sid: int) -> list[str]:
+    """Processes of session `sid` that still run (zombies waiting for a reaper are gone already)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                state, _, _, session = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[:4]
+                if int(session) == sid and state != "Z":
+                    found.append(f"{d} {open(f'/proc/{d}/cmdline').read().replace(chr(0), ' ')[:100]}")
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def stop_after(proc: subprocess.Popen, out: Path, steps: int, send) -> tuple[int, str, str]:
+    """`send(proc)` once `steps` steps are logged; then the run's exit status and output. Fails if a process
+    of the run (its own session: the driver, Ray's raylet, GCS and workers) is still running 10 s later."""
+    deadline = time.time() + 600
+    while len(steps_logged(out)) < steps:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"the run did not log {steps} steps in 600 s"
+        time.sleep(0.05)
+    send(proc)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    left, deadline = live_in_session(proc.pid), time.time() + 10
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left = live_in_session(proc.pid)
+    for line in left:
+        os.kill(int(line.split()[0]), signal.SIGKILL)
+    assert not left, "processes of the stopped run still run:\n" + "\n".join(left)
+    return proc.returncode, stdout, stderr
+
+
+def finish(out: Path, *extra: str) -> str:
+    p = start(out, *extra)
+    stdout, stderr = p.communicate(timeout=900)
+    assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    return stdout + stderr
+
+
+def one_stop_line(stderr: str, how: str, logged: list[int]) -> int:
+    """The run's only words on stderr: where it stopped and the checkpoint --resume continues from."""
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, stderr[-3000:]
+    m = STOPPED.match(lines[0])
+    assert m and m["how"] == how, lines[0]
+    assert int(m["step"]) == logged[-1], (lines[0], logged)
+    assert int(m["ckpt"]) in (logged[-1] - 1, logged[-1]), lines[0]  # killed between a step's log and its save
+    return int(m["ckpt"])
+
+
+def test_ctrl_c_says_where_and_resume_continues_then_a_larger_rl_steps_extends_the_finished_stage(tmp_path):
+    out = tmp_path / "run"
+    code, _, stderr = stop_after(start(out), out, 2, lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert code == 130, stderr[-3000:]
+    ckpt = one_stop_line(stderr, "Ctrl-C (SIGINT)", steps_logged(out))
+
+    end = ckpt + 1
+    said = finish(out, f"rl.steps={end}", "--resume")
+    assert f"resumed from {out / 'rl' / 'checkpoints' / f'step_{ckpt:06d}'} at step {ckpt}" in said, said[-3000:]
+    assert steps_logged(out) == list(range(1, end + 1))
+    assert (out / "rl" / "model" / "config.json").exists()
+
+    said = finish(out, f"rl.steps={end + 1}", "--resume")  # the stage is finished: more steps continue it
+    assert f"at step {end} with rl.steps changed" in said, said[-3000:]
+    assert steps_logged(out) == list(range(1, end + 2))
+
+
+def test_sigterm_says_where_without_rays_stack_dump(tmp_path):
+    out = tmp_path / "run"
+    code, stdout, stderr = stop_after(start(out), out, 1, lambda p: p.send_signal(signal.SIGTERM))
+    assert code == 143, stderr[-3000:]
+    dump = [x for x in (stdout + stderr).splitlines() if any(d in x for d in RAY_DUMP)]
+    assert not dump, "\n".join(dump[:10])
+    one_stop_line(stderr, "SIGTERM", steps_logged(out))
