@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.algo import gae, grpo, policy_loss, reverse_discounted_cumsum, value_loss
+from rlhf_ray.utils.capability import describe, machine_record
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -125,7 +126,9 @@ def main() -> None:
         "gae_scan_vs_loop_max_abs_diff": max_abs_diff,
         "gae_speedup_vs_time_loop": speedup,
         "results": results,
+        "cpu": machine_record(),  # the CPU, its bf16 flags and GEMM peaks on these threads, measured now
     }
+    print(describe(report["cpu"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf_ray.utils.capability import describe, machine_record
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = RESULTS / "work" / "learning"
@@ -188,6 +190,8 @@ def main() -> None:
     ap.add_argument("--skip-trl", action="store_true", help="only rlhf_ray's runs (TRL not installed)")
     args = ap.parse_args()
     PROMPTS, GROUP, NEW_TOKENS, LR, BETA = args.prompts, args.group, args.new_tokens, args.lr, args.beta
+    cpu = machine_record(2)
+    print(describe(cpu), flush=True)
     rm = reward_model()
     runs = {"rlhf_ray ppo": run_ours("ppo", rm, args.steps), "rlhf_ray grpo": run_ours("grpo", rm, args.steps)}
     if not args.skip_trl:
@@ -202,7 +206,7 @@ def main() -> None:
              "gold": "VADER", "prompts_per_step": PROMPTS, "group": GROUP, "samples_per_step": PROMPTS * GROUP,
              "max_new_tokens": NEW_TOKENS, "lr": LR, "beta": BETA, "steps": args.steps}
     (RESULTS / "learning_bench.json").write_text(json.dumps(
-        {"setup": setup, "summary": sums, "per_step": runs}, indent=2))
+        {"setup": setup, "cpu": cpu, "summary": sums, "per_step": runs}, indent=2))
     plot(runs, RESULTS / "learning_bench.png")
     print(f"wrote {RESULTS / 'learning_bench.json'} and learning_bench.png")
 

@@ -28,6 +28,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from rlhf_ray.utils.capability import describe, machine_record  # noqa: E402
+
 CASES = {
     "tiny": [("sft", "builtin:tiny", False), ("rm", "builtin:tiny-rm", False)],
     "smollm2": [("sft", "builtin:smollm2-135m", True), ("rm", "builtin:smollm2-135m", True)],
@@ -86,9 +88,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
     args = ap.parse_args()
+    cpu = machine_record(args.threads)  # before the learners start: the probe alone on the cores
+    print(describe(cpu), flush=True)
     for name in args.models:
         for stage, path, lora in CASES[name]:
-            res = run_case(stage, path, lora, args)
+            res = {**run_case(stage, path, lora, args), "cpu": cpu}
             print(json.dumps(res), flush=True)
             if args.out:
                 with open(args.out, "a") as f:

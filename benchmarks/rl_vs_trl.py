@@ -23,7 +23,9 @@ colocated ranks on the CPU node, data-parallel over its cores), distributed-over
 sampled during this step's update, `rollout.sync.max_off_policy_lag=1`; TIS on by default there) and
 colocated-overlap (the same inside the colocated process: its engine thread beside its learner thread).
 
-Prints a table per case and writes benchmarks/results/rl_vs_trl.json.
+Prints the machine (CPU model, bf16/AVX-512/AMX flags, cores, fp32 and bf16 GEMM peaks measured on 2
+threads: rlhf_ray.utils.capability.machine_record), a table per case with each phase (generate, score,
+update, sync) beside TRL's, and writes all of it to benchmarks/results/rl_vs_trl.json.
 """
 from __future__ import annotations
 
@@ -123,11 +125,24 @@ def reward(prompts, completions, **kw):
     text = lambda x: x if isinstance(x, str) else x[-1]["content"]
     return vader_reward([text(p) for p in prompts], [text(c) for c in completions])
 
+# Step ends, and per step the seconds inside TRL's own generate (`_generate`: tokenize + HF generate) and
+# rollout scoring (`_generate_and_score_completions` less `_generate`: old and reference log-probs,
+# rewards, advantages); the rest of a step is its update (forward, backward, optimizer).
 class Clock(TrainerCallback):
     def __init__(self):
-        self.ends = [time.perf_counter()]
+        self.ends, self.spent, self.phases = [time.perf_counter()], {"generate": 0.0, "rollout": 0.0}, []
+    def timed(self, name, fn):
+        def run(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.spent[name] += time.perf_counter() - t0
+        return run
     def on_step_end(self, args, state, control, **kw):
         self.ends.append(time.perf_counter())
+        self.phases.append(dict(self.spent))
+        self.spent = {"generate": 0.0, "rollout": 0.0}
 
 tok = AutoTokenizer.from_pretrained(a["model"])
 model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.bfloat16 if a["bf16"] else torch.float32)
@@ -148,12 +163,20 @@ t0 = time.perf_counter()
 trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=[reward], args=cfg,
                       train_dataset=Dataset.from_list(rows), callbacks=[clock], peft_config=peft)
 t_init = time.perf_counter() - t0
+# TRL 1.16's names (trl/trainer/grpo_trainer.py); another version without them reports no phases
+timed = hasattr(trainer, "_generate") and hasattr(trainer, "_generate_and_score_completions")
+if timed:
+    trainer._generate = clock.timed("generate", trainer._generate)
+    trainer._generate_and_score_completions = clock.timed("rollout", trainer._generate_and_score_completions)
 trainer.train()
 logs = [h for h in trainer.state.log_history if "reward" in h]
 step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+# no weight sync: HF generate samples from the model being trained
+phases = [{"generate": p["generate"], "score": p["rollout"] - p["generate"], "update": s - p["rollout"], "sync": 0.0}
+          for p, s in zip(clock.phases, step_s)] if timed else None
 json.dump({"step_s": step_s, "reward": [h["reward"] for h in logs], "kl": [h.get("kl", float("nan")) for h in logs],
            "tokens": [h.get("completions/mean_length", float("nan")) for h in logs],
-           "init_s": t_init, "total_s": time.perf_counter() - t0}, open(a["out"] + "/trl.json", "w"))
+           "init_s": t_init, "total_s": time.perf_counter() - t0, "phases": phases}, open(a["out"] + "/trl.json", "w"))
 """
 
 
@@ -175,7 +198,28 @@ def run_trl(name: str, case: dict, model: str, steps: int, bf16: bool = False) -
                    env={**ENV, "OMP_NUM_THREADS": "2"}, check=True, stdout=subprocess.DEVNULL)
     res = json.loads((out / "trl.json").read_text())
     res["total_s"] = time.time() - t0
+    if res.get("phases"):
+        steady = res["phases"][1:] or res["phases"]
+        res["phases_median_s"] = {k: statistics.median(p[k] for p in steady) for k in steady[0]}
     return res
+
+
+TABLE_PHASES = ("generate", "score", "update", "sync")
+
+
+def phase_table(runs: dict) -> list[str]:
+    """Each phase's median seconds, ours beside the TRL run of the same precision (TRL's "score": reference
+    and old log-probs plus rewards; "update": the rest of its step; "sync": none, HF generate reads the
+    trained model)."""
+    ours = [p for p in runs if not p.startswith("trl")]
+    lines = [f"{'phase (median s)':18}" + "".join(f"{p:>22}" for p in ours)]
+    for k in TABLE_PHASES:
+        cells = []
+        for p in ours:
+            trl = runs["trl_bf16" if p.endswith("_bf16") else "trl"].get("phases_median_s")
+            cells.append(f"{runs[p]['phases_median_s'][k]:.3f} vs " + (f"{trl[k]:.3f}" if trl else "n/a"))
+        lines.append(f"{k:18}" + "".join(f"{c:>22}" for c in cells))
+    return lines
 
 
 def summary(res: dict) -> dict:
@@ -191,7 +235,7 @@ def summary(res: dict) -> dict:
 BF16 = ("model.dtype=bfloat16", "algorithm.tis=true")
 
 
-def bench_case(name: str, steps: int, bf16: bool, placements: list[str]) -> dict:
+def bench_case(name: str, steps: int, bf16: bool, placements: list[str], cpu: dict) -> dict:
     case = CASES[name]
     model = policy_path(name, case)
     runs = {p: run_ours(name, case, model, steps, p) for p in placements}
@@ -210,12 +254,14 @@ def bench_case(name: str, steps: int, bf16: bool, placements: list[str]) -> dict
                for p in cols if not p.startswith("trl")}
     print("speed-up per step vs TRL at the same precision (median): "
           + ", ".join(f"{p} {v:.2f}x" for p, v in speedup.items()))
+    print("\n".join(phase_table(runs)) + "   (ours vs TRL)")
     for p in speedup:
         ph = runs[p]["phases_median_s"]
         print(f"{p:16} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items())
               + f"; log-prob max |diff| {runs[p]['logprob_max_abs']:.3g}")
     return {"setup": {**{k: v for k, v in case.items() if k != "ours"}, "steps": steps, "beta": BETA, "model": model,
                       "ours_extra": case["ours"], "ours_bf16_extra": list(BF16) if bf16 else None},
+            "cpu": cpu,  # per case: a case kept from an earlier run may come from another machine
             **{k: {**s[k], "per_step": runs[k]} for k in runs}, "speedup": speedup}
 
 
@@ -229,16 +275,18 @@ def main() -> None:
                                                  "colocated-overlap)")
     args = ap.parse_args()
     steps = args.steps or [CASES[c]["steps"] for c in args.cases]
-    if args.bf16:
-        from rlhf_ray.utils.device import cpu_has_fast_bf16
-        if not cpu_has_fast_bf16():
-            print("note: this CPU has no native bf16 (avx512_bf16 / amx_bf16): the bf16 pair will be slow")
+    from rlhf_ray.utils.capability import BF16_MIN_SPEEDUP, describe, machine_record
+    cpu = machine_record(2)  # TRL's and the probe's threads; measured before anything else runs
+    print(describe(cpu))
+    if args.bf16 and cpu["bf16_speedup"] < BF16_MIN_SPEEDUP:
+        print(f"note: bf16 GEMM measured {cpu['bf16_speedup']:.2f}x fp32 here (model.dtype=measure picks bf16 from "
+              f"{BF16_MIN_SPEEDUP}x): the bf16 pair will not pay")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "rl_vs_trl.json"
     out = json.loads(path.read_text()) if path.exists() else {}
     out = {k: v for k, v in out.items() if k in CASES}  # older layouts are dropped
     for name, n in zip(args.cases, steps):
-        out[name] = bench_case(name, n, args.bf16, args.placements)
+        out[name] = bench_case(name, n, args.bf16, args.placements, cpu)
         path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
 

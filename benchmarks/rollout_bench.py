@@ -19,6 +19,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from rlhf_ray.utils.capability import describe, machine_record  # noqa: E402
+
 
 def prompts_for(tokenizer, batch: int, prompt_tokens: int) -> list[list[int]]:
     from rlhf_ray.data.builtin_reviews import prompt_rows
@@ -98,11 +100,13 @@ def main():
     path = vllm_ready(resolve_model_path("builtin:" + args.model))
     prompts = prompts_for(AutoTokenizer.from_pretrained(path), args.batch, args.prompt_tokens)
     load = os.getloadavg()[0]
+    cpu = machine_record(2)  # before vLLM starts: its CPU worker turns torch.set_num_threads into a no-op
+    print(describe(cpu), flush=True)
     hf = hf_tokens_per_s(path, prompts, args.new_tokens, args.repeats)
     vl = vllm_tokens_per_s(path, prompts, args.new_tokens, args.repeats)
     result = {"model": args.model, "batch": args.batch, "new_tokens": args.new_tokens, "threads": 2,
               "load_avg_1m_at_start": load, "hf_generate": hf, "vllm_generator": vl,
-              "speedup": vl["tokens_per_s"] / hf["tokens_per_s"]}
+              "speedup": vl["tokens_per_s"] / hf["tokens_per_s"], "cpu": cpu}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from rlhf_ray.utils.capability import describe, machine_record
+
 
 def memcpy_gbps(nbytes: int = 512 * 2 ** 20, repeats: int = 5) -> float:
     src = torch.ones(nbytes, dtype=torch.uint8)
@@ -122,12 +124,15 @@ def main():
     torch.set_num_threads(2)
     load = os.getloadavg()[0]
     bw = memcpy_gbps()
+    cpu = machine_record(2)
+    print(describe(cpu), flush=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         rows = [bench_model("builtin:" + m, args.repeats, bw) for m in args.models]
     finally:
         ray.shutdown()
-    result = {"load_avg_1m_at_start": load, "memcpy_GBps": bw, "bucket_mb": args.bucket_mb, "repeats": args.repeats, "models": rows}
+    result = {"load_avg_1m_at_start": load, "memcpy_GBps": bw, "bucket_mb": args.bucket_mb, "repeats": args.repeats, "models": rows,
+              "cpu": cpu}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -123,3 +123,18 @@ def test_resolve_backend_measures_on_cpu(monkeypatch):
     assert resolve_backend("cpu", "auto").dtype == torch.float32
     monkeypatch.setenv(cap.ENV, "float32")
     assert resolve_backend("cpu", "measure").dtype == torch.float32
+
+
+def test_machine_record_names_the_cpu_its_flags_cores_and_measured_peaks(monkeypatch):
+    monkeypatch.setattr(cap, "measure", lambda threads=None: {"fp32_gflops": 379.0, "bf16_gflops": 2364.0,
+                                                              "bf16_speedup": 6.24, "gemm_n": 2048, "threads": 2})
+    real = cap.cpu_info
+    monkeypatch.setattr(cap, "cpu_info", lambda: real(AMX))
+    r = cap.machine_record(2)
+    assert r["model"].startswith("Intel(R) Xeon(R)") and r["flags"]["amx_bf16"] and r["cores"] >= 1
+    assert r["torch"] == torch.__version__ and r["fp32_gflops"] == 379.0 and r["bf16_gflops"] == 2364.0
+    assert cap.describe(r) == ("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (avx512_bf16,amx_bf16,amx_tile,avx512f,"
+                               f"avx2), {r['cores']} cores, torch {torch.__version__}; GEMM 2048^3 on 2 threads: "
+                               "fp32 379 GFLOP/s, bf16 2364 GFLOP/s (6.24x)")
+    zen3 = {**r, **real(ZEN3)}
+    assert cap.describe(zen3).startswith("AMD EPYC 7B13 (avx2), ")  # only the flags it has

@@ -148,3 +148,11 @@ def cpu_default_dtype(env: dict | None = None) -> str:
     if want != "measure":
         return want
     return decide_dtype(cached_measure()["bf16_speedup"])
+
+
+def describe(record: dict) -> str:
+    """One line naming the machine a result came from (benchmarks print it above their tables)."""
+    flags = ",".join(f for f, on in record["flags"].items() if on) or "none of " + "/".join(FLAGS)
+    return (f"{record['model']} ({flags}), {record['cores']} cores, torch {record['torch']}; GEMM {record['gemm_n']}^3 "
+            f"on {record['threads']} threads: fp32 {record['fp32_gflops']:.0f} GFLOP/s, bf16 "
+            f"{record['bf16_gflops']:.0f} GFLOP/s ({record['bf16_speedup']:.2f}x)")

@@ -1,0 +1,40 @@
+"""What the benchmarks write beside their timings: the machine (every script `make bench` runs) and each
+phase of ours beside TRL's (benchmarks/rl_vs_trl.py). No benchmark is run here."""
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import rl_vs_trl  # noqa: E402
+import run_all  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(run_all.BENCHES))
+def test_every_benchmark_records_the_machine_in_its_json(name):
+    """The record is measured by rlhf_ray.utils.capability.machine_record and lands in the JSON written."""
+    tree = ast.parse((BENCH / run_all.BENCHES[name][0]).read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "machine_record"]
+    assert calls, f"{run_all.BENCHES[name][0]} does not call machine_record"
+    keys = [k.value for n in ast.walk(tree) if isinstance(n, ast.Dict) for k in n.keys if isinstance(k, ast.Constant)]
+    assert "cpu" in keys  # the JSON's key for the record
+
+
+def test_the_trl_side_script_parses_and_times_trls_phases():
+    tree = ast.parse(rl_vs_trl.TRL_SCRIPT)
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert {"_generate", "_generate_and_score_completions"} <= names
+
+
+def test_phase_table_puts_each_of_ours_beside_trl_at_the_same_precision():
+    ph = lambda g, s, u, y: {"phases_median_s": {"generate": g, "score": s, "update": u, "sync": y}}  # noqa: E731
+    runs = {"colocated": ph(0.29, 0.075, 0.21, 0.01), "colocated_bf16": ph(0.2, 0.05, 0.1, 0.02),
+            "trl": ph(0.15, 0.042, 0.144, 0.0), "trl_bf16": {"phases_median_s": None}}
+    header, *rows = rl_vs_trl.phase_table(runs)
+    assert header.split()[-2:] == ["colocated", "colocated_bf16"]
+    assert [r.split() for r in rows] == [["generate", "0.290", "vs", "0.150", "0.200", "vs", "n/a"],
+                                         ["score", "0.075", "vs", "0.042", "0.050", "vs", "n/a"],
+                                         ["update", "0.210", "vs", "0.144", "0.100", "vs", "n/a"],
+                                         ["sync", "0.010", "vs", "0.000", "0.020", "vs", "n/a"]]
