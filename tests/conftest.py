@@ -8,6 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# model.dtype=measure resolves to fp32 in the suite (its log-prob tolerances are fp32's), and no probe result
+# lands in the user's cache; e2e CLI subprocesses inherit it
+os.environ.setdefault("RLHF_RAY_CPU_DTYPE", "float32")
 
 
 @pytest.fixture(scope="module")

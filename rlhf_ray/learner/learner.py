@@ -62,14 +62,16 @@ class Learner:
         self.kind, self.backend, self.model_cfg, self.cfg = kind, backend, model_cfg, learner_cfg
         self.init_path = resolve_model_path(init_path)
         self.tokenizer = build.load_tokenizer(model_cfg, self.init_path)
-        model = build.build_model(model_cfg, kind, self.init_path, backend, self.tokenizer.pad_token_id)
+        ds = deepspeed_config(learner_cfg, world_size=dist.get_world_size(), dtype=backend.dtype)
+        # under ZeRO-3 the model is built partitioned as it loads (zero.Init), not whole on every rank
+        model = build.build_model(model_cfg, kind, self.init_path, backend, self.tokenizer.pad_token_id,
+                                  deepspeed_config=ds)
         self.lora = model_cfg.lora.enabled
         params = [p for p in model.parameters() if p.requires_grad]
         o = learner_cfg.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(o.scheduler, o.warmup_steps, max(1, total_steps)))
-        ds = deepspeed_config(learner_cfg, world_size=dist.get_world_size(), dtype=backend.dtype)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds, model_parameters=params)
         checkpoint.weights_only_loads(self.engine)  # no unpickling of checkpoint files
