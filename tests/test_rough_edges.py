@@ -2,6 +2,7 @@
 exit 1, before Ray starts (cluster.address points at nothing: a run that got as far as Ray would fail there
 instead, with another message). One case runs the console script as a user does; the rest call `main` in
 this process (seconds instead of an interpreter and its imports each)."""
+import json
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def one_line(p: subprocess.CompletedProcess, *expected: str) -> str:
 def run_main(capsys):
     """`main(args)` in this process, as a CompletedProcess (its stderr is what the console would show)."""
     def run(*args: str) -> subprocess.CompletedProcess:
-        code = main([*args, NO_RAY])
+        code = main([*(a for a in args if not a.startswith("--")), NO_RAY, *(a for a in args if a.startswith("--"))])
         out = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out.out, out.err)
     return run
@@ -135,3 +136,62 @@ def test_torchs_cpp_warnings_are_off_only_where_no_gpu_is_and_the_operator_did_n
     (tmp_path / "nvidiactl").write_text("")  # a GPU machine keeps the C++ warnings (NCCL's)
     runtime.quiet_role_process()
     assert "TORCH_CPP_LOG_LEVEL" not in os.environ
+
+
+# -- --resume of a finished RL stage with a larger rl.steps ------------------------------------------
+RL = ["configs/quickstart.yaml", "run.stages=[rl]", "rl.init_from=builtin:tiny", VADER]
+
+
+def finished_rl_stage(root: Path, steps: int, checkpoints: tuple[int, ...]) -> Path:
+    """What a finished RL stage leaves: its model (marked complete), its recorded config, its checkpoints."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.learner.checkpoint import MARKER
+    out = root / "rl"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / MARKER).write_text("ok\n")
+    cfg = load_config(RL[0], [*RL[1:], f"run.output_dir={root}", f"rl.steps={steps}"])
+    (out / "run_config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    for step in checkpoints:
+        (out / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+        (out / "checkpoints" / f"step_{step:06d}" / MARKER).write_text("ok\n")
+    return out
+
+
+def test_more_steps_for_a_finished_stage_without_its_last_checkpoint_is_refused_before_ray(tmp_path, run_main):
+    finished_rl_stage(tmp_path, 2, checkpoints=(1,))
+    one_line(run_main("train", *RL, f"run.output_dir={tmp_path}", "rl.steps=4", "--resume"),
+             "rl.steps=4: the finished RL stage", "ran 2 steps and its latest checkpoint is step_000001",
+             "rl.init_from=")
+
+
+def test_a_finished_stage_continues_from_its_last_steps_checkpoint(tmp_path):
+    from rlhf_ray.rl.checkpoint import continues_finished
+    out = finished_rl_stage(tmp_path, 2, checkpoints=(1, 2))
+    assert continues_finished(out, 4)
+    assert not continues_finished(out, 2) and not continues_finished(out, 1)  # nothing more asked: done
+
+
+# -- the line an interrupted run prints ------------------------------------------------------------
+def test_the_stop_line_names_stage_step_and_what_resume_continues_from(tmp_path):
+    import signal
+    import time
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.learner.checkpoint import MARKER
+    from rlhf_ray.pipeline import stopped_line
+    since = time.time() - 1
+    cfg = load_config(RL[0], [*RL[1:], f"run.output_dir={tmp_path}", "run.stages=[sft,rl]"])
+    assert stopped_line(cfg, ("sft",), since, signal.SIGINT) == (
+        "stopped by Ctrl-C (SIGINT) in stage sft before its first step; nothing is saved to resume from yet: "
+        "rerun the same command to start again")
+    (tmp_path / "sft" / "model").mkdir(parents=True)
+    (tmp_path / "sft" / "model" / MARKER).write_text("ok\n")
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    assert stopped_line(cfg, ("rl",), since, signal.SIGTERM) == (
+        "stopped by SIGTERM in stage rl after step 3; rerun with --resume to keep the finished sft and start rl "
+        "again (no checkpoint of it yet)")
+    (tmp_path / "rl" / "checkpoints" / "step_000002").mkdir(parents=True)
+    (tmp_path / "rl" / "checkpoints" / "step_000002" / MARKER).write_text("ok\n")
+    assert stopped_line(cfg, ("rl",), since, signal.SIGINT).endswith(
+        "after step 3; rerun with --resume to continue rl from its checkpoint of step 2")
