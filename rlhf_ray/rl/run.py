@@ -17,7 +17,6 @@ from rlhf_ray.config import Config
 from rlhf_ray.errors import describe_failure
 from rlhf_ray.learner.checkpoint import is_complete, latest_checkpoint
 from rlhf_ray.placement.groups import release, reserve
-from rlhf_ray.placement.plan import role_dtype
 from rlhf_ray.rl import checkpoint as rl_checkpoint
 from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.evaluation import Evaluator, format_eval, split_prompts
@@ -63,7 +62,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     try:
         controller = RLController(cfg, roles, PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed),
                                   pad_id=tokenizer.pad_token_id,
-                                  dtypes=tuple(role_dtype(cfg, plan, r) for r in ("policy", "generator")))
+                                  dtypes=roles.args.sync.agreement_precisions)  # fp8 engines: fp8's row
         restored = rl_checkpoint.load(roles, out / "checkpoints", note=print) if resume else None
         ckpt = restored[0] if restored else None
         if restored:
