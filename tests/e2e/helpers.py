@@ -104,6 +104,23 @@ def assert_the_kl_regularised_objective_rose(rows: list[dict]) -> None:
     assert end > start + 0.25, [round(o["j"], 3) for o in objective]
 
 
+def start_train(args: list[str], out: Path, *extra: str, pythonpath: str = "") -> subprocess.Popen:
+    """`rlhf-ray train ARGS run.output_dir=OUT EXTRA...` in its own process group (so a test can signal or kill
+    all of it), its output on pipes; `pythonpath` puts the test's own modules (reward functions) in reach."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, os.environ.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", *args, f"run.output_dir={out}", *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def rl_steps_logged(out: Path) -> list[int]:
+    """The RL steps a run under `out` has logged so far (whole lines only)."""
+    f = out / "rl" / "metrics.jsonl"
+    return [json.loads(x)["step"] for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 

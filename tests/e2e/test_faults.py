@@ -14,32 +14,21 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
+
+from helpers import rl_steps_logged, start_train  # noqa: E402  (tests/e2e is on the path)
+
+HERE = str(Path(__file__).parent)  # rewards_for_tests, as a user's own module
 STEPS = 6
 ARGS = ["configs/quickstart.yaml", "run.stages=[rl]", "rl.init_from=builtin:tiny", f"rl.steps={STEPS}",
         "rl.save_every=2", "rl.sample_every=0", "logging.report=false", "logging.tensorboard=false",
         "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]",
         "cluster.placement=distributed"]
-
-
-def start(out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", *ARGS, f"run.output_dir={out}", *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def steps_logged(out: Path) -> list[int]:
-    f = out / "rl" / "metrics.jsonl"
-    return [json.loads(x)["step"] for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
 
 
 def descendants(pid: int) -> list[int]:
@@ -78,7 +67,7 @@ def kill_during(proc: subprocess.Popen, out: Path, call: str, after_step: int, t
     while True:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, f"the run did not reach a {call} after step {after_step}"
-        if len(steps_logged(out)) >= after_step and (pid := busy_pid(proc.pid, call)):
+        if len(rl_steps_logged(out)) >= after_step and (pid := busy_pid(proc.pid, call)):
             os.kill(pid, signal.SIGKILL)
             return pid
         time.sleep(0.05)
@@ -98,18 +87,18 @@ SLOW_REWARD = "reward.sources=[{kind: function, path: 'rewards_for_tests:slow_va
 
 @pytest.mark.parametrize("call,extra", [("GeneratorActor.generate", ()), ("RewardActor.score", (SLOW_REWARD,))])
 def test_run_survives_a_role_killed_mid_call(tmp_path, call, extra):
-    proc = start(tmp_path, *extra)
+    proc = start_train(ARGS, tmp_path, *extra, pythonpath=HERE)
     kill_during(proc, tmp_path, call, after_step=2)
     rc, err = finish(proc)
     assert rc == 0, err[-3000:]
-    assert steps_logged(tmp_path) == list(range(1, STEPS + 1))  # nothing lost, nothing doubled
+    assert rl_steps_logged(tmp_path) == list(range(1, STEPS + 1))  # nothing lost, nothing doubled
     rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     # the generator serves the learner's weights after its restart (re-synced, not the initial ones)
     assert max(r["sync/logprob_max_abs"] for r in rows if "sync/logprob_max_abs" in r) < 1e-3
 
 
 def test_killed_learner_names_rank_and_checkpoint_then_resume_auto_continues(tmp_path):
-    proc = start(tmp_path)
+    proc = start_train(ARGS, tmp_path, pythonpath=HERE)
     kill_during(proc, tmp_path, "PolicyRank.update", after_step=2)
     rc, err = finish(proc)
     lines = [x for x in err.splitlines() if x.startswith("rlhf-ray: error: ")]
@@ -117,8 +106,8 @@ def test_killed_learner_names_rank_and_checkpoint_then_resume_auto_continues(tmp
     assert re.search(r"step 3, policy learner rank 0: the policy learner rank 0 process died .*last good "
                      r"checkpoint: \S+/rl/checkpoints/step_000002 \(rerun with --resume=auto", lines[0]), lines[0]
     assert "Traceback" not in err
-    proc = start(tmp_path, "--resume=auto")
+    proc = start_train(ARGS, tmp_path, "--resume=auto", pythonpath=HERE)
     rc, err = finish(proc)
     assert rc == 0, err[-3000:]
-    assert steps_logged(tmp_path) == list(range(1, STEPS + 1))
+    assert rl_steps_logged(tmp_path) == list(range(1, STEPS + 1))
     assert (tmp_path / "rl" / "model" / "config.json").exists()

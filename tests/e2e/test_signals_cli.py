@@ -9,37 +9,25 @@ continues the finished stage (each step logged exactly once).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
+
+from helpers import rl_steps_logged, start_train  # noqa: E402  (tests/e2e is on the path)
+
 ARGS = ["configs/quickstart.yaml", "run.stages=[rl]", "rl.init_from=builtin:tiny", "rl.steps=40", "rl.save_every=1",
         "rl.sample_every=0", "logging.report=false", "logging.tensorboard=false",
         "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]"]
 STOPPED = re.compile(r"rlhf-ray: stopped by (?P<how>.+) in stage rl after step (?P<step>\d+); rerun with --resume "
                      r"to continue rl from its checkpoint of step (?P<ckpt>\d+)$")
 RAY_DUMP = ("logging.cc", "SIGTERM received", "PC: @", "Traceback")
-
-
-def start(out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", *ARGS, f"run.output_dir={out}", *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def steps_logged(out: Path) -> list[int]:
-    f = out / "rl" / "metrics.jsonl"
-    return [json.loads(x)["step"] for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
 
 
 def live_in_session(sid: int) -> list[str]:
@@ -60,7 +48,7 @@ def stop_after(proc: subprocess.Popen, out: Path, steps: int, send) -> tuple[int
     """`send(proc)` once `steps` steps are logged; then the run's exit status and output. Fails if a process
     of the run (its own session: the driver, Ray's raylet, GCS and workers) is still running 10 s later."""
     deadline = time.time() + 600
-    while len(steps_logged(out)) < steps:
+    while len(rl_steps_logged(out)) < steps:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, f"the run did not log {steps} steps in 600 s"
         time.sleep(0.05)
@@ -82,7 +70,7 @@ def stop_after(proc: subprocess.Popen, out: Path, steps: int, send) -> tuple[int
 
 
 def finish(out: Path, *extra: str) -> str:
-    p = start(out, *extra)
+    p = start_train(ARGS, out, *extra)
     stdout, stderr = p.communicate(timeout=900)
     assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
     return stdout + stderr
@@ -102,25 +90,25 @@ def one_stop_line(stderr: str, how: str, logged: list[int]) -> int:
 
 def test_ctrl_c_says_where_and_resume_continues_then_a_larger_rl_steps_extends_the_finished_stage(tmp_path):
     out = tmp_path / "run"
-    code, _, stderr = stop_after(start(out), out, 2, lambda p: os.killpg(p.pid, signal.SIGINT))
+    code, _, stderr = stop_after(start_train(ARGS, out), out, 2, lambda p: os.killpg(p.pid, signal.SIGINT))
     assert code == 130, stderr[-3000:]
-    ckpt = one_stop_line(stderr, "Ctrl-C (SIGINT)", steps_logged(out))
+    ckpt = one_stop_line(stderr, "Ctrl-C (SIGINT)", rl_steps_logged(out))
 
     end = ckpt + 1
     said = finish(out, f"rl.steps={end}", "--resume")
     assert f"resumed from {out / 'rl' / 'checkpoints' / f'step_{ckpt:06d}'} at step {ckpt}" in said, said[-3000:]
-    assert steps_logged(out) == list(range(1, end + 1))
+    assert rl_steps_logged(out) == list(range(1, end + 1))
     assert (out / "rl" / "model" / "config.json").exists()
 
     said = finish(out, f"rl.steps={end + 1}", "--resume")  # the stage is finished: more steps continue it
     assert f"at step {end} with rl.steps changed" in said, said[-3000:]
-    assert steps_logged(out) == list(range(1, end + 2))
+    assert rl_steps_logged(out) == list(range(1, end + 2))
 
 
 def test_sigterm_says_where_without_rays_stack_dump(tmp_path):
     out = tmp_path / "run"
-    code, stdout, stderr = stop_after(start(out), out, 2, lambda p: p.send_signal(signal.SIGTERM))
+    code, stdout, stderr = stop_after(start_train(ARGS, out), out, 2, lambda p: p.send_signal(signal.SIGTERM))
     assert code == 143, stderr[-3000:]
     dump = [x for x in (stdout + stderr).splitlines() if any(d in x for d in RAY_DUMP)]
     assert not dump, "\n".join(dump[:10])
-    one_stop_line(stderr, "SIGTERM", steps_logged(out))
+    one_stop_line(stderr, "SIGTERM", rl_steps_logged(out))

@@ -17,22 +17,12 @@ from rlhf_ray.placement.memory import GiB, PROCESS_OVERHEAD
 from rlhf_ray.placement.plan import engine_quantization, place
 from rlhf_ray.placement.report import model_config
 from rlhf_ray.utils.device import LOGPROB_TOLERANCE
-from tests.placement.hubcache import make_hub_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU = ROOT / "configs" / "gpu"
 GPU_CONFIGS = sorted(GPU.glob("*.yaml"))
 QLORA, H100X8, H70B = (GPU / n for n in ("llama3.1-8b-qlora-4090.yaml", "llama3.1-8b-8xh100.yaml",
                                           "llama3.1-70b-4x8xh100.yaml"))
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(make_hub_cache(tmp_path / "hub")))
-    import huggingface_hub.constants as c
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path / "hub"
 
 
 def built(path, *overrides):

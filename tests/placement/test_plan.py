@@ -9,19 +9,9 @@ from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.placement.budget import budget
 from rlhf_ray.placement.plan import engine_quantization, place, role_dtype
 from rlhf_ray.placement.report import model_config
-from tests.placement.hubcache import make_hub_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_CONFIGS = sorted((ROOT / "configs" / "gpu").rglob("*.yaml"))
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(make_hub_cache(tmp_path / "hub")))
-    import huggingface_hub.constants as c
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path / "hub"
 
 
 def planned(path, *overrides):
