@@ -16,6 +16,7 @@ class GeneratorActor:
     def __init__(self, model_path: str, rollout_cfg, backend, lora: bool, max_model_len: int, engine_opts: dict):
         self.engine = GeneratorEngine(model_path, rollout_cfg, backend, lora, max_model_len, **engine_opts)
         self._group: Optional[CollectiveGroup] = None
+        self._workers_joined = False   # the engine's TP workers, not this actor, are ranks of the sync group
 
     def node_id(self) -> str:
         import ray
@@ -39,16 +40,35 @@ class GeneratorActor:
     # -- collective transport -------------------------------------------------------------------
     def join_group(self, host: str, port: int, rank: int, world_size: int, backend: str, device: str,
                    timeout_s: float) -> None:
+        self.leave_group()
         self._group = CollectiveGroup(host, port, rank, world_size, backend, device, timeout_s)
 
+    def join_workers(self, host: str, port: int, first_rank: int, world_size: int, backend: str, device: str,
+                     timeout_s: float) -> None:
+        """Have the engine's TP workers join, as ranks first_rank .. first_rank + tp - 1 (full syncs only)."""
+        self.leave_group()
+        self.engine.join_group(host, port, first_rank, world_size, backend, device, timeout_s)
+        self._workers_joined = True
+
     def receive(self, mode: str, version: int, adapter_config: Optional[dict]) -> float:
+        if self._workers_joined:
+            if mode != "full":
+                raise RuntimeError(f"{mode} sync sent to a group the TP workers joined (full syncs only)")
+            return self.engine.receive_full(version)
         if self._group is None:
             raise RuntimeError("receive() before join_group()")
         if mode == "full":
             return self.engine.load_full(self._group.recv_named(), version)
         return self.engine.load_adapter(self._group.recv_named(), adapter_config, version)
 
+    def received(self) -> list[int]:
+        """Bytes each TP worker took off the last full sync (empty where the workers do not receive)."""
+        return list(self.engine.received)
+
     def leave_group(self) -> None:
         if self._group is not None:
             self._group.close()
             self._group = None
+        if self._workers_joined:
+            self._workers_joined = False
+            self.engine.leave_group()

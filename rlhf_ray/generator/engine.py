@@ -7,6 +7,9 @@ plan's `rlhf_ray.placement.construct` decides them). Decisions from STACK.md:
   `model.load_weights` directly corrupts the model), in ONE call per sync, fed lazily bucket by
   bucket: vLLM buffers a fused layer (q/k/v -> qkv_proj) until all its parts arrived, so splitting a
   sync over several `reload_weights` calls would process half-loaded layers;
+- a tensor-parallel engine's workers are processes of their own that an iterator cannot reach: each
+  joins a broadcast group and reloads from the stream it receives (`rlhf_ray.generator.worker_ext`), so
+  a sync crosses to every worker once, with no folder in between;
 - the prefix cache is reset after every push (stale KV for prompts longer than a block otherwise);
 - a LoRA adapter gets a fresh `lora_int_id` per push (vLLM serves the old cached adapter otherwise);
 - `logprobs_mode="processed_logprobs"` so the returned log-probs are log_softmax(logits / T), the
@@ -26,6 +29,7 @@ import torch
 
 from rlhf_ray.generator.records import Rollout
 from rlhf_ray.generator.threads import engine_env
+from rlhf_ray.generator.worker_ext import EXTENSION as WORKER_EXTENSION
 from rlhf_ray.sync.files import reload_payload
 from rlhf_ray.utils.device import Backend
 
@@ -65,6 +69,8 @@ def llm_kwargs(model_path: str, *, dtype: str, tensor_parallel_size: int, gpu_me
         enable_sleep_mode=enable_sleep_mode, distributed_executor_backend=distributed_executor_backend,
         use_tqdm_on_load=False,  # a shard-loading bar per engine start (and per sync reload) buries the step lines
     )
+    if tensor_parallel_size > 1:  # workers in processes of their own receive syncs by broadcast
+        kwargs.update(worker_extension_cls=WORKER_EXTENSION)
     if lora:
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(max_lora_rank))
     return kwargs
@@ -76,6 +82,28 @@ def lora_rank_slot(r: int) -> int:
         if r <= slot:
             return slot
     raise ValueError(f"LoRA rank {r} exceeds vLLM's largest max_lora_rank {_LORA_RANKS[-1]}")
+
+
+def engine_llm_kwargs(model_path: str, rollout_cfg, backend: Backend, lora: bool, max_model_len: int, *,
+                      max_lora_rank: int = 16, quantization: Optional[str] = None,
+                      engine_kwargs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """What `GeneratorEngine` builds `vllm.LLM` with: the rollout section's values, then the plan's
+    construction arguments (`placement.construct`), which win."""
+    eager = backend.engine_eager if rollout_cfg.enforce_eager is None else rollout_cfg.enforce_eager
+    kwargs = llm_kwargs(model_path, dtype=backend.dtype_name, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+                        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, seed=rollout_cfg.seed or 0,
+                        max_model_len=max_model_len, lora=lora, max_lora_rank=max_lora_rank,
+                        quantization=quantization, enforce_eager=eager, enable_sleep_mode=backend.engine_can_sleep)
+    kwargs.update(engine_kwargs or {})
+    return kwargs
+
+
+def workers_receive(kwargs: dict[str, Any]) -> bool:
+    """Whether an engine built with these `vllm.LLM` kwargs has TP workers that take a full sync off a
+    broadcast themselves (`rlhf_ray.generator.worker_ext`). False for TP=1 (the sync's iterator reaches the
+    in-process model runner) and for a TP engine given another `worker_extension_cls`: only that engine
+    takes syncs through a folder (`GeneratorEngine._write_sync_folder`)."""
+    return kwargs.get("tensor_parallel_size", 1) > 1 and kwargs.get("worker_extension_cls") == WORKER_EXTENSION
 
 
 class GeneratorEngine:
@@ -90,13 +118,13 @@ class GeneratorEngine:
 
         self.cfg = rollout_cfg
         self.lora = lora
-        eager = backend.engine_eager if rollout_cfg.enforce_eager is None else rollout_cfg.enforce_eager
-        kwargs = llm_kwargs(model_path, dtype=backend.dtype_name, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-                            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, seed=rollout_cfg.seed or 0,
-                            max_model_len=max_model_len, lora=lora, max_lora_rank=max_lora_rank,
-                            quantization=quantization, enforce_eager=eager, enable_sleep_mode=backend.engine_can_sleep)
-        kwargs.update(engine_kwargs or {})  # the plan's construction arguments (`placement.construct`) win
+        kwargs = engine_llm_kwargs(model_path, rollout_cfg, backend, lora, max_model_len, max_lora_rank=max_lora_rank,
+                                   quantization=quantization, engine_kwargs=engine_kwargs)
         self.llm = LLM(**kwargs)
+        self.tensor_parallel_size = kwargs["tensor_parallel_size"]
+        self.workers_receive = workers_receive(kwargs)
+        self.sync_timeout_s = 120.0     # a relayed sync's broadcast (`_relay`): a worker that never joins fails it
+        self.received: list[int] = []   # bytes each TP worker took off the last broadcast sync
         self.tokenizer = self.llm.get_tokenizer()
         self.can_sleep = bool(kwargs["enable_sleep_mode"])
         self.asleep: frozenset[str] = frozenset()  # what is released now: "weights", "kv_cache"
@@ -177,7 +205,9 @@ class GeneratorEngine:
         t0 = time.perf_counter()
         self._check_version(version)
         self.reclaim("weights")
-        if self.cfg.tensor_parallel_size > 1:  # workers in other processes: a path crosses, an iterator cannot
+        if self.workers_receive:
+            self.received = self._relay(named_weights)
+        elif self.tensor_parallel_size > 1:  # the fallback: a path crosses to the workers, an iterator cannot
             method, kwargs = reload_payload(self._write_sync_folder(named_weights))
             self.llm.collective_rpc(method, kwargs=kwargs)
         else:
@@ -185,6 +215,63 @@ class GeneratorEngine:
         self.llm.reset_prefix_cache()
         self.version = version
         return time.perf_counter() - t0
+
+    def _relay(self, named_weights: Iterable[tuple[str, torch.Tensor]]) -> list[int]:
+        """Broadcast a sync that reached this process (object-store stream, restore replay, a direct call) to
+        the TP workers: this process is rank 0 of a group of its own, the workers ranks 1..tp. The workers'
+        call blocks until the stream ends, so it runs on a thread while this one sends. gloo in host memory on
+        every device: the weights are in this process's host memory already, and this process holds no GPU
+        context of its own (each worker copies its slices to its GPU as it loads them)."""
+        import threading
+
+        from rlhf_ray.sync.buckets import pack_buckets
+        from rlhf_ray.sync.collective import CollectiveGroup
+        from rlhf_ray.utils.net import node_address
+
+        host, port = node_address()
+        world, timeout = 1 + self.tensor_parallel_size, self.sync_timeout_s
+        out: dict[str, Any] = {}
+
+        def receive():
+            try:
+                out["bytes"] = self.llm.collective_rpc(
+                    "rlhf_receive_once", args=(host, port, 1, world, "gloo", "cpu", timeout))
+            except BaseException as e:  # re-raised on the caller's thread
+                out["error"] = e
+
+        worker = threading.Thread(target=receive, name="rlhf-sync-relay", daemon=True)
+        worker.start()
+        group = None
+        try:
+            group = CollectiveGroup(host, port, 0, world, "gloo", "cpu", timeout)
+            group.send_buckets(pack_buckets(named_weights, int(self.cfg.sync.bucket_mb * 2 ** 20), reuse=True))
+        finally:
+            worker.join()
+            if group is not None:
+                group.close()
+        if "error" in out:
+            raise out["error"]
+        return list(out["bytes"])
+
+    # -- collective transport: the workers are ranks of the sender's group ----------------------------
+    def join_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str, device: str,
+                   timeout_s: float) -> list[int]:
+        """Every TP worker joins the sync's group, as ranks first_rank .. first_rank + tp - 1."""
+        return self.llm.collective_rpc("rlhf_join", args=(host, port, first_rank, world_size, backend, device,
+                                                          timeout_s))
+
+    def receive_full(self, version: int) -> float:
+        """Reload every base weight from the group's next stream; `received`: bytes per worker."""
+        t0 = time.perf_counter()
+        self._check_version(version)
+        self.reclaim("weights")
+        self.received = list(self.llm.collective_rpc("rlhf_receive"))
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return time.perf_counter() - t0
+
+    def leave_group(self) -> None:
+        self.llm.collective_rpc("rlhf_leave")
 
     def _write_sync_folder(self, named_weights: Iterable[tuple[str, torch.Tensor]]) -> Path:
         """The whole sync as safetensors files in one node-local folder (/dev/shm), overwritten each time."""

@@ -14,6 +14,8 @@ Transport: "object_store" when every engine shares the driver's node (a bounded 
 zero-copy maps, `rlhf_ray.sync.stream`); "collective" otherwise (a gloo/NCCL broadcast to every engine,
 see sync/collective.py, sent by the learner's rank 0 when the weights come from a learner: the driver may
 sit on a CPU-only head node). A re-sync always goes through the store, from the restore point's disk.
+A tensor-parallel engine's workers take a full sync off a broadcast themselves (`generator.worker_ext`):
+in the collective group as one rank each, or relayed by their engine actor from the store's stream.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from rlhf_ray.generator.actor import GeneratorActor
-from rlhf_ray.generator.engine import Prompt, lora_rank_slot, quantization_for
+from rlhf_ray.generator.engine import Prompt, engine_llm_kwargs, lora_rank_slot, quantization_for, workers_receive
 from rlhf_ray.generator.records import Rollout, concat_rollouts
 from rlhf_ray.generator.threads import engine_env
 from rlhf_ray.sync.collective import CollectiveGroup
@@ -106,7 +108,7 @@ class GeneratorGroup:
         self._restore_root = restore_dir or str(Path(tempfile.gettempdir()) / f"rlhf_ray_restore_{uuid.uuid4().hex[:12]}")
         self._holders: dict[Optional[str], Any] = {}   # who wrote restore points here: their folders go at shutdown
         self._channel = None                       # the object-store stream's queues (`rlhf_ray.sync.stream`)
-        self._collective: Optional[tuple] = None   # (sender learner or None for the driver, driver's group)
+        self._collective: Optional[tuple] = None   # (sender learner or None for the driver, driver's group, ranks)
         self._timeout = collective_timeout_s
         self._skip_full = tied_names(model_path)
         opts = dict(max_lora_rank=max_lora_rank, quantization=quantization, engine_kwargs=engine_kwargs)
@@ -120,6 +122,9 @@ class GeneratorGroup:
                                       runtime_env={"env_vars": engine_env(rollout_cfg)}).remote(
             model_path, rollout_cfg, backend, lora, max_model_len, opts) for i in range(n)]
         nodes = ray.get([a.node_id.remote() for a in self.actors])
+        kwargs = engine_llm_kwargs(model_path, rollout_cfg, backend, lora, max_model_len, **opts)
+        # ranks per engine in a full sync's broadcast: one per TP worker where the workers receive themselves
+        self._sync_ranks = [kwargs["tensor_parallel_size"] if workers_receive(kwargs) else 1] * n
         here = ray.get_runtime_context().get_node_id()
         self.transport = transport if transport != "auto" else (
             "object_store" if all(n == here for n in nodes) else "collective")
@@ -197,7 +202,7 @@ class GeneratorGroup:
         folder = str(Path(self._restore_root) / mode)
         meta = {"mode": mode, "version": version}
         if self.transport == "collective":
-            self._ensure_collective(holder)
+            self._ensure_collective(holder, mode)
             sink, done = COLLECTIVE, [a.receive.remote(mode, version, adapter_config) for a in self.actors]
         else:
             sink = ChannelSink.open(self._open_channel(), len(self.actors), self._timeout)
@@ -241,29 +246,35 @@ class GeneratorGroup:
             self._channel = open_channel()
         return self._channel
 
-    def _ensure_collective(self, sender=None) -> None:
+    def _ensure_collective(self, sender=None, mode: str = "full") -> None:
         """Join every engine and the sender into one broadcast group (kept across syncs). Rank 0 is `sender`
         (learner rank 0: its node has the device the backend needs and the weights) when the weights come
-        from a learner; the driver only for an iterator source (tests, tools)."""
+        from a learner; the driver only for an iterator source (tests, tools). For a full sync a
+        tensor-parallel engine takes one rank per TP worker (each reloads its shard off the stream:
+        `rlhf_ray.generator.worker_ext`): 1 + sum(tp) ranks. An adapter sync goes to the engine actors."""
         import ray
 
-        if self._collective is not None and _actor_id(self._collective[0]) != _actor_id(sender):
+        ranks = tuple(self._sync_ranks) if mode == "full" else (1,) * len(self.actors)
+        if self._collective is not None and (_actor_id(self._collective[0]) != _actor_id(sender)
+                                             or self._collective[2] != ranks):
             self._drop_collective()
         if self._collective is not None:
             return
-        world, backend, device = len(self.actors) + 1, self.backend.dist_backend, self.backend.device
+        world, backend, device = 1 + sum(ranks), self.backend.dist_backend, self.backend.device
         if sender is None:
             host, port = node_address()
         else:
             host, port = ray.get(sender.__ray_call__.remote(sender_address))
-        joins = [a.join_group.remote(host, port, i + 1, world, backend, device, self._timeout)
-                 for i, a in enumerate(self.actors)]
+        firsts = [1 + sum(ranks[:i]) for i in range(len(ranks))]
+        joins = [(a.join_workers if k > 1 else a.join_group).remote(host, port, first, world, backend, device,
+                                                                    self._timeout)
+                 for a, first, k in zip(self.actors, firsts, ranks)]
         if sender is None:
             group = CollectiveGroup(host, port, 0, world, backend, device, self._timeout)
         else:
             joins.append(sender.__ray_call__.remote(open_sender, host, port, world, backend, device, self._timeout))
             group = None
-        self._collective = (sender, group)  # set first: a failed join is torn down like a failed send
+        self._collective = (sender, group, ranks)  # set first: a failed join is torn down like a failed send
         try:
             ray.get(joins)
         except Exception:
@@ -274,7 +285,7 @@ class GeneratorGroup:
         import ray
 
         if self._collective is not None:
-            sender, group = self._collective
+            sender, group, _ = self._collective
             self._collective = None
             if group is not None:
                 group.close()

@@ -1,7 +1,12 @@
-"""A tensor-parallel engine (TP=2, vLLM's CPU backend in multiprocess mode) takes a full weight sync through
-what crosses its process boundary: the buckets as safetensors files in one folder and a
-`reload_weights(weights_path=...)` call (rlhf_ray/sync/files.py). An iterator, the TP=1 path, cannot cross.
-One engine start (about a minute on 2 idle cores), so one test."""
+"""A tensor-parallel engine (TP=2, vLLM's CPU backend in multiprocess mode) takes a full weight sync with no
+folder in between: each TP worker joins a broadcast group and reloads its shard from the stream
+(`rlhf_ray.generator.worker_ext`). Either its engine relays a sync that reached it (the object-store
+stream, a restore replay, a direct call), or the workers are ranks of the sender's group (collective
+transport: 1 + sum(tp) ranks). Checked: greedy output equals HF greedy on the new weights, no safetensors
+file is written under the engine's sync folder, and each worker received exactly one copy of the model.
+One engine start each (about a minute on 2 idle cores)."""
+from pathlib import Path
+
 import pytest
 
 from rlhf_ray.config.schema import RolloutConfig, SyncConfig
@@ -13,19 +18,28 @@ pytestmark = pytest.mark.slow
 NEW = 8
 EOS = 2
 PROMPTS = [[5, 17, 40, 3], [300, 12, 9, 77, 41, 8], list(range(10, 60))]
+CFG = RolloutConfig(tensor_parallel_size=2, n_samples_per_prompt=1, max_new_tokens=NEW, kv_cache_gib=1.0, seed=0,
+                    cpus_per_engine=1, sync=SyncConfig(bucket_mb=0.05))   # many buckets for the 6 MB model
 
 
 def _cut(seq):
     return seq[:seq.index(EOS) + 1] if EOS in seq else seq
 
 
-def test_tp2_engine_serves_the_synced_weights(tiny_path, monkeypatch):
+def _model_bytes(named) -> int:
+    return sum(t.numel() * t.element_size() for _, t in named)
+
+
+def _files(root) -> list:
+    return sorted(str(p) for p in Path(root).rglob("*.safetensors"))
+
+
+def test_tp2_engine_workers_reload_from_a_relayed_broadcast(tiny_path, monkeypatch):
     from rlhf_ray.generator.engine import GeneratorEngine
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # TP workers are processes of their own
-    cfg = RolloutConfig(tensor_parallel_size=2, max_new_tokens=NEW, kv_cache_gib=1.0, seed=0,
-                        sync=SyncConfig(bucket_mb=0.05))      # several files for the 6 MB model
-    engine = GeneratorEngine(tiny_path, cfg, resolve_backend("cpu"), max_model_len=128)
+    engine = GeneratorEngine(tiny_path, CFG, resolve_backend("cpu"), max_model_len=128)
     try:
+        assert engine.workers_receive
         learner = load_hf(tiny_path)
         before = engine.generate(PROMPTS, n=1, temperature=0.0).response_ids
         assert before == [_cut(x) for x in hf_greedy(learner, PROMPTS, NEW)]
@@ -33,7 +47,29 @@ def test_tp2_engine_serves_the_synced_weights(tiny_path, monkeypatch):
         want = [_cut(x) for x in hf_greedy(learner, PROMPTS, NEW)]
         assert want != before                                  # the sync must change what the engine says
         engine.load_full(named_weights(learner), version=1)
-        assert len(list((engine._adapter_root / "full").glob("weights-*.safetensors"))) > 1
+        assert _files(engine._adapter_root) == []              # no folder in between
+        assert engine.received == [_model_bytes(named_weights(learner))] * 2   # one copy per TP worker
         assert engine.generate(PROMPTS, n=1, temperature=0.0).response_ids == want
     finally:
         engine.close()
+
+
+def test_tp2_engine_workers_are_ranks_of_the_collective_group(ray_local, tiny_path):
+    from rlhf_ray.generator.group import GeneratorGroup, tied_names
+    group = GeneratorGroup(tiny_path, CFG, resolve_backend("cpu"), max_model_len=128, transport="collective",
+                           collective_timeout_s=60)
+    try:
+        learner = load_hf(tiny_path)
+        perturb(learner, seed=22, scale=0.5)
+        want = [_cut(x) for x in hf_greedy(learner, PROMPTS, NEW)]
+        stats = group.sync_weights(named_weights(learner), mode="full")
+        assert group._collective[2] == (2,)                    # 1 + sum(tp) = 3 ranks: the driver, two workers
+        sent = _model_bytes((n, t) for n, t in named_weights(learner) if n not in tied_names(tiny_path))
+        assert stats["bytes"] >= sent
+        actor = group.actors[0]
+        assert ray_local.get(actor.received.remote()) == [sent, sent]
+        root = ray_local.get(actor.__ray_call__.remote(lambda a: str(a.engine._adapter_root)))
+        assert _files(root) == []
+        assert group.submit(PROMPTS, n=1, temperature=0.0).result().response_ids == want
+    finally:
+        group.shutdown()
