@@ -95,6 +95,8 @@ def engine_llm_kwargs(model_path: str, rollout_cfg, backend: Backend, lora: bool
                         max_model_len=max_model_len, lora=lora, max_lora_rank=max_lora_rank,
                         quantization=quantization, enforce_eager=eager, enable_sleep_mode=backend.engine_can_sleep)
     kwargs.update(engine_kwargs or {})
+    if kwargs["tensor_parallel_size"] > 1:  # a plan's TP size over a TP=1 rollout section: still no folder
+        kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
     return kwargs
 
 
