@@ -61,3 +61,32 @@ def _fast_tier_starts_nothing(request, monkeypatch):
     if started:
         pytest.fail(f"{request.node.nodeid} starts {started[0]} but is not marked slow "
                     "(@pytest.mark.slow: the fast tier must run in seconds)", pytrace=False)
+
+
+# -- the slow tier on parallel workers (pytest-xdist, `--dist loadgroup`; see the Makefile) ----------------
+# A slow module's tests share module-scoped processes (engines, servers, a local Ray), so by default they stay
+# on one worker together. The end-to-end modules below are each a row of independent CLI runs: their tests
+# spread over the workers, except those that read one shared run. Local multi-node clusters (ray.cluster_utils)
+# start one at a time.
+SPREAD = {"test_train_cli.py", "test_algorithms_cli.py", "test_offline_train.py", "test_faults.py",
+          "test_bad_inputs_cli.py", "test_signals_cli.py", "test_ppo_adapters_resume.py", "test_simulate_train.py"}
+SHARED_RUN = {"ppo_run": "e2e-ppo-run"}
+CLUSTERS = {"test_two_ranks_per_stage_on_a_two_node_cluster", "test_a_shipped_gpu_config_runs_two_rl_steps_on_its_simulated_cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not item.get_closest_marker("slow") or item.get_closest_marker("xdist_group"):
+            continue
+        name = item.originalname if hasattr(item, "originalname") else item.name
+        shared = [SHARED_RUN[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_RUN]
+        if name in CLUSTERS:
+            group = "local-clusters"
+        elif shared:
+            group = shared[0]
+        elif item.path.name in SPREAD:
+            continue
+        else:
+            group = item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -44,14 +44,31 @@ PLACEMENTS = ["colocated", "distributed"]
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
+    """14 steps from the session's SFT model against its reward model: the reward rises on the training prompts
+    and on held-out ones (judged by the reward model and by VADER), the KL stays bounded by what it bought, and
+    the generator runs the learner's weights. GRPO's run is also SIGKILLed while it trains step 5 (checkpoint
+    at step 3, step 4 logged) and resumed: `--resume` starts from the step-3 checkpoint, keeps the steps before
+    it, redoes step 4 exactly as before the kill (policy, optimizer, prompt position, sampling seeds) and
+    finishes, every step logged once; the learning above is then judged on the resumed run."""
     out = tmp_path / algo
-    assert_quiet_console(train(*rl_args(offline, out, f"algorithm.name={algo}", "rl.steps=14", "rl.save_every=0",
-                                        f"cluster.placement={placement}", "rl.eval_every=7",
-                                        "data.rl_eval_prompts=24", "rl.eval_samples=2")))
+    args = rl_args(offline, out, f"algorithm.name={algo}", "rl.steps=14", f"cluster.placement={placement}",
+                   "rl.eval_every=7", "data.rl_eval_prompts=24", "rl.eval_samples=2",
+                   "rl.save_every=3" if algo == "grpo" else "rl.save_every=0")
+    if algo == "grpo":
+        before = _killed_while_training(args, out, step=4)
+        p = train(*args, "--resume")
+        assert "at step 3" in p.stdout and "step_000003" in p.stdout  # it resumed, not restarted
+    else:
+        p = train(*args)
+    assert_quiet_console(p)
     all_rows = metrics(out / "rl")
     assert_learned_on_held_out_prompts(all_rows, [0, 7, 14])  # GRPO and PPO learn on held-out prompts
     rows = [r for r in all_rows if "reward/score_mean" in r]
-    assert [r["step"] for r in rows] == list(range(1, 15))
+    assert [r["step"] for r in rows] == list(range(1, 15))  # every step logged exactly once
+    if algo == "grpo":
+        assert rows[:3] == before[:3]  # steps before the checkpoint were kept, not redone
+        for key in SAME_AFTER_RESUME:  # step 4 again, from the checkpoint: the same as before the kill
+            assert rows[3][key] == pytest.approx(before[3][key], rel=1e-4, abs=1e-6), key
     start, end = mean_of(rows, "reward/score_mean")
     assert end > start + 1.0, f"reward did not rise clearly: {start:.3f} -> {end:.3f}"
     gold_start, gold_end = mean_of(rows, "reward/gold_mean")
@@ -63,38 +80,29 @@ def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
         assert "value/loss" in rows[-1]
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-def test_sigkill_then_resume_redoes_the_lost_step_exactly(offline, tmp_path, placement):
-    """SIGKILL the whole run while it trains step 5 (checkpoint at 3, step 4 logged): `--resume` starts from the
-    step-3 checkpoint, keeps the logged steps before it, redoes step 4 exactly as the run before the kill
-    did (policy, optimizer, prompt position, sampling seeds) and finishes, every step logged once."""
-    common = ("rl.steps=6", "rl.save_every=3", f"cluster.placement={placement}")
-    cut_dir = tmp_path / "cut"
+def _killed_while_training(args: list[str], out: Path, step: int) -> list[dict]:
+    """Start the run, SIGKILL its whole process group once `step` training steps are logged (it is then
+    training the next one); returns the training rows logged before the kill."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *rl_args(offline, cut_dir, *common)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    log = cut_dir / "rl" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def logged():  # whole lines only: the driver may be writing the next one
+        log = out / "rl" / "metrics.jsonl"
+        lines = log.read_text().split("\n")[:-1] if log.exists() else []
+        return [r for r in map(json.loads, lines) if "reward/score_mean" in r]
+
     deadline = time.time() + 600
-    while time.time() < deadline:  # kill after step 4 is logged: past the step-3 checkpoint
-        if log.exists() and log.read_text().count("\n") >= 4:
-            break
+    while len(logged()) < step:
         if proc.poll() is not None:
             pytest.fail("the run ended before it could be killed")
+        assert time.time() < deadline, f"step {step} was not logged in 600 s"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
     assert proc.wait() == -signal.SIGKILL
-    assert not (cut_dir / "rl" / "model").exists() and log.read_text().count("\n") < 6  # killed mid-run
-    before = metrics(cut_dir / "rl")
-
-    resumed = train(*rl_args(offline, cut_dir, *common), "--resume")
-    assert "at step 3" in resumed.stdout and "step_000003" in resumed.stdout  # it resumed, not restarted
-    cut = metrics(cut_dir / "rl")
-    assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]  # every step logged exactly once
-    assert cut[:3] == before[:3]  # steps before the checkpoint were kept, not redone
-    for key in SAME_AFTER_RESUME:  # step 4 again, from the checkpoint: the same as before the kill
-        assert cut[3][key] == pytest.approx(before[3][key], rel=1e-4, abs=1e-6), key
-    assert (cut_dir / "rl" / "model" / "COMPLETE").is_file()
+    rows = logged()
+    assert not (out / "rl" / "model").exists() and len(rows) < 14  # killed mid-run
+    return rows
 
 
 LORA = ("lora", ["model.lora.enabled=true", "rl.policy.optim.lr=2e-3", "rl.save_every=2"])
@@ -132,9 +140,10 @@ def test_lora_qlora_and_two_rank_runs_keep_the_generator_exact(offline, tmp_path
         # 1-rank runs above; 3 steps are too few for a reward trend to tell learning from noise.
         assert rows[0]["kl/mean"] < 1e-5 and rows[-1]["kl/mean"] > 0.01, [r["kl/mean"] for r in rows]
     if name == "lora":  # resume from the step-2 checkpoint: step 3 is done again, the same way
-        shutil.rmtree(out / "rl" / "model")
-        shutil.rmtree(out / "rl" / "adapter")
-        assert sorted(p.name for p in (out / "rl" / "checkpoints").iterdir()) == ["step_000002"]
+        # (a run also saves its last step, so that --resume can extend it: as if killed before that save)
+        assert sorted(p.name for p in (out / "rl" / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+        for folder in ("model", "adapter", "checkpoints/step_000003"):
+            shutil.rmtree(out / "rl" / folder)
         resumed = train(*args, "--resume")
         assert "at step 2" in resumed.stdout
         again = metrics(out / "rl")
@@ -194,10 +203,12 @@ def test_ppo_epochs_clip_and_the_kl_and_entropy_terms_enter_the_objective(ppo_ru
 def test_rl_checkpoints_rotate_and_a_ppo_run_resumes_with_critic_and_kl_state(ppo_run, offline):
     out, rows = ppo_run
     ckpts = out / "rl" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000003"]  # saved at 1, 2, 3; keep 2
+    # saved at 1, 2, 3 and the last step, 4; the 2 newest kept
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]
     for sub in ("policy", "critic"):
         assert (ckpts / "step_000003" / sub / "COMPLETE").is_file()
-    shutil.rmtree(out / "rl" / "model")  # as if the run had been killed during step 4
+    for folder in ("model", "checkpoints/step_000004"):  # as if the run had been killed during step 4
+        shutil.rmtree(out / "rl" / folder)
     resumed = train(*rl_args(offline, out, *PPO), "--resume")
     assert "at step 3" in resumed.stdout and "step_000003" in resumed.stdout
     again = metrics(out / "rl")

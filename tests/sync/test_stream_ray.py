@@ -111,7 +111,7 @@ def test_object_store_stream_holds_two_buckets_and_the_restore_point_is_on_disk(
         assert store_bytes() < MIB                                   # nothing kept in the store after the sync
         assert read_manifest(tmp_path / "restore" / "full")["version"] == 1
 
-        ray_local.kill(group.actors[0], no_restart=False)            # restarts at version 0
+        _kill_and_wait_for_restart(ray_local, group.actors[0])      # restarts at version 0
         assert group.ensure_synced() == [0]                          # replayed from the disk
         got, peak = ray_local.get(group.actors[0].received.remote())
         assert ray_local.get(group.actors[0].version.remote()) == 1
@@ -135,3 +135,25 @@ def test_collective_stream_from_a_learner_puts_nothing_in_the_object_store(ray_l
     finally:
         group.shutdown()
         ray_local.kill(learner)
+
+
+def _pid(actor_self):
+    import os
+    return os.getpid()
+
+
+def _kill_and_wait_for_restart(ray, actor, timeout_s: float = 120) -> None:
+    """`ray.kill` returns before the actor dies: a call made right after it may still reach the old process
+    (which answers with its old version). Wait until a new process answers."""
+    import time
+    old = ray.get(actor.__ray_call__.remote(_pid))
+    ray.kill(actor, no_restart=False)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if ray.get(actor.__ray_call__.remote(_pid)) != old:
+                return
+        except ray.exceptions.RayActorError:
+            pass  # dead, or restarting
+        assert time.monotonic() < deadline, "the killed actor did not restart"
+        time.sleep(0.2)
