@@ -27,6 +27,7 @@ def engine(can_sleep: bool) -> GeneratorEngine:
     e = object.__new__(GeneratorEngine)  # the state machine only; no vLLM engine behind it
     e.llm, e.can_sleep, e.asleep, e.version = FakeLLM(), can_sleep, frozenset(), 0
     e.cfg = SimpleNamespace(tensor_parallel_size=1)  # one process: weights cross as an iterator
+    e.workers_receive, e.tensor_parallel_size = False, 1  # one process: no broadcast to TP workers
     return e
 
 
