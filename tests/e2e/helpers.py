@@ -121,6 +121,35 @@ def rl_steps_logged(out: Path) -> list[int]:
     return [json.loads(x)["step"] for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
 
 
+def training_rows(run_dir: Path) -> list[dict]:
+    """The step rows of `run_dir/metrics.jsonl` written so far (whole lines only: the driver may be writing
+    the next one; evaluation-only rows left out)."""
+    log = run_dir / "metrics.jsonl"
+    lines = log.read_text().split("\n")[:-1] if log.exists() else []
+    return [r for r in map(json.loads, lines) if "reward/score_mean" in r]
+
+
+def kill_while_training(args: list[str], out: Path, step: int, timeout: float = 900) -> list[dict]:
+    """`rlhf-ray train configs/quickstart.yaml ARGS` in its own process group, SIGKILLed whole (the driver and
+    every Ray process it started) once `step` training steps are logged, while it trains the next; asserts
+    the kill landed mid-run. Returns the training rows logged before the kill."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    err = out.parent / f"{out.name}.stderr"  # a file, not a pipe: nobody reads a pipe until the end
+    with err.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=sink, start_new_session=True)
+    deadline = time.time() + timeout
+    while len(training_rows(out / "rl")) < step:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before step {step}:\n{err.read_text()[-3000:]}")
+        assert time.time() < deadline, f"step {step} was not logged in {timeout:.0f} s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run had finished before the kill"
+    assert not (out / "rl" / "model").exists()  # killed mid-run: no final export
+    return training_rows(out / "rl")
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 

@@ -9,18 +9,13 @@ Four short steps each (a few minutes in all); the policy starts from builtin:tin
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.slow
 
-from helpers import QUICK, ROOT, metrics, train  # noqa: E402  (tests/e2e is on the path)
+from helpers import kill_while_training, metrics, train  # noqa: E402  (tests/e2e is on the path)
 
 COMMON = ("run.stages=[rl]", "rl.init_from=builtin:tiny", "algorithm.name=ppo", "model.lora.enabled=true",
           "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]",
@@ -33,25 +28,6 @@ VARIANTS = {
 }
 SAME = ("reward/score_mean", "kl/mean", "policy/loss", "policy/objective", "policy/grad_norm", "response/len_mean",
         "value/loss", "value/objective", "value/grad_norm", "value/clip_frac")
-
-
-def run_then_kill_after(args: list[str], out, step: int) -> list[dict]:
-    """SIGKILL every process of the run once `step` is logged, while it trains the step after it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    err = out.parent / f"{out.name}.stderr"  # a file, not a pipe: nobody reads a pipe until the end
-    with err.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=sink, start_new_session=True)
-    log, deadline = out / "rl" / "metrics.jsonl", time.time() + 900
-    while not (log.exists() and log.read_text().count("\n") >= step):  # whole lines only
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before step {step}:\n{err.read_text()[-3000:]}")
-        assert time.time() < deadline, f"step {step} was not logged in 900 s"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
-    assert proc.wait() == -signal.SIGKILL, "the run had finished before the kill"
-    assert not (out / "rl" / "model").exists() and log.read_text().count("\n") == step  # killed mid-run
-    return metrics(out / "rl")
 
 
 def critic_lora_b(ckpt, zero3: bool) -> dict[str, torch.Tensor]:
@@ -70,7 +46,7 @@ def critic_lora_b(ckpt, zero3: bool) -> dict[str, torch.Tensor]:
 def test_ppo_critic_trains_under_lora_and_qlora_and_a_killed_run_resumes_exactly(tmp_path, variant):
     out = tmp_path / variant
     args = [f"run.output_dir={out}", *COMMON, *VARIANTS[variant]]
-    before = run_then_kill_after(args, out, step=3)
+    before = kill_while_training(args, out, step=3)
     assert [r["step"] for r in before] == [1, 2, 3]
     ckpt = out / "rl" / "checkpoints" / "step_000002"
     assert (ckpt / "policy" / "COMPLETE").is_file() and (ckpt / "critic" / "COMPLETE").is_file()

@@ -7,12 +7,7 @@ run (conftest.py `offline`), and the two PPO tests share one PPO run.
 """
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,9 +15,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 # tests/e2e is on the path
-from helpers import (OFFLINE_SAVES, QUICK, ROOT, assert_learned_on_held_out_prompts,  # noqa: E402
-                     assert_quiet_console, assert_the_kl_regularised_objective_rose, mean_of, metrics, serve,
-                     stop_process, train)
+from helpers import (OFFLINE_SAVES, assert_learned_on_held_out_prompts,  # noqa: E402
+                     assert_quiet_console, assert_the_kl_regularised_objective_rose, kill_while_training,
+                     mean_of, metrics, serve, stop_process, train)
 
 from rlhf_ray.utils.device import LOGPROB_TOLERANCE, cpu_has_fast_bf16  # noqa: E402
 
@@ -55,7 +50,8 @@ def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
                    "rl.eval_every=7", "data.rl_eval_prompts=24", "rl.eval_samples=2",
                    "rl.save_every=3" if algo == "grpo" else "rl.save_every=0")
     if algo == "grpo":
-        before = _killed_while_training(args, out, step=4)
+        before = kill_while_training(args, out, step=4)
+        assert len(before) < 14
         p = train(*args, "--resume")
         assert "at step 3" in p.stdout and "step_000003" in p.stdout  # it resumed, not restarted
     else:
@@ -78,31 +74,6 @@ def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
     assert (out / "rl" / "model" / "config.json").exists() and (out / "rl" / "report.png").exists()
     if algo == "ppo":
         assert "value/loss" in rows[-1]
-
-
-def _killed_while_training(args: list[str], out: Path, step: int) -> list[dict]:
-    """Start the run, SIGKILL its whole process group once `step` training steps are logged (it is then
-    training the next one); returns the training rows logged before the kill."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-    def logged():  # whole lines only: the driver may be writing the next one
-        log = out / "rl" / "metrics.jsonl"
-        lines = log.read_text().split("\n")[:-1] if log.exists() else []
-        return [r for r in map(json.loads, lines) if "reward/score_mean" in r]
-
-    deadline = time.time() + 600
-    while len(logged()) < step:
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be killed")
-        assert time.time() < deadline, f"step {step} was not logged in 600 s"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
-    assert proc.wait() == -signal.SIGKILL
-    rows = logged()
-    assert not (out / "rl" / "model").exists() and len(rows) < 14  # killed mid-run
-    return rows
 
 
 LORA = ("lora", ["model.lora.enabled=true", "rl.policy.optim.lr=2e-3", "rl.save_every=2"])
