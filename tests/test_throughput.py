@@ -23,7 +23,7 @@ class TimedRoles:
     def __init__(self, wall_s: float = 0.0):
         self.version, self.wall_s = 0, wall_s
 
-    def policy_version(self):
+    def weight_version(self):
         return self.version
 
     def _rollout(self, prompt_ids, n):

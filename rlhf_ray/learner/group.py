@@ -46,7 +46,6 @@ class LearnerRank:
                           MASTER_ADDR=addr, MASTER_PORT=str(port))
         self.learner = Learner(model_cfg, learner_cfg, kind=kind, init_path=init_path, backend=backend,
                                total_steps=total_steps, seed=seed, num_threads=torch.get_num_threads())
-        return self.learner.version
 
     def train_step(self, loss_fn, shard: Batch, micro_batch_size: int) -> dict:
         return self.learner.train_step(loss_fn, micro_batches(shard, micro_batch_size))
@@ -76,8 +75,9 @@ class LearnerRank:
         """This rank's view of the weights (for checks that ranks agree)."""
         return dict(self.learner.named_weights(mode))
 
-    def version(self) -> int:
-        return self.learner.version
+    def updates(self) -> int:
+        """Optimizer steps this rank's learner has applied (the weight sync pushes when it changed)."""
+        return self.learner.updates
 
     # The weight-sync code calls these on the actor itself (`__ray_call__`), inside the learner process.
     def named_weights(self, mode: str):
@@ -113,7 +113,6 @@ class LearnerGroup:
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(addr, port, model_cfg, learner_cfg, kind, init_path, backend, total_steps, seed)
                  for a in self.actors])
-        self.version = 0
 
     def _all(self, method: str, *args, **kwargs) -> list:
         return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
@@ -123,7 +122,6 @@ class LearnerGroup:
         shards = split_batch(batch, self.num_ranks)
         stats = ray.get([a.train_step.remote(loss_fn, s, self.cfg.micro_batch_size)
                          for a, s in zip(self.actors, shards)])
-        self.version += 1
         return mean_stats(stats)
 
     def forward(self, method: Literal["logits", "scores", "values"], batch: Batch, reference: bool = False):
@@ -150,9 +148,7 @@ class LearnerGroup:
         self._all("call", "save_checkpoint", path, extra_state)
 
     def load_checkpoint(self, path: str) -> dict:
-        extra = self._all("call", "load_checkpoint", path)[0]
-        self.version = ray.get(self.actors[0].version.remote())
-        return extra
+        return self._all("call", "load_checkpoint", path)[0]
 
     def export_hf(self, path: str, merge_lora: bool = True) -> None:
         self._all("call", "export_hf", path, merge_lora)

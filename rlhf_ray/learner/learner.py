@@ -76,7 +76,7 @@ class Learner:
                                                     config=ds, model_parameters=params)
         checkpoint.weights_only_loads(self.engine)  # no unpickling of checkpoint files
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.version = 0
+        self.updates = 0  # optimizer steps applied (a refused step is not one); the weight version is the sync's
         self._score_hook_out: Optional[torch.Tensor] = None
         if kind == "reward":
             self._hook_score_head()
@@ -187,16 +187,16 @@ class Learner:
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n / total
         sums[f"{self.kind}/nonfinite_skipped"] = 0.0
-        self.version += 1
+        self.updates += 1
         norm = self.engine.get_global_grad_norm() if unclipped is None else unclipped
         sums["grad_norm"] = float(norm) if norm is not None else float("nan")
         sums["lr"] = float(self.engine.get_lr()[0])
         return sums
 
     def _refuse_step(self, problem: str, micro_batch: int) -> dict:
-        """Drop the accumulated gradients; weights, optimizer and version stay as they were."""
+        """Drop the accumulated gradients; weights, optimizer and the update count stay as they were."""
         self.engine.zero_grad()
-        finite.refuse(problem, self.cfg.on_nonfinite, self.kind, self.version + 1, micro_batch)
+        finite.refuse(problem, self.cfg.on_nonfinite, self.kind, self.updates + 1, micro_batch)
         return {f"{self.kind}/nonfinite_skipped": 1.0}
 
     def _grad_norm_before_step(self) -> Optional[float]:
@@ -226,13 +226,13 @@ class Learner:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path, extra_state: dict) -> None:
-        """Model, optimizer, scheduler, RNG (per rank), `version` and the caller's JSON `extra_state`."""
+        """Model, optimizer, scheduler, RNG (per rank), `updates` and the caller's JSON `extra_state`."""
         final, tmp = Path(path), checkpoint.temp_dir_for(path)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        self.engine.save_checkpoint(str(tmp), tag="state", client_state={"version": self.version},
+        self.engine.save_checkpoint(str(tmp), tag="state", client_state={"updates": self.updates},
                                     save_latest=False, exclude_frozen_parameters=self.lora)
         checkpoint.save_rng(tmp / f"rng_rank{self.rank}.json")
         if self.rank == 0:
@@ -249,7 +249,7 @@ class Learner:
         loaded, client = self.engine.load_checkpoint(str(path), tag="state", load_module_strict=not self.lora)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-        self.version = int(client["version"])
+        self.updates = int(client.get("updates", client.get("version", 0)))  # older checkpoints called it "version"
         checkpoint.load_rng(path / f"rng_rank{self.rank}.json")
         return json.loads((path / "extra_state.json").read_text())
 

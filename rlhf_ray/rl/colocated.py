@@ -37,6 +37,7 @@ from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
 from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, split_rows
 from rlhf_ray.sync.transport import without
+from rlhf_ray.sync.weight_sync import WeightSync
 from rlhf_ray.generator.threads import engine_threads
 from rlhf_ray.utils.device import make_backend
 from rlhf_ray.utils.phases import set_phase_threads, set_thread_share, side_by_side, timed
@@ -188,10 +189,11 @@ class ColocatedRoles:
         base = generator_base(cfg, paths, self.policy)
         ray.get([r.setup_roles.remote(base, paths, total_steps, args.process("policy", i))
                  for i, r in enumerate(self.ranks)])
-        self.version = 0  # the weight version every engine serves
+        self.weights = WeightSync(self, lambda: ray.get(self.ranks[0].updates.remote()))
 
-    def policy_version(self) -> int:
-        return ray.get(self.ranks[0].version.remote())
+    def weight_version(self) -> int:
+        """The version every engine serves (`rlhf_ray.sync.weight_sync`)."""
+        return self.weights.version
 
     def generate(self, prompts: list, n: int, step: int):
         return self._fan_out(prompts, n, generation_seed(self.cfg, step), {}).result()
@@ -231,21 +233,27 @@ class ColocatedRoles:
         return stats
 
     def sync_weights(self) -> tuple[int, dict[str, float]]:
-        version = self.policy_version()
-        if version == self.version:
-            return version, {}
+        """Push the policy's weights to every engine if an update changed them; (version, timings)."""
+        stats = self.weights.push()
+        return self.weights.version, stats or {}
+
+    def restore_weights(self, version: int) -> None:
+        """After a checkpoint load: every engine serves the restored weights, as `version`."""
+        self.weights.restore(version)
+
+    def push(self, version: int) -> dict[str, float]:
+        """The in-process transport: each rank hands its weights to its own engine."""
         t0 = time.perf_counter()
         engine_s = ray.get([r.sync.remote(self.mode, version) for r in self.ranks])
-        self.version = version
         total = time.perf_counter() - t0
-        return version, {"sync/total_s": total, "sync/pack_s": 0.0, "sync/load_s": total,
-                         "sync/engine_s": max(engine_s), "sync/buckets": 0.0}
+        return {"sync/total_s": total, "sync/pack_s": 0.0, "sync/load_s": total,
+                "sync/engine_s": max(engine_s), "sync/buckets": 0.0}
 
     def save(self, path: str, extra_state: dict) -> None:
         ray.get([r.save_roles.remote(path, extra_state) for r in self.ranks])
 
     def load(self, path: str) -> dict:
-        # the engines keep serving their version; the controller's next sync pushes the restored weights
+        # the engines keep serving their version until `restore_weights` pushes the restored weights
         return ray.get([r.load_roles.remote(path) for r in self.ranks])[0]
 
     def export(self, path: str, merge_lora: bool) -> None:

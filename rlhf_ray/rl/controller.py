@@ -52,7 +52,7 @@ class RLController:
         self.agreement = agreement_thresholds(cfg.rollout.sync, dtypes)
         self.kl_ctl = make_kl_controller(cfg)
         self.step_idx = 0
-        self.version = roles.policy_version()
+        self.version = roles.weight_version()  # pushes of new weights so far: a lag is in RL steps
         self._shuffle = torch.Generator().manual_seed(cfg.run.seed)
         self._next = None  # (prompts, pending rollout, prompt-stream state before them) when overlapping
 

@@ -27,6 +27,7 @@ from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generato
 from rlhf_ray.utils.device import make_backend
 from rlhf_ray.scoring.reference import ReferenceActor
 from rlhf_ray.scoring.reward import RewardActor
+from rlhf_ray.sync.weight_sync import WeightSync
 
 
 class DistributedRoles:
@@ -82,10 +83,12 @@ class DistributedRoles:
                                         collective_timeout_s=args.sync.timeout_s,
                                         options=ranks("generator", len(engines)))
         self.generator_threads = args.process("generator", 0).generate_threads  # its share while overlapping
+        self.weights = WeightSync(self, lambda: ray.get(self.policy.actors[0].updates.remote()))
 
     # -- the controller's calls ----------------------------------------------------------------
-    def policy_version(self) -> int:
-        return ray.get(self.policy.actors[0].version.remote())
+    def weight_version(self) -> int:
+        """The version every engine serves (`rlhf_ray.sync.weight_sync`)."""
+        return self.weights.version
 
     def generate(self, prompts: list, n: int, step: int):
         """Sample n per prompt, the engines alone on their nodes (every core, or `rollout.threads`). Step s
@@ -155,13 +158,19 @@ class DistributedRoles:
         return stats
 
     def sync_weights(self) -> tuple[int, dict[str, float]]:
-        """Push the policy's weights to every engine; returns the new version and the sync's timings."""
-        version = self.policy_version()
-        if version == self.generator.version:
-            return version, {}
+        """Push the policy's weights to every engine if an update changed them; (version, timings)."""
+        stats = self.weights.push()
+        return self.weights.version, stats or {}
+
+    def restore_weights(self, version: int) -> None:
+        """After a checkpoint load: every engine serves the restored weights, as `version`."""
+        self.weights.restore(version)
+
+    def push(self, version: int) -> dict[str, float]:
+        """The transport: the generator group streams the policy ranks' weights to its engines."""
         t = self.generator.sync_weights(self.policy.actors, self.mode, version)
-        return version, {"sync/total_s": t["total_s"], "sync/pack_s": t["pack_s"], "sync/load_s": t["load_s"],
-                         "sync/engine_s": t.get("engine_s", 0.0), "sync/buckets": float(t["buckets"])}
+        return {"sync/total_s": t["total_s"], "sync/pack_s": t["pack_s"], "sync/load_s": t["load_s"],
+                "sync/engine_s": t.get("engine_s", 0.0), "sync/buckets": float(t["buckets"])}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, path: str, extra_state: dict) -> None:

@@ -27,10 +27,6 @@ class PolicyWorker:
         self.temperature, self.norm_len = temperature, norm_len
         self.proximal_forwards = 0  # separate pre-update forwards run for TIS (tests count them)
 
-    @property
-    def version(self) -> int:
-        return self.learner.version
-
     def ref_logprobs(self, seq: SequenceBatch) -> torch.Tensor:
         """(B, T) reference log-probs: the same model with its LoRA adapter switched off. Without LoRA this
         is called only when the run has no KL term (the plan starts no reference): the policy's own

@@ -1,6 +1,6 @@
 """The role graph of an RL run: `build_roles` picks the placement, and the helpers both placements share.
 
-The controller calls the graph it is given (`policy_version`, `generate`, `submit`, `score`, `update`,
+The controller calls the graph it is given (`weight_version`, `generate`, `submit`, `score`, `update`,
 `sync_weights`, `save`, `load`, `export`, `shutdown`) without knowing which placement answers:
     colocated    every role of a device in one process (`rlhf_ray.rl.colocated`)
     distributed  each role its own Ray actors (`rlhf_ray.rl.distributed`)

@@ -67,7 +67,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         ckpt = restored[0] if restored else None
         if restored:
             controller.load_state_dict(restored[1])
-            controller.version, _ = roles.sync_weights()  # the generator serves the restored weights
+            roles.restore_weights(controller.version)  # the engines serve the restored weights
         logger = MetricsLogger(out, cfg.logging, "rl", cfg.model_dump(mode="json"), resume=ckpt is not None)
         if ckpt is not None:
             logger.truncate_to(controller.step_idx)

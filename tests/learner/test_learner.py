@@ -17,7 +17,7 @@ def _train(learner, batches):
 def test_sft_loss_falls_and_stats():
     learner = make_learner()
     losses = _train(learner, token_batches(12))
-    assert learner.version == 12
+    assert learner.updates == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     # grad_norm is the unclipped norm of this step's gradient: recompute it on a plain HF copy of the weights
     from transformers import LlamaForCausalLM
@@ -132,7 +132,7 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     del first
     second = make_learner(lora=True)  # fresh weights, fresh optimizer: all state must come from disk
     assert second.load_checkpoint(tmp_path / "ckpt") == {"step": 3}
-    assert second.version == 3
+    assert second.updates == 3
     part2 = _train(second, batches[3:])
     assert part1 + part2 == pytest.approx(straight, rel=1e-6, abs=1e-7)
 

@@ -48,7 +48,7 @@ def test_stop_names_the_step_and_applies_nothing(bad_fn, says):
     before = _weights(learner)
     with pytest.raises(NonFiniteError, match=f"policy update 2 refused: {says}"):
         learner.train_step(bad_fn, split(token_batches(1, seed=1)[0]))
-    assert learner.version == 1
+    assert learner.updates == 1
     assert all(torch.equal(before[k], v) for k, v in _weights(learner).items())
 
 
@@ -57,7 +57,7 @@ def test_skip_counts_and_leaves_training_as_if_the_step_never_came():
     skipping, clean = _learner("skip"), _learner("skip")
     good, bad = token_batches(2, seed=3)
     stats = skipping.train_step(inf_gradient, split(bad))
-    assert stats == {"policy/nonfinite_skipped": 1.0} and skipping.version == 0
+    assert stats == {"policy/nonfinite_skipped": 1.0} and skipping.updates == 0
     assert skipping.train_step(sft_step_loss, split(good))["policy/nonfinite_skipped"] == 0.0
     clean.train_step(sft_step_loss, split(good))
     a, b = _weights(skipping), _weights(clean)

@@ -47,9 +47,11 @@ def built(ray_local, tmp_path_factory):
 def graph(built):
     """The module's role graph (built once), its engines serving the learner's current weights whatever
     an earlier test left them on: each test starts from a graph in sync and assumes no step count."""
+    import ray
     _, roles, _, _ = built
     roles.sync_weights()
-    assert roles.version == roles.policy_version()
+    served = ray.get([r.__ray_call__.remote(lambda rank: rank.engine.version) for r in roles.ranks])
+    assert served == [roles.weight_version()] * len(roles.ranks)
     return built
 
 
@@ -67,10 +69,10 @@ def test_every_role_lives_in_one_process_per_rank(graph):
 def test_steps_hand_weights_over_in_process_and_stay_exact(graph):
     _, roles, _, _ = graph
     c = _controller(graph)
-    start = roles.version
-    for step in (1, 2):
+    start = roles.weight_version()
+    for step in (1, 2):  # one push per step, whatever the number of optimizer steps
         m = c.step().metrics
-        assert m["sync/version"] == start + step == roles.version == roles.policy_version()
+        assert m["sync/version"] == start + step == roles.weight_version()
         assert m["sync/logprob_max_abs"] < 1e-3 and m["sync/logprob_num_tokens"] > 0
         assert m["sync/buckets"] == 0.0  # nothing was packed for a transport
 
@@ -80,8 +82,7 @@ def test_an_engine_left_on_stale_weights_is_caught(graph, monkeypatch):
     c = _controller(graph)
     c.step()
     # the learner moved on, the engines did not: report the old version as if the push had happened
-    monkeypatch.setattr(roles, "sync_weights", lambda: (roles.version, {}))
-    c.version = roles.version
+    monkeypatch.setattr(roles, "sync_weights", lambda: (roles.weight_version(), {}))
     c.step()  # trains on rollouts of the engine's (still current) version, then skips the push
     with pytest.raises(LogprobMismatchError):
         c.step()
@@ -94,10 +95,10 @@ def test_a_generation_runs_beside_the_learner_and_a_push_waits_for_it(graph):
     _, roles, prompts, _ = graph
     rank = roles.ranks[0]
     gen = rank.generate.remote([p.ids for p in prompts[:4]] * 64, 4, {"call_seed": 0}, True)
-    learner = rank.version.remote()
+    learner = rank.updates.remote()
     first, _ = ray.wait([gen, learner], num_returns=1)
     assert first == [learner] and not ray.wait([gen], timeout=0)[0]  # answered while still sampling
-    push = rank.sync.remote(roles.mode, roles.version)
+    push = rank.sync.remote(roles.mode, roles.weight_version())
     ray.get(push)
     assert ray.wait([gen], timeout=0)[0] == [gen]  # the push waited for the generation called before it
     assert len(ray.get(gen)) == 4 * 64 * 4

@@ -11,24 +11,30 @@ from rlhf_ray.rl.advantage_step import BadRewardError
 from rlhf_ray.rl.controller import EmptyResponseError, RLController
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.sync.checks import LogprobMismatchError, StaleWeightsError
+from rlhf_ray.sync.weight_sync import WeightSync
 
 
 class FakeRoles:
     """Responses are 1-3 tokens; reward = response length; the 'learner' reports agreement from `drift`.
 
     The generator samples every token at log-prob -1; the reference scores it at -1 - `ref_gap`, so the
-    per-token KL (k1 = log pi_old - log pi_ref) is exactly `ref_gap`."""
+    per-token KL (k1 = log pi_old - log pi_ref) is exactly `ref_gap`.
+
+    Versions are counted as the real placements count them: the learner counts its optimizer steps (one per
+    minibatch of every PPO epoch), and the product's own `WeightSync` counts pushes, with this object as its
+    transport (`skip_sync`: a transport that reports a push but leaves the engine on its old weights)."""
 
     def __init__(self, n_tokens=(1, 2, 3), scores=None, drift=0.0, skip_sync=False, ref_gap=0.0):
-        self.version, self.gen_version = 0, 0
+        self.optimizer_steps, self.gen_version = 0, 0
         self.n_tokens, self.scores, self.drift, self.skip_sync = n_tokens, scores, drift, skip_sync
         self.ref_gap = ref_gap
         self.updates = []
         self.kl_coefs = []
         self.submitted = []
+        self.weights = WeightSync(self, lambda: self.optimizer_steps)
 
-    def policy_version(self):
-        return self.version
+    def weight_version(self):
+        return self.weights.version
 
     def generate(self, prompt_ids, n, step):
         resp, idx = [], []
@@ -51,14 +57,21 @@ class FakeRoles:
     def update(self, batch, minibatches, kl_coef, overlapped=False):
         self.updates.append((batch, minibatches))
         self.kl_coefs.append(kl_coef)
-        self.version += 1
+        self.optimizer_steps += sum(len(epoch) for epoch in minibatches)
         return {"policy/loss": 0.1, "sync/logprob_max_abs": self.drift, "sync/logprob_mean_abs": self.drift,
                 "sync/logprob_num_tokens": 10.0}
 
-    def sync_weights(self):
+    def push(self, version):  # the transport
         if not self.skip_sync:
-            self.gen_version = self.version
-        return self.version, {}
+            self.gen_version = version
+        return {"sync/total_s": 0.0}
+
+    def sync_weights(self):
+        stats = self.weights.push()
+        return self.weights.version, stats or {}
+
+    def restore_weights(self, version):
+        self.weights.restore(version)
 
 
 def make(roles, *overrides, prompts=4):
@@ -118,6 +131,32 @@ def test_overlap_samples_the_next_step_during_the_update_and_keeps_lockstep_chec
     assert ref.prompts.state_dict() == c2.prompts.state_dict()
 
 
+def test_several_optimizer_steps_per_rl_step_keep_the_lag_in_rl_steps():
+    """PPO epochs x minibatches optimizer steps per RL step (here 2 x 2), rollouts one step behind: each step
+    pushes once, so the versions count steps and an overlapped rollout lags by exactly 1 (a version that
+    counted optimizer steps stopped this run at step 2 with StaleWeightsError, lag 4 > 1)."""
+    roles = FakeRoles()
+    c = make(roles, "rollout.sync.max_off_policy_lag=1", "rollout.sync.check_every=3", "algorithm.ppo_epochs=2",
+             "rl.steps=6")
+    outs = [c.step() for _ in range(6)]
+    assert [len(e) for _, mbs in roles.updates for e in mbs] == [2] * 12  # 2 epochs of 2 minibatches a step
+    assert roles.optimizer_steps == 24
+    assert [o.metrics["sync/version"] for o in outs] == [1, 2, 3, 4, 5, 6]
+    assert [o.metrics["sync/lag"] for o in outs] == [0, 1, 1, 0, 1, 1]
+
+
+def test_a_step_whose_updates_were_all_refused_pushes_nothing():
+    """learner.on_nonfinite=skip can refuse every optimizer step of an update: the weights did not change, so
+    no push, no new version, and the next rollout is not counted as lagging."""
+    roles = FakeRoles()
+    c = make(roles)
+    c.step()
+    roles.update = lambda batch, minibatches, kl_coef, overlapped=False: {"policy/nonfinite_skipped": 1.0}
+    m = c.step().metrics
+    assert m["sync/version"] == 1 and roles.gen_version == 1 and "sync/total_s" not in m
+    assert c.step().metrics["sync/lag"] == 0
+
+
 def test_logprob_mismatch_fails_loudly():
     c = make(FakeRoles(drift=1.0))
     with pytest.raises(LogprobMismatchError, match="weight version 0"):
@@ -149,8 +188,9 @@ def test_state_round_trip_reproduces_the_next_step():
     state = a.state_dict()
     ref = a.step()
     b = make(FakeRoles())
-    b.roles.version = b.roles.gen_version = 1
     b.load_state_dict(state)
+    b.roles.restore_weights(b.version)  # as the RL stage does after loading a checkpoint
+    assert b.roles.gen_version == 1
     again = b.step()
     assert again.prompts == ref.prompts
     assert torch.equal(torch.cat(b.roles.updates[0][1][0]), torch.cat(a.roles.updates[1][1][0]))
@@ -190,8 +230,8 @@ def test_adaptive_kl_follows_the_measured_kl_and_survives_a_resume():
     assert coefs == pytest.approx(up, rel=1e-9)
     assert roles.kl_coefs == pytest.approx([0.1, up[0]], rel=1e-9)  # the learner trains with the current beta
     b = make(FakeRoles(ref_gap=0.5), *over)
-    b.roles.version = b.roles.gen_version = 2
     b.load_state_dict(a.state_dict())
+    b.roles.restore_weights(b.version)
     b.step()
     assert b.roles.kl_coefs == pytest.approx([up[1]], rel=1e-9)
     # below a target it has never reached, beta holds (the KL of a run climbs from 0 whatever beta is)

@@ -16,7 +16,7 @@ class SolvedPromptRoles:
     def __init__(self):
         self.version, self.updates, self.generated = 0, [], []
 
-    def policy_version(self):
+    def weight_version(self):
         return self.version
 
     def generate(self, prompt_ids, n, step):
