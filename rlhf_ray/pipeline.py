@@ -62,9 +62,10 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, str]:
     t0 = time.time()
     running: tuple[str, ...] = ()  # the stages under way (consecutive offline stages run together)
     try:
-        with ray_session(cfg.cluster):
+        offline = [stage for stage in ("sft", "rm", "dpo") if stage in cfg.run.stages]
+        # a local RL-only run starts no Ray Train stage, so no dashboard for one (3 s of each start)
+        with ray_session(cfg.cluster, dashboard=bool(offline)):
             from rlhf_ray.offline.stages import run_offline_stages
-            offline = [stage for stage in ("sft", "rm", "dpo") if stage in cfg.run.stages]
             done = tuple(stage for stage in offline if resume and is_complete(outs.final(stage)))
             running = tuple(stage for stage in offline if stage not in done)
             ran = run_offline_stages(cfg, offline, skip=done, fresh=not resume)

@@ -146,8 +146,9 @@ def _has_cuda() -> bool:
 
 
 @contextmanager
-def ray_session(cfg: ClusterConfig):
-    """Yield with Ray initialised; shut down only what this call started."""
+def ray_session(cfg: ClusterConfig, dashboard: bool = True):
+    """Yield with Ray initialised; shut down only what this call started. `dashboard`: start a private local
+    Ray with its dashboard (Ray Train's stages need it; it costs a local start about 3 s and a dozen processes)."""
     import ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False
@@ -172,7 +173,7 @@ def ray_session(cfg: ClusterConfig):
             # (a bare ray.init() would join that cluster instead).
             # The dashboard serves Ray's job and train state, which Ray Train's placement-group cleaner also
             # polls (without it, it warns every few seconds); a free port, as other Ray instances may hold 8265.
-            ray.init(address="local", num_cpus=max(ncpu, 4) * 2, include_dashboard=True,
+            ray.init(address="local", num_cpus=max(ncpu, 4) * 2, include_dashboard=dashboard,
                      dashboard_port=free_port(), runtime_env=runtime_env,
                      log_to_driver=True, configure_logging=True, logging_level="WARNING")
         else:
