@@ -96,6 +96,10 @@ def test_ppo_critic_from_the_rm_and_adaptive_kl_holds_the_kl_near_its_target(off
     all_rows = metrics(out / "rl")
     assert_learned(all_rows, out / "rl", fixed_kl=False)  # PPO learns on held-out prompts too (evaluated at 0, 8, 16)
     rows = [r for r in all_rows if "reward/score_mean" in r]
+    # the colocated PPO case of test_train_cli's learning test: the generator runs the learner's weights, the
+    # critic trains beside the policy, the policy is exported
+    assert max(r["sync/logprob_max_abs"] for r in rows) < 1e-3 and all("value/loss" in r for r in rows)
+    assert (out / "rl" / "model" / "config.json").exists()
     seq_kl = [r["kl/seq_mean"] for r in rows]
     coef = [r["kl/coef"] for r in rows]
     # The KL stays near its target over the second half. Measured on main (PPO's critic without dropout,

@@ -1,6 +1,9 @@
 """PPO's critic under LoRA and under QLoRA in real runs through the CLI: it trains (its LoRA B matrices leave
 0 in the checkpoint it saved), and a run SIGKILLed during its last step resumes from the step-2 checkpoint
-and redoes step 3 exactly (policy, critic, both optimizers, every rank).
+and redoes step 3 exactly (policy, critic, both optimizers, every rank). The same runs hold what
+test_train_cli's adapter runs hold for the placements they leave to these: the generator runs the learner's
+weights exactly (adapter sync over the 2 ranks' ZeRO-3 partitions; dequantized NF4 base) and every policy
+adapter matrix of the exported adapter trained.
 
     lora x 2 ranks, colocated    two processes, each a policy rank with its critic beside it, ZeRO-3
     qlora, distributed           4-bit NF4 bases, the critic its own learner actor
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +69,9 @@ def test_ppo_critic_trains_under_lora_and_qlora_and_a_killed_run_resumes_exactly
     for key in SAME:  # step 3 again: the policy, the critic, their optimizers and the rollout seeds came back
         assert again[2][key] == pytest.approx(before[2][key], rel=1e-4, abs=1e-6), key
     assert (out / "rl" / "model" / "COMPLETE").is_file() and (out / "rl" / "adapter").is_dir()
+    gaps = [r["sync/logprob_max_abs"] for r in before + again if "sync/logprob_max_abs" in r]
+    assert gaps and max(gaps) < 1e-3, gaps  # the generator runs the learner's weights, before and after resume
+    adapter = load_file(out / "rl" / "adapter" / "adapter_model.safetensors")
+    policy_b = [v for k, v in adapter.items() if "lora_B" in k]
+    # LoRA B starts at 0: every exported policy adapter matrix took more than one optimizer step (lr 2e-3)
+    assert policy_b and min(float(v.abs().max()) for v in policy_b) > 2e-3, "a policy adapter matrix did not train"
