@@ -90,3 +90,10 @@ def pytest_collection_modifyitems(config, items):
         else:
             group = item.path.name
         item.add_marker(pytest.mark.xdist_group(group))
+    # The session's shared SFT + reward model (tests/e2e/conftest.py `offline`) takes minutes to train, and a
+    # worker that asks for it while another trains it waits. One test that needs it goes first (its worker
+    # trains it), then every test that does not, then the rest: the other worker starts on those meanwhile.
+    needs = [i for i in items if i.get_closest_marker("slow") and "offline" in getattr(i, "fixturenames", ())]
+    if needs:
+        rest = [i for i in items if i not in needs]
+        items[:] = needs[:1] + rest + needs[1:]

@@ -85,12 +85,15 @@ def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
 SLOW_REWARD = "reward.sources=[{kind: function, path: 'rewards_for_tests:slow_vader'}]"
 
 
-@pytest.mark.parametrize("call,extra", [("GeneratorActor.generate", ()), ("RewardActor.score", (SLOW_REWARD,))])
-def test_run_survives_a_role_killed_mid_call(tmp_path, call, extra):
-    proc = start_train(ARGS, tmp_path, *extra, pythonpath=HERE)
-    kill_during(proc, tmp_path, call, after_step=2)
+def test_run_survives_its_generator_then_its_reward_actor_killed_mid_call(tmp_path):
+    """One run, two faults: the generator engine killed while it samples step 3, the reward actor killed while
+    it scores step 5 (a slow reward function keeps it in `score` long enough)."""
+    proc = start_train(ARGS, tmp_path, SLOW_REWARD, pythonpath=HERE)
+    generator = kill_during(proc, tmp_path, "GeneratorActor.generate", after_step=2)
+    reward = kill_during(proc, tmp_path, "RewardActor.score", after_step=4)
     rc, err = finish(proc)
     assert rc == 0, err[-3000:]
+    assert generator != reward
     assert rl_steps_logged(tmp_path) == list(range(1, STEPS + 1))  # nothing lost, nothing doubled
     rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     # the generator serves the learner's weights after its restart (re-synced, not the initial ones)

@@ -82,22 +82,12 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage)
     assert (tmp_path / stage / "model" / "COMPLETE").exists()
 
 
-def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
-    """FailureConfig: SIGKILL one Ray Train worker mid-stage; the same run restarts the worker group from
-    Ray Train's last checkpoint and finishes, every step logged once."""
-    total, every = LONG
-    _kill_the_worker_once_a_checkpoint_is_registered(
-        [f"run.output_dir={tmp_path}", "run.stages=[sft]", *SMALL, "sft.batch_size=8", "sft.epochs=8",
-         f"sft.max_steps={total}", f"sft.save_every={every}", "sft.max_failures=1"], tmp_path / "quickstart-sft")
-    assert steps_logged(tmp_path / "sft") == list(range(1, total + 1))
-    resumed = [r["resumed_from_step"] for r in rows(tmp_path / "sft" / "metrics.jsonl") if "resumed_from_step" in r]
-    assert resumed[0] == 0 and resumed[-1] >= every, resumed  # the restarted group loaded a checkpoint
-
-
-def test_a_worker_killed_in_the_second_stage_of_a_shared_run_resumes_that_stage_only(tmp_path):
-    """SFT and the reward model ask for the same workers, so they run in one Ray Train run. SIGKILL the worker
-    during the reward model: the restarted group skips SFT (finished by this run: not trained again) and
-    resumes the reward model from its own checkpoint."""
+def test_a_killed_worker_is_restarted_and_resumes_its_stage_from_its_last_checkpoint(tmp_path):
+    """FailureConfig: SIGKILL the one Ray Train worker mid-stage; the same run restarts the worker group from
+    Ray Train's last checkpoint and finishes, every step logged once. SFT and the reward model ask for the same
+    workers, so they run in one Ray Train run, and the worker is killed during the second: the restarted group
+    skips SFT (finished by this run: not trained again) and resumes the reward model from its own checkpoint.
+    (A worker killed in a run's first stage takes the same path with nothing to skip.)"""
     total, every = LONG
     sft_model = tmp_path / "sft" / "model" / "COMPLETE"
     written = _kill_the_worker_once_a_checkpoint_is_registered(
