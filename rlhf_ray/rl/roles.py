@@ -1,7 +1,7 @@
 """The role graph of an RL run: `build_roles` picks the placement, and the helpers both placements share.
 
-The controller calls the graph it is given (`weight_version`, `generate`, `submit`, `score`, `update`,
-`sync_weights`, `save`, `load`, `export`, `shutdown`) without knowing which placement answers:
+The controller calls the graph it is given (`weights`, `generate`, `submit`, `score`, `update`, `save`,
+`load`, `export`, `shutdown`) without knowing which placement answers:
     colocated    every role of a device in one process (`rlhf_ray.rl.colocated`)
     distributed  each role its own Ray actors (`rlhf_ray.rl.distributed`)
 What each process is built with (device, dtype, engine and learner arguments, sync mode) is the plan's
@@ -65,15 +65,3 @@ def split_rows(seq: SequenceBatch, n: int) -> list[SequenceBatch]:
         raise ValueError(f"a batch of {len(seq)} sequences does not split evenly over {n} ranks")
     k = len(seq) // n
     return [seq.select(slice(i * k, (i + 1) * k)) for i in range(n)]
-
-
-def merge_update_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Rank means (equal rows per rank), except the log-prob agreement: max of maxima, token-weighted mean."""
-    out = {k: sum(s[k] for s in per_rank) / len(per_rank) for k in per_rank[0]}
-    if "sync/logprob_max_abs" in out:
-        tokens = [s["sync/logprob_num_tokens"] for s in per_rank]
-        out["sync/logprob_max_abs"] = max(s["sync/logprob_max_abs"] for s in per_rank)
-        out["sync/logprob_mean_abs"] = sum(s["sync/logprob_mean_abs"] * t for s, t in zip(per_rank, tokens)) / max(
-            sum(tokens), 1.0)
-        out["sync/logprob_num_tokens"] = sum(tokens)
-    return out

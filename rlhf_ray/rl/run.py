@@ -66,8 +66,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         restored = rl_checkpoint.load(roles, out / "checkpoints", note=print) if resume else None
         ckpt = restored[0] if restored else None
         if restored:
-            controller.load_state_dict(restored[1])
-            roles.restore_weights(controller.version)  # the engines serve the restored weights
+            controller.load_state_dict(restored[1])  # the engines serve the restored weights from here
         logger = MetricsLogger(out, cfg.logging, "rl", cfg.model_dump(mode="json"), resume=ckpt is not None)
         if ckpt is not None:
             logger.truncate_to(controller.step_idx)

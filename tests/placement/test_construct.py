@@ -199,6 +199,7 @@ def test_the_distributed_placement_builds_every_actor_from_the_construction(hub,
     for name in ("LearnerGroup", "ReferenceActor", "RewardActor"):
         monkeypatch.setattr(dist, name, seen.setdefault(name, _Recorder()))
     monkeypatch.setattr(group, "GeneratorGroup", seen.setdefault("GeneratorGroup", _Recorder()))
+    monkeypatch.setattr(dist, "engine_transport", seen.setdefault("engine_transport", _Recorder()))
     monkeypatch.setattr(dist, "actor_options", lambda *a: {})
     monkeypatch.setattr(dist, "generator_base", lambda *a: "/base")
     paths = SimpleNamespace(policy_init="/init", resolve=lambda p: p, scratch="/tmp")
@@ -212,7 +213,9 @@ def test_the_distributed_placement_builds_every_actor_from_the_construction(hub,
     engine = args.engines()[0]
     assert gen_kwargs["engine_kwargs"] == engine.llm_kwargs("/base")
     assert gen_kwargs["engine_kwargs"]["distributed_executor_backend"] == "mp"
-    assert (gen_kwargs["transport"], gen_kwargs["collective_timeout_s"]) == ("collective", args.sync.timeout_s)
+    (sync_args, sync_kwargs), = seen["engine_transport"].calls  # the weight sync's transport, from the plan too
+    assert sync_args[0] == args.sync.transport == "collective" and sync_kwargs["timeout_s"] == args.sync.timeout_s
+    assert (sync_kwargs["backend"], sync_kwargs["mode"]) == (args.sync.backend, args.sync.mode)
     assert gen_args[1].tensor_parallel_size == engine.tensor_parallel_size
 
 
