@@ -1,4 +1,5 @@
-"""The role graph of an RL run: `build_roles` picks the placement, and the helpers both placements share.
+"""What both placements of an RL run share: the run's paths, the generation seed, the weights the generator and
+the critic start from, and splitting a batch over ranks (`rlhf_ray.rl.run.build_roles` picks the placement).
 
 The controller calls the graph it is given (`weights`, `generate`, `submit`, `score`, `update`, `save`,
 `load`, `export`, `shutdown`) without knowing which placement answers:
@@ -16,7 +17,6 @@ from typing import Callable
 
 from rlhf_ray.config import Config
 from rlhf_ray.batch import SequenceBatch
-from rlhf_ray.placement.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,6 @@ def critic_init_path(cfg: Config, paths: Paths) -> str:
     """`rl.critic_init_from=stage:rm` starts the critic from the reward model (InstructGPT): the RM's score
     head is the value head (the same Llama `score` layer) and its backbone already judges responses."""
     return paths.resolve(cfg.rl.critic_init_from) if cfg.rl.critic_init_from else paths.policy_init
-
-
-def build_roles(cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
-    """The role graph `cluster.placement` asks for, every actor started with the options of its bundle in
-    `plan` (reserved as `groups`, `rlhf_ray.placement.groups.reserve`); both answer the controller alike."""
-    if cfg.cluster.placement == "colocated":
-        from rlhf_ray.rl.colocated import ColocatedRoles
-        return ColocatedRoles(cfg, paths, plan, groups, total_steps)
-    from rlhf_ray.rl.distributed import DistributedRoles
-    return DistributedRoles(cfg, paths, plan, groups, total_steps)
 
 
 def split_rows(seq: SequenceBatch, n: int) -> list[SequenceBatch]:

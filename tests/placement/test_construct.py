@@ -83,9 +83,10 @@ def test_the_4090_engine_is_online_fp8_under_vllm_032s_name(hub):
 
 
 def test_explicit_fp8_on_a_cpu_engine_is_one_line_naming_the_key():
-    from rlhf_ray.config import ConfigError
-    with pytest.raises(ConfigError, match="rollout.quantization=fp8_per_tensor needs a CUDA engine"):
-        load_config(None, ["rollout.quantization=fp8_per_tensor"])
+    from rlhf_ray.placement.plan import PlanError
+    from rlhf_ray.preflight import check_plan
+    with pytest.raises(PlanError, match="rollout.quantization=fp8_per_tensor needs a CUDA engine"):
+        check_plan(load_config(None, ["rollout.quantization=fp8_per_tensor"]))
 
 
 # -- finding 3: ZeRO-3 learners are built under zero.Init ----------------------------------------

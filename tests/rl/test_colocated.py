@@ -8,7 +8,8 @@ from rlhf_ray.placement.groups import release, reserve
 from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.resources import check_fits
 from rlhf_ray.rl.prompt_stream import PromptStream
-from rlhf_ray.rl.roles import Paths, build_roles
+from rlhf_ray.rl.roles import Paths
+from rlhf_ray.rl.run import build_roles
 from rlhf_ray.sync.checks import LogprobMismatchError
 
 pytestmark = pytest.mark.slow
