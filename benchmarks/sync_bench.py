@@ -66,11 +66,19 @@ def bench_model(spec: str, repeats: int, bw: float) -> dict:
     from rlhf_ray.config.schema import RolloutConfig
     from rlhf_ray.generator.group import GeneratorGroup, tied_names
     from rlhf_ray.models.kit import resolve_model_path
+    from rlhf_ray.sync.streamed import engine_transport
     from rlhf_ray.utils.device import resolve_backend
 
     path = resolve_model_path(spec)
     cfg = RolloutConfig(num_engines=1, cpus_per_engine=2, max_new_tokens=8)
     group = GeneratorGroup(vllm_ready(path), cfg, resolve_backend("cpu"), lora=True, max_model_len=256, max_lora_rank=8)
+    sync = engine_transport("auto", group, bucket_mb=cfg.sync.bucket_mb, dtype=torch.float32)
+    version = iter(range(1, 2 * repeats + 1))
+
+    def timed(named_weights, mode, adapter_config=None) -> dict:
+        s = sync.send(named_weights, mode, next(version), adapter_config=adapter_config)
+        return {"total_s": s.total_s, "pack_s": s.streamed.pack_s, "load_s": s.streamed.load_s,
+                "engine_s": s.engine_s, "buckets": s.streamed.buckets}
     try:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         # A learner's weights live in anonymous memory after its first optimizer step; fresh from
@@ -80,14 +88,14 @@ def bench_model(spec: str, repeats: int, bw: float) -> dict:
                 p.data = p.data.clone()
         skip = tied_names(path)
         full_bytes = sum(t.numel() * t.element_size() for n, t in base.state_dict().items() if n not in skip)
-        full = [group.sync_weights(named(base, "full"), mode="full") for _ in range(repeats)]
+        full = [timed(named(base, "full"), "full") for _ in range(repeats)]
         policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                      "o_proj"]))
         adapter_cfg = policy.peft_config["default"].to_dict()
         adapter_bytes = sum(t.numel() * t.element_size() for _, t in named(policy, "adapter"))
-        adapter = [group.sync_weights(named(policy, "adapter"), mode="adapter", adapter_config=adapter_cfg)
-                   for _ in range(repeats)]
+        adapter = [timed(named(policy, "adapter"), "adapter", adapter_cfg) for _ in range(repeats)]
     finally:
+        sync.close()
         group.shutdown()
 
     def med(runs, key):   # the machine is shared and noisy: the median, and the best run below

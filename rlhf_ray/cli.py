@@ -43,7 +43,11 @@ def load(args):
 # -- commands -------------------------------------------------------------------------------------
 def cmd_config(args) -> int:
     from rlhf_ray.config import dump_config
-    print(dump_config(load(args)), end="")
+    from rlhf_ray.preflight import check_plan
+    cfg = load(args)
+    if "rl" in cfg.run.stages:
+        check_plan(cfg)  # the config validates; the RL roles must also place on the declared cluster
+    print(dump_config(cfg), end="")
     return 0
 
 
@@ -94,7 +98,7 @@ def cmd_offline(args) -> int:
 
 def cmd_plan(args) -> int:
     from rlhf_ray.placement.report import print_plan
-    return print_plan(load(args), as_json=args.json)  # validation already placed it: a placement error ends there
+    return print_plan(load(args), as_json=args.json)  # a config that cannot be placed ends there, in one line
 
 
 def cmd_export(args) -> int:

@@ -1,5 +1,7 @@
 """Everything knowable before Ray starts, checked in seconds so that bad input costs no start-up.
 
+    cluster plan       every role placed on the declared cluster (`check_plan`: the plan reads the config;
+                       config validation itself never calls the planner)
     model folders      config.json present, architecture known, weights present, tokenizer loads
     LoRA targets       every `model.lora.target_modules` entry names modules of the model (a meta-device
                        model built from config.json: module names without reading a weight)
@@ -27,10 +29,20 @@ class PreflightError(RunError, ValueError):
     """Input that cannot work, found before any actor starts; the message names the key and the file."""
 
 
+def check_plan(cfg: Config) -> None:
+    """The RL roles placed on the declared cluster (`cluster.*`): a config that cannot be placed fails now, in one
+    line naming the role and what it asks for (`PlanError`), not after an hour of waiting for resources. Memory
+    needs model files: `rlhf-ray plan` checks it, and the run places again on the live cluster."""
+    from rlhf_ray.placement.plan import place
+    place(cfg)
+
+
 def preflight(cfg: Config, resolve: Optional[Callable[[str], str]] = None, resume: bool = False) -> None:
     """Run every check that applies to the stages `cfg` asks for. `resolve` maps builtin: names and
     paths to folders; `stage:` outputs of this run may not exist yet and are skipped. On `resume`, an
     override the RL checkpoint cannot honour is refused here, not after the offline stages have run."""
+    if "rl" in cfg.run.stages:
+        check_plan(cfg)
     if resume and "rl" in cfg.run.stages:
         from rlhf_ray.rl.checkpoint import continues_finished
         from rlhf_ray.rl.plateau import resume_changes

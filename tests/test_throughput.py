@@ -10,6 +10,8 @@ from rlhf_ray.data.prompts import Prompt
 from rlhf_ray.generator.records import Rollout
 from rlhf_ray.rl.controller import RLController, tokens_per_s
 from rlhf_ray.rl.prompt_stream import PromptStream
+from rlhf_ray.rl.records import UpdateResult
+from rlhf_ray.sync.weight_sync import SyncStats, WeightSync
 from rlhf_ray.tracking.console import format_step
 
 ENGINE_S = 0.5  # what the fake engine reports having spent inside vLLM per rollout
@@ -21,16 +23,17 @@ class TimedRoles:
     has finished by the time the driver asks (its result is immediate), as when it ran beside the update."""
 
     def __init__(self, wall_s: float = 0.0):
-        self.version, self.wall_s = 0, wall_s
+        self.version, self.wall_s = 0, wall_s   # version: the fake learner's updates
+        self.weights = WeightSync(self, lambda: self.version)
 
-    def weight_version(self):
-        return self.version
+    def push(self, version):  # the weight sync's transport: the engine serves `version` (`self.weights`)
+        return SyncStats(version, 0.0, 0.0, None)
 
     def _rollout(self, prompt_ids, n):
         idx = [i for i in range(len(prompt_ids)) for _ in range(n)]
         resp = [[7] * TOKENS for _ in idx]
         return Rollout([list(prompt_ids[i]) for i in idx], resp, [[-1.0] * TOKENS for _ in idx],
-                       [" x" * TOKENS for _ in idx], idx, ["length"] * len(idx), self.version, 1.0, ENGINE_S)
+                       [" x" * TOKENS for _ in idx], idx, ["length"] * len(idx), self.weights.version, 1.0, ENGINE_S)
 
     def generate(self, prompt_ids, n, step):
         time.sleep(self.wall_s)
@@ -45,10 +48,8 @@ class TimedRoles:
 
     def update(self, batch, minibatches, kl_coef, overlapped=False):
         self.version += 1
-        return {"policy/loss": 0.0}
+        return UpdateResult({"policy/loss": 0.0}, None, 0.0)
 
-    def sync_weights(self):
-        return self.version, {}
 
 
 def controller(roles, *overrides):

@@ -438,24 +438,12 @@ class Config(Section):
         if not self.reference.kl_in_reward and self.reference.kl_kind == "k1" and self.reference.kl_coef > 0:
             raise ValueError("reference.kl_in_reward=false puts the KL in the loss, where k1's gradient averages to "
                              "zero on-policy; use reference.kl_kind=k2 or k3 (GRPO uses k3)")
-        self._check_gpu_budget()
-        if self.cluster.placement == "colocated" and self.rollout.tensor_parallel_size > 1:
-            raise ValueError("cluster.placement=colocated runs one in-process engine per device, so "
-                             f"rollout.tensor_parallel_size must be 1, got {self.rollout.tensor_parallel_size}; "
-                             "use cluster.placement=distributed for tensor-parallel engines")
         if "rl" in self.run.stages and "rm" not in self.run.stages:
             for src in self.reward.sources:
                 if src.kind == "model" and src.path == "stage:rm":
                     raise ValueError("reward.sources uses path 'stage:rm' but run.stages has no 'rm' stage; "
                                      "point the source at a trained reward model folder")
         return self
-
-    def _check_gpu_budget(self) -> None:
-        """Placement must fit the declared cluster: say so now, not after an hour of waiting for resources.
-        The plan owns the counting (rlhf_ray/placement/plan.py); memory needs model files and is checked
-        by `rlhf-ray plan` and the run's preflight."""
-        from rlhf_ray.placement.plan import place
-        place(self)
 
     @property
     def uses_critic(self) -> bool:

@@ -6,7 +6,6 @@ named_weights, save/export) are collectives: all ranks call them together. `Lear
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import os
@@ -266,8 +265,8 @@ class Learner:
         adapter_only = self.lora and not merge_lora
         mode = "adapter" if adapter_only else "full"
         if self.rank != 0:
-            if self.cfg.deepspeed.zero_stage == 3:  # take part in the gathers, keeping no copy
-                collections.deque(self.named_weights(mode), maxlen=0)
+            if self.cfg.deepspeed.zero_stage == 3:
+                weights.drain(self.named_weights(mode))
         elif adapter_only:
             write_adapter(tmp, self.named_weights(mode), self.model.peft_config["default"], self.init_path)
         else:

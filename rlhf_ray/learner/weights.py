@@ -10,11 +10,18 @@ copies owned by the caller.
 """
 from __future__ import annotations
 
+import collections
 from typing import Iterator
 
 import torch
 
 NamedTensor = tuple[str, torch.Tensor]
+
+
+def drain(named: Iterator[NamedTensor]) -> None:
+    """A rank that does not consume the weights still iterates them, keeping nothing: under ZeRO-3 every
+    tensor is gathered by a collective that all ranks must join (the consumer is rank 0)."""
+    collections.deque(named, maxlen=0)
 
 
 def _gathered(params):

@@ -1,13 +1,14 @@
 """The cluster plan: which process runs which roles, on which node and GPU, and what it asks Ray for.
 
-The one owner of resources. Config validation (`Config._check_gpu_budget`), the run's preflight
-(`rl/resources.py`), the actor options (`placement/groups.py`) and `rlhf-ray plan` all read it; no
-other code counts CPUs or GPUs.
+The one owner of resources. The CLI's preflight (`rlhf_ray.preflight.check_plan`: the declared cluster),
+the run's placement on the live cluster (`rl/resources.py`), the actor options (`placement/groups.py`) and
+`rlhf-ray plan` all read it; no other code counts CPUs or GPUs. Config validation does not place (the plan
+reads the config, not the other way round).
 
 Placements (`cluster.placement`):
   colocated    one process per device (a GPU, or a CPU slot) holding a policy rank, its vLLM engine
-               (a TP shard), the critic rank, the reference (adapter off under LoRA) and the reward
-               model; on CUDA the engine sleeps while the learner trains.
+               (TP 1), the critic rank, the reference (adapter off under LoRA) and the reward model;
+               on CUDA the engine sleeps while the learner trains.
   distributed  every role in its own actors on its own GPUs (fractional asks share a GPU).
 Packing is first-fit decreasing: whole-GPU asks (TP engines, learner ranks) first, then fractions on the
 fullest GPU they fit. Each node's bundles become one STRICT_PACK placement group (verl's resource-pool
@@ -142,9 +143,10 @@ def _asks(cfg: "Config", roles: tuple[str, ...], device: str) -> list[Bundle]:
         if device == "cuda" and p.gpus_per_rank <= 0:
             raise PlanError("cluster.placement=colocated on cuda: rl.policy.gpus_per_rank must be > 0 "
                             "(each process holds a policy rank and its engine on one GPU)")
-        if p.num_ranks % r.tensor_parallel_size:
-            raise PlanError(f"cluster.placement=colocated: rl.policy.num_ranks={p.num_ranks} must be a multiple "
-                            f"of rollout.tensor_parallel_size={r.tensor_parallel_size} (one TP shard per process)")
+        if r.tensor_parallel_size > 1:
+            raise PlanError("cluster.placement=colocated runs one in-process engine per device, so "
+                            f"rollout.tensor_parallel_size must be 1, got {r.tensor_parallel_size}; "
+                            "use cluster.placement=distributed for tensor-parallel engines")
         return [Bundle(roles, i, p.cpus_per_rank, gpu(p.gpus_per_rank)) for i in range(p.num_ranks)]
     if device == "cuda":
         if r.tensor_parallel_size > 1 and r.gpus_per_engine != r.tensor_parallel_size:
@@ -216,7 +218,7 @@ def _unplaceable(b: Bundle, cluster: ClusterSpec, free_gpu, free_cpu) -> None:
 
 
 def place(cfg: "Config", cluster: Optional[ClusterSpec] = None, simulate: Optional[bool] = None) -> Plan:
-    """Resources only (no model files read): fast enough for config validation. `simulate` (default
+    """Resources only (no model files read): fast enough for the CLI's preflight. `simulate` (default
     cluster.simulate): the same placement on logical GPUs, every role computing on CPU (`Plan.simulated`)."""
     simulate = cfg.cluster.simulate if simulate is None else simulate
     cluster = cluster or ClusterSpec.from_config(cfg.cluster)

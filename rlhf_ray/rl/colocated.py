@@ -29,18 +29,20 @@ import torch
 
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import Config
-from rlhf_ray.generator.group import PendingRollout, split_evenly, tied_names
+from rlhf_ray.dispatch import split_evenly
+from rlhf_ray.generator.group import PendingRollout, tied_names
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.rl.policy import PolicyRank
 from rlhf_ray.placement.construct import ProcessArgs, construct
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
-from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, split_rows
-from rlhf_ray.sync.transport import without
+from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, split_rows
+from rlhf_ray.rl.records import UpdateResult
+from rlhf_ray.sync.in_process import InProcess, hand_over
 from rlhf_ray.sync.weight_sync import WeightSync
 from rlhf_ray.generator.threads import engine_threads
 from rlhf_ray.utils.device import make_backend
-from rlhf_ray.utils.phases import set_phase_threads, set_thread_share, side_by_side, timed
+from rlhf_ray.utils.phases import set_phase_threads, set_thread_share, side_by_side
 
 # Ray concurrency group of a rank's engine calls (generate, sync): one thread of its own, in call order;
 # every other call (score, update, checkpoints) runs in the actor's default thread.
@@ -132,28 +134,22 @@ class ColocatedRank(PolicyRank):
         values = self.critic.values(seq) if self.critic is not None else None
         return scores, ref, values, stats, time.perf_counter() - t0
 
-    def update(self, batch, minibatches, kl_coef: float, beside_generation: bool = False) -> dict:
+    def update(self, batch, minibatches, kl_coef: float, beside_generation: bool = False) -> UpdateResult:
         """PPO epochs of the policy (and the critic). beside_generation: the next step's rollouts are being
         sampled at the same time; the learner keeps to its share of the cores."""
         with self._phase(beside_generation, self.side_by_side[1], self.threads):
-            stats, secs = timed(self.worker.update, batch, minibatches, kl_coef, self.rank, self.world_size)
-            stats["time/compute_s"] = secs
+            result = self.worker.update(batch, minibatches, kl_coef, self.rank, self.world_size)
             if self.critic is not None:
-                t0 = time.perf_counter()
-                stats.update(self.critic.update(batch, minibatches, self.rank, self.world_size))
-                stats["time/compute_s"] += time.perf_counter() - t0
-        return stats
+                critic = self.critic.update(batch, minibatches, self.rank, self.world_size)
+                result = result.with_critic(critic, beside=False)
+        return result
 
     @ray.method(concurrency_group=ENGINE)
     def sync(self, mode: str, version: int) -> float:
-        """Hand this rank's weights to its engine, in process, after any generation called before it. Under
-        ZeRO-3 every rank iterates (the gathers are collectives) and each loads what it gathered. Returns
-        the seconds spent."""
+        """The in-process transport's rank side (`rlhf_ray.sync.in_process`): this rank's weights into its
+        engine, after any generation called before it. Returns the engine's seconds."""
         set_phase_threads(self.threads)
-        if mode == "full":
-            return self.engine.load_full(without(self.learner.named_weights("full"), self._skip_full), version)
-        return self.engine.load_adapter(self.learner.named_weights("adapter"), self.learner.adapter_config(),
-                                        version)
+        return hand_over(self.learner, self.engine, mode, version, self._skip_full)
 
     # -- checkpoints: the critic lives here too --------------------------------------------------
     def save_roles(self, path: str, extra_state: dict) -> None:
@@ -177,7 +173,6 @@ class ColocatedRoles:
         first = args.process("policy", 0)
         policy = first.learners[0]
         self.cfg, self.backend = cfg, policy.backend()
-        self.mode = args.sync.mode
         p = cfg.rl.policy
         self.policy = LearnerGroup(cfg.model, p, kind="policy", init_path=paths.policy_init, total_steps=total_steps,
                                    backend=self.backend, seed=cfg.run.seed, num_threads=policy.threads,
@@ -189,11 +184,8 @@ class ColocatedRoles:
         base = generator_base(cfg, paths, self.policy)
         ray.get([r.setup_roles.remote(base, paths, total_steps, args.process("policy", i))
                  for i, r in enumerate(self.ranks)])
-        self.weights = WeightSync(self, lambda: ray.get(self.ranks[0].updates.remote()))
-
-    def weight_version(self) -> int:
-        """The version every engine serves (`rlhf_ray.sync.weight_sync`)."""
-        return self.weights.version
+        self.weights = WeightSync(InProcess(self.ranks, args.sync.mode),
+                                  lambda: ray.get(self.ranks[0].updates.remote()))
 
     def generate(self, prompts: list, n: int, step: int):
         return self._fan_out(prompts, n, generation_seed(self.cfg, step), {}).result()
@@ -225,35 +217,15 @@ class ColocatedRoles:
         stats["time/score_compute_s"] = max(p[4] for p in parts)
         return scores, ref_logp, values, stats
 
-    def update(self, batch, minibatches, kl_coef: float, overlapped: bool = False) -> dict[str, float]:
-        per_rank = ray.get([r.update.remote(batch, minibatches, kl_coef, overlapped) for r in self.ranks])
-        stats = merge_update_stats(per_rank)
-        stats["time/update_compute_s"] = max(s["time/compute_s"] for s in per_rank)
-        stats.pop("time/compute_s", None)
-        return stats
-
-    def sync_weights(self) -> tuple[int, dict[str, float]]:
-        """Push the policy's weights to every engine if an update changed them; (version, timings)."""
-        stats = self.weights.push()
-        return self.weights.version, stats or {}
-
-    def restore_weights(self, version: int) -> None:
-        """After a checkpoint load: every engine serves the restored weights, as `version`."""
-        self.weights.restore(version)
-
-    def push(self, version: int) -> dict[str, float]:
-        """The in-process transport: each rank hands its weights to its own engine."""
-        t0 = time.perf_counter()
-        engine_s = ray.get([r.sync.remote(self.mode, version) for r in self.ranks])
-        total = time.perf_counter() - t0
-        return {"sync/total_s": total, "sync/pack_s": 0.0, "sync/load_s": total,
-                "sync/engine_s": max(engine_s), "sync/buckets": 0.0}
+    def update(self, batch, minibatches, kl_coef: float, overlapped: bool = False) -> UpdateResult:
+        return UpdateResult.merge(ray.get([r.update.remote(batch, minibatches, kl_coef, overlapped)
+                                           for r in self.ranks]))
 
     def save(self, path: str, extra_state: dict) -> None:
         ray.get([r.save_roles.remote(path, extra_state) for r in self.ranks])
 
     def load(self, path: str) -> dict:
-        # the engines keep serving their version until `restore_weights` pushes the restored weights
+        # the engines keep serving their version until `weights.restore` pushes the restored weights
         return ray.get([r.load_roles.remote(path) for r in self.ranks])[0]
 
     def export(self, path: str, merge_lora: bool) -> None:
@@ -265,4 +237,5 @@ class ColocatedRoles:
                  a) for i, a in enumerate(self.ranks)]
 
     def shutdown(self) -> None:
+        self.weights.close()
         self.policy.shutdown()

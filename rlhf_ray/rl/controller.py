@@ -4,7 +4,8 @@
             -> PPO epochs (policy, critic) -> log-prob check -> weight sync -> KL controller -> log
 
 The roles are handles (Ray actors or local objects behind `rlhf_ray.rl.roles`); the controller owns
-only small driver-side state: the prompt stream, the KL controller, the weight version and the step.
+only small driver-side state: the prompt stream, the KL controller and the step. The weight version is
+the sync's (`roles.weights`, `rlhf_ray.sync.weight_sync`).
 """
 from __future__ import annotations
 
@@ -52,7 +53,6 @@ class RLController:
         self.agreement = agreement_thresholds(cfg.rollout.sync, dtypes)
         self.kl_ctl = make_kl_controller(cfg)
         self.step_idx = 0
-        self.version = roles.weight_version()  # pushes of new weights so far: a lag is in RL steps
         self._shuffle = torch.Generator().manual_seed(cfg.run.seed)
         self._next = None  # (prompts, pending rollout, prompt-stream state before them) when overlapping
 
@@ -68,7 +68,7 @@ class RLController:
             else:
                 prompts = self.prompts.next_batch()
                 rollout = roles.generate([p.ids for p in prompts], n, self.step_idx)
-        lag = check_version(rollout.weight_version, self.version, cfg.rollout.sync.max_off_policy_lag)
+        lag = check_version(rollout.weight_version, roles.weights.version, cfg.rollout.sync.max_off_policy_lag)
         with t("score"):
             rnd = score_round(roles, prompts, rollout, self.pad_id)
         ds_stats = {}
@@ -93,28 +93,28 @@ class RLController:
 
         overlapped = self._start_next_generation(n)
         with t("update"):
-            update_stats = roles.update(batch, minibatches, self.kl_ctl.value, overlapped=overlapped)
-        agreement = {k[len("sync/logprob_"):]: v for k, v in update_stats.items() if k.startswith("sync/logprob_")}
-        if lag == 0 and agreement:
-            check_logprob_agreement(agreement, self.agreement, version=rollout.weight_version)
+            update = roles.update(batch, minibatches, self.kl_ctl.value, overlapped=overlapped)
+        if lag == 0 and update.agreement is not None:
+            check_logprob_agreement(update.agreement, self.agreement, version=rollout.weight_version)
 
         with t("sync"):
-            self.version, sync_stats = roles.sync_weights()
+            pushed = roles.weights.push()  # None: every optimizer step was refused, the weights did not change
         # Ziegler 2019's rule is in KL per sequence and counts samples (horizon is in samples).
         self.kl_ctl.update(adv_stats.get("kl/seq_mean", 0.0), len(batch.seq))
         self.step_idx += 1
 
-        metrics = {**reward_stats, **bad_stats, **ds_stats, **adv_stats, **update_stats, **sync_stats, **t.stats(),
+        metrics = {**reward_stats, **bad_stats, **ds_stats, **adv_stats, **update.metrics(),
+                   **(pushed.metrics() if pushed else {}), **t.stats(),
                    "reward/score_mean": float(scores[keep].mean()) if keep.any() else float("nan"),
                    "reward/score_std": float(scores[keep].std()) if keep.sum() > 1 else 0.0,
-                   "kl/coef": self.kl_ctl.value, "sync/version": float(self.version),
+                   "kl/coef": self.kl_ctl.value, "sync/version": float(roles.weights.version),
                    "sync/lag": float(lag), "response/empty_frac": float(empty.float().mean()),
                    "throughput/tokens_per_s": tokens_per_s(float(seq.response_mask.sum()), t.times["generate"],
                                                            rollout.generate_s),
                    "sync/overlapped": float(overlapped),
                    # an overlapped generation hides behind the previous update: only its wait is on the path
                    **overhead(t.stats()["timing/step_s"], min(rollout.generate_s, t.times["generate"]),
-                              metrics_of(reward_stats, update_stats))}
+                              (reward_stats.get("time/score_compute_s", 0.0), update.compute_s))}
         return StepOutput(metrics, prompt_texts, list(rollout.texts), scores.tolist())
 
     # -- helpers -------------------------------------------------------------------------------
@@ -157,14 +157,16 @@ class RLController:
         # A rollout in flight is not saved: a resumed run samples that batch again (with current weights).
         prompts = self._next[2] if self._next is not None else self.prompts.state_dict()
         return {"step": self.step_idx, "prompts": prompts, "kl": self.kl_ctl.state_dict(),
-                "shuffle": self._shuffle.get_state().tolist(), "version": self.version}
+                "shuffle": self._shuffle.get_state().tolist(), "version": self.roles.weights.version}
 
     def load_state_dict(self, d: dict) -> None:
+        """The driver's state of a checkpoint whose roles were just loaded: the engines then serve the restored
+        weights at the saved version."""
         self.step_idx = int(d["step"])
         self.prompts.load_state_dict(d["prompts"])
         self.kl_ctl.load_state_dict(d["kl"])
         self._shuffle.set_state(torch.tensor(d["shuffle"], dtype=torch.uint8))
-        self.version = int(d["version"])
+        self.roles.weights.restore(int(d["version"]))
 
 
 def tokens_per_s(tokens: float, wait_s: float, engine_s: float) -> float:
@@ -174,10 +176,6 @@ def tokens_per_s(tokens: float, wait_s: float, engine_s: float) -> float:
     which printed millions of tok/s): there the engine's own seconds are its duration. So: the longer of
     the two. Not the step's wall time: the step's pace is `timing/step_s`; this one compares engines."""
     return tokens / max(wait_s, engine_s, 1e-9)
-
-
-def metrics_of(reward_stats: dict, update_stats: dict) -> tuple[float, float]:
-    return reward_stats.get("time/score_compute_s", 0.0), update_stats.get("time/update_compute_s", 0.0)
 
 
 def overhead(step_s: float, generate_s: float, compute: tuple[float, float]) -> dict[str, float]:

@@ -3,13 +3,15 @@ or beside the policy in one process (colocated). `CriticWorker` is the plain cla
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.learner.group import LearnerRank
 from rlhf_ray.rl.micro import OBJECTIVE, micro_batches, token_weight
-from rlhf_ray.rl.records import TrainBatch
+from rlhf_ray.rl.records import TrainBatch, UpdateResult
 from rlhf_ray.rl.step_loss import critic_minibatch_loss
 from rlhf_ray.utils.phases import set_phase_threads, timed
 
@@ -33,8 +35,10 @@ class CriticWorker:
         return torch.cat(out)
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], rank: int = 0,
-               world: int = 1) -> dict[str, float]:
+               world: int = 1) -> UpdateResult:
         """One optimizer step per minibatch (of all ranks; this rank runs its share, as the policy does)."""
+        t0 = time.perf_counter()
+
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu())
             values = learner.forward_values(tb.seq.input_ids, tb.seq.attention_mask, tb.seq.position_ids).float()
@@ -50,7 +54,7 @@ class CriticWorker:
                     key = k if "/" in k else f"value/{OBJECTIVE.get(k, k)}"
                     sums[key] = sums.get(key, 0.0) + v
                 steps += 1
-        return {k: v / max(steps, 1) for k, v in sums.items()}
+        return UpdateResult({k: v / max(steps, 1) for k, v in sums.items()}, None, time.perf_counter() - t0)
 
 
 class CriticRank(LearnerRank):
@@ -69,7 +73,6 @@ class CriticRank(LearnerRank):
         set_phase_threads(threads)
         return timed(self.worker.values, seq)
 
-    def update(self, batch, minibatches, threads: int = 0, cores=None) -> dict:
+    def update(self, batch, minibatches, threads: int = 0, cores=None) -> UpdateResult:
         set_phase_threads(threads, cores)
-        stats, secs = timed(self.worker.update, batch, minibatches, self.rank, self.world_size)
-        return {**stats, "time/compute_s": secs}
+        return self.worker.update(batch, minibatches, self.rank, self.world_size)

@@ -5,8 +5,8 @@
     critic learner group (PPO only)
 
 Each call fans out with `.remote` and gathers once, so roles that can work at the same time do, each on
-its share of the cores. Weights travel through the generator group's transport (object store on one
-node, a collective across nodes). Answers the same calls as `rlhf_ray.rl.colocated.ColocatedRoles`.
+its share of the cores. Weights travel through the weight sync's streamed transport (`rlhf_ray.sync.streamed`:
+object store on one node, a collective across nodes). Answers the same calls as `rlhf_ray.rl.colocated.ColocatedRoles`.
 """
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from rlhf_ray.rl.policy import PolicyRank
 from rlhf_ray.placement.construct import construct
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
-from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, merge_update_stats, split_rows
+from rlhf_ray.rl.records import UpdateResult
+from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, split_rows
 from rlhf_ray.utils.device import make_backend
 from rlhf_ray.scoring.reference import ReferenceActor
 from rlhf_ray.scoring.reward import RewardActor
+from rlhf_ray.sync.streamed import engine_transport
 from rlhf_ray.sync.weight_sync import WeightSync
 
 
@@ -41,7 +43,6 @@ class DistributedRoles:
         policy = args.learners("policy")[0]
         self.cfg, self.backend = cfg, policy.backend()
         self.cores = policy.threads
-        self.mode = args.sync.mode
         norm_len = cfg.rollout.max_new_tokens
 
         def ranks(role: str, n: int) -> list[dict]:
@@ -77,18 +78,18 @@ class DistributedRoles:
         e = engines[0]  # every engine of the group is built alike
         base = generator_base(cfg, paths, self.policy)
         rollout = cfg.rollout.model_copy(update={"tensor_parallel_size": e.tensor_parallel_size})
-        self.generator = GeneratorGroup(base, rollout, make_backend(e.device, e.dtype), e.enable_lora, e.max_model_len,
+        engine_backend = make_backend(e.device, e.dtype)
+        self.generator = GeneratorGroup(base, rollout, engine_backend, e.enable_lora, e.max_model_len,
                                         max_lora_rank=e.max_lora_rank or 16, quantization=e.quantization,
-                                        engine_kwargs=e.llm_kwargs(base), transport=args.sync.transport,
-                                        collective_timeout_s=args.sync.timeout_s,
-                                        options=ranks("generator", len(engines)))
+                                        engine_kwargs=e.llm_kwargs(base), options=ranks("generator", len(engines)))
         self.generator_threads = args.process("generator", 0).generate_threads  # its share while overlapping
-        self.weights = WeightSync(self, lambda: ray.get(self.policy.actors[0].updates.remote()))
+        s = args.sync
+        transport = engine_transport(s.transport, self.generator, backend=s.backend, device=e.device,
+                                     source=self.policy.actors, mode=s.mode, bucket_mb=s.bucket_mb,
+                                     dtype=engine_backend.dtype, timeout_s=s.timeout_s)
+        self.weights = WeightSync(transport, lambda: ray.get(self.policy.actors[0].updates.remote()))
 
     # -- the controller's calls ----------------------------------------------------------------
-    def weight_version(self) -> int:
-        """The version every engine serves (`rlhf_ray.sync.weight_sync`)."""
-        return self.weights.version
 
     def generate(self, prompts: list, n: int, step: int):
         """Sample n per prompt, the engines alone on their nodes (every core, or `rollout.threads`). Step s
@@ -137,7 +138,7 @@ class DistributedRoles:
         shards = split_rows(seq, group.num_ranks)
         return [getattr(a, method).remote(s, threads=threads) for a, s in zip(group.actors, shards)]
 
-    def update(self, batch, minibatches, kl_coef: float, overlapped: bool = False) -> dict[str, float]:
+    def update(self, batch, minibatches, kl_coef: float, overlapped: bool = False) -> UpdateResult:
         """Policy and critic updates side by side. When the next rollout is being generated meanwhile
         (`overlapped`), the generator's threads are taken out of the learners' share of the cores."""
         g = self.generator_threads if overlapped else 0
@@ -146,31 +147,10 @@ class DistributedRoles:
         pol = [a.update.remote(batch, minibatches, kl_coef, threads=share, cores=cores) for a in self.policy.actors]
         crit = ([a.update.remote(batch, minibatches, threads=share, cores=cores) for a in self.critic.actors]
                 if self.critic else [])
-        pol_stats = ray.get(pol)
-        stats = merge_update_stats(pol_stats)
-        compute = max(s["time/compute_s"] for s in pol_stats)
+        result = UpdateResult.merge(ray.get(pol))
         if crit:
-            crit_stats = ray.get(crit)
-            stats.update(merge_update_stats(crit_stats))
-            compute = max([compute] + [s["time/compute_s"] for s in crit_stats])
-        stats["time/update_compute_s"] = compute
-        stats.pop("time/compute_s", None)
-        return stats
-
-    def sync_weights(self) -> tuple[int, dict[str, float]]:
-        """Push the policy's weights to every engine if an update changed them; (version, timings)."""
-        stats = self.weights.push()
-        return self.weights.version, stats or {}
-
-    def restore_weights(self, version: int) -> None:
-        """After a checkpoint load: every engine serves the restored weights, as `version`."""
-        self.weights.restore(version)
-
-    def push(self, version: int) -> dict[str, float]:
-        """The transport: the generator group streams the policy ranks' weights to its engines."""
-        t = self.generator.sync_weights(self.policy.actors, self.mode, version)
-        return {"sync/total_s": t["total_s"], "sync/pack_s": t["pack_s"], "sync/load_s": t["load_s"],
-                "sync/engine_s": t.get("engine_s", 0.0), "sync/buckets": float(t["buckets"])}
+            result = result.with_critic(UpdateResult.merge(ray.get(crit)), beside=True)
+        return result
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, path: str, extra_state: dict) -> None:
@@ -195,6 +175,7 @@ class DistributedRoles:
         return out + [(name, a) for name, a in (("reward", self.reward), ("reference", self.reference)) if a]
 
     def shutdown(self) -> None:
+        self.weights.close()
         self.generator.shutdown()
         for group in (self.policy, self.critic):
             if group is not None:

@@ -6,6 +6,8 @@ minibatch's own (rlhf_ray.rl.micro.token_weight).
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from rlhf_ray import algo
@@ -13,9 +15,9 @@ from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.learner.group import LearnerRank
 from rlhf_ray.rl.micro import OBJECTIVE, forward_response_logits, micro_batches, token_weight
-from rlhf_ray.rl.records import TrainBatch
+from rlhf_ray.rl.records import TrainBatch, UpdateResult
 from rlhf_ray.rl.step_loss import policy_minibatch_loss
-from rlhf_ray.sync.checks import logprob_agreement
+from rlhf_ray.sync.checks import Agreement, logprob_agreement
 from rlhf_ray.utils.phases import set_phase_threads, timed
 
 
@@ -48,10 +50,11 @@ class PolicyWorker:
         return torch.cat(out)
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float, rank: int = 0,
-               world: int = 1) -> dict[str, float]:
+               world: int = 1) -> UpdateResult:
         """PPO epochs: one optimizer step per minibatch (of all ranks; this rank runs its share). The very
         first forward (before any step) also measures the learner-vs-generator log-prob agreement."""
-        agreement: dict[str, float] = {}
+        t0 = time.perf_counter()
+        first: list[Agreement] = []   # one part per micro-batch of the first optimizer step
         sums: dict[str, float] = {}
         steps = 0
         # TIS needs the learner's log-probs before any step (the proximal policy). With a single optimizer
@@ -70,11 +73,7 @@ class PolicyWorker:
                                                 self.norm_len, prox)
             loss = loss * token_weight(self.algo.loss_agg, tb.seq.response_mask, mb)
             if steps == 0:
-                part = logprob_agreement(logp.detach(), tb.old_logp, tb.seq.response_mask)
-                agreement["max_abs"] = max(agreement.get("max_abs", 0.0), part["max_abs"])
-                n0, n1 = agreement.get("num_tokens", 0.0), part["num_tokens"]
-                agreement["mean_abs"] = (agreement.get("mean_abs", 0.0) * n0 + part["mean_abs"] * n1) / max(n0 + n1, 1)
-                agreement["num_tokens"] = n0 + n1
+                first.append(logprob_agreement(logp.detach(), tb.old_logp, tb.seq.response_mask))
             return loss, stats
 
         for epoch in minibatches:
@@ -85,9 +84,8 @@ class PolicyWorker:
                 for k, v in stats.items():
                     key = k if "/" in k else f"policy/{OBJECTIVE.get(k, k)}"
                     sums[key] = sums.get(key, 0.0) + v
-        out = {k: v / max(steps, 1) for k, v in sums.items()}
-        out.update({f"sync/logprob_{k}": v for k, v in agreement.items()})
-        return out
+        return UpdateResult({k: v / max(steps, 1) for k, v in sums.items()}, Agreement.merge(first),
+                            time.perf_counter() - t0)
 
 
 def proximal_is_live(minibatches: list[list[torch.Tensor]], model: torch.nn.Module) -> bool:
@@ -123,7 +121,6 @@ class PolicyRank(LearnerRank):
         set_phase_threads(threads)
         return timed(self.worker.ref_logprobs, seq)
 
-    def update(self, batch, minibatches, kl_coef: float, threads: int = 0, cores=None) -> dict:
+    def update(self, batch, minibatches, kl_coef: float, threads: int = 0, cores=None) -> UpdateResult:
         set_phase_threads(threads, cores)
-        stats, secs = timed(self.worker.update, batch, minibatches, kl_coef, self.rank, self.world_size)
-        return {**stats, "time/compute_s": secs}
+        return self.worker.update(batch, minibatches, kl_coef, self.rank, self.world_size)

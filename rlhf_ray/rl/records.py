@@ -3,6 +3,7 @@
     generator -> Rollout (rlhf_ray.generator.records)
     scorers   -> ScoredBatch   (+ scores, reference log-probs, values)
     advantage -> TrainBatch    (+ advantages, returns)
+    update    -> UpdateResult  (statistics, the log-prob agreement, compute seconds)
 
 Every field is present at its stage; `values` exist only when the algorithm has a critic.
 """
@@ -14,6 +15,8 @@ from typing import Optional
 import torch
 
 from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.dispatch import mean_stats
+from rlhf_ray.sync.checks import Agreement
 
 
 @dataclass(frozen=True)
@@ -40,3 +43,29 @@ class TrainBatch:
         pick = (lambda t: None if t is None else t[idx])
         return TrainBatch(self.seq.select(idx), self.old_logp[idx], self.ref_logp[idx], self.advantages[idx],
                           self.returns[idx], pick(self.old_values))
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What an update (PPO epochs of the policy, and the critic's) reports back to the controller."""
+    stats: dict[str, float]        # "policy/..." and "value/..." statistics, means over the update's steps
+    agreement: Optional[Agreement]  # learner vs generator log-probs on the first forward; None: no policy update
+    compute_s: float               # forward/backward seconds on the phase's critical path
+
+    @staticmethod
+    def merge(ranks: list["UpdateResult"]) -> "UpdateResult":
+        """One role's ranks (equal rows each): rank-mean statistics, the agreement over all their tokens, the
+        slowest rank's seconds."""
+        agreements = [r.agreement for r in ranks if r.agreement is not None]
+        return UpdateResult(mean_stats([r.stats for r in ranks]), Agreement.merge(agreements) if agreements else None,
+                            max(r.compute_s for r in ranks))
+
+    def with_critic(self, critic: "UpdateResult", beside: bool) -> "UpdateResult":
+        """The policy's result and the critic's: `beside` (their own processes, at once) the slower one's
+        seconds, else (one process, one after the other) the sum."""
+        secs = max(self.compute_s, critic.compute_s) if beside else self.compute_s + critic.compute_s
+        return UpdateResult({**self.stats, **critic.stats}, self.agreement, secs)
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.stats, **(self.agreement.metrics() if self.agreement else {}),
+                "time/update_compute_s": self.compute_s}

@@ -1,7 +1,8 @@
-"""The role graph of an RL run: `build_roles` picks the placement, and the helpers both placements share.
+"""What both placements of an RL run share: the run's paths, the generation seed, the weights the generator and
+the critic start from, and splitting a batch over ranks (`rlhf_ray.rl.run.build_roles` picks the placement).
 
-The controller calls the graph it is given (`weight_version`, `generate`, `submit`, `score`, `update`,
-`sync_weights`, `save`, `load`, `export`, `shutdown`) without knowing which placement answers:
+The controller calls the graph it is given (`weights`, `generate`, `submit`, `score`, `update`, `save`,
+`load`, `export`, `shutdown`) without knowing which placement answers:
     colocated    every role of a device in one process (`rlhf_ray.rl.colocated`)
     distributed  each role its own Ray actors (`rlhf_ray.rl.distributed`)
 What each process is built with (device, dtype, engine and learner arguments, sync mode) is the plan's
@@ -16,7 +17,6 @@ from typing import Callable
 
 from rlhf_ray.config import Config
 from rlhf_ray.batch import SequenceBatch
-from rlhf_ray.placement.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -49,31 +49,9 @@ def critic_init_path(cfg: Config, paths: Paths) -> str:
     return paths.resolve(cfg.rl.critic_init_from) if cfg.rl.critic_init_from else paths.policy_init
 
 
-def build_roles(cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
-    """The role graph `cluster.placement` asks for, every actor started with the options of its bundle in
-    `plan` (reserved as `groups`, `rlhf_ray.placement.groups.reserve`); both answer the controller alike."""
-    if cfg.cluster.placement == "colocated":
-        from rlhf_ray.rl.colocated import ColocatedRoles
-        return ColocatedRoles(cfg, paths, plan, groups, total_steps)
-    from rlhf_ray.rl.distributed import DistributedRoles
-    return DistributedRoles(cfg, paths, plan, groups, total_steps)
-
-
 def split_rows(seq: SequenceBatch, n: int) -> list[SequenceBatch]:
     """n contiguous, equal shards of a batch (ZeRO-3 forwards are collectives: equal work per rank)."""
     if len(seq) % n:
         raise ValueError(f"a batch of {len(seq)} sequences does not split evenly over {n} ranks")
     k = len(seq) // n
     return [seq.select(slice(i * k, (i + 1) * k)) for i in range(n)]
-
-
-def merge_update_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Rank means (equal rows per rank), except the log-prob agreement: max of maxima, token-weighted mean."""
-    out = {k: sum(s[k] for s in per_rank) / len(per_rank) for k in per_rank[0]}
-    if "sync/logprob_max_abs" in out:
-        tokens = [s["sync/logprob_num_tokens"] for s in per_rank]
-        out["sync/logprob_max_abs"] = max(s["sync/logprob_max_abs"] for s in per_rank)
-        out["sync/logprob_mean_abs"] = sum(s["sync/logprob_mean_abs"] * t for s, t in zip(per_rank, tokens)) / max(
-            sum(tokens), 1.0)
-        out["sync/logprob_num_tokens"] = sum(tokens)
-    return out

@@ -23,7 +23,8 @@ from rlhf_ray.rl.evaluation import Evaluator, format_eval, split_prompts
 from rlhf_ray.rl.plateau import PlateauDetector, check_resume_overrides
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.resources import check_fits
-from rlhf_ray.rl.roles import Paths, build_roles
+from rlhf_ray.placement.plan import Plan
+from rlhf_ray.rl.roles import Paths
 from rlhf_ray.scoring.reward import FunctionSource
 from rlhf_ray.tracking.console import ConsoleView
 from rlhf_ray.tracking.metrics import MetricsLogger
@@ -66,8 +67,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         restored = rl_checkpoint.load(roles, out / "checkpoints", note=print) if resume else None
         ckpt = restored[0] if restored else None
         if restored:
-            controller.load_state_dict(restored[1])
-            roles.restore_weights(controller.version)  # the engines serve the restored weights
+            controller.load_state_dict(restored[1])  # the engines serve the restored weights from here
         logger = MetricsLogger(out, cfg.logging, "rl", cfg.model_dump(mode="json"), resume=ckpt is not None)
         if ckpt is not None:
             logger.truncate_to(controller.step_idx)
@@ -117,6 +117,18 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     if cfg.logging.report:
         write_report(out, f"{cfg.run.name}: {cfg.algorithm.name}")
     return final
+
+
+def build_roles(cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
+    """The role graph `cluster.placement` asks for, every actor started with the options of its bundle in
+    `plan` (reserved as `groups`, `rlhf_ray.placement.groups.reserve`); both answer the controller alike:
+        colocated    every role of a device in one process (`rlhf_ray.rl.colocated`)
+        distributed  each role its own Ray actors (`rlhf_ray.rl.distributed`)"""
+    if cfg.cluster.placement == "colocated":
+        from rlhf_ray.rl.colocated import ColocatedRoles
+        return ColocatedRoles(cfg, paths, plan, groups, total_steps)
+    from rlhf_ray.rl.distributed import DistributedRoles
+    return DistributedRoles(cfg, paths, plan, groups, total_steps)
 
 
 def _logged(err, exc: BaseException, out: Path):

@@ -11,7 +11,8 @@ Pure torch.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
@@ -39,13 +40,31 @@ def check_version(rollout_version: int, learner_version: int, max_off_policy_lag
     return lag
 
 
-def logprob_agreement(learner_logp: torch.Tensor, generator_logp: torch.Tensor,
-                      mask: torch.Tensor) -> dict[str, float]:
+@dataclass(frozen=True)
+class Agreement:
+    """|learner - generator| log-probs of the sampled tokens, over `num_tokens` response tokens."""
+    max_abs: float
+    mean_abs: float
+    num_tokens: int
+
+    @staticmethod
+    def merge(parts: Sequence["Agreement"]) -> "Agreement":
+        """One agreement from parts over disjoint tokens (micro-batches, ranks): the max of the maxima, the
+        token-weighted mean of the means."""
+        tokens = sum(p.num_tokens for p in parts)
+        mean = sum(p.mean_abs * p.num_tokens for p in parts) / max(tokens, 1)
+        return Agreement(max((p.max_abs for p in parts), default=0.0), mean, tokens)
+
+    def metrics(self) -> dict[str, float]:
+        return {"sync/logprob_max_abs": self.max_abs, "sync/logprob_mean_abs": self.mean_abs,
+                "sync/logprob_num_tokens": float(self.num_tokens)}
+
+
+def logprob_agreement(learner_logp: torch.Tensor, generator_logp: torch.Tensor, mask: torch.Tensor) -> Agreement:
     """Max and mean |learner - generator| over the response tokens.
 
     learner_logp, generator_logp: (B, T) log pi(a_t|s_t) of the sampled tokens, T = response length.
     mask: (B, T), 1 for real response tokens, 0 for padding.
-    Returns {"max_abs", "mean_abs", "num_tokens"} as floats.
     """
     if learner_logp.shape != generator_logp.shape or learner_logp.shape != mask.shape:
         raise ValueError(f"shapes differ: learner {tuple(learner_logp.shape)}, generator "
@@ -54,8 +73,8 @@ def logprob_agreement(learner_logp: torch.Tensor, generator_logp: torch.Tensor,
     diff = (learner_logp.double() - generator_logp.double().to(learner_logp.device)).abs()[m.to(learner_logp.device)]
     n = int(diff.numel())
     if n == 0:
-        return {"max_abs": 0.0, "mean_abs": 0.0, "num_tokens": 0.0}
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "num_tokens": float(n)}
+        return Agreement(0.0, 0.0, 0)
+    return Agreement(float(diff.max()), float(diff.mean()), n)
 
 
 def agreement_thresholds(sync_cfg, dtypes: tuple[str, ...] = ()):
@@ -66,7 +85,7 @@ def agreement_thresholds(sync_cfg, dtypes: tuple[str, ...] = ()):
                                        "logprob_mean_abs_diff": sync_cfg.logprob_mean_abs_diff or mean_abs})
 
 
-def check_logprob_agreement(stats: dict[str, float], sync_cfg, version: Optional[int] = None) -> None:
+def check_logprob_agreement(stats: Agreement, sync_cfg, version: Optional[int] = None) -> None:
     """Raise LogprobMismatchError if `stats` exceed `sync_cfg.logprob_max_abs_diff` / `logprob_mean_abs_diff`.
 
     A non-finite difference also fails (NaN compares false to every threshold). Does nothing when
@@ -76,7 +95,7 @@ def check_logprob_agreement(stats: dict[str, float], sync_cfg, version: Optional
         return
     limits = agreement_thresholds(sync_cfg)  # unset: fp32's (the controller passes them per precision)
     max_lim, mean_lim = limits.logprob_max_abs_diff, limits.logprob_mean_abs_diff
-    max_abs, mean_abs = stats["max_abs"], stats["mean_abs"]
+    max_abs, mean_abs = stats.max_abs, stats.mean_abs
     bad = []
     if not (max_abs <= max_lim):
         bad.append(f"max |diff| {max_abs:.4g} > rollout.sync.logprob_max_abs_diff={max_lim}")
@@ -85,6 +104,6 @@ def check_logprob_agreement(stats: dict[str, float], sync_cfg, version: Optional
     if bad:
         where = f"weight version {version}" if version is not None else "this batch"
         raise LogprobMismatchError(f"learner and generator log-probs disagree for {where} over "
-                                   f"{int(stats.get('num_tokens', 0))} tokens: " + "; ".join(bad)
+                                   f"{stats.num_tokens} tokens: " + "; ".join(bad)
                                    + ". The generator is not running the learner's weights (a failed or skipped "
                                      "sync, a dtype mismatch, or a temperature/logprobs_mode mismatch).")

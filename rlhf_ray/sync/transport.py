@@ -11,7 +11,6 @@ A restarted engine is re-synced by replaying the restore point from the disk of 
 """
 from __future__ import annotations
 
-import collections
 import shutil
 from typing import Any, Iterable, Iterator, Optional
 
@@ -59,17 +58,21 @@ def stream_weights(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
 
 
 # -- run inside a learner rank (`learner.__ray_call__.remote(fn, ...)`: `learner` is the actor) ----------
-_SENDER = "_rlhf_ray_weight_sender"
+# The broadcast groups this process sends on, by the name of the transport that opened them. Kept here, in the
+# learner's process, rather than on the learner: the sync owns its groups, the learner only lends its weights.
+_senders: dict[str, Any] = {}
 
 
 def stream_from_learner(learner: Any, mode: str, bucket_bytes: int, dtype: Optional[torch.dtype], is_source: bool,
-                        skip: frozenset, sink, restore_folder: str, meta: dict) -> Optional[dict]:
-    """Every rank iterates (a ZeRO-3 learner gathers each parameter collectively); rank 0 streams."""
+                        skip: frozenset, sink, restore_folder: str, meta: dict, sender: str = "") -> Optional[dict]:
+    """Every rank iterates (a ZeRO-3 learner gathers each parameter collectively); rank 0 streams, on the
+    broadcast group `sender` opened in this process (`open_sender`) when the sink is the collective."""
+    from rlhf_ray.learner.weights import drain
     named = learner.named_weights(mode)
     if not is_source:
-        collections.deque(named, maxlen=0)   # take part in the gathers, keep nothing
+        drain(named)
         return None
-    return stream_weights(named, bucket_bytes, dtype, skip, sink, restore_folder, meta, getattr(learner, _SENDER, None))
+    return stream_weights(named, bucket_bytes, dtype, skip, sink, restore_folder, meta, _senders.get(sender))
 
 
 def replay_restore(holder: Any, folder: str, sink, bucket_bytes: int) -> dict[str, int]:
@@ -91,15 +94,14 @@ def sender_address(learner: Any) -> tuple[str, int]:
     return node_address()
 
 
-def open_sender(learner: Any, host: str, port: int, world_size: int, backend: str, device: str,
+def open_sender(learner: Any, sender: str, host: str, port: int, world_size: int, backend: str, device: str,
                 timeout_s: float) -> None:
     from rlhf_ray.sync.collective import CollectiveGroup
-    close_sender(learner)
-    setattr(learner, _SENDER, CollectiveGroup(host, port, 0, world_size, backend, device, timeout_s))
+    close_sender(learner, sender)
+    _senders[sender] = CollectiveGroup(host, port, 0, world_size, backend, device, timeout_s)
 
 
-def close_sender(learner: Any) -> None:
-    group = getattr(learner, _SENDER, None)
+def close_sender(learner: Any, sender: str) -> None:
+    group = _senders.pop(sender, None)
     if group is not None:
         group.close()
-        setattr(learner, _SENDER, None)

@@ -1,4 +1,5 @@
-"""Every YAML under configs/ loads and validates; the GPU ones must fit their declared clusters."""
+"""Every YAML under configs/ loads, validates and places its RL roles on its declared cluster (the CLI's preflight);
+the GPU ones' memory is tests/placement/test_plan.py's."""
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ def test_configs_were_found():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_config_validates(path):
+    from rlhf_ray.preflight import check_plan
     cfg = load_config(path)
     assert cfg.run.name
+    check_plan(cfg)  # every role placed on the cluster it declares
 
 
 def test_qlora_4090_is_a_single_gpu_adapter_run():

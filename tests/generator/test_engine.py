@@ -67,9 +67,9 @@ def test_sampled_logprobs_agree_with_learner_and_skipped_sync_is_caught(engine, 
     assert rollout.temperature == pytest.approx(0.7)
     learner_logp, engine_logp, mask = hf_logprobs(learner, rollout)
     stats = logprob_agreement(learner_logp, engine_logp, mask)
-    assert stats["num_tokens"] > 0
+    assert stats.num_tokens > 0
     check_logprob_agreement(stats, FP32, version=2)       # fp32 tolerance
-    assert stats["max_abs"] < 1e-3, stats
+    assert stats.max_abs < 1e-3, stats
 
     perturb(learner, seed=13)                              # the learner updates, the sync is "forgotten"
     stale = engine.generate(_prompts()[:3], seeds=[5, 6, 7])

@@ -1,4 +1,5 @@
-"""GeneratorGroup on a local Ray: two engines, in-order results, weight sync, a killed engine healed."""
+"""GeneratorGroup on a local Ray: two engines, in-order results, weight sync (`rlhf_ray.sync.streamed`), a killed
+engine healed."""
 import pytest
 import torch
 
@@ -39,8 +40,18 @@ def group(ray_local, tiny_path):
     g.shutdown()
 
 
-def test_two_engines_serve_one_batch_in_order(group, tiny_path):
-    assert group.transport == "object_store" and len(group.actors) == 2
+@pytest.fixture(scope="module")
+def sync(group):
+    """The weight sync to the group's engines: "auto" picks the object store (every engine on this node)."""
+    from rlhf_ray.sync.streamed import engine_transport
+    s = engine_transport("auto", group, bucket_mb=CFG.sync.bucket_mb, dtype=torch.float32)
+    yield s
+    s.close()
+
+
+def test_two_engines_serve_one_batch_in_order(group, sync, tiny_path):
+    from rlhf_ray.sync.streamed import ObjectStore
+    assert isinstance(sync, ObjectStore) and len(group.actors) == 2
     r = _expect_greedy(group, load_hf(tiny_path), _prompts())
     assert r.weight_version == 0
 
@@ -65,21 +76,21 @@ def _learner_weights(tiny_path):
     return model
 
 
-def test_full_sync_from_iterator_then_from_learner_actor(group, tiny_path, learner_actor):
-    v = group.version
+def test_full_sync_from_iterator_then_from_learner_actor(group, sync, tiny_path, learner_actor):
+    v = sync.served_version
     learner = load_hf(tiny_path)
     perturb(learner, seed=31)
-    stats = group.sync_weights(named_weights(learner), mode="full")
-    assert group.version == v + 1 and stats["buckets"] >= 1
+    stats = sync.send(named_weights(learner), "full", v + 1)
+    assert sync.served_version == stats.version == v + 1 and stats.streamed.buckets >= 1
     assert _expect_greedy(group, learner, _prompts()).weight_version == v + 1
 
-    group.sync_weights(learner_actor, mode="full", version=v + 2)   # packed inside the learner's process
+    sync.send(learner_actor, "full", v + 2)   # packed inside the learner's process
     assert _expect_greedy(group, _learner_weights(tiny_path), _prompts()).weight_version == v + 2
 
 
-def test_killed_engine_comes_back_with_current_weights(group, tiny_path, ray_local, learner_actor):
-    current = group.version + 1  # this test's own sync: it needs no other test to have run first
-    group.sync_weights(learner_actor, mode="full", version=current)
+def test_killed_engine_comes_back_with_current_weights(group, sync, tiny_path, ray_local, learner_actor):
+    current = sync.served_version + 1  # this test's own sync: it needs no other test to have run first
+    sync.send(learner_actor, "full", current)
     ray_local.kill(group.actors[0], no_restart=False)
     r = _expect_greedy(group, _learner_weights(tiny_path), _prompts())  # engine 0 restarted at 0, healed
     assert r.weight_version == current

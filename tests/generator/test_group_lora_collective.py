@@ -20,26 +20,28 @@ def test_adapter_versions_over_collective_and_restart(ray_local, tiny_path):
     from peft import LoraConfig, get_peft_model
 
     from rlhf_ray.generator.group import GeneratorGroup
-    group = GeneratorGroup(tiny_path, CFG, resolve_backend("cpu"), lora=True, max_model_len=256, max_lora_rank=8,
-                           transport="collective", collective_timeout_s=60)
+    from rlhf_ray.sync.streamed import engine_transport
+    group = GeneratorGroup(tiny_path, CFG, resolve_backend("cpu"), lora=True, max_model_len=256, max_lora_rank=8)
+    sync = engine_transport("collective", group, bucket_mb=CFG.sync.bucket_mb, dtype=torch.float32, timeout_s=60)
     try:
         policy = get_peft_model(load_hf(tiny_path), LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
                                                                target_modules=["q_proj", "v_proj"]))
         g = torch.Generator().manual_seed(3)
         prompts = [torch.randint(3, 500, (k,), generator=g).tolist() for k in (5, 12, 130)]
-        for seed in (41, 42):
+        for version, seed in ((1, 41), (2, 42)):
             perturb(policy, seed=seed, scale=0.2)
-            group.sync_weights(named_weights(policy, "adapter"), adapter_config=adapter_config(policy))
+            sync.send(named_weights(policy, "adapter"), "adapter", version, adapter_config=adapter_config(policy))
             r = group.submit(prompts, n=1, temperature=0.0).result()
             assert r.response_ids == [_cut(x) for x in hf_greedy(policy, prompts, NEW)]
-        assert r.weight_version == group.version == 2
+        assert r.weight_version == sync.served_version == 2
 
         ray_local.kill(group.actors[0], no_restart=False)      # restored from the object store
         r = submit_as_the_roles_do(group, prompts, n=1, temperature=0.0)
         assert r.weight_version == 2 and r.response_ids == [_cut(x) for x in hf_greedy(policy, prompts, NEW)]
         perturb(policy, seed=43, scale=0.2)                     # the group is rebuilt for the next push
-        group.sync_weights(named_weights(policy, "adapter"), adapter_config=adapter_config(policy))
+        sync.send(named_weights(policy, "adapter"), "adapter", 3, adapter_config=adapter_config(policy))
         r = group.submit(prompts, n=1, temperature=0.0).result()
         assert r.weight_version == 3 and r.response_ids == [_cut(x) for x in hf_greedy(policy, prompts, NEW)]
     finally:
+        sync.close()
         group.shutdown()

@@ -1,7 +1,7 @@
 """Pure pieces of the generator: prompt spreading and joining per-engine rollouts (no Ray, no vLLM)."""
 import pytest
 
-from rlhf_ray.generator.group import split_evenly
+from rlhf_ray.dispatch import split_evenly
 from rlhf_ray.generator.records import Rollout, concat_rollouts
 
 

@@ -55,21 +55,25 @@ def test_tp2_engine_workers_reload_from_a_relayed_broadcast(tiny_path, monkeypat
 
 
 def test_tp2_engine_workers_are_ranks_of_the_collective_group(ray_local, tiny_path):
+    import torch
+
     from rlhf_ray.generator.group import GeneratorGroup, tied_names
-    group = GeneratorGroup(tiny_path, CFG, resolve_backend("cpu"), max_model_len=128, transport="collective",
-                           collective_timeout_s=60)
+    from rlhf_ray.sync.streamed import engine_transport
+    group = GeneratorGroup(tiny_path, CFG, resolve_backend("cpu"), max_model_len=128)
+    sync = engine_transport("collective", group, bucket_mb=CFG.sync.bucket_mb, dtype=torch.float32, timeout_s=60)
     try:
         learner = load_hf(tiny_path)
         perturb(learner, seed=22, scale=0.5)
         want = [_cut(x) for x in hf_greedy(learner, PROMPTS, NEW)]
-        stats = group.sync_weights(named_weights(learner), mode="full")
-        assert group._collective[2] == (2,)                    # 1 + sum(tp) = 3 ranks: the driver, two workers
+        stats = sync.send(named_weights(learner), "full", 1)
+        assert sync._group[2] == (2,)                          # 1 + sum(tp) = 3 ranks: the driver, two workers
         sent = _model_bytes((n, t) for n, t in named_weights(learner) if n not in tied_names(tiny_path))
-        assert stats["bytes"] >= sent
+        assert stats.streamed.bytes >= sent
         actor = group.actors[0]
         assert ray_local.get(actor.received.remote()) == [sent, sent]
         root = ray_local.get(actor.__ray_call__.remote(lambda a: str(a.engine._adapter_root)))
         assert _files(root) == []
         assert group.submit(PROMPTS, n=1, temperature=0.0).result().response_ids == want
     finally:
+        sync.close()
         group.shutdown()

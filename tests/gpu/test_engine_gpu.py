@@ -107,6 +107,6 @@ def test_fp8_engine_with_adapter_sync_passes_the_agreement_check(tiny_path):
         check_logprob_agreement(stats, limits, version=1)           # raises LogprobMismatchError past the limits
         with policy.disable_adapter():                              # the adapter mattered: the base disagrees more
             base = logprob_agreement(*hf_logprobs(policy, rollout))
-        assert base["mean_abs"] > stats["mean_abs"], (base, stats)
+        assert base.mean_abs > stats.mean_abs, (base, stats)
     finally:
         engine.close()

@@ -53,6 +53,7 @@ def test_learner_to_tp2_engine_over_nccl(tmp_path):
     from rlhf_ray.config.schema import RolloutConfig
     from rlhf_ray.generator.group import GeneratorGroup
     from rlhf_ray.models.kit import resolve_model_path
+    from rlhf_ray.sync.streamed import engine_transport
     from rlhf_ray.utils.device import make_backend
     from tests.generator.conftest import hf_greedy, load_hf, perturb
 
@@ -72,17 +73,19 @@ def test_learner_to_tp2_engine_over_nccl(tmp_path):
         learner = ray.remote(num_gpus=1)(GpuLearner).remote()
         cfg = RolloutConfig(tensor_parallel_size=2, gpus_per_engine=2, max_new_tokens=8, seed=0,
                             gpu_memory_utilization=0.3)
-        group = GeneratorGroup(path, cfg, make_backend("cuda", "float32"), max_model_len=128, transport="collective",
-                               engine_kwargs={"distributed_executor_backend": "mp"}, collective_timeout_s=120,
-                               restore_dir=str(tmp_path / "restore"))
+        group = GeneratorGroup(path, cfg, make_backend("cuda", "float32"), max_model_len=128,
+                               engine_kwargs={"distributed_executor_backend": "mp"})
+        sync = engine_transport("collective", group, backend="nccl", device="cuda", bucket_mb=cfg.sync.bucket_mb,
+                                dtype=torch.float32, timeout_s=120, restore_dir=str(tmp_path / "restore"))
         try:
-            group.sync_weights(learner, mode="full")
+            sync.send(learner, "full", 1)
             want = load_hf(path)
             perturb(want, seed=5, scale=0.5)
             got = group.submit(prompts, n=1, temperature=0.0).result()
             expect = [x[:x.index(2) + 1] if 2 in x else x for x in hf_greedy(want, prompts, 8)]
             assert got.weight_version == 1 and got.response_ids == expect
         finally:
+            sync.close()
             group.shutdown()
     finally:
         ray.shutdown()

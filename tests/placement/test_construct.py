@@ -83,9 +83,10 @@ def test_the_4090_engine_is_online_fp8_under_vllm_032s_name(hub):
 
 
 def test_explicit_fp8_on_a_cpu_engine_is_one_line_naming_the_key():
-    from rlhf_ray.config import ConfigError
-    with pytest.raises(ConfigError, match="rollout.quantization=fp8_per_tensor needs a CUDA engine"):
-        load_config(None, ["rollout.quantization=fp8_per_tensor"])
+    from rlhf_ray.placement.plan import PlanError
+    from rlhf_ray.preflight import check_plan
+    with pytest.raises(PlanError, match="rollout.quantization=fp8_per_tensor needs a CUDA engine"):
+        check_plan(load_config(None, ["rollout.quantization=fp8_per_tensor"]))
 
 
 # -- finding 3: ZeRO-3 learners are built under zero.Init ----------------------------------------
@@ -199,6 +200,7 @@ def test_the_distributed_placement_builds_every_actor_from_the_construction(hub,
     for name in ("LearnerGroup", "ReferenceActor", "RewardActor"):
         monkeypatch.setattr(dist, name, seen.setdefault(name, _Recorder()))
     monkeypatch.setattr(group, "GeneratorGroup", seen.setdefault("GeneratorGroup", _Recorder()))
+    monkeypatch.setattr(dist, "engine_transport", seen.setdefault("engine_transport", _Recorder()))
     monkeypatch.setattr(dist, "actor_options", lambda *a: {})
     monkeypatch.setattr(dist, "generator_base", lambda *a: "/base")
     paths = SimpleNamespace(policy_init="/init", resolve=lambda p: p, scratch="/tmp")
@@ -212,7 +214,9 @@ def test_the_distributed_placement_builds_every_actor_from_the_construction(hub,
     engine = args.engines()[0]
     assert gen_kwargs["engine_kwargs"] == engine.llm_kwargs("/base")
     assert gen_kwargs["engine_kwargs"]["distributed_executor_backend"] == "mp"
-    assert (gen_kwargs["transport"], gen_kwargs["collective_timeout_s"]) == ("collective", args.sync.timeout_s)
+    (sync_args, sync_kwargs), = seen["engine_transport"].calls  # the weight sync's transport, from the plan too
+    assert sync_args[0] == args.sync.transport == "collective" and sync_kwargs["timeout_s"] == args.sync.timeout_s
+    assert (sync_kwargs["backend"], sync_kwargs["mode"]) == (args.sync.backend, args.sync.mode)
     assert gen_args[1].tensor_parallel_size == engine.tensor_parallel_size
 
 

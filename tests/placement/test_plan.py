@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.cli import main
-from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.config import load_config
 from rlhf_ray.placement.budget import budget
-from rlhf_ray.placement.plan import engine_quantization, place, role_dtype
+from rlhf_ray.placement.plan import PlanError, engine_quantization, place, role_dtype
 from rlhf_ray.placement.report import model_config
+from rlhf_ray.preflight import check_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_CONFIGS = sorted((ROOT / "configs" / "gpu").rglob("*.yaml"))
@@ -43,12 +44,12 @@ def test_tp_engines_are_counted_once():
     assert [len(b.gpus) for b in engines] == [8, 8] and len({b.node for b in engines}) == 2
 
 
-def test_70b_on_too_few_nodes_is_refused_at_validation():
+def test_70b_on_too_few_nodes_is_refused_before_launch():
     path = ROOT / "configs/gpu/llama3.1-70b-4x8xh100.yaml"
-    with pytest.raises(ConfigError, match=r"policy #8 asks for 1 GPU\(s\).*\(3 node\(s\), 24 GPUs\)"):
-        load_config(path, ["cluster.num_nodes=3"])
-    with pytest.raises(ConfigError, match=r"generator #1 asks for 8 GPU\(s\) and 1 CPU\(s\) on one node"):
-        load_config(path, ["cluster.num_nodes=1"])
+    with pytest.raises(PlanError, match=r"policy #8 asks for 1 GPU\(s\).*\(3 node\(s\), 24 GPUs\)"):
+        check_plan(load_config(path, ["cluster.num_nodes=3"]))
+    with pytest.raises(PlanError, match=r"generator #1 asks for 8 GPU\(s\) and 1 CPU\(s\) on one node"):
+        check_plan(load_config(path, ["cluster.num_nodes=1"]))
 
 
 def test_70b_on_too_few_gpus_is_refused_naming_the_line_item(hub):
@@ -104,10 +105,10 @@ def test_roles_get_the_device_and_dtype_they_asked_for():
 
 
 def test_cuda_roles_asking_for_no_gpu_are_refused():
-    with pytest.raises(ConfigError, match="rollout.gpus_per_engine=0 on cluster.device=cuda"):
-        load_config(ROOT / "configs/gpu/llama3.1-8b-8xh100.yaml", ["rollout.gpus_per_engine=0"])
-    with pytest.raises(ConfigError, match="gpus_per_engine=4 must equal rollout.tensor_parallel_size=8"):
-        load_config(ROOT / "configs/gpu/llama3.1-70b-4x8xh100.yaml", ["rollout.gpus_per_engine=4"])
+    with pytest.raises(PlanError, match="rollout.gpus_per_engine=0 on cluster.device=cuda"):
+        check_plan(load_config(ROOT / "configs/gpu/llama3.1-8b-8xh100.yaml", ["rollout.gpus_per_engine=0"]))
+    with pytest.raises(PlanError, match="gpus_per_engine=4 must equal rollout.tensor_parallel_size=8"):
+        check_plan(load_config(ROOT / "configs/gpu/llama3.1-70b-4x8xh100.yaml", ["rollout.gpus_per_engine=4"]))
 
 
 def test_colocated_puts_every_role_in_one_process_per_device():

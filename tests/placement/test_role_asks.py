@@ -13,7 +13,8 @@ from rlhf_ray.config import load_config
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.placement.groups import release, reserve
 from rlhf_ray.rl.resources import check_fits
-from rlhf_ray.rl.roles import Paths, build_roles
+from rlhf_ray.rl.roles import Paths
+from rlhf_ray.rl.run import build_roles
 
 pytestmark = pytest.mark.slow
 

@@ -136,3 +136,22 @@ def test_no_file_is_unpickled_and_no_remote_code_is_trusted():
     root = Path(__file__).resolve().parents[2] / "rlhf_ray"
     found = {str(path.relative_to(root)): bad for path in root.rglob("*.py") if (bad := unsafe_lines(path.read_text()))}
     assert found == {}
+
+
+def test_a_config_that_cannot_be_placed_is_refused_by_the_preflight_naming_the_role():
+    """Config validation places nothing (tests/config/test_load.py); the CLI's preflight places the RL roles on the
+    declared cluster, before Ray starts, and `rlhf-ray train` / `config` stop there in one line."""
+    from rlhf_ray.cli import main
+    from rlhf_ray.placement.plan import PlanError
+    from rlhf_ray.preflight import check_plan, preflight
+    gpu = ["cluster.device=cuda", "cluster.gpus_per_node=1", "rl.policy.gpus_per_rank=1", "rollout.gpus_per_engine=1",
+           "cluster.placement=distributed"]
+    bad = cfg(*gpu)
+    with pytest.raises(PlanError, match=r"generator #0 asks for 1 GPU\(s\)"):
+        check_plan(bad)
+    with pytest.raises(PlanError, match=r"generator #0 asks for 1 GPU\(s\)"):
+        preflight(bad)
+    check_plan(cfg(*gpu[:-1], "cluster.gpus_per_node=2"))  # two GPUs hold both
+    with pytest.raises(PlanError, match="rollout.tensor_parallel_size must be 1, got 2"):  # the plan's rule alone
+        check_plan(cfg("rollout.tensor_parallel_size=2"))
+    assert main(["config", "run.stages=[rl]", "reward.sources=[{kind: function, path: 'm:f'}]", *gpu]) == 1

@@ -10,8 +10,9 @@ from rlhf_ray.generator.records import Rollout
 from rlhf_ray.rl.advantage_step import BadRewardError
 from rlhf_ray.rl.controller import EmptyResponseError, RLController
 from rlhf_ray.rl.prompt_stream import PromptStream
-from rlhf_ray.sync.checks import LogprobMismatchError, StaleWeightsError
-from rlhf_ray.sync.weight_sync import WeightSync
+from rlhf_ray.rl.records import UpdateResult
+from rlhf_ray.sync.checks import Agreement, LogprobMismatchError, StaleWeightsError
+from rlhf_ray.sync.weight_sync import SyncStats, WeightSync
 
 
 class FakeRoles:
@@ -32,9 +33,6 @@ class FakeRoles:
         self.kl_coefs = []
         self.submitted = []
         self.weights = WeightSync(self, lambda: self.optimizer_steps)
-
-    def weight_version(self):
-        return self.weights.version
 
     def generate(self, prompt_ids, n, step):
         resp, idx = [], []
@@ -58,20 +56,12 @@ class FakeRoles:
         self.updates.append((batch, minibatches))
         self.kl_coefs.append(kl_coef)
         self.optimizer_steps += sum(len(epoch) for epoch in minibatches)
-        return {"policy/loss": 0.1, "sync/logprob_max_abs": self.drift, "sync/logprob_mean_abs": self.drift,
-                "sync/logprob_num_tokens": 10.0}
+        return UpdateResult({"policy/loss": 0.1}, Agreement(self.drift, self.drift, 10), 0.0)
 
     def push(self, version):  # the transport
         if not self.skip_sync:
             self.gen_version = version
-        return {"sync/total_s": 0.0}
-
-    def sync_weights(self):
-        stats = self.weights.push()
-        return self.weights.version, stats or {}
-
-    def restore_weights(self, version):
-        self.weights.restore(version)
+        return SyncStats(version, 0.0, 0.0, None)
 
 
 def make(roles, *overrides, prompts=4):
@@ -151,7 +141,8 @@ def test_a_step_whose_updates_were_all_refused_pushes_nothing():
     roles = FakeRoles()
     c = make(roles)
     c.step()
-    roles.update = lambda batch, minibatches, kl_coef, overlapped=False: {"policy/nonfinite_skipped": 1.0}
+    roles.update = lambda batch, minibatches, kl_coef, overlapped=False: UpdateResult(
+        {"policy/nonfinite_skipped": 1.0}, Agreement(0.0, 0.0, 10), 0.0)
     m = c.step().metrics
     assert m["sync/version"] == 1 and roles.gen_version == 1 and "sync/total_s" not in m
     assert c.step().metrics["sync/lag"] == 0
@@ -188,9 +179,8 @@ def test_state_round_trip_reproduces_the_next_step():
     state = a.state_dict()
     ref = a.step()
     b = make(FakeRoles())
-    b.load_state_dict(state)
-    b.roles.restore_weights(b.version)  # as the RL stage does after loading a checkpoint
-    assert b.roles.gen_version == 1
+    b.load_state_dict(state)  # as the RL stage does after loading a checkpoint: the engine serves version 1
+    assert b.roles.gen_version == 1 and b.roles.weights.version == 1
     again = b.step()
     assert again.prompts == ref.prompts
     assert torch.equal(torch.cat(b.roles.updates[0][1][0]), torch.cat(a.roles.updates[1][1][0]))
@@ -231,7 +221,6 @@ def test_adaptive_kl_follows_the_measured_kl_and_survives_a_resume():
     assert roles.kl_coefs == pytest.approx([0.1, up[0]], rel=1e-9)  # the learner trains with the current beta
     b = make(FakeRoles(ref_gap=0.5), *over)
     b.load_state_dict(a.state_dict())
-    b.roles.restore_weights(b.version)
     b.step()
     assert b.roles.kl_coefs == pytest.approx([up[1]], rel=1e-9)
     # below a target it has never reached, beta holds (the KL of a run climbs from 0 whatever beta is)

@@ -7,6 +7,8 @@ from rlhf_ray.generator.records import Rollout
 from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.dynamic_sampling import informative_groups
 from rlhf_ray.rl.prompt_stream import PromptStream
+from rlhf_ray.rl.records import UpdateResult
+from rlhf_ray.sync.weight_sync import SyncStats, WeightSync
 
 
 class SolvedPromptRoles:
@@ -14,17 +16,18 @@ class SolvedPromptRoles:
     Responses have 1 + (sample index % 3) tokens so merged rounds need re-padding."""
 
     def __init__(self):
-        self.version, self.updates, self.generated = 0, [], []
+        self.version, self.updates, self.generated = 0, [], []   # version: the fake learner's updates
+        self.weights = WeightSync(self, lambda: self.version)
 
-    def weight_version(self):
-        return self.version
+    def push(self, version):  # the weight sync's transport: the engine serves `version` (`self.weights`)
+        return SyncStats(version, 0.0, 0.0, None)
 
     def generate(self, prompt_ids, n, step):
         self.generated.append([p[-1] for p in prompt_ids])
         idx = [i for i in range(len(prompt_ids)) for _ in range(n)]
         resp = [[7] * (1 + j % 3) for _ in prompt_ids for j in range(n)]
         return Rollout([list(prompt_ids[i]) for i in idx], resp, [[-0.5] * len(r) for r in resp],
-                       ["x"] * len(resp), idx, ["stop"] * len(resp), self.version, 1.0)
+                       ["x"] * len(resp), idx, ["stop"] * len(resp), self.weights.version, 1.0)
 
     def score(self, prompts, responses, seq):
         scores = []
@@ -36,10 +39,8 @@ class SolvedPromptRoles:
     def update(self, batch, minibatches, kl_coef, overlapped=False):
         self.updates.append(batch)
         self.version += 1
-        return {"policy/loss": 0.0}
+        return UpdateResult({"policy/loss": 0.0}, None, 0.0)
 
-    def sync_weights(self):
-        return self.version, {}
 
 
 def _controller(*overrides):

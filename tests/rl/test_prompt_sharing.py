@@ -62,4 +62,4 @@ def test_policy_update_and_logprobs_run_each_distinct_prompt_once(lora):
     # sharing computes the same function: the log-probs are the plain forward's and the update is a real one
     mask = seq.response_mask.bool()
     assert (logp - old)[mask].abs().max() < 1e-5 and (ref - old)[mask].abs().max() < 1e-5
-    assert stats["sync/logprob_max_abs"] < 1e-5 and stats["policy/grad_norm"] > 1e-4
+    assert stats.agreement.max_abs < 1e-5 and stats.stats["policy/grad_norm"] > 1e-4

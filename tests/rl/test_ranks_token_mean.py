@@ -21,8 +21,7 @@ from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.rl.critic import CriticRank
 from rlhf_ray.rl.micro import micro_batches, token_weight
 from rlhf_ray.rl.policy import PolicyRank
-from rlhf_ray.rl.records import TrainBatch
-from rlhf_ray.rl.roles import merge_update_stats
+from rlhf_ray.rl.records import TrainBatch, UpdateResult
 from rlhf_ray.utils.device import resolve_backend
 from tests.learner.helpers import model_cfg
 
@@ -65,7 +64,7 @@ def _update(kind: str, world: int, batch: TrainBatch | None) -> tuple[TrainBatch
     try:
         batch = batch or _batch(group, kind)
         args = (batch, MINIBATCHES, 0.0) if kind == "policy" else (batch, MINIBATCHES)
-        stats = merge_update_stats(ray.get([a.update.remote(*args) for a in group.actors]))
+        stats = UpdateResult.merge(ray.get([a.update.remote(*args) for a in group.actors])).stats
         return batch, stats, dict(group.named_weights("full"))
     finally:
         group.shutdown()

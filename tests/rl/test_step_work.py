@@ -86,7 +86,7 @@ def _update(minibatches, live: bool, monkeypatch) -> tuple[dict, int]:
     batch = _batch(learner)
     worker = PolicyWorker(learner, AlgorithmConfig(loss_agg="token-mean", tis=True), ReferenceConfig(kl_coef=0.0),
                           temperature=1.0, norm_len=8)
-    stats = worker.update(batch, minibatches, kl_coef=0.0)
+    stats = worker.update(batch, minibatches, kl_coef=0.0).stats
     return stats, worker.proximal_forwards
 
 

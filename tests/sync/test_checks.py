@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rlhf_ray.config.schema import SyncConfig
-from rlhf_ray.sync.checks import (LogprobMismatchError, StaleWeightsError, check_logprob_agreement, check_version,
-                                  logprob_agreement)
+from rlhf_ray.sync.checks import (Agreement, LogprobMismatchError, StaleWeightsError, check_logprob_agreement,
+                                  check_version, logprob_agreement)
 
 
 def test_agreement_hand_computed_ignores_padding():
@@ -13,29 +13,43 @@ def test_agreement_hand_computed_ignores_padding():
     gen = torch.tensor([[-1.1, -2.0, -2.5], [-0.5, -0.3, -100.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     stats = logprob_agreement(learner, gen, mask)
-    assert stats["num_tokens"] == 5
-    assert stats["max_abs"] == pytest.approx(0.5)
-    assert stats["mean_abs"] == pytest.approx((0.1 + 0 + 0.5 + 0 + 0.2) / 5)
+    assert stats.num_tokens == 5
+    assert stats.max_abs == pytest.approx(0.5)
+    assert stats.mean_abs == pytest.approx((0.1 + 0 + 0.5 + 0 + 0.2) / 5)
 
 
 def test_agreement_empty_mask_and_shape_mismatch():
     z = torch.zeros(2, 3)
-    assert logprob_agreement(z, z, torch.zeros(2, 3))["max_abs"] == 0.0
+    assert logprob_agreement(z, z, torch.zeros(2, 3)) == Agreement(0.0, 0.0, 0)
     with pytest.raises(ValueError, match="shapes differ"):
         logprob_agreement(z, torch.zeros(2, 4), torch.ones(2, 3))
 
 
+def test_parts_merge_into_the_whole_batch_agreement():
+    """Micro-batches or ranks over disjoint tokens merge to what the whole batch gives at once."""
+    learner = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 9.0], [-4.0, -1.0, -1.0]])
+    gen = torch.tensor([[-1.1, -2.0, -2.5], [-0.5, -0.3, -100.0], [-3.0, -1.0, -1.5]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    parts = [logprob_agreement(learner[i:j], gen[i:j], mask[i:j]) for i, j in ((0, 1), (1, 3))]
+    whole, merged = logprob_agreement(learner, gen, mask), Agreement.merge(parts)
+    assert merged.num_tokens == whole.num_tokens == 6 and merged.max_abs == whole.max_abs == 1.0
+    assert merged.mean_abs == pytest.approx(whole.mean_abs, rel=1e-12)
+    assert Agreement.merge([]) == Agreement(0.0, 0.0, 0)
+    assert merged.metrics() == {"sync/logprob_max_abs": 1.0, "sync/logprob_mean_abs": merged.mean_abs,
+                                "sync/logprob_num_tokens": 6.0}
+
+
 def test_check_passes_within_thresholds_and_names_numbers_when_over():
     cfg = SyncConfig(logprob_max_abs_diff=0.5, logprob_mean_abs_diff=0.02)
-    check_logprob_agreement({"max_abs": 0.49, "mean_abs": 0.019, "num_tokens": 10}, cfg, version=3)
+    check_logprob_agreement(Agreement(0.49, 0.019, 10), cfg, version=3)
     with pytest.raises(LogprobMismatchError, match=r"version 7.*max \|diff\| 0\.6 > rollout\.sync\.logprob_max_abs_diff"):
-        check_logprob_agreement({"max_abs": 0.6, "mean_abs": 0.001, "num_tokens": 10}, cfg, version=7)
+        check_logprob_agreement(Agreement(0.6, 0.001, 10), cfg, version=7)
     with pytest.raises(LogprobMismatchError, match="logprob_mean_abs_diff"):
-        check_logprob_agreement({"max_abs": 0.1, "mean_abs": 0.05, "num_tokens": 10}, cfg)
+        check_logprob_agreement(Agreement(0.1, 0.05, 10), cfg)
 
 
 def test_check_fails_on_nan_and_is_off_when_disabled():
-    nan = {"max_abs": math.nan, "mean_abs": math.nan, "num_tokens": 1}
+    nan = Agreement(math.nan, math.nan, 1)
     with pytest.raises(LogprobMismatchError):
         check_logprob_agreement(nan, SyncConfig())
     check_logprob_agreement(nan, SyncConfig(logprob_check=False))

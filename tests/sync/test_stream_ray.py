@@ -99,13 +99,16 @@ class StandInLearner:
 
 
 def _group(monkeypatch, tmp_path, transport):
+    """(the generator group of stand-in engines, the weight sync's `transport` to them)."""
     from ray import cloudpickle
 
     import rlhf_ray.generator.group as group_mod
+    from rlhf_ray.sync.streamed import engine_transport
     cloudpickle.register_pickle_by_value(sys.modules[__name__])    # workers cannot import tests/ modules
     monkeypatch.setattr(group_mod, "GeneratorActor", CountingEngine)
-    return group_mod.GeneratorGroup("unused", CFG, resolve_backend("cpu"), transport=transport,
-                                    collective_timeout_s=60, restore_dir=str(tmp_path / "restore"))
+    group = group_mod.GeneratorGroup("unused", CFG, resolve_backend("cpu"))
+    return group, engine_transport(transport, group, bucket_mb=CFG.sync.bucket_mb, dtype=torch.float32,
+                                   timeout_s=60, restore_dir=str(tmp_path / "restore"))
 
 
 def _check(ray, group, want, bound):
@@ -116,11 +119,11 @@ def _check(ray, group, want, bound):
 
 def test_object_store_stream_holds_two_buckets_and_the_restore_point_is_on_disk(ray_local, monkeypatch, tmp_path):
     from rlhf_ray.sync.restore import read_manifest
-    group = _group(monkeypatch, tmp_path, "object_store")
+    group, sync = _group(monkeypatch, tmp_path, "object_store")
     try:
         want, before = weights(1), settled_store_bytes()             # what an earlier test may still hold
-        stats = group.sync_weights(iter(want), mode="full")
-        assert stats["buckets"] == N and stats["bytes"] == N * MIB
+        stats = sync.send(iter(want), "full", 1)
+        assert stats.streamed.buckets == N and stats.streamed.bytes == N * MIB
         _check(ray_local, group, want, before + 2 * MIB + MIB // 4)  # a quarter MiB for the refs' metadata
         assert store_bytes() < before + MIB                          # nothing kept in the store after the sync
         assert read_manifest(tmp_path / "restore" / "full")["version"] == 1
@@ -131,6 +134,7 @@ def test_object_store_stream_holds_two_buckets_and_the_restore_point_is_on_disk(
         assert ray_local.get(group.actors[0].version.remote()) == 1
         assert all(torch.equal(got[n], t) for n, t in want) and len(got) == N and peak <= 2 * MIB + MIB // 4
     finally:
+        sync.close()
         group.shutdown()
     assert not (tmp_path / "restore").exists()
 
@@ -138,16 +142,17 @@ def test_object_store_stream_holds_two_buckets_and_the_restore_point_is_on_disk(
 def test_collective_stream_from_a_learner_puts_nothing_in_the_object_store(ray_local, monkeypatch, tmp_path):
     from rlhf_ray.sync.restore import read_manifest
     learner = ray_local.remote(num_cpus=0)(StandInLearner).remote(7)
-    group = _group(monkeypatch, tmp_path, "collective")
+    group, sync = _group(monkeypatch, tmp_path, "collective")
     try:
         before = settled_store_bytes()                               # what an earlier test may still hold
         for version in (1, 2):                                       # the group is kept across syncs
-            stats = group.sync_weights(learner, mode="full", version=version)
-            assert stats["buckets"] == N
+            stats = sync.send(learner, "full", version)
+            assert stats.streamed.buckets == N
             _check(ray_local, group, weights(7), before + MIB // 4)
             assert read_manifest(tmp_path / "restore" / "full")["version"] == version
         assert store_bytes() < before + MIB
     finally:
+        sync.close()
         group.shutdown()
         ray_local.kill(learner)
 
