@@ -160,10 +160,15 @@ class GeneratorEngine:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         # vLLM refuses n > 1 with greedy sampling: send n copies of the prompt instead.
         fan_out = n if temperature == 0 else 1
+        stops = list(self.cfg.stop if stop is None else stop)
+        # vLLM decodes every sampled token as it comes (the text, and each log-prob entry's token text): a fifth
+        # to a quarter of a tiny model's generate call on CPU (py-spy; 0.36-0.40 s -> 0.28-0.30 s for 8 x 8 x 24
+        # tokens). Stop strings are matched on that text; without them the responses are decoded here, once.
+        detokenize = bool(stops)
         params = [SamplingParams(n=n // fan_out, temperature=temperature,
                                  top_p=self.cfg.top_p if top_p is None else top_p,
                                  max_tokens=max_new_tokens or self.cfg.max_new_tokens,
-                                 stop=list(self.cfg.stop if stop is None else stop), seed=seed, logprobs=0)
+                                 stop=stops, seed=seed, logprobs=0, detokenize=detokenize)
                   for seed in seeds for _ in range(fan_out)]
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts for _ in range(fan_out)]
         if call_seed is not None:
@@ -181,8 +186,16 @@ class GeneratorEngine:
                 texts.append(c.text)
                 index.append(k // fan_out)
                 finish.append(c.finish_reason or "length")
+        if not detokenize:
+            texts = self._decode(response_ids)
         return Rollout(prompt_ids, response_ids, logprobs, texts, index, finish, self.version,
                        temperature if temperature > 0 else 1.0, generate_s)
+
+    def _decode(self, response_ids: list[list[int]]) -> list[str]:
+        """The responses' text as vLLM's own detokenizer gives it: special tokens skipped, and a character whose
+        bytes the response did not finish left out (vLLM holds such a tail back instead of writing U+FFFD)."""
+        decoded = self.llm.get_tokenizer().batch_decode(response_ids, skip_special_tokens=True)
+        return [t.rstrip("\ufffd") for t in decoded]
 
     # -- sharing the device with a learner (colocated) ------------------------------------------------
     def release(self) -> None:

@@ -22,6 +22,9 @@ def _prompts():
     return short + [long, long[:140] + [7, 8, 9]]                   # two long prompts share a cached prefix
 
 
+TEXT_PROMPTS = ["the movie was", "I think this film", "A", "Honestly, the plot"]
+
+
 def _cut(seq):
     return seq[:seq.index(EOS) + 1] if EOS in seq else seq
 
@@ -100,6 +103,16 @@ def test_text_prompts_are_tokenized_answered_and_decoded_like_token_prompts(engi
         assert reason == ("stop" if ids[-1] == EOS else "length") and (reason == "stop" or len(ids) == 4)
 
 
+def test_responses_decoded_without_vllm_detokenizing_read_as_vllms_own_text(engine):
+    """Without stop strings vLLM is told not to decode each token (it costs a fifth of a tiny model's call);
+    the engine decodes the responses once instead, and they read as vLLM's own text does."""
+    prompts = TEXT_PROMPTS  # (see the stop-string test below for why not random token ids)
+    ours = engine.generate(prompts, n=4, max_new_tokens=NEW, stop=[], seeds=[11, 12, 13, 14])
+    theirs = engine.generate(prompts, n=4, max_new_tokens=NEW, stop=["\x00\x01never"], seeds=[11, 12, 13, 14])
+    assert ours.response_ids == theirs.response_ids and ours.response_logprobs == theirs.response_logprobs
+    assert ours.texts == theirs.texts
+
+
 def _stop_text(text: str) -> str:
     """A 2-character piece of plain ASCII from the middle of `text` whose first occurrence is not at 0."""
     for k in range(len(text) // 2, len(text) - 1):
@@ -110,11 +123,13 @@ def _stop_text(text: str) -> str:
 
 
 def test_stop_strings_end_a_response_before_the_stop_text(engine):
-    free = engine.generate(_prompts()[:3], n=1, temperature=0.0, max_new_tokens=NEW, stop=[])
-    # stop on a piece of each greedy continuation: the response must end right before its first occurrence
-    for prompt, text, ids in zip(_prompts()[:3], free.texts, free.response_ids):
+    # text prompts: after token ids that end mid-character, vLLM's text (which stop strings need) starts with
+    # the prompt's unfinished tail; a response decoded without stop strings is the response's own text
+    free = engine.generate(TEXT_PROMPTS[:3], n=1, max_new_tokens=NEW, stop=[], seeds=[21, 22, 23])
+    # stop on a piece of each seeded continuation: the response must end right before its first occurrence
+    for prompt, seed, text, ids in zip(TEXT_PROMPTS[:3], [21, 22, 23], free.texts, free.response_ids):
         stop = _stop_text(text)
-        cut = engine.generate([prompt], n=1, temperature=0.0, max_new_tokens=NEW, stop=[stop])
+        cut = engine.generate([prompt], n=1, max_new_tokens=NEW, stop=[stop], seeds=[seed])
         assert cut.finish_reasons == ["stop"], (text, stop)
         assert cut.texts[0] == text[:text.index(stop)] and stop not in cut.texts[0], (text, stop, cut.texts)
         assert len(cut.response_ids[0]) < len(ids)
