@@ -15,7 +15,7 @@ import torch
 
 from rlhf_ray import algo
 from rlhf_ray.batch import minibatches
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, ReferenceConfig
 from rlhf_ray.errors import RunError
 from rlhf_ray.rl.advantage_step import clean_scores, make_train_batch
 from rlhf_ray.rl.dynamic_sampling import fill_batch, score_round
@@ -37,8 +37,7 @@ class StepOutput:
     scores: list[float]
 
 
-def make_kl_controller(cfg: Config):
-    r = cfg.reference
+def make_kl_controller(r: ReferenceConfig):
     if r.adaptive_kl:
         return algo.AdaptiveKLController(r.kl_coef, r.kl_target, r.kl_horizon)
     return algo.FixedKLController(r.kl_coef)
@@ -51,7 +50,7 @@ class RLController:
         log-prob agreement thresholds the config leaves unset."""
         self.cfg, self.roles, self.prompts, self.pad_id = cfg, roles, prompts, pad_id
         self.agreement = agreement_thresholds(cfg.rollout.sync, dtypes)
-        self.kl_ctl = make_kl_controller(cfg)
+        self.kl_ctl = make_kl_controller(cfg.reference)
         self.step_idx = 0
         self._shuffle = torch.Generator().manual_seed(cfg.run.seed)
         self._next = None  # (prompts, pending rollout, prompt-stream state before them) when overlapping
