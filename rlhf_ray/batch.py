@@ -86,3 +86,23 @@ def minibatches(n: int, size: int, generator: torch.Generator | None = None, gro
     else:
         perm = torch.randperm(n, generator=generator)
     return [perm[i:i + size] for i in range(0, n - size + 1, size)]
+
+
+def concat_sequences(parts: Sequence[SequenceBatch], pad_id: int) -> SequenceBatch:
+    """One batch from several, re-padded to the widest prompt (left) and response (right): the same batch
+    `pack_sequences` makes of all their rows at once (DAPO's rounds of sampling joined into one step)."""
+    P = max(p.prompt_len for p in parts)
+    T = max(p.response_mask.shape[1] for p in parts)
+
+    def widen(x: torch.Tensor, p: SequenceBatch, fill) -> torch.Tensor:  # (B, P_i + T_i) -> (B, P + T)
+        return torch.nn.functional.pad(x, (P - p.prompt_len, T - p.response_mask.shape[1]), value=fill)
+
+    ids = torch.cat([widen(p.input_ids, p, pad_id) for p in parts])
+    attn = torch.cat([widen(p.attention_mask, p, 0) for p in parts])
+    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    return SequenceBatch(ids, attn, position_ids, attn[:, P:].float(), P)
+
+
+def pad_right(parts: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """(B_i, T_i) per-token tensors joined into (sum B_i, width), zero-padded on the right."""
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in parts])

@@ -56,3 +56,16 @@ def test_minibatches_keep_groups_whole():
     assert not torch.equal(torch.cat(minibatches(12, 6, g, group=3)), torch.cat(mbs))
     # a size that splits groups falls back to shuffling rows
     assert len(minibatches(12, 4, g, group=3)) == 3
+
+
+def test_joined_batches_are_the_batch_of_all_their_rows():
+    """DAPO joins rounds of different widths: re-padded left (prompts) and right (responses), the result is what
+    packing every row at once gives, positions included."""
+    from rlhf_ray.batch import concat_sequences, pad_right
+    prompts, responses = [[5, 6], [7], [8, 9, 10]], [[1], [2, 3, 4], []]
+    parts = [pack_sequences(prompts[:2], responses[:2], 0), pack_sequences(prompts[2:], responses[2:], 0)]
+    whole, joined = pack_sequences(prompts, responses, 0), concat_sequences(parts, 0)
+    for field in ("input_ids", "attention_mask", "position_ids", "response_mask"):
+        assert torch.equal(getattr(joined, field), getattr(whole, field)), field
+    assert joined.prompt_len == whole.prompt_len == 3
+    assert pad_right([torch.ones(1, 1), torch.ones(2, 3)], 3).tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 1]]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -62,17 +63,26 @@ def response_ids(tok, prompt, p_ids: list[int], response: str) -> list[int]:
     return tok(response, add_special_tokens=False)["input_ids"] + [end]
 
 
-def _fit_prompt(ids: list[int], lim: Limits, counts: Counter) -> list[int]:
-    if len(ids) <= lim.max_prompt_len:
+def fit_prompt(ids: list[int], max_len: int, on_long: str) -> Optional[list[int]]:
+    """The one rule for a prompt longer than `data.max_prompt_len` (SFT, preference pairs and RL prompts alike),
+    per `data.on_long_prompt`: "error" raises DataError, "skip" returns None, "truncate_left" keeps its last
+    `max_len` tokens (nearest the response: the question and the generation prompt)."""
+    if len(ids) <= max_len:
         return ids
-    if lim.on_long_prompt == "error":
-        raise DataError(f"prompt has {len(ids)} tokens > data.max_prompt_len={lim.max_prompt_len} "
-                        f"(data.on_long_prompt=error)")
-    if lim.on_long_prompt == "skip":
+    if on_long == "error":
+        raise DataError(f"prompt has {len(ids)} tokens, more than data.max_prompt_len={max_len} "
+                        f"(set data.on_long_prompt=truncate_left or skip)")
+    return None if on_long == "skip" else ids[-max_len:]
+
+
+def _fit_prompt(ids: list[int], lim: Limits, counts: Counter) -> list[int]:
+    fit = fit_prompt(ids, lim.max_prompt_len, lim.on_long_prompt)
+    if fit is None:
         counts["prompts_too_long"] += 1
         raise _Skip
-    counts["prompts_truncated"] += 1
-    return ids[-lim.max_prompt_len:]
+    if len(fit) < len(ids):
+        counts["prompts_truncated"] += 1
+    return fit
 
 
 def _fit_response(p: list[int], r: list[int], lim: Limits, counts: Counter) -> list[int]:

@@ -28,22 +28,23 @@ class PromptError(RunError, ValueError):
 
 
 def load_prompts(data_cfg: DataConfig, tokenizer, seed: int = 0) -> list[Prompt]:
-    from rlhf_ray.data.encode import prompt_ids
+    from rlhf_ray.data.encode import fit_prompt, prompt_ids
+    from rlhf_ray.data.readers import DataError
     from rlhf_ray.data.sources import load_rows
 
     rows, read = load_rows(data_cfg.prompts, "prompts", data_cfg, seed)
     out: list[Prompt] = []
     skipped, truncated, limit = read.skipped, 0, data_cfg.max_prompt_len
     for row in rows:
-        ids = prompt_ids(tokenizer, row["prompt"])
-        if len(ids) > limit:
-            if data_cfg.on_long_prompt == "error":
-                raise PromptError(f"{row['_where']}: prompt has {len(ids)} tokens, more than data.max_prompt_len="
-                                  f"{limit} (set data.on_long_prompt=truncate_left or skip)")
-            if data_cfg.on_long_prompt == "skip":
-                skipped += 1
-                continue
-            ids, truncated = ids[-limit:], truncated + 1
+        full = prompt_ids(tokenizer, row["prompt"])
+        try:
+            ids = fit_prompt(full, limit, data_cfg.on_long_prompt)
+        except DataError as e:
+            raise PromptError(f"{row['_where']}: {e}") from None
+        if ids is None:
+            skipped += 1
+            continue
+        truncated += len(ids) < len(full)
         out.append(Prompt(_text(row["prompt"]), tuple(ids)))
     if skipped or truncated:
         log.warning("prompts from %s: %d skipped, %d truncated to %d tokens", data_cfg.prompts, skipped,

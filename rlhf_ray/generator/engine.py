@@ -88,12 +88,13 @@ def engine_llm_kwargs(model_path: str, rollout_cfg, backend: Backend, lora: bool
                       max_lora_rank: int = 16, quantization: Optional[str] = None,
                       engine_kwargs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """What `GeneratorEngine` builds `vllm.LLM` with: the rollout section's values, then the plan's
-    construction arguments (`placement.construct`), which win."""
+    construction arguments (`placement.construct`), which win. Sleep mode only where the plan makes the engine
+    sleep (`Plan.engine_sleeps`: colocated on CUDA; an engine that never sleeps has no use for it)."""
     eager = backend.engine_eager if rollout_cfg.enforce_eager is None else rollout_cfg.enforce_eager
     kwargs = llm_kwargs(model_path, dtype=backend.dtype_name, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
                         gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, seed=rollout_cfg.seed or 0,
                         max_model_len=max_model_len, lora=lora, max_lora_rank=max_lora_rank,
-                        quantization=quantization, enforce_eager=eager, enable_sleep_mode=backend.engine_can_sleep)
+                        quantization=quantization, enforce_eager=eager)
     kwargs.update(engine_kwargs or {})
     if kwargs["tensor_parallel_size"] > 1:  # a plan's TP size over a TP=1 rollout section: still no folder
         kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)

@@ -23,14 +23,11 @@ from typing import Optional
 import torch
 
 from rlhf_ray.errors import RunError
+from rlhf_ray.utils.folders import fresh_dir, swap_in, temp_dir_for  # noqa: F401 - the checkpoints' folder rules
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
-
-
-def temp_dir_for(final: str | Path) -> Path:
-    final = Path(final)
-    return final.parent / f".{final.name}.tmp"
+KEEP = 2  # the newest checkpoints kept of a stage, RL and offline alike (older ones are pruned)
 
 
 def fsync_tree(root: Path) -> None:
@@ -62,14 +59,7 @@ def publish(tmp: Path, final: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)  # the old one stays complete until the new one is in place
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    swap_in(tmp, final)  # an older one stays complete until the new one is in place
     _fsync_dir(final.parent)
 
 
@@ -133,7 +123,7 @@ def damage(path: str | Path) -> Optional[str]:
     return None
 
 
-def prune_checkpoints(root: str | Path, keep: int) -> None:
+def prune_checkpoints(root: str | Path, keep: int = KEEP) -> None:
     """Delete all but the `keep` newest `step_NNNNNN` folders under `root` (the one pruning rule)."""
     steps = sorted(p for p in Path(root).glob("step_*") if p.is_dir())
     for old in steps[:max(0, len(steps) - keep)]:

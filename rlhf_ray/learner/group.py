@@ -10,7 +10,7 @@ the cluster plan (`rlhf_ray.placement`); without them (tests) each rank asks for
 CPUs and GPUs.
 
 Each actor is a thin shell around `Learner`; splitting and merging batches are the pure functions of
-`rlhf_ray.learner.dispatch`.
+`rlhf_ray.dispatch`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import ray
 import torch
 
 from rlhf_ray.config.schema import LearnerConfig, ModelConfig
-from rlhf_ray.learner.dispatch import Batch, gather, mean_stats, micro_batches, split_batch
+from rlhf_ray.dispatch import Batch, gather, mean_stats, micro_batches, split_batch
+from rlhf_ray.learner.weights import drain
 from rlhf_ray.utils.device import Backend
 
 
@@ -67,8 +68,7 @@ class LearnerRank:
         if self.rank == 0:
             return consumer(self.learner.named_weights(mode))
         if self.learner.cfg.deepspeed.zero_stage == 3:
-            for _ in self.learner.named_weights(mode):
-                pass
+            drain(self.learner.named_weights(mode))
         return None
 
     def local_weights(self, mode: str) -> dict:

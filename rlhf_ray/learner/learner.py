@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
@@ -228,8 +227,7 @@ class Learner:
         """Model, optimizer, scheduler, RNG (per rank), `updates` and the caller's JSON `extra_state`."""
         final, tmp = Path(path), checkpoint.temp_dir_for(path)
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            checkpoint.fresh_dir(tmp)
         dist.barrier()
         self.engine.save_checkpoint(str(tmp), tag="state", client_state={"updates": self.updates},
                                     save_latest=False, exclude_frozen_parameters=self.lora)
@@ -260,8 +258,7 @@ class Learner:
         from rlhf_ray.learner.export import write_adapter, write_full
         final, tmp = Path(path), checkpoint.temp_dir_for(path)
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            checkpoint.fresh_dir(tmp)
         adapter_only = self.lora and not merge_lora
         mode = "adapter" if adapter_only else "full"
         if self.rank != 0:

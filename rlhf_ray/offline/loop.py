@@ -26,12 +26,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from rlhf_ray.config.schema import Config, StageConfig
+from rlhf_ray.learner.checkpoint import KEEP
 from rlhf_ray.offline.data import StageData, plan
 from rlhf_ray.offline.metrics import StageLog
 from rlhf_ray.offline.worker import StageJob, clear_staging, train_loop
-
-KEEP_CHECKPOINTS = 2
-
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -119,7 +117,7 @@ def run_stages(cfg: Config, group: Sequence[str], specs: Sequence[StageSpec], fr
                                      placement_strategy=cfg.cluster.placement_strategy),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=first.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP),
                              # Ray Train's INFO lines (each report, each worker start) would bury the step lines.
                              logging_config=LoggingConfig(log_level="WARNING")))
     by_name = {job.name: job for job in jobs}

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from rlhf_ray.config.schema import Config, StageConfig
-from rlhf_ray.learner.dispatch import micro_batches, split_batch
+from rlhf_ray.dispatch import mean_stats, micro_batches, split_batch
 from rlhf_ray.offline.data import StageData, batch_indices
 
 
@@ -183,14 +183,15 @@ def _report(stats: dict, step: int, learner, staging: Path | None, rank: int) ->
 
 
 def mean_over_ranks(stats: dict) -> dict:
-    """Rank-mean of each statistic (ranks hold equal row counts, so this is the batch mean)."""
+    """Every rank's statistics gathered, then their rank-mean (`rlhf_ray.dispatch.mean_stats`)."""
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return stats
     keys = sorted(stats)
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+    mine = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return mean_stats([dict(zip(keys, p.tolist())) for p in parts])
 
 
 def evaluate(learner, data: StageData, eval_fn: Callable, batch_size: int, rank: int, world: int) -> dict:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from rlhf_ray.placement.plan import Bundle, Plan, PlanError, engine_quantization, role_dtype
 from rlhf_ray.utils.device import Backend, logprob_tolerance, make_backend
+from rlhf_ray.utils.phases import side_by_side
 
 if TYPE_CHECKING:
     from rlhf_ray.config import Config
@@ -115,11 +116,29 @@ class ProcessArgs:
     gpus: tuple[int, ...]
     cpus: float
     gpu_ask: float
-    threads: int                   # torch threads of its phases (a colocated engine: `generate_threads`)
-    generate_threads: int = 0      # colocated: threads while generating; distributed engine: its overlap share
+    threads: int                   # the process's torch threads (its phases' shares: `Construction.shares`)
     engine: Optional[EngineArgs] = None
     learners: tuple[LearnerArgs, ...] = ()
     scorers: tuple[ScorerArgs, ...] = ()
+
+
+@dataclass(frozen=True)
+class Share:
+    """One phase's part of its process's cores: `threads` torch threads (0: leave them as they are), pinned to
+    the slice `cores` = (start, stop) of the process's cores (None: all of them; `rlhf_ray.utils.phases`)."""
+    threads: int
+    cores: Optional[tuple[int, Optional[int]]] = None
+
+
+@dataclass(frozen=True)
+class PhaseShares:
+    """What each phase takes of its process's cores, alone or beside another: with `rollout.sync.
+    max_off_policy_lag` >= 1 the next step's generation runs beside this step's update, on disjoint cores."""
+    generate: Share                  # an engine sampling alone
+    generate_beside_update: Share    # ... beside the learners' update
+    score: Share                     # each scoring role (distributed: reward, reference and values at once)
+    update: Share                    # each learner role (distributed: policy and critic at once)
+    update_beside_generate: Share    # ... beside the next step's generation
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,7 @@ class Construction:
     cores: int                     # a node's cores the thread counts were split from
     processes: tuple[ProcessArgs, ...]
     sync: SyncArgs
+    shares: PhaseShares            # every phase's threads and cores (the same in each process of a role)
 
     def process(self, role: str, index: int = 0) -> ProcessArgs:
         for p in self.processes:
@@ -266,31 +286,63 @@ def construct(cfg: "Config", plan: Plan, cores: Optional[int] = None) -> Constru
     thread counts split (default: the plan's node 0, declared or read from Ray, else this machine's)."""
     cores = cores or node_cores(plan, plan.bundles[0].node if plan.bundles else 0)
     if plan.placement == "colocated":
-        processes = tuple(_colocated_process(cfg, plan, b, cores) for b in plan.bundles)
+        threads = colocated_threads(cfg, cores)
+        processes = tuple(_colocated_process(cfg, plan, b, threads) for b in plan.bundles)
+        shares = colocated_shares(cfg, threads)
     else:
-        processes = tuple(_distributed_process(cfg, plan, b, cores) for b in plan.bundles)
-    return Construction(plan.placement, plan.device, plan.simulated, cores, processes, sync_args(cfg, plan))
+        threads = cfg.cluster.torch_threads or cores
+        processes = tuple(_distributed_process(cfg, plan, b, threads) for b in plan.bundles)
+        shares = distributed_shares(cfg, threads)
+    return Construction(plan.placement, plan.device, plan.simulated, cores, processes, sync_args(cfg, plan), shares)
 
 
-def _colocated_process(cfg: "Config", plan: Plan, b: Bundle, cores: int) -> ProcessArgs:
+def colocated_threads(cfg: "Config", cores: int) -> int:
+    """A colocated process's threads: the node's cores split between the ranks that share it."""
     ranks = cfg.rl.policy.num_ranks
-    threads = cfg.cluster.torch_threads or max(1, cores // min(ranks, cores))
+    return cfg.cluster.torch_threads or max(1, cores // min(ranks, cores))
+
+
+def colocated_shares(cfg: "Config", threads: int) -> PhaseShares:
+    """One process per rank runs every phase: each phase alone takes all its threads (a generation
+    `rollout.threads`, tiny models decode faster on one); a generation beside the update keeps its engine's
+    `rollout.cpus_per_engine` of them and the update the rest. Ranks sharing a node split it by threads only
+    (their processes' core lists are the same)."""
+    from rlhf_ray.generator.threads import engine_threads
+    gen, upd = side_by_side(threads, engine_threads(cfg.rollout.cpus_per_engine))
+    if cfg.rl.policy.num_ranks > 1:
+        gen, upd = (gen[0], None), (upd[0], None)
+    return PhaseShares(generate=Share(cfg.rollout.threads or threads), generate_beside_update=Share(*gen),
+                       score=Share(threads), update=Share(threads), update_beside_generate=Share(*upd))
+
+
+def distributed_shares(cfg: "Config", cores: int) -> PhaseShares:
+    """Each role its own processes, roles of a phase at once on a node's `cores`: scoring splits them between
+    the reward, the reference and the critic's values; an update between the policy and the critic. Beside an
+    update the engines keep the first `rollout.cpus_per_engine` cores (their Ray share), the learners the rest;
+    an engine alone takes `rollout.threads` (0: every core)."""
+    from rlhf_ray.generator.threads import engine_threads
+    g = engine_threads(cfg.rollout.cpus_per_engine)
+    critic = 1 if cfg.uses_critic else 0
+    return PhaseShares(generate=Share(cfg.rollout.threads or 0), generate_beside_update=Share(g, (0, g)),
+                       score=Share(max(1, cores // (2 + critic))), update=Share(max(1, cores // (1 + critic))),
+                       update_beside_generate=Share(max(1, (cores - g) // (1 + critic)),
+                                                    (g, None) if cores > g else None))
+
+
+def _colocated_process(cfg: "Config", plan: Plan, b: Bundle, threads: int) -> ProcessArgs:
     learners = [learner_args(cfg, plan, "policy", b.index, threads)]
     if "critic" in b.roles:
         learners.append(learner_args(cfg, plan, "critic", b.index, threads))
     scorers = tuple(scorer_args(cfg, plan, r) for r in ("reward", "reference") if r in b.roles and r in plan.roles)
     return ProcessArgs(b.roles, b.index, b.node, b.gpus, b.cpus, b.gpu_ask, threads,
-                       generate_threads=cfg.rollout.threads or threads, engine=engine_args(cfg, plan, b.index),
-                       learners=tuple(learners), scorers=scorers)
+                       engine=engine_args(cfg, plan, b.index), learners=tuple(learners), scorers=scorers)
 
 
-def _distributed_process(cfg: "Config", plan: Plan, b: Bundle, cores: int) -> ProcessArgs:
+def _distributed_process(cfg: "Config", plan: Plan, b: Bundle, threads: int) -> ProcessArgs:
     (role,) = b.roles
-    threads = cfg.cluster.torch_threads or cores
     common = dict(roles=b.roles, index=b.index, node=b.node, gpus=b.gpus, cpus=b.cpus, gpu_ask=b.gpu_ask)
     if role in ("policy", "critic"):
         return ProcessArgs(**common, threads=threads, learners=(learner_args(cfg, plan, role, b.index, threads),))
     if role == "generator":
-        share = max(1, int(cfg.rollout.cpus_per_engine))  # its cores while an update runs beside it
-        return ProcessArgs(**common, threads=threads, generate_threads=share, engine=engine_args(cfg, plan, b.index))
+        return ProcessArgs(**common, threads=threads, engine=engine_args(cfg, plan, b.index))
     return ProcessArgs(**common, threads=threads, scorers=(scorer_args(cfg, plan, role),))

@@ -79,7 +79,8 @@ class Plan:
     device: str                # "cuda" | "cpu": the roles' device, decided by the cluster, not the driver
     cluster: ClusterSpec
     bundles: tuple[Bundle, ...]
-    engine_sleeps: bool        # colocated on CUDA: the engine sleeps (level 1) while the learner trains
+    engine_sleeps: bool        # colocated on CUDA: the engine sleeps (level 1) while the learner trains. The one
+                               # owner: vLLM's sleep mode exists on CUDA only, and only a colocated engine sleeps
     roles: tuple[str, ...]     # the roles this run starts
     memory: dict = field(default_factory=dict)       # (node, gpu) -> [Item]; empty until `budget` ran
     micro_batches: dict = field(default_factory=dict)  # role -> scoring micro-batch (reference, reward)

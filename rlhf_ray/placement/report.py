@@ -124,12 +124,13 @@ def plan_json(cfg, plan: Plan, problems: list[str]) -> dict:
                                              or i.role == "+".join(b.roles)]
                   for g in b.gpus}
         construct_obj = {k: v for k, v in args.to_json()["processes"][len(processes)].items()
-                         if k in ("threads", "generate_threads", "engine", "learners", "scorers")}
+                         if k in ("threads", "engine", "learners", "scorers")}
         processes.append({"roles": list(b.roles), "index": b.index, "node": b.node, "gpus": list(b.gpus),
                           "cpus": b.cpus, "gpu_ask": b.gpu_ask, "memory": memory, "construct": construct_obj})
     return {"name": cfg.run.name, "placement": plan.placement, "device": plan.device, "simulated": plan.simulated,
             "engine_sleeps": plan.engine_sleeps, "cores": args.cores, "micro_batches": plan.micro_batches,
-            "sync": args.to_json()["sync"], "processes": processes, "problems": problems}
+            "sync": args.to_json()["sync"], "shares": args.to_json()["shares"], "processes": processes,
+            "problems": problems}
 
 
 def print_plan(cfg, as_json: bool = False) -> int:

@@ -1,19 +1,48 @@
-"""The driver-side math of one step: bad scores handled by policy, rewards shaped, advantages estimated.
+"""The driver-side math of one step: the filter stage (empty responses, bad scores handled by policy) and the
+advantage stage (rewards shaped, advantages estimated).
 
 Pure torch on small (B, T) tensors; no Ray, no models.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from rlhf_ray import algo
-from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
+from rlhf_ray.config import AlgorithmConfig, ReferenceConfig, RewardConfig
 from rlhf_ray.errors import RunError
 from rlhf_ray.rl.records import ScoredBatch, TrainBatch
 
 
 class BadRewardError(RunError, ValueError):
     """A reward was NaN or infinite and the config says to stop (reward.on_nonfinite=error)."""
+
+
+class EmptyResponseError(RunError, ValueError):
+    """The generator returned an empty response and rollout.on_empty_response=error."""
+
+
+def filter_scored(b: ScoredBatch, reward: RewardConfig, on_empty: str,
+                  ) -> tuple[ScoredBatch, ScoredBatch, dict[str, float]]:
+    """The filter stage: empty responses per `rollout.on_empty_response` (`on_empty`: error, or a 0 reward),
+    then `reward.on_nonfinite` and `reward.clip` (`clean_scores`). Returns (the rows that train, every row with
+    its cleaned score: what the step reports, stats)."""
+    empty = b.seq.response_mask.sum(1) == 0  # (B,)
+    if empty.any() and on_empty == "error":
+        raise EmptyResponseError(f"{int(empty.sum())} of {len(empty)} responses are empty (weight version "
+                                 f"{b.weight_version}); set rollout.on_empty_response=zero_reward to score them 0 "
+                                 f"and continue")
+    scores = torch.where(empty, torch.zeros_like(b.scores), b.scores) if on_empty == "zero_reward" else b.scores
+    scores, keep, stats = clean_scores(scores, b.group_size, reward.on_nonfinite, reward.clip)
+    cleaned = replace(b, scores=scores)
+    stats["response/empty_frac"] = float(empty.float().mean())
+    if keep.all():
+        return cleaned, cleaned, stats
+    idx = keep.nonzero().flatten()
+    if len(idx) == 0:
+        raise ValueError("every group of this step had a non-finite reward: nothing left to train on")
+    return cleaned.select(idx), cleaned, stats
 
 
 def clean_scores(scores: torch.Tensor, group_size: int, policy: str, clip: float | None,

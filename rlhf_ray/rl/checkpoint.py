@@ -17,20 +17,16 @@ from pathlib import Path
 import logging
 from typing import Callable, Optional
 
-from rlhf_ray.learner.checkpoint import (CheckpointError, complete_checkpoints, damage, is_complete, latest_checkpoint,
-                                         prune_checkpoints, publish, temp_dir_for, write_json)
+from rlhf_ray.learner.checkpoint import (CheckpointError, complete_checkpoints, damage, fresh_dir, is_complete,
+                                         latest_checkpoint, prune_checkpoints, publish, temp_dir_for, write_json)
 
 log = logging.getLogger(__name__)
-
-KEEP = 2
-
 
 def save(roles, root: Path, step: int, controller_state: dict) -> Path:
     final = root / f"step_{step:06d}"
     tmp = temp_dir_for(final)
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
+        fresh_dir(tmp)
         roles.save(str(tmp), {"step": step})
         write_json(tmp / "controller.json", controller_state)
         publish(tmp, final)
@@ -42,7 +38,7 @@ def save(roles, root: Path, step: int, controller_state: dict) -> Path:
         cause = unwrap(e)
         raise CheckpointError(f"the checkpoint of step {step} could not be written ({type(cause).__name__}: "
                               f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}); {kept}") from None
-    prune_checkpoints(root, KEEP)  # the new one is the newest: it is kept
+    prune_checkpoints(root)  # the new one is the newest: it is kept
     return final
 
 

@@ -29,20 +29,19 @@ import torch
 
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import Config
-from rlhf_ray.dispatch import split_evenly
+from rlhf_ray.dispatch import mean_stats, split_evenly, split_rows
 from rlhf_ray.generator.group import PendingRollout, tied_names
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.rl.policy import PolicyRank
-from rlhf_ray.placement.construct import ProcessArgs, construct
+from rlhf_ray.placement.construct import PhaseShares, ProcessArgs, Share, construct
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
-from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, split_rows
+from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base
 from rlhf_ray.rl.records import UpdateResult
 from rlhf_ray.sync.in_process import InProcess, hand_over
 from rlhf_ray.sync.weight_sync import WeightSync
-from rlhf_ray.generator.threads import engine_threads
 from rlhf_ray.utils.device import make_backend
-from rlhf_ray.utils.phases import set_phase_threads, set_thread_share, side_by_side
+from rlhf_ray.utils.phases import set_phase_threads, set_thread_share
 
 # Ray concurrency group of a rank's engine calls (generate, sync): one thread of its own, in call order;
 # every other call (score, update, checkpoints) runs in the actor's default thread.
@@ -54,31 +53,27 @@ class ColocatedRank(PolicyRank):
 
     REMOTE_ARGS = {"concurrency_groups": {ENGINE: 1}}
 
-    def __init__(self, rank: int, world_size: int, num_threads: int, *, cfg: Config, generate_threads: int,
+    def __init__(self, rank: int, world_size: int, num_threads: int, *, cfg: Config, shares: PhaseShares,
                  roles: tuple[str, ...]):
         super().__init__(rank, world_size, num_threads, algo=cfg.algorithm, ref=cfg.reference,
                          temperature=cfg.rollout.temperature, norm_len=cfg.rollout.max_new_tokens)
-        self.cfg, self.threads, self.generate_threads = cfg, num_threads, generate_threads
+        self.cfg, self.threads, self.shares = cfg, num_threads, shares  # each phase's threads: the plan's
         self.plan_roles = roles  # the roles the plan starts (the reference only with a KL term)
         self.engine = self.reward = self.reference = self.critic = None
-        # (threads, cores) of the engine and of the learner while both run; ranks sharing a node split it
-        # by threads only (their processes' core lists are the same)
-        alone = side_by_side(num_threads, engine_threads(cfg.rollout.cpus_per_engine))
-        self.side_by_side = alone if world_size == 1 else tuple((n, None) for n, _ in alone)
         self._turns = threading.Lock()
 
     @contextlib.contextmanager
-    def _phase(self, beside: bool, share: tuple, threads: int):
-        """Run a generation or an update: alone with `threads` threads on every core, or beside the other one
-        (the overlap mode) with its `share` (threads, cores) of them. Where the phases own the device (a GPU:
-        the engine sleeps while the learner trains, and the memory plan counts them apart) the two never run
-        at once, whichever thread they come on; a generation that waits for the update still samples the
-        weights before it (the push comes after both)."""
-        with self._turns if self.learner.backend.engine_can_sleep else contextlib.nullcontext():
+    def _phase(self, share: Share, beside: bool):
+        """Run a generation or an update with its `share` of the cores: alone (every core), or beside the other
+        one (the overlap mode, on its own slice). Where the phases own the device (a GPU: the engine sleeps
+        while the learner trains, and the memory plan counts them apart) the two never run at once, whichever
+        thread they come on; a generation that waits for the update still samples the weights before it (the
+        push comes after both)."""
+        with self._turns if self.engine.can_sleep else contextlib.nullcontext():
             if beside:
-                set_thread_share(*share)
+                set_thread_share(share.threads, share.cores)
             else:
-                set_phase_threads(threads)
+                set_phase_threads(share.threads)
             yield
 
     def setup_roles(self, generator_base: str, paths: Paths, total_steps: int, process: ProcessArgs) -> None:
@@ -94,7 +89,7 @@ class ColocatedRank(PolicyRank):
         cfg = self.cfg
         critic = next((a for a in process.learners if a.role == "critic"), None)
         if critic is not None:
-            learner = Learner(cfg.model, cfg.rl.critic, kind="value", init_path=critic_init_path(cfg, paths),
+            learner = Learner(cfg.model, cfg.rl.critic, kind="value", init_path=critic_init_path(cfg.rl, paths),
                               backend=critic.backend(), total_steps=total_steps, seed=cfg.run.seed)
             self.critic = CriticWorker(learner, cfg.algorithm, norm_len=cfg.rollout.max_new_tokens)
         scorers = {s.role: s for s in process.scorers}
@@ -119,7 +114,8 @@ class ColocatedRank(PolicyRank):
         """Sample on this rank's engine, then hand the device back to the learner (on GPUs the engine
         sleeps until the weight push; after it the engine generates from the pushed weights only).
         beside_update: the learner trains at the same time; the engine keeps to its share of the cores."""
-        with self._phase(beside_update, self.side_by_side[0], self.generate_threads):
+        sh = self.shares
+        with self._phase(sh.generate_beside_update if beside_update else sh.generate, beside_update):
             try:
                 return self.engine.generate(prompts, n, **overrides)
             finally:
@@ -127,7 +123,7 @@ class ColocatedRank(PolicyRank):
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """(scores, reference log-probs, values or None, reward stats, compute seconds) of this shard."""
-        set_phase_threads(self.threads)  # every core again, after an update that ran beside a generation
+        set_phase_threads(self.shares.score.threads)  # every core again, after an update beside a generation
         t0 = time.perf_counter()
         scores, stats = self.reward.score(prompts, responses)
         ref = self.reference.logprobs(seq) if self.reference is not None else self.worker.ref_logprobs(seq)
@@ -137,7 +133,8 @@ class ColocatedRank(PolicyRank):
     def update(self, batch, minibatches, kl_coef: float, beside_generation: bool = False) -> UpdateResult:
         """PPO epochs of the policy (and the critic). beside_generation: the next step's rollouts are being
         sampled at the same time; the learner keeps to its share of the cores."""
-        with self._phase(beside_generation, self.side_by_side[1], self.threads):
+        sh = self.shares
+        with self._phase(sh.update_beside_generate if beside_generation else sh.update, beside_generation):
             result = self.worker.update(batch, minibatches, kl_coef, self.rank, self.world_size)
             if self.critic is not None:
                 critic = self.critic.update(batch, minibatches, self.rank, self.world_size)
@@ -178,22 +175,22 @@ class ColocatedRoles:
                                    backend=self.backend, seed=cfg.run.seed, num_threads=policy.threads,
                                    options=[actor_options(plan, groups, "policy", r) for r in range(p.num_ranks)],
                                    rank_cls=ColocatedRank,
-                                   rank_kwargs=dict(cfg=cfg, generate_threads=first.generate_threads,
+                                   rank_kwargs=dict(cfg=cfg, shares=args.shares,
                                                     roles=first.roles))
         self.ranks = self.policy.actors
-        base = generator_base(cfg, paths, self.policy)
+        base = generator_base(cfg.model, paths, self.policy)
         ray.get([r.setup_roles.remote(base, paths, total_steps, args.process("policy", i))
                  for i, r in enumerate(self.ranks)])
         self.weights = WeightSync(InProcess(self.ranks, args.sync.mode),
                                   lambda: ray.get(self.ranks[0].updates.remote()))
 
     def generate(self, prompts: list, n: int, step: int):
-        return self._fan_out(prompts, n, generation_seed(self.cfg, step), {}).result()
+        return self._fan_out(prompts, n, generation_seed(self.cfg.run.seed, step), {}).result()
 
     def submit(self, prompts: list, n: int, step: int) -> PendingRollout:
         """Start the next step's rollouts, sharded over the ranks' engines, to run beside the coming update
         (each rank's engine thread; the weight push that follows the update waits for them)."""
-        return self._fan_out(prompts, n, generation_seed(self.cfg, step), {}, beside_update=True)
+        return self._fan_out(prompts, n, generation_seed(self.cfg.run.seed, step), {}, beside_update=True)
 
     def sample(self, prompts: list, n: int, temperature: float, seed: int):
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""
@@ -211,7 +208,7 @@ class ColocatedRoles:
         parts = ray.get([r.score.remote(prompts[i * k:(i + 1) * k], responses[i * k:(i + 1) * k], s)
                          for i, (r, s) in enumerate(zip(self.ranks, shards))])
         scores = [x for part in parts for x in part[0]]
-        stats = {key: sum(p[3][key] for p in parts) / len(parts) for key in parts[0][3]}
+        stats = mean_stats([p[3] for p in parts])
         ref_logp = torch.cat([p[1] for p in parts])
         values = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
         stats["time/score_compute_s"] = max(p[4] for p in parts)

@@ -1,7 +1,10 @@
 """The RL controller: one step reads as the dataflow.
 
-    prompts -> generate -> score (reward | reference | value, concurrently) -> advantages
+    prompts -> generate -> score (reward | reference | value, concurrently) -> filter -> advantages
             -> PPO epochs (policy, critic) -> log-prob check -> weight sync -> KL controller -> log
+
+Each stage hands the next one record (`rlhf_ray.rl.records`): Rollout -> ScoredBatch -> (filtered) ScoredBatch
+-> TrainBatch -> UpdateResult -> SyncStats.
 
 The roles are handles (Ray actors or local objects behind `rlhf_ray.rl.roles`); the controller owns
 only small driver-side state: the prompt stream, the KL controller and the step. The weight version is
@@ -14,19 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_ray import algo
-from rlhf_ray.batch import minibatches
-from rlhf_ray.config import Config
-from rlhf_ray.errors import RunError
-from rlhf_ray.rl.advantage_step import clean_scores, make_train_batch
-from rlhf_ray.rl.dynamic_sampling import fill_batch, score_round
+from rlhf_ray.batch import minibatches, pack_sequences, pad_ragged
+from rlhf_ray.config import Config, ReferenceConfig
+from rlhf_ray.generator.records import Rollout
+from rlhf_ray.rl.advantage_step import EmptyResponseError, filter_scored, make_train_batch  # noqa: F401
+from rlhf_ray.rl.dynamic_sampling import fill_batch
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.records import ScoredBatch
 from rlhf_ray.sync.checks import agreement_thresholds, check_logprob_agreement, check_version
 from rlhf_ray.utils.timing import PhaseTimer
-
-
-class EmptyResponseError(RunError, ValueError):
-    """The generator returned an empty response and rollout.on_empty_response=error."""
 
 
 @dataclass
@@ -37,8 +36,18 @@ class StepOutput:
     scores: list[float]
 
 
-def make_kl_controller(cfg: Config):
-    r = cfg.reference
+def score_rollout(roles, prompts: list, rollout: Rollout, pad_id: int, n: int) -> ScoredBatch:
+    """The score stage: the rollout (n samples per prompt) packed into aligned sequences with the generator's
+    log-probs, and the roles' reward, reference log-probs and values for them."""
+    seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, pad_id)
+    old_logp = pad_ragged(rollout.response_logprobs, seq.response_mask.shape[1])
+    texts = [prompts[i].text for i in rollout.prompt_index]
+    scores, ref_logp, values, stats = roles.score(texts, list(rollout.texts), seq)
+    return ScoredBatch(seq, old_logp, ref_logp, torch.as_tensor(scores, dtype=torch.float32), values, n,
+                       rollout.weight_version, texts, list(rollout.texts), dict(stats))
+
+
+def make_kl_controller(r: ReferenceConfig):
     if r.adaptive_kl:
         return algo.AdaptiveKLController(r.kl_coef, r.kl_target, r.kl_horizon)
     return algo.FixedKLController(r.kl_coef)
@@ -51,7 +60,7 @@ class RLController:
         log-prob agreement thresholds the config leaves unset."""
         self.cfg, self.roles, self.prompts, self.pad_id = cfg, roles, prompts, pad_id
         self.agreement = agreement_thresholds(cfg.rollout.sync, dtypes)
-        self.kl_ctl = make_kl_controller(cfg)
+        self.kl_ctl = make_kl_controller(cfg.reference)
         self.step_idx = 0
         self._shuffle = torch.Generator().manual_seed(cfg.run.seed)
         self._next = None  # (prompts, pending rollout, prompt-stream state before them) when overlapping
@@ -61,63 +70,57 @@ class RLController:
         cfg, roles, t = self.cfg, self.roles, PhaseTimer()
         n = cfg.rollout.n_samples_per_prompt
         with t("generate"):
-            if self._next is not None:  # sampled during the previous step's update, one version behind
-                prompts, pending, _ = self._next
-                self._next = None
-                rollout = pending.result()
-            else:
-                prompts = self.prompts.next_batch()
-                rollout = roles.generate([p.ids for p in prompts], n, self.step_idx)
+            prompts, rollout = self._generate(n)                       # Rollout
         lag = check_version(rollout.weight_version, roles.weights.version, cfg.rollout.sync.max_off_policy_lag)
+        engine_s = [rollout.generate_s]
         with t("score"):
-            rnd = score_round(roles, prompts, rollout, self.pad_id)
+            scored = score_rollout(roles, prompts, rollout, self.pad_id, n)  # ScoredBatch
         ds_stats = {}
         if cfg.algorithm.dynamic_sampling:  # DAPO: only groups whose rewards differ, topped up
             with t("dynamic_sampling"):
-                rnd, ds_stats = fill_batch(rnd, lambda: self._sample_more(n), n, cfg.rl.prompts_per_step,
-                                           cfg.algorithm.dynamic_sampling_max_rounds, self.pad_id)
-        rollout, seq, old_logp, prompt_texts = rnd.rollout, rnd.seq, rnd.old_logp, rnd.prompt_texts
-        scores, ref_logp, values, reward_stats = rnd.scores, rnd.ref_logp, rnd.values, rnd.reward_stats
-        empty = self._check_empty(rollout)
-        if cfg.rollout.on_empty_response == "zero_reward":
-            scores = torch.where(empty, torch.zeros_like(scores), scores)
-        scores, keep, bad_stats = clean_scores(scores, n, cfg.reward.on_nonfinite, cfg.reward.clip)
-        scored = ScoredBatch(seq, old_logp, ref_logp, scores, values, n, rollout.weight_version)
-        if not keep.all():
-            scored = _select(scored, keep)
-
+                scored, ds_stats = fill_batch(scored, lambda: self._sample_more(n, engine_s), cfg.rl.prompts_per_step,
+                                              cfg.algorithm.dynamic_sampling_max_rounds, self.pad_id)
+        kept, reported, filter_stats = filter_scored(scored, cfg.reward, cfg.rollout.on_empty_response)
         with t("advantage"):
-            batch, adv_stats = make_train_batch(scored, cfg.algorithm, cfg.reference, self.kl_ctl.value,
-                                                 cfg.rollout.max_new_tokens)
+            batch, adv_stats = make_train_batch(kept, cfg.algorithm, cfg.reference, self.kl_ctl.value,
+                                                 cfg.rollout.max_new_tokens)  # TrainBatch
             minibatches = self._minibatches(len(batch.seq))
-
         overlapped = self._start_next_generation(n)
         with t("update"):
-            update = roles.update(batch, minibatches, self.kl_ctl.value, overlapped=overlapped)
+            update = roles.update(batch, minibatches, self.kl_ctl.value, overlapped=overlapped)  # UpdateResult
         if lag == 0 and update.agreement is not None:
             check_logprob_agreement(update.agreement, self.agreement, version=rollout.weight_version)
-
         with t("sync"):
-            pushed = roles.weights.push()  # None: every optimizer step was refused, the weights did not change
+            pushed = roles.weights.push()  # SyncStats; None: every optimizer step was refused, nothing changed
         # Ziegler 2019's rule is in KL per sequence and counts samples (horizon is in samples).
         self.kl_ctl.update(adv_stats.get("kl/seq_mean", 0.0), len(batch.seq))
         self.step_idx += 1
 
-        metrics = {**reward_stats, **bad_stats, **ds_stats, **adv_stats, **update.metrics(),
-                   **(pushed.metrics() if pushed else {}), **t.stats(),
-                   "reward/score_mean": float(scores[keep].mean()) if keep.any() else float("nan"),
-                   "reward/score_std": float(scores[keep].std()) if keep.sum() > 1 else 0.0,
+        timing, engine = t.stats(), sum(engine_s)
+        metrics = {**scored.reward_stats, **filter_stats, **ds_stats, **adv_stats, **update.metrics(),
+                   **(pushed.metrics() if pushed else {}), **timing,
+                   "reward/score_mean": float(kept.scores.mean()),
+                   "reward/score_std": float(kept.scores.std()) if len(kept) > 1 else 0.0,
                    "kl/coef": self.kl_ctl.value, "sync/version": float(roles.weights.version),
-                   "sync/lag": float(lag), "response/empty_frac": float(empty.float().mean()),
-                   "throughput/tokens_per_s": tokens_per_s(float(seq.response_mask.sum()), t.times["generate"],
-                                                           rollout.generate_s),
-                   "sync/overlapped": float(overlapped),
+                   "sync/lag": float(lag), "sync/overlapped": float(overlapped),
+                   "throughput/tokens_per_s": tokens_per_s(float(scored.seq.response_mask.sum()), t.times["generate"],
+                                                           engine),
                    # an overlapped generation hides behind the previous update: only its wait is on the path
-                   **overhead(t.stats()["timing/step_s"], min(rollout.generate_s, t.times["generate"]),
-                              (reward_stats.get("time/score_compute_s", 0.0), update.compute_s))}
-        return StepOutput(metrics, prompt_texts, list(rollout.texts), scores.tolist())
+                   **overhead(timing["timing/step_s"], min(engine, t.times["generate"]),
+                              (scored.reward_stats.get("time/score_compute_s", 0.0), update.compute_s))}
+        return StepOutput(metrics, reported.prompts, reported.responses, reported.scores.tolist())
 
     # -- helpers -------------------------------------------------------------------------------
+    def _generate(self, n: int) -> tuple[list, Rollout]:
+        """This step's prompts and rollout: sampled now, or, with rollouts allowed one version behind, during
+        the previous step's update (`_start_next_generation`)."""
+        if self._next is not None:
+            prompts, pending, _ = self._next
+            self._next = None
+            return prompts, pending.result()
+        prompts = self.prompts.next_batch()
+        return prompts, self.roles.generate([p.ids for p in prompts], n, self.step_idx)
+
     def _start_next_generation(self, n: int) -> bool:
         """With rollouts allowed one version behind, sample the next step now, on the generator's cores,
         while the learner updates on the others. Every `sync.check_every`-th step is left in lockstep so
@@ -131,20 +134,13 @@ class RLController:
         self._next = (prompts, self.roles.submit([p.ids for p in prompts], n, nxt), before)
         return True
 
-
-    def _sample_more(self, n: int):
-        """Another round for dynamic sampling: the next prompts of the stream, sampled and scored."""
+    def _sample_more(self, n: int, engine_s: list[float]) -> ScoredBatch:
+        """Another round for dynamic sampling: the next prompts of the stream, sampled and scored (the engines'
+        seconds added to `engine_s`)."""
         prompts = self.prompts.next_batch()
-        return score_round(self.roles, prompts, self.roles.generate([p.ids for p in prompts], n, self.step_idx),
-                           self.pad_id)
-
-    def _check_empty(self, rollout) -> torch.Tensor:
-        empty = torch.tensor([len(r) == 0 for r in rollout.response_ids])
-        if empty.any() and self.cfg.rollout.on_empty_response == "error":
-            raise EmptyResponseError(f"{int(empty.sum())} of {len(empty)} responses are empty (weight version "
-                                     f"{rollout.weight_version}); set rollout.on_empty_response=zero_reward "
-                                     f"to score them 0 and continue")
-        return empty
+        rollout = self.roles.generate([p.ids for p in prompts], n, self.step_idx)
+        engine_s.append(rollout.generate_s)
+        return score_rollout(self.roles, prompts, rollout, self.pad_id, n)
 
     def _minibatches(self, n_rows: int) -> list[list[torch.Tensor]]:
         """Index sets per PPO epoch; drawn here so the shuffle is part of the driver's resumable state."""
@@ -185,11 +181,3 @@ def overhead(step_s: float, generate_s: float, compute: tuple[float, float]) -> 
     busy = generate_s + compute[0] + compute[1]
     return {"timing/compute_s": busy, "timing/overhead_s": max(0.0, step_s - busy),
             "timing/overhead_frac": max(0.0, step_s - busy) / max(step_s, 1e-9)}
-
-
-def _select(b: ScoredBatch, keep: torch.Tensor) -> ScoredBatch:
-    idx = keep.nonzero().flatten()
-    if len(idx) == 0:
-        raise ValueError("every group of this step had a non-finite reward: nothing left to train on")
-    return ScoredBatch(b.seq.select(idx), b.old_logp[idx], b.ref_logp[idx], b.scores[idx],
-                       None if b.values is None else b.values[idx], b.group_size, b.weight_version)

@@ -10,7 +10,8 @@ import torch
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.learner.group import LearnerRank
-from rlhf_ray.rl.micro import OBJECTIVE, micro_batches, token_weight
+from rlhf_ray.dispatch import minibatch_micro_batches
+from rlhf_ray.rl.micro import OBJECTIVE, token_weight
 from rlhf_ray.rl.records import TrainBatch, UpdateResult
 from rlhf_ray.rl.step_loss import critic_minibatch_loss
 from rlhf_ray.utils.phases import set_phase_threads, timed
@@ -49,7 +50,7 @@ class CriticWorker:
         steps = 0
         for epoch in minibatches:
             for rows in epoch:
-                mine = micro_batches(rows, self.mbs, batch.seq.response_mask, rank, world)
+                mine = minibatch_micro_batches(rows, self.mbs, batch.seq.response_mask, rank, world)
                 for k, v in self.learner.train_step(loss_fn, mine).items():
                     key = k if "/" in k else f"value/{OBJECTIVE.get(k, k)}"
                     sums[key] = sums.get(key, 0.0) + v

@@ -17,6 +17,7 @@ import torch
 
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import Config
+from rlhf_ray.dispatch import split_rows
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.rl.critic import CriticRank
 from rlhf_ray.rl.policy import PolicyRank
@@ -24,7 +25,7 @@ from rlhf_ray.placement.construct import construct
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
 from rlhf_ray.rl.records import UpdateResult
-from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base, split_rows
+from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base
 from rlhf_ray.utils.device import make_backend
 from rlhf_ray.scoring.reference import ReferenceActor
 from rlhf_ray.scoring.reward import RewardActor
@@ -42,7 +43,6 @@ class DistributedRoles:
         self.args = args = construct(cfg, plan, cores=os.cpu_count())
         policy = args.learners("policy")[0]
         self.cfg, self.backend = cfg, policy.backend()
-        self.cores = policy.threads
         norm_len = cfg.rollout.max_new_tokens
 
         def ranks(role: str, n: int) -> list[dict]:
@@ -58,7 +58,7 @@ class DistributedRoles:
         if cfg.uses_critic:
             critic = args.learners("critic")[0]
             self.critic = LearnerGroup(cfg.model, cfg.rl.critic, kind="value", rank_cls=CriticRank,
-                                       **{**common, "init_path": critic_init_path(cfg, paths)},
+                                       **{**common, "init_path": critic_init_path(cfg.rl, paths)},
                                        backend=critic.backend(), num_threads=critic.threads,
                                        options=ranks("critic", cfg.rl.critic.num_ranks),
                                        rank_kwargs=dict(algo=cfg.algorithm, norm_len=norm_len))
@@ -76,13 +76,13 @@ class DistributedRoles:
             batch_size=rew.micro_batch)
         engines = args.engines()
         e = engines[0]  # every engine of the group is built alike
-        base = generator_base(cfg, paths, self.policy)
+        base = generator_base(cfg.model, paths, self.policy)
         rollout = cfg.rollout.model_copy(update={"tensor_parallel_size": e.tensor_parallel_size})
         engine_backend = make_backend(e.device, e.dtype)
         self.generator = GeneratorGroup(base, rollout, engine_backend, e.enable_lora, e.max_model_len,
                                         max_lora_rank=e.max_lora_rank or 16, quantization=e.quantization,
                                         engine_kwargs=e.llm_kwargs(base), options=ranks("generator", len(engines)))
-        self.generator_threads = args.process("generator", 0).generate_threads  # its share while overlapping
+        self.shares = args.shares  # each phase's threads and cores: the plan's
         s = args.sync
         transport = engine_transport(s.transport, self.generator, backend=s.backend, device=e.device,
                                      source=self.policy.actors, mode=s.mode, bucket_mb=s.bucket_mb,
@@ -90,7 +90,6 @@ class DistributedRoles:
         self.weights = WeightSync(transport, lambda: ray.get(self.policy.actors[0].updates.remote()))
 
     # -- the controller's calls ----------------------------------------------------------------
-
     def generate(self, prompts: list, n: int, step: int):
         """Sample n per prompt, the engines alone on their nodes (every core, or `rollout.threads`). Step s
         is seeded from (run seed, s), so a resumed run samples exactly what the uninterrupted run would."""
@@ -98,8 +97,8 @@ class DistributedRoles:
         # the same prompts are sampled again with the same seed (no step lost, none doubled).
         for attempt in range(2):
             try:
-                return self.generator.submit(prompts, n, threads=self.cfg.rollout.threads or 0,
-                                             call_seed=generation_seed(self.cfg, step)).result()
+                return self.generator.submit(prompts, n, threads=self.shares.generate.threads,
+                                             call_seed=generation_seed(self.cfg.run.seed, step)).result()
             except ray.exceptions.RayActorError:
                 if attempt:
                     raise
@@ -108,8 +107,9 @@ class DistributedRoles:
     def submit(self, prompts: list, n: int, step: int):
         """Start sampling step `step`'s rollouts to overlap the coming update: the engines keep the first
         `rollout.cpus_per_engine` cores of their node, the learners get the others (see `update`)."""
-        g = self.generator_threads
-        return self.generator.submit(prompts, n, threads=g, cores=(0, g), call_seed=generation_seed(self.cfg, step))
+        g = self.shares.generate_beside_update
+        return self.generator.submit(prompts, n, threads=g.threads, cores=g.cores,
+                                     call_seed=generation_seed(self.cfg.run.seed, step))
 
     def sample(self, prompts: list, n: int, temperature: float, seed: int):
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""
@@ -117,8 +117,7 @@ class DistributedRoles:
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """Reward, reference log-probs and values at once; the cores are split between them."""
-        busy = 2 + (self.critic is not None)
-        share = max(1, self.cores // busy)
+        share = self.shares.score.threads
         reward = self.reward.score.remote(prompts, responses, threads=share)
         if self.reference is not None:
             ref = [self.reference.ref_logprobs.remote(seq, threads=share)]
@@ -141,11 +140,10 @@ class DistributedRoles:
     def update(self, batch, minibatches, kl_coef: float, overlapped: bool = False) -> UpdateResult:
         """Policy and critic updates side by side. When the next rollout is being generated meanwhile
         (`overlapped`), the generator's threads are taken out of the learners' share of the cores."""
-        g = self.generator_threads if overlapped else 0
-        share = max(1, (self.cores - g) // (1 + (self.critic is not None)))
-        cores = (g, None) if overlapped and self.cores > g else None
-        pol = [a.update.remote(batch, minibatches, kl_coef, threads=share, cores=cores) for a in self.policy.actors]
-        crit = ([a.update.remote(batch, minibatches, threads=share, cores=cores) for a in self.critic.actors]
+        s = self.shares.update_beside_generate if overlapped else self.shares.update
+        pol = [a.update.remote(batch, minibatches, kl_coef, threads=s.threads, cores=s.cores)
+               for a in self.policy.actors]
+        crit = ([a.update.remote(batch, minibatches, threads=s.threads, cores=s.cores) for a in self.critic.actors]
                 if self.critic else [])
         result = UpdateResult.merge(ray.get(pol))
         if crit:

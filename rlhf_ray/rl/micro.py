@@ -1,4 +1,4 @@
-"""Micro-batches of a PPO minibatch, and the loss weight that keeps a token-mean exact across them.
+"""The loss weight that keeps a token-mean exact across a minibatch's micro-batches, and the response logits.
 
 Shared by the policy and the critic passes (`rlhf_ray.rl.policy`, `rlhf_ray.rl.critic`).
 """
@@ -7,22 +7,11 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.batch import SequenceBatch
-from rlhf_ray.learner.dispatch import shard_rows
 from rlhf_ray.models.shared_prompt import response_logits_of
 
 # The learner's "loss" is the whole minimised objective (surrogate + KL + entropy terms); named apart so it
 # neither overwrites nor adds into the algorithm's own "policy/loss" / "value/loss" statistic.
 OBJECTIVE = {"loss": "objective"}
-
-
-def micro_batches(rows: torch.Tensor, size: int, mask: torch.Tensor, rank: int = 0,
-                  world: int = 1) -> list[dict[str, torch.Tensor]]:
-    """Rank `rank`'s micro-batches of a minibatch (its contiguous, equal share of `rows`); each carries
-    the row and token counts of the WHOLE minibatch, over all ranks (see token_weight)."""
-    total = torch.tensor([len(rows), float(mask[rows].sum())])
-    mine = shard_rows(rows, rank, world)
-    return [{"idx": mine[i:i + size], "totals": total.expand(len(mine[i:i + size]), 2)}
-            for i in range(0, len(mine), size)]
 
 
 def token_weight(agg: str, micro_mask: torch.Tensor, mb: dict) -> float:

@@ -14,7 +14,8 @@ from rlhf_ray import algo
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.learner.group import LearnerRank
-from rlhf_ray.rl.micro import OBJECTIVE, forward_response_logits, micro_batches, token_weight
+from rlhf_ray.dispatch import minibatch_micro_batches
+from rlhf_ray.rl.micro import OBJECTIVE, forward_response_logits, token_weight
 from rlhf_ray.rl.records import TrainBatch, UpdateResult
 from rlhf_ray.rl.step_loss import policy_minibatch_loss
 from rlhf_ray.sync.checks import Agreement, logprob_agreement
@@ -78,7 +79,7 @@ class PolicyWorker:
 
         for epoch in minibatches:
             for rows in epoch:
-                mine = micro_batches(rows, self.mbs, batch.seq.response_mask, rank, world)
+                mine = minibatch_micro_batches(rows, self.mbs, batch.seq.response_mask, rank, world)
                 stats = self.learner.train_step(loss_fn, mine)
                 steps += 1
                 for k, v in stats.items():

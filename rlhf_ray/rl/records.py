@@ -1,33 +1,68 @@
 """Typed records of one RL step, one per stage of the dataflow:
 
-    generator -> Rollout (rlhf_ray.generator.records)
-    scorers   -> ScoredBatch   (+ scores, reference log-probs, values)
+    generate  -> Rollout       (rlhf_ray.generator.records)
+    score     -> ScoredBatch   (+ scores, reference log-probs, values)
+    filter    -> ScoredBatch   (DAPO's informative groups; finite, clipped scores; rows dropped by policy)
     advantage -> TrainBatch    (+ advantages, returns)
     update    -> UpdateResult  (statistics, the log-prob agreement, compute seconds)
+    sync      -> SyncStats     (rlhf_ray.sync.weight_sync)
 
 Every field is present at its stage; `values` exist only when the algorithm has a critic.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
-from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.batch import SequenceBatch, concat_sequences, pad_right
 from rlhf_ray.dispatch import mean_stats
 from rlhf_ray.sync.checks import Agreement
 
 
 @dataclass(frozen=True)
 class ScoredBatch:
+    """The score stage's record (and, filtered, the filter stage's): rows of one prompt are contiguous."""
     seq: SequenceBatch
     old_logp: torch.Tensor          # (B, T) log pi_old(a_t|s_t) as the generator sampled them
     ref_logp: torch.Tensor          # (B, T) log pi_ref(a_t|s_t)
-    scores: torch.Tensor            # (B,) combined reward, finite
+    scores: torch.Tensor            # (B,) combined reward (finite once filtered)
     values: Optional[torch.Tensor]  # (B, T) V(s_t) from the critic; None without a critic
     group_size: int                 # n samples per prompt, contiguous rows
     weight_version: int             # policy version the rollout was sampled with
+    prompts: list[str]              # (B,) the prompt text each row answers
+    responses: list[str]            # (B,) the response text
+    reward_stats: dict[str, float]  # the scorers' statistics ("time/..." summed over DAPO rounds, others averaged)
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def select(self, idx: torch.Tensor) -> "ScoredBatch":
+        """The rows `idx` (a 1-d index tensor), in that order."""
+        rows = idx.tolist()
+        return replace(self, seq=self.seq.select(idx), old_logp=self.old_logp[idx], ref_logp=self.ref_logp[idx],
+                       scores=self.scores[idx], values=None if self.values is None else self.values[idx],
+                       prompts=[self.prompts[i] for i in rows], responses=[self.responses[i] for i in rows])
+
+    @staticmethod
+    def concat(parts: list["ScoredBatch"], pad_id: int) -> "ScoredBatch":
+        """One batch from several (DAPO's rounds): sequences re-packed to a common width, per-token tensors
+        padded right; timings of the scorers add up, their other statistics are averaged."""
+        if len(parts) == 1:
+            return parts[0]
+        seq = concat_sequences([p.seq for p in parts], pad_id)
+        width = seq.response_mask.shape[1]
+        stats: dict[str, float] = {}
+        for p in parts:
+            for k, v in p.reward_stats.items():
+                stats[k] = stats.get(k, 0.0) + (v if k.startswith("time/") else v / len(parts))
+        first = parts[0]
+        return ScoredBatch(seq, pad_right([p.old_logp for p in parts], width),
+                           pad_right([p.ref_logp for p in parts], width), torch.cat([p.scores for p in parts]),
+                           None if first.values is None else pad_right([p.values for p in parts], width),
+                           first.group_size, first.weight_version, [x for p in parts for x in p.prompts],
+                           [x for p in parts for x in p.responses], stats)
 
 
 @dataclass(frozen=True)

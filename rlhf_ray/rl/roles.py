@@ -1,5 +1,5 @@
-"""What both placements of an RL run share: the run's paths, the generation seed, the weights the generator and
-the critic start from, and splitting a batch over ranks (`rlhf_ray.rl.run.build_roles` picks the placement).
+"""What both placements of an RL run share: the run's paths, the generation seed and the weights the
+generator and the critic start from (`rlhf_ray.rl.run.build_roles` picks the placement).
 
 The controller calls the graph it is given (`weights`, `generate`, `submit`, `score`, `update`, `save`,
 `load`, `export`, `shutdown`) without knowing which placement answers:
@@ -15,8 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from rlhf_ray.config import Config
-from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.config import ModelConfig, RLConfig
 
 
 @dataclass(frozen=True)
@@ -26,32 +25,24 @@ class Paths:
     scratch: str              # run-local folder for files the roles hand each other
 
 
-def generation_seed(cfg: Config, step: int) -> int:
+def generation_seed(run_seed: int, step: int) -> int:
     """Step s samples from a seed of (run seed, s): a resumed run samples what the uninterrupted one did."""
-    return (cfg.run.seed * 1_000_003 + step * 7919) % (2 ** 30)
+    return (run_seed * 1_000_003 + step * 7919) % (2 ** 30)
 
 
-def generator_base(cfg: Config, paths: Paths, policy) -> str:
+def generator_base(model: ModelConfig, paths: Paths, policy) -> str:
     """The weights the generator starts from. With a 4-bit (QLoRA) learner that is the learner's own
     dequantized NF4 base, not the original checkpoint: otherwise generator and learner run different
     functions (seen: log-probs off by up to 0.5) and the agreement check rightly stops the run.
     vLLM 0.32 has no bitsandbytes path, so the dequantized base is what it can run."""
-    if not cfg.model.quantization.load_in_4bit:
+    if not model.quantization.load_in_4bit:
         return paths.resolve(paths.policy_init)
     base = os.path.join(paths.scratch, "generator_base")
     policy.export_hf(base, merge_lora=True)  # adapter B = 0 at start: merged == base
     return base
 
 
-def critic_init_path(cfg: Config, paths: Paths) -> str:
+def critic_init_path(rl: RLConfig, paths: Paths) -> str:
     """`rl.critic_init_from=stage:rm` starts the critic from the reward model (InstructGPT): the RM's score
     head is the value head (the same Llama `score` layer) and its backbone already judges responses."""
-    return paths.resolve(cfg.rl.critic_init_from) if cfg.rl.critic_init_from else paths.policy_init
-
-
-def split_rows(seq: SequenceBatch, n: int) -> list[SequenceBatch]:
-    """n contiguous, equal shards of a batch (ZeRO-3 forwards are collectives: equal work per rank)."""
-    if len(seq) % n:
-        raise ValueError(f"a batch of {len(seq)} sequences does not split evenly over {n} ranks")
-    k = len(seq) // n
-    return [seq.select(slice(i * k, (i + 1) * k)) for i in range(n)]
+    return paths.resolve(rl.critic_init_from) if rl.critic_init_from else paths.policy_init

@@ -4,12 +4,11 @@ Kept in memory (the object store) a restore point costs a model's worth of share
 learner's node for the whole run, twice while the next sync is put beside it. On disk it costs nothing
 while no engine fails: the producer writes each bucket to the folder as it streams it (the engines get
 exactly these bytes, cast and filtered), and a `restore.json` manifest makes it whole. A sync that fails
-half-way leaves the previous point in place (written under `.partial`, swapped in by rename).
+half-way leaves the previous point in place (written beside it, swapped in by rename: `rlhf_ray.utils.folders`).
 """
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -17,6 +16,7 @@ import torch
 
 from rlhf_ray.sync.buckets import Bucket
 from rlhf_ray.sync.files import write_bucket_file
+from rlhf_ray.utils.folders import fresh_dir, swap_in, temp_dir_for
 
 MANIFEST = "restore.json"
 
@@ -26,9 +26,7 @@ class RestoreWriter:
 
     def __init__(self, folder: str | Path, meta: dict):
         self.final = Path(folder)
-        self.tmp = self.final.with_name(self.final.name + ".partial")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.tmp = fresh_dir(temp_dir_for(self.final))
         self.meta, self.files, self.bytes = dict(meta), [], 0
 
     def tee(self, buckets: Iterable[Bucket]) -> Iterator[Bucket]:
@@ -41,13 +39,7 @@ class RestoreWriter:
 
     def commit(self) -> Path:
         (self.tmp / MANIFEST).write_text(json.dumps({**self.meta, "files": self.files, "bytes": self.bytes}))
-        old = self.final.with_name(self.final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.final.exists():
-            self.final.rename(old)
-        self.tmp.rename(self.final)
-        shutil.rmtree(old, ignore_errors=True)
-        return self.final
+        return swap_in(self.tmp, self.final)
 
 
 def read_manifest(folder: str | Path) -> Optional[dict]:

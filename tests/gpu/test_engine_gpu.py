@@ -45,7 +45,8 @@ def test_sleep_wake_around_an_update_stays_within_the_plan(tiny_path):
     plan = {p: sum(i.bytes for i in items if p in i.phases and not i.host) for p in ("generate", "train")}
     base = used_bytes()
     engine = GeneratorEngine(tiny_path, RolloutConfig(gpu_memory_utilization=utilization, max_new_tokens=8, seed=0),
-                             make_backend("cuda", "bfloat16"), max_model_len=128)
+                             make_backend("cuda", "bfloat16"), max_model_len=128,
+                             engine_kwargs={"enable_sleep_mode": True})  # as the plan builds a colocated engine
     try:
         assert engine.can_sleep
         before = engine.generate(PROMPTS, n=1, temperature=0.0).response_ids

@@ -38,7 +38,7 @@ def token_batches(n: int, rows: int = 8, length: int = 12, seed: int = 0) -> lis
 
 
 def split(batch: dict, size: int = 4) -> list[dict]:
-    from rlhf_ray.learner.dispatch import micro_batches
+    from rlhf_ray.dispatch import micro_batches
     return micro_batches(batch, size)
 
 

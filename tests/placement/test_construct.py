@@ -82,6 +82,40 @@ def test_the_4090_engine_is_online_fp8_under_vllm_032s_name(hub):
     assert construct(cfg, place(cfg)).engines()[0].quantization == "fp8_per_channel"
 
 
+def test_the_plan_gives_every_phase_its_threads_and_cores():
+    """Thread and core shares are the construction's, for both placements (the ranks and actors only apply them)."""
+    from rlhf_ray.placement.construct import PhaseShares, Share
+
+    def shares(*overrides):
+        cfg = load_config(None, list(overrides))
+        return construct(cfg, place(cfg), cores=8).shares
+    # colocated, one rank on 8 cores: each phase alone has them all; beside the update an engine keeps its one
+    assert shares() == PhaseShares(Share(8), Share(1, (0, 1)), Share(8), Share(8), Share(7, (1, 8)))
+    assert shares("rollout.threads=1").generate == Share(1)  # a tiny model decodes faster on one
+    # two ranks on the node: 4 threads each, split by threads only (the ranks' core lists are the same)
+    assert shares("rl.policy.num_ranks=2") == PhaseShares(Share(4), Share(1), Share(4), Share(4), Share(3))
+    # distributed PPO: scoring splits the cores three ways, an update two; beside a generation the engines
+    # keep their two cores (rollout.cpus_per_engine) and the learners share the other six
+    assert shares("cluster.placement=distributed", "algorithm.name=ppo", "rollout.cpus_per_engine=2") == \
+        PhaseShares(Share(0), Share(2, (0, 2)), Share(2), Share(4), Share(3, (2, None)))
+    assert shares("cluster.placement=distributed", "rollout.cpus_per_engine=8").update_beside_generate == Share(1)
+
+
+def test_only_an_engine_the_plan_makes_sleep_is_built_with_sleep_mode():
+    """vLLM's sleep mode is the plan's (`Plan.engine_sleeps`: colocated on CUDA). A distributed CUDA engine never
+    sleeps, so it is built without it, and an engine built without a plan (tools, tests) has none either."""
+    from rlhf_ray.config.schema import RolloutConfig
+    from rlhf_ray.generator.engine import engine_llm_kwargs
+    from rlhf_ray.utils.device import make_backend
+    cfg = load_config(H100X8)
+    assert cfg.cluster.placement == "distributed" and not place(cfg).engine_sleeps
+    assert [e.enable_sleep_mode for e in construct(cfg, place(cfg)).engines()] == [False] * cfg.rollout.num_engines
+    cuda = make_backend("cuda", "bfloat16")
+    assert engine_llm_kwargs("/m", RolloutConfig(), cuda, False, 128)["enable_sleep_mode"] is False
+    assert engine_llm_kwargs("/m", RolloutConfig(), cuda, False, 128, engine_kwargs={"enable_sleep_mode": True})[
+        "enable_sleep_mode"] is True
+
+
 def test_explicit_fp8_on_a_cpu_engine_is_one_line_naming_the_key():
     from rlhf_ray.placement.plan import PlanError
     from rlhf_ray.preflight import check_plan
@@ -233,7 +267,7 @@ def test_the_colocated_placement_builds_every_role_from_the_construction(hub, mo
     args = roles.args
     (call,) = groups.calls
     assert call[1]["backend"] == args.learners("policy")[0].backend()
-    assert call[1]["rank_kwargs"]["generate_threads"] == args.process("policy", 0).generate_threads
+    assert call[1]["rank_kwargs"]["shares"] == args.shares
 
     # the rank builds its engine and scorers from its process's record
     import rlhf_ray.generator.engine as engine_mod

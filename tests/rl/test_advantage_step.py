@@ -30,7 +30,7 @@ def test_clip():
 def _scored(scores, group):
     seq = pack_sequences([[1]] * len(scores), [[2, 3], [2], [4, 5], [6]][:len(scores)], pad_id=0)
     z = torch.zeros(len(scores), 2)
-    return ScoredBatch(seq, z, z, torch.tensor(scores), None, group, 0)
+    return ScoredBatch(seq, z, z, torch.tensor(scores), None, group, 0, ["p"] * len(scores), ["r"] * len(scores), {})
 
 
 def test_grpo_batch_advantages_are_group_normalised_per_sequence():
@@ -75,7 +75,7 @@ def _batch4(scores, values=None):
     seq = pack_sequences([[1]] * 4, [[2, 3, 4], [2], [4, 5], [6, 6, 6]], pad_id=0)
     logp = torch.full((4, 3), -1.0) * seq.response_mask
     ref = torch.full((4, 3), -1.2) * seq.response_mask
-    return ScoredBatch(seq, logp, ref, torch.tensor(scores), values, 2, 0)
+    return ScoredBatch(seq, logp, ref, torch.tensor(scores), values, 2, 0, ["p"] * len(scores), ["r"] * len(scores), {})
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))

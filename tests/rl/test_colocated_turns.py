@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlhf_ray.config import load_config
+from rlhf_ray.placement.construct import colocated_shares
 from rlhf_ray.rl.colocated import ColocatedRank
 from rlhf_ray.utils.phases import set_phase_threads
 
@@ -25,10 +26,10 @@ class Recorder:
 
 def rank(can_sleep: bool) -> tuple[ColocatedRank, Recorder]:
     rec = Recorder()
-    r = ColocatedRank(0, 1, 1, cfg=load_config(None, ["cluster.torch_threads=1"]), generate_threads=1,
-                      roles=("policy", "generator"))
-    r.learner = SimpleNamespace(backend=SimpleNamespace(engine_can_sleep=can_sleep))
-    r.engine = SimpleNamespace(generate=lambda prompts, n, **kw: rec.run("generate"), release=lambda: None)
+    cfg = load_config(None, ["cluster.torch_threads=1"])
+    r = ColocatedRank(0, 1, 1, cfg=cfg, shares=colocated_shares(cfg, 1), roles=("policy", "generator"))
+    r.engine = SimpleNamespace(generate=lambda prompts, n, **kw: rec.run("generate"), release=lambda: None,
+                               can_sleep=can_sleep)  # built with vLLM's sleep mode where the plan makes it sleep
     r._worker = SimpleNamespace(update=lambda *args: rec.run("update") or {})
     return r, rec
 

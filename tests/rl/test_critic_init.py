@@ -36,7 +36,7 @@ def test_critic_init_option_picks_the_critics_start_and_is_validated(tmp_path):
     (outs.final("rm") / MARKER).write_text("")
     paths = Paths(policy_init="/runs/sft/model", resolve=outs.resolve, scratch=str(tmp_path))
     cfg = load_config(None, ["algorithm.name=ppo", "rl.critic_init_from=stage:rm"])
-    assert critic_init_path(cfg, paths) == str(outs.final("rm"))  # the RM stage's output, resolved
-    assert critic_init_path(load_config(None, ["algorithm.name=ppo"]), paths) == "/runs/sft/model"
+    assert critic_init_path(cfg.rl, paths) == str(outs.final("rm"))  # the RM stage's output, resolved
+    assert critic_init_path(load_config(None, ["algorithm.name=ppo"]).rl, paths) == "/runs/sft/model"
     with pytest.raises(Exception, match="rl.critic_init_from is set but algorithm.name=grpo trains no critic"):
         load_config(None, ["algorithm.name=grpo", "rl.critic_init_from=stage:rm"])

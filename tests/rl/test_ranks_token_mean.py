@@ -19,7 +19,8 @@ from rlhf_ray.learner.build import load_tokenizer
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.rl.critic import CriticRank
-from rlhf_ray.rl.micro import micro_batches, token_weight
+from rlhf_ray.dispatch import minibatch_micro_batches
+from rlhf_ray.rl.micro import token_weight
 from rlhf_ray.rl.policy import PolicyRank
 from rlhf_ray.rl.records import TrainBatch, UpdateResult
 from rlhf_ray.utils.device import resolve_backend
@@ -97,7 +98,7 @@ def test_every_micro_batch_of_every_rank_counts_its_share_of_the_minibatch_token
     rows = torch.cat(MINIBATCHES[0])
     seen = []
     for rank in range(world):
-        for mb in micro_batches(rows, size, mask, rank, world):
+        for mb in minibatch_micro_batches(rows, size, mask, rank, world):
             m = mask[mb["idx"]]
             coef = len(mb["idx"]) / (len(rows) // world) * token_weight("token-mean", m, mb) / world
             assert coef == pytest.approx(float(m.sum() / mask[rows].sum()), rel=1e-6), (rank, mb["idx"])
