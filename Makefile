@@ -10,10 +10,11 @@ demo: setup
 # The fast tier first (pure functions, config, CLI paths that stop before Ray), then the tier that starts Ray,
 # vLLM and DeepSpeed (`slow`; tests/conftest.py fails an unmarked test that starts them) on two workers: most
 # of a tiny end-to-end run is processes starting and waiting on each other, so two side by side keep the
-# 2-core machine busier (tests/conftest.py keeps a shared run or server on one worker).
+# 2-core machine busier (tests/conftest.py keeps a shared run or server on one worker). The 25 slowest tests are
+# listed at the end: where the next minutes of `make test` are.
 test: setup
 	.venv/bin/python -m pytest -q -m "not slow" tests
-	.venv/bin/python -m pytest -q -m slow -n 2 --dist loadgroup tests
+	.venv/bin/python -m pytest -q -m slow -n 2 --dist loadgroup --durations=25 tests
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow" tests
