@@ -110,7 +110,7 @@ def main() -> None:
     from rlhf_ray.config.load import load_config
     from rlhf_ray.learner.learner import Learner
     from rlhf_ray.placement.shapes import known_config
-    from rlhf_ray.rl.micro import forward_response_logits
+    from rlhf_ray.roles.micro import forward_response_logits
     from rlhf_ray.algo.logprobs import token_logprobs
     from rlhf_ray.utils.device import make_backend
 
@@ -130,7 +130,7 @@ def main() -> None:
 
     with Meter(args.device) as m_load:
         learner = Learner(cfg.model, cfg.rl.policy, kind="policy", init_path=str(folder), backend=backend,
-                          total_steps=10)
+                          total_updates=10)
     micro = cfg.rl.policy.micro_batch_size
     seq = group_batch(micro, cfg.data.max_prompt_len, cfg.rollout.max_new_tokens, config_json["vocab_size"],
                       learner.tokenizer.pad_token_id)

@@ -50,7 +50,7 @@ def check(name: str, spec: dict, folder: str, device: str) -> dict:
     from rlhf_ray.batch import logits_to_keep, response_logits
     from rlhf_ray.config.schema import LearnerConfig, ModelConfig
     from rlhf_ray.learner.learner import Learner
-    from rlhf_ray.rl.micro import forward_response_logits
+    from rlhf_ray.roles.micro import forward_response_logits
     from rlhf_ray.utils.device import make_backend
 
     mcfg = ModelConfig(path=folder, dtype=spec["dtype"], lora={"enabled": spec["lora"], "r": 16},
@@ -58,7 +58,7 @@ def check(name: str, spec: dict, folder: str, device: str) -> dict:
     lcfg = LearnerConfig(micro_batch_size=12, optim={"lr": 1e-4}, deepspeed={"zero_stage": 2})
     t = time.perf_counter()
     ln = Learner(mcfg, lcfg, kind="policy", init_path=folder, backend=make_backend(device, spec["dtype"]),
-                 total_steps=4)
+                 total_updates=4)
     load_s = time.perf_counter() - t
     seq = grouped_batch(ln.hf_model.config.vocab_size)
     tokens = seq.response_ids.to(ln.engine.device)

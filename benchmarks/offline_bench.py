@@ -51,7 +51,7 @@ def run_case(stage: str, path: str, lora: bool, args) -> dict:
     learner_cfg = {"micro_batch_size": args.batch, "optim": {"lr": 1e-4}}
     t0 = time.perf_counter()
     learner = Learner(cfg.model, cfg.sft.learner.model_validate(learner_cfg), kind="policy" if stage == "sft" else "reward",
-                      init_path=path, backend=resolve_backend("cpu"), total_steps=args.steps + args.warmup,
+                      init_path=path, backend=resolve_backend("cpu"), total_updates=args.steps + args.warmup,
                       num_threads=args.threads)
     build_s = time.perf_counter() - t0
     lim = Limits(max_prompt_len=cfg.data.max_prompt_len, max_seq_len=cfg.data.max_seq_len, on_long_prompt="truncate_left")

@@ -10,7 +10,7 @@ from rlhf_ray.data.prompts import Prompt
 from rlhf_ray.generator.records import Rollout
 from rlhf_ray.rl.controller import RLController, tokens_per_s
 from rlhf_ray.rl.prompt_stream import PromptStream
-from rlhf_ray.rl.records import UpdateResult
+from rlhf_ray.records import UpdateResult
 from rlhf_ray.sync.weight_sync import SyncStats, WeightSync
 from rlhf_ray.tracking.console import format_step
 

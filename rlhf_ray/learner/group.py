@@ -41,12 +41,12 @@ class LearnerRank:
         from rlhf_ray.utils.net import node_address
         return node_address()
 
-    def setup(self, addr: str, port: int, model_cfg, learner_cfg, kind, init_path, backend, total_steps, seed):
+    def setup(self, addr: str, port: int, model_cfg, learner_cfg, kind, init_path, backend, total_updates, seed):
         from rlhf_ray.learner.learner import Learner
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=addr, MASTER_PORT=str(port))
         self.learner = Learner(model_cfg, learner_cfg, kind=kind, init_path=init_path, backend=backend,
-                               total_steps=total_steps, seed=seed, num_threads=torch.get_num_threads())
+                               total_updates=total_updates, seed=seed, num_threads=torch.get_num_threads())
 
     def train_step(self, loss_fn, shard: Batch, micro_batch_size: int) -> dict:
         return self.learner.train_step(loss_fn, micro_batches(shard, micro_batch_size))
@@ -94,7 +94,7 @@ class LearnerGroup:
     """Driver-side handle; every method fans out to all ranks and returns merged results."""
 
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, *,
-                 kind: Literal["policy", "reward", "value"], init_path: str, total_steps: int, backend: Backend,
+                 kind: Literal["policy", "reward", "value"], init_path: str, total_updates: int, backend: Backend,
                  seed: int = 0, num_threads: Optional[int] = None, options: Optional[list[dict]] = None,
                  rank_cls: type = LearnerRank, rank_kwargs: Optional[dict] = None):
         """backend: the ranks' device, dtype and dist backend (from the plan in RL runs). options: Ray actor
@@ -111,7 +111,7 @@ class LearnerGroup:
             raise ValueError(f"{len(options)} actor options for {n} learner ranks")
         self.actors = [remote.options(**options[r]).remote(r, n, threads, **extra) for r in range(n)]
         addr, port = ray.get(self.actors[0].address.remote())
-        ray.get([a.setup.remote(addr, port, model_cfg, learner_cfg, kind, init_path, backend, total_steps, seed)
+        ray.get([a.setup.remote(addr, port, model_cfg, learner_cfg, kind, init_path, backend, total_updates, seed)
                  for a in self.actors])
 
     def _all(self, method: str, *args, **kwargs) -> list:

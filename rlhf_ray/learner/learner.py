@@ -46,7 +46,7 @@ def ensure_process_group(backend: Backend) -> None:
 class Learner:
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, *,
                  kind: Literal["policy", "reward", "value"], init_path: str, backend: Backend,
-                 total_steps: int, seed: int = 0, num_threads: Optional[int] = None):
+                 total_updates: int, seed: int = 0, num_threads: Optional[int] = None):
         # Import order matters: transformers' lazy model import inside DeepSpeed's ZeRO-3 conversion
         # fails unless dynamo and the model class are imported first (STACK.md).
         import torch._dynamo  # noqa: F401
@@ -69,7 +69,7 @@ class Learner:
         o = learner_cfg.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(o.scheduler, o.warmup_steps, max(1, total_steps)))
+            optimizer, lr_lambda(o.scheduler, o.warmup_steps, max(1, total_updates)))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds, model_parameters=params)
         checkpoint.weights_only_loads(self.engine)  # no unpickling of checkpoint files

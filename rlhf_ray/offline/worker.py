@@ -102,7 +102,7 @@ def train_stage(job: StageJob, restored) -> None:
     # Ray Train's TorchConfig has set up the process group; DeepSpeed joins it.
     learner = Learner(cfg.model, stage.learner, kind=job.kind, init_path=job.init_path,
                       backend=resolve_backend(cfg.cluster.device, cfg.model.dtype),
-                      total_steps=job.total_steps, seed=cfg.run.seed, num_threads=threads)
+                      total_updates=job.total_steps, seed=cfg.run.seed, num_threads=threads)
     if job.setup is not None:
         job.setup(learner)
     start = 0

@@ -2,7 +2,7 @@
 
 The one owner of these values. `construct(cfg, plan)` is a pure function of the config and the plan (the
 plan carries the device and, after `budget`, the scoring micro-batches); both placements
-(`rlhf_ray.rl.colocated`, `rlhf_ray.rl.distributed`) build every engine, learner and scorer from its
+(`rlhf_ray.placement.colocated`, `rlhf_ray.placement.distributed`) build every engine, learner and scorer from its
 records and from nothing else, the simulation builds its twin's from the same function, and
 `rlhf-ray plan CONFIG --json` prints them per process, so a user sees before launch what each GPU runs.
 

@@ -1,9 +1,12 @@
-"""The plan made real on Ray: one STRICT_PACK placement group per planned node, and the options each
-role's actor is started with. Nothing here decides a number; it all comes from the `Plan`. A plan made on
+"""The plan made real on Ray: placed on the live cluster before any actor starts (`check_fits`: a role that
+cannot be placed would otherwise wait forever without a word), one STRICT_PACK placement group per planned
+node, and the options each role's actor is started with. Nothing here decides a number; it all comes from
+the `Plan`. A plan made on
 the live cluster (`ClusterSpec.from_ray`) names each node's Ray id, and its group is held to that node:
 STRICT_PACK alone keeps a group on one node but lets Ray choose which, so a CPU-only group planned for the
 head could land beside another planned node.
 
+    plan = check_fits(cfg)                                   # the plan on the cluster Ray has
     groups = reserve(plan)                                   # waits until every node group is placed
     Actor.options(**actor_options(plan, groups, "policy", rank)).remote(...)
     ...
@@ -11,7 +14,41 @@ head could land beside another planned node.
 """
 from __future__ import annotations
 
-from rlhf_ray.placement.plan import Bundle, Plan, PlanError
+from typing import TYPE_CHECKING, Optional
+
+from rlhf_ray.errors import RunError
+from rlhf_ray.placement.plan import Bundle, ClusterSpec, NodeSpec, Plan, PlanError, place
+
+if TYPE_CHECKING:
+    from rlhf_ray.config import Config
+
+
+class ClusterTooSmallError(RunError):
+    """The roles ask for more CPUs or GPUs than the Ray cluster has."""
+
+
+def check_fits(cfg: "Config", available: Optional[dict] = None, nodes: Optional[list[dict]] = None) -> Plan:
+    """The plan on the live cluster: `nodes` as `ray.nodes()` returns them (read from Ray when neither
+    argument is given), or `available` totals (`ray.cluster_resources()`) taken as one node."""
+    if nodes is None and available is None:
+        import ray
+        nodes = ray.nodes()
+    if nodes is not None:
+        cluster = ClusterSpec.from_ray(nodes, cfg.cluster.gpu_memory_gib)
+    else:
+        cluster = ClusterSpec((NodeSpec(int(available.get("GPU", 0)), float(available.get("CPU", 0)),
+                                        cfg.cluster.gpu_memory_gib),))
+    try:
+        return place(cfg, cluster)
+    except PlanError as e:
+        asks = place(cfg).asks()  # what the declared cluster would give each role
+        need = {k: sum(a[k] for a in asks.values()) for k in ("CPU", "GPU")}
+        have = {"CPU": sum(n.cpus or 0 for n in cluster.nodes), "GPU": cluster.gpus}
+        detail = "; ".join(f"{role} {a['CPU']:g} CPU {a['GPU']:g} GPU" for role, a in asks.items())
+        raise ClusterTooSmallError(
+            f"the RL roles ask for {need['CPU']:g} CPUs and {need['GPU']:g} GPUs ({detail}) but the Ray cluster has "
+            f"{have['CPU']:g} and {have['GPU']:g} ({e}); lower the cpus_per_*/gpus_per_*/num_* settings or start "
+            f"Ray with more (`ray start --num-cpus N`)") from None
 
 
 def _resources(b: Bundle) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The cluster plan: which process runs which roles, on which node and GPU, and what it asks Ray for.
 
 The one owner of resources. The CLI's preflight (`rlhf_ray.preflight.check_plan`: the declared cluster),
-the run's placement on the live cluster (`rl/resources.py`), the actor options (`placement/groups.py`) and
+the run's placement on the live cluster (`placement/groups.check_fits`), the actor options (`placement/groups.py`) and
 `rlhf-ray plan` all read it; no other code counts CPUs or GPUs. Config validation does not place (the plan
 reads the config, not the other way round).
 

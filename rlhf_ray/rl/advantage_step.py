@@ -12,7 +12,7 @@ import torch
 from rlhf_ray import algo
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig, RewardConfig
 from rlhf_ray.errors import RunError
-from rlhf_ray.rl.records import ScoredBatch, TrainBatch
+from rlhf_ray.records import ScoredBatch, TrainBatch
 
 
 class BadRewardError(RunError, ValueError):

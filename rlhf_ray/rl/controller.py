@@ -3,12 +3,12 @@
     prompts -> generate -> score (reward | reference | value, concurrently) -> filter -> advantages
             -> PPO epochs (policy, critic) -> log-prob check -> weight sync -> KL controller -> log
 
-Each stage hands the next one record (`rlhf_ray.rl.records`): Rollout -> ScoredBatch -> (filtered) ScoredBatch
+Each stage hands the next one record (`rlhf_ray.records`): Rollout -> ScoredBatch -> (filtered) ScoredBatch
 -> TrainBatch -> UpdateResult -> SyncStats.
 
-The roles are handles (Ray actors or local objects behind `rlhf_ray.rl.roles`); the controller owns
-only small driver-side state: the prompt stream, the KL controller and the step. The weight version is
-the sync's (`roles.weights`, `rlhf_ray.sync.weight_sync`).
+The roles are a `RoleGraph` (`rlhf_ray.rl.roles`: Ray actors behind a placement, or local objects); the
+controller owns only small driver-side state: the prompt stream, the KL controller and the step. The weight
+version is the sync's (`roles.weights`, `rlhf_ray.sync.weight_sync`).
 """
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from rlhf_ray import algo
 from rlhf_ray.batch import minibatches, pack_sequences, pad_ragged
 from rlhf_ray.config import Config, ReferenceConfig
 from rlhf_ray.generator.records import Rollout
+from rlhf_ray.records import ScoredBatch
 from rlhf_ray.rl.advantage_step import EmptyResponseError, filter_scored, make_train_batch  # noqa: F401
 from rlhf_ray.rl.dynamic_sampling import fill_batch
 from rlhf_ray.rl.prompt_stream import PromptStream
-from rlhf_ray.rl.records import ScoredBatch
+from rlhf_ray.rl.roles import RoleGraph
 from rlhf_ray.sync.checks import agreement_thresholds, check_logprob_agreement, check_version
 from rlhf_ray.utils.timing import PhaseTimer
 
@@ -36,7 +37,7 @@ class StepOutput:
     scores: list[float]
 
 
-def score_rollout(roles, prompts: list, rollout: Rollout, pad_id: int, n: int) -> ScoredBatch:
+def score_rollout(roles: RoleGraph, prompts: list, rollout: Rollout, pad_id: int, n: int) -> ScoredBatch:
     """The score stage: the rollout (n samples per prompt) packed into aligned sequences with the generator's
     log-probs, and the roles' reward, reference log-probs and values for them."""
     seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, pad_id)
@@ -54,7 +55,7 @@ def make_kl_controller(r: ReferenceConfig):
 
 
 class RLController:
-    def __init__(self, cfg: Config, roles, prompts: PromptStream, pad_id: int,
+    def __init__(self, cfg: Config, roles: RoleGraph, prompts: PromptStream, pad_id: int,
                  dtypes: tuple[str, ...] = ("float32",)):
         """dtypes: the precisions the learner and the engine compute in (the plan's); they pick the
         log-prob agreement thresholds the config leaves unset."""

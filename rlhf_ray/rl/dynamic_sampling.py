@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from rlhf_ray.rl.records import ScoredBatch
+from rlhf_ray.records import ScoredBatch
 
 # Rewards within this of each other count as equal: a batched forward may score identical texts a few
 # ulps apart depending on their padding.

@@ -1,48 +1,52 @@
-"""What both placements of an RL run share: the run's paths, the generation seed and the weights the
-generator and the critic start from (`rlhf_ray.rl.run.build_roles` picks the placement).
+"""What the controller calls: the role graph of a run, whichever placement answers (`rlhf_ray.placement.graph`).
 
-The controller calls the graph it is given (`weights`, `generate`, `submit`, `score`, `update`, `save`,
-`load`, `export`, `shutdown`) without knowing which placement answers:
-    colocated    every role of a device in one process (`rlhf_ray.rl.colocated`)
-    distributed  each role its own Ray actors (`rlhf_ray.rl.distributed`)
-What each process is built with (device, dtype, engine and learner arguments, sync mode) is the plan's
-`rlhf_ray.placement.construct`, read by both placements. The roles themselves live in one home each:
-`rl.policy`, `rl.critic`, `generator`, `scoring.reference`, `scoring.reward`.
+The controller (`rlhf_ray.rl.controller`) and the RL stage (`rlhf_ray.rl.run`, `rlhf_ray.rl.evaluation`,
+`rlhf_ray.rl.checkpoint`) call these like local functions; the placements fan them out to the roles' processes
+(`rlhf_ray.placement.colocated`, `rlhf_ray.placement.distributed`). Tests answer them with in-process fakes.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
-from rlhf_ray.config import ModelConfig, RLConfig
+import torch
 
-
-@dataclass(frozen=True)
-class Paths:
-    policy_init: str          # HF folder the policy (and reference) start from
-    resolve: Callable[[str], str]  # resolves `stage:rm`, `builtin:...` and plain paths
-    scratch: str              # run-local folder for files the roles hand each other
+from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.generator.records import Rollout
+from rlhf_ray.records import TrainBatch, UpdateResult
+from rlhf_ray.sync.weight_sync import WeightSync
 
 
-def generation_seed(run_seed: int, step: int) -> int:
-    """Step s samples from a seed of (run seed, s): a resumed run samples what the uninterrupted one did."""
-    return (run_seed * 1_000_003 + step * 7919) % (2 ** 30)
+class Pending(Protocol):
+    def result(self) -> Rollout: ...
 
 
-def generator_base(model: ModelConfig, paths: Paths, policy) -> str:
-    """The weights the generator starts from. With a 4-bit (QLoRA) learner that is the learner's own
-    dequantized NF4 base, not the original checkpoint: otherwise generator and learner run different
-    functions (seen: log-probs off by up to 0.5) and the agreement check rightly stops the run.
-    vLLM 0.32 has no bitsandbytes path, so the dequantized base is what it can run."""
-    if not model.quantization.load_in_4bit:
-        return paths.resolve(paths.policy_init)
-    base = os.path.join(paths.scratch, "generator_base")
-    policy.export_hf(base, merge_lora=True)  # adapter B = 0 at start: merged == base
-    return base
+class RoleGraph(Protocol):
+    weights: WeightSync   # the hand-over to the engines; the weight version's owner
 
+    def generate(self, prompt_ids: list, n: int, step: int) -> Rollout:
+        """n samples per prompt with step `step`'s seed, the engines alone."""
 
-def critic_init_path(rl: RLConfig, paths: Paths) -> str:
-    """`rl.critic_init_from=stage:rm` starts the critic from the reward model (InstructGPT): the RM's score
-    head is the value head (the same Llama `score` layer) and its backbone already judges responses."""
-    return paths.resolve(rl.critic_init_from) if rl.critic_init_from else paths.policy_init
+    def submit(self, prompt_ids: list, n: int, step: int) -> Pending:
+        """The same, started now to run beside the coming update (rollouts one version behind)."""
+
+    def sample(self, prompt_ids: list, n: int, temperature: float, seed: int) -> Rollout:
+        """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""
+
+    def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch,
+              ) -> tuple[list[float], torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """(B,) rewards, (B, T) reference log-probs, (B, T) values or None, the scorers' statistics."""
+
+    def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float,
+               overlapped: bool = False) -> UpdateResult:
+        """PPO epochs of the policy (and the critic), one optimizer step per minibatch."""
+
+    def save(self, path: str, extra_state: dict) -> None: ...
+
+    def load(self, path: str) -> dict: ...
+
+    def export(self, path: str, merge_lora: bool) -> None: ...
+
+    def processes(self) -> list[tuple[str, object]]:
+        """(name an operator knows it by, actor) for every process of the graph."""
+
+    def shutdown(self) -> None: ...

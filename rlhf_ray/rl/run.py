@@ -22,9 +22,9 @@ from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.evaluation import Evaluator, format_eval, split_prompts
 from rlhf_ray.rl.plateau import PlateauDetector, check_resume_overrides
 from rlhf_ray.rl.prompt_stream import PromptStream
-from rlhf_ray.rl.resources import check_fits
-from rlhf_ray.placement.plan import Plan
-from rlhf_ray.rl.roles import Paths
+from rlhf_ray.placement.groups import check_fits
+from rlhf_ray.placement.graph import build_roles
+from rlhf_ray.placement.shared import Paths
 from rlhf_ray.scoring.reward import FunctionSource
 from rlhf_ray.tracking.console import ConsoleView
 from rlhf_ray.tracking.metrics import MetricsLogger
@@ -55,8 +55,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     groups = reserve(plan)
     total_updates = cfg.rl.steps * _updates_per_step(cfg)
     try:
-        roles = build_roles(cfg, Paths(init_path, resolve, str(out / "scratch")), plan, groups,
-                            total_steps=total_updates)
+        roles = build_roles(cfg, Paths(init_path, resolve, str(out / "scratch")), plan, groups, total_updates)
     except Exception as e:  # noqa: BLE001 - an actor that failed to start: one line naming it
         release(groups)
         raise describe_failure(e, 0) from None
@@ -117,18 +116,6 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     if cfg.logging.report:
         write_report(out, f"{cfg.run.name}: {cfg.algorithm.name}")
     return final
-
-
-def build_roles(cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
-    """The role graph `cluster.placement` asks for, every actor started with the options of its bundle in
-    `plan` (reserved as `groups`, `rlhf_ray.placement.groups.reserve`); both answer the controller alike:
-        colocated    every role of a device in one process (`rlhf_ray.rl.colocated`)
-        distributed  each role its own Ray actors (`rlhf_ray.rl.distributed`)"""
-    if cfg.cluster.placement == "colocated":
-        from rlhf_ray.rl.colocated import ColocatedRoles
-        return ColocatedRoles(cfg, paths, plan, groups, total_steps)
-    from rlhf_ray.rl.distributed import DistributedRoles
-    return DistributedRoles(cfg, paths, plan, groups, total_steps)
 
 
 def _logged(err, exc: BaseException, out: Path):

@@ -17,7 +17,7 @@ def _learner(qlora: bool):
     model = ModelConfig(path="builtin:tiny", lora={"enabled": True, "r": 8}, quantization={"load_in_4bit": qlora})
     cfg = LearnerConfig(micro_batch_size=4, optim={"lr": 1e-3}, deepspeed={"zero_stage": 0})
     return Learner(model, cfg, kind="policy", init_path="builtin:tiny", backend=resolve_backend("cuda", "bfloat16"),
-                   total_steps=4, seed=0)
+                   total_updates=4, seed=0)
 
 
 def _ids():

@@ -74,7 +74,7 @@ def _rank(rank, port, folder, params, out):
         learner = Learner(ModelConfig(path=str(folder), dtype="bfloat16"),
                           LearnerConfig(micro_batch_size=1, optim={"lr": 1e-4}, deepspeed={"zero_stage": 3}),
                           kind="policy", init_path=str(folder), backend=resolve_backend("cuda", "bfloat16"),
-                          total_steps=2, seed=0)
+                          total_updates=2, seed=0)
     mine = sum(p.ds_tensor.numel() for p in learner.model.parameters() if hasattr(p, "ds_tensor"))
     every = all(hasattr(p, "ds_id") for p in learner.model.parameters())
     (out / f"rank{rank}.json").write_text(json.dumps({

@@ -18,9 +18,9 @@ def learner_cfg(zero: int = 0, lr: float = 3e-3, **kw) -> LearnerConfig:
                          deepspeed={"zero_stage": zero}, **kw)
 
 
-def make_learner(kind="policy", lora=False, qlora=False, zero=0, total_steps=20, lr=3e-3, init="builtin:tiny"):
+def make_learner(kind="policy", lora=False, qlora=False, zero=0, total_updates=20, lr=3e-3, init="builtin:tiny"):
     return Learner(model_cfg(lora, qlora), learner_cfg(zero, lr), kind=kind, init_path=init,
-                   backend=resolve_backend("cpu"), total_steps=total_steps, seed=0, num_threads=2)
+                   backend=resolve_backend("cpu"), total_updates=total_updates, seed=0, num_threads=2)
 
 
 def token_batches(n: int, rows: int = 8, length: int = 12, seed: int = 0) -> list[dict]:

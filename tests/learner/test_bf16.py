@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow,
 
 def _learner(dtype: str) -> Learner:
     return Learner(model_cfg(), learner_cfg(lr=3e-3), kind="policy", init_path="builtin:tiny",
-                   backend=resolve_backend("cpu", dtype), total_steps=20, seed=0, num_threads=2)
+                   backend=resolve_backend("cpu", dtype), total_updates=20, seed=0, num_threads=2)
 
 
 def test_bf16_learner_trains_and_its_logprobs_stay_close_to_fp32():

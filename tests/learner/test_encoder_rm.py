@@ -28,7 +28,7 @@ def encoder_rm(tmp_path):
                                   pad_token="[PAD]", unk_token="[UNK]")
     tok.save_pretrained(tmp_path)
     return Learner(ModelConfig(path=str(tmp_path)), learner_cfg(lr=1e-2), kind="reward", init_path=str(tmp_path),
-                   backend=resolve_backend("cpu"), total_steps=STEPS, seed=0)
+                   backend=resolve_backend("cpu"), total_updates=STEPS, seed=0)
 
 
 def test_encoder_reward_model_scores_with_its_own_pooling(encoder_rm):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def _train_group(zero: int, lora: bool = False) -> tuple[LearnerGroup, list[float]]:
     group = LearnerGroup(model_cfg(lora=lora), learner_cfg(zero, num_ranks=2), kind="policy",
-                         init_path="builtin:tiny", total_steps=10, backend=resolve_backend("cpu"), num_threads=1)
+                         init_path="builtin:tiny", total_updates=10, backend=resolve_backend("cpu"), num_threads=1)
     losses = [group.train_step(sft_step_loss, b)["loss"] for b in token_batches(4, rows=8)]
     return group, losses
 

@@ -21,7 +21,7 @@ def test_nonfinite_names_what():
 def _learner(on_nonfinite: str) -> Learner:
     cfg = LearnerConfig(micro_batch_size=4, optim={"lr": 3e-3}, on_nonfinite=on_nonfinite)
     return Learner(model_cfg(), cfg, kind="policy", init_path="builtin:tiny", backend=resolve_backend("cpu"),
-                   total_steps=10, seed=0, num_threads=2)
+                   total_updates=10, seed=0, num_threads=2)
 
 
 def nan_loss_on_second_micro_batch(learner, mb, calls=[0]):  # noqa: B006 - a counter across calls on purpose

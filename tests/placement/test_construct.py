@@ -228,7 +228,7 @@ class _Actor:
 
 def test_the_distributed_placement_builds_every_actor_from_the_construction(hub, monkeypatch):
     import rlhf_ray.generator.group as group
-    import rlhf_ray.rl.distributed as dist
+    import rlhf_ray.placement.distributed as dist
     cfg, plan, _, _ = built(H70B)
     seen = {}
     for name in ("LearnerGroup", "ReferenceActor", "RewardActor"):
@@ -238,7 +238,7 @@ def test_the_distributed_placement_builds_every_actor_from_the_construction(hub,
     monkeypatch.setattr(dist, "actor_options", lambda *a: {})
     monkeypatch.setattr(dist, "generator_base", lambda *a: "/base")
     paths = SimpleNamespace(policy_init="/init", resolve=lambda p: p, scratch="/tmp")
-    roles = dist.DistributedRoles(cfg, paths, plan, {}, total_steps=10)
+    roles = dist.DistributedRoles(cfg, paths, plan, {}, total_updates=10)
     args = roles.args
     assert args == construct(cfg, plan, cores=args.cores)
     (policy_call,) = seen["LearnerGroup"].calls
@@ -255,7 +255,7 @@ def test_the_distributed_placement_builds_every_actor_from_the_construction(hub,
 
 
 def test_the_colocated_placement_builds_every_role_from_the_construction(hub, monkeypatch):
-    import rlhf_ray.rl.colocated as colo
+    import rlhf_ray.placement.colocated as colo
     cfg, plan, _, _ = built(QLORA)
     groups = _Recorder()
     monkeypatch.setattr(colo, "LearnerGroup", groups)
@@ -263,7 +263,7 @@ def test_the_colocated_placement_builds_every_role_from_the_construction(hub, mo
     monkeypatch.setattr(colo, "generator_base", lambda *a: "/base")
     monkeypatch.setattr(colo.ray, "get", lambda refs: refs)
     paths = SimpleNamespace(policy_init="/init", resolve=lambda p: p, scratch="/tmp")
-    roles = colo.ColocatedRoles(cfg, paths, plan, {}, total_steps=10)
+    roles = colo.ColocatedRoles(cfg, paths, plan, {}, total_updates=10)
     args = roles.args
     (call,) = groups.calls
     assert call[1]["backend"] == args.learners("policy")[0].backend()

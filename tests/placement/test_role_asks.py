@@ -12,8 +12,8 @@ import pytest
 from rlhf_ray.config import load_config
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.placement.groups import release, reserve
-from rlhf_ray.rl.resources import check_fits
-from rlhf_ray.rl.roles import Paths
+from rlhf_ray.placement.groups import check_fits
+from rlhf_ray.placement.shared import Paths
 from rlhf_ray.rl.run import build_roles
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def test_every_actor_asks_ray_for_its_planned_bundle(ray6, tmp_path, placement):
     roles = None
     try:
         init = resolve_model_path("builtin:tiny")
-        roles = build_roles(cfg, Paths(init, resolve_model_path, str(tmp_path)), plan, groups, total_steps=2)
+        roles = build_roles(cfg, Paths(init, resolve_model_path, str(tmp_path)), plan, groups, total_updates=2)
         procs = processes(roles, placement)
         assert len(procs) == len(plan.bundles)  # one process per planned bundle
         assert compare(plan, groups, procs, recorded_asks()) == []

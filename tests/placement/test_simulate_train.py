@@ -85,8 +85,8 @@ def placements(monkeypatch):
     seen = {}
     build = run.build_roles
 
-    def recording(cfg, paths, plan, groups, total_steps):
-        roles = build(cfg, paths, plan, groups, total_steps)
+    def recording(cfg, paths, plan, groups, total_updates):
+        roles = build(cfg, paths, plan, groups, total_updates)
         procs = roles.processes()
         where = ray.get([a.__ray_call__.remote(_where) for _, a in procs])
         nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}

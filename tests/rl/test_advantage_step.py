@@ -6,7 +6,7 @@ import torch
 from rlhf_ray.config import load_config
 from rlhf_ray.rl.advantage_step import BadRewardError, clean_scores, make_train_batch
 from rlhf_ray.batch import pack_sequences
-from rlhf_ray.rl.records import ScoredBatch
+from rlhf_ray.records import ScoredBatch
 
 
 def test_nonfinite_policy_error_names_rows():

@@ -10,7 +10,7 @@ from rlhf_ray.generator.records import Rollout
 from rlhf_ray.rl.advantage_step import BadRewardError
 from rlhf_ray.rl.controller import EmptyResponseError, RLController
 from rlhf_ray.rl.prompt_stream import PromptStream
-from rlhf_ray.rl.records import UpdateResult
+from rlhf_ray.records import UpdateResult
 from rlhf_ray.sync.checks import Agreement, LogprobMismatchError, StaleWeightsError
 from rlhf_ray.sync.weight_sync import SyncStats, WeightSync
 

@@ -7,7 +7,7 @@ from rlhf_ray.generator.records import Rollout
 from rlhf_ray.rl.controller import RLController
 from rlhf_ray.rl.dynamic_sampling import informative_groups
 from rlhf_ray.rl.prompt_stream import PromptStream
-from rlhf_ray.rl.records import UpdateResult
+from rlhf_ray.records import UpdateResult
 from rlhf_ray.sync.weight_sync import SyncStats, WeightSync
 
 

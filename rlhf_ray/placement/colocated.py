@@ -15,7 +15,7 @@ group: generations and weight pushes run there in the order they were called, so
 during a generation and a generation started before the update samples the weights before it).
 
 `ColocatedRoles` is the controller's handle; it answers the same calls as the distributed
-`rlhf_ray.rl.distributed.DistributedRoles`, so the controller never knows which placement it runs under.
+`rlhf_ray.placement.distributed.DistributedRoles`, so the controller never knows which placement it runs under.
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ from rlhf_ray.config import Config
 from rlhf_ray.dispatch import mean_stats, split_evenly, split_rows
 from rlhf_ray.generator.group import PendingRollout, tied_names
 from rlhf_ray.learner.group import LearnerGroup
-from rlhf_ray.rl.policy import PolicyRank
+from rlhf_ray.roles.policy import PolicyRank
 from rlhf_ray.placement.construct import PhaseShares, ProcessArgs, Share, construct
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
-from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base
-from rlhf_ray.rl.records import UpdateResult
+from rlhf_ray.placement.shared import Paths, critic_init_path, generation_seed, generator_base
+from rlhf_ray.records import UpdateResult
 from rlhf_ray.sync.in_process import InProcess, hand_over
 from rlhf_ray.sync.weight_sync import WeightSync
 from rlhf_ray.utils.device import make_backend
@@ -76,13 +76,13 @@ class ColocatedRank(PolicyRank):
                 set_phase_threads(share.threads)
             yield
 
-    def setup_roles(self, generator_base: str, paths: Paths, total_steps: int, process: ProcessArgs) -> None:
+    def setup_roles(self, generator_base: str, paths: Paths, total_updates: int, process: ProcessArgs) -> None:
         """Build the other roles once the learner (and its process group) exists, each from the plan's
         construction arguments of this process (`rlhf_ray.placement.construct`). The engine comes last: it
         finds the process group DeepSpeed made and reuses it."""
         from rlhf_ray.generator.engine import GeneratorEngine
         from rlhf_ray.learner.learner import Learner
-        from rlhf_ray.rl.critic import CriticWorker
+        from rlhf_ray.roles.critic import CriticWorker
         from rlhf_ray.scoring.reference import ReferenceScorer
         from rlhf_ray.scoring.reward import RewardScorer
 
@@ -90,7 +90,7 @@ class ColocatedRank(PolicyRank):
         critic = next((a for a in process.learners if a.role == "critic"), None)
         if critic is not None:
             learner = Learner(cfg.model, cfg.rl.critic, kind="value", init_path=critic_init_path(cfg.rl, paths),
-                              backend=critic.backend(), total_steps=total_steps, seed=cfg.run.seed)
+                              backend=critic.backend(), total_updates=total_updates, seed=cfg.run.seed)
             self.critic = CriticWorker(learner, cfg.algorithm, norm_len=cfg.rollout.max_new_tokens)
         scorers = {s.role: s for s in process.scorers}
         rew = scorers["reward"]
@@ -164,14 +164,14 @@ class ColocatedRank(PolicyRank):
 class ColocatedRoles:
     """The controller's handle on N colocated ranks (see the module docstring)."""
 
-    def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
+    def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_updates: int):
         """Rank i asks Ray for exactly the plan's colocated bundle i (it holds every role of the rank)."""
         self.args = args = construct(cfg, plan, cores=os.cpu_count())  # every process's construction arguments
         first = args.process("policy", 0)
         policy = first.learners[0]
         self.cfg, self.backend = cfg, policy.backend()
         p = cfg.rl.policy
-        self.policy = LearnerGroup(cfg.model, p, kind="policy", init_path=paths.policy_init, total_steps=total_steps,
+        self.policy = LearnerGroup(cfg.model, p, kind="policy", init_path=paths.policy_init, total_updates=total_updates,
                                    backend=self.backend, seed=cfg.run.seed, num_threads=policy.threads,
                                    options=[actor_options(plan, groups, "policy", r) for r in range(p.num_ranks)],
                                    rank_cls=ColocatedRank,
@@ -179,7 +179,7 @@ class ColocatedRoles:
                                                     roles=first.roles))
         self.ranks = self.policy.actors
         base = generator_base(cfg.model, paths, self.policy)
-        ray.get([r.setup_roles.remote(base, paths, total_steps, args.process("policy", i))
+        ray.get([r.setup_roles.remote(base, paths, total_updates, args.process("policy", i))
                  for i, r in enumerate(self.ranks)])
         self.weights = WeightSync(InProcess(self.ranks, args.sync.mode),
                                   lambda: ray.get(self.ranks[0].updates.remote()))

@@ -6,9 +6,9 @@ from rlhf_ray.config import load_config
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.placement.groups import release, reserve
 from rlhf_ray.rl.controller import RLController
-from rlhf_ray.rl.resources import check_fits
+from rlhf_ray.placement.groups import check_fits
 from rlhf_ray.rl.prompt_stream import PromptStream
-from rlhf_ray.rl.roles import Paths
+from rlhf_ray.placement.shared import Paths
 from rlhf_ray.rl.run import build_roles
 from rlhf_ray.sync.checks import LogprobMismatchError
 
@@ -36,7 +36,7 @@ def built(ray_local, tmp_path_factory):
     plan = check_fits(cfg)
     groups = reserve(plan, timeout_s=60)
     roles = build_roles(cfg, Paths(init, resolve_model_path, str(tmp_path_factory.mktemp("scratch"))), plan, groups,
-                        total_steps=10)
+                        total_updates=10)
     tok = AutoTokenizer.from_pretrained(init)
     prompts = load_prompts(cfg.data, tok, cfg.run.seed)
     yield cfg, roles, prompts, tok.pad_token_id

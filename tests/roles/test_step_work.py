@@ -8,9 +8,9 @@ from rlhf_ray.batch import pack_sequences
 from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConfig, SyncConfig
 from rlhf_ray.learner.learner import Learner
 from rlhf_ray.sync.checks import agreement_thresholds
-from rlhf_ray.rl.micro import forward_response_logits
-from rlhf_ray.rl.policy import PolicyWorker, has_dropout, proximal_is_live
-from rlhf_ray.rl.records import TrainBatch
+from rlhf_ray.roles.micro import forward_response_logits
+from rlhf_ray.roles.policy import PolicyWorker, has_dropout, proximal_is_live
+from rlhf_ray.records import TrainBatch
 from rlhf_ray.utils.device import LOGPROB_TOLERANCE, logprob_tolerance, resolve_backend
 from tests.learner.helpers import model_cfg, plain_logprobs
 
@@ -52,7 +52,7 @@ def test_agreement_thresholds_follow_the_loosest_precision_in_use_unless_the_con
 # -- real learner (tiny Llama, CPU) -----------------------------------------------------------------------
 def _learner(lr: float = 1e-3) -> Learner:
     return Learner(model_cfg(), LearnerConfig(micro_batch_size=3, optim={"lr": lr}), kind="policy",
-                   init_path="builtin:tiny", backend=resolve_backend("cpu"), total_steps=4, seed=0, num_threads=2)
+                   init_path="builtin:tiny", backend=resolve_backend("cpu"), total_updates=4, seed=0, num_threads=2)
 
 
 def _batch(learner) -> TrainBatch:
@@ -80,7 +80,7 @@ def test_response_logits_are_the_full_forward_at_the_response_positions():
 
 
 def _update(minibatches, live: bool, monkeypatch) -> tuple[dict, int]:
-    import rlhf_ray.rl.policy as policy
+    import rlhf_ray.roles.policy as policy
     monkeypatch.setattr(policy, "proximal_is_live", (lambda mbs, model: live) if not live else policy.proximal_is_live)
     learner = _learner()
     batch = _batch(learner)

@@ -18,11 +18,11 @@ from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConf
 from rlhf_ray.learner.build import load_tokenizer
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.models.kit import resolve_model_path
-from rlhf_ray.rl.critic import CriticRank
+from rlhf_ray.roles.critic import CriticRank
 from rlhf_ray.dispatch import minibatch_micro_batches
-from rlhf_ray.rl.micro import token_weight
-from rlhf_ray.rl.policy import PolicyRank
-from rlhf_ray.rl.records import TrainBatch, UpdateResult
+from rlhf_ray.roles.micro import token_weight
+from rlhf_ray.roles.policy import PolicyRank
+from rlhf_ray.records import TrainBatch, UpdateResult
 from rlhf_ray.utils.device import resolve_backend
 from tests.learner.helpers import model_cfg
 
@@ -39,7 +39,7 @@ def _group(kind: str, world: int) -> LearnerGroup:
         rank_cls, extra = PolicyRank, dict(algo=ALGO, ref=ReferenceConfig(kl_coef=0.0), temperature=1.0, norm_len=8)
     else:
         rank_cls, extra = CriticRank, dict(algo=ALGO, norm_len=8)
-    return LearnerGroup(model_cfg(), cfg, kind=kind, init_path="builtin:tiny", total_steps=4,
+    return LearnerGroup(model_cfg(), cfg, kind=kind, init_path="builtin:tiny", total_updates=4,
                         backend=resolve_backend("cpu"), num_threads=1, rank_cls=rank_cls, rank_kwargs=extra)
 
 

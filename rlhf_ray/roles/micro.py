@@ -1,6 +1,6 @@
 """The loss weight that keeps a token-mean exact across a minibatch's micro-batches, and the response logits.
 
-Shared by the policy and the critic passes (`rlhf_ray.rl.policy`, `rlhf_ray.rl.critic`).
+Shared by the policy and the critic passes (`rlhf_ray.roles.policy`, `rlhf_ray.roles.critic`).
 """
 from __future__ import annotations
 

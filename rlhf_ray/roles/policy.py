@@ -2,7 +2,7 @@
 learner rank. `PolicyWorker` is the plain class (testable without Ray); `PolicyRank` its Ray shell, a
 `LearnerRank` so that N of them form a DeepSpeed group placed by `LearnerGroup`. On N ranks each rank
 runs its own share of every minibatch and DeepSpeed averages the gradients; the token-mean stays the
-minibatch's own (rlhf_ray.rl.micro.token_weight).
+minibatch's own (rlhf_ray.roles.micro.token_weight).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.learner.group import LearnerRank
 from rlhf_ray.dispatch import minibatch_micro_batches
-from rlhf_ray.rl.micro import OBJECTIVE, forward_response_logits, token_weight
-from rlhf_ray.rl.records import TrainBatch, UpdateResult
-from rlhf_ray.rl.step_loss import policy_minibatch_loss
+from rlhf_ray.roles.micro import OBJECTIVE, forward_response_logits, token_weight
+from rlhf_ray.records import TrainBatch, UpdateResult
+from rlhf_ray.roles.step_loss import policy_minibatch_loss
 from rlhf_ray.sync.checks import Agreement, logprob_agreement
 from rlhf_ray.utils.phases import set_phase_threads, timed
 

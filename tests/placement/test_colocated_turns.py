@@ -10,7 +10,7 @@ import torch
 
 from rlhf_ray.config import load_config
 from rlhf_ray.placement.construct import colocated_shares
-from rlhf_ray.rl.colocated import ColocatedRank
+from rlhf_ray.placement.colocated import ColocatedRank
 from rlhf_ray.utils.phases import set_phase_threads
 
 

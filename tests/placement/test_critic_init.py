@@ -7,7 +7,7 @@ from rlhf_ray.learner.build import build_model
 from rlhf_ray.learner.checkpoint import MARKER
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.pipeline import StageOutputs
-from rlhf_ray.rl.roles import Paths, critic_init_path
+from rlhf_ray.placement.shared import Paths, critic_init_path
 from rlhf_ray.utils.device import resolve_backend
 
 

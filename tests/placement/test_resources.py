@@ -1,7 +1,14 @@
+"""What the RL roles ask Ray for, and the plan placed on the live cluster (`placement.groups.check_fits`)."""
 import pytest
 
 from rlhf_ray.config import load_config
-from rlhf_ray.rl.resources import ClusterTooSmallError, check_fits, resource_asks
+from rlhf_ray.placement.groups import ClusterTooSmallError, check_fits
+from rlhf_ray.placement.plan import place
+
+
+def resource_asks(cfg):
+    """{role: {"CPU": n, "GPU": n}} for every process the RL stage starts, as the plan counts them."""
+    return place(cfg).asks()
 
 
 def test_asks_follow_the_roles():

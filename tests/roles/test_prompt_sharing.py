@@ -1,5 +1,5 @@
 """Prompt sharing on the real training path: a policy learner's update and log-prob forwards run each
-distinct prompt once (`rlhf_ray.rl.micro.forward_response_logits` -> `rlhf_ray.models.shared_prompt`).
+distinct prompt once (`rlhf_ray.roles.micro.forward_response_logits` -> `rlhf_ray.models.shared_prompt`).
 Counted at the model's input embedding: every token any forward runs passes through it once."""
 import pytest
 import torch
@@ -7,8 +7,8 @@ import torch
 from rlhf_ray.batch import pack_sequences
 from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConfig
 from rlhf_ray.learner.learner import Learner
-from rlhf_ray.rl.policy import PolicyWorker
-from rlhf_ray.rl.records import TrainBatch
+from rlhf_ray.roles.policy import PolicyWorker
+from rlhf_ray.records import TrainBatch
 from rlhf_ray.utils.device import resolve_backend
 from tests.learner.helpers import model_cfg, plain_logprobs
 
@@ -36,7 +36,7 @@ def count_tokens(model: torch.nn.Module) -> tuple[list[int], object]:
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_policy_update_and_logprobs_run_each_distinct_prompt_once(lora):
     learner = Learner(model_cfg(lora=lora), LearnerConfig(micro_batch_size=6, optim={"lr": 1e-3}), kind="policy",
-                      init_path="builtin:tiny", backend=resolve_backend("cpu"), total_steps=2, seed=0, num_threads=2)
+                      init_path="builtin:tiny", backend=resolve_backend("cpu"), total_updates=2, seed=0, num_threads=2)
     assert learner.shares_prompts
     seq = grouped_batch(learner.tokenizer.pad_token_id)
     B, P, T, G = len(seq), seq.prompt_len, seq.response_mask.shape[1], len(PROMPTS)

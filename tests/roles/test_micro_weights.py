@@ -6,8 +6,8 @@ import torch
 from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConfig
 from rlhf_ray.learner.learner import Learner
 from rlhf_ray.batch import pack_sequences
-from rlhf_ray.rl.records import TrainBatch
-from rlhf_ray.rl.policy import PolicyWorker
+from rlhf_ray.records import TrainBatch
+from rlhf_ray.roles.policy import PolicyWorker
 from rlhf_ray.utils.device import resolve_backend
 from tests.learner.helpers import model_cfg, plain_logprobs
 
@@ -29,7 +29,7 @@ def _batch(learner) -> TrainBatch:
 
 def _update(micro: int, agg: str):
     learner = Learner(model_cfg(), LearnerConfig(micro_batch_size=micro, optim={"lr": 1e-3}), kind="policy",
-                      init_path="builtin:tiny", backend=resolve_backend("cpu"), total_steps=4, seed=0, num_threads=2)
+                      init_path="builtin:tiny", backend=resolve_backend("cpu"), total_updates=4, seed=0, num_threads=2)
     batch = _batch(learner)
     worker = PolicyWorker(learner, AlgorithmConfig(loss_agg=agg), ReferenceConfig(kl_coef=0.0), temperature=1.0,
                           norm_len=8)

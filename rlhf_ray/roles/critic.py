@@ -11,9 +11,9 @@ from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.learner.group import LearnerRank
 from rlhf_ray.dispatch import minibatch_micro_batches
-from rlhf_ray.rl.micro import OBJECTIVE, token_weight
-from rlhf_ray.rl.records import TrainBatch, UpdateResult
-from rlhf_ray.rl.step_loss import critic_minibatch_loss
+from rlhf_ray.roles.micro import OBJECTIVE, token_weight
+from rlhf_ray.records import TrainBatch, UpdateResult
+from rlhf_ray.roles.step_loss import critic_minibatch_loss
 from rlhf_ray.utils.phases import set_phase_threads, timed
 
 

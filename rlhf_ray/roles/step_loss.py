@@ -8,7 +8,7 @@ import torch
 
 from rlhf_ray import algo
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
-from rlhf_ray.rl.records import TrainBatch
+from rlhf_ray.records import TrainBatch
 
 
 def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBatch, algo_cfg: AlgorithmConfig,
@@ -16,7 +16,7 @@ def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBat
                           proximal_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy's loss on one minibatch: clipped surrogate (+ KL term) (+ entropy bonus).
 
-    logits: (B, T, V) the response positions' logits (`rlhf_ray.rl.micro.forward_response_logits`); logp: (B, T)
+    logits: (B, T, V) the response positions' logits (`rlhf_ray.roles.micro.forward_response_logits`); logp: (B, T)
     their log-probs of the sampled tokens (with grad), computed once by the caller, which also reads them
     for the agreement check and, with a single optimizer step, as the proximal log-probs.
 

@@ -6,7 +6,7 @@
 
 Each call fans out with `.remote` and gathers once, so roles that can work at the same time do, each on
 its share of the cores. Weights travel through the weight sync's streamed transport (`rlhf_ray.sync.streamed`:
-object store on one node, a collective across nodes). Answers the same calls as `rlhf_ray.rl.colocated.ColocatedRoles`.
+object store on one node, a collective across nodes). Answers the same calls as `rlhf_ray.placement.colocated.ColocatedRoles`.
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import Config
 from rlhf_ray.dispatch import split_rows
 from rlhf_ray.learner.group import LearnerGroup
-from rlhf_ray.rl.critic import CriticRank
-from rlhf_ray.rl.policy import PolicyRank
+from rlhf_ray.roles.critic import CriticRank
+from rlhf_ray.roles.policy import PolicyRank
 from rlhf_ray.placement.construct import construct
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
-from rlhf_ray.rl.records import UpdateResult
-from rlhf_ray.rl.roles import Paths, critic_init_path, generation_seed, generator_base
+from rlhf_ray.records import UpdateResult
+from rlhf_ray.placement.shared import Paths, critic_init_path, generation_seed, generator_base
 from rlhf_ray.utils.device import make_backend
 from rlhf_ray.scoring.reference import ReferenceActor
 from rlhf_ray.scoring.reward import RewardActor
@@ -36,7 +36,7 @@ from rlhf_ray.sync.weight_sync import WeightSync
 class DistributedRoles:
     """The controller's handle on separate actors per role (see the module docstring)."""
 
-    def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_steps: int):
+    def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_updates: int):
         """Every actor asks Ray for exactly its bundle of `plan` (reserved as `groups`) and is built from the
         plan's construction arguments of its process (`rlhf_ray.placement.construct`)."""
         from rlhf_ray.generator.group import GeneratorGroup
@@ -48,7 +48,7 @@ class DistributedRoles:
         def ranks(role: str, n: int) -> list[dict]:
             return [actor_options(plan, groups, role, i) for i in range(n)]
 
-        common = dict(init_path=paths.policy_init, total_steps=total_steps, seed=cfg.run.seed)
+        common = dict(init_path=paths.policy_init, total_updates=total_updates, seed=cfg.run.seed)
         self.policy = LearnerGroup(cfg.model, cfg.rl.policy, kind="policy", rank_cls=PolicyRank, **common,
                                    backend=self.backend, num_threads=policy.threads,
                                    options=ranks("policy", cfg.rl.policy.num_ranks),

@@ -1,4 +1,5 @@
-"""Typed records of one RL step, one per stage of the dataflow:
+"""Typed records of one RL step, one per stage of the dataflow (below every role: the roles read and write them,
+the controller passes them on):
 
     generate  -> Rollout       (rlhf_ray.generator.records)
     score     -> ScoredBatch   (+ scores, reference log-probs, values)
