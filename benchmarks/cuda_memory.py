@@ -136,7 +136,7 @@ def main() -> None:
                       learner.tokenizer.pad_token_id)
 
     def logprobs(ln) -> torch.Tensor:
-        return token_logprobs(forward_response_logits(ln, seq), seq.response_ids.to(ln.engine.device))
+        return token_logprobs(forward_response_logits(ln, seq), seq.response_ids.to(ln.ds_engine.device))
 
     def loss_fn(ln, _mb):
         lp = logprobs(ln)
@@ -145,12 +145,12 @@ def main() -> None:
 
     passes = []
     for i in range(2):
-        learner.engine.eval()
+        learner.ds_engine.eval()
         with Meter(args.device) as m_ref, torch.no_grad(), learner.reference_context():
             ref = logprobs(learner)
         with Meter(args.device) as m_train:
             stats = learner.train_step(loss_fn, [{"idx": torch.arange(micro)}])
-        learner.engine.eval()
+        learner.ds_engine.eval()
         with torch.no_grad():
             live = logprobs(learner)
         passes.append({"reference": m_ref.record(), "train": m_train.record(), "loss": stats.get("loss"),
@@ -161,11 +161,11 @@ def main() -> None:
     # the prompt-sharing forward against the plain one, on this device and dtype (eval mode, adapter on)
     from rlhf_ray.batch import logits_to_keep, response_logits
     with torch.no_grad():
-        shared = token_logprobs(forward_response_logits(learner, seq), seq.response_ids.to(learner.engine.device))
+        shared = token_logprobs(forward_response_logits(learner, seq), seq.response_ids.to(learner.ds_engine.device))
         plain_logits = response_logits(learner.forward(
             input_ids=seq.input_ids, attention_mask=seq.attention_mask, position_ids=seq.position_ids,
             logits_to_keep=logits_to_keep(seq)).logits, seq)
-        plain = token_logprobs(plain_logits, seq.response_ids.to(learner.engine.device))
+        plain = token_logprobs(plain_logits, seq.response_ids.to(learner.ds_engine.device))
     result = {
         "label": args.label, "config": args.config, "overrides": args.overrides, "device": args.device,
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

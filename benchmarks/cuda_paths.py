@@ -61,8 +61,8 @@ def check(name: str, spec: dict, folder: str, device: str) -> dict:
                  total_updates=4)
     load_s = time.perf_counter() - t
     seq = grouped_batch(ln.hf_model.config.vocab_size)
-    tokens = seq.response_ids.to(ln.engine.device)
-    mask = seq.response_mask.bool().to(ln.engine.device)
+    tokens = seq.response_ids.to(ln.ds_engine.device)
+    mask = seq.response_mask.bool().to(ln.ds_engine.device)
 
     def logprobs(share: bool) -> torch.Tensor:
         if share:
@@ -71,7 +71,7 @@ def check(name: str, spec: dict, folder: str, device: str) -> dict:
                             position_ids=seq.position_ids, logits_to_keep=logits_to_keep(seq)).logits
         return token_logprobs(response_logits(logits, seq), tokens)
 
-    ln.engine.eval()
+    ln.ds_engine.eval()
     with torch.no_grad():
         shared, plain = logprobs(True), logprobs(False)
         ref = None
@@ -90,7 +90,7 @@ def check(name: str, spec: dict, folder: str, device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     step_s = time.perf_counter() - t
-    ln.engine.eval()
+    ln.ds_engine.eval()
     with torch.no_grad():
         after = logprobs(True)
     mode = "adapter" if spec["lora"] else "full"

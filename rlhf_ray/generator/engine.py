@@ -33,7 +33,7 @@ from rlhf_ray.generator.worker_ext import EXTENSION as WORKER_EXTENSION
 from rlhf_ray.sync.files import reload_payload
 from rlhf_ray.utils.device import Backend
 
-Prompt = Union[str, Sequence[int]]
+PromptInput = Union[str, Sequence[int]]  # what vLLM is given: text, or token ids (`data.prompts.Prompt.ids`)
 
 # vLLM's allowed max_lora_rank values.
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -139,10 +139,10 @@ class GeneratorEngine:
                                                    dir=shm if shm.is_dir() else None))
 
     # -- sampling -------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Prompt], n: Optional[int] = None, *, temperature: Optional[float] = None,
-                 top_p: Optional[float] = None, max_new_tokens: Optional[int] = None,
-                 stop: Optional[Sequence[str]] = None, seeds: Optional[Sequence[Optional[int]]] = None,
-                 call_seed: Optional[int] = None) -> Rollout:
+    def generate(self, prompts: Sequence[PromptInput], n: Optional[int] = None, *,
+                 temperature: Optional[float] = None, top_p: Optional[float] = None,
+                 max_new_tokens: Optional[int] = None, stop: Optional[Sequence[str]] = None,
+                 seeds: Optional[Sequence[Optional[int]]] = None, call_seed: Optional[int] = None) -> Rollout:
         """Sample n responses per prompt. Unset arguments fall back to the `RolloutConfig`.
 
         `seeds[i]` seeds prompt i (its n samples use seeds[i] .. seeds[i]+n-1, vLLM's convention); None

@@ -15,7 +15,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 from rlhf_ray.dispatch import split_evenly
 from rlhf_ray.generator.actor import GeneratorActor
-from rlhf_ray.generator.engine import Prompt, engine_llm_kwargs, workers_receive
+from rlhf_ray.generator.engine import PromptInput, engine_llm_kwargs, workers_receive
 from rlhf_ray.generator.records import Rollout, concat_rollouts
 from rlhf_ray.generator.threads import engine_env
 from rlhf_ray.utils.device import Backend
@@ -75,7 +75,7 @@ class GeneratorGroup:
         self.sync_ranks = [kwargs["tensor_parallel_size"] if workers_receive(kwargs) else 1] * n
 
     # -- generation -----------------------------------------------------------------------------
-    def submit(self, prompts: Sequence[Prompt], n: Optional[int] = None, threads: int = 0, cores=None,
+    def submit(self, prompts: Sequence[PromptInput], n: Optional[int] = None, threads: int = 0, cores=None,
                **overrides) -> PendingRollout:
         """Start sampling n per prompt across the engines and return at once; `.result()` waits and merges
         in prompt order. Returning early lets the controller overlap the next step's generation with this

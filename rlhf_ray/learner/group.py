@@ -2,28 +2,26 @@
 
 Why our own actor group and not Ray Train's `TorchTrainer`: a trainer owns the loop (`fit()` runs a
 function to completion), while the RL controller interleaves generation, scoring and updates and calls
-the learner step by step. Actors keep the model resident between calls and let the driver call
-`group.train_step(...)` like a local function (the verl / OpenRLHF pattern). The gloo / NCCL group is set
-up by hand (rank 0 publishes an address and a free port), which is all TorchTrainer would add here.
+the learner step by step. Actors keep the model resident between calls and the driver calls the roles'
+ranks (`rlhf_ray.roles.policy.PolicyRank`, `...critic.CriticRank`) like local functions (the verl /
+OpenRLHF pattern). The gloo / NCCL group is set up by hand (rank 0 publishes an address and a free
+port), which is all TorchTrainer would add here.
 Where ranks run is not decided here: the RL stage hands each rank the actor options of its bundle in
 the cluster plan (`rlhf_ray.placement`); without them (tests) each rank asks for the learner config's
 CPUs and GPUs.
 
 Each actor is a thin shell around `Learner`; splitting and merging batches are the pure functions of
-`rlhf_ray.dispatch`.
+`rlhf_ray.dispatch`. The group itself only starts the ranks and fans out checkpoints and exports.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import ray
 import torch
 
 from rlhf_ray.config.schema import LearnerConfig, ModelConfig
-from rlhf_ray.dispatch import Batch, gather, mean_stats, micro_batches, split_batch
-from rlhf_ray.learner.weights import drain
 from rlhf_ray.utils.device import Backend
 
 
@@ -47,33 +45,6 @@ class LearnerRank:
                           MASTER_ADDR=addr, MASTER_PORT=str(port))
         self.learner = Learner(model_cfg, learner_cfg, kind=kind, init_path=init_path, backend=backend,
                                total_updates=total_updates, seed=seed, num_threads=torch.get_num_threads())
-
-    def train_step(self, loss_fn, shard: Batch, micro_batch_size: int) -> dict:
-        return self.learner.train_step(loss_fn, micro_batches(shard, micro_batch_size))
-
-    def forward(self, method: str, shard: Batch, reference: bool) -> torch.Tensor:
-        fn = {"logits": self.learner.forward_logits, "scores": self.learner.forward_scores,
-              "values": self.learner.forward_values}[method]
-        self.learner.engine.eval()
-        with torch.no_grad(), (self.learner.reference_context() if reference else contextlib.nullcontext()):
-            return fn(shard["input_ids"], shard["attention_mask"]).cpu()
-
-    def evaluate(self, eval_fn, shard: Batch) -> dict:
-        self.learner.engine.eval()
-        with torch.no_grad():
-            return eval_fn(self.learner, shard)
-
-    def consume_weights(self, consumer, mode: str):
-        """Rank 0 hands its iterator to `consumer`; other ranks drain theirs (ZeRO-3 gathers are collective)."""
-        if self.rank == 0:
-            return consumer(self.learner.named_weights(mode))
-        if self.learner.cfg.deepspeed.zero_stage == 3:
-            drain(self.learner.named_weights(mode))
-        return None
-
-    def local_weights(self, mode: str) -> dict:
-        """This rank's view of the weights (for checks that ranks agree)."""
-        return dict(self.learner.named_weights(mode))
 
     def updates(self) -> int:
         """Optimizer steps this rank's learner has applied (the weight sync pushes when it changed)."""
@@ -116,33 +87,6 @@ class LearnerGroup:
 
     def _all(self, method: str, *args, **kwargs) -> list:
         return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
-
-    def train_step(self, loss_fn: Callable, batch: Batch) -> dict:
-        """One optimizer step on `batch` (split over ranks, then into micro-batches of micro_batch_size)."""
-        shards = split_batch(batch, self.num_ranks)
-        stats = ray.get([a.train_step.remote(loss_fn, s, self.cfg.micro_batch_size)
-                         for a, s in zip(self.actors, shards)])
-        return mean_stats(stats)
-
-    def forward(self, method: Literal["logits", "scores", "values"], batch: Batch, reference: bool = False):
-        """No-grad forward of `batch` ({input_ids, attention_mask}) split over ranks; rows back in order."""
-        shards = split_batch(batch, self.num_ranks)
-        return gather(ray.get([a.forward.remote(method, s, reference) for a, s in zip(self.actors, shards)]))
-
-    def evaluate(self, eval_fn: Callable, batch: Batch) -> dict:
-        shards = split_batch(batch, self.num_ranks)
-        return mean_stats(ray.get([a.evaluate.remote(eval_fn, s) for a, s in zip(self.actors, shards)]))
-
-    def consume_weights(self, consumer: Callable, mode: str = "full"):
-        """Run `consumer(named_weights_iterator)` on rank 0 (where the sync code buckets and sends)."""
-        return self._all("consume_weights", consumer, mode)[0]
-
-    def named_weights(self, mode: str = "full") -> list[tuple[str, torch.Tensor]]:
-        """All weights to the driver (small models, tests); use `consume_weights` to stream instead."""
-        return self.consume_weights(list, mode)
-
-    def adapter_config(self) -> dict:
-        return ray.get(self.actors[0].call.remote("adapter_config"))
 
     def save_checkpoint(self, path: str, extra_state: dict) -> None:
         self._all("call", "save_checkpoint", path, extra_state)

@@ -70,9 +70,9 @@ class Learner:
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(o.scheduler, o.warmup_steps, max(1, total_updates)))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        self.ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds, model_parameters=params)
-        checkpoint.weights_only_loads(self.engine)  # no unpickling of checkpoint files
+        checkpoint.weights_only_loads(self.ds_engine)  # no unpickling of checkpoint files
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.updates = 0  # optimizer steps applied (a refused step is not one); the weight version is the sync's
         self._score_hook_out: Optional[torch.Tensor] = None
@@ -83,15 +83,15 @@ class Learner:
     @property
     def model(self) -> torch.nn.Module:
         """The model DeepSpeed wraps (a peft model under LoRA)."""
-        return self.engine.module
+        return self.ds_engine.module
 
     @property
     def hf_model(self) -> torch.nn.Module:
         """The HF model inside (LoRA layers injected in place)."""
-        return build.unwrap_peft(self.engine.module)
+        return build.unwrap_peft(self.ds_engine.module)
 
     def _device(self, batch: Batch) -> Batch:
-        return on_device(batch, self.engine.device)
+        return on_device(batch, self.ds_engine.device)
 
     # -- forward passes -------------------------------------------------------------------------
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -111,14 +111,14 @@ class Learner:
     def forward(self, **kwargs):
         """The wrapped model's HF output; tensors go to the learner's device (`rlhf_ray.models.shared_prompt`
         calls it with a KV cache)."""
-        return self.engine(**on_device(kwargs, self.engine.device))
+        return self.ds_engine(**on_device(kwargs, self.ds_engine.device))
 
     @property
     def shares_prompts(self) -> bool:
         """Whether a forward may compute shared prompts once through the KV cache (not in training mode
         under gradient checkpointing: `rlhf_ray.models.shared_prompt.can_share`)."""
         from rlhf_ray.models.shared_prompt import can_share
-        return can_share(self.engine.module)
+        return can_share(self.ds_engine.module)
 
     def forward_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -138,9 +138,9 @@ class Learner:
     def forward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L) -> (B,) reward: the score head at each sequence's last attended token (any padding side)."""
-        attention_mask = attention_mask.to(self.engine.device)
-        extra = {} if position_ids is None else {"position_ids": position_ids.to(self.engine.device)}
-        out = self.engine(input_ids=input_ids.to(self.engine.device), attention_mask=attention_mask, **extra)
+        attention_mask = attention_mask.to(self.ds_engine.device)
+        extra = {} if position_ids is None else {"position_ids": position_ids.to(self.ds_engine.device)}
+        out = self.ds_engine(input_ids=input_ids.to(self.ds_engine.device), attention_mask=attention_mask, **extra)
         if self._score_hook_out is None:  # an encoder's own pooled score
             return out.logits[:, 0]
         per_token = self._score_hook_out.squeeze(-1)  # (B, L)
@@ -166,34 +166,34 @@ class Learner:
         """
         if not micro_batches:
             raise ValueError("train_step needs at least one micro-batch")
-        self.engine.train()
+        self.ds_engine.train()
         rows = [len(next(iter(mb.values()))) for mb in micro_batches]
         total = sum(rows)
         sums: dict[str, float] = {}
         for i, (mb, n) in enumerate(zip(micro_batches, rows)):
-            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+            self.ds_engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss, stats = loss_fn(self, self._device(mb))
             # [reliability hook] a non-finite loss or gradient is never applied (learner/finite.py)
             if (bad := finite.nonfinite(loss=float(loss.detach()))) is None:
-                self.engine.backward(loss * (n / total), scale_wrt_gas=False)
+                self.ds_engine.backward(loss * (n / total), scale_wrt_gas=False)
                 if i == len(micro_batches) - 1:
                     unclipped = self._grad_norm_before_step()
                     bad = finite.nonfinite(grad_norm=unclipped)
             if bad is not None:
                 return self._refuse_step(bad, i)
-            self.engine.step()
+            self.ds_engine.step()
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n / total
         sums[f"{self.kind}/nonfinite_skipped"] = 0.0
         self.updates += 1
-        norm = self.engine.get_global_grad_norm() if unclipped is None else unclipped
+        norm = self.ds_engine.get_global_grad_norm() if unclipped is None else unclipped
         sums["grad_norm"] = float(norm) if norm is not None else float("nan")
-        sums["lr"] = float(self.engine.get_lr()[0])
+        sums["lr"] = float(self.ds_engine.get_lr()[0])
         return sums
 
     def _refuse_step(self, problem: str, micro_batch: int) -> dict:
         """Drop the accumulated gradients; weights, optimizer and the update count stay as they were."""
-        self.engine.zero_grad()
+        self.ds_engine.zero_grad()
         finite.refuse(problem, self.cfg.on_nonfinite, self.kind, self.updates + 1, micro_batch)
         return {f"{self.kind}/nonfinite_skipped": 1.0}
 
@@ -229,7 +229,7 @@ class Learner:
         if self.rank == 0:
             checkpoint.fresh_dir(tmp)
         dist.barrier()
-        self.engine.save_checkpoint(str(tmp), tag="state", client_state={"updates": self.updates},
+        self.ds_engine.save_checkpoint(str(tmp), tag="state", client_state={"updates": self.updates},
                                     save_latest=False, exclude_frozen_parameters=self.lora)
         checkpoint.save_rng(tmp / f"rng_rank{self.rank}.json")
         if self.rank == 0:
@@ -243,7 +243,7 @@ class Learner:
         path = Path(path)
         if not checkpoint.is_complete(path):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
-        loaded, client = self.engine.load_checkpoint(str(path), tag="state", load_module_strict=not self.lora)
+        loaded, client = self.ds_engine.load_checkpoint(str(path), tag="state", load_module_strict=not self.lora)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
         self.updates = int(client.get("updates", client.get("version", 0)))  # older checkpoints called it "version"
@@ -278,4 +278,4 @@ class Learner:
         run). Dropping the last reference is not enough: a ZeRO optimizer's gradient hooks sit on the
         parameters' autograd nodes, a cycle through C++ that Python's collector cannot see; on an H100 a
         135M model's optimizer state (1.8-2.1 GiB) stayed allocated. DeepSpeed's `destroy` removes them."""
-        self.engine.destroy()
+        self.ds_engine.destroy()

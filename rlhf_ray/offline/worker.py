@@ -202,7 +202,7 @@ def evaluate(learner, data: StageData, eval_fn: Callable, batch_size: int, rank:
         return {}
     size = max(world, batch_size - batch_size % world)
     sums: dict[str, float] = {}
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad():
         for i in range(0, n, size):
             chunk = data.eval[i:min(i + size, n)]

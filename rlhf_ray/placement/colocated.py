@@ -149,16 +149,15 @@ class ColocatedRank(PolicyRank):
         return hand_over(self.learner, self.engine, mode, version, self._skip_full)
 
     # -- checkpoints: the critic lives here too --------------------------------------------------
-    def save_roles(self, path: str, extra_state: dict) -> None:
-        self.learner.save_checkpoint(os.path.join(path, "policy"), extra_state)
+    def save_roles(self, path: str) -> None:
+        self.learner.save_checkpoint(os.path.join(path, "policy"), {})
         if self.critic is not None:
             self.critic.learner.save_checkpoint(os.path.join(path, "critic"), {})
 
-    def load_roles(self, path: str) -> dict:
-        extra = self.learner.load_checkpoint(os.path.join(path, "policy"))
+    def load_roles(self, path: str) -> None:
+        self.learner.load_checkpoint(os.path.join(path, "policy"))
         if self.critic is not None:
             self.critic.learner.load_checkpoint(os.path.join(path, "critic"))
-        return extra
 
 
 class ColocatedRoles:
@@ -218,12 +217,12 @@ class ColocatedRoles:
         return UpdateResult.merge(ray.get([r.update.remote(batch, minibatches, kl_coef, overlapped)
                                            for r in self.ranks]))
 
-    def save(self, path: str, extra_state: dict) -> None:
-        ray.get([r.save_roles.remote(path, extra_state) for r in self.ranks])
+    def save(self, path: str) -> None:
+        ray.get([r.save_roles.remote(path) for r in self.ranks])
 
-    def load(self, path: str) -> dict:
+    def load(self, path: str) -> None:
         # the engines keep serving their version until `weights.restore` pushes the restored weights
-        return ray.get([r.load_roles.remote(path) for r in self.ranks])[0]
+        ray.get([r.load_roles.remote(path) for r in self.ranks])
 
     def export(self, path: str, merge_lora: bool) -> None:
         self.policy.export_hf(path, merge_lora=merge_lora)

@@ -151,16 +151,15 @@ class DistributedRoles:
         return result
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save(self, path: str, extra_state: dict) -> None:
-        self.policy.save_checkpoint(os.path.join(path, "policy"), extra_state)
+    def save(self, path: str) -> None:
+        self.policy.save_checkpoint(os.path.join(path, "policy"), {})
         if self.critic:
             self.critic.save_checkpoint(os.path.join(path, "critic"), {})
 
-    def load(self, path: str) -> dict:
-        extra = self.policy.load_checkpoint(os.path.join(path, "policy"))
+    def load(self, path: str) -> None:
+        self.policy.load_checkpoint(os.path.join(path, "policy"))
         if self.critic:
             self.critic.load_checkpoint(os.path.join(path, "critic"))
-        return extra
 
     def export(self, path: str, merge_lora: bool) -> None:
         self.policy.export_hf(path, merge_lora=merge_lora)

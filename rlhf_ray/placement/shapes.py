@@ -54,13 +54,6 @@ class ModelShape:
                    tied=bool(cfg.get("tie_word_embeddings", False)),
                    encoder=cfg.get("model_type") in ENCODER_TYPES, name=name)
 
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> "ModelShape":
-        path = Path(folder) / "config.json"
-        if not path.exists():
-            raise ShapeError(f"{folder}: no config.json (the memory plan reads the model's shape from it)")
-        return cls.from_config(json.loads(path.read_text()), name=str(folder))
-
     # -- counts -----------------------------------------------------------------------------------
     @property
     def q_dim(self) -> int:

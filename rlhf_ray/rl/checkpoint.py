@@ -27,7 +27,7 @@ def save(roles, root: Path, step: int, controller_state: dict) -> Path:
     tmp = temp_dir_for(final)
     try:
         fresh_dir(tmp)
-        roles.save(str(tmp), {"step": step})
+        roles.save(str(tmp))
         write_json(tmp / "controller.json", controller_state)
         publish(tmp, final)
     except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError here or wrapped by Ray

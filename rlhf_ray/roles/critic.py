@@ -27,7 +27,7 @@ class CriticWorker:
     @torch.no_grad()
     def values(self, seq: SequenceBatch) -> torch.Tensor:
         """(B, T) V(s_t) for each response position t (the state before token t is emitted)."""
-        self.learner.engine.eval()
+        self.learner.ds_engine.eval()
         out, T, P = [], seq.response_mask.shape[1], seq.prompt_len
         for i in range(0, len(seq), self.mbs):
             mb = seq.select(slice(i, i + self.mbs))

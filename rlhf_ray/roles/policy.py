@@ -28,7 +28,6 @@ class PolicyWorker:
         self.learner = learner
         self.algo, self.ref_cfg, self.mbs = algo_cfg, ref_cfg, learner.cfg.micro_batch_size
         self.temperature, self.norm_len = temperature, norm_len
-        self.proximal_forwards = 0  # separate pre-update forwards run for TIS (tests count them)
 
     def ref_logprobs(self, seq: SequenceBatch) -> torch.Tensor:
         """(B, T) reference log-probs: the same model with its LoRA adapter switched off. Without LoRA this
@@ -42,7 +41,7 @@ class PolicyWorker:
     @torch.no_grad()
     def logprobs(self, seq: SequenceBatch) -> torch.Tensor:
         """(B, T) log-probs of the response tokens under the current weights."""
-        self.learner.engine.eval()
+        self.learner.ds_engine.eval()
         out = []
         for i in range(0, len(seq), self.mbs):
             mb = seq.select(slice(i, i + self.mbs))
@@ -63,7 +62,6 @@ class PolicyWorker:
         # the proximal ones (PPO ratio 1, as in TRL), and a separate forward would only recompute them.
         live = self.algo.tis is True and proximal_is_live(minibatches, self.learner.model)
         proximal = self.logprobs(batch.seq) if self.algo.tis is True and not live else None
-        self.proximal_forwards += proximal is not None
 
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu())

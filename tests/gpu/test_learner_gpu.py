@@ -35,8 +35,8 @@ def test_qlora_reference_is_the_4bit_base_with_the_adapter_off():
         if "lora_B" in name:
             p.normal_(0.0, 0.5)                                      # an adapter that changes the function
     ids, mask = _ids()
-    trained.engine.eval()
-    fresh.engine.eval()
+    trained.ds_engine.eval()
+    fresh.ds_engine.eval()
     base = fresh.forward_logits(ids, mask).float()
     with trained.reference_context():
         reference = trained.forward_logits(ids, mask).float()

@@ -48,6 +48,6 @@ def plain_logprobs(learner: Learner, seq) -> torch.Tensor:
     logits, no shared prompts), masked: the reference the learner's own paths are checked against."""
     from rlhf_ray import algo
     from rlhf_ray.batch import response_logits
-    learner.engine.eval()
+    learner.ds_engine.eval()
     logits = learner.forward_logits(seq.input_ids, seq.attention_mask, seq.position_ids).float()
     return algo.token_logprobs(response_logits(logits, seq), seq.response_ids, 1.0) * seq.response_mask

@@ -35,7 +35,7 @@ def test_encoder_reward_model_scores_with_its_own_pooling(encoder_rm):
     learner = encoder_rm
     ids = torch.tensor([[2, 5, 9, 3, 0], [2, 7, 3, 0, 0]])
     mask = (ids != 0).long()
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad():
         got = learner.forward_scores(ids, mask)
         want = learner.hf_model(input_ids=ids, attention_mask=mask).logits[:, 0]
@@ -67,7 +67,7 @@ def test_encoder_reward_model_learns_a_separable_preference(encoder_rm):
 
     def evaluate() -> dict:
         """Held-out Bradley-Terry loss, accuracy and mean margin, from the scores themselves."""
-        learner.engine.eval()
+        learner.ds_engine.eval()
         with torch.no_grad():
             diff = (learner.forward_scores(held_out["chosen_ids"], held_out["chosen_mask"])
                     - learner.forward_scores(held_out["rejected_ids"], held_out["rejected_mask"]))

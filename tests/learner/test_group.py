@@ -8,6 +8,7 @@ import torch
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.offline.stages import sft_step_loss
 from rlhf_ray.utils.device import resolve_backend
+from tests.learner.group_calls import TrainingRank, adapter_config, forward, local_weights, named_weights, train_step
 from tests.learner.helpers import learner_cfg, model_cfg, token_batches
 
 pytestmark = pytest.mark.slow
@@ -15,14 +16,10 @@ pytestmark = pytest.mark.slow
 
 def _train_group(zero: int, lora: bool = False) -> tuple[LearnerGroup, list[float]]:
     group = LearnerGroup(model_cfg(lora=lora), learner_cfg(zero, num_ranks=2), kind="policy",
-                         init_path="builtin:tiny", total_updates=10, backend=resolve_backend("cpu"), num_threads=1)
-    losses = [group.train_step(sft_step_loss, b)["loss"] for b in token_batches(4, rows=8)]
+                         init_path="builtin:tiny", total_updates=10, backend=resolve_backend("cpu"), num_threads=1,
+                         rank_cls=TrainingRank)
+    losses = [train_step(group, sft_step_loss, b)["loss"] for b in token_batches(4, rows=8)]
     return group, losses
-
-
-def _rank_weights(group: LearnerGroup, mode: str = "full") -> list[dict]:
-    import ray
-    return ray.get([a.local_weights.remote(mode) for a in group.actors])
 
 
 def test_zero2_and_zero3_ranks_end_identical_and_agree(ray_local):
@@ -31,13 +28,13 @@ def test_zero2_and_zero3_ranks_end_identical_and_agree(ray_local):
         group, losses = _train_group(zero)
         try:
             assert losses[-1] < losses[0], losses
-            r0, r1 = _rank_weights(group)
+            r0, r1 = local_weights(group, "full")
             assert r0.keys() == r1.keys()
             for k in r0:
                 assert torch.equal(r0[k], r1[k]), f"ZeRO-{zero}: rank 0 and rank 1 differ on {k}"
             finals[zero] = r0
             batch = token_batches(1, rows=4, seed=7)[0]
-            logits = group.forward("logits", {k: batch[k] for k in ("input_ids", "attention_mask")})
+            logits = forward(group, "logits", {k: batch[k] for k in ("input_ids", "attention_mask")})
             assert logits.shape[:2] == batch["input_ids"].shape
         finally:
             group.shutdown()
@@ -65,11 +62,11 @@ def test_lora_zero3_weights_export_and_resume(ray_local, tmp_path):
     from transformers import LlamaForCausalLM
     group, _ = _train_group(3, lora=True)
     try:
-        adapter = group.named_weights("adapter")
+        adapter = named_weights(group, "adapter")
         assert adapter and all(".lora_" in n for n, _ in adapter)
-        full = dict(group.named_weights("full"))
+        full = dict(named_weights(group, "full"))
         assert "lm_head.weight" in full and not any("lora" in n for n in full)
-        assert group.adapter_config()["r"] == 4
+        assert adapter_config(group)["r"] == 4
         group.export_hf(str(tmp_path / "merged"), merge_lora=True)
         exported = LlamaForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
         for k, v in full.items():
@@ -77,10 +74,10 @@ def test_lora_zero3_weights_export_and_resume(ray_local, tmp_path):
         # Resume under ZeRO-3 with partitioned optimizer state: the same batches give the same losses.
         group.save_checkpoint(str(tmp_path / "ckpt"), {"step": 4})
         later = token_batches(2, rows=8, seed=11)
-        first = [group.train_step(sft_step_loss, b)["loss"] for b in later]
+        first = [train_step(group, sft_step_loss, b)["loss"] for b in later]
         assert group.load_checkpoint(str(tmp_path / "ckpt")) == {"step": 4}
         assert ray.get([a.updates.remote() for a in group.actors]) == [4, 4]  # the update count came back too
-        again = [group.train_step(sft_step_loss, b)["loss"] for b in later]
+        again = [train_step(group, sft_step_loss, b)["loss"] for b in later]
         assert again == pytest.approx(first, rel=1e-6)
     finally:
         group.shutdown()

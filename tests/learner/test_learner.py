@@ -44,7 +44,7 @@ def test_full_weight_names_match_plain_hf_and_export_loads(tmp_path):
     learner.export_hf(tmp_path / "merged", merge_lora=True)
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
     ids = token_batches(1)[0]
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad():
         ours = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
         theirs = merged(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
@@ -56,7 +56,7 @@ def test_lora_changes_only_adapter_weights_and_reference_is_the_base(tmp_path):
     from transformers import LlamaForCausalLM
     learner = make_learner(lora=True)
     ids = token_batches(1, seed=5)[0]
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad():
         before = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
     base_before = {k: v.clone() for k, v in learner.model.state_dict().items() if "lora_" not in k}
@@ -69,7 +69,7 @@ def test_lora_changes_only_adapter_weights_and_reference_is_the_base(tmp_path):
     adapter_after = dict(learner.named_weights("adapter"))
     assert adapter_after.keys() == get_peft_model_state_dict(learner.model).keys()
     assert any(not torch.equal(adapter_before[k], adapter_after[k]) for k in adapter_after)
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad(), learner.reference_context():
         ref = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
     torch.testing.assert_close(ref, before)  # adapters off = the initial model
@@ -88,7 +88,7 @@ def test_qlora_changes_only_adapter_weights_and_reference_is_the_4bit_base():
     learner = make_learner(qlora=True, lr=1e-2)
     assert any(type(m).__name__ == "Linear4bit" for m in learner.model.modules())
     ids = token_batches(1, seed=5)[0]
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad():
         before = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
     base_before = {k: v.clone() for k, v in learner.model.state_dict().items() if "lora_" not in k}
@@ -97,7 +97,7 @@ def test_qlora_changes_only_adapter_weights_and_reference_is_the_4bit_base():
     assert base_before.keys() == base_after.keys()
     for k in base_before:
         assert torch.equal(base_before[k], base_after[k]), f"frozen 4-bit base weight {k} moved"
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad():
         policy = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
         with learner.reference_context():
@@ -116,7 +116,7 @@ def test_qlora_trains_and_merged_export_matches_adapter_model(tmp_path):
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     ids = token_batches(1, seed=3)[0]
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad():
         ours = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
         theirs = merged(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
@@ -139,7 +139,7 @@ def test_resume_continues_with_the_same_losses(tmp_path):
 
 def test_reward_scores_pool_at_last_attended_token():
     learner = make_learner(kind="reward", init="builtin:tiny-rm")
-    learner.engine.eval()
+    learner.ds_engine.eval()
     ids = torch.randint(3, 400, (2, 10))
     full = torch.ones_like(ids)
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_value_model_gives_a_value_per_token():
     from transformers import LlamaForCausalLM
     learner = make_learner(kind="value")
     b = token_batches(1)[0]
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad():
         values = learner.forward_values(b["input_ids"], b["attention_mask"])
         assert values.shape == b["input_ids"].shape
@@ -190,7 +190,7 @@ def test_reward_lora_exports_adapter_and_merged_model_that_score_alike(tmp_path)
     base = AutoModelForSequenceClassification.from_pretrained(learner.init_path, num_labels=1)
     with_adapter = PeftModel.from_pretrained(base, tmp_path / "adapter")
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad():
         ours = learner.forward_scores(b[0]["input_ids"], b[0]["attention_mask"])
         for model in (with_adapter, merged):

@@ -36,7 +36,7 @@ def test_starts_at_log2_and_margin_grows_against_a_frozen_reference(lora):
         last = learner.train_step(step, split(batch))
     # if the reference followed the policy, the margin would stay 0
     assert last["dpo/reward_margin"] > 1.0 and last["dpo/reward_acc"] == 1.0, last
-    learner.engine.eval()
+    learner.ds_engine.eval()
     with torch.no_grad():
         seen = step.evaluate(learner, batch)
     assert seen["accuracy"] == 1.0 and seen["margin"] > 1.0 and seen["loss"] < math.log(2)

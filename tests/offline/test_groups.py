@@ -47,7 +47,7 @@ def test_a_finished_stages_learner_is_freed_before_the_next_stage_builds_its_own
     def stage():
         learner = make_learner(zero=zero)
         learner.train_step(loss_fn, split(token_batches(1)[0]))
-        refs = weakref.ref(learner.model), weakref.ref(learner.engine), weakref.ref(learner.engine.optimizer)
+        refs = weakref.ref(learner.model), weakref.ref(learner.ds_engine), weakref.ref(learner.ds_engine.optimizer)
         learner.close()
         return refs
 

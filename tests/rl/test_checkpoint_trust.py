@@ -20,16 +20,15 @@ class FakeRoles:
     def __init__(self, fail_with: Exception | None = None):
         self.fail_with, self.loaded = fail_with, []
 
-    def save(self, path: str, extra: dict) -> None:
+    def save(self, path: str) -> None:
         (Path(path) / "policy").mkdir()
         (Path(path) / "policy" / "weights.bin").write_bytes(bytes(range(256)) * 64)
         if self.fail_with is not None:  # the disk fills up after the first file
             raise self.fail_with
 
-    def load(self, path: str) -> dict:
+    def load(self, path: str) -> None:
         assert (Path(path) / "policy" / "weights.bin").read_bytes() == bytes(range(256)) * 64
         self.loaded.append(Path(path).name)
-        return {}
 
 
 def _two_checkpoints(root: Path) -> FakeRoles:

@@ -24,6 +24,7 @@ from rlhf_ray.roles.micro import token_weight
 from rlhf_ray.roles.policy import PolicyRank
 from rlhf_ray.records import TrainBatch, UpdateResult
 from rlhf_ray.utils.device import resolve_backend
+from tests.learner.group_calls import named_weights
 from tests.learner.helpers import model_cfg
 
 # Two minibatches of 4 rows; on 2 ranks each rank takes the first / second half of a minibatch's rows.
@@ -66,7 +67,7 @@ def _update(kind: str, world: int, batch: TrainBatch | None) -> tuple[TrainBatch
         batch = batch or _batch(group, kind)
         args = (batch, MINIBATCHES, 0.0) if kind == "policy" else (batch, MINIBATCHES)
         stats = UpdateResult.merge(ray.get([a.update.remote(*args) for a in group.actors])).stats
-        return batch, stats, dict(group.named_weights("full"))
+        return batch, stats, dict(named_weights(group, "full"))
     finally:
         group.shutdown()
 
