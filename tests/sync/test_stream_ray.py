@@ -140,7 +140,12 @@ def test_object_store_stream_holds_two_buckets_and_the_restore_point_is_on_disk(
 
 
 def test_collective_stream_from_a_learner_puts_nothing_in_the_object_store(ray_local, monkeypatch, tmp_path):
+    from ray import cloudpickle
+
     from rlhf_ray.sync.restore import read_manifest
+    # before the stand-in learner is created (not only in _group): run alone, or first on its worker, this test
+    # otherwise sends a class that Ray's workers try to import from tests/ ("No module named 'sync'")
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     learner = ray_local.remote(num_cpus=0)(StandInLearner).remote(7)
     group, sync = _group(monkeypatch, tmp_path, "collective")
     try:
