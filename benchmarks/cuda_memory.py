@@ -4,7 +4,7 @@ A random-weight model is built from the config's config.json (shipped in rlhf_ra
 hub ids), saved once, and loaded by the learner exactly as a run loads it (`Learner`: the NF4 base + LoRA under
 DeepSpeed when the config says so). Then one RL step's learner phases run twice at the config's micro-batch
 and lengths (data.max_prompt_len + rollout.max_new_tokens): the reference pass (adapter off, no grad) and a
-train step (a GRPO-shaped loss through `rl.micro.forward_response_logits`). The rows of a micro-batch share
+train step (a GRPO-shaped loss through `roles.losses.forward_response_logits`). The rows of a micro-batch share
 their prompt, as a GRPO group does. Printed and written to JSON: torch's allocator (allocated after each
 phase, the peak within it) and the seconds of the second pass, beside the plan's learner items.
 The engine's lines (vLLM) are not measured here.
@@ -110,7 +110,7 @@ def main() -> None:
     from rlhf_ray.config.load import load_config
     from rlhf_ray.learner.learner import Learner
     from rlhf_ray.placement.shapes import known_config
-    from rlhf_ray.roles.micro import forward_response_logits
+    from rlhf_ray.roles.losses import forward_response_logits
     from rlhf_ray.algo.logprobs import token_logprobs
     from rlhf_ray.utils.device import make_backend
 

@@ -50,7 +50,7 @@ def check(name: str, spec: dict, folder: str, device: str) -> dict:
     from rlhf_ray.batch import logits_to_keep, response_logits
     from rlhf_ray.config.schema import LearnerConfig, ModelConfig
     from rlhf_ray.learner.learner import Learner
-    from rlhf_ray.roles.micro import forward_response_logits
+    from rlhf_ray.roles.losses import forward_response_logits
     from rlhf_ray.utils.device import make_backend
 
     mcfg = ModelConfig(path=folder, dtype=spec["dtype"], lora={"enabled": spec["lora"], "r": 16},

@@ -73,7 +73,7 @@ def minibatch_micro_batches(rows: torch.Tensor, size: int, mask: torch.Tensor, r
                             world: int = 1) -> list[dict[str, torch.Tensor]]:
     """Rank `rank`'s micro-batches of a PPO minibatch (`rows`: its row indices; the rank takes its contiguous,
     equal share), each carrying the row and token counts of the WHOLE minibatch over all ranks, which the
-    token-mean loss weight needs (`rlhf_ray.roles.micro.token_weight`). mask: (B, T) response mask of the batch."""
+    token-mean loss weight needs (`rlhf_ray.roles.losses.token_weight`). mask: (B, T) response mask of the batch."""
     total = torch.tensor([len(rows), float(mask[rows].sum())])
     mine = shard_rows(rows, rank, world)
     return [{"idx": mine[i:i + size], "totals": total.expand(len(mine[i:i + size]), 2)}

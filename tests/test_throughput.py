@@ -7,7 +7,7 @@ import torch
 
 from rlhf_ray.config import load_config
 from rlhf_ray.data.prompts import Prompt
-from rlhf_ray.generator.records import Rollout
+from rlhf_ray.records import Rollout
 from rlhf_ray.rl.controller import RLController, tokens_per_s
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.records import UpdateResult

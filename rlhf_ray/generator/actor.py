@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from rlhf_ray.generator.engine import GeneratorEngine
-from rlhf_ray.generator.records import Rollout
+from rlhf_ray.records import Rollout
 from rlhf_ray.sync.collective import CollectiveGroup
 from rlhf_ray.sync.transport import iter_named
 from rlhf_ray.utils.phases import node_cores, set_phase_threads  # before vLLM patches torch's thread setter

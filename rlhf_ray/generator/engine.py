@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from rlhf_ray.generator.records import Rollout
+from rlhf_ray.records import Rollout
 from rlhf_ray.generator.threads import engine_env
 from rlhf_ray.generator.worker_ext import EXTENSION as WORKER_EXTENSION
 from rlhf_ray.sync.files import reload_payload

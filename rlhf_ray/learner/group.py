@@ -26,14 +26,24 @@ from rlhf_ray.utils.device import Backend
 
 
 class LearnerRank:
-    """One rank: a `Learner` behind a Ray actor (the group applies `ray.remote`). Roles with passes of
-    their own (the RL policy and critic) subclass it and add methods; the group code stays the same."""
+    """One rank: a `Learner` behind a Ray actor (the group applies `ray.remote`). A role with passes of its
+    own (the RL policy and critic) subclasses it, names its plain class in `WORKER` and adds the thin calls
+    that delegate to `self.worker`; the group code stays the same."""
 
-    def __init__(self, rank: int, world_size: int, num_threads: int):
+    WORKER: Optional[type] = None   # the role's plain class, built over this rank's learner: WORKER(learner, **kw)
+
+    def __init__(self, rank: int, world_size: int, num_threads: int, **worker_kwargs):
         self.rank, self.world_size = rank, world_size
         from rlhf_ray.utils.device import set_threads
         set_threads(num_threads)
         self.learner = None
+        self._worker_kwargs, self._worker = worker_kwargs, None
+
+    @property
+    def worker(self):
+        if self._worker is None:  # the learner exists only after `setup`
+            self._worker = self.WORKER(self.learner, **self._worker_kwargs)
+        return self._worker
 
     def address(self) -> tuple[str, int]:
         from rlhf_ray.utils.net import node_address

@@ -11,11 +11,16 @@ copies owned by the caller.
 from __future__ import annotations
 
 import collections
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
 NamedTensor = tuple[str, torch.Tensor]
+
+
+def without(named: Iterable[NamedTensor], skip: frozenset) -> Iterator[NamedTensor]:
+    """`(name, tensor)` pairs but those named in `skip` (a tied lm_head that an engine does not load)."""
+    return ((n, t) for n, t in named if n not in skip)
 
 
 def drain(named: Iterator[NamedTensor]) -> None:

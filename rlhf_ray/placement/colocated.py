@@ -36,7 +36,7 @@ from rlhf_ray.roles.policy import PolicyRank
 from rlhf_ray.placement.construct import PhaseShares, ProcessArgs, Share, construct
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
-from rlhf_ray.placement.shared import Paths, critic_init_path, generation_seed, generator_base
+from rlhf_ray.placement.shared import Paths, critic_init_path, generator_base
 from rlhf_ray.records import UpdateResult
 from rlhf_ray.sync.in_process import InProcess, hand_over
 from rlhf_ray.sync.weight_sync import WeightSync
@@ -55,7 +55,7 @@ class ColocatedRank(PolicyRank):
 
     def __init__(self, rank: int, world_size: int, num_threads: int, *, cfg: Config, shares: PhaseShares,
                  roles: tuple[str, ...]):
-        super().__init__(rank, world_size, num_threads, algo=cfg.algorithm, ref=cfg.reference,
+        super().__init__(rank, world_size, num_threads, algo_cfg=cfg.algorithm, ref_cfg=cfg.reference,
                          temperature=cfg.rollout.temperature, norm_len=cfg.rollout.max_new_tokens)
         self.cfg, self.threads, self.shares = cfg, num_threads, shares  # each phase's threads: the plan's
         self.plan_roles = roles  # the roles the plan starts (the reference only with a KL term)
@@ -183,13 +183,13 @@ class ColocatedRoles:
         self.weights = WeightSync(InProcess(self.ranks, args.sync.mode),
                                   lambda: ray.get(self.ranks[0].updates.remote()))
 
-    def generate(self, prompts: list, n: int, step: int):
-        return self._fan_out(prompts, n, generation_seed(self.cfg.run.seed, step), {}).result()
+    def generate(self, prompts: list, n: int, seed: int):
+        return self._fan_out(prompts, n, seed, {}).result()
 
-    def submit(self, prompts: list, n: int, step: int) -> PendingRollout:
+    def submit(self, prompts: list, n: int, seed: int) -> PendingRollout:
         """Start the next step's rollouts, sharded over the ranks' engines, to run beside the coming update
         (each rank's engine thread; the weight push that follows the update waits for them)."""
-        return self._fan_out(prompts, n, generation_seed(self.cfg.run.seed, step), {}, beside_update=True)
+        return self._fan_out(prompts, n, seed, {}, beside_update=True)
 
     def sample(self, prompts: list, n: int, temperature: float, seed: int):
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""

@@ -25,7 +25,7 @@ from rlhf_ray.placement.construct import construct
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
 from rlhf_ray.records import UpdateResult
-from rlhf_ray.placement.shared import Paths, critic_init_path, generation_seed, generator_base
+from rlhf_ray.placement.shared import Paths, critic_init_path, generator_base
 from rlhf_ray.utils.device import make_backend
 from rlhf_ray.scoring.reference import ReferenceActor
 from rlhf_ray.scoring.reward import RewardActor
@@ -52,7 +52,7 @@ class DistributedRoles:
         self.policy = LearnerGroup(cfg.model, cfg.rl.policy, kind="policy", rank_cls=PolicyRank, **common,
                                    backend=self.backend, num_threads=policy.threads,
                                    options=ranks("policy", cfg.rl.policy.num_ranks),
-                                   rank_kwargs=dict(algo=cfg.algorithm, ref=cfg.reference,
+                                   rank_kwargs=dict(algo_cfg=cfg.algorithm, ref_cfg=cfg.reference,
                                                     temperature=cfg.rollout.temperature, norm_len=norm_len))
         self.critic = None
         if cfg.uses_critic:
@@ -61,7 +61,7 @@ class DistributedRoles:
                                        **{**common, "init_path": critic_init_path(cfg.rl, paths)},
                                        backend=critic.backend(), num_threads=critic.threads,
                                        options=ranks("critic", cfg.rl.critic.num_ranks),
-                                       rank_kwargs=dict(algo=cfg.algorithm, norm_len=norm_len))
+                                       rank_kwargs=dict(algo_cfg=cfg.algorithm, norm_len=norm_len))
         self.reference = None  # under LoRA: the policy ranks with the adapter off, no second copy
         if (ref := args.scorer("reference")) is not None:
             ref_path = paths.resolve(cfg.reference.path or paths.policy_init)
@@ -90,26 +90,24 @@ class DistributedRoles:
         self.weights = WeightSync(transport, lambda: ray.get(self.policy.actors[0].updates.remote()))
 
     # -- the controller's calls ----------------------------------------------------------------
-    def generate(self, prompts: list, n: int, step: int):
-        """Sample n per prompt, the engines alone on their nodes (every core, or `rollout.threads`). Step s
-        is seeded from (run seed, s), so a resumed run samples exactly what the uninterrupted run would."""
+    def generate(self, prompts: list, n: int, seed: int):
+        """Sample n per prompt, the engines alone on their nodes (every core, or `rollout.threads`)."""
         # An engine that died mid-call: Ray restarts it, `submit` re-syncs it to the current weights, and
         # the same prompts are sampled again with the same seed (no step lost, none doubled).
         for attempt in range(2):
             try:
                 return self.generator.submit(prompts, n, threads=self.shares.generate.threads,
-                                             call_seed=generation_seed(self.cfg.run.seed, step)).result()
+                                             call_seed=seed).result()
             except ray.exceptions.RayActorError:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
 
-    def submit(self, prompts: list, n: int, step: int):
-        """Start sampling step `step`'s rollouts to overlap the coming update: the engines keep the first
+    def submit(self, prompts: list, n: int, seed: int):
+        """Start sampling the next step's rollouts to overlap the coming update: the engines keep the first
         `rollout.cpus_per_engine` cores of their node, the learners get the others (see `update`)."""
         g = self.shares.generate_beside_update
-        return self.generator.submit(prompts, n, threads=g.threads, cores=g.cores,
-                                     call_seed=generation_seed(self.cfg.run.seed, step))
+        return self.generator.submit(prompts, n, threads=g.threads, cores=g.cores, call_seed=seed)
 
     def sample(self, prompts: list, n: int, temperature: float, seed: int):
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""

@@ -16,13 +16,12 @@ from rlhf_ray.placement.shared import Paths
 
 if TYPE_CHECKING:
     from rlhf_ray.config import Config
-    from rlhf_ray.rl.roles import RoleGraph
 
 
-def build_roles(cfg: "Config", paths: Paths, plan: Plan, groups: dict, total_updates: int) -> "RoleGraph":
-    """The role graph `cluster.placement` asks for, every actor started with the options of its bundle in `plan`
-    (reserved as `groups`, `rlhf_ray.placement.groups.reserve`). total_updates: optimizer steps the run's
-    learners will take (their learning-rate schedule's length)."""
+def build_roles(cfg: "Config", paths: Paths, plan: Plan, groups: dict, total_updates: int):
+    """The role graph `cluster.placement` asks for (a `rlhf_ray.rl.roles.RoleGraph`), every actor started with
+    the options of its bundle in `plan` (reserved as `groups`, `rlhf_ray.placement.groups.reserve`).
+    total_updates: optimizer steps the run's learners will take (their learning-rate schedule's length)."""
     if cfg.cluster.placement == "colocated":
         from rlhf_ray.placement.colocated import ColocatedRoles
         return ColocatedRoles(cfg, paths, plan, groups, total_updates)

@@ -1,5 +1,5 @@
-"""What both placements of an RL run share: the run's paths, the generation seed and the weights the
-generator and the critic start from (`rlhf_ray.placement.graph.build_roles` picks the placement).
+"""What both placements of an RL run share: the run's paths and the weights the generator and the critic
+start from (`rlhf_ray.placement.graph.build_roles` picks the placement).
 """
 from __future__ import annotations
 
@@ -15,11 +15,6 @@ class Paths:
     policy_init: str          # HF folder the policy (and reference) start from
     resolve: Callable[[str], str]  # resolves `stage:rm`, `builtin:...` and plain paths
     scratch: str              # run-local folder for files the roles hand each other
-
-
-def generation_seed(run_seed: int, step: int) -> int:
-    """Step s samples from a seed of (run seed, s): a resumed run samples what the uninterrupted one did."""
-    return (run_seed * 1_000_003 + step * 7919) % (2 ** 30)
 
 
 def generator_base(model: ModelConfig, paths: Paths, policy) -> str:

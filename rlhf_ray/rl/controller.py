@@ -19,14 +19,14 @@ import torch
 from rlhf_ray import algo
 from rlhf_ray.batch import minibatches, pack_sequences, pad_ragged
 from rlhf_ray.config import Config, ReferenceConfig
-from rlhf_ray.generator.records import Rollout
+from rlhf_ray.records import Rollout
 from rlhf_ray.records import ScoredBatch
 from rlhf_ray.rl.advantage_step import EmptyResponseError, filter_scored, make_train_batch  # noqa: F401
 from rlhf_ray.rl.dynamic_sampling import fill_batch
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.roles import RoleGraph
 from rlhf_ray.sync.checks import agreement_thresholds, check_logprob_agreement, check_version
-from rlhf_ray.utils.timing import PhaseTimer
+from rlhf_ray.utils.phases import PhaseTimer
 
 
 @dataclass
@@ -120,7 +120,7 @@ class RLController:
             self._next = None
             return prompts, pending.result()
         prompts = self.prompts.next_batch()
-        return prompts, self.roles.generate([p.ids for p in prompts], n, self.step_idx)
+        return prompts, self.roles.generate([p.ids for p in prompts], n, self._seed(self.step_idx))
 
     def _start_next_generation(self, n: int) -> bool:
         """With rollouts allowed one version behind, sample the next step now, on the generator's cores,
@@ -132,16 +132,20 @@ class RLController:
             return False
         before = self.prompts.state_dict()
         prompts = self.prompts.next_batch()
-        self._next = (prompts, self.roles.submit([p.ids for p in prompts], n, nxt), before)
+        self._next = (prompts, self.roles.submit([p.ids for p in prompts], n, self._seed(nxt)), before)
         return True
 
     def _sample_more(self, n: int, engine_s: list[float]) -> ScoredBatch:
         """Another round for dynamic sampling: the next prompts of the stream, sampled and scored (the engines'
         seconds added to `engine_s`)."""
         prompts = self.prompts.next_batch()
-        rollout = self.roles.generate([p.ids for p in prompts], n, self.step_idx)
+        rollout = self.roles.generate([p.ids for p in prompts], n, self._seed(self.step_idx))
         engine_s.append(rollout.generate_s)
         return score_rollout(self.roles, prompts, rollout, self.pad_id, n)
+
+    def _seed(self, step: int) -> int:
+        """Step s samples from a seed of (run seed, s): a resumed run samples what the uninterrupted one did."""
+        return generation_seed(self.cfg.run.seed, step)
 
     def _minibatches(self, n_rows: int) -> list[list[torch.Tensor]]:
         """Index sets per PPO epoch; drawn here so the shuffle is part of the driver's resumable state."""
@@ -164,6 +168,10 @@ class RLController:
         self.kl_ctl.load_state_dict(d["kl"])
         self._shuffle.set_state(torch.tensor(d["shuffle"], dtype=torch.uint8))
         self.roles.weights.restore(int(d["version"]))
+
+
+def generation_seed(run_seed: int, step: int) -> int:
+    return (run_seed * 1_000_003 + step * 7919) % (2 ** 30)
 
 
 def tokens_per_s(tokens: float, wait_s: float, engine_s: float) -> float:

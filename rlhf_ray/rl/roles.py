@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from rlhf_ray.batch import SequenceBatch
-from rlhf_ray.generator.records import Rollout
+from rlhf_ray.records import Rollout
 from rlhf_ray.records import TrainBatch, UpdateResult
 from rlhf_ray.sync.weight_sync import WeightSync
 
@@ -23,10 +23,10 @@ class Pending(Protocol):
 class RoleGraph(Protocol):
     weights: WeightSync   # the hand-over to the engines; the weight version's owner
 
-    def generate(self, prompt_ids: list, n: int, step: int) -> Rollout:
-        """n samples per prompt with step `step`'s seed, the engines alone."""
+    def generate(self, prompt_ids: list, n: int, seed: int) -> Rollout:
+        """n samples per prompt drawn from `seed`, the engines alone."""
 
-    def submit(self, prompt_ids: list, n: int, step: int) -> Pending:
+    def submit(self, prompt_ids: list, n: int, seed: int) -> Pending:
         """The same, started now to run beside the coming update (rollouts one version behind)."""
 
     def sample(self, prompt_ids: list, n: int, temperature: float, seed: int) -> Rollout:

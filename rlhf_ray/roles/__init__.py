@@ -7,5 +7,5 @@
     reward      `rlhf_ray.scoring.reward.RewardScorer`, `RewardActor`
 
 The placements (`rlhf_ray.placement.colocated`, `rlhf_ray.placement.distributed`) compose them; a role never
-imports `rl/` or `placement/`. The policy's and critic's loss glue: `roles.step_loss`, `roles.micro`.
+imports `rl/` or `placement/`. The policy's and critic's loss glue: `roles.losses`.
 """

@@ -11,9 +11,8 @@ from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.learner.group import LearnerRank
 from rlhf_ray.dispatch import minibatch_micro_batches
-from rlhf_ray.roles.micro import OBJECTIVE, token_weight
+from rlhf_ray.roles.losses import OBJECTIVE, critic_minibatch_loss, token_weight
 from rlhf_ray.records import TrainBatch, UpdateResult
-from rlhf_ray.roles.step_loss import critic_minibatch_loss
 from rlhf_ray.utils.phases import set_phase_threads, timed
 
 
@@ -59,16 +58,8 @@ class CriticWorker:
 
 
 class CriticRank(LearnerRank):
-    def __init__(self, rank: int, world_size: int, num_threads: int, *, algo, norm_len: int):
-        super().__init__(rank, world_size, num_threads)
-        self._rl = dict(algo_cfg=algo, norm_len=norm_len)
-        self._worker = None
-
-    @property
-    def worker(self) -> CriticWorker:
-        if self._worker is None:  # the learner exists only after `setup`
-            self._worker = CriticWorker(self.learner, **self._rl)
-        return self._worker
+    """The critic's Ray shell: `CriticWorker(learner, algo_cfg=, norm_len=)`."""
+    WORKER = CriticWorker
 
     def values(self, seq, threads: int = 0):
         set_phase_threads(threads)

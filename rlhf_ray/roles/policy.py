@@ -2,7 +2,7 @@
 learner rank. `PolicyWorker` is the plain class (testable without Ray); `PolicyRank` its Ray shell, a
 `LearnerRank` so that N of them form a DeepSpeed group placed by `LearnerGroup`. On N ranks each rank
 runs its own share of every minibatch and DeepSpeed averages the gradients; the token-mean stays the
-minibatch's own (rlhf_ray.roles.micro.token_weight).
+minibatch's own (rlhf_ray.roles.losses.token_weight).
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.learner.group import LearnerRank
 from rlhf_ray.dispatch import minibatch_micro_batches
-from rlhf_ray.roles.micro import OBJECTIVE, forward_response_logits, token_weight
+from rlhf_ray.roles.losses import OBJECTIVE, forward_response_logits, policy_minibatch_loss, token_weight
 from rlhf_ray.records import TrainBatch, UpdateResult
-from rlhf_ray.roles.step_loss import policy_minibatch_loss
 from rlhf_ray.sync.checks import Agreement, logprob_agreement
 from rlhf_ray.utils.phases import set_phase_threads, timed
 
@@ -104,17 +103,8 @@ def has_dropout(model: torch.nn.Module) -> bool:
 
 
 class PolicyRank(LearnerRank):
-    def __init__(self, rank: int, world_size: int, num_threads: int, *, algo, ref, temperature: float,
-                 norm_len: int):
-        super().__init__(rank, world_size, num_threads)
-        self._rl = dict(algo_cfg=algo, ref_cfg=ref, temperature=temperature, norm_len=norm_len)
-        self._worker = None
-
-    @property
-    def worker(self) -> PolicyWorker:
-        if self._worker is None:  # the learner exists only after `setup`
-            self._worker = PolicyWorker(self.learner, **self._rl)
-        return self._worker
+    """The policy's Ray shell: `PolicyWorker(learner, algo_cfg=, ref_cfg=, temperature=, norm_len=)`."""
+    WORKER = PolicyWorker
 
     def ref_logprobs(self, seq, threads: int = 0):
         set_phase_threads(threads)

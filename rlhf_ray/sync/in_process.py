@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from rlhf_ray.sync.transport import without
+from rlhf_ray.learner.weights import without
 from rlhf_ray.sync.weight_sync import SyncStats
 
 

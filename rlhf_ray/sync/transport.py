@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
+from rlhf_ray.learner.weights import without
 from rlhf_ray.sync.buckets import pack_buckets, unpack_bucket
 from rlhf_ray.sync.restore import RestoreWriter, read_restore
 from rlhf_ray.sync.stream import BucketStream, fetch
@@ -30,10 +31,6 @@ def iter_named(items: Iterable) -> Iterator[tuple[str, torch.Tensor]]:
             yield from item.named()
         else:
             yield from unpack_bucket(fetch(item))
-
-
-def without(named: Iterable[tuple[str, torch.Tensor]], skip: frozenset) -> Iterator[tuple[str, torch.Tensor]]:
-    return ((n, t) for n, t in named if n not in skip)
 
 
 def send(buckets, sink, group=None) -> dict[str, int]:

@@ -1,9 +1,11 @@
-"""What every role's Ray shell does around a phase: take its share of the cores and time its own compute."""
+"""Phases of an RL step: the controller's named timer per phase (`PhaseTimer`), and what every role's Ray shell
+does around a phase: take its share of the cores and time its own compute."""
 from __future__ import annotations
 
 import os
 import threading
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -68,3 +70,26 @@ def timed(fn, *args):
     t0 = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - t0
+
+
+class PhaseTimer:
+    """Named phase timers: every RL step reports where its wall time went."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def stats(self) -> dict[str, float]:
+        total = time.perf_counter() - self._start
+        out = {f"timing/{k}_s": v for k, v in self.times.items()}
+        out["timing/step_s"] = total
+        out["timing/other_s"] = max(0.0, total - sum(self.times.values()))
+        return out

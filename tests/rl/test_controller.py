@@ -6,9 +6,9 @@ import torch
 
 from rlhf_ray.config import load_config
 from rlhf_ray.data.prompts import Prompt
-from rlhf_ray.generator.records import Rollout
+from rlhf_ray.records import Rollout
 from rlhf_ray.rl.advantage_step import BadRewardError
-from rlhf_ray.rl.controller import EmptyResponseError, RLController
+from rlhf_ray.rl.controller import EmptyResponseError, RLController, generation_seed
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.records import UpdateResult
 from rlhf_ray.sync.checks import Agreement, LogprobMismatchError, StaleWeightsError
@@ -34,7 +34,7 @@ class FakeRoles:
         self.submitted = []
         self.weights = WeightSync(self, lambda: self.optimizer_steps)
 
-    def generate(self, prompt_ids, n, step):
+    def generate(self, prompt_ids, n, seed):
         resp, idx = [], []
         for i, _ in enumerate(prompt_ids):
             for j in range(n):
@@ -43,9 +43,9 @@ class FakeRoles:
         return Rollout([list(prompt_ids[i]) for i in idx], resp, [[-1.0] * len(r) for r in resp],
                        [" x" * len(r) for r in resp], idx, ["stop"] * len(resp), self.gen_version, 1.0)
 
-    def submit(self, prompt_ids, n, step):
-        rollout = self.generate(prompt_ids, n, step)
-        self.submitted.append(step)
+    def submit(self, prompt_ids, n, seed):
+        rollout = self.generate(prompt_ids, n, seed)
+        self.submitted.append(seed)
         return type("Pending", (), {"result": lambda _self: rollout})()
 
     def score(self, prompts, responses, seq):
@@ -110,7 +110,8 @@ def test_overlap_samples_the_next_step_during_the_update_and_keeps_lockstep_chec
     roles = FakeRoles()
     c = make(roles, "rollout.sync.max_off_policy_lag=1", "rollout.sync.check_every=3", "rl.steps=7")
     outs = [c.step() for _ in range(7)]
-    assert roles.submitted == [1, 2, 4, 5]  # steps 3 and 6 run in lockstep; nothing after the last step
+    # steps 3 and 6 run in lockstep; nothing after the last step; each sampled with its own step's seed
+    assert roles.submitted == [generation_seed(0, s) for s in (1, 2, 4, 5)]
     assert [o.metrics["sync/lag"] for o in outs] == [0, 1, 1, 0, 1, 1, 0]
     assert [o.metrics["sync/overlapped"] for o in outs] == [1, 1, 0, 1, 1, 0, 0]
     # the prompt stream is not skipped or repeated by prefetching: the same prompts, step by step, as in lockstep

@@ -3,7 +3,7 @@ import pytest
 
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.data.prompts import Prompt
-from rlhf_ray.generator.records import Rollout
+from rlhf_ray.records import Rollout
 from rlhf_ray.rl.evaluation import Evaluator, format_eval, split_prompts
 
 PROMPTS = [Prompt(f"p{i}", (1, 10 + i)) for i in range(20)]

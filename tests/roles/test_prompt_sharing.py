@@ -1,5 +1,5 @@
 """Prompt sharing on the real training path: a policy learner's update and log-prob forwards run each
-distinct prompt once (`rlhf_ray.roles.micro.forward_response_logits` -> `rlhf_ray.models.shared_prompt`).
+distinct prompt once (`rlhf_ray.roles.losses.forward_response_logits` -> `rlhf_ray.models.shared_prompt`).
 Counted at the model's input embedding: every token any forward runs passes through it once."""
 import pytest
 import torch

@@ -20,7 +20,7 @@ from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.roles.critic import CriticRank
 from rlhf_ray.dispatch import minibatch_micro_batches
-from rlhf_ray.roles.micro import token_weight
+from rlhf_ray.roles.losses import token_weight
 from rlhf_ray.roles.policy import PolicyRank
 from rlhf_ray.records import TrainBatch, UpdateResult
 from rlhf_ray.utils.device import resolve_backend
@@ -37,9 +37,10 @@ def _group(kind: str, world: int) -> LearnerGroup:
     # micro-batches of 2 rows: 1 rank accumulates 2 micro-batches of unequal token counts per step
     cfg = LearnerConfig(num_ranks=world, micro_batch_size=2, optim={"lr": 1e-3}, deepspeed={"zero_stage": 2})
     if kind == "policy":
-        rank_cls, extra = PolicyRank, dict(algo=ALGO, ref=ReferenceConfig(kl_coef=0.0), temperature=1.0, norm_len=8)
+        rank_cls, extra = PolicyRank, dict(algo_cfg=ALGO, ref_cfg=ReferenceConfig(kl_coef=0.0), temperature=1.0,
+                                           norm_len=8)
     else:
-        rank_cls, extra = CriticRank, dict(algo=ALGO, norm_len=8)
+        rank_cls, extra = CriticRank, dict(algo_cfg=ALGO, norm_len=8)
     return LearnerGroup(model_cfg(), cfg, kind=kind, init_path="builtin:tiny", total_updates=4,
                         backend=resolve_backend("cpu"), num_threads=1, rank_cls=rank_cls, rank_kwargs=extra)
 

@@ -8,7 +8,7 @@ from rlhf_ray.batch import pack_sequences
 from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConfig, SyncConfig
 from rlhf_ray.learner.learner import Learner
 from rlhf_ray.sync.checks import agreement_thresholds
-from rlhf_ray.roles.micro import forward_response_logits
+from rlhf_ray.roles.losses import forward_response_logits
 from rlhf_ray.roles.policy import PolicyWorker, has_dropout, proximal_is_live
 from rlhf_ray.records import TrainBatch
 from rlhf_ray.utils.device import LOGPROB_TOLERANCE, logprob_tolerance, resolve_backend

@@ -1,14 +1,46 @@
-"""Loss of one PPO minibatch for the policy and for the critic, from model outputs and a TrainBatch.
+"""The policy's and the critic's loss on one PPO minibatch, and what makes it exact across micro-batches and ranks.
 
-Pure torch: the learner calls these inside its forward/backward; tests call them on hand-made tensors.
+    forward_response_logits   (B, T, V) logits of the response tokens (shared prompts computed once)
+    policy_minibatch_loss     clipped surrogate (+ KL term) (+ entropy bonus), truncated IS when asked
+    critic_minibatch_loss     the clipped value loss
+    token_weight              the weight that keeps a minibatch's token-mean exact over micro-batches and ranks
+
+Pure torch on model outputs and a `TrainBatch`: the learner calls these inside its forward/backward
+(`rlhf_ray.roles.policy`, `rlhf_ray.roles.critic`); tests call them on hand-made tensors.
 """
 from __future__ import annotations
 
 import torch
 
 from rlhf_ray import algo
+from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
+from rlhf_ray.models.shared_prompt import response_logits_of
 from rlhf_ray.records import TrainBatch
+
+# The learner's "loss" is the whole minimised objective (surrogate + KL + entropy terms); named apart so it
+# neither overwrites nor adds into the algorithm's own "policy/loss" / "value/loss" statistic.
+OBJECTIVE = {"loss": "objective"}
+
+
+def token_weight(agg: str, micro_mask: torch.Tensor, mb: dict) -> float:
+    """The learner weights a micro-batch's loss by its share of its rank's rows (n / R_rank) and DeepSpeed
+    averages the W ranks: a micro-batch counts n / R of the minibatch (R = W * R_rank rows in all). That is
+    exact for sequence-mean aggregations; a token-mean over the minibatch needs its share of the
+    minibatch's tokens (t / T, T over all ranks), so rescale by (t / T) / (n / R). With T counted per rank
+    instead, ranks holding fewer tokens would weigh more than one rank weighs them
+    (tests/rl/test_ranks_token_mean.py)."""
+    if agg != "token-mean":
+        return 1.0
+    rows_total, tokens_total = mb["totals"][0].tolist()
+    rows, tokens = micro_mask.shape[0], float(micro_mask.sum())
+    return (tokens / max(tokens_total, 1.0)) / (rows / rows_total)
+
+
+def forward_response_logits(learner, seq: SequenceBatch) -> torch.Tensor:
+    """(B, T, V) logits that predict each response token: the LM head over those positions only, and each
+    distinct prompt of the micro-batch computed once (`rlhf_ray.models.shared_prompt`)."""
+    return response_logits_of(learner.forward, seq, learner.shares_prompts)
 
 
 def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBatch, algo_cfg: AlgorithmConfig,
@@ -16,7 +48,7 @@ def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBat
                           proximal_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy's loss on one minibatch: clipped surrogate (+ KL term) (+ entropy bonus).
 
-    logits: (B, T, V) the response positions' logits (`rlhf_ray.roles.micro.forward_response_logits`); logp: (B, T)
+    logits: (B, T, V) the response positions' logits (`forward_response_logits`); logp: (B, T)
     their log-probs of the sampled tokens (with grad), computed once by the caller, which also reads them
     for the agreement check and, with a single optimizer step, as the proximal log-probs.
 

@@ -1,8 +1,8 @@
-"""Pure pieces of the generator: joining per-engine rollouts (no Ray, no vLLM; spreading prompts over engines
+"""The generate stage's record: joining per-engine rollouts (no Ray, no vLLM; spreading prompts over engines
 is tests/test_dispatch.py's)."""
 import pytest
 
-from rlhf_ray.generator.records import Rollout, concat_rollouts
+from rlhf_ray.records import Rollout, concat_rollouts
 
 
 def _rollout(version=3):
