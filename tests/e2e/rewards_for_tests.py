@@ -39,3 +39,10 @@ def slow_vader(prompts, responses):
     from rlhf_ray.data.builtin_reviews import vader_reward
     time.sleep(1.0)
     return vader_reward(prompts, responses)
+
+
+def slow_vader_one_nan(prompts, responses):
+    """slow_vader, with a NaN for the fourth response of every call (reward.on_nonfinite=drop_group drops its
+    group)."""
+    scores = slow_vader(prompts, responses)
+    return [float("nan") if i == 3 else x for i, x in enumerate(scores)]

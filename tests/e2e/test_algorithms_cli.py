@@ -47,8 +47,9 @@ CASES = {
     # quickstart's lr its per-token KL passed 2 nats by step 12, so it trains at a lower one.
     "rloo": ["algorithm.name=rloo", "rollout.sync.max_off_policy_lag=1", "rollout.sync.check_every=4",
              "rl.policy.optim.lr=2e-4"],
-    "reinforce_pp": ["algorithm.name=reinforce_pp", "algorithm.overlong_buffer=6"],
-    "reinforce_pp_baseline": ["algorithm.name=reinforce_pp", "algorithm.baseline=group_mean"],
+    # REINFORCE++ with its group-mean baseline (REINFORCE++-baseline) and the overlong penalty in one run; its
+    # default global-whitened advantage is the algorithm core's (tests/algo), the same path minus the baseline
+    "reinforce_pp": ["algorithm.name=reinforce_pp", "algorithm.baseline=group_mean", "algorithm.overlong_buffer=6"],
     "dr_grpo": ["algorithm.name=dr_grpo", "algorithm.dynamic_sampling=true"],
     # DAPO with its registry defaults alone: dynamic sampling, clip-higher, token-level loss, overlong buffer
     "dapo": ["algorithm.name=dapo"],
@@ -78,6 +79,7 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
         assert all(0.5 < x < 2.0 for x in ratios), ratios
         assert any(r["sync/lag"] == 1 for r in train_rows)
     if case == "reinforce_pp":
+        assert cfg["algorithm"]["baseline"] == "group_mean"
         assert any(r["reward/overlong_penalty_mean"] < 0 for r in train_rows)
     # the generator runs the learner's weights: exact on lockstep steps (an overlapped step samples with the
     # previous version, which is what TIS corrects)

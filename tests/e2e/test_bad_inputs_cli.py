@@ -1,6 +1,5 @@
 """Bad inputs found mid-run, end to end: each stops with one clear message (no Python traceback) or is handled
 as configured. Those found before Ray starts are in tests/test_bad_inputs.py (the fast tier)."""
-import json
 import os
 import subprocess
 import sys
@@ -36,11 +35,8 @@ def test_nan_reward_stops_with_a_clear_error(tmp_path):
     assert not (tmp_path / "rl" / "model").exists()
 
 
-def test_nan_reward_dropped_by_group_when_configured(tmp_path):
-    p = train(tmp_path, NAN, "reward.on_nonfinite=drop_group")
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["reward/nonfinite"] == 1 for r in rows)
+# A NaN reward handled as configured (reward.on_nonfinite=drop_group) is test_faults.py's generator-and-reward
+# run: its reward function returns one NaN a call.
 
 
 # -- raised inside an actor, mid-run -------------------------------------------------------------

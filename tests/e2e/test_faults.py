@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from helpers import rl_steps_logged, start_train  # noqa: E402  (tests/e2e is on the path)
+from helpers import rl_steps_logged, start_train, training_rows  # noqa: E402  (tests/e2e is on the path)
 
 HERE = str(Path(__file__).parent)  # rewards_for_tests, as a user's own module
 STEPS = 6
@@ -82,13 +82,17 @@ def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
     return proc.returncode, err
 
 
-SLOW_REWARD = "reward.sources=[{kind: function, path: 'rewards_for_tests:slow_vader'}]"
+# slow (the reward actor stays in `score` long enough to be killed there), and a NaN in every call: the run
+# drops that response's group, as configured (a bad reward that is handled, not fatal)
+SLOW_REWARD = ("reward.sources=[{kind: function, path: 'rewards_for_tests:slow_vader_one_nan'}]",
+               "reward.on_nonfinite=drop_group")
 
 
 def test_run_survives_its_generator_then_its_reward_actor_killed_mid_call(tmp_path):
     """One run, two faults: the generator engine killed while it samples step 3, the reward actor killed while
-    it scores step 5 (a slow reward function keeps it in `score` long enough)."""
-    proc = start_train(ARGS, tmp_path, SLOW_REWARD, pythonpath=HERE)
+    it scores step 5 (a slow reward function keeps it in `score` long enough). Its reward function also
+    returns one NaN a call, and `reward.on_nonfinite=drop_group` drops that group on every step."""
+    proc = start_train(ARGS, tmp_path, *SLOW_REWARD, pythonpath=HERE)
     generator = kill_during(proc, tmp_path, "GeneratorActor.generate", after_step=2)
     reward = kill_during(proc, tmp_path, "RewardActor.score", after_step=4)
     rc, err = finish(proc)
@@ -98,19 +102,35 @@ def test_run_survives_its_generator_then_its_reward_actor_killed_mid_call(tmp_pa
     rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     # the generator serves the learner's weights after its restart (re-synced, not the initial ones)
     assert max(r["sync/logprob_max_abs"] for r in rows if "sync/logprob_max_abs" in r) < 1e-3
+    assert all(r["reward/nonfinite"] == 1 for r in rows)  # the NaN's group dropped on every step, the run went on
 
 
-def test_killed_learner_names_rank_and_checkpoint_then_resume_auto_continues(tmp_path):
+# what a step redone from a checkpoint must reproduce (policy, optimizer, prompt position, sampling seeds, and
+# the engines given the restored weights)
+SAME = ("reward/score_mean", "kl/mean", "policy/loss", "policy/objective", "response/len_mean", "policy/grad_norm")
+
+
+def test_killed_learner_names_rank_and_checkpoint_then_resume_auto_redoes_the_step_exactly(tmp_path):
+    """The policy learner killed while it updates step 4 (step 3 logged, checkpoint at step 2): one line naming
+    the rank and the checkpoint; `--resume=auto` restores the learner and the engines from step 2, redoes step
+    3 exactly as before and finishes, every step logged once (the distributed placement's exact resume with
+    full weights; test_train_cli.py's colocated GRPO run is the other placement's)."""
     proc = start_train(ARGS, tmp_path, pythonpath=HERE)
-    kill_during(proc, tmp_path, "PolicyRank.update", after_step=2)
+    kill_during(proc, tmp_path, "PolicyRank.update", after_step=3)
     rc, err = finish(proc)
     lines = [x for x in err.splitlines() if x.startswith("rlhf-ray: error: ")]
     assert rc == 1 and len(lines) == 1, err[-3000:]
-    assert re.search(r"step 3, policy learner rank 0: the policy learner rank 0 process died .*last good "
+    assert re.search(r"step 4, policy learner rank 0: the policy learner rank 0 process died .*last good "
                      r"checkpoint: \S+/rl/checkpoints/step_000002 \(rerun with --resume=auto", lines[0]), lines[0]
     assert "Traceback" not in err
+    before = training_rows(tmp_path / "rl")
+    assert [r["step"] for r in before] == [1, 2, 3]
     proc = start_train(ARGS, tmp_path, "--resume=auto", pythonpath=HERE)
     rc, err = finish(proc)
     assert rc == 0, err[-3000:]
     assert rl_steps_logged(tmp_path) == list(range(1, STEPS + 1))
+    after = training_rows(tmp_path / "rl")
+    assert after[:2] == before[:2]  # the steps before the checkpoint were kept, not redone
+    for key in SAME:  # step 3 again, from the step-2 checkpoint: the same as before the kill
+        assert after[2][key] == pytest.approx(before[2][key], rel=1e-4, abs=1e-6), key
     assert (tmp_path / "rl" / "model" / "config.json").exists()

@@ -1,4 +1,5 @@
-"""`launch/submit.sh` onto a real Ray head started by `cluster/start_head.sh` on this machine, token auth on.
+"""`launch/submit.sh` onto a real Ray head started by `cluster/start_head.sh` on this machine, token auth on: the
+job runs, and a submission without the head's token (none, or a wrong one) is refused.
 
 The head runs with `--block` in its own process group and its own temp dir, so the test stops exactly
 the processes it started and never touches another Ray on the machine.
@@ -61,6 +62,13 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "succeeded" in p.stdout.lower()
     assert (out / "rl" / "model" / "config.json").exists()
+    # the same head refuses a submission without its token: none (a home of its own, no RAY_AUTH_*), or a wrong one
+    stranger = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(tmp_path / "stranger")}
+    (tmp_path / "stranger").mkdir()
+    submit = ["ray", "job", "submit", "--address", url, "--", "echo", "hi"]
+    for extra in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x" * 32}):
+        refused = subprocess.run(submit, env=stranger | extra, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower(), refused.stderr[-2000:]
 
 
 def test_submit_refuses_a_bad_config_before_uploading(tmp_path):

@@ -7,8 +7,12 @@ step. When the learner's version counted optimizer steps instead, these runs sto
 "StaleWeightsError: ... version 0 but the learner is at version 4". Both placements, from the session's SFT
 model against its reward model; each run must finish, keep the generator exact on its lockstep steps, and
 learn (the reward model's score and the VADER gold judge both rise).
+
+The policy trains on two ranks with ZeRO-3 (each rank a process of its own: under the colocated placement
+each beside its own engine), so the same runs show the gathered full-weight sync of partitioned ranks
+keeping the engines exact, and the two ranks' updates reaching the exported policy. That two ranks update
+as one rank does, to float rounding, is roles/test_ranks_token_mean.py.
 """
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +24,8 @@ STEPS = 10
 ARGS = ("run.stages=[rl]", f"rl.steps={STEPS}", "rl.save_every=0", "rl.sample_every=0", "logging.report=false",
         "logging.tensorboard=false", "rollout.sync.max_off_policy_lag=1", "rollout.sync.check_every=4",
         # 8 prompts x 8 samples = 64 rows: 2 minibatches of 32, twice over
-        "algorithm.ppo_epochs=2", "algorithm.mini_batch_size=32")
+        "algorithm.ppo_epochs=2", "algorithm.mini_batch_size=32",
+        "rl.policy.num_ranks=2", "rl.policy.deepspeed.zero_stage=3")
 
 
 @pytest.mark.parametrize("placement", ["colocated", "distributed"])
@@ -43,4 +48,8 @@ def test_one_step_lag_with_two_epochs_of_two_minibatches_runs_and_learns(offline
     assert end > start + 1.0, f"reward did not rise clearly: {start:.3f} -> {end:.3f}"
     gold_start, gold_end = mean_of(rows, "reward/gold_mean")
     assert gold_end > gold_start + 0.1, f"VADER gold reward did not rise: {gold_start:.3f} -> {gold_end:.3f}"
-    assert (out / "rl" / "model" / "config.json").exists()
+    # the exported policy left its starting point by more than one optimizer step's worth (about lr)
+    from safetensors.torch import load_file
+    exported = load_file(out / "rl" / "model" / "model.safetensors")
+    init = load_file(offline / "sft" / "model" / "model.safetensors")
+    assert max(float((exported[k] - init[k]).abs().max()) for k in init) > 5e-4

@@ -1,5 +1,5 @@
 """`rlhf-ray serve` with the official `openai` client: the policy on Ray Serve LLM (streaming, logprobs, n,
-stop, adapters by name, API key, errors naming the field), and the reward service.
+stop, adapters by name, API key, errors naming the field). (The reward service: test_train_cli.py.)
 
 One server for the whole module (vLLM start-up on CPU takes about a minute or two).
 """
@@ -156,14 +156,5 @@ def test_api_key_required(policy, headers):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def test_reward_service_scores_over_http():
-    spec = "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]"
-    proc, url = start("reward", spec, probe="/health")
-    try:
-        r = httpx.post(url + "/score", json={"prompts": ["a", "b"], "responses": [" great fun .", " awful ."]},
-                       timeout=60)
-        assert r.status_code == 200, r.text
-        good, bad = r.json()["scores"]
-        assert good > 0 > bad
-    finally:
-        stop(proc)
+# `serve --what reward` is test_train_cli.py's overlapped run: an RL run scores through it, and its scores equal
+# the reward model's own.

@@ -5,7 +5,8 @@
                                                                          130 / 143; no Ray process left,
                                                                          no Ray stack dump on the console
 Then `--resume` continues from that checkpoint, and a second `--resume` with a larger `rl.steps`
-continues the finished stage (each step logged exactly once).
+continues the finished stage (each step logged exactly once). One run folder takes all three runs: Ctrl-C
+stops the first, SIGTERM the third.
 """
 from __future__ import annotations
 
@@ -88,7 +89,9 @@ def one_stop_line(stderr: str, how: str, logged: list[int]) -> int:
     return int(m["ckpt"])
 
 
-def test_ctrl_c_says_where_and_resume_continues_then_a_larger_rl_steps_extends_the_finished_stage(tmp_path):
+def test_ctrl_c_and_sigterm_say_where_resume_continues_and_a_larger_rl_steps_extends_the_finished_stage(tmp_path):
+    """Ctrl-C at step 2, `--resume` to the end, then `--resume` with a larger rl.steps continues the finished
+    stage, and SIGTERM stops that run too: one run folder, three runs, each step logged exactly once."""
     out = tmp_path / "run"
     code, _, stderr = stop_after(start_train(ARGS, out), out, 2, lambda p: os.killpg(p.pid, signal.SIGINT))
     assert code == 130, stderr[-3000:]
@@ -100,15 +103,12 @@ def test_ctrl_c_says_where_and_resume_continues_then_a_larger_rl_steps_extends_t
     assert rl_steps_logged(out) == list(range(1, end + 1))
     assert (out / "rl" / "model" / "config.json").exists()
 
-    said = finish(out, f"rl.steps={end + 1}", "--resume")  # the stage is finished: more steps continue it
-    assert f"at step {end} with rl.steps changed" in said, said[-3000:]
-    assert rl_steps_logged(out) == list(range(1, end + 2))
-
-
-def test_sigterm_says_where_without_rays_stack_dump(tmp_path):
-    out = tmp_path / "run"
-    code, stdout, stderr = stop_after(start_train(ARGS, out), out, 2, lambda p: p.send_signal(signal.SIGTERM))
+    # the stage is finished: more steps continue it; SIGTERM (to the driver alone) once it has done two more
+    code, stdout, stderr = stop_after(start_train(ARGS, out, "--resume"), out, end + 2,
+                                      lambda p: p.send_signal(signal.SIGTERM))
+    assert f"at step {end} with rl.steps changed" in stdout, stdout[-3000:]
     assert code == 143, stderr[-3000:]
     dump = [x for x in (stdout + stderr).splitlines() if any(d in x for d in RAY_DUMP)]
     assert not dump, "\n".join(dump[:10])
     one_stop_line(stderr, "SIGTERM", rl_steps_logged(out))
+    assert rl_steps_logged(out) == list(range(1, len(rl_steps_logged(out)) + 1))
