@@ -30,7 +30,7 @@ import torch
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import Config
 from rlhf_ray.dispatch import mean_stats, split_evenly, split_rows
-from rlhf_ray.generator.group import PendingRollout, tied_names
+from rlhf_ray.roles.generator.group import PendingRollout, tied_names
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.roles.policy import PolicyRank
 from rlhf_ray.placement.construct import PhaseShares, ProcessArgs, Share, construct
@@ -80,11 +80,11 @@ class ColocatedRank(PolicyRank):
         """Build the other roles once the learner (and its process group) exists, each from the plan's
         construction arguments of this process (`rlhf_ray.placement.construct`). The engine comes last: it
         finds the process group DeepSpeed made and reuses it."""
-        from rlhf_ray.generator.engine import GeneratorEngine
+        from rlhf_ray.roles.generator.engine import GeneratorEngine
         from rlhf_ray.learner.learner import Learner
         from rlhf_ray.roles.critic import CriticWorker
-        from rlhf_ray.scoring.reference import ReferenceScorer
-        from rlhf_ray.scoring.reward import RewardScorer
+        from rlhf_ray.roles.reference import ReferenceScorer
+        from rlhf_ray.roles.reward import RewardScorer
 
         cfg = self.cfg
         critic = next((a for a in process.learners if a.role == "critic"), None)

@@ -27,8 +27,8 @@ from rlhf_ray.placement.plan import Plan
 from rlhf_ray.records import UpdateResult
 from rlhf_ray.placement.shared import Paths, critic_init_path, generator_base
 from rlhf_ray.utils.device import make_backend
-from rlhf_ray.scoring.reference import ReferenceActor
-from rlhf_ray.scoring.reward import RewardActor
+from rlhf_ray.roles.reference import ReferenceActor
+from rlhf_ray.roles.reward import RewardActor
 from rlhf_ray.sync.streamed import engine_transport
 from rlhf_ray.sync.weight_sync import WeightSync
 
@@ -39,7 +39,7 @@ class DistributedRoles:
     def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_updates: int):
         """Every actor asks Ray for exactly its bundle of `plan` (reserved as `groups`) and is built from the
         plan's construction arguments of its process (`rlhf_ray.placement.construct`)."""
-        from rlhf_ray.generator.group import GeneratorGroup
+        from rlhf_ray.roles.generator.group import GeneratorGroup
         self.args = args = construct(cfg, plan, cores=os.cpu_count())
         policy = args.learners("policy")[0]
         self.cfg, self.backend = cfg, policy.backend()

@@ -25,7 +25,7 @@ from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.placement.groups import check_fits
 from rlhf_ray.placement.graph import build_roles
 from rlhf_ray.placement.shared import Paths
-from rlhf_ray.scoring.reward import FunctionSource
+from rlhf_ray.roles.reward import FunctionSource
 from rlhf_ray.tracking.console import ConsoleView
 from rlhf_ray.tracking.metrics import MetricsLogger
 from rlhf_ray.tracking.report import write_report

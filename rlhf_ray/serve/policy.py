@@ -48,7 +48,7 @@ def _hardware(cfg: ServeConfig) -> dict[str, Any]:
         return {"accelerator_config": {"kind": "gpu"},
                 "placement_group_config": {"bundles": [{"CPU": 1, "GPU": 1}] * cfg.gpus_per_replica}}
     from rlhf_ray.config import RolloutConfig
-    from rlhf_ray.generator.threads import engine_env
+    from rlhf_ray.roles.generator.threads import engine_env
     env = engine_env(RolloutConfig(cpus_per_engine=cfg.cpus_per_replica, kv_cache_gib=cfg.kv_cache_gib))
     return {"accelerator_config": {"kind": "cpu"},
             "placement_group_config": {"bundles": [{"CPU": cfg.cpus_per_replica}]}, "env": env}

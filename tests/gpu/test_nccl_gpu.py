@@ -51,7 +51,7 @@ def test_learner_to_tp2_engine_over_nccl(tmp_path):
     ray = pytest.importorskip("ray")
     pytest.importorskip("vllm")
     from rlhf_ray.config.schema import RolloutConfig
-    from rlhf_ray.generator.group import GeneratorGroup
+    from rlhf_ray.roles.generator.group import GeneratorGroup
     from rlhf_ray.models.kit import resolve_model_path
     from rlhf_ray.sync.streamed import engine_transport
     from rlhf_ray.utils.device import make_backend

@@ -71,7 +71,7 @@ def test_plan_json_lists_every_process_with_its_construct_object(hub, capsys):
 
 # -- finding 1: the 4090 engine is quantized as the plan counts ---------------------------------
 def test_the_4090_engine_is_online_fp8_under_vllm_032s_name(hub):
-    from rlhf_ray.generator.engine import quantization_for
+    from rlhf_ray.roles.generator.engine import quantization_for
     _, plan, args, _ = built(QLORA)
     (engine,) = args.engines()
     assert engine.quantization == "fp8_per_tensor" == quantization_for("cuda", True)
@@ -105,7 +105,7 @@ def test_only_an_engine_the_plan_makes_sleep_is_built_with_sleep_mode():
     """vLLM's sleep mode is the plan's (`Plan.engine_sleeps`: colocated on CUDA). A distributed CUDA engine never
     sleeps, so it is built without it, and an engine built without a plan (tools, tests) has none either."""
     from rlhf_ray.config.schema import RolloutConfig
-    from rlhf_ray.generator.engine import engine_llm_kwargs
+    from rlhf_ray.roles.generator.engine import engine_llm_kwargs
     from rlhf_ray.utils.device import make_backend
     cfg = load_config(H100X8)
     assert cfg.cluster.placement == "distributed" and not place(cfg).engine_sleeps
@@ -227,7 +227,7 @@ class _Actor:
 
 
 def test_the_distributed_placement_builds_every_actor_from_the_construction(hub, monkeypatch):
-    import rlhf_ray.generator.group as group
+    import rlhf_ray.roles.generator.group as group
     import rlhf_ray.placement.distributed as dist
     cfg, plan, _, _ = built(H70B)
     seen = {}
@@ -270,8 +270,8 @@ def test_the_colocated_placement_builds_every_role_from_the_construction(hub, mo
     assert call[1]["rank_kwargs"]["shares"] == args.shares
 
     # the rank builds its engine and scorers from its process's record
-    import rlhf_ray.generator.engine as engine_mod
-    import rlhf_ray.scoring.reward as reward_mod
+    import rlhf_ray.roles.generator.engine as engine_mod
+    import rlhf_ray.roles.reward as reward_mod
     built_with = {}
     monkeypatch.setattr(engine_mod, "GeneratorEngine", lambda *a, **k: built_with.setdefault("engine", (a, k)))
     monkeypatch.setattr(reward_mod, "RewardScorer", lambda *a, **k: built_with.setdefault("reward", (a, k)))

@@ -42,7 +42,7 @@ def _bucketed(named, bucket_bytes=64 * 1024):
 
 @pytest.fixture(scope="module")
 def engine(tiny_path):
-    from rlhf_ray.generator.engine import GeneratorEngine
+    from rlhf_ray.roles.generator.engine import GeneratorEngine
     eng = GeneratorEngine(tiny_path, CFG, resolve_backend("cpu"), lora=True, max_model_len=256, max_lora_rank=8)
     yield eng
     eng.close()
