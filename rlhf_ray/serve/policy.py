@@ -59,7 +59,7 @@ def llm_config(model_path: str, cfg: ServeConfig, adapters: dict[str, str], dtyp
 
     from rlhf_ray.runtime import role_env
     from rlhf_ray.serve.adapters import ADAPTERS_KEY, max_lora_rank
-    from rlhf_ray.serve.chat import serving_chat_template
+    from rlhf_ray.models.chat import serving_chat_template
 
     hw = _hardware(cfg)
     engine: dict[str, Any] = dict(dtype=dtype, max_model_len=_context_len(model_path, cfg),

@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 from typing import Any, Iterable
 
-from rlhf_ray.sync.buckets import Bucket
+from rlhf_ray.buckets import Bucket
 
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",

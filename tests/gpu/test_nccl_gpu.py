@@ -21,7 +21,7 @@ def _named(device):
 def _rank(rank, port, out):
     from datetime import timedelta
 
-    from rlhf_ray.sync.buckets import pack_buckets
+    from rlhf_ray.buckets import pack_buckets
     from rlhf_ray.sync.collective import CollectiveGroup
     torch.cuda.set_device(rank)
     group = CollectiveGroup("127.0.0.1", port, rank, 2, "nccl", device=f"cuda:{rank}", timeout_s=45)

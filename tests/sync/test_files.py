@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load
 
-from rlhf_ray.sync.buckets import pack_buckets
+from rlhf_ray.buckets import pack_buckets
 from rlhf_ray.sync.files import check_rpc_payload, reload_payload, to_safetensors_bytes, write_sync_folder
 
 

@@ -240,7 +240,7 @@ class GeneratorEngine:
         context of its own (each worker copies its slices to its GPU as it loads them)."""
         import threading
 
-        from rlhf_ray.sync.buckets import pack_buckets
+        from rlhf_ray.buckets import pack_buckets
         from rlhf_ray.sync.collective import CollectiveGroup
         from rlhf_ray.utils.net import node_address
 
@@ -291,7 +291,7 @@ class GeneratorEngine:
 
     def _write_sync_folder(self, named_weights: Iterable[tuple[str, torch.Tensor]]) -> Path:
         """The whole sync as safetensors files in one node-local folder (/dev/shm), overwritten each time."""
-        from rlhf_ray.sync.buckets import pack_buckets
+        from rlhf_ray.buckets import pack_buckets
         from rlhf_ray.sync.files import write_sync_folder
         folder = self._adapter_root / "full"
         write_sync_folder(pack_buckets(named_weights, int(self.cfg.sync.bucket_mb * 2 ** 20), reuse=True), folder)

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from rlhf_ray.buckets import pack_buckets, unpack_bucket
 from rlhf_ray.config.schema import RolloutConfig, SyncConfig
-from rlhf_ray.sync import LogprobMismatchError, check_logprob_agreement, logprob_agreement, pack_buckets, unpack_bucket
+from rlhf_ray.sync import LogprobMismatchError, check_logprob_agreement, logprob_agreement
 from rlhf_ray.utils.device import resolve_backend
 
 from .conftest import adapter_config, hf_greedy, hf_logprobs, load_hf, named_weights, perturb
