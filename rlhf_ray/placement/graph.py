@@ -5,7 +5,8 @@
 
 Both answer the controller's calls alike (`rlhf_ray.rl.roles.RoleGraph`), so the controller never asks which
 placement it runs under. What each process is built with (device, dtype, engine and learner arguments, sync
-mode, thread shares) is the plan's `rlhf_ray.placement.construct`, read by both.
+mode, thread shares) is the plan's `rlhf_ray.placement.construct`; with the roles' config sections
+(`rlhf_ray.placement.shared.RoleSections`) it is all a placement is given.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def build_roles(cfg: "Config", paths: Paths, plan: Plan, groups: dict, total_upd
     total_updates: optimizer steps the run's learners will take (their learning-rate schedule's length).
     The placement gets the roles' config sections and every process's construction arguments, the threads
     split from this node's cores."""
-    args = construct(cfg, plan, cores=os.cpu_count())
+    built_with = (RoleSections.of(cfg), construct(cfg, plan, cores=os.cpu_count()))
     if cfg.cluster.placement == "colocated":
         from rlhf_ray.placement.colocated import ColocatedRoles
-        return ColocatedRoles(RoleSections.of(cfg), args, paths, plan, groups, total_updates)
+        return ColocatedRoles(*built_with, paths, plan, groups, total_updates)
     from rlhf_ray.placement.distributed import DistributedRoles
-    return DistributedRoles(RoleSections.of(cfg), args, paths, plan, groups, total_updates)
+    return DistributedRoles(*built_with, paths, plan, groups, total_updates)
