@@ -97,3 +97,26 @@ def pytest_collection_modifyitems(config, items):
     if needs:
         rest = [i for i in items if i not in needs]
         items[:] = needs[:1] + rest + needs[1:]
+
+
+UNGROUPED = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's worker has named each item's group
+def pytest_collection_finish(session):
+    """Refuse a worker whose groups did not take: pytest-xdist's loadgroup keeps a group on one worker by
+    appending "@group" to each item's id, and a pytest that ignores the append (pytest 9 with xdist 3.8) leaves
+    every test ungrouped without a word: each module fixture (an engine group, a server, a shared run) then
+    starts once per worker, and local clusters start side by side."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:  # said by every test (an error raised here would reach the controller as a bare INTERNALERROR)
+        session.config.stash[UNGROUPED] = (f"pytest-xdist's loadgroup did not group {lost[0]} (and {len(lost) - 1} "
+                                           f"more) under pytest {pytest.__version__}: install the pinned test tools "
+                                           f"(make setup)")
+
+
+def pytest_runtest_setup(item):
+    if UNGROUPED in item.config.stash:
+        pytest.fail(item.config.stash[UNGROUPED], pytrace=False)
