@@ -87,7 +87,7 @@ from rlhf_ray.config import load_config
 from rlhf_ray.data.builtin_reviews import vader_reward
 from rlhf_ray.data.sources import load_rows
 from rlhf_ray.models.kit import resolve_model_path
-from rlhf_ray.scoring.reward import ModelSource
+from rlhf_ray.roles.reward import ModelSource
 
 rm_path, steps, out, prompts, group, new_tokens, lr, beta, config = sys.argv[1:10]
 steps, prompts, group, new_tokens = int(steps), int(prompts), int(group), int(new_tokens)

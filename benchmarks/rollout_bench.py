@@ -63,7 +63,7 @@ def hf_tokens_per_s(path, prompts, new_tokens, repeats) -> dict:
 
 def vllm_tokens_per_s(path, prompts, new_tokens, repeats) -> dict:
     from rlhf_ray.config.schema import RolloutConfig
-    from rlhf_ray.generator.engine import GeneratorEngine
+    from rlhf_ray.roles.generator.engine import GeneratorEngine
     from rlhf_ray.utils.device import resolve_backend
 
     cfg = RolloutConfig(n_samples_per_prompt=1, temperature=1.0, max_new_tokens=new_tokens, cpus_per_engine=2,

@@ -79,7 +79,7 @@ def main() -> None:
     from rlhf_ray.data.prompts import load_prompts
     from rlhf_ray.models.kit import resolve_model_path
     from rlhf_ray.placement.groups import release, reserve
-    from rlhf_ray.rl.controller import RLController
+    from rlhf_ray.rl.controller import RLController, StepConfig
     from rlhf_ray.rl.prompt_stream import PromptStream
     try:
         from rlhf_ray.placement.graph import build_roles
@@ -98,7 +98,7 @@ def main() -> None:
     roles = build_roles(cfg, Paths(init, resolve_model_path, tempfile.mkdtemp()), plan, groups, 10)
     try:
         tok = AutoTokenizer.from_pretrained(init)
-        controller = RLController(cfg, roles, PromptStream(load_prompts(cfg.data, tok, 0), 4, 0),
+        controller = RLController(StepConfig.of(cfg), roles, PromptStream(load_prompts(cfg.data, tok, 0), 4, 0),
                                   pad_id=tok.pad_token_id)
         controller.step()
         actors = [a for _, a in roles.processes()]

@@ -64,7 +64,7 @@ def bench_model(spec: str, repeats: int, bw: float) -> dict:
     from transformers import AutoModelForCausalLM
 
     from rlhf_ray.config.schema import RolloutConfig
-    from rlhf_ray.generator.group import GeneratorGroup, tied_names
+    from rlhf_ray.roles.generator.group import GeneratorGroup, tied_names
     from rlhf_ray.models.kit import resolve_model_path
     from rlhf_ray.sync.streamed import engine_transport
     from rlhf_ray.utils.device import resolve_backend

@@ -240,7 +240,7 @@ def check_reward_functions(cfg: Config, prompts: list[str]) -> None:
     """Import each function source (and `reward.gold`) and call it on a 2-row probe."""
     import math
 
-    from rlhf_ray.scoring.reward import FunctionSource
+    from rlhf_ray.roles.reward import FunctionSource
     funcs = [(f"reward.sources[{i}].path", s.path) for i, s in enumerate(cfg.reward.sources) if s.kind == "function"]
     if cfg.reward.gold:
         funcs.append(("reward.gold", cfg.reward.gold))

@@ -29,7 +29,7 @@ def ray_local():
 # through Learner; tests that call the libraries directly call these too.
 STARTS = [("ray", "init", "Ray"), ("ray._private.worker", "init", "Ray"),
           ("ray.cluster_utils", "Cluster.__init__", "a Ray cluster"),
-          ("rlhf_ray.generator.engine", "GeneratorEngine.__init__", "a vLLM engine"),
+          ("rlhf_ray.roles.generator.engine", "GeneratorEngine.__init__", "a vLLM engine"),
           ("rlhf_ray.learner.learner", "Learner.__init__", "a DeepSpeed learner")]
 
 

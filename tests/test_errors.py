@@ -7,7 +7,7 @@ import pytest
 import ray.exceptions as rx
 
 from rlhf_ray.errors import RunError, StepError, describe_failure, user_traceback
-from rlhf_ray.scoring.reward import FunctionSource, RewardSourceError
+from rlhf_ray.roles.reward import FunctionSource, RewardSourceError
 
 
 def _raise_in_user_code():
@@ -26,7 +26,7 @@ def test_user_traceback_keeps_only_the_users_frames():
 
 
 def test_user_traceback_drops_the_frames_inside_rlhf_ray(tmp_path, monkeypatch):
-    """A reward function called by `FunctionSource.__call__` (a frame in rlhf_ray/scoring/reward.py) fails:
+    """A reward function called by `FunctionSource.__call__` (a frame in rlhf_ray/roles/reward.py) fails:
     the operator sees their own frame and not ours."""
     (tmp_path / "my_reward_tb.py").write_text("def f(prompts, responses):\n    raise KeyError('label')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -63,7 +63,7 @@ def test_actor_that_failed_to_start_is_named():
     died = rx.ActorDiedError()
     died._actor_init_failed = True
     died.error_msg = ("The actor died because of an error raised in its creation task, ray::RewardActor.__init__()\n"
-                      "  File x\nrlhf_ray.scoring.reward.RewardSourceError: reward function 'm:f' cannot be imported")
+                      "  File x\nrlhf_ray.roles.reward.RewardSourceError: reward function 'm:f' cannot be imported")
     line = str(describe_failure(died, step=0))
-    assert line == ("start-up, reward: the reward failed to start: rlhf_ray.scoring.reward.RewardSourceError: "
+    assert line == ("start-up, reward: the reward failed to start: rlhf_ray.roles.reward.RewardSourceError: "
                     "reward function 'm:f' cannot be imported")

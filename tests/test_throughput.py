@@ -8,7 +8,7 @@ import torch
 from rlhf_ray.config import load_config
 from rlhf_ray.data.prompts import Prompt
 from rlhf_ray.records import Rollout
-from rlhf_ray.rl.controller import RLController, tokens_per_s
+from rlhf_ray.rl.controller import RLController, StepConfig, tokens_per_s
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.records import UpdateResult
 from rlhf_ray.sync.weight_sync import SyncStats, WeightSync
@@ -55,7 +55,8 @@ class TimedRoles:
 def controller(roles, *overrides):
     cfg = load_config(None, ["rl.prompts_per_step=2", "rollout.n_samples_per_prompt=2", "algorithm.mini_batch_size=4",
                              "rl.steps=3", *overrides])
-    return RLController(cfg, roles, PromptStream([Prompt(f"p{i}", (1, 2 + i)) for i in range(4)], 2, seed=0), pad_id=0)
+    stream = PromptStream([Prompt(f"p{i}", (1, 2 + i)) for i in range(4)], 2, seed=0)
+    return RLController(StepConfig.of(cfg), roles, stream, pad_id=0)
 
 
 def test_overlapped_rollout_rate_is_tokens_over_the_engines_time_not_the_drivers_wait():

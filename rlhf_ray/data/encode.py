@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -96,40 +96,44 @@ def _fit_response(p: list[int], r: list[int], lim: Limits, counts: Counter) -> l
     return r
 
 
-def encode_sft(rows: list[dict], tok, lim: Limits) -> tuple[list[dict], Counter]:
-    """-> examples {input_ids, loss_mask} (loss on response tokens only)."""
+def _encode_rows(rows: list[dict], example: Callable[[dict, Counter], Optional[dict]]) -> tuple[list[dict], Counter]:
+    """`example(row, counts)` of each row (None: dropped); a row over the limits is skipped (its reason counted),
+    a row that cannot be encoded is named in the error."""
     out, counts = [], Counter()
     for i, row in enumerate(rows):
         try:
-            full_p = prompt_ids(tok, row["prompt"])
-            p = _fit_prompt(full_p, lim, counts)
-            r = _fit_response(p, response_ids(tok, row["prompt"], full_p, row["response"]), lim, counts)
+            ex = example(row, counts)
         except _Skip:
             continue
         except DataError as e:
             raise DataError(f"{row.get('_where', f'row {i}')}: {e}") from None
-        out.append({"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r)})
+        if ex is not None:
+            out.append(ex)
     return out, counts
+
+
+def encode_sft(rows: list[dict], tok, lim: Limits) -> tuple[list[dict], Counter]:
+    """-> examples {input_ids, loss_mask} (loss on response tokens only)."""
+    def example(row: dict, counts: Counter) -> dict:
+        full_p = prompt_ids(tok, row["prompt"])
+        p = _fit_prompt(full_p, lim, counts)
+        r = _fit_response(p, response_ids(tok, row["prompt"], full_p, row["response"]), lim, counts)
+        return {"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r)}
+    return _encode_rows(rows, example)
 
 
 def encode_preferences(rows: list[dict], tok, lim: Limits) -> tuple[list[dict], Counter]:
     """-> examples {chosen_ids, rejected_ids} (prompt + response each), prompt_len (the shared prompt's tokens)."""
-    out, counts = [], Counter()
-    for i, row in enumerate(rows):
-        try:
-            full_p = prompt_ids(tok, row["prompt"])
-            p = _fit_prompt(full_p, lim, counts)
-            c = _fit_response(p, response_ids(tok, row["prompt"], full_p, row["chosen"]), lim, counts)
-            r = _fit_response(p, response_ids(tok, row["prompt"], full_p, row["rejected"]), lim, counts)
-        except _Skip:
-            continue
-        except DataError as e:
-            raise DataError(f"{row.get('_where', f'row {i}')}: {e}") from None
+    def example(row: dict, counts: Counter) -> Optional[dict]:
+        full_p = prompt_ids(tok, row["prompt"])
+        p = _fit_prompt(full_p, lim, counts)
+        c = _fit_response(p, response_ids(tok, row["prompt"], full_p, row["chosen"]), lim, counts)
+        r = _fit_response(p, response_ids(tok, row["prompt"], full_p, row["rejected"]), lim, counts)
         if c == r:
             counts["pairs_identical"] += 1
-            continue
-        out.append({"chosen_ids": p + c, "rejected_ids": p + r, "prompt_len": len(p)})
-    return out, counts
+            return None
+        return {"chosen_ids": p + c, "rejected_ids": p + r, "prompt_len": len(p)}
+    return _encode_rows(rows, example)
 
 
 def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

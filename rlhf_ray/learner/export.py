@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from rlhf_ray.sync.buckets import pack_buckets, unpack_bucket
+from rlhf_ray.buckets import pack_buckets, unpack_bucket
 
 NamedTensor = tuple[str, torch.Tensor]
 EXPORT_BUCKET_BYTES = 256 << 20   # one host copy per bucket's worth of tensors

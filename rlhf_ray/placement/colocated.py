@@ -28,15 +28,14 @@ import ray
 import torch
 
 from rlhf_ray.batch import SequenceBatch
-from rlhf_ray.config import Config
 from rlhf_ray.dispatch import mean_stats, split_evenly, split_rows
-from rlhf_ray.generator.group import PendingRollout, tied_names
+from rlhf_ray.roles.generator.group import PendingRollout, tied_names
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.roles.policy import PolicyRank
-from rlhf_ray.placement.construct import PhaseShares, ProcessArgs, Share, construct
+from rlhf_ray.placement.construct import Construction, PhaseShares, ProcessArgs, Share
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
-from rlhf_ray.placement.shared import Paths, critic_init_path, generator_base
+from rlhf_ray.placement.shared import Paths, RoleSections, critic_init_path, generator_base
 from rlhf_ray.records import UpdateResult
 from rlhf_ray.sync.in_process import InProcess, hand_over
 from rlhf_ray.sync.weight_sync import WeightSync
@@ -53,12 +52,10 @@ class ColocatedRank(PolicyRank):
 
     REMOTE_ARGS = {"concurrency_groups": {ENGINE: 1}}
 
-    def __init__(self, rank: int, world_size: int, num_threads: int, *, cfg: Config, shares: PhaseShares,
-                 roles: tuple[str, ...]):
-        super().__init__(rank, world_size, num_threads, algo_cfg=cfg.algorithm, ref_cfg=cfg.reference,
-                         temperature=cfg.rollout.temperature, norm_len=cfg.rollout.max_new_tokens)
-        self.cfg, self.threads, self.shares = cfg, num_threads, shares  # each phase's threads: the plan's
-        self.plan_roles = roles  # the roles the plan starts (the reference only with a KL term)
+    def __init__(self, rank: int, world_size: int, num_threads: int, *, sections: RoleSections, shares: PhaseShares):
+        super().__init__(rank, world_size, num_threads, algo_cfg=sections.algorithm, ref_cfg=sections.reference,
+                         temperature=sections.rollout.temperature, norm_len=sections.rollout.max_new_tokens)
+        self.sections, self.threads, self.shares = sections, num_threads, shares  # each phase's threads: the plan's
         self.engine = self.reward = self.reference = self.critic = None
         self._turns = threading.Lock()
 
@@ -80,29 +77,29 @@ class ColocatedRank(PolicyRank):
         """Build the other roles once the learner (and its process group) exists, each from the plan's
         construction arguments of this process (`rlhf_ray.placement.construct`). The engine comes last: it
         finds the process group DeepSpeed made and reuses it."""
-        from rlhf_ray.generator.engine import GeneratorEngine
+        from rlhf_ray.roles.generator.engine import GeneratorEngine
         from rlhf_ray.learner.learner import Learner
         from rlhf_ray.roles.critic import CriticWorker
-        from rlhf_ray.scoring.reference import ReferenceScorer
-        from rlhf_ray.scoring.reward import RewardScorer
+        from rlhf_ray.roles.reference import ReferenceScorer
+        from rlhf_ray.roles.reward import RewardScorer
 
-        cfg = self.cfg
+        sec = self.sections
         critic = next((a for a in process.learners if a.role == "critic"), None)
         if critic is not None:
-            learner = Learner(cfg.model, cfg.rl.critic, kind="value", init_path=critic_init_path(cfg.rl, paths),
-                              backend=critic.backend(), total_updates=total_updates, seed=cfg.run.seed)
-            self.critic = CriticWorker(learner, cfg.algorithm, norm_len=cfg.rollout.max_new_tokens)
+            learner = Learner(sec.model, sec.rl.critic, kind="value", init_path=critic_init_path(sec.rl, paths),
+                              backend=critic.backend(), total_updates=total_updates, seed=sec.seed)
+            self.critic = CriticWorker(learner, sec.algorithm, norm_len=sec.rollout.max_new_tokens)
         scorers = {s.role: s for s in process.scorers}
         rew = scorers["reward"]
-        self.reward = RewardScorer(cfg.reward, resolve_path=paths.resolve, device=rew.device,
+        self.reward = RewardScorer(sec.reward, resolve_path=paths.resolve, device=rew.device,
                                    dtype=getattr(torch, rew.dtype), batch_size=rew.micro_batch)
         if "reference" in scorers:
             ref = scorers["reference"]
-            self.reference = ReferenceScorer(paths.resolve(cfg.reference.path or paths.policy_init),
+            self.reference = ReferenceScorer(paths.resolve(sec.reference.path or paths.policy_init),
                                              dtype=getattr(torch, ref.dtype), device=ref.device,
-                                             temperature=cfg.rollout.temperature, micro_batch_size=ref.micro_batch)
+                                             temperature=sec.rollout.temperature, micro_batch_size=ref.micro_batch)
         e = process.engine
-        self.engine = GeneratorEngine(generator_base, cfg.rollout, make_backend(e.device, e.dtype), e.enable_lora,
+        self.engine = GeneratorEngine(generator_base, sec.rollout, make_backend(e.device, e.dtype), e.enable_lora,
                                       e.max_model_len, max_lora_rank=e.max_lora_rank or 16,
                                       quantization=e.quantization, engine_kwargs=e.llm_kwargs(generator_base))
         self._skip_full = tied_names(generator_base)
@@ -163,21 +160,21 @@ class ColocatedRank(PolicyRank):
 class ColocatedRoles:
     """The controller's handle on N colocated ranks (see the module docstring)."""
 
-    def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_updates: int):
-        """Rank i asks Ray for exactly the plan's colocated bundle i (it holds every role of the rank)."""
-        self.args = args = construct(cfg, plan, cores=os.cpu_count())  # every process's construction arguments
-        first = args.process("policy", 0)
-        policy = first.learners[0]
-        self.cfg, self.backend = cfg, policy.backend()
-        p = cfg.rl.policy
-        self.policy = LearnerGroup(cfg.model, p, kind="policy", init_path=paths.policy_init, total_updates=total_updates,
-                                   backend=self.backend, seed=cfg.run.seed, num_threads=policy.threads,
+    def __init__(self, sections: RoleSections, args: Construction, paths: Paths, plan: Plan, groups: dict,
+                 total_updates: int):
+        """Rank i asks Ray for exactly the plan's colocated bundle i (it holds every role of the rank) and is
+        built from the construction arguments of its process (`args`, `rlhf_ray.placement.construct`)."""
+        self.args = args
+        policy = args.process("policy", 0).learners[0]
+        self.sections, self.backend = sections, policy.backend()
+        p = sections.rl.policy
+        self.policy = LearnerGroup(sections.model, p, kind="policy", init_path=paths.policy_init,
+                                   total_updates=total_updates, backend=self.backend, seed=sections.seed,
+                                   num_threads=policy.threads,
                                    options=[actor_options(plan, groups, "policy", r) for r in range(p.num_ranks)],
-                                   rank_cls=ColocatedRank,
-                                   rank_kwargs=dict(cfg=cfg, shares=args.shares,
-                                                    roles=first.roles))
+                                   rank_cls=ColocatedRank, rank_kwargs=dict(sections=sections, shares=args.shares))
         self.ranks = self.policy.actors
-        base = generator_base(cfg.model, paths, self.policy)
+        base = generator_base(sections.model, paths, self.policy)
         ray.get([r.setup_roles.remote(base, paths, total_updates, args.process("policy", i))
                  for i, r in enumerate(self.ranks)])
         self.weights = WeightSync(InProcess(self.ranks, args.sync.mode),
@@ -229,8 +226,8 @@ class ColocatedRoles:
 
     def processes(self) -> list[tuple[str, object]]:
         """(name an operator knows it by, actor) for every process of the graph."""
-        return [(f"colocated rank {i} (policy, generator, reward, reference{', critic' if self.cfg.uses_critic else ''})",
-                 a) for i, a in enumerate(self.ranks)]
+        critic = ", critic" if self.sections.uses_critic else ""
+        return [(f"colocated rank {i} (policy, generator, reward, reference{critic})", a) for i, a in enumerate(self.ranks)]
 
     def shutdown(self) -> None:
         self.weights.close()

@@ -8,7 +8,7 @@ records and from nothing else, the simulation builds its twin's from the same fu
 
 Decisions made here, each from the installed sources (docs/GPU.md has the reasoning):
   - engine quantization: `rollout.quantization` (auto: online fp8 under a 4-bit policy on a GPU;
-    vLLM 0.32's name, `rlhf_ray.generator.engine.quantization_for`);
+    vLLM 0.32's name, `rlhf_ray.roles.generator.engine.quantization_for`);
   - CUDA graphs on a GPU unless `rollout.enforce_eager` says otherwise (eager on CPU, as before);
   - vLLM's sleep mode only where the plan makes the engine sleep (colocated on CUDA);
   - a tensor-parallel engine on CUDA runs vLLM's multiprocessing executor inside its actor: inside a Ray
@@ -42,7 +42,7 @@ EXPORT_DEVICE = "cpu"
 
 @dataclass(frozen=True)
 class EngineArgs:
-    """One vLLM engine (`rlhf_ray.generator.engine.GeneratorEngine`): `vllm.LLM(**llm_kwargs(model))`."""
+    """One vLLM engine (`rlhf_ray.roles.generator.engine.GeneratorEngine`): `vllm.LLM(**llm_kwargs(model))`."""
     index: int
     device: str
     dtype: str
@@ -56,10 +56,10 @@ class EngineArgs:
     enable_lora: bool
     max_lora_rank: Optional[int]        # vLLM's slot (1, 8, 16, ...); None without LoRA
     seed: int
-    env: dict = field(default_factory=dict)   # the engine process's environment (`generator.threads.engine_env`)
+    env: dict = field(default_factory=dict)   # the engine process's environment (`roles.generator.threads.engine_env`)
 
     def llm_kwargs(self, model: str) -> dict[str, Any]:
-        from rlhf_ray.generator.engine import llm_kwargs
+        from rlhf_ray.roles.generator.engine import llm_kwargs
         return llm_kwargs(model, dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
                           gpu_memory_utilization=self.gpu_memory_utilization, seed=self.seed,
                           max_model_len=self.max_model_len, lora=self.enable_lora,
@@ -97,7 +97,7 @@ class LearnerArgs:
 
 @dataclass(frozen=True)
 class ScorerArgs:
-    """The reward scorer or the frozen reference (`rlhf_ray.scoring`)."""
+    """The reward scorer or the frozen reference (`rlhf_ray.roles.reward`, `rlhf_ray.roles.reference`)."""
     role: str
     device: str
     dtype: str
@@ -205,8 +205,8 @@ def enforce_eager(cfg: "Config", plan: Plan) -> bool:
 
 
 def engine_args(cfg: "Config", plan: Plan, index: int) -> EngineArgs:
-    from rlhf_ray.generator.engine import lora_rank_slot
-    from rlhf_ray.generator.threads import engine_env
+    from rlhf_ray.roles.generator.engine import lora_rank_slot
+    from rlhf_ray.roles.generator.threads import engine_env
     r = cfg.rollout
     device = plan.role_device("generator")
     # a simulated TP engine keeps its bundle of logical GPUs; one CPU process computes
@@ -307,7 +307,7 @@ def colocated_shares(cfg: "Config", threads: int) -> PhaseShares:
     `rollout.threads`, tiny models decode faster on one); a generation beside the update keeps its engine's
     `rollout.cpus_per_engine` of them and the update the rest. Ranks sharing a node split it by threads only
     (their processes' core lists are the same)."""
-    from rlhf_ray.generator.threads import engine_threads
+    from rlhf_ray.roles.generator.threads import engine_threads
     gen, upd = side_by_side(threads, engine_threads(cfg.rollout.cpus_per_engine))
     if cfg.rl.policy.num_ranks > 1:
         gen, upd = (gen[0], None), (upd[0], None)
@@ -320,7 +320,7 @@ def distributed_shares(cfg: "Config", cores: int) -> PhaseShares:
     the reward, the reference and the critic's values; an update between the policy and the critic. Beside an
     update the engines keep the first `rollout.cpus_per_engine` cores (their Ray share), the learners the rest;
     an engine alone takes `rollout.threads` (0: every core)."""
-    from rlhf_ray.generator.threads import engine_threads
+    from rlhf_ray.roles.generator.threads import engine_threads
     g = engine_threads(cfg.rollout.cpus_per_engine)
     critic = 1 if cfg.uses_critic else 0
     return PhaseShares(generate=Share(cfg.rollout.threads or 0), generate_beside_update=Share(g, (0, g)),

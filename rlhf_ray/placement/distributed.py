@@ -16,19 +16,18 @@ import ray
 import torch
 
 from rlhf_ray.batch import SequenceBatch
-from rlhf_ray.config import Config
 from rlhf_ray.dispatch import split_rows
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.roles.critic import CriticRank
 from rlhf_ray.roles.policy import PolicyRank
-from rlhf_ray.placement.construct import construct
+from rlhf_ray.placement.construct import Construction
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
 from rlhf_ray.records import UpdateResult
-from rlhf_ray.placement.shared import Paths, critic_init_path, generator_base
+from rlhf_ray.placement.shared import Paths, RoleSections, critic_init_path, generator_base
 from rlhf_ray.utils.device import make_backend
-from rlhf_ray.scoring.reference import ReferenceActor
-from rlhf_ray.scoring.reward import RewardActor
+from rlhf_ray.roles.reference import ReferenceActor
+from rlhf_ray.roles.reward import RewardActor
 from rlhf_ray.sync.streamed import engine_transport
 from rlhf_ray.sync.weight_sync import WeightSync
 
@@ -36,48 +35,50 @@ from rlhf_ray.sync.weight_sync import WeightSync
 class DistributedRoles:
     """The controller's handle on separate actors per role (see the module docstring)."""
 
-    def __init__(self, cfg: Config, paths: Paths, plan: Plan, groups: dict, total_updates: int):
+    def __init__(self, sections: RoleSections, args: Construction, paths: Paths, plan: Plan, groups: dict,
+                 total_updates: int):
         """Every actor asks Ray for exactly its bundle of `plan` (reserved as `groups`) and is built from the
-        plan's construction arguments of its process (`rlhf_ray.placement.construct`)."""
-        from rlhf_ray.generator.group import GeneratorGroup
-        self.args = args = construct(cfg, plan, cores=os.cpu_count())
+        plan's construction arguments of its process (`args`, `rlhf_ray.placement.construct`) and its role's
+        config section."""
+        from rlhf_ray.roles.generator.group import GeneratorGroup
+        sec, self.args = sections, args
         policy = args.learners("policy")[0]
-        self.cfg, self.backend = cfg, policy.backend()
-        norm_len = cfg.rollout.max_new_tokens
+        self.backend = policy.backend()
+        norm_len = sec.rollout.max_new_tokens
 
         def ranks(role: str, n: int) -> list[dict]:
             return [actor_options(plan, groups, role, i) for i in range(n)]
 
-        common = dict(init_path=paths.policy_init, total_updates=total_updates, seed=cfg.run.seed)
-        self.policy = LearnerGroup(cfg.model, cfg.rl.policy, kind="policy", rank_cls=PolicyRank, **common,
+        common = dict(init_path=paths.policy_init, total_updates=total_updates, seed=sec.seed)
+        self.policy = LearnerGroup(sec.model, sec.rl.policy, kind="policy", rank_cls=PolicyRank, **common,
                                    backend=self.backend, num_threads=policy.threads,
-                                   options=ranks("policy", cfg.rl.policy.num_ranks),
-                                   rank_kwargs=dict(algo_cfg=cfg.algorithm, ref_cfg=cfg.reference,
-                                                    temperature=cfg.rollout.temperature, norm_len=norm_len))
+                                   options=ranks("policy", sec.rl.policy.num_ranks),
+                                   rank_kwargs=dict(algo_cfg=sec.algorithm, ref_cfg=sec.reference,
+                                                    temperature=sec.rollout.temperature, norm_len=norm_len))
         self.critic = None
-        if cfg.uses_critic:
+        if sec.uses_critic:
             critic = args.learners("critic")[0]
-            self.critic = LearnerGroup(cfg.model, cfg.rl.critic, kind="value", rank_cls=CriticRank,
-                                       **{**common, "init_path": critic_init_path(cfg.rl, paths)},
+            self.critic = LearnerGroup(sec.model, sec.rl.critic, kind="value", rank_cls=CriticRank,
+                                       **{**common, "init_path": critic_init_path(sec.rl, paths)},
                                        backend=critic.backend(), num_threads=critic.threads,
-                                       options=ranks("critic", cfg.rl.critic.num_ranks),
-                                       rank_kwargs=dict(algo_cfg=cfg.algorithm, norm_len=norm_len))
+                                       options=ranks("critic", sec.rl.critic.num_ranks),
+                                       rank_kwargs=dict(algo_cfg=sec.algorithm, norm_len=norm_len))
         self.reference = None  # under LoRA: the policy ranks with the adapter off, no second copy
         if (ref := args.scorer("reference")) is not None:
-            ref_path = paths.resolve(cfg.reference.path or paths.policy_init)
+            ref_path = paths.resolve(sec.reference.path or paths.policy_init)
             self.reference = ReferenceActor.options(**actor_options(plan, groups, "reference")).remote(
-                ref_path, dtype=getattr(torch, ref.dtype), device=ref.device, temperature=cfg.rollout.temperature,
+                ref_path, dtype=getattr(torch, ref.dtype), device=ref.device, temperature=sec.rollout.temperature,
                 micro_batch_size=ref.micro_batch)
         # a reward process that dies is restarted once and its call retried once
         rew = args.scorer("reward")
         self.reward = RewardActor.options(**actor_options(plan, groups, "reward"), max_restarts=1,
                                           max_task_retries=1).remote(
-            cfg.reward, resolve_path=paths.resolve, device=rew.device, dtype=getattr(torch, rew.dtype),
+            sec.reward, resolve_path=paths.resolve, device=rew.device, dtype=getattr(torch, rew.dtype),
             batch_size=rew.micro_batch)
         engines = args.engines()
         e = engines[0]  # every engine of the group is built alike
-        base = generator_base(cfg.model, paths, self.policy)
-        rollout = cfg.rollout.model_copy(update={"tensor_parallel_size": e.tensor_parallel_size})
+        base = generator_base(sec.model, paths, self.policy)
+        rollout = sec.rollout.model_copy(update={"tensor_parallel_size": e.tensor_parallel_size})
         engine_backend = make_backend(e.device, e.dtype)
         self.generator = GeneratorGroup(base, rollout, engine_backend, e.enable_lora, e.max_model_len,
                                         max_lora_rank=e.max_lora_rank or 16, quantization=e.quantization,

@@ -244,10 +244,10 @@ def role_dtype(cfg: "Config", plan: Plan, role: str) -> str:
 
 def engine_quantization(cfg: "Config", plan: Plan) -> Optional[str]:
     """The generator's online quantization (`rollout.quantization`; auto: fp8 under a 4-bit policy on a GPU,
-    `rlhf_ray.generator.engine.quantization_for`). vLLM 0.32 has no NF4 (bitsandbytes): the engine holds the
+    `rlhf_ray.roles.generator.engine.quantization_for`). vLLM 0.32 has no NF4 (bitsandbytes): the engine holds the
     learner's dequantized base, in fp8 on a GPU (half the bf16 footprint, what makes an 8B QLoRA run fit a
     24 GB card)."""
-    from rlhf_ray.generator.engine import quantization_for
+    from rlhf_ray.roles.generator.engine import quantization_for
     q = cfg.rollout.quantization
     if q == "auto":
         return quantization_for(plan.role_device("generator"), cfg.model.quantization.load_in_4bit)

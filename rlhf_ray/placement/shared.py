@@ -1,13 +1,37 @@
-"""What both placements of an RL run share: the run's paths and the weights the generator and the critic
-start from (`rlhf_ray.placement.graph.build_roles` picks the placement).
+"""What both placements of an RL run share: the config sections the roles are built from, the run's paths
+and the weights the generator and the critic start from (`rlhf_ray.placement.graph.build_roles` picks the
+placement).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from rlhf_ray.config import ModelConfig, RLConfig
+from rlhf_ray.config import (AlgorithmConfig, ModelConfig, ReferenceConfig, RewardConfig, RLConfig,
+                             RolloutConfig)
+
+if TYPE_CHECKING:
+    from rlhf_ray.config import Config
+
+
+@dataclass(frozen=True)
+class RoleSections:
+    """The config sections the RL roles are built from: a placement (and a colocated rank, which hosts every
+    role of its device) reads these and the plan's `Construction`, never the whole `Config`."""
+    model: ModelConfig           # every learner's model (LoRA, 4-bit base)
+    rl: RLConfig                 # the policy's and critic's learner sections; where the critic starts
+    algorithm: AlgorithmConfig   # the policy's and critic's losses
+    reference: ReferenceConfig   # the frozen reference's path; the KL term
+    reward: RewardConfig         # the reward scorer
+    rollout: RolloutConfig       # the engines; temperature and max_new_tokens of log-probs and loss lengths
+    seed: int                    # `run.seed`: the learners' initialisation
+    uses_critic: bool            # the algorithm learns a value function (PPO)
+
+    @classmethod
+    def of(cls, cfg: "Config") -> "RoleSections":
+        return cls(cfg.model, cfg.rl, cfg.algorithm, cfg.reference, cfg.reward, cfg.rollout, cfg.run.seed,
+                   cfg.uses_critic)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ version is the sync's (`roles.weights`, `rlhf_ray.sync.weight_sync`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf_ray import algo
 from rlhf_ray.batch import minibatches, pack_sequences, pad_ragged
-from rlhf_ray.config import Config, ReferenceConfig
+from rlhf_ray.config import AlgorithmConfig, ReferenceConfig, RewardConfig, RLConfig, RolloutConfig
 from rlhf_ray.records import Rollout
 from rlhf_ray.records import ScoredBatch
 from rlhf_ray.rl.advantage_step import EmptyResponseError, filter_scored, make_train_batch  # noqa: F401
@@ -27,6 +28,24 @@ from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.roles import RoleGraph
 from rlhf_ray.sync.checks import agreement_thresholds, check_logprob_agreement, check_version
 from rlhf_ray.utils.phases import PhaseTimer
+
+if TYPE_CHECKING:
+    from rlhf_ray.config import Config
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The config sections an RL step reads: the controller is given these, not the whole `Config`."""
+    rollout: RolloutConfig      # samples per prompt, max_new_tokens, empty responses; the sync's lag and checks
+    reward: RewardConfig        # non-finite and out-of-range scores
+    reference: ReferenceConfig  # the KL controller and the KL term
+    algorithm: AlgorithmConfig  # advantages, minibatches, PPO epochs, dynamic sampling
+    rl: RLConfig                # prompts per step, steps
+    seed: int                   # `run.seed`: the minibatch shuffle and each step's generation seed
+
+    @classmethod
+    def of(cls, cfg: "Config") -> "StepConfig":
+        return cls(cfg.rollout, cfg.reward, cfg.reference, cfg.algorithm, cfg.rl, cfg.run.seed)
 
 
 @dataclass
@@ -55,15 +74,16 @@ def make_kl_controller(r: ReferenceConfig):
 
 
 class RLController:
-    def __init__(self, cfg: Config, roles: RoleGraph, prompts: PromptStream, pad_id: int,
+    def __init__(self, cfg: StepConfig, roles: RoleGraph, prompts: PromptStream, pad_id: int,
                  dtypes: tuple[str, ...] = ("float32",)):
-        """dtypes: the precisions the learner and the engine compute in (the plan's); they pick the
+        """cfg: the sections of the run's config a step reads (`StepConfig.of(config)`).
+        dtypes: the precisions the learner and the engine compute in (the plan's); they pick the
         log-prob agreement thresholds the config leaves unset."""
         self.cfg, self.roles, self.prompts, self.pad_id = cfg, roles, prompts, pad_id
         self.agreement = agreement_thresholds(cfg.rollout.sync, dtypes)
         self.kl_ctl = make_kl_controller(cfg.reference)
         self.step_idx = 0
-        self._shuffle = torch.Generator().manual_seed(cfg.run.seed)
+        self._shuffle = torch.Generator().manual_seed(cfg.seed)
         self._next = None  # (prompts, pending rollout, prompt-stream state before them) when overlapping
 
     # -- one step ------------------------------------------------------------------------------
@@ -145,7 +165,7 @@ class RLController:
 
     def _seed(self, step: int) -> int:
         """Step s samples from a seed of (run seed, s): a resumed run samples what the uninterrupted one did."""
-        return generation_seed(self.cfg.run.seed, step)
+        return generation_seed(self.cfg.seed, step)
 
     def _minibatches(self, n_rows: int) -> list[list[torch.Tensor]]:
         """Index sets per PPO epoch; drawn here so the shuffle is part of the driver's resumable state."""

@@ -18,14 +18,14 @@ from rlhf_ray.errors import describe_failure
 from rlhf_ray.learner.checkpoint import is_complete, latest_checkpoint
 from rlhf_ray.placement.groups import release, reserve
 from rlhf_ray.rl import checkpoint as rl_checkpoint
-from rlhf_ray.rl.controller import RLController
+from rlhf_ray.rl.controller import RLController, StepConfig
 from rlhf_ray.rl.evaluation import Evaluator, format_eval, split_prompts
 from rlhf_ray.rl.plateau import PlateauDetector, check_resume_overrides
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.placement.groups import check_fits
 from rlhf_ray.placement.graph import build_roles
 from rlhf_ray.placement.shared import Paths
-from rlhf_ray.scoring.reward import FunctionSource
+from rlhf_ray.roles.reward import FunctionSource
 from rlhf_ray.tracking.console import ConsoleView
 from rlhf_ray.tracking.metrics import MetricsLogger
 from rlhf_ray.tracking.report import write_report
@@ -60,8 +60,8 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         release(groups)
         raise describe_failure(e, 0) from None
     try:
-        controller = RLController(cfg, roles, PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed),
-                                  pad_id=tokenizer.pad_token_id,
+        stream = PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed)
+        controller = RLController(StepConfig.of(cfg), roles, stream, pad_id=tokenizer.pad_token_id,
                                   dtypes=roles.args.sync.agreement_precisions)  # fp8 engines: fp8's row
         restored = rl_checkpoint.load(roles, out / "checkpoints", note=print) if resume else None
         ckpt = restored[0] if restored else None

@@ -48,7 +48,7 @@ def _hardware(cfg: ServeConfig) -> dict[str, Any]:
         return {"accelerator_config": {"kind": "gpu"},
                 "placement_group_config": {"bundles": [{"CPU": 1, "GPU": 1}] * cfg.gpus_per_replica}}
     from rlhf_ray.config import RolloutConfig
-    from rlhf_ray.generator.threads import engine_env
+    from rlhf_ray.roles.generator.threads import engine_env
     env = engine_env(RolloutConfig(cpus_per_engine=cfg.cpus_per_replica, kv_cache_gib=cfg.kv_cache_gib))
     return {"accelerator_config": {"kind": "cpu"},
             "placement_group_config": {"bundles": [{"CPU": cfg.cpus_per_replica}]}, "env": env}
@@ -59,7 +59,7 @@ def llm_config(model_path: str, cfg: ServeConfig, adapters: dict[str, str], dtyp
 
     from rlhf_ray.runtime import role_env
     from rlhf_ray.serve.adapters import ADAPTERS_KEY, max_lora_rank
-    from rlhf_ray.serve.chat import serving_chat_template
+    from rlhf_ray.models.chat import serving_chat_template
 
     hw = _hardware(cfg)
     engine: dict[str, Any] = dict(dtype=dtype, max_model_len=_context_len(model_path, cfg),

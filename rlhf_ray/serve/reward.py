@@ -34,7 +34,7 @@ def reward_application(reward_cfg, serve_cfg, resolve_path, device: str = "cpu",
     from ray import serve
 
     def build():
-        from rlhf_ray.scoring.reward import RewardScorer
+        from rlhf_ray.roles.reward import RewardScorer
         from rlhf_ray.serve.api import reward_app
         scorer = RewardScorer(reward_cfg, resolve_path=resolve_path, device=device)
         return reward_app(BatchedScorer(scorer.score, serve_cfg.reward_max_batch_size, serve_cfg.reward_batch_wait_s))

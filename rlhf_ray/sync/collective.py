@@ -9,7 +9,7 @@ No hangs: the store and the group carry a timeout, so a rank that never arrives 
 address) fails every other rank with a timeout error instead of blocking forever.
 
 Wire protocol per bucket, all broadcasts from rank 0: a header (2,) int64 [buffer bytes, spec bytes],
-the specs as JSON bytes (`rlhf_ray.sync.buckets.encode_specs`), then the buffer. A header of [0, 0] ends
+the specs as JSON bytes (`rlhf_ray.buckets.encode_specs`), then the buffer. A header of [0, 0] ends
 the stream, so receivers need no advance knowledge of how many buckets or which tensors will come.
 Nothing received is unpickled: a peer on the network could otherwise run code in every engine; the
 JSON header is checked against the buffer it describes before any byte of it is read.
@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.sync.buckets import MAX_HEADER_BYTES, Bucket, decode_specs, encode_specs, unpack_bucket
+from rlhf_ray.buckets import MAX_HEADER_BYTES, Bucket, decode_specs, encode_specs, unpack_bucket
 
 def _gloo(store, rank: int, size: int, timeout: timedelta):
     return dist.ProcessGroupGloo(store, rank, size, timeout)

@@ -3,9 +3,9 @@
 
 Why: with TP > 1 vLLM runs its workers in separate processes and `collective_rpc` arguments travel as
 msgpack, where tensors arrive as raw buffers and a Python iterator cannot travel at all; strings do.
-A TP engine's workers normally take the buckets off a broadcast instead (`rlhf_ray.generator.worker_ext`);
+A TP engine's workers normally take the buckets off a broadcast instead (`rlhf_ray.roles.generator.worker_ext`);
 this folder is the fallback for a TP engine built with another `worker_extension_cls`
-(`rlhf_ray.generator.engine.workers_receive`): the engine actor writes the synced buckets into one
+(`rlhf_ray.roles.generator.engine.workers_receive`): the engine actor writes the synced buckets into one
 node-local folder (/dev/shm when it fits) and sends the path: `reload_weights(weights_path=folder)` makes
 every TP worker read the files and shard its own slice. One folder for the whole sync, one call: vLLM's in-place reload finalizes layer by
 layer, so a sync split over several calls would run half-loaded layers.
@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 from typing import Any, Iterable
 
-from rlhf_ray.sync.buckets import Bucket
+from rlhf_ray.buckets import Bucket
 
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from rlhf_ray.sync.buckets import Bucket
+from rlhf_ray.buckets import Bucket
 from rlhf_ray.sync.files import write_bucket_file
 from rlhf_ray.utils.folders import fresh_dir, swap_in, temp_dir_for
 

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from rlhf_ray.sync.buckets import Bucket, unpack_bucket
+from rlhf_ray.buckets import Bucket, unpack_bucket
 
 DEPTH = 1   # buckets queued per consumer beyond the one it reads
 

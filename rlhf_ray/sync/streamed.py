@@ -10,7 +10,7 @@ the driver for a `(name, tensor)` iterable) and leaves a copy on the producer's 
 (`rlhf_ray.sync.restore`). An engine that Ray restarted is noticed by the generator group
 (`GeneratorGroup.ensure_synced`) and healed here: the restore points are replayed to it through the store,
 from the disk that holds them. Neither a sync nor a restore point holds a model in the object store.
-A tensor-parallel engine's workers take a full sync off a broadcast themselves (`generator.worker_ext`):
+A tensor-parallel engine's workers take a full sync off a broadcast themselves (`roles.generator.worker_ext`):
 in the collective group as one rank each, or relayed by their engine actor from the store's stream.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 
 from rlhf_ray.learner.weights import without
-from rlhf_ray.sync.buckets import pack_buckets, unpack_bucket
+from rlhf_ray.buckets import pack_buckets, unpack_bucket
 from rlhf_ray.sync.restore import RestoreWriter, read_restore
 from rlhf_ray.sync.stream import BucketStream, fetch
 

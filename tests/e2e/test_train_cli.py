@@ -207,7 +207,7 @@ def test_train_resume_skips_finished_stages_and_resumes_the_reward_model(offline
 def test_overlapped_run_scores_through_the_http_reward_service(offline, tmp_path):
     """`serve --what reward` serves the trained reward model; an RL run with max_off_policy_lag=1 scores
     through it and overlaps generation with the update on every step but the lockstep ones."""
-    from rlhf_ray.scoring.reward import RewardScorer
+    from rlhf_ray.roles.reward import RewardScorer
     from rlhf_ray.config import RewardConfig, RewardSource
     rm = offline / "rm" / "model"
     proc, url = serve("reward", f"reward.sources=[{{kind: model, path: '{rm}'}}]", probe="/health", timeout=300)

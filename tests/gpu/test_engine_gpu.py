@@ -33,7 +33,7 @@ def test_sleep_wake_around_an_update_stays_within_the_plan(tiny_path):
     import json
     from pathlib import Path
 
-    from rlhf_ray.generator.engine import GeneratorEngine
+    from rlhf_ray.roles.generator.engine import GeneratorEngine
     from rlhf_ray.placement.memory import PROCESS_OVERHEAD, engine_items
     from rlhf_ray.placement.shapes import ModelShape
 
@@ -82,7 +82,7 @@ def test_sleep_wake_around_an_update_stays_within_the_plan(tiny_path):
 def test_fp8_engine_with_adapter_sync_passes_the_agreement_check(tiny_path):
     from peft import LoraConfig, get_peft_model
 
-    from rlhf_ray.generator.engine import GeneratorEngine
+    from rlhf_ray.roles.generator.engine import GeneratorEngine
     from rlhf_ray.sync.checks import agreement_thresholds, check_logprob_agreement, logprob_agreement
     from tests.generator.conftest import hf_logprobs
 

@@ -21,7 +21,7 @@ def _named(device):
 def _rank(rank, port, out):
     from datetime import timedelta
 
-    from rlhf_ray.sync.buckets import pack_buckets
+    from rlhf_ray.buckets import pack_buckets
     from rlhf_ray.sync.collective import CollectiveGroup
     torch.cuda.set_device(rank)
     group = CollectiveGroup("127.0.0.1", port, rank, 2, "nccl", device=f"cuda:{rank}", timeout_s=45)
@@ -51,7 +51,7 @@ def test_learner_to_tp2_engine_over_nccl(tmp_path):
     ray = pytest.importorskip("ray")
     pytest.importorskip("vllm")
     from rlhf_ray.config.schema import RolloutConfig
-    from rlhf_ray.generator.group import GeneratorGroup
+    from rlhf_ray.roles.generator.group import GeneratorGroup
     from rlhf_ray.models.kit import resolve_model_path
     from rlhf_ray.sync.streamed import engine_transport
     from rlhf_ray.utils.device import make_backend

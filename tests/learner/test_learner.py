@@ -34,6 +34,19 @@ def test_sft_loss_falls_and_stats():
     assert 0 < stats["lr"] < 3e-3  # linear decay after warm-up
 
 
+def _assert_merged_export_computes_as_the_learner(learner, folder, ids, tol: float):
+    """The merged HF export in `folder`, after checking that its logits on `ids` are the learner's."""
+    from transformers import LlamaForCausalLM
+    learner.export_hf(folder, merge_lora=True)
+    merged = LlamaForCausalLM.from_pretrained(folder)
+    learner.ds_engine.eval()
+    with torch.no_grad():
+        ours = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
+        theirs = merged(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+    torch.testing.assert_close(theirs, ours, atol=tol, rtol=tol)
+    return merged
+
+
 def test_full_weight_names_match_plain_hf_and_export_loads(tmp_path):
     from transformers import LlamaForCausalLM
     learner = make_learner(lora=True)
@@ -41,14 +54,7 @@ def test_full_weight_names_match_plain_hf_and_export_loads(tmp_path):
     plain = LlamaForCausalLM.from_pretrained(learner.init_path)
     names = [n for n, _ in learner.named_weights("full")]
     assert names == list(plain.state_dict())
-    learner.export_hf(tmp_path / "merged", merge_lora=True)
-    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
-    ids = token_batches(1)[0]
-    learner.ds_engine.eval()
-    with torch.no_grad():
-        ours = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
-        theirs = merged(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    _assert_merged_export_computes_as_the_learner(learner, tmp_path / "merged", token_batches(1)[0], tol=1e-5)
 
 
 def test_lora_changes_only_adapter_weights_and_reference_is_the_base(tmp_path):
@@ -107,20 +113,13 @@ def test_qlora_changes_only_adapter_weights_and_reference_is_the_4bit_base():
 
 
 def test_qlora_trains_and_merged_export_matches_adapter_model(tmp_path):
-    from transformers import LlamaForCausalLM
     learner = make_learner(qlora=True, lr=1e-2)
     assert any(type(m).__name__ == "Linear4bit" for m in learner.model.modules())
     losses = _train(learner, token_batches(8))
     assert losses[-1] < losses[0], losses
-    learner.export_hf(tmp_path / "merged", merge_lora=True)
-    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    merged = _assert_merged_export_computes_as_the_learner(learner, tmp_path / "merged", token_batches(1, seed=3)[0],
+                                                           tol=1e-4)
     assert all(p.dtype == torch.float32 for p in merged.parameters())
-    ids = token_batches(1, seed=3)[0]
-    learner.ds_engine.eval()
-    with torch.no_grad():
-        ours = learner.forward_logits(ids["input_ids"], ids["attention_mask"])
-        theirs = merged(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
 def test_resume_continues_with_the_same_losses(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from rlhf_ray.config import load_config
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.placement.groups import release, reserve
-from rlhf_ray.rl.controller import RLController
+from rlhf_ray.rl.controller import RLController, StepConfig
 from rlhf_ray.placement.groups import check_fits
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.placement.shared import Paths
@@ -58,7 +58,8 @@ def graph(built):
 
 def _controller(graph):
     cfg, roles, prompts, pad = graph
-    return RLController(cfg, roles, PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed), pad_id=pad)
+    stream = PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed)
+    return RLController(StepConfig.of(cfg), roles, stream, pad_id=pad)
 
 
 def test_every_role_lives_in_one_process_per_rank(graph):

@@ -4,6 +4,7 @@ checked against its plan without a GPU; `test_construct_libraries.py` runs the l
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from rlhf_ray.placement.construct import construct
 from rlhf_ray.placement.memory import GiB, PROCESS_OVERHEAD
 from rlhf_ray.placement.plan import engine_quantization, place
 from rlhf_ray.placement.report import model_config
+from rlhf_ray.placement.shared import RoleSections
 from rlhf_ray.utils.device import LOGPROB_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +73,7 @@ def test_plan_json_lists_every_process_with_its_construct_object(hub, capsys):
 
 # -- finding 1: the 4090 engine is quantized as the plan counts ---------------------------------
 def test_the_4090_engine_is_online_fp8_under_vllm_032s_name(hub):
-    from rlhf_ray.generator.engine import quantization_for
+    from rlhf_ray.roles.generator.engine import quantization_for
     _, plan, args, _ = built(QLORA)
     (engine,) = args.engines()
     assert engine.quantization == "fp8_per_tensor" == quantization_for("cuda", True)
@@ -105,7 +107,7 @@ def test_only_an_engine_the_plan_makes_sleep_is_built_with_sleep_mode():
     """vLLM's sleep mode is the plan's (`Plan.engine_sleeps`: colocated on CUDA). A distributed CUDA engine never
     sleeps, so it is built without it, and an engine built without a plan (tools, tests) has none either."""
     from rlhf_ray.config.schema import RolloutConfig
-    from rlhf_ray.generator.engine import engine_llm_kwargs
+    from rlhf_ray.roles.generator.engine import engine_llm_kwargs
     from rlhf_ray.utils.device import make_backend
     cfg = load_config(H100X8)
     assert cfg.cluster.placement == "distributed" and not place(cfg).engine_sleeps
@@ -227,9 +229,9 @@ class _Actor:
 
 
 def test_the_distributed_placement_builds_every_actor_from_the_construction(hub, monkeypatch):
-    import rlhf_ray.generator.group as group
+    import rlhf_ray.roles.generator.group as group
     import rlhf_ray.placement.distributed as dist
-    cfg, plan, _, _ = built(H70B)
+    cfg, plan, args, _ = built(H70B)
     seen = {}
     for name in ("LearnerGroup", "ReferenceActor", "RewardActor"):
         monkeypatch.setattr(dist, name, seen.setdefault(name, _Recorder()))
@@ -238,9 +240,7 @@ def test_the_distributed_placement_builds_every_actor_from_the_construction(hub,
     monkeypatch.setattr(dist, "actor_options", lambda *a: {})
     monkeypatch.setattr(dist, "generator_base", lambda *a: "/base")
     paths = SimpleNamespace(policy_init="/init", resolve=lambda p: p, scratch="/tmp")
-    roles = dist.DistributedRoles(cfg, paths, plan, {}, total_updates=10)
-    args = roles.args
-    assert args == construct(cfg, plan, cores=args.cores)
+    dist.DistributedRoles(RoleSections.of(cfg), args, paths, plan, {}, total_updates=10)
     (policy_call,) = seen["LearnerGroup"].calls
     learner = args.learners("policy")[0]
     assert policy_call[1]["backend"] == learner.backend() and policy_call[1]["num_threads"] == learner.threads
@@ -254,31 +254,43 @@ def test_the_distributed_placement_builds_every_actor_from_the_construction(hub,
     assert gen_args[1].tensor_parallel_size == engine.tensor_parallel_size
 
 
+@pytest.mark.parametrize("path", [H70B, QLORA], ids=["distributed", "colocated"])
+def test_build_roles_gives_the_placement_its_sections_and_the_plans_construction(path, hub, monkeypatch):
+    import rlhf_ray.placement.colocated as colo
+    import rlhf_ray.placement.distributed as dist
+    from rlhf_ray.placement.graph import build_roles
+    cfg, plan, _, _ = built(path)
+    monkeypatch.setattr(dist, "DistributedRoles", lambda *a: ("distributed", *a))
+    monkeypatch.setattr(colo, "ColocatedRoles", lambda *a: ("colocated", *a))
+    placement, sections, args, *_ = build_roles(cfg, SimpleNamespace(), plan, {}, 10)
+    assert placement == cfg.cluster.placement
+    assert sections == RoleSections.of(cfg) and args == construct(cfg, plan, cores=os.cpu_count())
+
+
 def test_the_colocated_placement_builds_every_role_from_the_construction(hub, monkeypatch):
     import rlhf_ray.placement.colocated as colo
-    cfg, plan, _, _ = built(QLORA)
+    cfg, plan, args, _ = built(QLORA)
     groups = _Recorder()
     monkeypatch.setattr(colo, "LearnerGroup", groups)
     monkeypatch.setattr(colo, "actor_options", lambda *a: {})
     monkeypatch.setattr(colo, "generator_base", lambda *a: "/base")
     monkeypatch.setattr(colo.ray, "get", lambda refs: refs)
     paths = SimpleNamespace(policy_init="/init", resolve=lambda p: p, scratch="/tmp")
-    roles = colo.ColocatedRoles(cfg, paths, plan, {}, total_updates=10)
-    args = roles.args
+    colo.ColocatedRoles(RoleSections.of(cfg), args, paths, plan, {}, total_updates=10)
     (call,) = groups.calls
     assert call[1]["backend"] == args.learners("policy")[0].backend()
     assert call[1]["rank_kwargs"]["shares"] == args.shares
 
     # the rank builds its engine and scorers from its process's record
-    import rlhf_ray.generator.engine as engine_mod
-    import rlhf_ray.scoring.reward as reward_mod
+    import rlhf_ray.roles.generator.engine as engine_mod
+    import rlhf_ray.roles.reward as reward_mod
     built_with = {}
     monkeypatch.setattr(engine_mod, "GeneratorEngine", lambda *a, **k: built_with.setdefault("engine", (a, k)))
     monkeypatch.setattr(reward_mod, "RewardScorer", lambda *a, **k: built_with.setdefault("reward", (a, k)))
     monkeypatch.setattr(colo, "tied_names", lambda path: frozenset())
     monkeypatch.setattr(colo, "set_phase_threads", lambda n: None)
     rank = colo.ColocatedRank.__new__(colo.ColocatedRank)
-    rank.cfg, rank.threads, rank.critic, rank.reference = cfg, 1, None, None
+    rank.sections, rank.threads, rank.critic, rank.reference = RoleSections.of(cfg), 1, None, None
     process = args.process("policy", 0)
     rank.setup_roles("/base", paths, 10, process)
     engine_args, engine_kwargs = built_with["engine"]

@@ -8,7 +8,7 @@ from rlhf_ray.config import load_config
 from rlhf_ray.data.prompts import Prompt
 from rlhf_ray.records import Rollout
 from rlhf_ray.rl.advantage_step import BadRewardError
-from rlhf_ray.rl.controller import EmptyResponseError, RLController, generation_seed
+from rlhf_ray.rl.controller import EmptyResponseError, RLController, StepConfig, generation_seed
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.records import UpdateResult
 from rlhf_ray.sync.checks import Agreement, LogprobMismatchError, StaleWeightsError
@@ -68,7 +68,7 @@ def make(roles, *overrides, prompts=4):
     cfg = load_config(None, ["rl.prompts_per_step=2", "rollout.n_samples_per_prompt=3",
                              "algorithm.mini_batch_size=3", *overrides])
     stream = PromptStream([Prompt(f"p{i}", (1, 2 + i)) for i in range(prompts)], 2, seed=0)
-    return RLController(cfg, roles, stream, pad_id=0)
+    return RLController(StepConfig.of(cfg), roles, stream, pad_id=0)
 
 
 def test_step_runs_the_dataflow_and_reports_phases():

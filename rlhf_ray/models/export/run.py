@@ -25,7 +25,7 @@ def _gguf(src: Source, out: Path, gguf_type: str = "f16", **_) -> list[str]:
     from rlhf_ray.models.export.gguf_file import write_gguf
     from rlhf_ray.models.export.hf import merged_tensors
     from rlhf_ray.models.export.modelfile import modelfile
-    from rlhf_ray.serve.chat import model_chat_template
+    from rlhf_ray.models.chat import model_chat_template
     out.mkdir(parents=True, exist_ok=True)
     name = f"{src.name}-{gguf_type}.gguf"
     path = write_gguf(merged_tensors(src.base, src.to_merge), src.base, out / name, gguf_type)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf_ray.sync.buckets import ALIGN, Bucket, pack_buckets, total_bytes, unpack_bucket
+from rlhf_ray.buckets import ALIGN, Bucket, pack_buckets, total_bytes, unpack_bucket
 
 
 def _named():
@@ -103,7 +103,7 @@ def test_reuse_packs_into_one_buffer_and_each_bucket_is_right_when_yielded():
 
 
 def test_specs_round_trip_through_the_json_header():
-    from rlhf_ray.sync.buckets import decode_specs, encode_specs
+    from rlhf_ray.buckets import decode_specs, encode_specs
     for b in pack_buckets(_named(), bucket_bytes=256):
         raw = encode_specs(b.specs)
         assert raw.startswith(b"[") and decode_specs(raw, b.nbytes) == b.specs
@@ -120,7 +120,7 @@ def test_specs_round_trip_through_the_json_header():
     (b'[["w", [-4], "float32", 0, 16]]', "bad tensor spec"),
 ])
 def test_decode_refuses_what_is_not_a_well_formed_header(raw, why):
-    from rlhf_ray.sync.buckets import decode_specs
+    from rlhf_ray.buckets import decode_specs
     with pytest.raises(ValueError, match=why):
         decode_specs(raw, 64)
 

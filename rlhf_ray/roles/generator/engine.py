@@ -8,7 +8,7 @@ plan's `rlhf_ray.placement.construct` decides them). Decisions from STACK.md:
   bucket: vLLM buffers a fused layer (q/k/v -> qkv_proj) until all its parts arrived, so splitting a
   sync over several `reload_weights` calls would process half-loaded layers;
 - a tensor-parallel engine's workers are processes of their own that an iterator cannot reach: each
-  joins a broadcast group and reloads from the stream it receives (`rlhf_ray.generator.worker_ext`), so
+  joins a broadcast group and reloads from the stream it receives (`rlhf_ray.roles.generator.worker_ext`), so
   a sync crosses to every worker once, with no folder in between;
 - the prefix cache is reset after every push (stale KV for prompts longer than a block otherwise);
 - a LoRA adapter gets a fresh `lora_int_id` per push (vLLM serves the old cached adapter otherwise);
@@ -28,8 +28,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 from rlhf_ray.records import Rollout
-from rlhf_ray.generator.threads import engine_env
-from rlhf_ray.generator.worker_ext import EXTENSION as WORKER_EXTENSION
+from rlhf_ray.roles.generator.threads import engine_env
+from rlhf_ray.roles.generator.worker_ext import EXTENSION as WORKER_EXTENSION
 from rlhf_ray.sync.files import reload_payload
 from rlhf_ray.utils.device import Backend
 
@@ -103,7 +103,7 @@ def engine_llm_kwargs(model_path: str, rollout_cfg, backend: Backend, lora: bool
 
 def workers_receive(kwargs: dict[str, Any]) -> bool:
     """Whether an engine built with these `vllm.LLM` kwargs has TP workers that take a full sync off a
-    broadcast themselves (`rlhf_ray.generator.worker_ext`). False for TP=1 (the sync's iterator reaches the
+    broadcast themselves (`rlhf_ray.roles.generator.worker_ext`). False for TP=1 (the sync's iterator reaches the
     in-process model runner) and for a TP engine given another `worker_extension_cls`: only that engine
     takes syncs through a folder (`GeneratorEngine._write_sync_folder`)."""
     return kwargs.get("tensor_parallel_size", 1) > 1 and kwargs.get("worker_extension_cls") == WORKER_EXTENSION
@@ -240,7 +240,7 @@ class GeneratorEngine:
         context of its own (each worker copies its slices to its GPU as it loads them)."""
         import threading
 
-        from rlhf_ray.sync.buckets import pack_buckets
+        from rlhf_ray.buckets import pack_buckets
         from rlhf_ray.sync.collective import CollectiveGroup
         from rlhf_ray.utils.net import node_address
 
@@ -291,7 +291,7 @@ class GeneratorEngine:
 
     def _write_sync_folder(self, named_weights: Iterable[tuple[str, torch.Tensor]]) -> Path:
         """The whole sync as safetensors files in one node-local folder (/dev/shm), overwritten each time."""
-        from rlhf_ray.sync.buckets import pack_buckets
+        from rlhf_ray.buckets import pack_buckets
         from rlhf_ray.sync.files import write_sync_folder
         folder = self._adapter_root / "full"
         write_sync_folder(pack_buckets(named_weights, int(self.cfg.sync.bucket_mb * 2 ** 20), reuse=True), folder)

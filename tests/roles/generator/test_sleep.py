@@ -2,7 +2,7 @@
 what each later call needs; on a device that cannot sleep (CPU) nothing is ever released."""
 from types import SimpleNamespace
 
-from rlhf_ray.generator.engine import GeneratorEngine
+from rlhf_ray.roles.generator.engine import GeneratorEngine
 
 
 class FakeLLM:

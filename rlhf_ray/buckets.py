@@ -9,6 +9,9 @@ Layout: tensors are placed in arrival order at offsets aligned to `ALIGN` bytes,
 can be viewed as its own dtype without a copy. Mixed dtypes may share a bucket. A tensor larger than
 `bucket_bytes` gets a bucket of its own (a bucket is never split across tensors' halves: receivers
 see whole tensors only).
+
+Below every package that moves weights: the sync's transports, the engine's relay to its tensor-parallel
+workers and the learner's export (which copies a model to host memory bucket by bucket).
 """
 from __future__ import annotations
 

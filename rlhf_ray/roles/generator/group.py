@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 from rlhf_ray.dispatch import split_evenly
-from rlhf_ray.generator.actor import GeneratorActor
-from rlhf_ray.generator.engine import PromptInput, engine_llm_kwargs, workers_receive
+from rlhf_ray.roles.generator.actor import GeneratorActor
+from rlhf_ray.roles.generator.engine import PromptInput, engine_llm_kwargs, workers_receive
 from rlhf_ray.records import Rollout, concat_rollouts
-from rlhf_ray.generator.threads import engine_env
+from rlhf_ray.roles.generator.threads import engine_env
 from rlhf_ray.utils.device import Backend
 
 

@@ -3,8 +3,8 @@ extension's fit into vLLM's worker class (vLLM refuses an extension attribute th
 import torch
 
 from rlhf_ray.config.schema import RolloutConfig
-from rlhf_ray.generator.engine import engine_llm_kwargs, workers_receive
-from rlhf_ray.generator.worker_ext import EXTENSION, WeightReceiver, counted
+from rlhf_ray.roles.generator.engine import engine_llm_kwargs, workers_receive
+from rlhf_ray.roles.generator.worker_ext import EXTENSION, WeightReceiver, counted
 from rlhf_ray.utils.device import resolve_backend
 
 

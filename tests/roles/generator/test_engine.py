@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from rlhf_ray.buckets import pack_buckets, unpack_bucket
 from rlhf_ray.config.schema import RolloutConfig, SyncConfig
-from rlhf_ray.sync import LogprobMismatchError, check_logprob_agreement, logprob_agreement, pack_buckets, unpack_bucket
+from rlhf_ray.sync import LogprobMismatchError, check_logprob_agreement, logprob_agreement
 from rlhf_ray.utils.device import resolve_backend
 
 from .conftest import adapter_config, hf_greedy, hf_logprobs, load_hf, named_weights, perturb
@@ -42,7 +43,7 @@ def _bucketed(named, bucket_bytes=64 * 1024):
 
 @pytest.fixture(scope="module")
 def engine(tiny_path):
-    from rlhf_ray.generator.engine import GeneratorEngine
+    from rlhf_ray.roles.generator.engine import GeneratorEngine
     eng = GeneratorEngine(tiny_path, CFG, resolve_backend("cpu"), lora=True, max_model_len=256, max_lora_rank=8)
     yield eng
     eng.close()

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from rlhf_ray.config import RewardConfig, RewardSource
-from rlhf_ray.scoring.reward import RewardScorer, RewardSourceError
+from rlhf_ray.roles.reward import RewardScorer, RewardSourceError
 
 
 def length_reward(prompts, responses):

@@ -34,7 +34,7 @@ def _expect_greedy(group, model, prompts):
 
 @pytest.fixture(scope="module")
 def group(ray_local, tiny_path):
-    from rlhf_ray.generator.group import GeneratorGroup
+    from rlhf_ray.roles.generator.group import GeneratorGroup
     g = GeneratorGroup(tiny_path, CFG, resolve_backend("cpu"), lora=False, max_model_len=256)
     yield g
     g.shutdown()

@@ -1,6 +1,6 @@
 """A tensor-parallel engine (TP=2, vLLM's CPU backend in multiprocess mode) takes a full weight sync with no
 folder in between: each TP worker joins a broadcast group and reloads its shard from the stream
-(`rlhf_ray.generator.worker_ext`). Either its engine relays a sync that reached it (the object-store
+(`rlhf_ray.roles.generator.worker_ext`). Either its engine relays a sync that reached it (the object-store
 stream, a restore replay, a direct call), or the workers are ranks of the sender's group (collective
 transport: 1 + sum(tp) ranks). Checked: greedy output equals HF greedy on the new weights, no safetensors
 file is written under the engine's sync folder, and each worker received exactly one copy of the model.
@@ -35,7 +35,7 @@ def _files(root) -> list:
 
 
 def test_tp2_engine_workers_reload_from_a_relayed_broadcast(tiny_path, monkeypatch):
-    from rlhf_ray.generator.engine import GeneratorEngine
+    from rlhf_ray.roles.generator.engine import GeneratorEngine
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # TP workers are processes of their own
     engine = GeneratorEngine(tiny_path, CFG, resolve_backend("cpu"), max_model_len=128)
     try:
@@ -57,7 +57,7 @@ def test_tp2_engine_workers_reload_from_a_relayed_broadcast(tiny_path, monkeypat
 def test_tp2_engine_workers_are_ranks_of_the_collective_group(ray_local, tiny_path):
     import torch
 
-    from rlhf_ray.generator.group import GeneratorGroup, tied_names
+    from rlhf_ray.roles.generator.group import GeneratorGroup, tied_names
     from rlhf_ray.sync.streamed import engine_transport
     group = GeneratorGroup(tiny_path, CFG, resolve_backend("cpu"), max_model_len=128)
     sync = engine_transport("collective", group, bucket_mb=CFG.sync.bucket_mb, dtype=torch.float32, timeout_s=60)

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-EXTENSION = "rlhf_ray.generator.worker_ext.WeightReceiver"
+EXTENSION = "rlhf_ray.roles.generator.worker_ext.WeightReceiver"
 
 
 def counted(named: Iterable[tuple[str, torch.Tensor]], tally: list) -> Iterator[tuple[str, torch.Tensor]]:

@@ -19,7 +19,7 @@ def _cut(seq, eos=2):
 def test_adapter_versions_over_collective_and_restart(ray_local, tiny_path):
     from peft import LoraConfig, get_peft_model
 
-    from rlhf_ray.generator.group import GeneratorGroup
+    from rlhf_ray.roles.generator.group import GeneratorGroup
     from rlhf_ray.sync.streamed import engine_transport
     group = GeneratorGroup(tiny_path, CFG, resolve_backend("cpu"), lora=True, max_model_len=256, max_lora_rank=8)
     sync = engine_transport("collective", group, bucket_mb=CFG.sync.bucket_mb, dtype=torch.float32, timeout_s=60)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from rlhf_ray.generator.engine import GeneratorEngine
+from rlhf_ray.roles.generator.engine import GeneratorEngine
 from rlhf_ray.records import Rollout
 from rlhf_ray.sync.collective import CollectiveGroup
 from rlhf_ray.sync.transport import iter_named

@@ -6,7 +6,7 @@ import torch
 from rlhf_ray.batch import pack_sequences, response_logits
 from rlhf_ray import algo
 from rlhf_ray.models.kit import resolve_model_path
-from rlhf_ray.scoring.reference import ReferenceScorer
+from rlhf_ray.roles.reference import ReferenceScorer
 
 PROMPTS = [[11, 12, 13, 14, 15, 16], [21, 22, 23]]
 N = 3
