@@ -35,6 +35,11 @@ def ensure_process_group(backend: Backend) -> None:
     # inference all-reduce uses it; training collectives go through torch.distributed (gloo / NCCL).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
+        # A world this process had may be gone: an in-process vLLM engine's shutdown destroys the process group
+        # it joined. DeepSpeed still holds the groups it made of that world, and would hand them to this
+        # learner ("Group ... is not registered"); its own teardown releases them the same way.
+        from deepspeed.utils import groups
+        getattr(groups, "_release_process_group_references", lambda group=None: None)(None)
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
