@@ -39,7 +39,7 @@ def ensure_process_group(backend: Backend) -> None:
         # it joined. DeepSpeed still holds the groups it made of that world, and would hand them to this
         # learner ("Group ... is not registered"); its own teardown releases them the same way.
         from deepspeed.utils import groups
-        getattr(groups, "_release_process_group_references", lambda group=None: None)(None)
+        groups._release_process_group_references(None)  # what deepspeed.comm.destroy_process_group() calls
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")

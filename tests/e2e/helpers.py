@@ -34,6 +34,11 @@ NOISE = {
 }
 
 
+# What a step redone from a checkpoint must reproduce (policy, optimizer, prompt position, sampling seeds, and the
+# engines given the restored weights); runs with a critic add its keys.
+SAME_AFTER_RESUME = ("reward/score_mean", "kl/mean", "policy/loss", "policy/objective", "response/len_mean",
+                     "policy/grad_norm")
+
 def assert_quiet_console(p: subprocess.CompletedProcess) -> None:
     """The run's console shows our progress bars, step lines and real warnings, none of NOISE."""
     noisy = [line for line in (p.stdout + p.stderr).splitlines() if any(n in line for n in NOISE)]

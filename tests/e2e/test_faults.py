@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from helpers import rl_steps_logged, start_train, training_rows  # noqa: E402  (tests/e2e is on the path)
+from helpers import SAME_AFTER_RESUME, rl_steps_logged, start_train, training_rows  # noqa: E402  (tests/e2e is on the path)
 
 HERE = str(Path(__file__).parent)  # rewards_for_tests, as a user's own module
 STEPS = 6
@@ -105,11 +105,6 @@ def test_run_survives_its_generator_then_its_reward_actor_killed_mid_call(tmp_pa
     assert all(r["reward/nonfinite"] == 1 for r in rows)  # the NaN's group dropped on every step, the run went on
 
 
-# what a step redone from a checkpoint must reproduce (policy, optimizer, prompt position, sampling seeds, and
-# the engines given the restored weights)
-SAME = ("reward/score_mean", "kl/mean", "policy/loss", "policy/objective", "response/len_mean", "policy/grad_norm")
-
-
 def test_killed_learner_names_rank_and_checkpoint_then_resume_auto_redoes_the_step_exactly(tmp_path):
     """The policy learner killed while it updates step 4 (step 3 logged, checkpoint at step 2): one line naming
     the rank and the checkpoint; `--resume=auto` restores the learner and the engines from step 2, redoes step
@@ -131,6 +126,6 @@ def test_killed_learner_names_rank_and_checkpoint_then_resume_auto_redoes_the_st
     assert rl_steps_logged(tmp_path) == list(range(1, STEPS + 1))
     after = training_rows(tmp_path / "rl")
     assert after[:2] == before[:2]  # the steps before the checkpoint were kept, not redone
-    for key in SAME:  # step 3 again, from the step-2 checkpoint: the same as before the kill
+    for key in SAME_AFTER_RESUME:  # step 3 again, from the step-2 checkpoint: the same as before the kill
         assert after[2][key] == pytest.approx(before[2][key], rel=1e-4, abs=1e-6), key
     assert (tmp_path / "rl" / "model" / "config.json").exists()

@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 # tests/e2e is on the path
-from helpers import (OFFLINE_SAVES, assert_learned_on_held_out_prompts,  # noqa: E402
+from helpers import (OFFLINE_SAVES, SAME_AFTER_RESUME, assert_learned_on_held_out_prompts,  # noqa: E402
                      assert_quiet_console, assert_the_kl_regularised_objective_rose, kill_while_training,
                      mean_of, metrics, serve, stop_process, train)
 
@@ -113,10 +113,6 @@ def test_lora_and_qlora_runs_keep_the_generator_exact_and_train_the_adapter(offl
     # LoRA B starts at 0: every adapter matrix took more than one optimizer step's worth (about lr)
     assert b_mats and min(float(v.abs().max()) for v in b_mats) > lr, "an adapter matrix did not train"
 
-
-
-SAME_AFTER_RESUME = ("reward/score_mean", "kl/mean", "policy/loss", "policy/objective", "response/len_mean",
-                     "policy/grad_norm")
 
 
 # -- one PPO run that exercises most of the update: several minibatches x 2 epochs (so ratios leave 1 and
