@@ -3,7 +3,7 @@
     generator engine killed   the run continues: Ray restarts it, it is re-synced, the step re-sampled
     reward actor killed       restarted once and its call retried: the run continues
     policy learner killed     one line naming the rank and the last good checkpoint; --resume=auto resumes
-Every run must log each step exactly once (none lost, none doubled). These runs use the distributed
+All three in one run (and its resume), which must log each step exactly once (none lost, none doubled). These runs use the distributed
 placement, where each role is a process of its own that can die alone (colocated, one process holds them
 all: its death is the learner-killed case).
 """
@@ -49,14 +49,17 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _title(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline").read().split("\0")[0]
+    except OSError:
+        return ""
+
+
 def busy_pid(driver: int, call: str) -> int | None:
     """The worker process now running `call` ("Class.method"): Ray titles it `ray::Class.method` meanwhile."""
     for pid in descendants(driver):
-        try:
-            title = open(f"/proc/{pid}/cmdline").read().split("\0")[0]
-        except OSError:
-            continue
-        if re.match(rf"ray::{re.escape(call)}(\(|\s|$)", title):
+        if re.match(rf"ray::{re.escape(call)}(\(|\s|$)", _title(pid)):
             return pid
     return None
 
@@ -68,7 +71,11 @@ def kill_during(proc: subprocess.Popen, out: Path, call: str, after_step: int, t
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, f"the run did not reach a {call} after step {after_step}"
         if len(rl_steps_logged(out)) >= after_step and (pid := busy_pid(proc.pid, call)):
+            idle = [p for p in descendants(proc.pid) if _title(p).startswith("ray::IDLE")]
             os.kill(pid, signal.SIGKILL)
+            # every process of a running run is a role (or Ray's own): no idle worker started for nothing
+            # (runtime.py: the raylet's prestart, about 1 CPU-second a run)
+            assert not idle, f"{len(idle)} idle Ray workers beside the roles"
             return pid
         time.sleep(0.05)
 
@@ -88,44 +95,38 @@ SLOW_REWARD = ("reward.sources=[{kind: function, path: 'rewards_for_tests:slow_v
                "reward.on_nonfinite=drop_group")
 
 
-def test_run_survives_its_generator_then_its_reward_actor_killed_mid_call(tmp_path):
-    """One run, two faults: the generator engine killed while it samples step 3, the reward actor killed while
-    it scores step 5 (a slow reward function keeps it in `score` long enough). Its reward function also
-    returns one NaN a call, and `reward.on_nonfinite=drop_group` drops that group on every step."""
+def test_run_survives_its_generator_and_reward_actor_killed_then_a_killed_learner_resumes_exactly(tmp_path):
+    """One run, three faults. The generator engine killed while it samples step 2 and the reward actor killed
+    while it scores step 3 (a slow reward function keeps it in `score` long enough): the run goes on, nothing
+    lost or doubled. Then the policy learner killed while it updates step 6 (step 5 logged, checkpoint at step
+    4): one line naming the rank and the checkpoint; `--resume=auto` restores the learner and the engines from
+    step 4, redoes step 5 exactly as before and finishes, every step logged once (the distributed placement's
+    exact resume with full weights; test_train_cli.py's colocated GRPO run is the other placement's). Its
+    reward function also returns one NaN a call, and `reward.on_nonfinite=drop_group` drops that group on
+    every step."""
     proc = start_train(ARGS, tmp_path, *SLOW_REWARD, pythonpath=HERE)
-    generator = kill_during(proc, tmp_path, "GeneratorActor.generate", after_step=2)
-    reward = kill_during(proc, tmp_path, "RewardActor.score", after_step=4)
-    rc, err = finish(proc)
-    assert rc == 0, err[-3000:]
+    generator = kill_during(proc, tmp_path, "GeneratorActor.generate", after_step=1)
+    reward = kill_during(proc, tmp_path, "RewardActor.score", after_step=2)
     assert generator != reward
-    assert rl_steps_logged(tmp_path) == list(range(1, STEPS + 1))  # nothing lost, nothing doubled
-    rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-    # the generator serves the learner's weights after its restart (re-synced, not the initial ones)
-    assert max(r["sync/logprob_max_abs"] for r in rows if "sync/logprob_max_abs" in r) < 1e-3
-    assert all(r["reward/nonfinite"] == 1 for r in rows)  # the NaN's group dropped on every step, the run went on
-
-
-def test_killed_learner_names_rank_and_checkpoint_then_resume_auto_redoes_the_step_exactly(tmp_path):
-    """The policy learner killed while it updates step 4 (step 3 logged, checkpoint at step 2): one line naming
-    the rank and the checkpoint; `--resume=auto` restores the learner and the engines from step 2, redoes step
-    3 exactly as before and finishes, every step logged once (the distributed placement's exact resume with
-    full weights; test_train_cli.py's colocated GRPO run is the other placement's)."""
-    proc = start_train(ARGS, tmp_path, pythonpath=HERE)
-    kill_during(proc, tmp_path, "PolicyRank.update", after_step=3)
+    kill_during(proc, tmp_path, "PolicyRank.update", after_step=5)
     rc, err = finish(proc)
     lines = [x for x in err.splitlines() if x.startswith("rlhf-ray: error: ")]
     assert rc == 1 and len(lines) == 1, err[-3000:]
-    assert re.search(r"step 4, policy learner rank 0: the policy learner rank 0 process died .*last good "
-                     r"checkpoint: \S+/rl/checkpoints/step_000002 \(rerun with --resume=auto", lines[0]), lines[0]
+    assert re.search(r"step 6, policy learner rank 0: the policy learner rank 0 process died .*last good "
+                     r"checkpoint: \S+/rl/checkpoints/step_000004 \(rerun with --resume=auto", lines[0]), lines[0]
     assert "Traceback" not in err
     before = training_rows(tmp_path / "rl")
-    assert [r["step"] for r in before] == [1, 2, 3]
-    proc = start_train(ARGS, tmp_path, "--resume=auto", pythonpath=HERE)
+    assert [r["step"] for r in before] == [1, 2, 3, 4, 5]  # the restarted roles lost no step, doubled none
+
+    proc = start_train(ARGS, tmp_path, *SLOW_REWARD, "--resume=auto", pythonpath=HERE)
     rc, err = finish(proc)
     assert rc == 0, err[-3000:]
-    assert rl_steps_logged(tmp_path) == list(range(1, STEPS + 1))
+    assert rl_steps_logged(tmp_path) == list(range(1, STEPS + 1))  # nothing lost, nothing doubled
     after = training_rows(tmp_path / "rl")
-    assert after[:2] == before[:2]  # the steps before the checkpoint were kept, not redone
-    for key in SAME_AFTER_RESUME:  # step 3 again, from the step-2 checkpoint: the same as before the kill
-        assert after[2][key] == pytest.approx(before[2][key], rel=1e-4, abs=1e-6), key
+    assert after[:4] == before[:4]  # the steps before the checkpoint were kept, not redone
+    for key in SAME_AFTER_RESUME:  # step 5 again, from the step-4 checkpoint: the same as before the kill
+        assert after[4][key] == pytest.approx(before[4][key], rel=1e-4, abs=1e-6), key
+    # the generator serves the learner's weights after its restart (re-synced, not the initial ones)
+    assert max(r["sync/logprob_max_abs"] for r in after if "sync/logprob_max_abs" in r) < 1e-3
+    assert all(r["reward/nonfinite"] == 1 for r in after)  # the NaN's group dropped on every step, the run went on
     assert (tmp_path / "rl" / "model" / "config.json").exists()

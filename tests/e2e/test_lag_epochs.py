@@ -8,6 +8,10 @@ step. When the learner's version counted optimizer steps instead, these runs sto
 model against its reward model; each run must finish, keep the generator exact on its lockstep steps, and
 learn (the reward model's score and the VADER gold judge both rise).
 
+The distributed run is also where GRPO's learning under that placement is judged on held-out prompts (as
+test_train_cli.py judges it under the colocated one): the same run, evaluated before step 1, at step 5 and
+after the last.
+
 The policy trains on two ranks with ZeRO-3 (each rank a process of its own: under the colocated placement
 each beside its own engine), so the same runs show the gathered full-weight sync of partitioned ranks
 keeping the engines exact, and the two ranks' updates reaching the exported policy. That two ranks update
@@ -18,7 +22,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from helpers import mean_of, metrics, train  # noqa: E402  (tests/e2e is on the path)
+from helpers import (assert_learned_on_held_out_prompts, assert_the_kl_regularised_objective_rose,  # noqa: E402
+                     mean_of, metrics, train)  # (tests/e2e is on the path)
 
 STEPS = 10
 ARGS = ("run.stages=[rl]", f"rl.steps={STEPS}", "rl.save_every=0", "rl.sample_every=0", "logging.report=false",
@@ -31,10 +36,12 @@ ARGS = ("run.stages=[rl]", f"rl.steps={STEPS}", "rl.save_every=0", "rl.sample_ev
 @pytest.mark.parametrize("placement", ["colocated", "distributed"])
 def test_one_step_lag_with_two_epochs_of_two_minibatches_runs_and_learns(offline, tmp_path, placement):
     out = tmp_path / placement
+    held_out = ("rl.eval_every=5", "data.rl_eval_prompts=24", "rl.eval_samples=2") if placement == "distributed" else ()
     train(f"run.output_dir={out}", f"rl.init_from={offline / 'sft' / 'model'}",
-          f"reward.sources=[{{kind: model, path: '{offline / 'rm' / 'model'}'}}]", *ARGS,
+          f"reward.sources=[{{kind: model, path: '{offline / 'rm' / 'model'}'}}]", *ARGS, *held_out,
           f"cluster.placement={placement}")
-    rows = [r for r in metrics(out / "rl") if "reward/score_mean" in r]
+    all_rows = metrics(out / "rl")
+    rows = [r for r in all_rows if "reward/score_mean" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # every step ran, none stopped the run
     # one push per step: the versions count RL steps, and the overlapped rollouts are exactly one behind
     assert [r["sync/version"] for r in rows] == list(range(1, STEPS + 1))
@@ -48,6 +55,9 @@ def test_one_step_lag_with_two_epochs_of_two_minibatches_runs_and_learns(offline
     assert end > start + 1.0, f"reward did not rise clearly: {start:.3f} -> {end:.3f}"
     gold_start, gold_end = mean_of(rows, "reward/gold_mean")
     assert gold_end > gold_start + 0.1, f"VADER gold reward did not rise: {gold_start:.3f} -> {gold_end:.3f}"
+    assert_the_kl_regularised_objective_rose(rows)  # the KL bounded by what it bought
+    if held_out:
+        assert_learned_on_held_out_prompts(all_rows, [0, 5, STEPS])  # GRPO learns under this placement too
     # the exported policy left its starting point by more than one optimizer step's worth (about lr)
     from safetensors.torch import load_file
     exported = load_file(out / "rl" / "model" / "model.safetensors")
