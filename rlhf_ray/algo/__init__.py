@@ -23,6 +23,7 @@ _HOME = {
     "dpo": ("dpo_loss", "sequence_logprobs"),
     "losses": ("bradley_terry_loss", "entropy_bonus", "kl_loss", "policy_loss", "sft_loss", "value_loss"),
     "masked": ("masked_mean", "masked_sum", "masked_var", "masked_whiten"),
+    "objectives": ("OBJECTIVES", "cispo_loss", "gspo_loss", "objective_loss", "sequence_log_ratio"),
     "offpolicy": ("truncated_is_weights",),
     "registry": ("ALGORITHMS", "AlgorithmSpec", "estimator_kwargs", "get_algorithm"),
     "rewards": ("last_token_index", "overlong_penalty", "shape_rewards"),

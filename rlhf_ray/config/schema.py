@@ -223,14 +223,15 @@ class ReferenceConfig(Section):
 # algorithm
 # The names of rlhf_ray.algo.registry.ALGORITHMS (a test keeps the two equal); each name brings its own
 # estimator, loss aggregation and KL placement, which the fields left unset below take.
-AlgorithmName = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo"]
+AlgorithmName = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo", "gspo", "cispo"]
 
 
 class AlgorithmConfig(Section):
     name: AlgorithmName = "grpo"
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
-    clip_low: float = Field(0.2, gt=0)
+    clip_low: float = Field(0.2, gt=0, description="the ratio's range is [1 - clip_low, 1 + clip_high]; gspo: its "
+                            "sequence ratio's (3e-4 / 4e-4), cispo: its IS weight's (1.0: no lower bound / 0.28)")
     clip_high: float = Field(0.2, gt=0)
     dual_clip: Optional[float] = Field(None, gt=1.0)
     value_clip: float = Field(0.2, gt=0)
@@ -417,6 +418,9 @@ class Config(Section):
         if get_algorithm(a.name).min_group_size > self.rollout.n_samples_per_prompt:
             raise ValueError(f"algorithm.name={a.name} compares samples within a group and needs "
                              f"rollout.n_samples_per_prompt >= 2, got {self.rollout.n_samples_per_prompt}")
+        if a.dual_clip is not None and get_algorithm(a.name).objective != "ppo_clip":
+            raise ValueError(f"algorithm.dual_clip applies to PPO's token-level clipped surrogate; algorithm.name="
+                             f"{a.name} uses the {get_algorithm(a.name).objective} objective, which has none")
         if a.baseline is not None and a.name != "reinforce_pp":
             raise ValueError(f"algorithm.baseline={a.baseline} applies to algorithm.name=reinforce_pp only, "
                              f"got {a.name}")

@@ -46,7 +46,8 @@ def forward_response_logits(learner, seq: SequenceBatch) -> torch.Tensor:
 def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBatch, algo_cfg: AlgorithmConfig,
                           ref_cfg: ReferenceConfig, kl_coef: float, temperature: float, norm_len: int,
                           proximal_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The policy's loss on one minibatch: clipped surrogate (+ KL term) (+ entropy bonus).
+    """The policy's loss on one minibatch: the algorithm's objective (PPO's clipped surrogate, GSPO's, CISPO's)
+    (+ KL term) (+ entropy bonus).
 
     logits: (B, T, V) the response positions' logits (`forward_response_logits`); logp: (B, T)
     their log-probs of the sampled tokens (with grad), computed once by the caller, which also reads them
@@ -62,9 +63,10 @@ def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBat
     if proximal_logp is not None:
         is_weights, tis_stats = algo.truncated_is_weights(proximal_logp, mb.old_logp, mask, algo_cfg.tis_cap)
         old_logp = proximal_logp
-    loss, stats = algo.policy_loss(logp, old_logp, mb.advantages, mask, clip_low=algo_cfg.clip_low,
-                                   clip_high=algo_cfg.clip_high, dual_clip=algo_cfg.dual_clip,
-                                   agg=algo_cfg.loss_agg, norm_len=norm_len, is_weights=is_weights)
+    objective = algo.get_algorithm(algo_cfg.name).objective  # ppo_clip, gspo or cispo (rlhf_ray.algo.objectives)
+    loss, stats = algo.objective_loss(objective, logp, old_logp, mb.advantages, mask, clip_low=algo_cfg.clip_low,
+                                      clip_high=algo_cfg.clip_high, dual_clip=algo_cfg.dual_clip,
+                                      agg=algo_cfg.loss_agg, norm_len=norm_len, is_weights=is_weights)
     stats.update(tis_stats)
     if not ref_cfg.kl_in_reward and kl_coef > 0:
         kl, kl_stats = algo.kl_loss(logp, mb.ref_logp, mask, coef=kl_coef, kind=ref_cfg.kl_kind,
