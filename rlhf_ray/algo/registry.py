@@ -74,6 +74,17 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
 }
 
 
+# The train/inference mismatch corrections (algorithm.is_correction; rlhf_ray.algo.offpolicy): each preset's
+# default band (low, high) where it masks by one, None where it uses only algorithm.is_cap (or nothing).
+IS_CORRECTIONS: dict[str, tuple[float, float] | None] = {
+    "none": None,
+    "tis": None,               # token truncation at C
+    "mis": None,               # sequence mask at C (Yao, Liu et al. 2025)
+    "icepop": (0.5, 5.0),      # token band, both sides (Ring-1T's IcePop)
+    "seq_mask_tis": (0.5, 2.0),  # band of each sequence's geometric-mean ratio, then token TIS
+}
+
+
 def get_algorithm(name: str) -> AlgorithmSpec:
     """The spec registered as ``name``; an unknown name is a ValueError listing the registered ones."""
     try:

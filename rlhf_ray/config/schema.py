@@ -7,11 +7,11 @@ each component receives only its own section (e.g. the generator gets `RolloutCo
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rlhf_ray.algo.registry import get_algorithm
+from rlhf_ray.algo.registry import IS_CORRECTIONS, get_algorithm
 
 
 class Section(BaseModel):
@@ -139,6 +139,10 @@ class SyncConfig(Section):
     check_every: int = Field(10, gt=0, description="with overlap, every Nth step runs in lockstep so that "
                                                   "the log-prob agreement check still runs")
     logprob_check: bool = True
+    on_logprob_mismatch: Literal["fail", "correct"] = Field(
+        "fail", description="a lockstep step whose learner-vs-generator log-probs differ beyond the thresholds below: "
+        "fail the step naming the numbers, or go on with algorithm.is_correction's preset weighing the gap out "
+        "(the step logs sync/logprob_over_bound=1 and says so on the console)")
     logprob_max_abs_diff: Optional[float] = Field(None, gt=0, description="default: per compute precision "
                                                   "(rlhf_ray.utils.device.LOGPROB_TOLERANCE: fp32 0.5, bf16 4.0)")
     logprob_mean_abs_diff: Optional[float] = Field(None, gt=0, description="default: per compute precision "
@@ -226,7 +230,39 @@ class ReferenceConfig(Section):
 AlgorithmName = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo", "gspo", "cispo"]
 
 
+# algorithm.tis (a boolean before the presets) and algorithm.tis_cap keep working as aliases
+_TIS_ALIAS = {True: "tis", False: "none", "auto": "auto"}
+
+
 class AlgorithmConfig(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _tis_alias(cls, data):
+        """`algorithm.tis: true|false|auto` -> is_correction tis|none|auto; `tis_cap` -> is_cap. Given both ways
+        with different values, the config is refused naming both keys."""
+        if not isinstance(data, dict) or not ({"tis", "tis_cap"} & set(data)):
+            return data
+        data = dict(data)
+        if "tis" in data:
+            tis = data.pop("tis")
+            if isinstance(tis, str) and tis.lower() in ("true", "false", "on", "off", "yes", "no"):
+                tis = tis.lower() in ("true", "on", "yes")
+            if not (isinstance(tis, bool) or tis == "auto"):
+                raise ValueError(f"algorithm.tis must be true, false or auto (an alias of algorithm.is_correction "
+                                 f"tis, none, auto), got {tis!r}")
+            if data.get("is_correction", _TIS_ALIAS[tis]) != _TIS_ALIAS[tis]:
+                raise ValueError(f"algorithm.tis={str(tis).lower()} (an alias of algorithm.is_correction="
+                                 f"{_TIS_ALIAS[tis]}) contradicts algorithm.is_correction={data['is_correction']}; "
+                                 f"set only algorithm.is_correction")
+            data["is_correction"] = _TIS_ALIAS[tis]
+        if "tis_cap" in data:
+            cap = data.pop("tis_cap")
+            if "is_cap" in data and data["is_cap"] != cap:
+                raise ValueError(f"algorithm.tis_cap={cap} (an alias of algorithm.is_cap) contradicts "
+                                 f"algorithm.is_cap={data['is_cap']}; set only algorithm.is_cap")
+            data["is_cap"] = cap
+        return data
+
     name: AlgorithmName = "grpo"
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
@@ -245,10 +281,17 @@ class AlgorithmConfig(Section):
     group_std_norm: bool = True
     baseline: Optional[Literal["group_mean"]] = Field(None, description="reinforce_pp only: group_mean is "
                                                       "REINFORCE++-baseline (needs n_samples_per_prompt >= 2)")
-    tis: Union[bool, Literal["auto"]] = Field("auto", description="truncated importance sampling between the "
-                                              "learner's and the generator's log-probs: true, false, or auto "
-                                              "(on when rollout.sync.max_off_policy_lag >= 1)")
-    tis_cap: float = Field(2.0, ge=1.0, description="C of min(pi_learner / pi_generator, C)")
+    is_correction: Literal["auto", "none", "tis", "mis", "icepop", "seq_mask_tis"] = Field(
+        "auto", description="train/inference mismatch correction between the learner's and the generator's "
+        "log-probs (rlhf_ray.algo.offpolicy): tis truncates token ratios at is_cap, mis drops sequences whose "
+        "ratio passes is_cap, icepop drops tokens outside [is_low, is_high], seq_mask_tis drops sequences whose "
+        "geometric-mean ratio is outside [is_low, is_high] and truncates the rest at is_cap; auto: tis when "
+        "rollout.sync.max_off_policy_lag >= 1 (or a measured bf16 CPU), else none. Alias: algorithm.tis")
+    is_cap: float = Field(2.0, ge=1.0, description="C of tis, mis and seq_mask_tis. Alias: algorithm.tis_cap")
+    is_low: Optional[float] = Field(None, gt=0, description="lower end of the band of icepop / seq_mask_tis; "
+                                    "default: the preset's (icepop 0.5, seq_mask_tis 0.5)")
+    is_high: Optional[float] = Field(None, gt=0, description="upper end of the band of icepop / seq_mask_tis; "
+                                     "default: the preset's (icepop 5.0, seq_mask_tis 2.0)")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample "
                                    "more prompts until the batch is full")
     dynamic_sampling_max_rounds: int = Field(3, ge=0, description="extra generation rounds per step at most")
@@ -371,7 +414,7 @@ class Config(Section):
     def _measured_dtype(self):
         """model.dtype=measure: decided here, once, so every role and `rlhf-ray config` read one dtype. CPU
         roles get `cpu_default_dtype()`; with bf16 their engine and learner log-probs round apart (max 0.66
-        on SmolLM2, rlhf_ray.utils.device.LOGPROB_TOLERANCE), so an unset algorithm.tis turns on. GPU: auto."""
+        on SmolLM2, rlhf_ray.utils.device.LOGPROB_TOLERANCE), so an unset algorithm.is_correction is tis. GPU: auto."""
         if self.model.dtype != "measure":
             return self
         from rlhf_ray.utils.capability import cpu_default_dtype
@@ -379,8 +422,8 @@ class Config(Section):
         on_cpu = c.simulate or c.device == "cpu" or (c.device == "auto" and c.gpus_per_node == 0)
         dtype = cpu_default_dtype() if on_cpu else "auto"
         object.__setattr__(self, "model", self.model.model_copy(update={"dtype": dtype}))
-        if dtype == "bfloat16" and self.algorithm.tis == "auto":
-            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"tis": True}))
+        if dtype == "bfloat16" and self.algorithm.is_correction == "auto":
+            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"is_correction": "tis"}))
         return self
 
     @model_validator(mode="after")
@@ -400,9 +443,13 @@ class Config(Section):
                if getattr(self.reference, k) is None}
         if ref:
             object.__setattr__(self, "reference", self.reference.model_copy(update=ref))
-        if self.algorithm.tis == "auto":  # rollouts that may lag the learner need the correction
-            on = self.rollout.sync.max_off_policy_lag >= 1
-            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"tis": on}))
+        if self.algorithm.is_correction == "auto":  # rollouts that may lag the learner need the correction
+            kind = "tis" if self.rollout.sync.max_off_policy_lag >= 1 else "none"
+            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"is_correction": kind}))
+        band = IS_CORRECTIONS[self.algorithm.is_correction]
+        if band is not None:  # the preset's band where the config leaves it unset, so every role reads one value
+            lo, hi = self.algorithm.is_low or band[0], self.algorithm.is_high or band[1]
+            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"is_low": lo, "is_high": hi}))
         return self
 
     @model_validator(mode="after")
@@ -421,6 +468,16 @@ class Config(Section):
         if a.dual_clip is not None and get_algorithm(a.name).objective != "ppo_clip":
             raise ValueError(f"algorithm.dual_clip applies to PPO's token-level clipped surrogate; algorithm.name="
                              f"{a.name} uses the {get_algorithm(a.name).objective} objective, which has none")
+        if IS_CORRECTIONS[a.is_correction] is None:
+            for key in ("is_low", "is_high"):
+                if getattr(a, key) is not None:
+                    raise ValueError(f"algorithm.{key} is the band of is_correction icepop or seq_mask_tis; "
+                                     f"algorithm.is_correction={a.is_correction} has none")
+        elif not a.is_low < a.is_high:
+            raise ValueError(f"algorithm.is_low={a.is_low} must be below algorithm.is_high={a.is_high}")
+        if self.rollout.sync.on_logprob_mismatch == "correct" and a.is_correction == "none":
+            raise ValueError("rollout.sync.on_logprob_mismatch=correct needs a correction to apply: set "
+                             "algorithm.is_correction to tis, mis, icepop or seq_mask_tis (or on_logprob_mismatch=fail)")
         if a.baseline is not None and a.name != "reinforce_pp":
             raise ValueError(f"algorithm.baseline={a.baseline} applies to algorithm.name=reinforce_pp only, "
                              f"got {a.name}")

@@ -56,11 +56,12 @@ class PolicyWorker:
         first: list[Agreement] = []   # one part per micro-batch of the first optimizer step
         sums: dict[str, float] = {}
         steps = 0
-        # TIS needs the learner's log-probs before any step (the proximal policy). With a single optimizer
-        # step every micro-batch's own forward runs on exactly those weights: its detached log-probs are
-        # the proximal ones (PPO ratio 1, as in TRL), and a separate forward would only recompute them.
-        live = self.algo.tis is True and proximal_is_live(minibatches, self.learner.model)
-        proximal = self.logprobs(batch.seq) if self.algo.tis is True and not live else None
+        # An IS correction needs the learner's log-probs before any step (the proximal policy). With a single
+        # optimizer step every micro-batch's own forward runs on exactly those weights: its detached log-probs
+        # are the proximal ones (PPO ratio 1, as in TRL), and a separate forward would only recompute them.
+        corrects = self.algo.is_correction != "none"
+        live = corrects and proximal_is_live(minibatches, self.learner.model)
+        proximal = self.logprobs(batch.seq) if corrects and not live else None
 
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu())

@@ -93,8 +93,8 @@ def test_cispo_matches_a_slow_loop_and_keeps_every_tokens_gradient(seed):
     for i in range(B):
         for t in range(T):
             if mask[i, t] > 0:
-                w = min(max(math.exp(float(logp[i, t] - old[i, t])), 0.8), 1.28)
-                total += -w * float(adv[i, t]) * float(logp[i, t])
+                w = min(max(math.exp(float(logp[i, t].detach() - old[i, t])), 0.8), 1.28)
+                total += -w * float(adv[i, t]) * float(logp[i, t].detach())
                 n += 1
     assert float(loss.detach()) == pytest.approx(total / n, rel=1e-5)
     loss.backward()

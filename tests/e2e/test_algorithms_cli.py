@@ -74,8 +74,8 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
                                                                                             "token-mean", 5)
         assert all("dynamic_sampling/dropped_frac" in r and "reward/overlong_penalty_mean" in r for r in train_rows)
     if case == "rloo":
-        assert cfg["algorithm"]["tis"] is True
-        ratios = [r["tis/ratio_mean"] for r in train_rows]
+        assert cfg["algorithm"]["is_correction"] == "tis"
+        ratios = [r["is/token_ratio_mean"] for r in train_rows]
         assert all(0.5 < x < 2.0 for x in ratios), ratios
         assert any(r["sync/lag"] == 1 for r in train_rows)
     if case == "reinforce_pp":
