@@ -96,6 +96,10 @@ class LearnerConfig(Section):
     num_ranks: int = Field(1, gt=0)
     micro_batch_size: int = Field(8, gt=0, description="rows per forward/backward; a step's batch is "
                                   "accumulated over as many micro-batches as it takes")
+    max_tokens_per_micro_batch: Optional[int] = Field(
+        None, gt=0, description="RL learners (rl.policy, rl.critic): micro-batches by this many padded tokens "
+        "(rows x (longest prompt + longest response)) instead of micro_batch_size rows, each prompt's samples kept "
+        "together and the longest responses batched with each other; the same objective up to float rounding")
     optim: OptimConfig = OptimConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     cpus_per_rank: float = Field(1.0, gt=0)
@@ -221,6 +225,8 @@ class ReferenceConfig(Section):
     kl_horizon: int = Field(10000, gt=0)
     num_cpus: float = Field(0.5, gt=0, description="the separate reference actor (distributed placement)")
     num_gpus: float = Field(0.0, ge=0, description="the separate reference actor (distributed placement)")
+    max_tokens_per_micro_batch: Optional[int] = Field(None, gt=0, description="the separate reference scorer's "
+                                                      "micro-batches by this many padded tokens (see rl.policy's)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,6 +467,18 @@ class Config(Section):
                 raise ValueError(f"model.quantization.load_in_4bit=true cannot be combined with "
                                  f"{where}.deepspeed.zero_stage=3: ZeRO-3 partitions parameters and "
                                  f"bitsandbytes 4-bit weights cannot be partitioned; use zero_stage 0, 1 or 2")
+        for where, learner in (("sft.learner", self.sft.learner), ("rm.learner", self.rm.learner),
+                               ("dpo.learner", self.dpo.learner)):
+            if learner.max_tokens_per_micro_batch is not None:
+                raise ValueError(f"{where}.max_tokens_per_micro_batch applies to the RL learners (rl.policy, "
+                                 f"rl.critic); offline stages batch by {where}.micro_batch_size")
+        for where, learner in (("rl.policy", self.rl.policy), ("rl.critic", self.rl.critic)):
+            if (learner.max_tokens_per_micro_batch is not None and learner.deepspeed.zero_stage == 3
+                    and learner.num_ranks > 1):
+                raise ValueError(f"{where}.max_tokens_per_micro_batch with {where}.deepspeed.zero_stage=3 on "
+                                 f"{learner.num_ranks} ranks: ZeRO-3 forwards are collectives, and each rank's "
+                                 f"scoring shard packs into its own number of micro-batches; use "
+                                 f"{where}.micro_batch_size")
         a = self.algorithm
         if get_algorithm(a.name).min_group_size > self.rollout.n_samples_per_prompt:
             raise ValueError(f"algorithm.name={a.name} compares samples within a group and needs "
