@@ -210,6 +210,9 @@ class RewardConfig(Section):
     gold: Optional[str] = Field(None, description="module:function reported as reward/gold_mean, never trained on")
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    max_tokens_per_micro_batch: Optional[int] = Field(None, gt=0, description="reward models (kind=model): score "
+                                                      "rows packed by this many padded tokens, longest first, "
+                                                      "instead of the plan's row count")
 
 
 class ReferenceConfig(Section):

@@ -182,3 +182,30 @@ def test_token_budget_micro_batches_are_refused_where_they_are_not_supported():
     seq = _seq()
     assert [m["idx"].tolist() for m in minibatch_micro_batches(torch.arange(8), 4, seq.response_mask)] == [
         [0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_a_reward_models_token_budget_scores_every_row_where_it_belongs():
+    from rlhf_ray.roles.reward import ModelSource
+    lengths = [3, 30, 4, 28, 2, 5, 31, 3]
+    shapes = []
+
+    def scores(ids, mask):  # a score that depends on the row alone, not on its padding or batch
+        shapes.append(tuple(ids.shape))
+        return (ids * mask).sum(-1).float() / mask.sum(-1)
+
+    def make(max_tokens):
+        src = ModelSource.__new__(ModelSource)
+        src.tok = SimpleNamespace(pad_token_id=0)
+        src.batch_size, src.device, src.max_tokens = 4, "cpu", max_tokens
+        src._encode = lambda p, r: [int(p)] * int(r)
+        src._scores = scores
+        return src
+
+    prompts, responses = [str(i + 1) for i in range(8)], [str(n) for n in lengths]
+    by_rows = make(None)(prompts, responses)
+    rows_shapes, shapes[:] = list(shapes), []
+    by_tokens = make(64)(prompts, responses)
+    assert by_tokens == by_rows == [float(i + 1) for i in range(8)]
+    assert rows_shapes == [(4, 30), (4, 31)]
+    assert all(b * w <= 64 for b, w in shapes) and sum(b for b, _ in shapes) == 8
+    assert sum(b * w for b, w in shapes) < sum(b * w for b, w in rows_shapes)
