@@ -58,7 +58,9 @@ class PolicyWorker:
         # An IS correction needs the learner's log-probs before any step (the proximal policy). With a single
         # optimizer step every micro-batch's own forward runs on exactly those weights: its detached log-probs
         # are the proximal ones (PPO ratio 1, as in TRL), and a separate forward would only recompute them.
-        corrects = self.algo.is_correction != "none"
+        # "auto" is resolved by the whole config (rlhf_ray.config.schema); a section built alone leaves it
+        # unresolved, which corrects nothing, as algorithm.tis=auto did
+        corrects = self.algo.is_correction not in ("none", "auto")
         live = corrects and proximal_is_live(minibatches, self.learner.model)
         proximal = self.logprobs(batch.seq) if corrects and not live else None
 

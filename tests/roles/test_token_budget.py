@@ -209,3 +209,14 @@ def test_a_reward_models_token_budget_scores_every_row_where_it_belongs():
     assert rows_shapes == [(4, 30), (4, 31)]
     assert all(b * w <= 64 for b, w in shapes) and sum(b for b, _ in shapes) == 8
     assert sum(b * w for b, w in shapes) < sum(b * w for b, w in rows_shapes)
+
+
+def test_an_algorithm_section_built_alone_leaves_auto_uncorrected():
+    """`is_correction: auto` is resolved with the whole config; a section built alone (tests, tools) corrects
+    nothing, as `tis: auto` did (it once reached the IS weights as an unknown preset)."""
+    from rlhf_ray.config.schema import AlgorithmConfig, ReferenceConfig
+    seq = _seq()
+    worker = PolicyWorker(_TinyLearner(LearnerConfig(micro_batch_size=8)), AlgorithmConfig(loss_agg="token-mean"),
+                          ReferenceConfig(kl_coef=0.0), temperature=1.0, norm_len=24)
+    stats = worker.update(_train_batch(seq), [[torch.arange(8)], [torch.arange(8, 16)]], kl_coef=0.0).stats
+    assert not any(k.startswith("is/") for k in stats)
