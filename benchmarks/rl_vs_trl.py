@@ -10,7 +10,7 @@ KL: beta 0.04 as a k3 loss term (TRL's form); token-mean loss (TRL's default agg
 constant LR, grad clip 1, temperature 1, fp32.
 
 `--bf16` adds a bf16-vs-bf16 pair where the CPU has native bf16 (AVX-512 BF16 / AMX): ours with
-`model.dtype=bfloat16 algorithm.tis=true` (learner, reference and engine in bf16; the log-prob agreement
+`model.dtype=bfloat16 algorithm.is_correction=tis` (learner, reference and engine in bf16; the log-prob agreement
 check uses its bf16 thresholds, rlhf_ray.utils.device.LOGPROB_TOLERANCE; truncated IS weighs the
 learner/engine gap), TRL with the model loaded in bf16 and `bf16=True`. The fp32 pair is always run and
 reported beside it.
@@ -232,7 +232,7 @@ def summary(res: dict) -> dict:
 
 
 # ours in bf16: the agreement thresholds follow the precision (left unset), TIS weighs the learner/engine gap
-BF16 = ("model.dtype=bfloat16", "algorithm.tis=true")
+BF16 = ("model.dtype=bfloat16", "algorithm.is_correction=tis")
 
 
 def bench_case(name: str, steps: int, bf16: bool, placements: list[str], cpu: dict) -> dict:

@@ -33,6 +33,20 @@ class SequenceBatch:
         return SequenceBatch(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx],
                              self.response_mask[idx], self.prompt_len)
 
+    def trimmed(self) -> "SequenceBatch":
+        """The same rows without the columns that are padding in every row: prompt columns on the left, response
+        columns on the right (at least one response column stays). A micro-batch of short rows then costs its own
+        width, not the whole batch's; positions count from each row's first real token, so they are unchanged
+        and the forward agrees with the padded one up to float rounding. The response keeps column 0 at P'."""
+        p = self.prompt_len
+        real_p = self.attention_mask[:, :p].any(0)
+        drop = int(real_p.long().argmax()) if bool(real_p.any()) else p  # leading prompt columns all padding
+        real_t = self.response_mask.any(0).nonzero()
+        keep_t = max(1, int(real_t.max()) + 1 if len(real_t) else 1)
+        cols = slice(drop, p + keep_t)
+        return SequenceBatch(self.input_ids[:, cols], self.attention_mask[:, cols], self.position_ids[:, cols],
+                             self.response_mask[:, :keep_t], p - drop)
+
 
 def pack_sequences(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                    pad_id: int) -> SequenceBatch:

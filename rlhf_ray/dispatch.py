@@ -8,7 +8,7 @@ may be unequal (`split_evenly`). A batch is a dict of tensors sharing dim 0, or 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -92,3 +92,108 @@ def gather(parts: list[torch.Tensor]) -> torch.Tensor:
 def mean_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Rank-mean of each statistic: ranks hold equal row counts, so this is the batch mean."""
     return {k: sum(s[k] for s in per_rank) / len(per_rank) for k in per_rank[0]}
+
+
+# -- token-budget micro-batches --------------------------------------------------------------------
+def prompt_runs(seq: SequenceBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+    """`rows` (indices into `seq`, in their order) cut into runs of consecutive rows that share a prompt: a
+    GRPO group is one run, so a micro-batch made of whole runs computes each prompt once
+    (`rlhf_ray.models.shared_prompt`)."""
+    if len(rows) == 0:
+        return []
+    p = seq.prompt_len
+    key = torch.cat([seq.input_ids[rows, :p], seq.attention_mask[rows, :p]], dim=1)  # (R, 2P)
+    starts = [0] + [i for i in range(1, len(rows)) if not torch.equal(key[i], key[i - 1])]
+    return [rows[a:b] for a, b in zip(starts, starts[1:] + [len(rows)])]
+
+
+def row_lengths(seq: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) real prompt and (B,) real response lengths: a micro-batch's padded width is max prompt + max
+    response (prompts are left-padded, responses right-padded: `rlhf_ray.batch`)."""
+    p = seq.prompt_len
+    return seq.attention_mask[:, :p].sum(-1), seq.response_mask.sum(-1).long()
+
+
+def pack_by_tokens(runs: list[torch.Tensor], prompt_len: torch.Tensor, response_len: torch.Tensor,
+                   budget: int) -> list[torch.Tensor]:
+    """Micro-batches of whole runs whose padded size rows x (max prompt + max response) stays within `budget`
+    tokens. Runs are taken longest response first, so long rows pad only to each other and short ones pack
+    many to a micro-batch; a run larger than the budget alone is a micro-batch of its own (never split).
+    prompt_len, response_len: (B,) per row of the batch the runs index."""
+    order = sorted(range(len(runs)), key=lambda i: -int(response_len[runs[i]].max()))
+    out, cur, n, p_max, t_max = [], [], 0, 0, 0
+    for i in order:
+        run = runs[i]
+        p, t = int(prompt_len[run].max()), max(1, int(response_len[run].max()))
+        if cur and (n + len(run)) * (max(p_max, p) + max(t_max, t)) > budget:
+            out.append(torch.cat(cur))
+            cur, n, p_max, t_max = [], 0, 0, 0
+        cur.append(run)
+        n, p_max, t_max = n + len(run), max(p_max, p), max(t_max, t)
+    if cur:
+        out.append(torch.cat(cur))
+    return out
+
+
+def _split_to(parts: list[torch.Tensor], count: int, seq: SequenceBatch) -> list[torch.Tensor]:
+    """`parts` split until there are `count`: the largest part in two, at a prompt-run boundary when it has
+    more than one run, else between rows. DeepSpeed's gradient reductions (ZeRO-2) and ZeRO-3's forwards are
+    collectives, so every rank must run as many micro-batches as the others."""
+    parts = list(parts)
+    while len(parts) < count:
+        i = max(range(len(parts)), key=lambda j: len(parts[j]))
+        big = parts.pop(i)
+        runs = prompt_runs(seq, big)
+        if len(runs) > 1:
+            half = len(runs) // 2
+            a, b = torch.cat(runs[:half]), torch.cat(runs[half:])
+        else:
+            a, b = big[:len(big) // 2], big[len(big) // 2:]
+        parts[i:i] = [a, b]
+    return parts
+
+
+def token_budget_micro_batches(rows: torch.Tensor, seq: SequenceBatch, budget: int, rank: int = 0,
+                               world: int = 1) -> list[dict[str, torch.Tensor]]:
+    """`minibatch_micro_batches` by a token budget instead of a row count (`*.max_tokens_per_micro_batch`):
+    rank `rank`'s equal share of the minibatch `rows`, packed by `pack_by_tokens` with each prompt's rows
+    together, and as many micro-batches on every rank (each rank computes every rank's packing, the same
+    pure function of the same batch, and splits its own up to the largest count). Each carries the whole
+    minibatch's row and token counts (`rlhf_ray.roles.losses.token_weight`)."""
+    total = torch.tensor([len(rows), float(seq.response_mask[rows].sum())])
+    p_len, t_len = row_lengths(seq)
+    plans = [pack_by_tokens(prompt_runs(seq, shard_rows(rows, r, world)), p_len, t_len, budget)
+             for r in range(world)]
+    mine = _split_to(plans[rank], max(len(p) for p in plans), seq)
+    return [{"idx": idx, "totals": total.expand(len(idx), 2)} for idx in mine]
+
+
+def scoring_micro_batches(seq: SequenceBatch, rows: int, budget: Optional[int]) -> list[torch.Tensor]:
+    """Row indices of a scorer's micro-batches over all of `seq`: `rows` at a time in order, or, with a token
+    `budget`, whole prompt runs packed by `pack_by_tokens` (the caller puts each result back by its indices)."""
+    if budget is None:
+        return [torch.arange(i, min(i + rows, len(seq))) for i in range(0, len(seq), rows)]
+    p_len, t_len = row_lengths(seq)
+    return pack_by_tokens(prompt_runs(seq, torch.arange(len(seq))), p_len, t_len, budget)
+
+
+def per_token_over_micro_batches(seq: SequenceBatch, parts: list[torch.Tensor], fn) -> torch.Tensor:
+    """(B, T) results of `fn` over micro-batches: `fn(micro_seq)` gets the rows `parts[i]` without their
+    all-padding columns (`SequenceBatch.trimmed`) and returns (b, T_i) per-token values (on the host), which land
+    back at their rows; padding is 0 (what a padded position held before depended on the micro-batch's width)."""
+    out = torch.zeros(len(seq), seq.response_mask.shape[1])
+    for idx in parts:
+        mb = seq.select(idx).trimmed()
+        r = fn(mb)
+        out = out.to(r.dtype)
+        out[idx, :r.shape[1]] = r * mb.response_mask.to(r.dtype)
+    return out
+
+
+def micro_batches_of(rows: torch.Tensor, seq: SequenceBatch, size: int, max_tokens: Optional[int], rank: int = 0,
+                     world: int = 1) -> list[dict[str, torch.Tensor]]:
+    """A PPO minibatch's micro-batches for rank `rank`: `size` rows each, or by the token budget `max_tokens`
+    (`*.max_tokens_per_micro_batch`; `token_budget_micro_batches`)."""
+    if max_tokens is None:
+        return minibatch_micro_batches(rows, size, seq.response_mask, rank, world)
+    return token_budget_micro_batches(rows, seq, max_tokens, rank, world)

@@ -136,6 +136,15 @@ class TrainBatch:
         return TrainBatch(self.seq.select(idx), self.old_logp[idx], self.ref_logp[idx], self.advantages[idx],
                           self.returns[idx], pick(self.old_values))
 
+    def trimmed(self) -> "TrainBatch":
+        """Without the columns that are padding in every row (`SequenceBatch.trimmed`); per-token tensors keep
+        the response columns that stay. A micro-batch's forward and loss then run over its own width."""
+        seq = self.seq.trimmed()
+        t = seq.response_mask.shape[1]
+        cut = (lambda x: None if x is None else x[:, :t])
+        return TrainBatch(seq, cut(self.old_logp), cut(self.ref_logp), cut(self.advantages), cut(self.returns),
+                          cut(self.old_values))
+
 
 @dataclass(frozen=True)
 class UpdateResult:

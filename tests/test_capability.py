@@ -98,13 +98,13 @@ def test_probe_restores_the_thread_count():
 def test_measure_in_the_config_resolves_once_with_tis_on_for_bf16(monkeypatch):
     monkeypatch.setenv(cap.ENV, "bfloat16")
     cfg = load_config(None, ["model.dtype=measure"])
-    assert cfg.model.dtype == "bfloat16" and cfg.algorithm.tis is True
+    assert cfg.model.dtype == "bfloat16" and cfg.algorithm.is_correction == "tis"
     plan = place(cfg)
     assert role_dtype(cfg, plan, "policy") == role_dtype(cfg, plan, "generator") == "bfloat16"
-    assert load_config(None, ["model.dtype=measure", "algorithm.tis=false"]).algorithm.tis is False
+    assert load_config(None, ["model.dtype=measure", "algorithm.tis=false"]).algorithm.is_correction == "none"
     monkeypatch.setenv(cap.ENV, "float32")
     cfg = load_config(None, ["model.dtype=measure"])
-    assert cfg.model.dtype == "float32" and cfg.algorithm.tis is False  # as auto: lockstep, no TIS
+    assert cfg.model.dtype == "float32" and cfg.algorithm.is_correction == "none"  # as auto: lockstep, no TIS
 
 
 def test_auto_is_unchanged_and_gpu_roles_keep_their_default(monkeypatch):

@@ -1,7 +1,7 @@
 """One registry of RL algorithms: each name carries its estimator, loss aggregation and KL placement.
 
-An algorithm here is a choice of (advantage estimator, how the per-token loss is reduced, where the KL to
-the reference goes, whether a critic is trained). The estimator is named by its key in
+An algorithm here is a choice of (advantage estimator, policy objective, how the per-token loss is reduced,
+where the KL to the reference goes, whether a critic is trained). The estimator is named by its key in
 ``advantages.ADVANTAGE_ESTIMATORS``; ``options`` maps the estimator's own keyword arguments to the
 ``algorithm.*`` config field that supplies each, so a caller builds the call from the spec alone:
 
@@ -32,6 +32,7 @@ class AlgorithmSpec:
     # algorithm.overlong_buffer, when unset: this fraction of rollout.max_new_tokens (0: off)
     overlong_fraction: float = 0.0
     cite: str = ""
+    objective: str = "ppo_clip"          # key of objectives.OBJECTIVES: the policy's loss
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
@@ -58,6 +59,29 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                           options={"norm_by_std": "group_std_norm"},
                           defaults={"dynamic_sampling": True, "clip_high": 0.28}, overlong_fraction=0.2,
                           cite="Yu 2025"),
+    # GSPO (Zheng 2025): GRPO's group-normalised advantage, the clip on a sequence-level, length-normalised
+    # ratio with the paper's ranges 3e-4 / 4e-4 (sec. 5.1), one loss per sequence averaged over the group.
+    "gspo": AlgorithmSpec("gspo", "grpo", "seq-mean-token-mean", False, "k3", min_group_size=2,
+                          options={"norm_by_std": "group_std_norm"},
+                          defaults={"clip_low": 3e-4, "clip_high": 4e-4}, cite="Zheng 2025", objective="gspo"),
+    # CISPO (MiniMax-M1, Chen 2025, sec. 3.1): group-normalised advantage, a clipped stop-gradient IS weight
+    # times log pi, token-level mean. No lower bound on the weight (clip_low=1: the weight's floor is 0);
+    # the paper tunes only the upper bound and reports no value: 0.28 here is DAPO's clip-higher, the value
+    # open implementations default to.
+    "cispo": AlgorithmSpec("cispo", "grpo", "token-mean", False, "k3", min_group_size=2,
+                           options={"norm_by_std": "group_std_norm"},
+                           defaults={"clip_low": 1.0, "clip_high": 0.28}, cite="Chen 2025", objective="cispo"),
+}
+
+
+# The train/inference mismatch corrections (algorithm.is_correction; rlhf_ray.algo.offpolicy): each preset's
+# default band (low, high) where it masks by one, None where it uses only algorithm.is_cap (or nothing).
+IS_CORRECTIONS: dict[str, tuple[float, float] | None] = {
+    "none": None,
+    "tis": None,               # token truncation at C
+    "mis": None,               # sequence mask at C (Yao, Liu et al. 2025)
+    "icepop": (0.5, 5.0),      # token band, both sides (Ring-1T's IcePop)
+    "seq_mask_tis": (0.5, 2.0),  # band of each sequence's geometric-mean ratio, then token TIS
 }
 
 

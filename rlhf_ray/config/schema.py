@@ -7,11 +7,11 @@ each component receives only its own section (e.g. the generator gets `RolloutCo
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rlhf_ray.algo.registry import get_algorithm
+from rlhf_ray.algo.registry import IS_CORRECTIONS, get_algorithm
 
 
 class Section(BaseModel):
@@ -96,6 +96,10 @@ class LearnerConfig(Section):
     num_ranks: int = Field(1, gt=0)
     micro_batch_size: int = Field(8, gt=0, description="rows per forward/backward; a step's batch is "
                                   "accumulated over as many micro-batches as it takes")
+    max_tokens_per_micro_batch: Optional[int] = Field(
+        None, gt=0, description="RL learners (rl.policy, rl.critic): micro-batches by this many padded tokens "
+        "(rows x (longest prompt + longest response)) instead of micro_batch_size rows, each prompt's samples kept "
+        "together and the longest responses batched with each other; the same objective up to float rounding")
     optim: OptimConfig = OptimConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     cpus_per_rank: float = Field(1.0, gt=0)
@@ -139,6 +143,10 @@ class SyncConfig(Section):
     check_every: int = Field(10, gt=0, description="with overlap, every Nth step runs in lockstep so that "
                                                   "the log-prob agreement check still runs")
     logprob_check: bool = True
+    on_logprob_mismatch: Literal["fail", "correct"] = Field(
+        "fail", description="a lockstep step whose learner-vs-generator log-probs differ beyond the thresholds below: "
+        "fail the step naming the numbers, or go on with algorithm.is_correction's preset weighing the gap out "
+        "(the step logs sync/logprob_over_bound=1 and says so on the console)")
     logprob_max_abs_diff: Optional[float] = Field(None, gt=0, description="default: per compute precision "
                                                   "(rlhf_ray.utils.device.LOGPROB_TOLERANCE: fp32 0.5, bf16 4.0)")
     logprob_mean_abs_diff: Optional[float] = Field(None, gt=0, description="default: per compute precision "
@@ -202,6 +210,9 @@ class RewardConfig(Section):
     gold: Optional[str] = Field(None, description="module:function reported as reward/gold_mean, never trained on")
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    max_tokens_per_micro_batch: Optional[int] = Field(None, gt=0, description="reward models (kind=model): score "
+                                                      "rows packed by this many padded tokens, longest first, "
+                                                      "instead of the plan's row count")
 
 
 class ReferenceConfig(Section):
@@ -217,20 +228,55 @@ class ReferenceConfig(Section):
     kl_horizon: int = Field(10000, gt=0)
     num_cpus: float = Field(0.5, gt=0, description="the separate reference actor (distributed placement)")
     num_gpus: float = Field(0.0, ge=0, description="the separate reference actor (distributed placement)")
+    max_tokens_per_micro_batch: Optional[int] = Field(None, gt=0, description="the separate reference scorer's "
+                                                      "micro-batches by this many padded tokens (see rl.policy's)")
 
 
 # ---------------------------------------------------------------------------------------------
 # algorithm
 # The names of rlhf_ray.algo.registry.ALGORITHMS (a test keeps the two equal); each name brings its own
 # estimator, loss aggregation and KL placement, which the fields left unset below take.
-AlgorithmName = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo"]
+AlgorithmName = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo", "gspo", "cispo"]
+
+
+# algorithm.tis (a boolean before the presets) and algorithm.tis_cap keep working as aliases
+_TIS_ALIAS = {True: "tis", False: "none", "auto": "auto"}
 
 
 class AlgorithmConfig(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _tis_alias(cls, data):
+        """`algorithm.tis: true|false|auto` -> is_correction tis|none|auto; `tis_cap` -> is_cap. Given both ways
+        with different values, the config is refused naming both keys."""
+        if not isinstance(data, dict) or not ({"tis", "tis_cap"} & set(data)):
+            return data
+        data = dict(data)
+        if "tis" in data:
+            tis = data.pop("tis")
+            if isinstance(tis, str) and tis.lower() in ("true", "false", "on", "off", "yes", "no"):
+                tis = tis.lower() in ("true", "on", "yes")
+            if not (isinstance(tis, bool) or tis == "auto"):
+                raise ValueError(f"algorithm.tis must be true, false or auto (an alias of algorithm.is_correction "
+                                 f"tis, none, auto), got {tis!r}")
+            if data.get("is_correction", _TIS_ALIAS[tis]) != _TIS_ALIAS[tis]:
+                raise ValueError(f"algorithm.tis={str(tis).lower()} (an alias of algorithm.is_correction="
+                                 f"{_TIS_ALIAS[tis]}) contradicts algorithm.is_correction={data['is_correction']}; "
+                                 f"set only algorithm.is_correction")
+            data["is_correction"] = _TIS_ALIAS[tis]
+        if "tis_cap" in data:
+            cap = data.pop("tis_cap")
+            if "is_cap" in data and data["is_cap"] != cap:
+                raise ValueError(f"algorithm.tis_cap={cap} (an alias of algorithm.is_cap) contradicts "
+                                 f"algorithm.is_cap={data['is_cap']}; set only algorithm.is_cap")
+            data["is_cap"] = cap
+        return data
+
     name: AlgorithmName = "grpo"
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
-    clip_low: float = Field(0.2, gt=0)
+    clip_low: float = Field(0.2, gt=0, description="the ratio's range is [1 - clip_low, 1 + clip_high]; gspo: its "
+                            "sequence ratio's (3e-4 / 4e-4), cispo: its IS weight's (1.0: no lower bound / 0.28)")
     clip_high: float = Field(0.2, gt=0)
     dual_clip: Optional[float] = Field(None, gt=1.0)
     value_clip: float = Field(0.2, gt=0)
@@ -244,10 +290,17 @@ class AlgorithmConfig(Section):
     group_std_norm: bool = True
     baseline: Optional[Literal["group_mean"]] = Field(None, description="reinforce_pp only: group_mean is "
                                                       "REINFORCE++-baseline (needs n_samples_per_prompt >= 2)")
-    tis: Union[bool, Literal["auto"]] = Field("auto", description="truncated importance sampling between the "
-                                              "learner's and the generator's log-probs: true, false, or auto "
-                                              "(on when rollout.sync.max_off_policy_lag >= 1)")
-    tis_cap: float = Field(2.0, ge=1.0, description="C of min(pi_learner / pi_generator, C)")
+    is_correction: Literal["auto", "none", "tis", "mis", "icepop", "seq_mask_tis"] = Field(
+        "auto", description="train/inference mismatch correction between the learner's and the generator's "
+        "log-probs (rlhf_ray.algo.offpolicy): tis truncates token ratios at is_cap, mis drops sequences whose "
+        "ratio passes is_cap, icepop drops tokens outside [is_low, is_high], seq_mask_tis drops sequences whose "
+        "geometric-mean ratio is outside [is_low, is_high] and truncates the rest at is_cap; auto: tis when "
+        "rollout.sync.max_off_policy_lag >= 1 (or a measured bf16 CPU), else none. Alias: algorithm.tis")
+    is_cap: float = Field(2.0, ge=1.0, description="C of tis, mis and seq_mask_tis. Alias: algorithm.tis_cap")
+    is_low: Optional[float] = Field(None, gt=0, description="lower end of the band of icepop / seq_mask_tis; "
+                                    "default: the preset's (icepop 0.5, seq_mask_tis 0.5)")
+    is_high: Optional[float] = Field(None, gt=0, description="upper end of the band of icepop / seq_mask_tis; "
+                                     "default: the preset's (icepop 5.0, seq_mask_tis 2.0)")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample "
                                    "more prompts until the batch is full")
     dynamic_sampling_max_rounds: int = Field(3, ge=0, description="extra generation rounds per step at most")
@@ -370,7 +423,7 @@ class Config(Section):
     def _measured_dtype(self):
         """model.dtype=measure: decided here, once, so every role and `rlhf-ray config` read one dtype. CPU
         roles get `cpu_default_dtype()`; with bf16 their engine and learner log-probs round apart (max 0.66
-        on SmolLM2, rlhf_ray.utils.device.LOGPROB_TOLERANCE), so an unset algorithm.tis turns on. GPU: auto."""
+        on SmolLM2, rlhf_ray.utils.device.LOGPROB_TOLERANCE), so an unset algorithm.is_correction is tis. GPU: auto."""
         if self.model.dtype != "measure":
             return self
         from rlhf_ray.utils.capability import cpu_default_dtype
@@ -378,8 +431,8 @@ class Config(Section):
         on_cpu = c.simulate or c.device == "cpu" or (c.device == "auto" and c.gpus_per_node == 0)
         dtype = cpu_default_dtype() if on_cpu else "auto"
         object.__setattr__(self, "model", self.model.model_copy(update={"dtype": dtype}))
-        if dtype == "bfloat16" and self.algorithm.tis == "auto":
-            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"tis": True}))
+        if dtype == "bfloat16" and self.algorithm.is_correction == "auto":
+            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"is_correction": "tis"}))
         return self
 
     @model_validator(mode="after")
@@ -399,9 +452,13 @@ class Config(Section):
                if getattr(self.reference, k) is None}
         if ref:
             object.__setattr__(self, "reference", self.reference.model_copy(update=ref))
-        if self.algorithm.tis == "auto":  # rollouts that may lag the learner need the correction
-            on = self.rollout.sync.max_off_policy_lag >= 1
-            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"tis": on}))
+        if self.algorithm.is_correction == "auto":  # rollouts that may lag the learner need the correction
+            kind = "tis" if self.rollout.sync.max_off_policy_lag >= 1 else "none"
+            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"is_correction": kind}))
+        band = IS_CORRECTIONS[self.algorithm.is_correction]
+        if band is not None:  # the preset's band where the config leaves it unset, so every role reads one value
+            lo, hi = self.algorithm.is_low or band[0], self.algorithm.is_high or band[1]
+            object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"is_low": lo, "is_high": hi}))
         return self
 
     @model_validator(mode="after")
@@ -413,10 +470,35 @@ class Config(Section):
                 raise ValueError(f"model.quantization.load_in_4bit=true cannot be combined with "
                                  f"{where}.deepspeed.zero_stage=3: ZeRO-3 partitions parameters and "
                                  f"bitsandbytes 4-bit weights cannot be partitioned; use zero_stage 0, 1 or 2")
+        for where, learner in (("sft.learner", self.sft.learner), ("rm.learner", self.rm.learner),
+                               ("dpo.learner", self.dpo.learner)):
+            if learner.max_tokens_per_micro_batch is not None:
+                raise ValueError(f"{where}.max_tokens_per_micro_batch applies to the RL learners (rl.policy, "
+                                 f"rl.critic); offline stages batch by {where}.micro_batch_size")
+        for where, learner in (("rl.policy", self.rl.policy), ("rl.critic", self.rl.critic)):
+            if (learner.max_tokens_per_micro_batch is not None and learner.deepspeed.zero_stage == 3
+                    and learner.num_ranks > 1):
+                raise ValueError(f"{where}.max_tokens_per_micro_batch with {where}.deepspeed.zero_stage=3 on "
+                                 f"{learner.num_ranks} ranks: ZeRO-3 forwards are collectives, and each rank's "
+                                 f"scoring shard packs into its own number of micro-batches; use "
+                                 f"{where}.micro_batch_size")
         a = self.algorithm
         if get_algorithm(a.name).min_group_size > self.rollout.n_samples_per_prompt:
             raise ValueError(f"algorithm.name={a.name} compares samples within a group and needs "
                              f"rollout.n_samples_per_prompt >= 2, got {self.rollout.n_samples_per_prompt}")
+        if a.dual_clip is not None and get_algorithm(a.name).objective != "ppo_clip":
+            raise ValueError(f"algorithm.dual_clip applies to PPO's token-level clipped surrogate; algorithm.name="
+                             f"{a.name} uses the {get_algorithm(a.name).objective} objective, which has none")
+        if IS_CORRECTIONS[a.is_correction] is None:
+            for key in ("is_low", "is_high"):
+                if getattr(a, key) is not None:
+                    raise ValueError(f"algorithm.{key} is the band of is_correction icepop or seq_mask_tis; "
+                                     f"algorithm.is_correction={a.is_correction} has none")
+        elif not a.is_low < a.is_high:
+            raise ValueError(f"algorithm.is_low={a.is_low} must be below algorithm.is_high={a.is_high}")
+        if self.rollout.sync.on_logprob_mismatch == "correct" and a.is_correction == "none":
+            raise ValueError("rollout.sync.on_logprob_mismatch=correct needs a correction to apply: set "
+                             "algorithm.is_correction to tis, mis, icepop or seq_mask_tis (or on_logprob_mismatch=fail)")
         if a.baseline is not None and a.name != "reinforce_pp":
             raise ValueError(f"algorithm.baseline={a.baseline} applies to algorithm.name=reinforce_pp only, "
                              f"got {a.name}")

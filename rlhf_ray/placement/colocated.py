@@ -97,7 +97,8 @@ class ColocatedRank(PolicyRank):
             ref = scorers["reference"]
             self.reference = ReferenceScorer(paths.resolve(sec.reference.path or paths.policy_init),
                                              dtype=getattr(torch, ref.dtype), device=ref.device,
-                                             temperature=sec.rollout.temperature, micro_batch_size=ref.micro_batch)
+                                             temperature=sec.rollout.temperature, micro_batch_size=ref.micro_batch,
+                                             max_tokens_per_micro_batch=sec.reference.max_tokens_per_micro_batch)
         e = process.engine
         self.engine = GeneratorEngine(generator_base, sec.rollout, make_backend(e.device, e.dtype), e.enable_lora,
                                       e.max_model_len, max_lora_rank=e.max_lora_rank or 16,

@@ -68,7 +68,8 @@ class DistributedRoles:
             ref_path = paths.resolve(sec.reference.path or paths.policy_init)
             self.reference = ReferenceActor.options(**actor_options(plan, groups, "reference")).remote(
                 ref_path, dtype=getattr(torch, ref.dtype), device=ref.device, temperature=sec.rollout.temperature,
-                micro_batch_size=ref.micro_batch)
+                micro_batch_size=ref.micro_batch,
+                max_tokens_per_micro_batch=sec.reference.max_tokens_per_micro_batch)
         # a reward process that dies is restarted once and its call retried once
         rew = args.scorer("reward")
         self.reward = RewardActor.options(**actor_options(plan, groups, "reward"), max_restarts=1,

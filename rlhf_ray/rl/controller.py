@@ -12,6 +12,7 @@ version is the sync's (`roles.weights`, `rlhf_ray.sync.weight_sync`).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,8 @@ from rlhf_ray.utils.phases import PhaseTimer
 
 if TYPE_CHECKING:
     from rlhf_ray.config import Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,12 @@ class RLController:
         overlapped = self._start_next_generation(n)
         with t("update"):
             update = roles.update(batch, minibatches, self.kl_ctl.value, overlapped=overlapped)  # UpdateResult
+        corrected = None  # a lockstep mismatch beyond the bound fails here, or the named preset weighed it out
         if lag == 0 and update.agreement is not None:
-            check_logprob_agreement(update.agreement, self.agreement, version=rollout.weight_version)
+            corrected = check_logprob_agreement(update.agreement, self.agreement, version=rollout.weight_version,
+                                                correction=cfg.algorithm.is_correction)
+            if corrected:
+                log.warning(corrected)
         with t("sync"):
             pushed = roles.weights.push()  # SyncStats; None: every optimizer step was refused, nothing changed
         # Ziegler 2019's rule is in KL per sequence and counts samples (horizon is in samples).
@@ -124,6 +131,7 @@ class RLController:
                    "reward/score_std": float(kept.scores.std()) if len(kept) > 1 else 0.0,
                    "kl/coef": self.kl_ctl.value, "sync/version": float(roles.weights.version),
                    "sync/lag": float(lag), "sync/overlapped": float(overlapped),
+                   "sync/logprob_over_bound": float(corrected is not None),
                    "throughput/tokens_per_s": tokens_per_s(float(scored.seq.response_mask.sum()), t.times["generate"],
                                                            engine),
                    # an overlapped generation hides behind the previous update: only its wait is on the path

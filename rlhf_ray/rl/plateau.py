@@ -20,7 +20,10 @@ from rlhf_ray.config import Config, ConfigError
 # Changeable on --resume: read fresh from the config on every step, saved nowhere else.
 RESUME_SAFE = (
     "algorithm.clip_low", "algorithm.clip_high", "algorithm.dual_clip", "algorithm.entropy_coef",
-    "algorithm.value_clip", "algorithm.value_coef", "algorithm.tis", "algorithm.tis_cap",
+    "algorithm.value_clip", "algorithm.value_coef", "algorithm.is_correction", "algorithm.is_cap",
+    "algorithm.is_low", "algorithm.is_high", "rollout.sync.on_logprob_mismatch",
+    # the names of is_correction / is_cap in run configs saved before the presets
+    "algorithm.tis", "algorithm.tis_cap",
     "algorithm.dynamic_sampling", "algorithm.dynamic_sampling_max_rounds", "algorithm.overlong_buffer",
     "algorithm.overlong_penalty", "reference.kl_coef", "reference.kl_target", "reference.kl_horizon",
     "rl.steps", "rl.save_every", "rl.sample_every", "rl.eval_every", "rl.eval_samples", "rl.plateau_window",

@@ -10,7 +10,7 @@ import torch
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.learner.group import LearnerRank
-from rlhf_ray.dispatch import minibatch_micro_batches
+from rlhf_ray.dispatch import micro_batches_of, per_token_over_micro_batches, scoring_micro_batches
 from rlhf_ray.roles.losses import OBJECTIVE, critic_minibatch_loss, token_weight
 from rlhf_ray.records import TrainBatch, UpdateResult
 from rlhf_ray.utils.phases import set_phase_threads, timed
@@ -22,17 +22,18 @@ class CriticWorker:
     def __init__(self, learner, algo_cfg: AlgorithmConfig, *, norm_len: int):
         self.learner = learner
         self.algo, self.mbs, self.norm_len = algo_cfg, learner.cfg.micro_batch_size, norm_len
+        self.max_tokens = learner.cfg.max_tokens_per_micro_batch  # None: micro-batches of mbs rows
 
     @torch.no_grad()
     def values(self, seq: SequenceBatch) -> torch.Tensor:
         """(B, T) V(s_t) for each response position t (the state before token t is emitted)."""
         self.learner.ds_engine.eval()
-        out, T, P = [], seq.response_mask.shape[1], seq.prompt_len
-        for i in range(0, len(seq), self.mbs):
-            mb = seq.select(slice(i, i + self.mbs))
+
+        def values_of(mb: SequenceBatch) -> torch.Tensor:
+            T, P = mb.response_mask.shape[1], mb.prompt_len
             v = self.learner.forward_values(mb.input_ids, mb.attention_mask, mb.position_ids).float()
-            out.append((v[:, P - 1:P - 1 + T] * mb.response_mask).cpu())
-        return torch.cat(out)
+            return (v[:, P - 1:P - 1 + T] * mb.response_mask.to(v.device)).cpu()
+        return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens), values_of)
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], rank: int = 0,
                world: int = 1) -> UpdateResult:
@@ -40,7 +41,7 @@ class CriticWorker:
         t0 = time.perf_counter()
 
         def loss_fn(learner, mb):
-            tb = batch.select(mb["idx"].cpu())
+            tb = batch.select(mb["idx"].cpu()).trimmed()  # the micro-batch's own width
             values = learner.forward_values(tb.seq.input_ids, tb.seq.attention_mask, tb.seq.position_ids).float()
             loss, stats = critic_minibatch_loss(values, tb, self.algo, self.norm_len)
             return loss * token_weight(self.algo.loss_agg, tb.seq.response_mask, mb), stats
@@ -49,7 +50,7 @@ class CriticWorker:
         steps = 0
         for epoch in minibatches:
             for rows in epoch:
-                mine = minibatch_micro_batches(rows, self.mbs, batch.seq.response_mask, rank, world)
+                mine = micro_batches_of(rows, batch.seq, self.mbs, self.max_tokens, rank, world)
                 for k, v in self.learner.train_step(loss_fn, mine).items():
                     key = k if "/" in k else f"value/{OBJECTIVE.get(k, k)}"
                     sums[key] = sums.get(key, 0.0) + v

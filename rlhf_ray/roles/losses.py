@@ -1,7 +1,7 @@
 """The policy's and the critic's loss on one PPO minibatch, and what makes it exact across micro-batches and ranks.
 
     forward_response_logits   (B, T, V) logits of the response tokens (shared prompts computed once)
-    policy_minibatch_loss     clipped surrogate (+ KL term) (+ entropy bonus), truncated IS when asked
+    policy_minibatch_loss     the algorithm's objective (+ KL term) (+ entropy bonus), IS-corrected when asked
     critic_minibatch_loss     the clipped value loss
     token_weight              the weight that keeps a minibatch's token-mean exact over micro-batches and ranks
 
@@ -46,25 +46,29 @@ def forward_response_logits(learner, seq: SequenceBatch) -> torch.Tensor:
 def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBatch, algo_cfg: AlgorithmConfig,
                           ref_cfg: ReferenceConfig, kl_coef: float, temperature: float, norm_len: int,
                           proximal_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The policy's loss on one minibatch: clipped surrogate (+ KL term) (+ entropy bonus).
+    """The policy's loss on one minibatch: the algorithm's objective (PPO's clipped surrogate, GSPO's, CISPO's)
+    (+ KL term) (+ entropy bonus).
 
     logits: (B, T, V) the response positions' logits (`forward_response_logits`); logp: (B, T)
     their log-probs of the sampled tokens (with grad), computed once by the caller, which also reads them
     for the agreement check and, with a single optimizer step, as the proximal log-probs.
 
-    With `proximal_logp` (B, T), the learner's own log-probs before this update (algorithm.tis=true), the
-    PPO ratio is taken against them and each token's loss is weighted by the truncated importance
-    weight min(pi_prox / pi_generator, algorithm.tis_cap): the batch was sampled by the generator, whose
-    weights may lag and whose kernels (or precision) differ (rlhf_ray.algo.offpolicy).
+    With `proximal_logp` (B, T), the learner's own log-probs before this update (an algorithm.is_correction
+    other than none), the PPO ratio is taken against them and each token's loss is weighted by the preset's
+    importance weight of pi_prox / pi_generator (tis, mis, icepop, seq_mask_tis): the batch was sampled by the
+    generator, whose weights may lag and whose kernels (or precision) differ (rlhf_ray.algo.offpolicy).
     """
     mask = mb.seq.response_mask
     old_logp, is_weights, tis_stats = mb.old_logp, None, {}
     if proximal_logp is not None:
-        is_weights, tis_stats = algo.truncated_is_weights(proximal_logp, mb.old_logp, mask, algo_cfg.tis_cap)
+        is_weights, tis_stats = algo.is_correction_weights(algo_cfg.is_correction, proximal_logp, mb.old_logp, mask,
+                                                           cap=algo_cfg.is_cap, low=algo_cfg.is_low,
+                                                           high=algo_cfg.is_high)
         old_logp = proximal_logp
-    loss, stats = algo.policy_loss(logp, old_logp, mb.advantages, mask, clip_low=algo_cfg.clip_low,
-                                   clip_high=algo_cfg.clip_high, dual_clip=algo_cfg.dual_clip,
-                                   agg=algo_cfg.loss_agg, norm_len=norm_len, is_weights=is_weights)
+    objective = algo.get_algorithm(algo_cfg.name).objective  # ppo_clip, gspo or cispo (rlhf_ray.algo.objectives)
+    loss, stats = algo.objective_loss(objective, logp, old_logp, mb.advantages, mask, clip_low=algo_cfg.clip_low,
+                                      clip_high=algo_cfg.clip_high, dual_clip=algo_cfg.dual_clip,
+                                      agg=algo_cfg.loss_agg, norm_len=norm_len, is_weights=is_weights)
     stats.update(tis_stats)
     if not ref_cfg.kl_in_reward and kl_coef > 0:
         kl, kl_stats = algo.kl_loss(logp, mb.ref_logp, mask, coef=kl_coef, kind=ref_cfg.kl_kind,

@@ -14,7 +14,7 @@ from rlhf_ray import algo
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
 from rlhf_ray.learner.group import LearnerRank
-from rlhf_ray.dispatch import minibatch_micro_batches
+from rlhf_ray.dispatch import micro_batches_of, per_token_over_micro_batches, scoring_micro_batches
 from rlhf_ray.roles.losses import OBJECTIVE, forward_response_logits, policy_minibatch_loss, token_weight
 from rlhf_ray.records import TrainBatch, UpdateResult
 from rlhf_ray.sync.checks import Agreement, logprob_agreement
@@ -26,6 +26,7 @@ class PolicyWorker:
                  norm_len: int):
         self.learner = learner
         self.algo, self.ref_cfg, self.mbs = algo_cfg, ref_cfg, learner.cfg.micro_batch_size
+        self.max_tokens = learner.cfg.max_tokens_per_micro_batch  # None: micro-batches of mbs rows
         self.temperature, self.norm_len = temperature, norm_len
 
     def ref_logprobs(self, seq: SequenceBatch) -> torch.Tensor:
@@ -39,14 +40,12 @@ class PolicyWorker:
 
     @torch.no_grad()
     def logprobs(self, seq: SequenceBatch) -> torch.Tensor:
-        """(B, T) log-probs of the response tokens under the current weights."""
+        """(B, T) log-probs of the response tokens under the current weights, by micro-batches of
+        `micro_batch_size` rows or of `max_tokens_per_micro_batch` tokens."""
         self.learner.ds_engine.eval()
-        out = []
-        for i in range(0, len(seq), self.mbs):
-            mb = seq.select(slice(i, i + self.mbs))
-            out.append(algo.token_logprobs(forward_response_logits(self.learner, mb), mb.response_ids,
-                                           self.temperature).cpu())
-        return torch.cat(out)
+        parts = scoring_micro_batches(seq, self.mbs, self.max_tokens)
+        return per_token_over_micro_batches(seq, parts, lambda mb: algo.token_logprobs(
+            forward_response_logits(self.learner, mb), mb.response_ids, self.temperature).cpu())
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float, rank: int = 0,
                world: int = 1) -> UpdateResult:
@@ -56,17 +55,21 @@ class PolicyWorker:
         first: list[Agreement] = []   # one part per micro-batch of the first optimizer step
         sums: dict[str, float] = {}
         steps = 0
-        # TIS needs the learner's log-probs before any step (the proximal policy). With a single optimizer
-        # step every micro-batch's own forward runs on exactly those weights: its detached log-probs are
-        # the proximal ones (PPO ratio 1, as in TRL), and a separate forward would only recompute them.
-        live = self.algo.tis is True and proximal_is_live(minibatches, self.learner.model)
-        proximal = self.logprobs(batch.seq) if self.algo.tis is True and not live else None
+        # An IS correction needs the learner's log-probs before any step (the proximal policy). With a single
+        # optimizer step every micro-batch's own forward runs on exactly those weights: its detached log-probs
+        # are the proximal ones (PPO ratio 1, as in TRL), and a separate forward would only recompute them.
+        # "auto" is resolved by the whole config (rlhf_ray.config.schema); a section built alone leaves it
+        # unresolved, which corrects nothing, as algorithm.tis=auto did
+        corrects = self.algo.is_correction not in ("none", "auto")
+        live = corrects and proximal_is_live(minibatches, self.learner.model)
+        proximal = self.logprobs(batch.seq) if corrects and not live else None
 
         def loss_fn(learner, mb):
-            tb = batch.select(mb["idx"].cpu())
+            tb = batch.select(mb["idx"].cpu()).trimmed()  # the micro-batch's own width
             logits = forward_response_logits(learner, tb.seq).float()
             logp = algo.token_logprobs(logits, tb.seq.response_ids, self.temperature)
-            prox = logp.detach() if live else None if proximal is None else proximal[mb["idx"].cpu()]
+            width = logp.shape[1]
+            prox = logp.detach() if live else None if proximal is None else proximal[mb["idx"].cpu(), :width]
             loss, stats = policy_minibatch_loss(logits, logp, tb, self.algo, self.ref_cfg, kl_coef, self.temperature,
                                                 self.norm_len, prox)
             loss = loss * token_weight(self.algo.loss_agg, tb.seq.response_mask, mb)
@@ -76,7 +79,7 @@ class PolicyWorker:
 
         for epoch in minibatches:
             for rows in epoch:
-                mine = minibatch_micro_batches(rows, self.mbs, batch.seq.response_mask, rank, world)
+                mine = micro_batches_of(rows, batch.seq, self.mbs, self.max_tokens, rank, world)
                 stats = self.learner.train_step(loss_fn, mine)
                 steps += 1
                 for k, v in stats.items():

@@ -11,6 +11,7 @@ import torch
 
 from rlhf_ray import algo
 from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.dispatch import per_token_over_micro_batches, scoring_micro_batches
 from rlhf_ray.models.shared_prompt import response_logits_of
 from rlhf_ray.utils.device import on_device
 from rlhf_ray.utils.phases import set_phase_threads, timed
@@ -18,21 +19,19 @@ from rlhf_ray.utils.phases import set_phase_threads, timed
 
 class ReferenceScorer:
     def __init__(self, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 temperature: float = 1.0, micro_batch_size: int = 64):
+                 temperature: float = 1.0, micro_batch_size: int = 64, max_tokens_per_micro_batch: int | None = None):
         from transformers import AutoModelForCausalLM
         self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
         self.device, self.temperature, self.mbs = device, temperature, micro_batch_size
+        self.max_tokens = max_tokens_per_micro_batch  # reference.max_tokens_per_micro_batch; None: mbs rows
 
     @torch.no_grad()
     def logprobs(self, seq: SequenceBatch) -> torch.Tensor:
-        """(B, T) log pi_ref of the response tokens, computed in micro-batches."""
-        out = []
-        for i in range(0, len(seq), self.mbs):
-            mb = seq.select(slice(i, i + self.mbs))
-            logits = response_logits_of(self._call, mb)
-            out.append(algo.token_logprobs(logits, mb.response_ids, temperature=self.temperature).cpu())
-        return torch.cat(out)
+        """(B, T) log pi_ref of the response tokens, computed in micro-batches (of rows, or of tokens)."""
+        return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens),
+                                            lambda mb: algo.token_logprobs(response_logits_of(self._call, mb),
+                                                                           mb.response_ids, self.temperature).cpu())
 
     def _call(self, **kwargs):
         return self.model(**on_device(kwargs, self.device))

@@ -35,7 +35,8 @@ class ModelSource:
     """A trained reward model. Inputs are encoded exactly as in reward-model training
     (`rlhf_ray.data.encode`: template, EOS), and the score is read at each row's last real token."""
 
-    def __init__(self, path: str, batch_size: int = 64, device: str = "cpu", dtype=torch.float32):
+    def __init__(self, path: str, batch_size: int = 64, device: str = "cpu", dtype=torch.float32,
+                 max_tokens: int | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         self.name = f"model:{path}"
         self.tok = AutoTokenizer.from_pretrained(path)
@@ -46,6 +47,7 @@ class ModelSource:
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.batch_size, self.device = batch_size, device
+        self.max_tokens = max_tokens  # reward.max_tokens_per_micro_batch; None: batch_size rows at a time
 
     def _encode(self, prompt: str, response: str) -> list[int]:
         from rlhf_ray.data.encode import prompt_ids, response_ids
@@ -56,11 +58,22 @@ class ModelSource:
     def __call__(self, prompts, responses):
         from rlhf_ray.data.encode import pad
         rows = [self._encode(p, r) for p, r in zip(prompts, responses)]
-        out: list[float] = []
-        for i in range(0, len(rows), self.batch_size):
-            ids, mask = pad(rows[i:i + self.batch_size], self.tok.pad_token_id)
-            out.extend(self._scores(ids.to(self.device), mask.to(self.device)).float().tolist())
+        out = [0.0] * len(rows)
+        for part in self._micro_batches(rows):
+            ids, mask = pad([rows[i] for i in part], self.tok.pad_token_id)
+            for i, v in zip(part, self._scores(ids.to(self.device), mask.to(self.device)).float().tolist()):
+                out[i] = v
         return out
+
+    def _micro_batches(self, rows: list[list[int]]) -> list[list[int]]:
+        """Row indices per forward: `batch_size` rows in order, or rows packed longest first while rows x
+        longest row stays within `max_tokens` (each row is its own run: the reward model shares no prompts)."""
+        if self.max_tokens is None:
+            return [list(range(i, min(i + self.batch_size, len(rows)))) for i in range(0, len(rows), self.batch_size)]
+        from rlhf_ray.dispatch import pack_by_tokens
+        lengths = torch.tensor([len(r) for r in rows])
+        runs = [torch.tensor([i]) for i in range(len(rows))]
+        return [idx.tolist() for idx in pack_by_tokens(runs, torch.zeros_like(lengths), lengths, self.max_tokens)]
 
     def _scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         head = getattr(self.model, "score", None)
@@ -142,9 +155,10 @@ class HttpSource:
 
 
 def build_source(src: RewardSource, resolve_path: Callable[[str], str] = lambda p: p, device: str = "cpu",
-                 dtype=torch.float32, batch_size: int = 64) -> Source:
+                 dtype=torch.float32, batch_size: int = 64, max_tokens: int | None = None) -> Source:
     if src.kind == "model":
-        return ModelSource(resolve_path(src.path), batch_size=batch_size, device=device, dtype=dtype)
+        return ModelSource(resolve_path(src.path), batch_size=batch_size, device=device, dtype=dtype,
+                           max_tokens=max_tokens)
     if src.kind == "function":
         return FunctionSource(src.path)
     return HttpSource(src.url, src.timeout_s, src.retries)
@@ -158,7 +172,8 @@ class RewardScorer:
         """device, dtype, batch_size: a reward model's (in RL runs the plan's: its GPU, bf16 there, and a
         micro-batch whose logits fit the budget)."""
         self.cfg = cfg
-        self.sources = [(build_source(s, resolve_path, device, dtype, batch_size), s.weight) for s in cfg.sources]
+        self.sources = [(build_source(s, resolve_path, device, dtype, batch_size, cfg.max_tokens_per_micro_batch),
+                         s.weight) for s in cfg.sources]
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[float], dict[str, float]]:
         if len(prompts) != len(responses):

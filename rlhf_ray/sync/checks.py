@@ -11,6 +11,7 @@ Pure torch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -42,22 +43,33 @@ def check_version(rollout_version: int, learner_version: int, max_off_policy_lag
 
 @dataclass(frozen=True)
 class Agreement:
-    """|learner - generator| log-probs of the sampled tokens, over `num_tokens` response tokens."""
+    """|learner - generator| log-probs of the sampled tokens, over `num_tokens` response tokens, and the
+    ratio learner / generator they make: per token and per sequence (its geometric mean over the
+    sequence's tokens), the numbers the IS corrections (algorithm.is_correction) act on."""
     max_abs: float
     mean_abs: float
     num_tokens: int
+    token_ratio_min: float = 1.0
+    token_ratio_max: float = 1.0
+    seq_ratio_min: float = 1.0
+    seq_ratio_max: float = 1.0
 
     @staticmethod
     def merge(parts: Sequence["Agreement"]) -> "Agreement":
         """One agreement from parts over disjoint tokens (micro-batches, ranks): the max of the maxima, the
-        token-weighted mean of the means."""
+        token-weighted mean of the means, the extremes of the ratios."""
         tokens = sum(p.num_tokens for p in parts)
         mean = sum(p.mean_abs * p.num_tokens for p in parts) / max(tokens, 1)
-        return Agreement(max((p.max_abs for p in parts), default=0.0), mean, tokens)
+        real = [p for p in parts if p.num_tokens] or [Agreement(0.0, 0.0, 0)]
+        return Agreement(max((p.max_abs for p in parts), default=0.0), mean, tokens,
+                         min(p.token_ratio_min for p in real), max(p.token_ratio_max for p in real),
+                         min(p.seq_ratio_min for p in real), max(p.seq_ratio_max for p in real))
 
     def metrics(self) -> dict[str, float]:
         return {"sync/logprob_max_abs": self.max_abs, "sync/logprob_mean_abs": self.mean_abs,
-                "sync/logprob_num_tokens": float(self.num_tokens)}
+                "sync/logprob_num_tokens": float(self.num_tokens),
+                "sync/token_ratio_min": self.token_ratio_min, "sync/token_ratio_max": self.token_ratio_max,
+                "sync/seq_ratio_min": self.seq_ratio_min, "sync/seq_ratio_max": self.seq_ratio_max}
 
 
 def logprob_agreement(learner_logp: torch.Tensor, generator_logp: torch.Tensor, mask: torch.Tensor) -> Agreement:
@@ -69,12 +81,18 @@ def logprob_agreement(learner_logp: torch.Tensor, generator_logp: torch.Tensor, 
     if learner_logp.shape != generator_logp.shape or learner_logp.shape != mask.shape:
         raise ValueError(f"shapes differ: learner {tuple(learner_logp.shape)}, generator "
                          f"{tuple(generator_logp.shape)}, mask {tuple(mask.shape)}")
-    m = mask.bool()
-    diff = (learner_logp.double() - generator_logp.double().to(learner_logp.device)).abs()[m.to(learner_logp.device)]
+    m = mask.bool().to(learner_logp.device)
+    delta = learner_logp.double() - generator_logp.double().to(learner_logp.device)  # (B, T) log-ratio
+    diff = delta.abs()[m]
     n = int(diff.numel())
     if n == 0:
         return Agreement(0.0, 0.0, 0)
-    return Agreement(float(diff.max()), float(diff.mean()), n)
+    rows = m.any(-1)
+    seq_log = (delta * m).sum(-1)[rows] / m.sum(-1)[rows]  # (B',) mean log-ratio of each sequence
+    tok = delta[m].clamp(-20, 20).exp()
+    seq = seq_log.clamp(-20, 20).exp()
+    return Agreement(float(diff.max()), float(diff.mean()), n, float(tok.min()), float(tok.max()),
+                     float(seq.min()), float(seq.max()))
 
 
 def agreement_thresholds(sync_cfg, dtypes: tuple[str, ...] = ()):
@@ -85,14 +103,17 @@ def agreement_thresholds(sync_cfg, dtypes: tuple[str, ...] = ()):
                                        "logprob_mean_abs_diff": sync_cfg.logprob_mean_abs_diff or mean_abs})
 
 
-def check_logprob_agreement(stats: Agreement, sync_cfg, version: Optional[int] = None) -> None:
-    """Raise LogprobMismatchError if `stats` exceed `sync_cfg.logprob_max_abs_diff` / `logprob_mean_abs_diff`.
+def check_logprob_agreement(stats: Agreement, sync_cfg, version: Optional[int] = None,
+                            correction: str = "none") -> Optional[str]:
+    """Raise LogprobMismatchError if `stats` exceed `sync_cfg.logprob_max_abs_diff` / `logprob_mean_abs_diff`,
+    unless `sync_cfg.on_logprob_mismatch` is "correct": then return the one line saying by how much and
+    which preset (`correction`, algorithm.is_correction) weighed the gap out. None: within the thresholds.
 
-    A non-finite difference also fails (NaN compares false to every threshold). Does nothing when
-    `sync_cfg.logprob_check` is off.
+    A non-finite difference always fails (NaN compares false to every threshold; no weight corrects it).
+    Does nothing when `sync_cfg.logprob_check` is off.
     """
     if not sync_cfg.logprob_check:
-        return
+        return None
     limits = agreement_thresholds(sync_cfg)  # unset: fp32's (the controller passes them per precision)
     max_lim, mean_lim = limits.logprob_max_abs_diff, limits.logprob_mean_abs_diff
     max_abs, mean_abs = stats.max_abs, stats.mean_abs
@@ -101,9 +122,17 @@ def check_logprob_agreement(stats: Agreement, sync_cfg, version: Optional[int] =
         bad.append(f"max |diff| {max_abs:.4g} > rollout.sync.logprob_max_abs_diff={max_lim}")
     if not (mean_abs <= mean_lim):
         bad.append(f"mean |diff| {mean_abs:.4g} > rollout.sync.logprob_mean_abs_diff={mean_lim}")
-    if bad:
-        where = f"weight version {version}" if version is not None else "this batch"
-        raise LogprobMismatchError(f"learner and generator log-probs disagree for {where} over "
-                                   f"{stats.num_tokens} tokens: " + "; ".join(bad)
-                                   + ". The generator is not running the learner's weights (a failed or skipped "
-                                     "sync, a dtype mismatch, or a temperature/logprobs_mode mismatch).")
+    if not bad:
+        return None
+    where = f"weight version {version}" if version is not None else "this batch"
+    finite = math.isfinite(max_abs) and math.isfinite(mean_abs)
+    if getattr(sync_cfg, "on_logprob_mismatch", "fail") == "correct" and correction != "none" and finite:
+        return (f"learner and generator log-probs disagree for {where} over {stats.num_tokens} tokens ("
+                + "; ".join(bad) + f"); corrected by algorithm.is_correction={correction} "
+                  f"(rollout.sync.on_logprob_mismatch=correct)")
+    raise LogprobMismatchError(f"learner and generator log-probs disagree for {where} over "
+                               f"{stats.num_tokens} tokens: " + "; ".join(bad)
+                               + ". The generator is not running the learner's weights (a failed or skipped "
+                                 "sync, a dtype mismatch, or a temperature/logprobs_mode mismatch); or set "
+                                 "algorithm.is_correction and rollout.sync.on_logprob_mismatch=correct to weigh "
+                                 "a known gap out")

@@ -33,7 +33,7 @@ def test_yaml_then_overrides(tmp_path):
     (["rollout.temprature=1"], "did you mean 'temperature'?"),
     (["model.lora.r=0"], "model.lora.r: input should be greater than 0 (got 0)"),
     (["rollout.temperature=hot"], "rollout.temperature: input should be a valid number"),
-    (["algorithm.name=grpp"], "algorithm.name: input should be 'ppo', 'grpo', 'dr_grpo', 'rloo', 'reinforce_pp' or 'dapo' (got 'grpp')"),
+    (["algorithm.name=grpp"], "algorithm.name: input should be 'ppo', 'grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'dapo', 'gspo' or 'cispo' (got 'grpp')"),
     (["model.lora.enabled=true", "model.quantization.load_in_4bit=true", "rl.policy.deepspeed.zero_stage=3"],
      "cannot be combined with rl.policy.deepspeed.zero_stage=3"),
     (["model.quantization.load_in_4bit=true"], "needs model.lora.enabled=true"),

@@ -74,8 +74,8 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
                                                                                             "token-mean", 5)
         assert all("dynamic_sampling/dropped_frac" in r and "reward/overlong_penalty_mean" in r for r in train_rows)
     if case == "rloo":
-        assert cfg["algorithm"]["tis"] is True
-        ratios = [r["tis/ratio_mean"] for r in train_rows]
+        assert cfg["algorithm"]["is_correction"] == "tis"
+        ratios = [r["is/token_ratio_mean"] for r in train_rows]
         assert all(0.5 < x < 2.0 for x in ratios), ratios
         assert any(r["sync/lag"] == 1 for r in train_rows)
     if case == "reinforce_pp":
@@ -85,6 +85,28 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
     # previous version, which is what TIS corrects)
     lockstep = [r["sync/logprob_max_abs"] for r in train_rows if r["sync/lag"] == 0 and "sync/logprob_max_abs" in r]
     assert lockstep and max(lockstep) < 1e-3
+
+
+def test_gspo_learns_with_an_is_preset_and_token_budget_micro_batches(offline, tmp_path):
+    """GSPO on its registry defaults (sequence ratio clipped at 3e-4 / 4e-4, one loss per sequence), in the same
+    run the seq_mask_tis correction on the real proximal log-probs and token-budget micro-batches in the policy
+    and the reference scorer (groups of 8 kept whole). One run: CISPO shares every path of this run but its
+    objective, which tests/roles/test_objective_wiring.py and tests/algo/test_objectives.py prove."""
+    out = tmp_path / "gspo"
+    train(*rl_args(offline, out, "algorithm.name=gspo", "algorithm.is_correction=seq_mask_tis",
+                   "rl.policy.max_tokens_per_micro_batch=1024", "reference.max_tokens_per_micro_batch=1024"))
+    rows = metrics(out / "rl")
+    assert_learned(rows, out / "rl")
+    cfg = json.loads((out / "rl" / "run_config.json").read_text())
+    a = cfg["algorithm"]
+    assert (a["clip_low"], a["clip_high"], a["loss_agg"], a["is_correction"], a["is_low"], a["is_high"]) == (
+        3e-4, 4e-4, "seq-mean-token-mean", "seq_mask_tis", 0.5, 2.0)
+    train_rows = [r for r in rows if "reward/score_mean" in r]
+    # the preset ran on every step and kept the batch (lockstep, fp32: the learner and generator agree)
+    assert all(r["is/masked_frac"] == 0.0 and 0.99 < r["is/seq_ratio_min"] <= r["is/seq_ratio_max"] < 1.01
+               for r in train_rows)
+    assert max(r["sync/logprob_max_abs"] for r in train_rows) < 1e-3
+    assert all(r["sync/logprob_over_bound"] == 0.0 and "sync/seq_ratio_max" in r for r in train_rows)
 
 
 def test_ppo_critic_from_the_rm_and_adaptive_kl_holds_the_kl_near_its_target(offline, tmp_path):

@@ -50,7 +50,7 @@ def test_one_step_lag_with_two_epochs_of_two_minibatches_runs_and_learns(offline
     # steps 1, 5 and 9 run in lockstep (check_every=4): there the generator runs the learner's weights exactly
     lockstep = [r["sync/logprob_max_abs"] for r in rows if r["sync/lag"] == 0]
     assert len(lockstep) >= 3 and max(lockstep) < 1e-3, lockstep
-    assert all(0.5 < r["tis/ratio_mean"] < 2.0 for r in rows)  # TIS (on with a lag) weighs the lagged tokens
+    assert all(0.5 < r["is/token_ratio_mean"] < 2.0 for r in rows)  # TIS (on with a lag) weighs the lagged tokens
     start, end = mean_of(rows, "reward/score_mean")
     assert end > start + 1.0, f"reward did not rise clearly: {start:.3f} -> {end:.3f}"
     gold_start, gold_end = mean_of(rows, "reward/gold_mean")

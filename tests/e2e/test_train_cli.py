@@ -236,11 +236,11 @@ def test_a_bf16_run_checks_agreement_at_bf16_thresholds_and_weighs_the_gap(offli
     """bf16 learner, reference and vLLM engine (colocated): the agreement check runs at bf16's thresholds
     (LOGPROB_TOLERANCE) instead of stopping the run at fp32's, and truncated IS weighs the remaining gap."""
     out = tmp_path / "bf16"
-    train(*rl_args(offline, out, "model.dtype=bfloat16", "algorithm.tis=true", "rl.steps=3", "rl.save_every=0"))
+    train(*rl_args(offline, out, "model.dtype=bfloat16", "algorithm.is_correction=tis", "rl.steps=3", "rl.save_every=0"))
     rows = metrics(out / "rl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     gap = [r["sync/logprob_max_abs"] for r in rows]
     bf16 = LOGPROB_TOLERANCE["bfloat16"]
     assert all(g < bf16[0] for g in gap) and max(gap) > 1e-3, gap  # bf16 (not fp32 noise), within its bound
     assert all(r["sync/logprob_mean_abs"] < bf16[1] for r in rows)
-    assert all(r["tis/ratio_mean"] != 1.0 and abs(r["tis/ratio_mean"] - 1) < 0.1 for r in rows), rows
+    assert all(r["is/token_ratio_mean"] != 1.0 and abs(r["is/token_ratio_mean"] - 1) < 0.1 for r in rows), rows

@@ -134,9 +134,31 @@ def test_overlong_penalty_lowers_responses_in_the_buffer_zone():
         load_config(None, ["algorithm.overlong_buffer=30"])
 
 
-def test_tis_auto_turns_on_when_rollouts_may_lag():
-    assert load_config(None, []).algorithm.tis is False
-    assert load_config(None, ["rollout.sync.max_off_policy_lag=1"]).algorithm.tis is True
-    assert load_config(None, ["rollout.sync.max_off_policy_lag=1", "algorithm.tis=off"]).algorithm.tis is False
-    assert load_config(None, ["algorithm.tis=true"]).algorithm.tis is True
-    assert AlgorithmConfig().tis == "auto"  # resolved only with the whole config in view
+def test_is_correction_auto_is_tis_when_rollouts_may_lag_and_algorithm_tis_stays_an_alias():
+    ic = lambda *o: load_config(None, list(o)).algorithm.is_correction  # noqa: E731
+    assert ic() == "none"
+    assert ic("rollout.sync.max_off_policy_lag=1") == "tis"
+    assert ic("rollout.sync.max_off_policy_lag=1", "algorithm.tis=off") == "none"
+    assert ic("algorithm.tis=true") == "tis" and ic("algorithm.tis=auto") == "none"
+    assert load_config(None, ["algorithm.tis_cap=3"]).algorithm.is_cap == 3.0
+    assert AlgorithmConfig().is_correction == "auto"  # resolved only with the whole config in view
+    a = load_config(None, ["algorithm.is_correction=icepop"]).algorithm
+    assert (a.is_low, a.is_high) == (0.5, 5.0)  # the preset's band, resolved into the config
+    a = load_config(None, ["algorithm.is_correction=seq_mask_tis", "algorithm.is_high=1.5"]).algorithm
+    assert (a.is_low, a.is_high, a.is_cap) == (0.5, 1.5, 2.0)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["algorithm.tis=maybe"], "algorithm.tis must be true, false or auto"),
+    (["algorithm.tis=true", "algorithm.is_correction=icepop"], "algorithm.tis=true"),
+    (["algorithm.tis_cap=3", "algorithm.is_cap=4"], "algorithm.tis_cap=3"),
+    (["algorithm.is_correction=sometimes"], "algorithm.is_correction"),
+    (["algorithm.is_correction=tis", "algorithm.is_low=0.2"], "algorithm.is_low is the band"),
+    (["algorithm.is_correction=icepop", "algorithm.is_low=3", "algorithm.is_high=2"], "algorithm.is_low=3.0 must be"),
+    (["rollout.sync.on_logprob_mismatch=correct"], "rollout.sync.on_logprob_mismatch=correct needs"),
+])
+def test_bad_is_correction_settings_are_one_line_naming_the_key(overrides, named):
+    from rlhf_ray.config import ConfigError
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert named in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -155,6 +155,17 @@ def test_logprob_mismatch_fails_loudly():
         c.step()
 
 
+def test_a_lockstep_mismatch_over_the_bound_is_corrected_only_by_a_named_preset_and_said(caplog):
+    with pytest.raises(LogprobMismatchError, match="on_logprob_mismatch=correct"):
+        make(FakeRoles(drift=1.0), "algorithm.is_correction=icepop").step()  # a preset alone decides nothing
+    c = make(FakeRoles(drift=1.0), "algorithm.is_correction=icepop", "rollout.sync.on_logprob_mismatch=correct")
+    with caplog.at_level("WARNING", logger="rlhf_ray.rl.controller"):
+        m = c.step().metrics
+    assert m["sync/logprob_over_bound"] == 1.0
+    assert "corrected by algorithm.is_correction=icepop" in caplog.text
+    assert make(FakeRoles(drift=0.0)).step().metrics["sync/logprob_over_bound"] == 0.0
+
+
 def test_nan_reward_policies():
     nan_scores = [1.0, math.nan, 0.0, 1.0, 2.0, 0.0]
     with pytest.raises(BadRewardError):

@@ -35,8 +35,37 @@ def test_parts_merge_into_the_whole_batch_agreement():
     assert merged.num_tokens == whole.num_tokens == 6 and merged.max_abs == whole.max_abs == 1.0
     assert merged.mean_abs == pytest.approx(whole.mean_abs, rel=1e-12)
     assert Agreement.merge([]) == Agreement(0.0, 0.0, 0)
+    assert (merged.token_ratio_min, merged.token_ratio_max, merged.seq_ratio_min, merged.seq_ratio_max) == (
+        whole.token_ratio_min, whole.token_ratio_max, whole.seq_ratio_min, whole.seq_ratio_max)
     assert merged.metrics() == {"sync/logprob_max_abs": 1.0, "sync/logprob_mean_abs": merged.mean_abs,
-                                "sync/logprob_num_tokens": 6.0}
+                                # learner - generator: (0.1, 0, -0.5), (0, -0.2), (-1): per sequence -0.4/3, -0.1, -1
+                                "sync/logprob_num_tokens": 6.0, "sync/token_ratio_min": pytest.approx(math.exp(-1.0)),
+                                "sync/token_ratio_max": pytest.approx(math.exp(0.1)),
+                                "sync/seq_ratio_min": pytest.approx(math.exp(-1.0)),
+                                "sync/seq_ratio_max": pytest.approx(math.exp(-0.1))}
+
+
+def test_token_and_sequence_ratios_by_hand():
+    # log-ratios learner - generator: row 0 (0.1, -0.1, 0.6) -> geometric mean e^0.2; row 1 (0.0) -> 1
+    learner = torch.tensor([[0.1, -0.1, 0.6], [0.0, 0.0, 0.0]])
+    stats = logprob_agreement(learner, torch.zeros(2, 3), torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    assert stats.token_ratio_min == pytest.approx(math.exp(-0.1)) and stats.token_ratio_max == pytest.approx(
+        math.exp(0.6))
+    assert stats.seq_ratio_min == pytest.approx(1.0) and stats.seq_ratio_max == pytest.approx(math.exp(0.2))
+
+
+def test_a_mismatch_over_the_bound_fails_or_is_corrected_by_the_named_preset_never_silently():
+    over = Agreement(0.9, 0.01, 10)
+    with pytest.raises(LogprobMismatchError, match="on_logprob_mismatch=correct"):  # fail (default) says the way out
+        check_logprob_agreement(over, SyncConfig(logprob_max_abs_diff=0.5), version=2, correction="icepop")
+    cfg = SyncConfig(logprob_max_abs_diff=0.5, on_logprob_mismatch="correct")
+    line = check_logprob_agreement(over, cfg, version=2, correction="icepop")
+    assert "max |diff| 0.9" in line and "algorithm.is_correction=icepop" in line and "\n" not in line
+    assert check_logprob_agreement(Agreement(0.1, 0.01, 10), cfg, correction="icepop") is None
+    with pytest.raises(LogprobMismatchError):  # nothing to correct with
+        check_logprob_agreement(over, cfg, correction="none")
+    with pytest.raises(LogprobMismatchError):  # no weight corrects a NaN
+        check_logprob_agreement(Agreement(math.nan, math.nan, 1), cfg, correction="tis")
 
 
 def test_check_passes_within_thresholds_and_names_numbers_when_over():
