@@ -8,6 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The product's own Ray starts say this (rlhf_ray/runtime.py); the tests' module clusters say it too: no idle
+# workers prestarted that no actor uses (the baseline slow tier left 89 of them, 62 CPU-seconds)
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # model.dtype=measure resolves to fp32 in the suite (its log-prob tolerances are fp32's), and no probe result
 # lands in the user's cache; e2e CLI subprocesses inherit it
 os.environ.setdefault("RLHF_RAY_CPU_DTYPE", "float32")

@@ -4,7 +4,7 @@ folder in between: each TP worker joins a broadcast group and reloads its shard 
 stream, a restore replay, a direct call), or the workers are ranks of the sender's group (collective
 transport: 1 + sum(tp) ranks). Checked: greedy output equals HF greedy on the new weights, no safetensors
 file is written under the engine's sync folder, and each worker received exactly one copy of the model.
-One engine start each (about a minute on 2 idle cores)."""
+Both on one engine (an engine start is about a minute on 2 idle cores)."""
 from pathlib import Path
 
 import pytest
@@ -34,37 +34,30 @@ def _files(root) -> list:
     return sorted(str(p) for p in Path(root).rglob("*.safetensors"))
 
 
-def test_tp2_engine_workers_reload_from_a_relayed_broadcast(tiny_path, monkeypatch):
-    from rlhf_ray.roles.generator.engine import GeneratorEngine
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # TP workers are processes of their own
-    engine = GeneratorEngine(tiny_path, CFG, resolve_backend("cpu"), max_model_len=128)
-    try:
-        assert engine.workers_receive
-        learner = load_hf(tiny_path)
-        before = engine.generate(PROMPTS, n=1, temperature=0.0).response_ids
-        assert before == [_cut(x) for x in hf_greedy(learner, PROMPTS, NEW)]
-        perturb(learner, seed=21, scale=0.5)
-        want = [_cut(x) for x in hf_greedy(learner, PROMPTS, NEW)]
-        assert want != before                                  # the sync must change what the engine says
-        engine.load_full(named_weights(learner), version=1)
-        assert _files(engine._adapter_root) == []              # no folder in between
-        assert engine.received == [_model_bytes(named_weights(learner))] * 2   # one copy per TP worker
-        assert engine.generate(PROMPTS, n=1, temperature=0.0).response_ids == want
-    finally:
-        engine.close()
-
-
-def test_tp2_engine_workers_are_ranks_of_the_collective_group(ray_local, tiny_path):
+def test_tp2_engine_workers_are_ranks_of_the_collective_group_then_reload_a_relayed_broadcast(ray_local, tiny_path):
+    """One TP=2 engine (an actor of the engine group), two syncs: first its workers are ranks of the learner's
+    collective group, then the engine relays a sync that reached it to its workers."""
     import torch
 
     from rlhf_ray.roles.generator.group import GeneratorGroup, tied_names
+
+    def relay(actor_self, named, version):  # nested: pickled by value (workers cannot import tests/)
+        """In the engine actor: a sync that reached the engine itself (the object-store stream, a restore
+        replay, a direct call), relayed to its TP workers; what each worker took, where folders would go."""
+        engine = actor_self.engine
+        engine.load_full(iter(named), version=version)
+        return engine.workers_receive, list(engine.received), str(engine._adapter_root)
+
     from rlhf_ray.sync.streamed import engine_transport
     group = GeneratorGroup(tiny_path, CFG, resolve_backend("cpu"), max_model_len=128)
     sync = engine_transport("collective", group, bucket_mb=CFG.sync.bucket_mb, dtype=torch.float32, timeout_s=60)
     try:
         learner = load_hf(tiny_path)
+        before = group.submit(PROMPTS, n=1, temperature=0.0).result().response_ids
+        assert before == [_cut(x) for x in hf_greedy(learner, PROMPTS, NEW)]
         perturb(learner, seed=22, scale=0.5)
         want = [_cut(x) for x in hf_greedy(learner, PROMPTS, NEW)]
+        assert want != before                                  # the sync must change what the engine says
         stats = sync.send(named_weights(learner), "full", 1)
         assert sync._group[2] == (2,)                          # 1 + sum(tp) = 3 ranks: the driver, two workers
         sent = _model_bytes((n, t) for n, t in named_weights(learner) if n not in tied_names(tiny_path))
@@ -72,8 +65,17 @@ def test_tp2_engine_workers_are_ranks_of_the_collective_group(ray_local, tiny_pa
         actor = group.actors[0]
         assert ray_local.get(actor.received.remote()) == [sent, sent]
         root = ray_local.get(actor.__ray_call__.remote(lambda a: str(a.engine._adapter_root)))
-        assert _files(root) == []
+        assert _files(root) == []                              # no folder in between
         assert group.submit(PROMPTS, n=1, temperature=0.0).result().response_ids == want
+
+        perturb(learner, seed=21, scale=0.5)
+        relayed = [_cut(x) for x in hf_greedy(learner, PROMPTS, NEW)]
+        assert relayed != want
+        named = [(n, t.detach().clone()) for n, t in named_weights(learner)]
+        receive, received, root = ray_local.get(actor.__ray_call__.remote(relay, named, 2))
+        assert receive and received == [_model_bytes(named)] * 2  # one copy per TP worker
+        assert _files(root) == []
+        assert group.submit(PROMPTS, n=1, temperature=0.0).result().response_ids == relayed
     finally:
         sync.close()
         group.shutdown()
