@@ -34,7 +34,8 @@ def problem(rng: random.Random) -> dict:
     values = dict(a=a, b=b, c=c)
     expr = expression.format(**values)
     answer = eval(expr, {"__builtins__": {}})  # noqa: S307 - our own template of integers and + - *
-    return {"prompt": [{"role": "user", "content": f"{INSTRUCTIONS}\n\n{question.format(**values)}"}],
+    # a plain prompt: a tokenizer with a chat template renders it as the user's turn, one without reads it as is
+    return {"prompt": f"{INSTRUCTIONS}\n\n{question.format(**values)}",
             "answer": str(answer), "expression": expr}
 
 

@@ -22,7 +22,7 @@ def prompt_rows(n: int, seed: int) -> list[dict]:
     for _ in range(n):
         name, text, tests = rng.choice(_TASKS)
         x, y = rng.randint(1, 50), rng.randint(1, 50)
-        rows.append({"prompt": [{"role": "user", "content": text + " Reply with a ```python code block."}],
+        rows.append({"prompt": text + " Reply with a ```python code block.",
                      "tests": tests.format(x=x, y=y), "function": name})
     return rows
 

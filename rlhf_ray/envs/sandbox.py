@@ -60,7 +60,7 @@ def _limit_child(limits: Limits):
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         mem = limits.memory_mb * 2 ** 20
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        cap = limits.output_bytes + 1024
+        cap = limits.output_bytes + 1024  # the same cap `run_python` reads as "printed too much"
         resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         libc = ctypes.CDLL(None, use_errno=True)
@@ -69,10 +69,11 @@ def _limit_child(limits: Limits):
 
 
 def truncate(text: str, limit: int) -> str:
-    """At most `limit` characters, marked when cut."""
+    """At most `limit` characters, marked when cut: the start and the end (where a traceback names the error)."""
     if len(text) <= limit:
         return text
-    return text[:limit] + f"\n[output truncated at {limit} characters]"
+    head = limit // 2
+    return text[:head] + f"\n[output truncated at {limit} characters]\n" + text[len(text) - (limit - head):]
 
 
 def run_python(code: str, limits: Limits = Limits()) -> ToolResult:
@@ -94,7 +95,7 @@ def run_python(code: str, limits: Limits = Limits()) -> ToolResult:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 code_, why = proc.returncode, f"timed out after {limits.timeout_s:g} s"
-        flooded = os.path.getsize(out_path) > limits.output_bytes  # at the file cap: writes past it failed
+        flooded = os.path.getsize(out_path) >= limits.output_bytes + 1024  # at the file cap: writes past it failed
         with open(out_path, "rb") as f:
             raw = f.read(limits.output_bytes + 1)
         if why is None and flooded and code_ != 0:
