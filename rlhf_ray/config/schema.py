@@ -188,6 +188,8 @@ class EnvConfig(Section):
         description="how an environment reply is written after the policy's turn ({text}: the reply); "
                     "tokenized alone and appended, never the whole conversation again")
     max_observation_tokens: int = Field(64, gt=0, description="an environment reply longer than this is cut")
+    max_turn_tokens: Optional[int] = Field(None, gt=0, description="tokens one policy turn may sample at most "
+                                           "(default: what is left of rollout.max_new_tokens)")
     tool_timeout_s: float = Field(2.0, gt=0, description="wall-clock limit of one tool call (CPU limit too)")
     tool_memory_mb: int = Field(256, gt=0, description="address-space limit of the Python executor's process")
     tool_output_bytes: int = Field(2048, gt=0, description="a tool's output beyond this is cut and marked")

@@ -9,7 +9,7 @@ engine sampled, whatever a chat template would make of the decoded text (verl #6
 
 Budget: `rollout.max_new_tokens` bounds the whole episode after the prompt (policy and environment tokens),
 so the engines' context length and the memory plan stay what they are for one turn; each turn may sample what
-is left of it. An episode ends when the environment says done, after `rollout.max_turns` policy turns, or when
+is left of it (at most `env.max_turn_tokens`). An episode ends when the environment says done, after `rollout.max_turns` policy turns, or when
 the budget cannot hold another reply and turn.
 
     ids:         [turn 1 sampled][env reply 1][turn 2 sampled] ...      (T_b tokens)
@@ -90,12 +90,13 @@ def turn_seed(seed: int, turn: int) -> int:
 class EpisodeRunner:
     def __init__(self, make_env: Callable[[], Environment], encode: Callable[[str], list[int]],
                  decode: Callable[[list[int]], str], *, max_turns: int, budget: int, template: str,
-                 max_observation_tokens: int, name: str = "env"):
+                 max_observation_tokens: int, max_turn_tokens: int | None = None, name: str = "env"):
         """make_env: a fresh environment per episode; encode: an observation's text -> ids (no special tokens
         added); decode: an episode's ids -> text (samples.jsonl); budget: rollout.max_new_tokens."""
         self.make_env, self.encode, self.decode, self.name = make_env, encode, decode, name
         self.max_turns, self.budget, self.template = max_turns, budget, template
         self.max_obs = max_observation_tokens
+        self.max_turn = max_turn_tokens or budget
 
     def observation_ids(self, text: str) -> list[int]:
         """The reply as the policy reads it: the template around it, tokenized alone, cut to its limit."""
@@ -115,8 +116,8 @@ class EpisodeRunner:
             live = [e for e in eps if not e.over]
             if not live:
                 break
-            out = generate([e.prompt_ids + e.ids for e in live], [self.budget - len(e.ids) for e in live],
-                           turn_seed(seed, turn))
+            out = generate([e.prompt_ids + e.ids for e in live],
+                           [min(self.max_turn, self.budget - len(e.ids)) for e in live], turn_seed(seed, turn))
             generate_s += out.generate_s
             temperature = out.temperature
             versions.add(out.weight_version)
@@ -128,7 +129,7 @@ class EpisodeRunner:
         return self._collect(eps, generate_s, temperature, versions.pop())
 
     def _take_turn(self, e: _Live, ids: list[int], logprobs: list[float], text: str, finish: str, last: bool):
-        room = self.budget - len(e.ids)
+        room = min(self.max_turn, self.budget - len(e.ids))
         ids, logprobs = list(ids)[:room], list(logprobs)[:room]
         e.ids += ids
         e.logprobs += logprobs

@@ -141,7 +141,8 @@ def episode_runner(cfg: Config, tokenizer) -> tuple[EpisodeRunner | None, list]:
                            lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
                            max_turns=cfg.rollout.max_turns, budget=cfg.rollout.max_new_tokens,
                            template=cfg.env.observation_template,
-                           max_observation_tokens=cfg.env.max_observation_tokens, name=cfg.env.path)
+                           max_observation_tokens=cfg.env.max_observation_tokens,
+                           max_turn_tokens=cfg.env.max_turn_tokens, name=cfg.env.path)
     return runner, actors
 
 

@@ -65,6 +65,12 @@ def test_an_episode_ends_at_max_turns_and_within_its_token_budget():
     assert [c[1] for c in engine.calls] == [[10], [3]]
     assert eps.rollout.response_ids[0] == [5, 6, 7, 8] + OBS + [5, 6, 7]
     assert len(eps.rollout.response_ids[0]) <= 10
+    # a turn cap: each turn samples at most max_turn_tokens
+    engine = ScriptedEngine([[5, 6, 7, 8]])
+    run = EpisodeRunner(lambda: user.AlwaysTool({}), lambda t: list(OBS), str, max_turns=2, budget=64, template="{text}",
+                        max_observation_tokens=8, max_turn_tokens=3)
+    eps = run.run(engine, [[1]], [{}], n=1, seed=0)
+    assert [c[1] for c in engine.calls] == [[3], [3]] and eps.rollout.response_ids[0] == [5, 6, 7] + OBS + [5, 6, 7]
     # a reply that leaves no room for another sampled token ends the episode before it is appended
     engine = ScriptedEngine([[5, 6, 7, 8, 9, 10, 11]])
     eps = runner(user.AlwaysTool, max_turns=5, budget=10).run(engine, [[1]], [{}], n=1, seed=0)
