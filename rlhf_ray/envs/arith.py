@@ -11,8 +11,11 @@ import re
 
 from rlhf_ray.envs.base import Reply, Tools
 
-INSTRUCTIONS = ("You can use a calculator: write <calc>expression</calc> and you get its result. "
-                "When you know the result, reply with only the final number.")
+# One example of the call in the instructions: a small model that has never seen the format otherwise almost
+# never writes it (SmolLM2-135M: no call in 64 samples at step 0 without it), and GRPO cannot reinforce a
+# behaviour it never samples.
+INSTRUCTIONS = ("Use the calculator. To compute, reply with only <calc>expression</calc>, for example "
+                "<calc>12 * 34 - 5</calc>. After the result, reply with only the final number.")
 
 # (question, expression) templates; {a} {b} {c} are drawn per row
 _TEMPLATES = (
