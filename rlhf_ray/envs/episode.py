@@ -18,7 +18,6 @@ the budget cannot hold another reply and turn.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 

@@ -209,3 +209,20 @@ def test_gae_runs_over_the_policy_tokens_of_an_episode_and_skips_the_environment
     # a sequence-level estimator: one advantage on every policy token of the episode
     g_adv, _ = algo.compute_advantages("grpo", rewards, mask, group_size=2)
     assert set(g_adv[0][mask[0].bool()].tolist()) == {g_adv[0, 0].item()} and g_adv[0, 2] == 0
+
+
+def test_a_resumed_controller_runs_the_same_episodes_after_the_checkpoint():
+    def fresh():
+        engine = ScriptedEngine([[11, 12], [21, 22, 23], lambda k: [31] if k % 2 else [131]])
+        return (*make_controller(engine, runner(user.TwoToolTurns), prompts=((1, 2), (1, 3), (1, 4))), engine)
+
+    a, _, engine_a = fresh()
+    a.step()
+    state = a.state_dict()
+    calls_before = len(engine_a.calls)
+    out_a = a.step()
+    b, _, engine_b = fresh()          # a new driver: the checkpoint's state, then the next step
+    b.load_state_dict(state)
+    out_b = b.step()
+    assert engine_b.calls == engine_a.calls[calls_before:]   # the same contexts, limits and per-turn seeds
+    assert out_b.prompts == out_a.prompts and out_b.responses == out_a.responses and out_b.scores == out_a.scores
