@@ -49,7 +49,10 @@ class SequenceBatch:
 
 
 def pack_sequences(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                   pad_id: int) -> SequenceBatch:
+                   pad_id: int, policy_mask: Sequence[Sequence[int]] | None = None) -> SequenceBatch:
+    """policy_mask[b]: T_b flags, 1 where the policy sampled the response token, 0 where an environment wrote
+    it (a multi-turn episode, `rlhf_ray.envs`). Environment tokens stay in the sequence (attention sees them)
+    but leave `response_mask`, so no loss, KL, advantage or log-prob check counts them. None: all sampled."""
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
     B = len(prompt_ids)
@@ -63,6 +66,8 @@ def pack_sequences(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[S
         attn[i, P - len(p):P + len(r)] = 1
     position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
     response_mask = attn[:, P:].float()
+    if policy_mask is not None:
+        response_mask = response_mask * pad_ragged(policy_mask, T)
     return SequenceBatch(ids, attn, position_ids, response_mask, P)
 
 
@@ -114,7 +119,9 @@ def concat_sequences(parts: Sequence[SequenceBatch], pad_id: int) -> SequenceBat
     ids = torch.cat([widen(p.input_ids, p, pad_id) for p in parts])
     attn = torch.cat([widen(p.attention_mask, p, 0) for p in parts])
     position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
-    return SequenceBatch(ids, attn, position_ids, attn[:, P:].float(), P)
+    # each part's own response mask (environment tokens of a multi-turn episode stay out), widened on the right
+    response_mask = pad_right([p.response_mask for p in parts], T)
+    return SequenceBatch(ids, attn, position_ids, response_mask, P)
 
 
 def pad_right(parts: Sequence[torch.Tensor], width: int) -> torch.Tensor:

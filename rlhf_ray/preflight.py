@@ -7,6 +7,8 @@
                        model built from config.json: module names without reading a weight)
     RL prompts         the prompt set loads and holds at least `rl.prompts_per_step` prompts
     reward functions   importable, and answering a 2-row probe with 2 finite numbers
+    environment        `env.path` loads, and a probe episode on the first prompt row (its tools in this
+                       process) answers with usable replies
 
 Each failure is one `PreflightError` line naming the config key and the file or function at fault.
 """
@@ -68,6 +70,8 @@ def preflight(cfg: Config, resolve: Optional[Callable[[str], str]] = None, resum
         tok_spec = cfg.model.tokenizer or (policy if not policy.startswith("stage:") else cfg.model.path)
         prompts = check_prompts(cfg, folder(tok_spec, "model.tokenizer" if cfg.model.tokenizer else "model.path"))
         check_reward_functions(cfg, [p.text for p in prompts[:2]])
+        if cfg.env.path is not None:
+            check_environment(cfg, prompts[0].row)
 
 
 def check_output_dir(cfg: Config) -> None:
@@ -234,6 +238,18 @@ def check_prompts(cfg: Config, tokenizer_path: str) -> list:
         raise PreflightError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} is more than the {len(prompts)} "
                              f"prompts in data.prompts={cfg.data.prompts}: lower it or give more prompts")
     return prompts
+
+
+def check_environment(cfg: Config, row: dict) -> None:
+    """One probe episode of `env.path` on a real prompt row, with its tools in this process (no Ray yet)."""
+    from rlhf_ray.envs.base import EnvError
+    from rlhf_ray.envs.loader import probe
+    from rlhf_ray.envs.tools import build_tools, limits_of
+    tools, _ = build_tools(cfg.env.tools, limits_of(cfg.env), on_ray=False)
+    try:
+        probe(cfg.env.path, tools, row, cfg.rollout.max_turns)
+    except EnvError as e:
+        raise PreflightError(f"env.path: {e}" if not str(e).startswith("env.path") else str(e)) from None
 
 
 def check_reward_functions(cfg: Config, prompts: list[str]) -> None:

@@ -42,6 +42,9 @@ class Rollout:
     temperature:           the sampling temperature the log-probs are scaled with.
     generate_s:            seconds the engine spent inside vLLM (the slowest engine's, for a group);
                            the controller subtracts it from the phase's wall time to measure overhead.
+    policy_mask[b]:        T_b flags of a multi-turn episode (`rlhf_ray.envs.episode`): 1 where the engine
+                           sampled the token, 0 where the environment wrote it (its log-prob entry is 0.0 and
+                           is never read). None: a single-turn rollout, every token sampled.
     """
 
     prompt_ids: list[list[int]]
@@ -53,6 +56,7 @@ class Rollout:
     weight_version: int
     temperature: float
     generate_s: float = 0.0
+    policy_mask: Optional[list[list[int]]] = None
 
     def __len__(self) -> int:
         return len(self.response_ids)

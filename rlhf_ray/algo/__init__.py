@@ -27,6 +27,7 @@ _HOME = {
     "offpolicy": ("is_correction_weights", "truncated_is_weights"),
     "registry": ("ALGORITHMS", "IS_CORRECTIONS", "AlgorithmSpec", "estimator_kwargs", "get_algorithm"),
     "rewards": ("last_token_index", "overlong_penalty", "shape_rewards"),
+    "turns": ("has_holes", "pack_policy_tokens", "unpack_policy_tokens"),
     "stats": ("advantage_stats", "approx_kl", "clip_fraction", "explained_variance", "masked_max", "masked_min",
               "summary", "to_floats"),
 }

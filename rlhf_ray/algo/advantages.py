@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_ray.algo.masked import masked_sum, masked_whiten
+from rlhf_ray.algo.turns import has_holes, pack_policy_tokens, unpack_policy_tokens
 
 # Block length of the scan in reverse_discounted_cumsum: the matmul costs O(L) per element, the recursion
 # O(log_L T) levels; 32 was fastest on CPU for T from 128 to 8192 (benchmarks/algo_bench.py).
@@ -278,4 +279,11 @@ def compute_advantages(
         raise ValueError(
             f"unknown advantage estimator {name!r}; allowed: {sorted(ADVANTAGE_ESTIMATORS)}"
         ) from None
-    return estimator(token_rewards, mask, **kwargs)
+    if not has_holes(mask):
+        return estimator(token_rewards, mask, **kwargs)
+    # a multi-turn episode: estimate over the policy's tokens alone, in order (rlhf_ray.algo.turns)
+    if kwargs.get("values") is not None:
+        kwargs["values"] = pack_policy_tokens(kwargs["values"], mask)
+    packed = pack_policy_tokens(mask, mask)
+    adv, ret = estimator(pack_policy_tokens(token_rewards, mask), packed, **kwargs)
+    return unpack_policy_tokens(adv, mask), unpack_policy_tokens(ret, mask)

@@ -177,7 +177,32 @@ class RolloutConfig(Section):
     gpus_per_engine: float = Field(0.0, ge=0)
     threads: Optional[int] = Field(None, gt=0, description="CPU threads while generating (colocated); "
                                    "default: all of the worker's. Tiny models decode faster on one")
+    max_turns: int = Field(1, gt=0, description="policy turns per episode with an environment (env.path); "
+                           "max_new_tokens then bounds the whole episode after the prompt, the environment's "
+                           "tokens included")
     sync: SyncConfig = SyncConfig()
+
+
+class EnvConfig(Section):
+    """A multi-turn environment (`rlhf_ray.envs`): each episode starts from a prompt row, the policy and the
+    environment take turns (a tool result, a user turn, or done with a reward) up to rollout.max_turns."""
+
+    path: Optional[str] = Field(None, description="builtin:arith, builtin:code, or module:Class; None: single-turn "
+                                "rollouts scored by reward.sources alone")
+    tools: tuple[Literal["calculator", "python"], ...] = Field(
+        ("calculator",), description="tools the environment may call, each a Ray actor (in-process before Ray)")
+    observation_template: str = Field(
+        "\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+        description="how an environment reply is written after the policy's turn ({text}: the reply); "
+                    "tokenized alone and appended, never the whole conversation again")
+    max_observation_tokens: int = Field(64, gt=0, description="an environment reply longer than this is cut")
+    max_turn_tokens: Optional[int] = Field(None, gt=0, description="tokens one policy turn may sample at most "
+                                           "(default: what is left of rollout.max_new_tokens)")
+    tool_timeout_s: float = Field(2.0, gt=0, description="wall-clock limit of one tool call (CPU limit too)")
+    tool_memory_mb: int = Field(256, gt=0, description="address-space limit of the Python executor's process")
+    tool_output_bytes: int = Field(2048, gt=0, description="a tool's output beyond this is cut and marked")
+    reward_weight: float = Field(1.0, description="the environment's episode reward enters the score with this "
+                                 "weight, added to reward.sources")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +437,7 @@ class Config(Section):
     dpo: DPOConfig = DPOConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
+    env: EnvConfig = EnvConfig()
     reference: ReferenceConfig = ReferenceConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     rl: RLConfig = RLConfig()
@@ -520,6 +546,14 @@ class Config(Section):
         if not self.reference.kl_in_reward and self.reference.kl_kind == "k1" and self.reference.kl_coef > 0:
             raise ValueError("reference.kl_in_reward=false puts the KL in the loss, where k1's gradient averages to "
                              "zero on-policy; use reference.kl_kind=k2 or k3 (GRPO uses k3)")
+        if self.rollout.max_turns > 1 and self.env.path is None:
+            raise ValueError(f"rollout.max_turns={self.rollout.max_turns} needs env.path: without an environment "
+                             f"nothing answers the policy between turns")
+        if self.env.path is not None and self.rollout.sync.max_off_policy_lag > 0:
+            raise ValueError("env.path runs episodes turn by turn from the driver; rollout.sync.max_off_policy_lag "
+                             "must be 0 with an environment (overlapped episodes are not implemented)")
+        if self.env.path is None and not self.reward.sources:
+            raise ValueError("reward.sources is empty and env.path is unset: nothing would score the responses")
         if "rl" in self.run.stages and "rm" not in self.run.stages:
             for src in self.reward.sources:
                 if src.kind == "model" and src.path == "stage:rm":

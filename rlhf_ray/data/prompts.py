@@ -9,7 +9,7 @@ truncate_left (keep the end, which holds the question and the generation prompt)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlhf_ray.config import DataConfig
 from rlhf_ray.errors import RunError
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 class Prompt:
     text: str             # what reward sources see as the prompt (the last user turn of a chat)
     ids: tuple[int, ...]  # what the generator is given
+    # the dataset row an environment starts an episode from: `prompt` and the row's other columns
+    row: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 class PromptError(RunError, ValueError):
@@ -45,7 +47,7 @@ def load_prompts(data_cfg: DataConfig, tokenizer, seed: int = 0) -> list[Prompt]
             skipped += 1
             continue
         truncated += len(ids) < len(full)
-        out.append(Prompt(_text(row["prompt"]), tuple(ids)))
+        out.append(Prompt(_text(row["prompt"]), tuple(ids), {**row.get("columns", {}), "prompt": row["prompt"]}))
     if skipped or truncated:
         log.warning("prompts from %s: %d skipped, %d truncated to %d tokens", data_cfg.prompts, skipped,
                     truncated, limit)

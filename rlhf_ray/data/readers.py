@@ -132,9 +132,11 @@ def normalize(row: object, kind: Kind) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"a row must be a mapping, got {type(row).__name__}")
     if kind == "prompts":
+        # the row's other columns go with the prompt: an environment reads them (an answer, tests)
+        columns = {k: v for k, v in row.items() if k not in ("prompt", "messages") and not k.startswith("_")}
         if "messages" in row and row["messages"] is not None:
-            return {"prompt": _messages(row["messages"], "messages")}
-        return {"prompt": _text(row, "prompt")}
+            return {"prompt": _messages(row["messages"], "messages"), "columns": columns}
+        return {"prompt": _text(row, "prompt"), "columns": columns}
     if kind == "sft":
         if "messages" in row and row["messages"] is not None:
             prompt, response = _split_last_assistant(_messages(row["messages"], "messages"), "messages")

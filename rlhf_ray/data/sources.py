@@ -4,6 +4,8 @@ Specs: a file or folder path (see `readers`), or a built-in builder:
   builtin:reviews              the embedded task (`builtin_reviews`), generated in milliseconds
   builtin:movie-reviews        IMDB openers / continuations, preference pairs by label (`movie_reviews`)
   builtin:movie-reviews-vader  the same, preference pairs ranked by VADER
+  builtin:arith                arithmetic word problems with their answers (RL prompts only; `envs.arith`)
+  builtin:code                 small functions to write, with their tests (RL prompts only; `envs.code`)
 """
 from __future__ import annotations
 
@@ -33,7 +35,28 @@ def _movie(pairs: str):
     return make
 
 
+def _prompts_only(name: str, make: Callable[[int, int], list[dict]]):
+    """A task that exists only as RL prompts for an environment (it has no SFT responses or preference pairs)."""
+    def build(kind: Kind, n: int, seed: int) -> list[dict]:
+        if kind != "prompts":
+            raise DataError(f"builtin:{name} holds RL prompts for an environment only, not {kind} rows")
+        return make(n, seed)
+    return build
+
+
+def _arith(n: int, seed: int) -> list[dict]:
+    from rlhf_ray.envs.arith import prompt_rows
+    return prompt_rows(n, seed)
+
+
+def _code(n: int, seed: int) -> list[dict]:
+    from rlhf_ray.envs.code import prompt_rows
+    return prompt_rows(n, seed)
+
+
 BUILDERS: dict[str, Callable[[Kind, int, int], list[dict]]] = {
+    "arith": _prompts_only("arith", _arith),
+    "code": _prompts_only("code", _code),
     "reviews": _builtin_reviews,
     "movie-reviews": _movie("label"),
     "movie-reviews-vader": _movie("vader"),

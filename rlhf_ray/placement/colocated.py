@@ -29,7 +29,7 @@ import torch
 
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.dispatch import mean_stats, split_evenly, split_rows
-from rlhf_ray.roles.generator.group import PendingRollout, tied_names
+from rlhf_ray.roles.generator.group import PendingRollout, limits, per_prompt, tied_names
 from rlhf_ray.learner.group import LearnerGroup
 from rlhf_ray.roles.policy import PolicyRank
 from rlhf_ray.placement.construct import Construction, PhaseShares, ProcessArgs, Share
@@ -181,21 +181,24 @@ class ColocatedRoles:
         self.weights = WeightSync(InProcess(self.ranks, args.sync.mode),
                                   lambda: ray.get(self.ranks[0].updates.remote()))
 
-    def generate(self, prompts: list, n: int, seed: int):
-        return self._fan_out(prompts, n, seed, {}).result()
+    def generate(self, prompts: list, n: int, seed: int, max_new_tokens: list[int] | None = None):
+        """max_new_tokens: one limit per prompt (a multi-turn episode's budget left); None: the rollout's."""
+        return self._fan_out(prompts, n, seed, limits(max_new_tokens)).result()
 
     def submit(self, prompts: list, n: int, seed: int) -> PendingRollout:
         """Start the next step's rollouts, sharded over the ranks' engines, to run beside the coming update
         (each rank's engine thread; the weight push that follows the update waits for them)."""
         return self._fan_out(prompts, n, seed, {}, beside_update=True)
 
-    def sample(self, prompts: list, n: int, temperature: float, seed: int):
+    def sample(self, prompts: list, n: int, temperature: float, seed: int, max_new_tokens: list[int] | None = None):
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""
-        return self._fan_out(prompts, n, seed, {"temperature": temperature}).result()
+        return self._fan_out(prompts, n, seed, {"temperature": temperature, **limits(max_new_tokens)}).result()
 
     def _fan_out(self, prompts: list, n: int, seed: int, overrides: dict, beside_update: bool = False) -> PendingRollout:
         chunks = split_evenly(list(range(len(prompts))), len(self.ranks))
-        refs = [r.generate.remote([prompts[j] for j in c], n, {**overrides, "call_seed": seed + i}, beside_update)
+        refs = [r.generate.remote([prompts[j] for j in c], n,
+                                  {**{k: [v[j] for j in c] if per_prompt(k, v) else v for k, v in overrides.items()},
+                                   "call_seed": seed + i}, beside_update)
                 for i, (r, c) in enumerate(zip(self.ranks, chunks)) if c]
         return PendingRollout(refs, [c[0] for c in chunks if c])
 

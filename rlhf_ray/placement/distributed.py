@@ -24,6 +24,7 @@ from rlhf_ray.placement.construct import Construction
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
 from rlhf_ray.records import UpdateResult
+from rlhf_ray.roles.generator.group import limits
 from rlhf_ray.placement.shared import Paths, RoleSections, critic_init_path, generator_base
 from rlhf_ray.utils.device import make_backend
 from rlhf_ray.roles.reference import ReferenceActor
@@ -92,14 +93,15 @@ class DistributedRoles:
         self.weights = WeightSync(transport, lambda: ray.get(self.policy.actors[0].updates.remote()))
 
     # -- the controller's calls ----------------------------------------------------------------
-    def generate(self, prompts: list, n: int, seed: int):
-        """Sample n per prompt, the engines alone on their nodes (every core, or `rollout.threads`)."""
+    def generate(self, prompts: list, n: int, seed: int, max_new_tokens: list[int] | None = None):
+        """Sample n per prompt, the engines alone on their nodes (every core, or `rollout.threads`);
+        max_new_tokens: one limit per prompt (a multi-turn episode's budget left), None: the rollout's."""
         # An engine that died mid-call: Ray restarts it, `submit` re-syncs it to the current weights, and
         # the same prompts are sampled again with the same seed (no step lost, none doubled).
         for attempt in range(2):
             try:
                 return self.generator.submit(prompts, n, threads=self.shares.generate.threads,
-                                             call_seed=seed).result()
+                                             call_seed=seed, **limits(max_new_tokens)).result()
             except ray.exceptions.RayActorError:
                 if attempt:
                     raise
@@ -111,9 +113,10 @@ class DistributedRoles:
         g = self.shares.generate_beside_update
         return self.generator.submit(prompts, n, threads=g.threads, cores=g.cores, call_seed=seed)
 
-    def sample(self, prompts: list, n: int, temperature: float, seed: int):
+    def sample(self, prompts: list, n: int, temperature: float, seed: int, max_new_tokens: list[int] | None = None):
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""
-        return self.generator.submit(prompts, n, temperature=temperature, call_seed=seed).result()
+        return self.generator.submit(prompts, n, temperature=temperature, call_seed=seed,
+                                     **limits(max_new_tokens)).result()
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """Reward, reference log-probs and values at once; the cores are split between them."""

@@ -13,14 +13,15 @@ version is the sync's (`roles.weights`, `rlhf_ray.sync.weight_sync`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from rlhf_ray import algo
 from rlhf_ray.batch import minibatches, pack_sequences, pad_ragged
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig, RewardConfig, RLConfig, RolloutConfig
+from rlhf_ray.envs.episode import EpisodeRunner, Episodes
 from rlhf_ray.records import Rollout
 from rlhf_ray.records import ScoredBatch
 from rlhf_ray.rl.advantage_step import EmptyResponseError, filter_scored, make_train_batch  # noqa: F401
@@ -45,10 +46,11 @@ class StepConfig:
     algorithm: AlgorithmConfig  # advantages, minibatches, PPO epochs, dynamic sampling
     rl: RLConfig                # prompts per step, steps
     seed: int                   # `run.seed`: the minibatch shuffle and each step's generation seed
+    env_weight: float = 1.0     # `env.reward_weight`: an episode's reward in the score
 
     @classmethod
     def of(cls, cfg: "Config") -> "StepConfig":
-        return cls(cfg.rollout, cfg.reward, cfg.reference, cfg.algorithm, cfg.rl, cfg.run.seed)
+        return cls(cfg.rollout, cfg.reward, cfg.reference, cfg.algorithm, cfg.rl, cfg.run.seed, cfg.env.reward_weight)
 
 
 @dataclass
@@ -57,17 +59,26 @@ class StepOutput:
     prompts: list[str]
     responses: list[str]
     scores: list[float]
+    episodes: list[dict] = field(default_factory=list)  # per row with an environment: turns, tool calls, tokens
 
 
-def score_rollout(roles: RoleGraph, prompts: list, rollout: Rollout, pad_id: int, n: int) -> ScoredBatch:
+def score_rollout(roles: RoleGraph, prompts: list, rollout: Rollout, pad_id: int, n: int,
+                  episodes: Optional[Episodes] = None, env_weight: float = 1.0) -> ScoredBatch:
     """The score stage: the rollout (n samples per prompt) packed into aligned sequences with the generator's
-    log-probs, and the roles' reward, reference log-probs and values for them."""
-    seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, pad_id)
+    log-probs, and the roles' reward, reference log-probs and values for them. With episodes (an environment),
+    environment tokens are masked out of the sequences and each episode's reward is added to its score."""
+    seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, pad_id, rollout.policy_mask)
     old_logp = pad_ragged(rollout.response_logprobs, seq.response_mask.shape[1])
     texts = [prompts[i].text for i in rollout.prompt_index]
     scores, ref_logp, values, stats = roles.score(texts, list(rollout.texts), seq)
-    return ScoredBatch(seq, old_logp, ref_logp, torch.as_tensor(scores, dtype=torch.float32), values, n,
-                       rollout.weight_version, texts, list(rollout.texts), dict(stats))
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    stats = dict(stats)
+    if episodes is not None:
+        env = torch.as_tensor(episodes.rewards, dtype=torch.float32)
+        scores = scores + env_weight * env
+        stats["reward/env_mean"] = float(env.mean())
+    return ScoredBatch(seq, old_logp, ref_logp, scores, values, n, rollout.weight_version, texts,
+                       list(rollout.texts), stats)
 
 
 def make_kl_controller(r: ReferenceConfig):
@@ -78,11 +89,13 @@ def make_kl_controller(r: ReferenceConfig):
 
 class RLController:
     def __init__(self, cfg: StepConfig, roles: RoleGraph, prompts: PromptStream, pad_id: int,
-                 dtypes: tuple[str, ...] = ("float32",)):
+                 dtypes: tuple[str, ...] = ("float32",), episodes: Optional[EpisodeRunner] = None):
         """cfg: the sections of the run's config a step reads (`StepConfig.of(config)`).
         dtypes: the precisions the learner and the engine compute in (the plan's); they pick the
-        log-prob agreement thresholds the config leaves unset."""
+        log-prob agreement thresholds the config leaves unset.
+        episodes: with an environment (`env.path`), each sample is a multi-turn episode run by this runner."""
         self.cfg, self.roles, self.prompts, self.pad_id = cfg, roles, prompts, pad_id
+        self.episodes = episodes
         self.agreement = agreement_thresholds(cfg.rollout.sync, dtypes)
         self.kl_ctl = make_kl_controller(cfg.reference)
         self.step_idx = 0
@@ -94,11 +107,11 @@ class RLController:
         cfg, roles, t = self.cfg, self.roles, PhaseTimer()
         n = cfg.rollout.n_samples_per_prompt
         with t("generate"):
-            prompts, rollout = self._generate(n)                       # Rollout
+            prompts, rollout, episodes = self._generate(n)             # Rollout (and the episodes behind it)
         lag = check_version(rollout.weight_version, roles.weights.version, cfg.rollout.sync.max_off_policy_lag)
         engine_s = [rollout.generate_s]
         with t("score"):
-            scored = score_rollout(roles, prompts, rollout, self.pad_id, n)  # ScoredBatch
+            scored = score_rollout(roles, prompts, rollout, self.pad_id, n, episodes, cfg.env_weight)  # ScoredBatch
         ds_stats = {}
         if cfg.algorithm.dynamic_sampling:  # DAPO: only groups whose rewards differ, topped up
             with t("dynamic_sampling"):
@@ -125,7 +138,7 @@ class RLController:
         self.step_idx += 1
 
         timing, engine = t.stats(), sum(engine_s)
-        metrics = {**scored.reward_stats, **filter_stats, **ds_stats, **adv_stats, **update.metrics(),
+        metrics = {**scored.reward_stats, **(episodes.metrics() if episodes else {}), **filter_stats, **ds_stats, **adv_stats, **update.metrics(),
                    **(pushed.metrics() if pushed else {}), **timing,
                    "reward/score_mean": float(kept.scores.mean()),
                    "reward/score_std": float(kept.scores.std()) if len(kept) > 1 else 0.0,
@@ -137,18 +150,28 @@ class RLController:
                    # an overlapped generation hides behind the previous update: only its wait is on the path
                    **overhead(timing["timing/step_s"], min(engine, t.times["generate"]),
                               (scored.reward_stats.get("time/score_compute_s", 0.0), update.compute_s))}
-        return StepOutput(metrics, reported.prompts, reported.responses, reported.scores.tolist())
+        return StepOutput(metrics, reported.prompts, reported.responses, reported.scores.tolist(),
+                          [s.as_dict() for s in episodes.stats] if episodes else [])
 
     # -- helpers -------------------------------------------------------------------------------
-    def _generate(self, n: int) -> tuple[list, Rollout]:
+    def _generate(self, n: int) -> tuple[list, Rollout, Optional[Episodes]]:
         """This step's prompts and rollout: sampled now, or, with rollouts allowed one version behind, during
         the previous step's update (`_start_next_generation`)."""
         if self._next is not None:
             prompts, pending, _ = self._next
             self._next = None
-            return prompts, pending.result()
+            return prompts, pending.result(), None
         prompts = self.prompts.next_batch()
-        return prompts, self.roles.generate([p.ids for p in prompts], n, self._seed(self.step_idx))
+        return (prompts, *self._sample(prompts, n, self._seed(self.step_idx)))
+
+    def _sample(self, prompts: list, n: int, seed: int) -> tuple[Rollout, Optional[Episodes]]:
+        """n samples per prompt: one generation, or with an environment n episodes per prompt, each turn of all
+        live episodes one generation on every engine."""
+        if self.episodes is None:
+            return self.roles.generate([p.ids for p in prompts], n, seed), None
+        episodes = self.episodes.run(lambda ids, limits, s: self.roles.generate(ids, 1, s, max_new_tokens=limits),
+                                     [p.ids for p in prompts], [p.row for p in prompts], n, seed)
+        return episodes.rollout, episodes
 
     def _start_next_generation(self, n: int) -> bool:
         """With rollouts allowed one version behind, sample the next step now, on the generator's cores,
@@ -156,7 +179,8 @@ class RLController:
         the log-prob agreement check (which needs lag 0) keeps running."""
         sync = self.cfg.rollout.sync
         nxt = self.step_idx + 1
-        if sync.max_off_policy_lag < 1 or nxt >= self.cfg.rl.steps or nxt % sync.check_every == 0:
+        if sync.max_off_policy_lag < 1 or nxt >= self.cfg.rl.steps or nxt % sync.check_every == 0 \
+                or self.episodes is not None:  # episodes run turn by turn from here, in lockstep
             return False
         before = self.prompts.state_dict()
         prompts = self.prompts.next_batch()
@@ -167,9 +191,9 @@ class RLController:
         """Another round for dynamic sampling: the next prompts of the stream, sampled and scored (the engines'
         seconds added to `engine_s`)."""
         prompts = self.prompts.next_batch()
-        rollout = self.roles.generate([p.ids for p in prompts], n, self._seed(self.step_idx))
+        rollout, episodes = self._sample(prompts, n, self._seed(self.step_idx))
         engine_s.append(rollout.generate_s)
-        return score_rollout(self.roles, prompts, rollout, self.pad_id, n)
+        return score_rollout(self.roles, prompts, rollout, self.pad_id, n, episodes, self.cfg.env_weight)
 
     def _seed(self, step: int) -> int:
         """Step s samples from a seed of (run seed, s): a resumed run samples what the uninterrupted one did."""

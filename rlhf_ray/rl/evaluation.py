@@ -7,6 +7,11 @@ rises even when the policy only learns to please the reward model. The held-out 
     eval/greedy_reward, eval/greedy_gold, eval/greedy_len     one greedy response per held-out prompt
     eval/sampled_reward, eval/sampled_gold, eval/sampled_len  rl.eval_samples at the rollout temperature
 
+With an environment (`env.path`) each held-out sample is a whole episode, its score the sources' plus the
+environment's reward, also reported alone (for the arithmetic task: the exact-answer accuracy):
+
+    eval/greedy_env_reward, eval/greedy_tool_calls, eval/sampled_env_reward, eval/sampled_tool_calls
+
 Runs before the first step (the baseline), every `rl.eval_every` steps and after the last step.
 """
 from __future__ import annotations
@@ -19,8 +24,8 @@ import torch
 from rlhf_ray.config import Config
 from rlhf_ray.batch import pack_sequences
 
-# generate(prompt_ids, n, temperature, seed) -> Rollout; temperature 0 is greedy
-Generate = Callable[[list, int, float, int], object]
+# generate(prompt_ids, n, temperature, seed[, max_new_tokens per prompt]) -> Rollout; temperature 0 is greedy
+Generate = Callable[..., object]
 # score(prompt_texts, responses, seq) -> (scores, ...): the roles' scoring call
 Score = Callable[..., tuple]
 Gold = Callable[[list, list], Sequence[float]]
@@ -43,8 +48,10 @@ def split_prompts(prompts: list, cfg: Config) -> tuple[list, list]:
 
 
 class Evaluator:
-    def __init__(self, prompts: list, cfg: Config, pad_id: int, gold: Optional[Gold] = None):
-        self.prompts, self.pad_id, self.gold = prompts, pad_id, gold
+    def __init__(self, prompts: list, cfg: Config, pad_id: int, gold: Optional[Gold] = None, episodes=None):
+        """episodes: the run's `rlhf_ray.envs.episode.EpisodeRunner` when it has an environment."""
+        self.prompts, self.pad_id, self.gold, self.episodes = prompts, pad_id, gold, episodes
+        self.env_weight = cfg.env.reward_weight
         self.every, self.samples, self.last = cfg.rl.eval_every, cfg.rl.eval_samples, cfg.rl.steps
         self.temperature, self.seed = cfg.rollout.temperature, cfg.run.seed
 
@@ -57,10 +64,21 @@ class Evaluator:
         out: dict[str, float] = {}
         # a fixed seed per step: the sampled numbers of two runs at the same step compare like for like
         for name, n, temp in (("greedy", 1, 0.0), ("sampled", self.samples, self.temperature)):
-            rollout = generate(ids, n, temp, (self.seed * 7919 + step) % 2 ** 30)
+            seed = (self.seed * 7919 + step) % 2 ** 30
+            if self.episodes is None:
+                rollout, env = generate(ids, n, temp, seed), None
+            else:
+                env = self.episodes.run(lambda c, lim, s, t=temp: generate(c, 1, t, s, max_new_tokens=lim), ids,
+                                        [p.row for p in self.prompts], n, seed)
+                rollout = env.rollout
             texts = [self.prompts[i].text for i in rollout.prompt_index]
-            seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, self.pad_id)
+            seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, self.pad_id, rollout.policy_mask)
             scores = torch.as_tensor(score(texts, list(rollout.texts), seq)[0], dtype=torch.float32)
+            if env is not None:
+                rewards = torch.as_tensor(env.rewards, dtype=torch.float32)
+                scores = scores + self.env_weight * rewards
+                out[f"eval/{name}_env_reward"] = float(rewards.mean())
+                out[f"eval/{name}_tool_calls"] = env.metrics()["episode/tool_calls"]
             out[f"eval/{name}_reward"] = float(scores.mean())
             out[f"eval/{name}_len"] = float(seq.response_mask.sum(1).mean())
             if self.gold is not None:
@@ -72,7 +90,8 @@ def format_eval(step: int, m: dict[str, float]) -> str:
     """One console line: `eval @ step 10  greedy reward +1.23 gold +0.45 len 12.0 | sampled ...`."""
     parts = []
     for name in ("greedy", "sampled"):
-        fields = [f"{k} {m[f'eval/{name}_{k}']:+.3f}" for k in ("reward", "gold") if f"eval/{name}_{k}" in m]
+        fields = [f"{k} {m[f'eval/{name}_{k}']:+.3f}" for k in ("reward", "gold", "env_reward")
+                  if f"eval/{name}_{k}" in m]
         fields.append(f"len {m[f'eval/{name}_len']:.1f}")
         parts.append(f"{name} " + " ".join(fields))
     return f"eval @ step {step:4d}  " + " | ".join(parts)

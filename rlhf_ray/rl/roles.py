@@ -23,13 +23,15 @@ class Pending(Protocol):
 class RoleGraph(Protocol):
     weights: WeightSync   # the hand-over to the engines; the weight version's owner
 
-    def generate(self, prompt_ids: list, n: int, seed: int) -> Rollout:
-        """n samples per prompt drawn from `seed`, the engines alone."""
+    def generate(self, prompt_ids: list, n: int, seed: int, max_new_tokens: list[int] | None = None) -> Rollout:
+        """n samples per prompt drawn from `seed`, the engines alone; max_new_tokens: a limit per prompt (a
+        multi-turn episode's budget left, `rlhf_ray.envs.episode`), None: rollout.max_new_tokens."""
 
     def submit(self, prompt_ids: list, n: int, seed: int) -> Pending:
         """The same, started now to run beside the coming update (rollouts one version behind)."""
 
-    def sample(self, prompt_ids: list, n: int, temperature: float, seed: int) -> Rollout:
+    def sample(self, prompt_ids: list, n: int, temperature: float, seed: int,
+               max_new_tokens: list[int] | None = None) -> Rollout:
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf_ray.config import Config
+from rlhf_ray.envs.episode import EpisodeRunner
 from rlhf_ray.errors import describe_failure
 from rlhf_ray.learner.checkpoint import is_complete, latest_checkpoint
 from rlhf_ray.placement.groups import release, reserve
@@ -59,10 +60,13 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
     except Exception as e:  # noqa: BLE001 - an actor that failed to start: one line naming it
         release(groups)
         raise describe_failure(e, 0) from None
+    tool_actors: list = []
     try:
+        episodes, tool_actors = episode_runner(cfg, tokenizer)
         stream = PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed)
         controller = RLController(StepConfig.of(cfg), roles, stream, pad_id=tokenizer.pad_token_id,
-                                  dtypes=roles.args.sync.agreement_precisions)  # fp8 engines: fp8's row
+                                  dtypes=roles.args.sync.agreement_precisions,  # fp8 engines: fp8's row
+                                  episodes=episodes)
         restored = rl_checkpoint.load(roles, out / "checkpoints", note=print) if resume else None
         ckpt = restored[0] if restored else None
         if restored:
@@ -70,7 +74,8 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         logger = MetricsLogger(out, cfg.logging, "rl", cfg.model_dump(mode="json"), resume=ckpt is not None)
         if ckpt is not None:
             logger.truncate_to(controller.step_idx)
-        evaluator, plateau = Evaluator(held_out, cfg, tokenizer.pad_token_id, gold), PlateauDetector(cfg)
+        evaluator = Evaluator(held_out, cfg, tokenizer.pad_token_id, gold, episodes)
+        plateau = PlateauDetector(cfg)
         eval_gen = roles.sample
         with ConsoleView(cfg.rl.steps, f"rl:{cfg.algorithm.name}", cfg.logging.console,
                          start=controller.step_idx) as view:
@@ -102,7 +107,8 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
                 logger.log(step, result.metrics)
                 view.step(step, result.metrics)
                 if cfg.rl.sample_every and step % cfg.rl.sample_every == 0:
-                    logger.log_samples(step, result.prompts[:4], result.responses[:4], result.scores[:4])
+                    logger.log_samples(step, result.prompts[:4], result.responses[:4], result.scores[:4],
+                                       result.episodes[:4])
                 # the last step too: `--resume` with a larger rl.steps continues a finished stage from it
                 if cfg.rl.save_every and (step % cfg.rl.save_every == 0 or step == cfg.rl.steps):
                     rl_checkpoint.save(roles, out / "checkpoints", step, controller.state_dict())
@@ -111,11 +117,33 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
             roles.export(str(out / "adapter"), merge_lora=False)
         roles.export(str(final), merge_lora=True)
     finally:
+        if tool_actors:
+            import ray
+            for actor in tool_actors:
+                ray.kill(actor)
         roles.shutdown()
         release(groups)
     if cfg.logging.report:
         write_report(out, f"{cfg.run.name}: {cfg.algorithm.name}")
     return final
+
+
+def episode_runner(cfg: Config, tokenizer) -> tuple[EpisodeRunner | None, list]:
+    """With `env.path`: the episode runner (its environment's tools as Ray actors) and those actors; else
+    (None, []). Observations are tokenized alone, without the BOS a tokenizer may add to a text's start."""
+    if cfg.env.path is None:
+        return None, []
+    from rlhf_ray.envs.loader import env_factory
+    from rlhf_ray.envs.tools import build_tools, limits_of
+    tools, actors = build_tools(cfg.env.tools, limits_of(cfg.env), on_ray=True)
+    runner = EpisodeRunner(env_factory(cfg.env.path, tools),
+                           lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                           lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                           max_turns=cfg.rollout.max_turns, budget=cfg.rollout.max_new_tokens,
+                           template=cfg.env.observation_template,
+                           max_observation_tokens=cfg.env.max_observation_tokens,
+                           max_turn_tokens=cfg.env.max_turn_tokens, name=cfg.env.path)
+    return runner, actors
 
 
 def _logged(err, exc: BaseException, out: Path):

@@ -66,11 +66,18 @@ class MetricsLogger:
         if self._wandb:
             self._wandb.log({f"{self.stage}/{k}": v for k, v in clean.items()}, step=step)
 
-    def log_samples(self, step: int, prompts: Iterable[str], responses: Iterable[str], scores: Iterable[float]):
+    def log_samples(self, step: int, prompts: Iterable[str], responses: Iterable[str], scores: Iterable[float],
+                    episodes: Iterable[dict] = ()):
+        """episodes: with an environment, each row's episode statistics (turns, tool calls, tokens); its
+        `response` is then the whole episode, the environment's replies included."""
         if self._samples is None:
             self._samples = open(self.dir / "samples.jsonl", "a" if self._resume else "w")
-        for p, r, s in zip(prompts, responses, scores):
-            self._samples.write(json.dumps({"step": step, "prompt": p, "response": r, "score": s}) + "\n")
+        episodes = list(episodes)
+        for i, (p, r, s) in enumerate(zip(prompts, responses, scores)):
+            row = {"step": step, "prompt": p, "response": r, "score": s}
+            if i < len(episodes):
+                row["episode"] = episodes[i]
+            self._samples.write(json.dumps(row) + "\n")
         self._samples.flush()
 
     def close(self) -> None:

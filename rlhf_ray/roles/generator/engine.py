@@ -141,7 +141,7 @@ class GeneratorEngine:
     # -- sampling -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[PromptInput], n: Optional[int] = None, *,
                  temperature: Optional[float] = None, top_p: Optional[float] = None,
-                 max_new_tokens: Optional[int] = None, stop: Optional[Sequence[str]] = None,
+                 max_new_tokens: Union[None, int, Sequence[int]] = None, stop: Optional[Sequence[str]] = None,
                  seeds: Optional[Sequence[Optional[int]]] = None, call_seed: Optional[int] = None) -> Rollout:
         """Sample n responses per prompt. Unset arguments fall back to the `RolloutConfig`.
 
@@ -149,6 +149,7 @@ class GeneratorEngine:
         draws from the engine's generator. `call_seed` instead seeds that generator once for the whole
         call: the same reproducibility for a fixed batch, without vLLM's per-request generators (their
         sampling path was 20-30% slower on a 64-sample batch of the tiny model). temperature 0 is greedy.
+        `max_new_tokens` may be a list, one limit per prompt (a multi-turn episode's budget left, `rlhf_ray.envs`).
         """
         from vllm import SamplingParams
 
@@ -159,6 +160,10 @@ class GeneratorEngine:
             seeds = [None] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        limit = max_new_tokens or self.cfg.max_new_tokens
+        limits = list(limit) if isinstance(limit, (list, tuple)) else [limit] * len(prompts)
+        if len(limits) != len(prompts):
+            raise ValueError(f"{len(limits)} max_new_tokens for {len(prompts)} prompts")
         # vLLM refuses n > 1 with greedy sampling: send n copies of the prompt instead.
         fan_out = n if temperature == 0 else 1
         stops = list(self.cfg.stop if stop is None else stop)
@@ -168,9 +173,9 @@ class GeneratorEngine:
         detokenize = bool(stops)
         params = [SamplingParams(n=n // fan_out, temperature=temperature,
                                  top_p=self.cfg.top_p if top_p is None else top_p,
-                                 max_tokens=max_new_tokens or self.cfg.max_new_tokens,
+                                 max_tokens=max_tokens,
                                  stop=stops, seed=seed, logprobs=0, detokenize=detokenize)
-                  for seed in seeds for _ in range(fan_out)]
+                  for seed, max_tokens in zip(seeds, limits) for _ in range(fan_out)]
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts for _ in range(fan_out)]
         if call_seed is not None:
             torch.manual_seed(call_seed)  # in-process engine: unseeded requests sample from torch's generator

@@ -28,6 +28,16 @@ def tied_names(model_path: str) -> frozenset:
     return frozenset({"lm_head.weight"}) if tied else frozenset()
 
 
+def per_prompt(key: str, value) -> bool:
+    """Whether a `generate` keyword holds one value per prompt (split with the prompts over the engines)."""
+    return key == "seeds" or (key == "max_new_tokens" and isinstance(value, (list, tuple)))
+
+
+def limits(max_new_tokens) -> dict:
+    """The `generate` keyword for per-prompt token limits, or none (the rollout section's limit)."""
+    return {} if max_new_tokens is None else {"max_new_tokens": list(max_new_tokens)}
+
+
 class Healer(Protocol):
     served_version: int   # what every engine should serve
 
@@ -83,14 +93,15 @@ class GeneratorGroup:
         `RayActorError` from `.result()`, and the caller decides whether to sample again.
         threads / cores: the engines' share of their node's cores (`rlhf_ray.utils.phases`).
         overrides: the engine's `generate` keywords (temperature, top_p, max_new_tokens, stop, seeds,
-        call_seed); `seeds` are split with the prompts, `call_seed` is offset per engine."""
+        call_seed); per-prompt lists (`seeds`, a list of `max_new_tokens`) are split with the prompts,
+        `call_seed` is offset per engine."""
         self.ensure_synced()
         n = n or self.cfg.n_samples_per_prompt
         chunks = split_evenly(list(range(len(prompts))), len(self.actors))
         busy = [(i, c) for i, c in enumerate(chunks) if c]
         parts = []
         for i, c in busy:
-            sub = {k: ([v[j] for j in c] if k == "seeds" else v) for k, v in overrides.items()}
+            sub = {k: ([v[j] for j in c] if per_prompt(k, v) else v) for k, v in overrides.items()}
             if sub.get("call_seed") is not None:
                 sub["call_seed"] = sub["call_seed"] + i  # engines draw different streams
             parts.append(self.actors[i].generate.remote([prompts[j] for j in c], n, sub, threads, cores))
