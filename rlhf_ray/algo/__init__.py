@@ -24,7 +24,7 @@ _HOME = {
     "losses": ("bradley_terry_loss", "entropy_bonus", "kl_loss", "policy_loss", "sft_loss", "value_loss"),
     "masked": ("masked_mean", "masked_sum", "masked_var", "masked_whiten"),
     "objectives": ("OBJECTIVES", "cispo_loss", "gspo_loss", "objective_loss", "sequence_log_ratio"),
-    "offpolicy": ("is_correction_weights", "truncated_is_weights"),
+    "offpolicy": ("is_correction_weights",),
     "registry": ("ALGORITHMS", "IS_CORRECTIONS", "AlgorithmSpec", "estimator_kwargs", "get_algorithm"),
     "rewards": ("last_token_index", "overlong_penalty", "shape_rewards"),
     "turns": ("has_holes", "pack_policy_tokens", "unpack_policy_tokens"),

@@ -46,7 +46,7 @@ def policy_loss(
         mask: (B, T).
         agg, norm_len: see :func:`aggregate`.
         is_weights: (B, T) per-token importance weights for samples drawn from another policy than
-            ``old_logp``'s (``offpolicy.truncated_is_weights``); they scale each token's loss.
+            ``old_logp``'s (``offpolicy.is_correction_weights``); they scale each token's loss.
 
     Returns:
         loss (0-d), stats: "policy/loss", "policy/clip_frac", "policy/approx_kl", "policy/ratio_min",

@@ -38,36 +38,6 @@ _MAX_LOG_RATIO = 20.0
 
 
 @torch.no_grad()
-def truncated_is_weights(
-    proximal_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor, cap: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token weights min(pi_prox / mu, cap), 0 on padding, and the ratio's statistics.
-
-    Args:
-        proximal_logp: (B, T) log pi_prox(a_t), the learner before this update.
-        behaviour_logp: (B, T) log mu(a_t), the generator that sampled a_t.
-        mask: (B, T).
-        cap: C >= 1.
-
-    Returns:
-        weights (B, T) detached; stats "tis/ratio_mean", "tis/ratio_min", "tis/ratio_max" (before
-        truncation), "tis/truncated_frac" (tokens whose ratio exceeded C), "tis/weight_mean".
-    """
-    if not cap >= 1.0:
-        raise ValueError(f"the importance-weight cap must be >= 1, got {cap}")
-    ratio = torch.exp((proximal_logp - behaviour_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-    w = ratio.clamp(max=cap) * mask.to(ratio.dtype)
-    stats = {
-        "tis/ratio_mean": masked_mean(ratio, mask),
-        "tis/ratio_min": masked_min(ratio, mask),
-        "tis/ratio_max": masked_max(ratio, mask),
-        "tis/truncated_frac": masked_mean((ratio > cap).to(ratio.dtype), mask),
-        "tis/weight_mean": masked_mean(w, mask),
-    }
-    return w, to_floats(stats)
-
-
-@torch.no_grad()
 def is_correction_weights(
     kind: str,
     proximal_logp: torch.Tensor,

@@ -138,8 +138,8 @@ class RLController:
         self.step_idx += 1
 
         timing, engine = t.stats(), sum(engine_s)
-        metrics = {**scored.reward_stats, **(episodes.metrics() if episodes else {}), **filter_stats, **ds_stats, **adv_stats, **update.metrics(),
-                   **(pushed.metrics() if pushed else {}), **timing,
+        metrics = {**scored.reward_stats, **(episodes.metrics() if episodes else {}), **filter_stats, **ds_stats,
+                   **adv_stats, **update.metrics(), **(pushed.metrics() if pushed else {}), **timing,
                    "reward/score_mean": float(kept.scores.mean()),
                    "reward/score_std": float(kept.scores.std()) if len(kept) > 1 else 0.0,
                    "kl/coef": self.kl_ctl.value, "sync/version": float(roles.weights.version),

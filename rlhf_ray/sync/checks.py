@@ -126,7 +126,7 @@ def check_logprob_agreement(stats: Agreement, sync_cfg, version: Optional[int] =
         return None
     where = f"weight version {version}" if version is not None else "this batch"
     finite = math.isfinite(max_abs) and math.isfinite(mean_abs)
-    if getattr(sync_cfg, "on_logprob_mismatch", "fail") == "correct" and correction != "none" and finite:
+    if sync_cfg.on_logprob_mismatch == "correct" and correction != "none" and finite:
         return (f"learner and generator log-probs disagree for {where} over {stats.num_tokens} tokens ("
                 + "; ".join(bad) + f"); corrected by algorithm.is_correction={correction} "
                   f"(rollout.sync.on_logprob_mismatch=correct)")

@@ -4,23 +4,23 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algo import policy_loss, truncated_is_weights
+from rlhf_ray.algo import is_correction_weights, policy_loss
 
 
 def test_weights_hand_computed_and_truncated():
     prox = torch.log(torch.tensor([[0.2, 0.3, 0.9], [0.5, 0.5, 0.5]], dtype=torch.float64))
     behaviour = torch.log(torch.tensor([[0.1, 0.3, 0.3], [0.5, 1.0, 0.5]], dtype=torch.float64))
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.float64)
-    w, stats = truncated_is_weights(prox, behaviour, mask, cap=2.5)
+    w, stats = is_correction_weights("tis", prox, behaviour, mask, cap=2.5)
     # ratios 2, 1, 3 (-> 2.5), 1, 0.5; the padded token gets 0
     torch.testing.assert_close(w, torch.tensor([[2.0, 1.0, 2.5], [1.0, 0.5, 0.0]], dtype=torch.float64),
                                rtol=0, atol=1e-12)
-    assert stats["tis/ratio_max"] == pytest.approx(3.0) and stats["tis/ratio_min"] == pytest.approx(0.5)
-    assert stats["tis/ratio_mean"] == pytest.approx(7.5 / 5)
-    assert stats["tis/truncated_frac"] == pytest.approx(1 / 5)
-    assert stats["tis/weight_mean"] == pytest.approx(7.0 / 5)
+    assert stats["is/token_ratio_max"] == pytest.approx(3.0) and stats["is/token_ratio_min"] == pytest.approx(0.5)
+    assert stats["is/token_ratio_mean"] == pytest.approx(7.5 / 5)
+    assert stats["is/truncated_frac"] == pytest.approx(1 / 5)
+    assert stats["is/weight_mean"] == pytest.approx(7.0 / 5)
     with pytest.raises(ValueError, match=">= 1"):
-        truncated_is_weights(prox, behaviour, mask, cap=0.5)
+        is_correction_weights("tis", prox, behaviour, mask, cap=0.5)
 
 
 def _bandit_gradient(use_tis: bool, cap: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +35,8 @@ def _bandit_gradient(use_tis: bool, cap: float = 2.0) -> tuple[torch.Tensor, tor
     logp = torch.log_softmax(theta, -1)[actions].unsqueeze(1)  # (10, 1)
     mask = torch.ones_like(logp)
     adv = reward[actions].unsqueeze(1)
-    weights = truncated_is_weights(logp.detach(), mu.log()[actions].unsqueeze(1), mask, cap)[0] if use_tis else None
+    weights = (is_correction_weights("tis", logp.detach(), mu.log()[actions].unsqueeze(1), mask, cap=cap)[0]
+               if use_tis else None)
     loss, _ = policy_loss(logp, logp.detach(), adv, mask, is_weights=weights)
     (grad,) = torch.autograd.grad(loss, theta)
     # gradient ascent direction on E_pi[r]: sum_a pi(a) r(a) grad log pi(a)
