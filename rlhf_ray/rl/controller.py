@@ -3,6 +3,9 @@
     prompts -> generate -> score (reward | reference | value, concurrently) -> filter -> advantages
             -> PPO epochs (policy, critic) -> log-prob check -> weight sync -> KL controller -> log
 
+With `rollout.mode=async` the generate stage takes the oldest batch a driver thread sampled ahead
+(`rlhf_ray.rl.producer`): the rest of the step is the same.
+
 Each stage hands the next one record (`rlhf_ray.records`): Rollout -> ScoredBatch -> (filtered) ScoredBatch
 -> TrainBatch -> UpdateResult -> SyncStats.
 
@@ -12,7 +15,9 @@ version is the sync's (`roles.weights`, `rlhf_ray.sync.weight_sync`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -26,6 +31,7 @@ from rlhf_ray.records import Rollout
 from rlhf_ray.records import ScoredBatch
 from rlhf_ray.rl.advantage_step import EmptyResponseError, filter_scored, make_train_batch  # noqa: F401
 from rlhf_ray.rl.dynamic_sampling import fill_batch
+from rlhf_ray.rl.producer import RolloutProducer, sample_in_chunks, staleness_metrics
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.roles import RoleGraph
 from rlhf_ray.sync.checks import agreement_thresholds, check_logprob_agreement, check_version
@@ -101,13 +107,20 @@ class RLController:
         self.step_idx = 0
         self._shuffle = torch.Generator().manual_seed(cfg.seed)
         self._next = None  # (prompts, pending rollout, prompt-stream state before them) when overlapping
+        # rollout.mode=async: the producer thread, the number of the next batch to take (its seed's), the prompt
+        # stream's state after the last batch taken (a checkpoint's resume point), batches dropped as too stale
+        self._producer: Optional[RolloutProducer] = None
+        self._batch_idx, self._resume_prompts, self.dropped = 0, None, 0
+        # A call is handed to every engine at once, and a push too: never one between another's engines (their
+        # rollouts would answer at two versions). Only the submission is held, not the generation.
+        self._engines = threading.Lock()
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> StepOutput:
         cfg, roles, t = self.cfg, self.roles, PhaseTimer()
         n = cfg.rollout.n_samples_per_prompt
         with t("generate"):
-            prompts, rollout, episodes = self._generate(n)             # Rollout (and the episodes behind it)
+            prompts, rollout, episodes, async_stats = self._generate(n)  # Rollout (and the episodes behind it)
         lag = check_version(rollout.weight_version, roles.weights.version, cfg.rollout.sync.max_off_policy_lag)
         engine_s = [rollout.generate_s]
         with t("score"):
@@ -131,7 +144,7 @@ class RLController:
                                                 correction=cfg.algorithm.is_correction)
             if corrected:
                 log.warning(corrected)
-        with t("sync"):
+        with t("sync"), (self._engines if self._producer is not None else contextlib.nullcontext()):
             pushed = roles.weights.push()  # SyncStats; None: every optimizer step was refused, nothing changed
         # Ziegler 2019's rule is in KL per sequence and counts samples (horizon is in samples).
         self.kl_ctl.update(adv_stats.get("kl/seq_mean", 0.0), len(batch.seq))
@@ -139,6 +152,7 @@ class RLController:
 
         timing, engine = t.stats(), sum(engine_s)
         metrics = {**scored.reward_stats, **(episodes.metrics() if episodes else {}), **filter_stats, **ds_stats,
+                   **async_stats,
                    **adv_stats, **update.metrics(), **(pushed.metrics() if pushed else {}), **timing,
                    "reward/score_mean": float(kept.scores.mean()),
                    "reward/score_std": float(kept.scores.std()) if len(kept) > 1 else 0.0,
@@ -154,15 +168,70 @@ class RLController:
                           [s.as_dict() for s in episodes.stats] if episodes else [])
 
     # -- helpers -------------------------------------------------------------------------------
-    def _generate(self, n: int) -> tuple[list, Rollout, Optional[Episodes]]:
+    def _generate(self, n: int) -> tuple[list, Rollout, Optional[Episodes], dict[str, float]]:
         """This step's prompts and rollout: sampled now, or, with rollouts allowed one version behind, during
-        the previous step's update (`_start_next_generation`)."""
+        the previous step's update (`_start_next_generation`), or (async) by the producer thread."""
+        if self.cfg.rollout.mode == "async":
+            return self._take_async(n)
         if self._next is not None:
             prompts, pending, _ = self._next
             self._next = None
-            return prompts, pending.result(), None
+            return prompts, pending.result(), None, {}
         prompts = self.prompts.next_batch()
-        return (prompts, *self._sample(prompts, n, self._seed(self.step_idx)))
+        return (prompts, *self._sample(prompts, n, self._seed(self.step_idx)), {})
+
+    def _take_async(self, n: int) -> tuple[list, Rollout, None, dict[str, float]]:
+        """The oldest batch the producer sampled (started with the first step, so after a resume's load). One
+        more than `max_off_policy_lag` versions behind the learner is dropped, counted, and the next taken."""
+        lag_bound, waited = self.cfg.rollout.sync.max_off_policy_lag, 0.0
+        if self._producer is None:
+            self._start_producer(n)
+        while True:
+            item, wait_s = self._producer.take()
+            waited += wait_s
+            self._batch_idx, self._resume_prompts = item.index + 1, item.stream_after
+            version = self.roles.weights.version
+            if version - item.rollout.weight_version <= lag_bound:
+                break
+            self.dropped += 1
+            self._producer.extend()
+            log.warning(f"async: batch {item.index} was sampled at weight version {item.rollout.weight_version}, "
+                        f"{version - item.rollout.weight_version} behind the learner's {version} (rollout.sync."
+                        f"max_off_policy_lag={lag_bound}); dropped, not trained ({self.dropped} so far)")
+        stats = staleness_metrics(item.rollout, version, lag_bound)
+        stats.update({"async/dropped_batches": float(self.dropped), "async/wait_s": waited,
+                      "async/buffered": float(self._producer.buffered())})
+        return item.prompts, item.rollout, None, stats
+
+    def _start_producer(self, n: int) -> None:
+        r = self.cfg.rollout
+        chunk = r.partial_chunk_tokens if r.partial else r.max_new_tokens  # one call per batch unless partial
+        self._resume_prompts = self.prompts.state_dict()
+
+        def draw():  # the producer's thread is the only reader of the prompt stream from here on
+            return self.prompts.next_batch(), self.prompts.state_dict()
+
+        def sample(prompts: list, index: int) -> Rollout:
+            return sample_in_chunks(self._engine_call, [p.ids for p in prompts], n, self._seed(index),
+                                    r.max_new_tokens, chunk)
+
+        self._producer = RolloutProducer(draw, sample, permits=r.sync.max_off_policy_lag,
+                                         first_index=self._batch_idx,
+                                         limit=self._batch_idx + self.cfg.rl.steps - self.step_idx)
+
+    def _engine_call(self, prompt_ids: list, n: int, seed: int, limits: list[int]) -> Rollout:
+        """One generation on every engine for the producer, beside whatever the learner does."""
+        with self._engines:
+            pending = self.roles.submit(prompt_ids, n, seed, max_new_tokens=limits)
+        return pending.result()
+
+    def close(self) -> None:
+        """Stop the producer (async): the batches it sampled ahead of the last step are not trained."""
+        if self._producer is not None:
+            left = self._producer.close()
+            self._producer = None
+            if left:
+                log.info(f"async: {left} batch(es) sampled ahead of the last step were not trained")
 
     def _sample(self, prompts: list, n: int, seed: int) -> tuple[Rollout, Optional[Episodes]]:
         """n samples per prompt: one generation, or with an environment n episodes per prompt, each turn of all
@@ -178,6 +247,8 @@ class RLController:
         while the learner updates on the others. Every `sync.check_every`-th step is left in lockstep so
         the log-prob agreement check (which needs lag 0) keeps running."""
         sync = self.cfg.rollout.sync
+        if self.cfg.rollout.mode == "async":
+            return True  # the producer thread samples beside every update
         nxt = self.step_idx + 1
         if sync.max_off_policy_lag < 1 or nxt >= self.cfg.rl.steps or nxt % sync.check_every == 0 \
                 or self.episodes is not None:  # episodes run turn by turn from here, in lockstep
@@ -207,10 +278,16 @@ class RLController:
 
     # -- resumable state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        # A rollout in flight is not saved: a resumed run samples that batch again (with current weights).
-        prompts = self._next[2] if self._next is not None else self.prompts.state_dict()
+        # A rollout in flight is not saved: a resumed run samples that batch again (with current weights). In
+        # async mode neither are the producer's buffer and its partial sequences: the resume point is the prompt
+        # stream after the last batch taken, and the resumed run samples the rest again (`load_state_dict` says so).
+        if self._resume_prompts is not None:
+            prompts = self._resume_prompts
+        else:
+            prompts = self._next[2] if self._next is not None else self.prompts.state_dict()
         return {"step": self.step_idx, "prompts": prompts, "kl": self.kl_ctl.state_dict(),
-                "shuffle": self._shuffle.get_state().tolist(), "version": self.roles.weights.version}
+                "shuffle": self._shuffle.get_state().tolist(), "version": self.roles.weights.version,
+                "batch": self._batch_idx if self.cfg.rollout.mode == "async" else self.step_idx}
 
     def load_state_dict(self, d: dict) -> None:
         """The driver's state of a checkpoint whose roles were just loaded: the engines then serve the restored
@@ -220,6 +297,11 @@ class RLController:
         self.kl_ctl.load_state_dict(d["kl"])
         self._shuffle.set_state(torch.tensor(d["shuffle"], dtype=torch.uint8))
         self.roles.weights.restore(int(d["version"]))
+        self._batch_idx = int(d.get("batch", self.step_idx))
+        if self.cfg.rollout.mode == "async":
+            log.warning(f"async resume at step {self.step_idx}: batches buffered or in flight at the checkpoint were "
+                        f"not saved; sampling them again from batch {self._batch_idx} with the restored weights "
+                        f"(version {self.roles.weights.version})")
 
 
 def generation_seed(run_seed: int, step: int) -> int:
