@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -31,7 +30,7 @@ from rlhf_ray.records import Rollout
 from rlhf_ray.records import ScoredBatch
 from rlhf_ray.rl.advantage_step import EmptyResponseError, filter_scored, make_train_batch  # noqa: F401
 from rlhf_ray.rl.dynamic_sampling import fill_batch
-from rlhf_ray.rl.producer import RolloutProducer, sample_in_chunks, staleness_metrics
+from rlhf_ray.rl.producer import AsyncRollouts
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.roles import RoleGraph
 from rlhf_ray.sync.checks import agreement_thresholds, check_logprob_agreement, check_version
@@ -107,13 +106,8 @@ class RLController:
         self.step_idx = 0
         self._shuffle = torch.Generator().manual_seed(cfg.seed)
         self._next = None  # (prompts, pending rollout, prompt-stream state before them) when overlapping
-        # rollout.mode=async: the producer thread, the number of the next batch to take (its seed's), the prompt
-        # stream's state after the last batch taken (a checkpoint's resume point), batches dropped as too stale
-        self._producer: Optional[RolloutProducer] = None
-        self._batch_idx, self._resume_prompts, self.dropped = 0, None, 0
-        # A call is handed to every engine at once, and a push too: never one between another's engines (their
-        # rollouts would answer at two versions). Only the submission is held, not the generation.
-        self._engines = threading.Lock()
+        # rollout.mode=async: batches sampled ahead by a driver thread (rlhf_ray.rl.producer)
+        self._async = AsyncRollouts(roles, prompts, cfg.rollout, self._seed) if cfg.rollout.mode == "async" else None
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> StepOutput:
@@ -144,7 +138,7 @@ class RLController:
                                                 correction=cfg.algorithm.is_correction)
             if corrected:
                 log.warning(corrected)
-        with t("sync"), (self._engines if self._producer is not None else contextlib.nullcontext()):
+        with t("sync"), (self._async.engines if self._async else contextlib.nullcontext()):
             pushed = roles.weights.push()  # SyncStats; None: every optimizer step was refused, nothing changed
         # Ziegler 2019's rule is in KL per sequence and counts samples (horizon is in samples).
         self.kl_ctl.update(adv_stats.get("kl/seq_mean", 0.0), len(batch.seq))
@@ -171,8 +165,9 @@ class RLController:
     def _generate(self, n: int) -> tuple[list, Rollout, Optional[Episodes], dict[str, float]]:
         """This step's prompts and rollout: sampled now, or, with rollouts allowed one version behind, during
         the previous step's update (`_start_next_generation`), or (async) by the producer thread."""
-        if self.cfg.rollout.mode == "async":
-            return self._take_async(n)
+        if self._async is not None:
+            prompts, rollout, stats = self._async.take(n, self.cfg.rl.steps - self.step_idx)
+            return prompts, rollout, None, stats
         if self._next is not None:
             prompts, pending, _ = self._next
             self._next = None
@@ -180,58 +175,10 @@ class RLController:
         prompts = self.prompts.next_batch()
         return (prompts, *self._sample(prompts, n, self._seed(self.step_idx)), {})
 
-    def _take_async(self, n: int) -> tuple[list, Rollout, None, dict[str, float]]:
-        """The oldest batch the producer sampled (started with the first step, so after a resume's load). One
-        more than `max_off_policy_lag` versions behind the learner is dropped, counted, and the next taken."""
-        lag_bound, waited = self.cfg.rollout.sync.max_off_policy_lag, 0.0
-        if self._producer is None:
-            self._start_producer(n)
-        while True:
-            item, wait_s = self._producer.take()
-            waited += wait_s
-            self._batch_idx, self._resume_prompts = item.index + 1, item.stream_after
-            version = self.roles.weights.version
-            if version - item.rollout.weight_version <= lag_bound:
-                break
-            self.dropped += 1
-            self._producer.extend()
-            log.warning(f"async: batch {item.index} was sampled at weight version {item.rollout.weight_version}, "
-                        f"{version - item.rollout.weight_version} behind the learner's {version} (rollout.sync."
-                        f"max_off_policy_lag={lag_bound}); dropped, not trained ({self.dropped} so far)")
-        stats = staleness_metrics(item.rollout, version, lag_bound)
-        stats.update({"async/dropped_batches": float(self.dropped), "async/wait_s": waited,
-                      "async/buffered": float(self._producer.buffered())})
-        return item.prompts, item.rollout, None, stats
-
-    def _start_producer(self, n: int) -> None:
-        r = self.cfg.rollout
-        chunk = r.partial_chunk_tokens if r.partial else r.max_new_tokens  # one call per batch unless partial
-        self._resume_prompts = self.prompts.state_dict()
-
-        def draw():  # the producer's thread is the only reader of the prompt stream from here on
-            return self.prompts.next_batch(), self.prompts.state_dict()
-
-        def sample(prompts: list, index: int) -> Rollout:
-            return sample_in_chunks(self._engine_call, [p.ids for p in prompts], n, self._seed(index),
-                                    r.max_new_tokens, chunk)
-
-        self._producer = RolloutProducer(draw, sample, permits=r.sync.max_off_policy_lag,
-                                         first_index=self._batch_idx,
-                                         limit=self._batch_idx + self.cfg.rl.steps - self.step_idx)
-
-    def _engine_call(self, prompt_ids: list, n: int, seed: int, limits: list[int]) -> Rollout:
-        """One generation on every engine for the producer, beside whatever the learner does."""
-        with self._engines:
-            pending = self.roles.submit(prompt_ids, n, seed, max_new_tokens=limits)
-        return pending.result()
-
     def close(self) -> None:
-        """Stop the producer (async): the batches it sampled ahead of the last step are not trained."""
-        if self._producer is not None:
-            left = self._producer.close()
-            self._producer = None
-            if left:
-                log.info(f"async: {left} batch(es) sampled ahead of the last step were not trained")
+        """Stop the async producer (if any): the batches it sampled ahead of the last step are not trained."""
+        if self._async is not None:
+            self._async.close()
 
     def _sample(self, prompts: list, n: int, seed: int) -> tuple[Rollout, Optional[Episodes]]:
         """n samples per prompt: one generation, or with an environment n episodes per prompt, each turn of all
@@ -281,13 +228,13 @@ class RLController:
         # A rollout in flight is not saved: a resumed run samples that batch again (with current weights). In
         # async mode neither are the producer's buffer and its partial sequences: the resume point is the prompt
         # stream after the last batch taken, and the resumed run samples the rest again (`load_state_dict` says so).
-        if self._resume_prompts is not None:
-            prompts = self._resume_prompts
+        if self._async is not None:
+            prompts = self._async.resume_point()
         else:
             prompts = self._next[2] if self._next is not None else self.prompts.state_dict()
         return {"step": self.step_idx, "prompts": prompts, "kl": self.kl_ctl.state_dict(),
                 "shuffle": self._shuffle.get_state().tolist(), "version": self.roles.weights.version,
-                "batch": self._batch_idx if self.cfg.rollout.mode == "async" else self.step_idx}
+                "batch": self._async.next_index if self._async is not None else self.step_idx}
 
     def load_state_dict(self, d: dict) -> None:
         """The driver's state of a checkpoint whose roles were just loaded: the engines then serve the restored
@@ -297,11 +244,8 @@ class RLController:
         self.kl_ctl.load_state_dict(d["kl"])
         self._shuffle.set_state(torch.tensor(d["shuffle"], dtype=torch.uint8))
         self.roles.weights.restore(int(d["version"]))
-        self._batch_idx = int(d.get("batch", self.step_idx))
-        if self.cfg.rollout.mode == "async":
-            log.warning(f"async resume at step {self.step_idx}: batches buffered or in flight at the checkpoint were "
-                        f"not saved; sampling them again from batch {self._batch_idx} with the restored weights "
-                        f"(version {self.roles.weights.version})")
+        if self._async is not None:
+            self._async.resumed(int(d.get("batch", self.step_idx)), self.step_idx)
 
 
 def generation_seed(run_seed: int, step: int) -> int:

@@ -21,13 +21,21 @@ tokens (its prefix cache is reset at every push, so nothing older is reused).
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from rlhf_ray.records import Rollout
+
+if TYPE_CHECKING:
+    from rlhf_ray.config import RolloutConfig
+    from rlhf_ray.rl.prompt_stream import PromptStream
+    from rlhf_ray.rl.roles import RoleGraph
+
+log = logging.getLogger(__name__)
 
 # generate(prompt_ids, n, seed, max_new_tokens per prompt) -> Rollout: one engine call (all engines)
 Generate = Callable[[list, int, int, list[int]], Rollout]
@@ -143,3 +151,85 @@ class RolloutProducer:
         self._stop.set()
         self._thread.join(timeout_s)
         return self._ready.qsize()
+
+
+class AsyncRollouts:
+    """The controller's side of async mode, one owner of its state: the producer (started at the first take, so
+    after a resume's load), the number of the next batch to take, the resume point a checkpoint holds, the batches
+    dropped, and the lock under which a call or a push is handed to the engines (every engine at once, so a push
+    never lands between one call's engines, whose parts would answer at two versions; only the submission is
+    held, never the generation)."""
+
+    def __init__(self, roles: "RoleGraph", prompts: "PromptStream", rollout: "RolloutConfig",
+                 seed_of: Callable[[int], int]):
+        self.roles, self.prompts, self.cfg, self._seed_of = roles, prompts, rollout, seed_of
+        self.next_index, self.dropped = 0, 0
+        self.engines = threading.Lock()
+        self._resume: Optional[dict] = None   # the prompt stream after the last batch taken
+        self._producer: Optional[RolloutProducer] = None
+
+    def take(self, n: int, steps_left: int) -> tuple[list, Rollout, dict[str, float]]:
+        """The oldest batch sampled ahead within the bound (one further behind is dropped, counted, replaced),
+        its staleness statistics."""
+        bound, waited = self.cfg.sync.max_off_policy_lag, 0.0
+        if self._producer is None:
+            self._start(n, steps_left)
+        while True:
+            item, wait_s = self._producer.take()
+            waited += wait_s
+            self.next_index, self._resume = item.index + 1, item.stream_after
+            version = self.roles.weights.version
+            if version - item.rollout.weight_version <= bound:
+                break
+            self.dropped += 1
+            self._producer.extend()
+            log.warning(f"async: batch {item.index} was sampled at weight version {item.rollout.weight_version}, "
+                        f"{version - item.rollout.weight_version} behind the learner's {version} (rollout.sync."
+                        f"max_off_policy_lag={bound}); dropped, not trained ({self.dropped} so far)")
+        stats = staleness_metrics(item.rollout, version, bound)
+        stats.update({"async/dropped_batches": float(self.dropped), "async/wait_s": waited,
+                      "async/buffered": float(self._producer.buffered())})
+        return item.prompts, item.rollout, stats
+
+    def _start(self, n: int, steps_left: int) -> None:
+        r = self.cfg
+        chunk = r.partial_chunk_tokens if r.partial else r.max_new_tokens  # one call per batch unless partial
+        self._resume = self.prompts.state_dict()
+
+        def draw():  # the producer's thread is the only reader of the prompt stream from here on
+            return self.prompts.next_batch(), self.prompts.state_dict()
+
+        def sample(prompts: list, index: int) -> Rollout:
+            return sample_in_chunks(self._engine_call, [p.ids for p in prompts], n, self._seed_of(index),
+                                    r.max_new_tokens, chunk)
+
+        self._producer = RolloutProducer(draw, sample, permits=r.sync.max_off_policy_lag,
+                                         first_index=self.next_index, limit=self.next_index + steps_left)
+
+    def _engine_call(self, prompt_ids: list, n: int, seed: int, limits: list[int]) -> Rollout:
+        """One generation on every engine, beside whatever the learner does."""
+        with self.engines:
+            pending = self.roles.submit(prompt_ids, n, seed, max_new_tokens=limits)
+        return pending.result()
+
+    def resume_point(self) -> dict:
+        """What a checkpoint holds of the prompt stream: its state after the last batch taken. The buffer and the
+        partial sequences are not saved; a resumed run samples them again (`resumed` says so)."""
+        return self._resume if self._resume is not None else self.prompts.state_dict()
+
+    def resumed(self, next_index: int, step: int) -> None:
+        self.next_index = next_index
+        log.warning(f"async resume at step {step}: batches buffered or in flight at the checkpoint were not saved; "
+                    f"sampling them again from batch {next_index} with the restored weights (version "
+                    f"{self.roles.weights.version})")
+
+    def buffered(self) -> int:
+        return self._producer.buffered() if self._producer is not None else 0
+
+    def close(self) -> None:
+        """Stop the producer: the batches it sampled ahead of the last step are not trained."""
+        if self._producer is not None:
+            left = self._producer.close()
+            self._producer = None
+            if left:
+                log.info(f"async: {left} batch(es) sampled ahead of the last step were not trained")

@@ -198,7 +198,7 @@ def test_partial_rollouts_continue_under_the_pushed_weights_with_per_token_versi
 
 def test_a_batch_beyond_the_bound_is_dropped_counted_and_replaced(caplog):
     roles = FakeEngines(update_s=0.02, stale_batch=3)
-    with caplog.at_level("WARNING", logger="rlhf_ray.rl.controller"):
+    with caplog.at_level("WARNING", logger="rlhf_ray.rl.producer"):
         outs = run(make(roles, *ASYNC, "rollout.sync.max_off_policy_lag=1", steps=6), 6)
     lockstep = run(make(FakeEngines()), 7)
     trained = [o.prompts for o in outs]
@@ -217,11 +217,11 @@ def test_async_resume_trains_every_step_exactly_once(extra, caplog):
     a = make(FakeEngines(update_s=0.05), *over)
     first = [a.step() for _ in range(3)]
     time.sleep(0.2)  # the producer fills its buffer ahead of step 3
-    assert a._producer.buffered() == 2
+    assert a._async.buffered() == 2
     state = a.state_dict()
     a.close()
     b = make(FakeEngines(update_s=0.05), *over)
-    with caplog.at_level("WARNING", logger="rlhf_ray.rl.controller"):
+    with caplog.at_level("WARNING", logger="rlhf_ray.rl.producer"):
         b.load_state_dict(state)
     assert "async resume at step 3" in caplog.text and "sampling them again from batch 3" in caplog.text
     rest = run(b, 5)
