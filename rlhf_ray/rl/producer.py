@@ -59,11 +59,15 @@ def sample_in_chunks(generate: Generate, prompt_ids: list, n: int, seed: int, bu
     versions = [[first.weight_version] * len(r) for r in first.response_ids]
     texts, finish = list(first.texts), list(first.finish_reasons)
     engine_s, c = first.generate_s, 0
-    while open_rows := [b for b in range(len(ids)) if finish[b] == "length" and len(ids[b]) < budget]:
+    stuck: set[int] = set()  # rows a continuation could not lengthen (a full context): ended as they are
+    while open_rows := [b for b in range(len(ids))
+                        if finish[b] == "length" and len(ids[b]) < budget and b not in stuck]:
         c += 1
         part = generate([list(first.prompt_ids[b]) + ids[b] for b in open_rows], 1, chunk_seed(seed, c),
                         [min(chunk, budget - len(ids[b])) for b in open_rows])
         for k, b in enumerate(open_rows):
+            if not part.response_ids[k]:
+                stuck.add(b)
             ids[b] += part.response_ids[k]
             logps[b] += part.response_logprobs[k]
             versions[b] += [part.weight_version] * len(part.response_ids[k])

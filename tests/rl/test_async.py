@@ -142,6 +142,21 @@ def test_chunks_continue_each_sequence_and_stamp_every_token_with_its_version():
     assert r.generate_s == pytest.approx(1.5)
 
 
+def test_a_sequence_the_engine_cannot_lengthen_ends_instead_of_looping():
+    calls = []
+
+    def generate(ids, n, seed, limits):  # the first chunk writes 2 tokens, then the context is full: 0 tokens
+        calls.append(len(ids))
+        assert len(calls) < 5, "the chunk loop asks again and again for a sequence that cannot grow"
+        k = 2 if len(calls) == 1 else 0
+        rows = len(ids) * n
+        return Rollout([list(ids[0])] * rows, [[7] * k] * rows, [[-1.0] * k] * rows, ["x"] * rows, [0] * rows,
+                       ["length"] * rows, 0, 1.0)
+
+    r = sample_in_chunks(generate, [(1, 2)], 2, seed=0, budget=6, chunk=2)
+    assert calls == [1, 2] and r.response_ids == [[7, 7], [7, 7]] and r.finish_reasons == ["length"] * 2
+
+
 def test_staleness_metrics_by_hand():
     r = Rollout([[1], [1]], [[7, 7, 7], [7]], [[0.0] * 3, [0.0]], ["", ""], [0, 0], ["stop"] * 2, 3, 1.0,
                 response_versions=[[3, 3, 4], [4]])
