@@ -3,7 +3,7 @@
 One colocated run from the session's SFT model against its reward model: the producer thread samples up to two
 batches ahead in chunks of 6 tokens while the learner trains, weight pushes land between chunks, and the IS
 correction weighs each token by its own sampler's log-prob. The run must finish every step, stay within the lag
-bound, show sequences continued across a push, keep the engine exact where a batch is on-policy (step 1), and
+bound, continue sequences past their first chunk, keep the engine exact where a batch is on-policy (step 1), and
 learn. What a unit test cannot show: the real engine continues sequences from their tokens so far, and the
 colocated rank's engine thread, learner thread and pushes interleave without a deadlock.
 """
@@ -27,7 +27,13 @@ def test_async_partial_rollouts_stay_within_the_bound_and_learn(offline, tmp_pat
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["sync/version"] for r in rows] == list(range(1, STEPS + 1))  # one push per step
     assert all(r["async/staleness_max"] <= 2 and r["async/dropped_batches"] == 0 for r in rows)
-    assert sum(r["async/rows_across_versions"] for r in rows) > 0  # pushes landed inside a batch
+    # the engine continued every batch's sequences past their first 6-token chunk: without continuations no
+    # response could be longer than 6 tokens (seen: 16-17 on average, the SFT model's reviews end with EOS)
+    assert all(r["response/len_mean"] > 6 for r in rows), [r["response/len_mean"] for r in rows]
+    # Whether a push lands inside a batch here is the machine's timing (the tiny model samples faster than it
+    # trains, so the buffer is often full when the push comes: seen 0 and 64 rows across versions in two runs);
+    # the mixed versions and their log-probs are rl/test_async.py's (scripted), not asserted here.
+    assert all("async/rows_across_versions" in r for r in rows)
     assert any(r["async/staleness_mean"] > 0 for r in rows)
     # the first batch is sampled by the weights the learner starts from: there the engine is exact
     assert rows[0]["sync/lag"] == 0 and rows[0]["sync/logprob_max_abs"] < 1e-3
