@@ -243,3 +243,22 @@ def test_async_resume_trains_every_step_exactly_once(extra, caplog):
     assert [o.prompts for o in first + rest] == [o.prompts for o in full]
     assert b.roles.seeds == [generation_seed(0, i) for i in range(3, 8)]
     assert rest[-1].metrics["sync/version"] == 8
+
+
+def test_an_async_checkpoint_resumes_in_another_mode_on_the_same_prompts(tmp_path):
+    """The resume point is the same in every mode: an async run stopped after step 3 and resumed with the lag-1
+    overlap (rollout.mode and rollout.partial may change on --resume) trains the lockstep run's prompts."""
+    from rlhf_ray.rl.plateau import check_resume_overrides
+    full = run(make(FakeEngines()), 8)
+    a = make(FakeEngines(update_s=0.05), *ASYNC, "rollout.sync.max_off_policy_lag=1", "rollout.partial=true",
+             "rollout.partial_chunk_tokens=2")
+    first = [a.step() for _ in range(3)]
+    state = a.state_dict()
+    a.close()
+    b = make(FakeEngines(), "rollout.sync.max_off_policy_lag=1")
+    b.load_state_dict(state)
+    assert [o.prompts for o in first + run(b, 5)] == [o.prompts for o in full]
+    path = tmp_path / "run_config.json"
+    check_resume_overrides(path, load_config(None, [*ASYNC, "rollout.sync.max_off_policy_lag=1"]), resume=False)
+    assert check_resume_overrides(path, load_config(None, ["rollout.sync.max_off_policy_lag=1"]), resume=True) == [
+        "rollout.mode"]
