@@ -231,7 +231,9 @@ def test_async_resume_trains_every_step_exactly_once(extra, caplog):
     full = run(make(FakeEngines(update_s=0.05), *over), 8)
     a = make(FakeEngines(update_s=0.05), *over)
     first = [a.step() for _ in range(3)]
-    time.sleep(0.2)  # the producer fills its buffer ahead of step 3
+    deadline = time.time() + 10  # the producer fills its buffer ahead of step 3
+    while a._async.buffered() < 2 and time.time() < deadline:
+        time.sleep(0.02)
     assert a._async.buffered() == 2
     state = a.state_dict()
     a.close()
