@@ -21,7 +21,8 @@ reported beside it.
 `--placements` picks our side's variants: colocated, distributed, colocated-2ranks (two one-thread
 colocated ranks on the CPU node, data-parallel over its cores), distributed-overlap (the next step
 sampled during this step's update, `rollout.sync.max_off_policy_lag=1`; TIS on by default there) and
-colocated-overlap (the same inside the colocated process: its engine thread beside its learner thread).
+colocated-overlap (the same inside the colocated process: its engine thread beside its learner thread),
+colocated-async and colocated-async-partial (rollout.mode=async, two batches ahead; benchmarks/async_modes.py).
 
 Prints the machine (CPU model, bf16/AVX-512/AMX flags, cores, fp32 and bf16 GEMM peaks measured on 2
 threads: rlhf_ray.utils.capability.machine_record), a table per case with each phase (generate, score,
@@ -80,7 +81,12 @@ VARIANTS = {"colocated": ("colocated", ()), "distributed": ("distributed", ()),
             "distributed-overlap": ("distributed", ("rollout.sync.max_off_policy_lag=1",)),
             # the same overlap inside the one colocated process: the engine's thread on one core, the learner's
             # on the other
-            "colocated-overlap": ("colocated", ("rollout.sync.max_off_policy_lag=1",))}
+            "colocated-overlap": ("colocated", ("rollout.sync.max_off_policy_lag=1",)),
+            # rollout.mode=async: the producer thread samples up to 2 batches ahead of the learner (TIS on)
+            "colocated-async": ("colocated", ("rollout.mode=async", "rollout.sync.max_off_policy_lag=2")),
+            # ... with partial rollouts: a push lands between chunks of 8 tokens of an in-flight batch
+            "colocated-async-partial": ("colocated", ("rollout.mode=async", "rollout.sync.max_off_policy_lag=2",
+                                                      "rollout.partial=true", "rollout.partial_chunk_tokens=8"))}
 
 
 def run_ours(name: str, case: dict, model: str, steps: int, variant: str, *extra: str) -> dict:
@@ -105,6 +111,7 @@ def run_ours(name: str, case: dict, model: str, steps: int, variant: str, *extra
     phases = {p: statistics.median(r[f"timing/{p}_s"] for r in steady) for p in PHASES}
     phases["overhead_frac"] = statistics.median(r["timing/overhead_frac"] for r in steady)
     return {"step_s": [r["timing/wall_s"] for r in rows], "reward": [r["reward/score_mean"] for r in rows],
+            "staleness_mean": [r.get("async/staleness_mean", r.get("sync/lag", 0.0)) for r in rows],
             "tokens": [r["response/len_mean"] for r in rows], "kl": [r.get("kl/mean", float("nan")) for r in rows],
             "logprob_max_abs": max(r.get("sync/logprob_max_abs", 0.0) for r in rows),
             "phases_median_s": phases, "total_s": total}

@@ -45,6 +45,10 @@ class Rollout:
     policy_mask[b]:        T_b flags of a multi-turn episode (`rlhf_ray.envs.episode`): 1 where the engine
                            sampled the token, 0 where the environment wrote it (its log-prob entry is 0.0 and
                            is never read). None: a single-turn rollout, every token sampled.
+    response_versions[b]:  T_b weight versions, the one that sampled each token: a partial rollout
+                           (`rollout.partial`, `rlhf_ray.rl.producer`) continues its sequences under every
+                           weight push that lands while it runs. None: every token at `weight_version`, which
+                           for a partial rollout is its oldest token's (the one its staleness is bounded by).
     """
 
     prompt_ids: list[list[int]]
@@ -57,9 +61,16 @@ class Rollout:
     temperature: float
     generate_s: float = 0.0
     policy_mask: Optional[list[list[int]]] = None
+    response_versions: Optional[list[list[int]]] = None
 
     def __len__(self) -> int:
         return len(self.response_ids)
+
+    def token_versions(self) -> list[list[int]]:
+        """T_b versions per sample (`response_versions`, or `weight_version` for every token)."""
+        if self.response_versions is not None:
+            return self.response_versions
+        return [[self.weight_version] * len(r) for r in self.response_ids]
 
 
 def concat_rollouts(parts: list[Rollout], prompt_offsets: list[int]) -> Rollout:

@@ -180,6 +180,15 @@ class RolloutConfig(Section):
     max_turns: int = Field(1, gt=0, description="policy turns per episode with an environment (env.path); "
                            "max_new_tokens then bounds the whole episode after the prompt, the environment's "
                            "tokens included")
+    mode: Literal["lockstep", "async"] = Field(
+        "lockstep", description="lockstep: each step samples, then trains (with sync.max_off_policy_lag=1 the next "
+        "step is sampled beside the update); async: a driver thread keeps sampling batches into a buffer bounded so "
+        "that no batch trains more than sync.max_off_policy_lag versions behind the learner (rlhf_ray.rl.producer)")
+    partial: bool = Field(False, description="async only: a weight push lands between chunks of partial_chunk_tokens "
+                          "tokens of an in-flight batch, whose sequences continue under the new weights; every token "
+                          "keeps the version and log-prob it was sampled with (Rollout.response_versions)")
+    partial_chunk_tokens: int = Field(8, gt=0, description="tokens each sequence samples per engine call with "
+                                      "rollout.partial (the longest a weight push waits for a generation)")
     sync: SyncConfig = SyncConfig()
 
 
@@ -549,6 +558,22 @@ class Config(Section):
         if self.rollout.max_turns > 1 and self.env.path is None:
             raise ValueError(f"rollout.max_turns={self.rollout.max_turns} needs env.path: without an environment "
                              f"nothing answers the policy between turns")
+        r = self.rollout
+        if r.partial and r.mode != "async":
+            raise ValueError("rollout.partial=true needs rollout.mode=async (lockstep and lag-1 overlap never have a "
+                             "weight push land during a generation)")
+        if r.mode == "async" and r.sync.max_off_policy_lag < 1:
+            raise ValueError("rollout.mode=async needs rollout.sync.max_off_policy_lag >= 1: the lag bound sizes the "
+                             "buffer the generator samples into while the learner trains (0 would be lockstep)")
+        if r.mode == "async" and self.algorithm.dynamic_sampling:
+            raise ValueError("rollout.mode=async with algorithm.dynamic_sampling=true is not implemented (DAPO's extra "
+                             "rounds sample in the step); use rollout.mode=lockstep")
+        if r.partial and r.stop:
+            raise ValueError("rollout.partial=true with rollout.stop: a stop string split across two chunks would be "
+                             "missed; leave rollout.stop empty (EOS still ends a sequence) or set rollout.partial=false")
+        if r.partial and r.partial_chunk_tokens >= r.max_new_tokens:
+            raise ValueError(f"rollout.partial_chunk_tokens={r.partial_chunk_tokens} must be below rollout."
+                             f"max_new_tokens={r.max_new_tokens}, or no generation is ever interrupted")
         if self.env.path is not None and self.rollout.sync.max_off_policy_lag > 0:
             raise ValueError("env.path runs episodes turn by turn from the driver; rollout.sync.max_off_policy_lag "
                              "must be 0 with an environment (overlapped episodes are not implemented)")

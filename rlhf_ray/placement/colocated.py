@@ -58,6 +58,7 @@ class ColocatedRank(PolicyRank):
         self.sections, self.threads, self.shares = sections, num_threads, shares  # each phase's threads: the plan's
         self.engine = self.reward = self.reference = self.critic = None
         self._turns = threading.Lock()
+        self._generating = threading.Event()  # the engine thread is sampling (async mode scores beside it)
 
     @contextlib.contextmanager
     def _phase(self, share: Share, beside: bool):
@@ -114,14 +115,20 @@ class ColocatedRank(PolicyRank):
         beside_update: the learner trains at the same time; the engine keeps to its share of the cores."""
         sh = self.shares
         with self._phase(sh.generate_beside_update if beside_update else sh.generate, beside_update):
+            self._generating.set()
             try:
                 return self.engine.generate(prompts, n, **overrides)
             finally:
+                self._generating.clear()
                 self.engine.release()
 
     def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         """(scores, reference log-probs, values or None, reward stats, compute seconds) of this shard."""
-        set_phase_threads(self.shares.score.threads)  # every core again, after an update beside a generation
+        if self._generating.is_set():  # async mode: a generation runs in the engine thread; keep to the learner's cores
+            share = self.shares.update_beside_generate
+            set_thread_share(share.threads, share.cores)
+        else:
+            set_phase_threads(self.shares.score.threads)  # every core again, after an update beside a generation
         t0 = time.perf_counter()
         scores, stats = self.reward.score(prompts, responses)
         ref = self.reference.logprobs(seq) if self.reference is not None else self.worker.ref_logprobs(seq)
@@ -185,10 +192,10 @@ class ColocatedRoles:
         """max_new_tokens: one limit per prompt (a multi-turn episode's budget left); None: the rollout's."""
         return self._fan_out(prompts, n, seed, limits(max_new_tokens)).result()
 
-    def submit(self, prompts: list, n: int, seed: int) -> PendingRollout:
+    def submit(self, prompts: list, n: int, seed: int, max_new_tokens: list[int] | None = None) -> PendingRollout:
         """Start the next step's rollouts, sharded over the ranks' engines, to run beside the coming update
         (each rank's engine thread; the weight push that follows the update waits for them)."""
-        return self._fan_out(prompts, n, seed, {}, beside_update=True)
+        return self._fan_out(prompts, n, seed, limits(max_new_tokens), beside_update=True)
 
     def sample(self, prompts: list, n: int, temperature: float, seed: int, max_new_tokens: list[int] | None = None):
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""

@@ -107,11 +107,12 @@ class DistributedRoles:
                     raise
         raise AssertionError("unreachable")
 
-    def submit(self, prompts: list, n: int, seed: int):
+    def submit(self, prompts: list, n: int, seed: int, max_new_tokens: list[int] | None = None):
         """Start sampling the next step's rollouts to overlap the coming update: the engines keep the first
         `rollout.cpus_per_engine` cores of their node, the learners get the others (see `update`)."""
         g = self.shares.generate_beside_update
-        return self.generator.submit(prompts, n, threads=g.threads, cores=g.cores, call_seed=seed)
+        return self.generator.submit(prompts, n, threads=g.threads, cores=g.cores, call_seed=seed,
+                                     **limits(max_new_tokens))
 
     def sample(self, prompts: list, n: int, temperature: float, seed: int, max_new_tokens: list[int] | None = None):
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""

@@ -3,6 +3,9 @@
     prompts -> generate -> score (reward | reference | value, concurrently) -> filter -> advantages
             -> PPO epochs (policy, critic) -> log-prob check -> weight sync -> KL controller -> log
 
+With `rollout.mode=async` the generate stage takes the oldest batch a driver thread sampled ahead
+(`rlhf_ray.rl.producer`): the rest of the step is the same.
+
 Each stage hands the next one record (`rlhf_ray.records`): Rollout -> ScoredBatch -> (filtered) ScoredBatch
 -> TrainBatch -> UpdateResult -> SyncStats.
 
@@ -12,6 +15,7 @@ version is the sync's (`roles.weights`, `rlhf_ray.sync.weight_sync`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -26,6 +30,7 @@ from rlhf_ray.records import Rollout
 from rlhf_ray.records import ScoredBatch
 from rlhf_ray.rl.advantage_step import EmptyResponseError, filter_scored, make_train_batch  # noqa: F401
 from rlhf_ray.rl.dynamic_sampling import fill_batch
+from rlhf_ray.rl.producer import AsyncRollouts
 from rlhf_ray.rl.prompt_stream import PromptStream
 from rlhf_ray.rl.roles import RoleGraph
 from rlhf_ray.sync.checks import agreement_thresholds, check_logprob_agreement, check_version
@@ -101,13 +106,15 @@ class RLController:
         self.step_idx = 0
         self._shuffle = torch.Generator().manual_seed(cfg.seed)
         self._next = None  # (prompts, pending rollout, prompt-stream state before them) when overlapping
+        # rollout.mode=async: batches sampled ahead by a driver thread (rlhf_ray.rl.producer)
+        self._async = AsyncRollouts(roles, prompts, cfg.rollout, self._seed) if cfg.rollout.mode == "async" else None
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> StepOutput:
         cfg, roles, t = self.cfg, self.roles, PhaseTimer()
         n = cfg.rollout.n_samples_per_prompt
         with t("generate"):
-            prompts, rollout, episodes = self._generate(n)             # Rollout (and the episodes behind it)
+            prompts, rollout, episodes, async_stats = self._generate(n)  # Rollout (and the episodes behind it)
         lag = check_version(rollout.weight_version, roles.weights.version, cfg.rollout.sync.max_off_policy_lag)
         engine_s = [rollout.generate_s]
         with t("score"):
@@ -131,7 +138,7 @@ class RLController:
                                                 correction=cfg.algorithm.is_correction)
             if corrected:
                 log.warning(corrected)
-        with t("sync"):
+        with t("sync"), (self._async.engines if self._async else contextlib.nullcontext()):
             pushed = roles.weights.push()  # SyncStats; None: every optimizer step was refused, nothing changed
         # Ziegler 2019's rule is in KL per sequence and counts samples (horizon is in samples).
         self.kl_ctl.update(adv_stats.get("kl/seq_mean", 0.0), len(batch.seq))
@@ -139,6 +146,7 @@ class RLController:
 
         timing, engine = t.stats(), sum(engine_s)
         metrics = {**scored.reward_stats, **(episodes.metrics() if episodes else {}), **filter_stats, **ds_stats,
+                   **async_stats,
                    **adv_stats, **update.metrics(), **(pushed.metrics() if pushed else {}), **timing,
                    "reward/score_mean": float(kept.scores.mean()),
                    "reward/score_std": float(kept.scores.std()) if len(kept) > 1 else 0.0,
@@ -154,15 +162,23 @@ class RLController:
                           [s.as_dict() for s in episodes.stats] if episodes else [])
 
     # -- helpers -------------------------------------------------------------------------------
-    def _generate(self, n: int) -> tuple[list, Rollout, Optional[Episodes]]:
+    def _generate(self, n: int) -> tuple[list, Rollout, Optional[Episodes], dict[str, float]]:
         """This step's prompts and rollout: sampled now, or, with rollouts allowed one version behind, during
-        the previous step's update (`_start_next_generation`)."""
+        the previous step's update (`_start_next_generation`), or (async) by the producer thread."""
+        if self._async is not None:
+            prompts, rollout, stats = self._async.take(n, self.cfg.rl.steps - self.step_idx)
+            return prompts, rollout, None, stats
         if self._next is not None:
             prompts, pending, _ = self._next
             self._next = None
-            return prompts, pending.result(), None
+            return prompts, pending.result(), None, {}
         prompts = self.prompts.next_batch()
-        return (prompts, *self._sample(prompts, n, self._seed(self.step_idx)))
+        return (prompts, *self._sample(prompts, n, self._seed(self.step_idx)), {})
+
+    def close(self) -> None:
+        """Stop the async producer (if any): the batches it sampled ahead of the last step are not trained."""
+        if self._async is not None:
+            self._async.close()
 
     def _sample(self, prompts: list, n: int, seed: int) -> tuple[Rollout, Optional[Episodes]]:
         """n samples per prompt: one generation, or with an environment n episodes per prompt, each turn of all
@@ -178,6 +194,8 @@ class RLController:
         while the learner updates on the others. Every `sync.check_every`-th step is left in lockstep so
         the log-prob agreement check (which needs lag 0) keeps running."""
         sync = self.cfg.rollout.sync
+        if self.cfg.rollout.mode == "async":
+            return True  # the producer thread samples beside every update
         nxt = self.step_idx + 1
         if sync.max_off_policy_lag < 1 or nxt >= self.cfg.rl.steps or nxt % sync.check_every == 0 \
                 or self.episodes is not None:  # episodes run turn by turn from here, in lockstep
@@ -207,10 +225,16 @@ class RLController:
 
     # -- resumable state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        # A rollout in flight is not saved: a resumed run samples that batch again (with current weights).
-        prompts = self._next[2] if self._next is not None else self.prompts.state_dict()
+        # A rollout in flight is not saved: a resumed run samples that batch again (with current weights). In
+        # async mode neither are the producer's buffer and its partial sequences: the resume point is the prompt
+        # stream after the last batch taken, and the resumed run samples the rest again (`load_state_dict` says so).
+        if self._async is not None:
+            prompts = self._async.resume_point()
+        else:
+            prompts = self._next[2] if self._next is not None else self.prompts.state_dict()
         return {"step": self.step_idx, "prompts": prompts, "kl": self.kl_ctl.state_dict(),
-                "shuffle": self._shuffle.get_state().tolist(), "version": self.roles.weights.version}
+                "shuffle": self._shuffle.get_state().tolist(), "version": self.roles.weights.version,
+                "batch": self._async.next_index if self._async is not None else self.step_idx}
 
     def load_state_dict(self, d: dict) -> None:
         """The driver's state of a checkpoint whose roles were just loaded: the engines then serve the restored
@@ -220,6 +244,8 @@ class RLController:
         self.kl_ctl.load_state_dict(d["kl"])
         self._shuffle.set_state(torch.tensor(d["shuffle"], dtype=torch.uint8))
         self.roles.weights.restore(int(d["version"]))
+        if self._async is not None:
+            self._async.resumed(int(d.get("batch", self.step_idx)), self.step_idx)
 
 
 def generation_seed(run_seed: int, step: int) -> int:

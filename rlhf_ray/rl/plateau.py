@@ -28,6 +28,9 @@ RESUME_SAFE = (
     "algorithm.overlong_penalty", "reference.kl_coef", "reference.kl_target", "reference.kl_horizon",
     "rl.steps", "rl.save_every", "rl.sample_every", "rl.eval_every", "rl.eval_samples", "rl.plateau_window",
     "rl.plateau_smoothing", "rl.plateau_min_delta", "logging", "cluster.address", "run.stages",
+    # how batches are sampled ahead: a checkpoint's resume point (the prompts after the last batch trained) is the
+    # same in every mode, and nothing sampled ahead is saved (rlhf_ray.rl.producer)
+    "rollout.mode", "rollout.partial", "rollout.partial_chunk_tokens",
 )
 # Refused with a reason an operator can act on.
 WHY_NOT = {

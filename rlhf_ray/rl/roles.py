@@ -27,8 +27,8 @@ class RoleGraph(Protocol):
         """n samples per prompt drawn from `seed`, the engines alone; max_new_tokens: a limit per prompt (a
         multi-turn episode's budget left, `rlhf_ray.envs.episode`), None: rollout.max_new_tokens."""
 
-    def submit(self, prompt_ids: list, n: int, seed: int) -> Pending:
-        """The same, started now to run beside the coming update (rollouts one version behind)."""
+    def submit(self, prompt_ids: list, n: int, seed: int, max_new_tokens: list[int] | None = None) -> Pending:
+        """The same, started now to run beside the learner (the next step's rollouts, or async mode's)."""
 
     def sample(self, prompt_ids: list, n: int, temperature: float, seed: int,
                max_new_tokens: list[int] | None = None) -> Rollout:

@@ -61,6 +61,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         release(groups)
         raise describe_failure(e, 0) from None
     tool_actors: list = []
+    controller = None
     try:
         episodes, tool_actors = episode_runner(cfg, tokenizer)
         stream = PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed)
@@ -112,11 +113,14 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
                 # the last step too: `--resume` with a larger rl.steps continues a finished stage from it
                 if cfg.rl.save_every and (step % cfg.rl.save_every == 0 or step == cfg.rl.steps):
                     rl_checkpoint.save(roles, out / "checkpoints", step, controller.state_dict())
+        controller.close()  # async: the producer stops sampling before the export reads the weights
         logger.close()
         if cfg.model.lora.enabled:  # the adapter alone too: megabytes, to serve on the same base
             roles.export(str(out / "adapter"), merge_lora=False)
         roles.export(str(final), merge_lora=True)
     finally:
+        if controller is not None:
+            controller.close()
         if tool_actors:
             import ray
             for actor in tool_actors:

@@ -104,3 +104,39 @@ def test_a_generation_runs_beside_the_learner_and_a_push_waits_for_it(graph):
     ray.get(push)
     assert ray.wait([gen], timeout=0)[0] == [gen]  # the push waited for the generation called before it
     assert len(ray.get(gen)) == 4 * 64 * 4
+
+
+def test_a_partial_rollout_continues_on_the_engine_under_the_pushed_weights(graph):
+    """Partial rollouts (rollout.partial) on the real engine: each sequence's first 4 tokens are sampled at version v,
+    a lockstep step then trains and pushes v + 1, and the rest continues from the sequence's tokens so far under
+    v + 1. Each token keeps its own sampler's log-prob: the continuation's agree with the learner's weights now
+    (exactly, in one process), the first chunk's do not (the learner moved since)."""
+    import ray
+    import torch
+    from rlhf_ray.batch import pack_sequences, pad_ragged
+    from rlhf_ray.rl.producer import sample_in_chunks
+    _, roles, prompts, pad = graph
+    c = _controller(graph)
+    v = roles.weights.version
+    calls = []
+
+    def generate(ids, n, seed, limits):
+        if len(calls) == 1:
+            c.step()  # between the first chunk and the rest: an update and a push
+        calls.append(roles.weights.version)
+        return roles.submit(ids, n, seed, max_new_tokens=limits).result()
+
+    r = sample_in_chunks(generate, [p.ids for p in prompts[:4]], 4, seed=0, budget=8, chunk=4)
+    assert calls == [v, v + 1]
+    assert r.weight_version == v and r.prompt_ids == [list(prompts[i].ids) for i in range(4) for _ in range(4)]
+    versions = [row[:4] == [v] * min(4, len(row)) and row[4:] == [v + 1] * (len(row) - 4) for row in r.response_versions]
+    assert all(versions) and any(len(row) > 4 for row in r.response_ids)
+    seq = pack_sequences(r.prompt_ids, r.response_ids, pad)
+    width = seq.response_mask.shape[1]
+    now = ray.get(roles.ranks[0].__ray_call__.remote(lambda rank, s: rank.worker.logprobs(s), seq))
+    sampled = pad_ragged(r.response_logprobs, width)
+    by = pad_ragged([[float(x) for x in row] for row in r.response_versions], width)
+    mask = seq.response_mask.bool()
+    gap = (now - sampled).abs()
+    assert float(gap[mask & (by == v + 1)].max()) < 1e-3  # the continuation: sampled by the weights trained now
+    assert float(gap[mask & (by == v)].mean()) > 1e-3      # the first chunk: by the weights before the step
