@@ -121,5 +121,8 @@ def pytest_collection_finish(session):
 
 
 def pytest_runtest_setup(item):
+    if item.get_closest_marker("long") and not item.get_closest_marker("slow"):
+        pytest.fail(f"{item.nodeid} is marked long but not slow: the long tier is part of the slow one "
+                    "(@pytest.mark.slow too)", pytrace=False)
     if UNGROUPED in item.config.stash:
         pytest.fail(item.config.stash[UNGROUPED], pytrace=False)

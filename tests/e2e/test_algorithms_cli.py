@@ -56,7 +56,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# Dr.GRPO is the long tier's: its loss and advantages are the algorithm core's (tests/algo), and dynamic
+# sampling runs in `make test` in the DAPO case
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.long) if c == "dr_grpo" else c
+                                  for c in sorted(CASES)])
 def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
     out = tmp_path / case
     p = train(*rl_args(offline, out, *CASES[case]))

@@ -9,7 +9,9 @@ colocated rank's engine thread, learner thread and pushes interleave without a d
 """
 import pytest
 
-pytestmark = pytest.mark.slow
+# The long tier's: `make test` proves the producer, the bound, drops, partial rollouts and resume with fake
+# engines (rl/test_async.py) and a partial rollout on the real colocated engine (placement/test_colocated.py)
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 from helpers import mean_of, metrics, train  # noqa: E402  (tests/e2e is on the path)
 

@@ -33,7 +33,9 @@ ARGS = ("run.stages=[rl]", f"rl.steps={STEPS}", "rl.save_every=0", "rl.sample_ev
         "rl.policy.num_ranks=2", "rl.policy.deepspeed.zero_stage=3")
 
 
-@pytest.mark.parametrize("placement", ["colocated", "distributed"])
+# the colocated run is the long tier's: the distributed one proves the same claim in `make test`, and the
+# controller's version and lag bookkeeping is placement-free (rl/test_controller.py, with the product's WeightSync)
+@pytest.mark.parametrize("placement", [pytest.param("colocated", marks=pytest.mark.long), "distributed"])
 def test_one_step_lag_with_two_epochs_of_two_minibatches_runs_and_learns(offline, tmp_path, placement):
     out = tmp_path / placement
     held_out = ("rl.eval_every=5", "data.rl_eval_prompts=24", "rl.eval_samples=2") if placement == "distributed" else ()

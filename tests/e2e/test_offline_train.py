@@ -50,7 +50,8 @@ def steps_logged(stage_dir: Path) -> list[int]:
 COMMAND = {"sft": "sft", "rm": "rm"}
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm"])
+# SFT's is the long tier's: the reward model's takes the same path (a stage's own command resumes by default)
+@pytest.mark.parametrize("stage", [pytest.param("sft", marks=pytest.mark.long), "rm"])
 def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage):
     total, every = LONG
     args = [f"run.output_dir={tmp_path}", f"run.stages=[{stage}]", *SMALL, f"{stage}.batch_size=8",
@@ -181,6 +182,7 @@ def test_dpo_killed_then_resumed_learns_the_preferences(offline, tmp_path):
     assert dpo_gold > sft_gold + 0.15, (sft_gold, dpo_gold)  # the chosen reviews are the more positive ones
 
 
+@pytest.mark.long  # multi-node placement is in `make test` through placement/test_role_asks.py's cluster
 def test_two_ranks_per_stage_on_a_two_node_cluster(tmp_path):
     """`rlhf-ray train` with stages sft, rm, dpo against a 2-node cluster: STRICT_SPREAD puts the two ranks of
     every stage on different nodes, the run folder is the shared storage both nodes write checkpoints to, and

@@ -40,7 +40,10 @@ PLACEMENTS = ["colocated", "distributed"]
 # adaptive KL), with the same held-out, exact-generator and export checks.
 # GRPO under the distributed placement is judged on held-out prompts in test_lag_epochs.py's distributed run
 # (one step behind, two ZeRO-3 ranks), which is GRPO on the same task.
-@pytest.mark.parametrize("algo,placement", [("grpo", "colocated"), ("ppo", "distributed")])
+# PPO under the distributed placement is the long tier's: PPO learns on held-out prompts in `make test` in
+# test_algorithms_cli.py (colocated), and runs distributed there in test_ppo_adapters_resume.py's QLoRA case
+@pytest.mark.parametrize("algo,placement", [("grpo", "colocated"),
+                                            pytest.param("ppo", "distributed", marks=pytest.mark.long)])
 def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
     """14 steps from the session's SFT model against its reward model: the reward rises on the training prompts
     and on held-out ones (judged by the reward model and by VADER), the KL stays bounded by what it bought, and
@@ -90,7 +93,10 @@ QLORA = ("qlora", ["model.lora.enabled=true", "model.quantization.load_in_4bit=t
 # (PPO, policy and critic adapters, killed and resumed), which asserts the same exact generator and trained
 # adapter; the other two cases run here. Two policy ranks with ZeRO-3 (full weights) run in
 # test_lag_epochs.py, under both placements.
-@pytest.mark.parametrize("variant,placement", [(LORA, "distributed"), (QLORA, "colocated")],
+# LoRA under the distributed placement is the long tier's (adapters travel to a distributed generator in
+# `make test` in test_ppo_adapters_resume.py's QLoRA case)
+@pytest.mark.parametrize("variant,placement", [pytest.param(LORA, "distributed", marks=pytest.mark.long),
+                                               (QLORA, "colocated")],
                          ids=["lora-distributed", "qlora-colocated"])
 def test_lora_and_qlora_runs_keep_the_generator_exact_and_train_the_adapter(offline, tmp_path, variant, placement):
     from safetensors.torch import load_file
@@ -179,6 +185,8 @@ def test_rl_checkpoints_rotate_and_a_ppo_run_resumes_with_critic_and_kl_state(pp
         assert again[3][key] == pytest.approx(rows[3][key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.long  # `make test`: a restarted worker group skips the finished SFT (test_offline_train.py), and
+# --resume continues RL and the reward model from their checkpoints (test_signals_cli.py, test_offline_train.py)
 def test_train_resume_skips_finished_stages_and_resumes_the_reward_model(offline, tmp_path):
     """The whole chain in one invocation (sft -> rm -> rl on `stage:rm`, as `make demo`), resumed: SFT is
     finished and skipped, the reward model resumes from its step-40 checkpoint, RL starts from both."""

@@ -115,7 +115,10 @@ def test_bad_source_is_one_line(tmp_path):
         export("builtin:tiny", "adapter", str(tmp_path / "o"))
 
 
-@pytest.mark.slow  # builds SmolLM2-135M from its package on first use (about 40 s) and loads it 3 times
+# builds SmolLM2-135M from its package on first use (about 40 s) and loads it 3 times. The long tier's: the
+# tiny model's GGUF matches transformers' logits in `make test` (above), through the same writer
+@pytest.mark.slow
+@pytest.mark.long
 def test_smollm2_gguf_logits_and_chatml_modelfile(tmp_path):
     from transformers import AutoModelForCausalLM
     path = resolve_model_path("builtin:smollm2-135m")
