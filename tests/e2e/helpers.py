@@ -155,6 +155,62 @@ def kill_while_training(args: list[str], out: Path, step: int, timeout: float = 
     return training_rows(out / "rl")
 
 
+def live_in_session(sid: int) -> list[str]:
+    """Processes of session `sid` that still run (zombies waiting for a reaper are gone already)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                state, _, _, session = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[:4]
+                if int(session) == sid and state != "Z":
+                    found.append(f"{d} {open(f'/proc/{d}/cmdline').read().replace(chr(0), ' ')[:100]}")
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def assert_session_ends(sid: int, within: float = 10) -> None:
+    """No process of session `sid` (a stopped run: its driver, Ray's raylet, GCS and workers) still runs
+    `within` s later; any left are killed and named."""
+    left, deadline = live_in_session(sid), time.time() + within
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left = live_in_session(sid)
+    for line in left:
+        os.kill(int(line.split()[0]), signal.SIGKILL)
+    assert not left, "processes of the stopped run still run:\n" + "\n".join(left)
+
+
+RAY_DUMP = ("logging.cc", "SIGTERM received", "PC: @", "Traceback")
+
+
+def sigterm_while_training(args: list[str], out: Path, step: int, timeout: float = 900) -> tuple[list[dict], str]:
+    """`rlhf-ray train configs/quickstart.yaml ARGS` in its own session, sent SIGTERM (to the driver alone, as a
+    scheduler or `kill` does) once `step` training steps are logged, while it trains the next. The run must exit
+    143 with no Ray stack dump, every process of its session gone. Returns the training rows logged before the
+    stop and what the run wrote on stderr."""
+    proc = start_train([QUICK, *args], out)  # run.output_dir from ARGS: the last one given wins
+    deadline = time.time() + timeout
+    while len(training_rows(out / "rl")) < step:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before step {step}:\n{proc.communicate()[1][-3000:]}")
+        assert time.time() < deadline, f"step {step} was not logged in {timeout:.0f} s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 143, stderr[-3000:]
+    assert_session_ends(proc.pid)
+    dump = [x for x in (stdout + stderr).splitlines() if any(d in x for d in RAY_DUMP)]
+    assert not dump, "\n".join(dump[:10])
+    assert not (out / "rl" / "model").exists()  # stopped mid-run: no final export
+    return training_rows(out / "rl"), stderr
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 

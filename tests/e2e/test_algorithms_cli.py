@@ -56,9 +56,14 @@ CASES = {
 }
 
 
-# Dr.GRPO is the long tier's: its loss and advantages are the algorithm core's (tests/algo), and dynamic
-# sampling runs in `make test` in the DAPO case
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.long) if c == "dr_grpo" else c
+# `make test` runs DAPO (dynamic sampling, clip-higher, token-level loss, overlong buffer) here, GRPO in
+# test_train_cli.py, GSPO and PPO below; Dr.GRPO, RLOO and REINFORCE++ are the long tier's: their advantages
+# and losses are the algorithm core's, tested against hand-computed cases in tests/algo, and the IS correction
+# RLOO's lag turns on runs in the GSPO test and test_lag_epochs.py
+LONG_CASES = {"dr_grpo", "rloo", "reinforce_pp"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.long) if c in LONG_CASES else c
                                   for c in sorted(CASES)])
 def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
     out = tmp_path / case

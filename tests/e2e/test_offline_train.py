@@ -50,8 +50,11 @@ def steps_logged(stage_dir: Path) -> list[int]:
 COMMAND = {"sft": "sft", "rm": "rm"}
 
 
-# SFT's is the long tier's: the reward model's takes the same path (a stage's own command resumes by default)
-@pytest.mark.parametrize("stage", [pytest.param("sft", marks=pytest.mark.long), "rm"])
+# The long tier's: `make test` SIGKILLs a whole run mid-stage and resumes it from a Ray Train checkpoint, each
+# step once, in the DPO test below (the same helper and checkpoint path, through `train --resume`), and kills a
+# stage's worker in the test after this one (Ray Train restarts it from the reward model's own checkpoint)
+@pytest.mark.long
+@pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage):
     total, every = LONG
     args = [f"run.output_dir={tmp_path}", f"run.stages=[{stage}]", *SMALL, f"{stage}.batch_size=8",

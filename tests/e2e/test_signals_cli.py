@@ -19,30 +19,18 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# The long tier's: `make test` stops a run by SIGTERM mid-step and resumes it exactly (test_train_cli.py's
+# colocated GRPO run: exit 143, the one line, no Ray dump, no process left), and the stop line and a finished
+# stage's continuation are the fast tier's (test_rough_edges.py)
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
-from helpers import rl_steps_logged, start_train  # noqa: E402  (tests/e2e is on the path)
+from helpers import RAY_DUMP, assert_session_ends, rl_steps_logged, start_train  # noqa: E402  (tests/e2e is on the path)
 
 ARGS = ["configs/quickstart.yaml", "run.stages=[rl]", "rl.init_from=builtin:tiny", "rl.steps=40", "rl.save_every=1",
         "rl.sample_every=0", "logging.report=false", "logging.tensorboard=false",
         "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]"]
 STOPPED = re.compile(r"rlhf-ray: stopped by (?P<how>.+) in stage rl after step (?P<step>\d+); rerun with --resume "
                      r"to continue rl from its checkpoint of step (?P<ckpt>\d+)$")
-RAY_DUMP = ("logging.cc", "SIGTERM received", "PC: @", "Traceback")
-
-
-def live_in_session(sid: int) -> list[str]:
-    """Processes of session `sid` that still run (zombies waiting for a reaper are gone already)."""
-    found = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                state, _, _, session = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[:4]
-                if int(session) == sid and state != "Z":
-                    found.append(f"{d} {open(f'/proc/{d}/cmdline').read().replace(chr(0), ' ')[:100]}")
-            except (OSError, ValueError):
-                continue
-    return found
 
 
 def stop_after(proc: subprocess.Popen, out: Path, steps: int, send) -> tuple[int, str, str]:
@@ -60,13 +48,7 @@ def stop_after(proc: subprocess.Popen, out: Path, steps: int, send) -> tuple[int
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    left, deadline = live_in_session(proc.pid), time.time() + 10
-    while left and time.time() < deadline:
-        time.sleep(0.5)
-        left = live_in_session(proc.pid)
-    for line in left:
-        os.kill(int(line.split()[0]), signal.SIGKILL)
-    assert not left, "processes of the stopped run still run:\n" + "\n".join(left)
+    assert_session_ends(proc.pid)
     return proc.returncode, stdout, stderr
 
 

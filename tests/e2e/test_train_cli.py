@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 # tests/e2e is on the path
 from helpers import (OFFLINE_SAVES, SAME_AFTER_RESUME, assert_learned_on_held_out_prompts,  # noqa: E402
-                     assert_quiet_console, assert_the_kl_regularised_objective_rose, kill_while_training,
+                     assert_quiet_console, assert_the_kl_regularised_objective_rose, sigterm_while_training,
                      mean_of, metrics, serve, stop_process, train)
 
 from rlhf_ray.utils.device import LOGPROB_TOLERANCE, cpu_has_fast_bf16  # noqa: E402
@@ -47,22 +47,31 @@ PLACEMENTS = ["colocated", "distributed"]
 def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
     """14 steps from the session's SFT model against its reward model: the reward rises on the training prompts
     and on held-out ones (judged by the reward model and by VADER), the KL stays bounded by what it bought, and
-    the generator runs the learner's weights. The colocated GRPO run is also SIGKILLed while it trains step 5
-    (checkpoint at step 3, step 4 logged) and resumed: `--resume` starts from the step-3 checkpoint, keeps the
-    steps before it, redoes step 4 exactly as before the kill (policy, optimizer, prompt position, sampling
-    seeds) and finishes, every step logged once; the learning above is then judged on the resumed run. (Under
-    the distributed placement the same exact redo is test_faults.py's killed-learner run, full weights, and
-    test_ppo_adapters_resume.py's QLoRA run, adapters: one kill per placement and sync kind.)"""
+    the generator runs the learner's weights. The colocated GRPO run is also stopped by SIGTERM (to the driver
+    alone, as a scheduler or `kill` stops it) while it trains step 5 (checkpoint at step 3, step 4 logged): exit
+    143, one line naming the stage, the step and the checkpoint --resume continues from, no Ray stack dump, no
+    process of the run left. `--resume` then starts from the step-3 checkpoint, keeps the steps before it, redoes
+    step 4 exactly as before the stop (policy, optimizer, prompt position, sampling seeds) and finishes, every
+    step logged once; the learning above is then judged on the resumed run. (A SIGKILL and the same exact redo:
+    test_faults.py's killed learner, full weights, and test_ppo_adapters_resume.py's QLoRA run, adapters, both
+    distributed; colocated, that file's LoRA run in the long tier. Ctrl-C to the whole process group and a
+    finished stage continued: the long tier's test_signals_cli.py.)"""
     out = tmp_path / algo
     killed = (algo, placement) == ("grpo", "colocated")
     args = rl_args(offline, out, f"algorithm.name={algo}", "rl.steps=14", f"cluster.placement={placement}",
                    "rl.eval_every=7", "data.rl_eval_prompts=24", "rl.eval_samples=2",
                    "rl.save_every=3" if killed else "rl.save_every=0")
     if killed:
-        before = kill_while_training(args, out, step=4)
+        before, said = sigterm_while_training(args, out, step=4)
         assert len(before) < 14
+        lines = [x for x in said.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"rlhf-ray: stopped by SIGTERM in stage rl after step "
+                                                       f"{before[-1]['step']}; rerun with --resume to continue rl "
+                                                       f"from its checkpoint of step "), said[-3000:]
+        ckpt = int(lines[0].rsplit(" ", 1)[1])
+        assert ckpt in (3, 6) and ckpt <= before[-1]["step"], lines[0]  # the last save every 3 steps
         p = train(*args, "--resume")
-        assert "at step 3" in p.stdout and "step_000003" in p.stdout  # it resumed, not restarted
+        assert f"at step {ckpt}" in p.stdout and f"step_{ckpt:06d}" in p.stdout  # it resumed, not restarted
     else:
         p = train(*args)
     assert_quiet_console(p)
@@ -71,9 +80,10 @@ def test_rl_raises_reward_with_bounded_kl(offline, tmp_path, algo, placement):
     rows = [r for r in all_rows if "reward/score_mean" in r]
     assert [r["step"] for r in rows] == list(range(1, 15))  # every step logged exactly once
     if killed:
-        assert rows[:3] == before[:3]  # steps before the checkpoint were kept, not redone
-        for key in SAME_AFTER_RESUME:  # step 4 again, from the checkpoint: the same as before the kill
-            assert rows[3][key] == pytest.approx(before[3][key], rel=1e-4, abs=1e-6), key
+        assert rows[:ckpt] == before[:ckpt]  # steps before the checkpoint were kept, not redone
+        assert len(before) > ckpt, "no step after the checkpoint to redo"
+        for key in SAME_AFTER_RESUME:  # the step after the checkpoint again: the same as before the stop
+            assert rows[ckpt][key] == pytest.approx(before[ckpt][key], rel=1e-4, abs=1e-6), key
     start, end = mean_of(rows, "reward/score_mean")
     assert end > start + 1.0, f"reward did not rise clearly: {start:.3f} -> {end:.3f}"
     gold_start, gold_end = mean_of(rows, "reward/gold_mean")
@@ -210,6 +220,10 @@ def test_train_resume_skips_finished_stages_and_resumes_the_reward_model(offline
     assert [r["step"] for r in again if "loss" in r] == list(range(1, 57))  # each step logged once
 
 
+# The long tier's: `make test` overlaps generation with the update in test_lag_epochs.py's distributed run, scores
+# through an HTTP source against a local server in roles/test_reward.py, and batches a reward replica's
+# concurrent requests on Ray Serve in serve/test_replica_batching.py
+@pytest.mark.long
 def test_overlapped_run_scores_through_the_http_reward_service(offline, tmp_path):
     """`serve --what reward` serves the trained reward model; an RL run with max_off_policy_lag=1 scores
     through it and overlaps generation with the update on every step but the lockstep ones."""
