@@ -184,27 +184,36 @@ def assert_session_ends(sid: int, within: float = 10) -> None:
 RAY_DUMP = ("logging.cc", "SIGTERM received", "PC: @", "Traceback")
 
 
-def sigterm_while_training(args: list[str], out: Path, step: int, timeout: float = 900) -> tuple[list[dict], str]:
-    """`rlhf-ray train configs/quickstart.yaml ARGS` in its own session, sent SIGTERM (to the driver alone, as a
-    scheduler or `kill` does) once `step` training steps are logged, while it trains the next. The run must exit
-    143 with no Ray stack dump, every process of its session gone. Returns the training rows logged before the
-    stop and what the run wrote on stderr."""
-    proc = start_train([QUICK, *args], out)  # run.output_dir from ARGS: the last one given wins
+def stop_once_logged(proc: subprocess.Popen, out: Path, steps: int, send, timeout: float = 600,
+                     logged=rl_steps_logged) -> tuple[int, str, str]:
+    """`send(proc)` once a run started by `start_train` has logged `steps` RL steps (`logged(out)`: its rows so
+    far); then its exit status and output. Fails if a process of the run (its own session) is still running
+    10 s later."""
     deadline = time.time() + timeout
-    while len(training_rows(out / "rl")) < step:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before step {step}:\n{proc.communicate()[1][-3000:]}")
-        assert time.time() < deadline, f"step {step} was not logged in {timeout:.0f} s"
+    while len(logged(out)) < steps:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"the run did not log {steps} steps in {timeout:.0f} s"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    send(proc)
     try:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    assert proc.returncode == 143, stderr[-3000:]
     assert_session_ends(proc.pid)
+    return proc.returncode, stdout, stderr
+
+
+def sigterm_while_training(args: list[str], out: Path, step: int) -> tuple[list[dict], str]:
+    """`rlhf-ray train configs/quickstart.yaml ARGS` in its own session, sent SIGTERM (to the driver alone, as a
+    scheduler or `kill` does) once `step` steps are logged, while it trains the next. The run must exit 143
+    with no Ray stack dump, every process of its session gone. Returns the training rows logged before the
+    stop and what the run wrote on stderr."""
+    proc = start_train([QUICK, *args], out)  # run.output_dir from ARGS: the last one given wins
+    code, stdout, stderr = stop_once_logged(proc, out, step, lambda p: p.send_signal(signal.SIGTERM),
+                                            logged=lambda o: training_rows(o / "rl"))  # not its evaluation rows
+    assert code == 143, stderr[-3000:]
     dump = [x for x in (stdout + stderr).splitlines() if any(d in x for d in RAY_DUMP)]
     assert not dump, "\n".join(dump[:10])
     assert not (out / "rl" / "model").exists()  # stopped mid-run: no final export

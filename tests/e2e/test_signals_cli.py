@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -24,32 +22,13 @@ import pytest
 # stage's continuation are the fast tier's (test_rough_edges.py)
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
-from helpers import RAY_DUMP, assert_session_ends, rl_steps_logged, start_train  # noqa: E402  (tests/e2e is on the path)
+from helpers import RAY_DUMP, rl_steps_logged, start_train, stop_once_logged  # noqa: E402  (tests/e2e is on the path)
 
 ARGS = ["configs/quickstart.yaml", "run.stages=[rl]", "rl.init_from=builtin:tiny", "rl.steps=40", "rl.save_every=1",
         "rl.sample_every=0", "logging.report=false", "logging.tensorboard=false",
         "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]"]
 STOPPED = re.compile(r"rlhf-ray: stopped by (?P<how>.+) in stage rl after step (?P<step>\d+); rerun with --resume "
                      r"to continue rl from its checkpoint of step (?P<ckpt>\d+)$")
-
-
-def stop_after(proc: subprocess.Popen, out: Path, steps: int, send) -> tuple[int, str, str]:
-    """`send(proc)` once `steps` steps are logged; then the run's exit status and output. Fails if a process
-    of the run (its own session: the driver, Ray's raylet, GCS and workers) is still running 10 s later."""
-    deadline = time.time() + 600
-    while len(rl_steps_logged(out)) < steps:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, f"the run did not log {steps} steps in 600 s"
-        time.sleep(0.05)
-    send(proc)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert_session_ends(proc.pid)
-    return proc.returncode, stdout, stderr
 
 
 def finish(out: Path, *extra: str) -> str:
@@ -75,7 +54,7 @@ def test_ctrl_c_and_sigterm_say_where_resume_continues_and_a_larger_rl_steps_ext
     """Ctrl-C at step 2, `--resume` to the end, then `--resume` with a larger rl.steps continues the finished
     stage, and SIGTERM stops that run too: one run folder, three runs, each step logged exactly once."""
     out = tmp_path / "run"
-    code, _, stderr = stop_after(start_train(ARGS, out), out, 2, lambda p: os.killpg(p.pid, signal.SIGINT))
+    code, _, stderr = stop_once_logged(start_train(ARGS, out), out, 2, lambda p: os.killpg(p.pid, signal.SIGINT))
     assert code == 130, stderr[-3000:]
     ckpt = one_stop_line(stderr, "Ctrl-C (SIGINT)", rl_steps_logged(out))
 
@@ -86,7 +65,7 @@ def test_ctrl_c_and_sigterm_say_where_resume_continues_and_a_larger_rl_steps_ext
     assert (out / "rl" / "model" / "config.json").exists()
 
     # the stage is finished: more steps continue it; SIGTERM (to the driver alone) once it has done two more
-    code, stdout, stderr = stop_after(start_train(ARGS, out, "--resume"), out, end + 2,
+    code, stdout, stderr = stop_once_logged(start_train(ARGS, out, "--resume"), out, end + 2,
                                       lambda p: p.send_signal(signal.SIGTERM))
     assert f"at step {end} with rl.steps changed" in stdout, stdout[-3000:]
     assert code == 143, stderr[-3000:]
