@@ -63,6 +63,13 @@ def response_ids(tok, prompt, p_ids: list[int], response: str) -> list[int]:
     return tok(response, add_special_tokens=False)["input_ids"] + [end]
 
 
+def decode_responses(tok, response_ids: list[list[int]]) -> list[str]:
+    """Responses' text as vLLM's own detokenizer gives it: special tokens skipped, and a character whose bytes
+    the response did not finish left out (vLLM holds such a tail back instead of writing U+FFFD). The engine's
+    texts when nothing stops on a string, and a partial rollout's whole text (`rlhf_ray.rl.producer`)."""
+    return [t.rstrip("\ufffd") for t in tok.batch_decode(response_ids, skip_special_tokens=True)]
+
+
 def fit_prompt(ids: list[int], max_len: int, on_long: str) -> Optional[list[int]]:
     """The one rule for a prompt longer than `data.max_prompt_len` (SFT, preference pairs and RL prompts alike),
     per `data.on_long_prompt`: "error" raises DataError, "skip" returns None, "truncate_left" keeps its last

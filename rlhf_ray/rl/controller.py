@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -94,11 +94,13 @@ def make_kl_controller(r: ReferenceConfig):
 
 class RLController:
     def __init__(self, cfg: StepConfig, roles: RoleGraph, prompts: PromptStream, pad_id: int,
-                 dtypes: tuple[str, ...] = ("float32",), episodes: Optional[EpisodeRunner] = None):
+                 dtypes: tuple[str, ...] = ("float32",), episodes: Optional[EpisodeRunner] = None,
+                 decode: Optional[Callable[[list[list[int]]], list[str]]] = None):
         """cfg: the sections of the run's config a step reads (`StepConfig.of(config)`).
         dtypes: the precisions the learner and the engine compute in (the plan's); they pick the
         log-prob agreement thresholds the config leaves unset.
-        episodes: with an environment (`env.path`), each sample is a multi-turn episode run by this runner."""
+        episodes: with an environment (`env.path`), each sample is a multi-turn episode run by this runner.
+        decode: response ids -> texts with the policy's tokenizer (a partial rollout's text is decoded whole)."""
         self.cfg, self.roles, self.prompts, self.pad_id = cfg, roles, prompts, pad_id
         self.episodes = episodes
         self.agreement = agreement_thresholds(cfg.rollout.sync, dtypes)
@@ -107,7 +109,8 @@ class RLController:
         self._shuffle = torch.Generator().manual_seed(cfg.seed)
         self._next = None  # (prompts, pending rollout, prompt-stream state before them) when overlapping
         # rollout.mode=async: batches sampled ahead by a driver thread (rlhf_ray.rl.producer)
-        self._async = AsyncRollouts(roles, prompts, cfg.rollout, self._seed) if cfg.rollout.mode == "async" else None
+        self._async = (AsyncRollouts(roles, prompts, cfg.rollout, self._seed, decode)
+                       if cfg.rollout.mode == "async" else None)
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> StepOutput:

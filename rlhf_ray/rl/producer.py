@@ -46,13 +46,16 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return (seed + 104_729 * chunk) % (2 ** 30)
 
 
-def sample_in_chunks(generate: Generate, prompt_ids: list, n: int, seed: int, budget: int, chunk: int) -> Rollout:
+def sample_in_chunks(generate: Generate, prompt_ids: list, n: int, seed: int, budget: int, chunk: int,
+                     decode: Optional[Callable[[list[list[int]]], list[str]]] = None) -> Rollout:
     """n samples per prompt of up to `budget` tokens, each engine call sampling at most `chunk` more per sequence.
 
     The first call samples n per prompt; later calls continue each unfinished sequence alone (n=1) from its prompt
     and tokens so far. A sequence is finished when its engine stopped it (EOS) or it reached `budget`.
-    Response texts are the chunks' texts joined (the engine decodes each call's tokens; the rollout's stop strings
-    are refused with partial rollouts for the same reason, `rlhf_ray.config.schema`)."""
+    Response texts: `decode` of each whole response (the driver's tokenizer, as the engine decodes), else the
+    chunks' texts joined. Joined is not always the whole: a tokenizer that drops a leading space when it decodes
+    from a token would lose the space at a chunk's start, and a character split over two chunks would be lost
+    (the rollout's stop strings are refused with partial rollouts for the same reason, `rlhf_ray.config.schema`)."""
     first = generate(prompt_ids, n, seed, [min(chunk, budget)] * len(prompt_ids))
     ids = [list(r) for r in first.response_ids]
     logps = [list(x) for x in first.response_logprobs]
@@ -74,6 +77,8 @@ def sample_in_chunks(generate: Generate, prompt_ids: list, n: int, seed: int, bu
             texts[b] += part.texts[k]
             finish[b] = part.finish_reasons[k]
         engine_s += part.generate_s
+    if decode is not None:
+        texts = decode(ids)
     oldest = min((v[0] for v in versions if v), default=first.weight_version)
     return Rollout(first.prompt_ids, ids, logps, texts, first.prompt_index, finish, oldest, first.temperature,
                    engine_s, response_versions=versions)
@@ -165,8 +170,9 @@ class AsyncRollouts:
     held, never the generation)."""
 
     def __init__(self, roles: "RoleGraph", prompts: "PromptStream", rollout: "RolloutConfig",
-                 seed_of: Callable[[int], int]):
+                 seed_of: Callable[[int], int], decode: Optional[Callable[[list[list[int]]], list[str]]] = None):
         self.roles, self.prompts, self.cfg, self._seed_of = roles, prompts, rollout, seed_of
+        self._decode = decode  # whole responses' text (sample_in_chunks)
         self.next_index, self.dropped = 0, 0
         self.engines = threading.Lock()
         self._resume: Optional[dict] = None   # the prompt stream after the last batch taken
@@ -205,7 +211,7 @@ class AsyncRollouts:
 
         def sample(prompts: list, index: int) -> Rollout:
             return sample_in_chunks(self._engine_call, [p.ids for p in prompts], n, self._seed_of(index),
-                                    r.max_new_tokens, chunk)
+                                    r.max_new_tokens, chunk, decode=self._decode)
 
         self._producer = RolloutProducer(draw, sample, permits=r.sync.max_off_policy_lag,
                                          first_index=self.next_index, limit=self.next_index + steps_left)

@@ -34,6 +34,7 @@ from rlhf_ray.tracking.report import write_report
 
 def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir: str | Path,
            resume: bool = False) -> Path:
+    from rlhf_ray.data.encode import decode_responses
     from rlhf_ray.data.prompts import load_prompts
     from transformers import AutoTokenizer
 
@@ -67,7 +68,7 @@ def run_rl(cfg: Config, policy_init: str, resolve: Callable[[str], str], out_dir
         stream = PromptStream(prompts, cfg.rl.prompts_per_step, cfg.run.seed)
         controller = RLController(StepConfig.of(cfg), roles, stream, pad_id=tokenizer.pad_token_id,
                                   dtypes=roles.args.sync.agreement_precisions,  # fp8 engines: fp8's row
-                                  episodes=episodes)
+                                  episodes=episodes, decode=lambda ids: decode_responses(tokenizer, ids))
         restored = rl_checkpoint.load(roles, out / "checkpoints", note=print) if resume else None
         ckpt = restored[0] if restored else None
         if restored:

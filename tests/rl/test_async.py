@@ -142,6 +142,27 @@ def test_chunks_continue_each_sequence_and_stamp_every_token_with_its_version():
     assert r.generate_s == pytest.approx(1.5)
 
 
+def test_a_partial_rollouts_text_is_its_whole_response_decoded_not_its_chunks_joined():
+    """A tokenizer that drops the leading space of what it decodes (SentencePiece's) writes "ab cd" as chunks
+    "ab" + "cd": the rollout's text is the whole response decoded, as the engine would have written it."""
+    words = {1: " ab", 2: " cd", 3: " ef"}
+
+    def decode(ids):  # drops the first word's leading space, as such a tokenizer does
+        return ["".join(words[t] for t in r).lstrip(" ") for r in ids]
+
+    def generate(ids, n, seed, limits):  # one token a call: 1, then 2, then 3
+        rows = len(ids) * n
+        tok = len(ids[0]) - 1  # prompt (1 token) + tokens so far
+        resp = [[tok + 1]] * rows
+        return Rollout([list(ids[0])] * rows, resp, [[-1.0]] * rows, decode(resp), [0] * rows,
+                       ["length"] * rows, 0, 1.0)
+
+    joined = sample_in_chunks(generate, [(9,)], 1, seed=0, budget=3, chunk=1)
+    assert joined.response_ids == [[1, 2, 3]] and joined.texts == ["abcdef"]  # the chunks' texts joined
+    whole = sample_in_chunks(generate, [(9,)], 1, seed=0, budget=3, chunk=1, decode=decode)
+    assert whole.texts == ["ab cd ef"]
+
+
 def test_a_sequence_the_engine_cannot_lengthen_ends_instead_of_looping():
     calls = []
 

@@ -198,10 +198,8 @@ class GeneratorEngine:
                        temperature if temperature > 0 else 1.0, generate_s)
 
     def _decode(self, response_ids: list[list[int]]) -> list[str]:
-        """The responses' text as vLLM's own detokenizer gives it: special tokens skipped, and a character whose
-        bytes the response did not finish left out (vLLM holds such a tail back instead of writing U+FFFD)."""
-        decoded = self.llm.get_tokenizer().batch_decode(response_ids, skip_special_tokens=True)
-        return [t.rstrip("\ufffd") for t in decoded]
+        from rlhf_ray.data.encode import decode_responses
+        return decode_responses(self.llm.get_tokenizer(), response_ids)
 
     # -- sharing the device with a learner (colocated) ------------------------------------------------
     def release(self) -> None:
