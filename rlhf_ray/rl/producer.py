@@ -88,10 +88,11 @@ def staleness_metrics(rollout: Rollout, learner_version: int, max_lag: int) -> d
     """How far behind the learner a batch's tokens were sampled: the token mean and the oldest token's lag, the
     share of tokens at each lag 0..max_lag (the versions that sampled the batch, counted from the learner), and
     how many sequences more than one version sampled (continued across a push)."""
-    lags = [learner_version - v for row in rollout.token_versions() for v in row]
+    rows = rollout.token_versions()
+    lags = [learner_version - v for row in rows for v in row]
     total = max(len(lags), 1)
     out = {"async/staleness_mean": sum(lags) / total, "async/staleness_max": float(max(lags, default=0)),
-           "async/rows_across_versions": float(sum(len(set(r)) > 1 for r in rollout.token_versions()))}
+           "async/rows_across_versions": float(sum(len(set(r)) > 1 for r in rows))}
     for k in range(max_lag + 1):
         out[f"async/tokens_lag{k}"] = float(sum(x == k for x in lags))
     return out
