@@ -11,7 +11,7 @@ Reported per mode: median step time (steps 2..), samples per second (rows per st
 per sample (the mean of reward/score_mean over the run, and its rise first-3 -> last-3 steps), mean token
 staleness. Writes benchmarks/results/async_modes.json with the machine (CPU model, flags, GEMM peaks).
 
-    python benchmarks/async_modes.py [--steps 12]
+    python benchmarks/async_modes.py [--steps 12] [--case smollm2]
 """
 from __future__ import annotations
 
@@ -31,16 +31,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--case", default="tiny", choices=["tiny", "smollm2"],
+                    help="rl_vs_trl.py's case: the tiny model after SFT, or SmolLM2-135M-Instruct with LoRA r16")
     args = ap.parse_args()
     from rlhf_ray.utils.capability import describe, machine_record
     cpu = machine_record(2)
     print(describe(cpu))
-    case = CASES["tiny"]
-    model = policy_path("tiny", case)
+    case = CASES[args.case]
+    model = policy_path(args.case, case)
     rows_per_step = case["n_prompts"] * case["group"]
-    out = {"setup": {k: v for k, v in case.items() if k != "ours"} | {"steps": args.steps}, "cpu": cpu}
+    out = {"setup": {k: v for k, v in case.items() if k != "ours"} | {"case": args.case, "steps": args.steps},
+           "cpu": cpu}
     for mode in args.modes:
-        run = run_ours("tiny", case, model, args.steps, mode)
+        run = run_ours(args.case, case, model, args.steps, mode)
         s = summary(run)
         s.update({"samples_per_s": rows_per_step / s["median_step_s"],
                   "reward_per_sample": statistics.mean(run["reward"]),
@@ -50,7 +53,7 @@ def main() -> None:
               f"{s['reward_per_sample']:+.3f}  rise {s['reward_rise']:+.3f}  staleness {s['staleness_mean']:.2f}  "
               f"tokens {s['mean_tokens']:.1f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "async_modes.json"
+    path = RESULTS / ("async_modes.json" if args.case == "tiny" else f"async_modes-{args.case}.json")
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
 

@@ -8,17 +8,13 @@ is a {name: local folder} table. A storage endpoint would make every local run d
 the user may not have; Serve's own multiplexing re-implemented over engine LoRA requests would duplicate
 what Ray Serve LLM already does (LRU, per-replica cache, routing to replicas that hold the adapter).
 On a multi-node cluster the folders must be on a filesystem every node sees (as for the base model).
+The loader is `adapter_loader.LocalLoraLoader`; this module holds what the CLI checks before Ray starts and
+imports neither Ray Serve LLM nor vLLM (a bad adapter folder is named in a second, not after vLLM's import).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from ray.llm._internal.common.models import global_id_manager
-from ray.llm._internal.common.utils.lora_utils import get_lora_id
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
-from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 
 ADAPTERS_KEY = "rlhf_ray_adapters"  # where the {name: folder} table rides inside LLMConfig.experimental_configs
 
@@ -37,20 +33,3 @@ def check_adapters(adapters: dict[str, str]) -> dict[str, str]:
 
 def max_lora_rank(adapters: dict[str, str]) -> int:
     return max(int(json.loads((Path(p) / "adapter_config.json").read_text()).get("r", 8)) for p in adapters.values())
-
-
-class LocalLoraLoader(LoraModelLoader):
-    """`LoraModelLoader` that looks adapters up in the table instead of downloading them."""
-
-    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
-        if lora_model_id in self.disk_cache:
-            return self.disk_cache[lora_model_id]
-        table = llm_config.experimental_configs.get(ADAPTERS_KEY, {})
-        name = get_lora_id(lora_model_id)
-        if name not in table:
-            raise OpenAIHTTPException(404, f"model {lora_model_id!r}: no adapter named {name!r}; served adapters: "
-                                           f"{sorted(table)}", type="NotFoundError")
-        config = DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=table[name],
-                                     lora_assigned_int_id=global_id_manager.next())
-        self.disk_cache[lora_model_id] = config
-        return config

@@ -5,12 +5,16 @@ The policy's OpenAI API is Ray Serve LLM's (see `ingress.py`); it reuses the err
 """
 from __future__ import annotations
 
+import hmac
 from typing import Awaitable, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+
+
+OPEN_PATHS = ("/-/healthz", "/-/routes")  # Serve's own health probes stay reachable for load balancers
 
 
 class ScoreRequest(BaseModel):
@@ -22,6 +26,22 @@ def error_response(status: int, message: str, param: Optional[str] = None,
                    kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
                                                                "code": status}})
+
+
+def require_key(app: FastAPI, key: str) -> None:
+    """A Bearer key on every path but Serve's health probes (Ray Serve LLM's ingress has none). Here, not in
+    ingress.py, which imports Ray Serve LLM and with it vLLM: the key check is tested without them."""
+    @app.middleware("http")
+    async def _bearer(request: Request, call_next):
+        if request.url.path in OPEN_PATHS:
+            return await call_next(request)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.encode()):
+            response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <serve.api_key>'",
+                                      None, "authentication_error")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        return await call_next(request)
 
 
 def name_bad_fields(app: FastAPI) -> None:

@@ -5,21 +5,18 @@ Ray Serve LLM's `OpenAiIngress` routes, streams (SSE) and batches; this subclass
   adapters listed by GET /v1/models;
 - a config-driven ceiling on `max_tokens` (400 naming the field), which is also chat's default;
 - 400s naming the bad field for malformed requests (Ray's handler names the bad *value*);
-- an optional Bearer key (Ray Serve LLM has none), checked before anything else.
+- an optional Bearer key (Ray Serve LLM has none), checked before anything else (`api.require_key`).
 """
 from __future__ import annotations
 
-import hmac
 from typing import Optional
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, OpenAIHTTPException
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from rlhf_ray.serve.api import error_response, name_bad_fields
-
-OPEN_PATHS = ("/-/healthz", "/-/routes")  # Serve's own health probes stay reachable for load balancers
+from rlhf_ray.serve.api import name_bad_fields, require_key
 
 
 class PolicyIngress(OpenAiIngress):
@@ -59,20 +56,6 @@ class PolicyIngress(OpenAiIngress):
         if body.max_completion_tokens is None and body.max_tokens is None:
             body.max_tokens = self._max_tokens  # vLLM's default is the whole remaining context
         return await super().chat(body, request)
-
-
-def require_key(app: FastAPI, key: str) -> None:
-    @app.middleware("http")
-    async def _bearer(request: Request, call_next):
-        if request.url.path in OPEN_PATHS:
-            return await call_next(request)
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.encode()):
-            response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <serve.api_key>'",
-                                      None, "authentication_error")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
-        return await call_next(request)
 
 
 def policy_ingress_cls(api_key: Optional[str]):

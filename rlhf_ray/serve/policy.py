@@ -86,7 +86,8 @@ def policy_application(model_path: str, cfg: ServeConfig, dtype: str = "float32"
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
 
-    from rlhf_ray.serve.adapters import LocalLoraLoader, check_adapters
+    from rlhf_ray.serve.adapter_loader import LocalLoraLoader
+    from rlhf_ray.serve.adapters import check_adapters
     from rlhf_ray.serve.ingress import PolicyIngress, policy_ingress_cls
 
     key = resolve_api_key(cfg)

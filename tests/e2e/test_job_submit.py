@@ -5,6 +5,7 @@ The head runs with `--block` in its own process group and its own temp dir, so t
 the processes it started and never touches another Ray on the machine.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,8 +48,11 @@ def ray_head():
     try:
         yield url, env
     finally:
-        stop_process(head, timeout=60, whole_group=True)
+        # `ray start --block` answers SIGTERM by stopping its daemons one after another, each given its grace
+        # (33 s here, most of it the GCS); the test's own head holds nothing worth a graceful stop
+        stop_process(head, timeout=5, whole_group=True)
         leftover = kill_matching(temp)
+        shutil.rmtree(temp, ignore_errors=True)
         assert not leftover, f"Ray processes of the test head outlived it: {leftover}"
 
 

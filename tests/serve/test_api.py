@@ -6,8 +6,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from rlhf_ray.serve.api import name_bad_fields, reward_app
-from rlhf_ray.serve.ingress import require_key
+from rlhf_ray.serve.api import name_bad_fields, require_key, reward_app
 from rlhf_ray.serve.reward import BatchedScorer
 
 

@@ -1,5 +1,7 @@
 """What we hand Ray Serve LLM, checked without starting it: hardware, replicas, adapters, template, key."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -77,3 +79,11 @@ def test_cli_refuses_an_open_host_without_a_key_before_ray(monkeypatch, capsys):
     monkeypatch.setattr("rlhf_ray.runtime.ray_session", lambda *a: pytest.fail("Ray must not start"))
     assert main(["serve", "serve.host=0.0.0.0", "serve.model=builtin:tiny"]) == 2
     assert "serve.api_key" in capsys.readouterr().err
+
+
+def test_the_serve_checks_before_ray_import_neither_ray_serve_llm_nor_vllm():
+    """The CLI names a bad adapter folder or API key before Ray starts; the pieces it checks with (and the key
+    check the fast tier tests) must not pull in Ray Serve LLM, which imports vLLM: 8-14 CPU-seconds."""
+    code = ("import sys, rlhf_ray.serve.adapters, rlhf_ray.serve.api, rlhf_ray.serve.policy; "
+            "bad = [m for m in ('vllm', 'ray.llm') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
