@@ -24,3 +24,23 @@ def test_a_crashed_write_leaves_the_old_folder_and_is_cleared_by_the_next(tmp_pa
     with pytest.raises(FileNotFoundError):
         swap_in(tmp_path / "missing", final)
     assert (final / "f").read_text() == "old"  # a failed swap keeps the old folder
+
+
+def test_a_process_scratch_clears_the_folders_of_processes_that_are_gone(tmp_path):
+    """Engines in Ray actors end without their `close` (ray.shutdown, kills): their /dev/shm folders were left
+    behind run after run. The next engine on the node clears those whose process is gone, and only those."""
+    import os
+    import subprocess
+    import sys
+    from rlhf_ray.utils.folders import process_scratch
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dead = tmp_path / f"rlhf_ray_adapters_{gone}_abc"
+    live = tmp_path / f"rlhf_ray_adapters_{os.getppid()}_def"   # pytest's parent: running
+    unnamed = tmp_path / "rlhf_ray_adapters_xyz"                 # no pid in its name: not ours to judge
+    other = tmp_path / f"something_else_{gone}_abc"
+    for d in (dead, live, unnamed, other):
+        (d / "v1").mkdir(parents=True)
+    mine = process_scratch(tmp_path, "rlhf_ray_adapters_")
+    assert mine.is_dir() and mine.name.startswith(f"rlhf_ray_adapters_{os.getpid()}_")
+    assert not dead.exists() and live.exists() and unnamed.exists() and other.exists()

@@ -43,3 +43,27 @@ def swap_in(tmp: str | Path, final: str | Path) -> Path:
     else:
         os.rename(tmp, final)
     return final
+
+
+def process_scratch(root: str | Path, prefix: str) -> Path:
+    """A fresh folder `ROOT/PREFIX<pid>_<random>` for this process's scratch files, after removing the folders
+    of the same prefix whose process is gone. A role process in a Ray actor is ended by `ray.shutdown` or a kill
+    without running its `close`, so its scratch stays behind; the next process of the same kind on that node
+    clears it (a folder whose process still runs, or whose name carries no pid, is left alone)."""
+    import tempfile
+    root = Path(root)
+    for old in root.glob(f"{prefix}*"):
+        pid = old.name[len(prefix):].split("_", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}_", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

@@ -32,6 +32,7 @@ from rlhf_ray.roles.generator.threads import engine_env
 from rlhf_ray.roles.generator.worker_ext import EXTENSION as WORKER_EXTENSION
 from rlhf_ray.sync.files import reload_payload
 from rlhf_ray.utils.device import Backend
+from rlhf_ray.utils.folders import process_scratch
 
 PromptInput = Union[str, Sequence[int]]  # what vLLM is given: text, or token ids (`data.prompts.Prompt.ids`)
 
@@ -134,9 +135,8 @@ class GeneratorEngine:
         self.version = 0
         self._lora_request = None
         self._lora_seq = 0
-        shm = Path("/dev/shm")
-        self._adapter_root = Path(tempfile.mkdtemp(prefix="rlhf_ray_adapters_",
-                                                   dir=shm if shm.is_dir() else None))
+        shm = Path("/dev/shm")  # adapters and sync folders in memory where the OS offers it
+        self._adapter_root = process_scratch(shm if shm.is_dir() else tempfile.gettempdir(), "rlhf_ray_adapters_")
 
     # -- sampling -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[PromptInput], n: Optional[int] = None, *,
