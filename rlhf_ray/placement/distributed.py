@@ -24,6 +24,7 @@ from rlhf_ray.placement.construct import Construction
 from rlhf_ray.placement.groups import actor_options
 from rlhf_ray.placement.plan import Plan
 from rlhf_ray.records import UpdateResult
+from rlhf_ray.rl.roles import sample_again_if_an_engine_died
 from rlhf_ray.roles.generator.group import limits
 from rlhf_ray.placement.shared import Paths, RoleSections, critic_init_path, generator_base
 from rlhf_ray.utils.device import make_backend
@@ -96,16 +97,9 @@ class DistributedRoles:
     def generate(self, prompts: list, n: int, seed: int, max_new_tokens: list[int] | None = None):
         """Sample n per prompt, the engines alone on their nodes (every core, or `rollout.threads`);
         max_new_tokens: one limit per prompt (a multi-turn episode's budget left), None: the rollout's."""
-        # An engine that died mid-call: Ray restarts it, `submit` re-syncs it to the current weights, and
-        # the same prompts are sampled again with the same seed (no step lost, none doubled).
-        for attempt in range(2):
-            try:
-                return self.generator.submit(prompts, n, threads=self.shares.generate.threads,
-                                             call_seed=seed, **limits(max_new_tokens)).result()
-            except ray.exceptions.RayActorError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        # an engine that died mid-call is restarted, re-synced and asked again (`sample_again_if_an_engine_died`)
+        return sample_again_if_an_engine_died(lambda: self.generator.submit(
+            prompts, n, threads=self.shares.generate.threads, call_seed=seed, **limits(max_new_tokens)).result())
 
     def submit(self, prompts: list, n: int, seed: int, max_new_tokens: list[int] | None = None):
         """Start sampling the next step's rollouts to overlap the coming update: the engines keep the first

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from rlhf_ray.records import Rollout
+from rlhf_ray.rl.roles import sample_again_if_an_engine_died
 
 if TYPE_CHECKING:
     from rlhf_ray.config import RolloutConfig
@@ -218,10 +219,13 @@ class AsyncRollouts:
                                          first_index=self.next_index, limit=self.next_index + steps_left)
 
     def _engine_call(self, prompt_ids: list, n: int, seed: int, limits: list[int]) -> Rollout:
-        """One generation on every engine, beside whatever the learner does."""
-        with self.engines:
-            pending = self.roles.submit(prompt_ids, n, seed, max_new_tokens=limits)
-        return pending.result()
+        """One generation on every engine, beside whatever the learner does; made again, as in lockstep, if an
+        engine died in it (the submission that heals the restarted engine holds the lock too)."""
+        def call() -> Rollout:
+            with self.engines:
+                pending = self.roles.submit(prompt_ids, n, seed, max_new_tokens=limits)
+            return pending.result()
+        return sample_again_if_an_engine_died(call)
 
     def resume_point(self) -> dict:
         """What a checkpoint holds of the prompt stream: its state after the last batch taken. The buffer and the

@@ -6,7 +6,7 @@ The controller (`rlhf_ray.rl.controller`) and the RL stage (`rlhf_ray.rl.run`, `
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -53,3 +53,17 @@ class RoleGraph(Protocol):
         """(name an operator knows it by, actor) for every process of the graph."""
 
     def shutdown(self) -> None: ...
+
+
+def sample_again_if_an_engine_died(call: Callable[[], Rollout]) -> Rollout:
+    """`call()`, one generation on the engines, made once more if an engine process died in it: Ray restarts a
+    generator engine (`GeneratorGroup`'s max_restarts), the next submission heals it to the served weights, and
+    the same call (prompts, seed, limits) samples again, so no step is lost and none doubled. A second death in
+    the same call, or a process Ray does not restart (a colocated rank: the learner died with it), raises."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - only an engine's death is retried, anything else is raised as it is
+        from ray.exceptions import RayActorError  # imported once a call failed: the controller's fakes run without Ray
+        if not isinstance(e, RayActorError):
+            raise
+    return call()

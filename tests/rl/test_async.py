@@ -244,6 +244,64 @@ def test_a_batch_beyond_the_bound_is_dropped_counted_and_replaced(caplog):
     assert len(roles.seeds) == 7 and len(roles.trained_old_logp) == 6
 
 
+class DiesOnce(FakeEngines):
+    """Its `die_at`-th engine call dies (`.result()` raises RayActorError, as a generator actor's does when its
+    process is killed mid-call) and samples nothing; every call's (rows, n, seed, limits) in `calls`."""
+
+    def __init__(self, die_at: int, **kw):
+        super().__init__(**kw)
+        self.die_at, self.calls = die_at, []
+
+    def submit(self, prompt_ids, n, seed, max_new_tokens=None):
+        self.calls.append((len(prompt_ids), n, seed, list(max_new_tokens or [])))
+        if len(self.calls) != self.die_at:
+            return super().submit(prompt_ids, n, seed, max_new_tokens)
+
+        def dead(_self):
+            from ray.exceptions import RayActorError
+            raise RayActorError(error_msg="the generator engine's process died (killed in the test)")
+        return type("Pending", (), {"result": dead})()
+
+
+def test_only_an_engine_death_is_asked_again_and_only_once():
+    from ray.exceptions import RayActorError
+    from rlhf_ray.rl.roles import sample_again_if_an_engine_died
+
+    def calls_until(errors):  # raises errors[k] on call k, then answers "ok"
+        made = []
+
+        def call():
+            made.append(1)
+            if len(made) <= len(errors):
+                raise errors[len(made) - 1]
+            return "ok"
+        return call, made
+
+    call, made = calls_until([RayActorError()])
+    assert sample_again_if_an_engine_died(call) == "ok" and len(made) == 2
+    call, made = calls_until([RayActorError(), RayActorError()])  # died again: the run's failure
+    with pytest.raises(RayActorError):
+        sample_again_if_an_engine_died(call)
+    call, made = calls_until([ValueError("a bad prompt")])  # not a death: raised as it is, not asked again
+    with pytest.raises(ValueError, match="a bad prompt"):
+        sample_again_if_an_engine_died(call)
+    assert len(made) == 1
+
+
+def test_an_engine_that_dies_in_an_async_chunk_is_asked_again_as_in_lockstep():
+    """The lockstep rule (`sample_again_if_an_engine_died`, the distributed placement's `generate`): the call an
+    engine died in (batch 1's first continuation, a partial sequence mid-way) is made again with the same
+    prompts, seed and limits, and the run trains the lockstep batches, none lost, none doubled."""
+    lockstep = run(make(FakeEngines()), 8)
+    roles = DiesOnce(die_at=5, update_s=0.02)  # batch 0: calls 1-3 (2 + 2 + 1 tokens); batch 1: 4 first, 5 next
+    outs = run(make(roles, *ASYNC, "rollout.sync.max_off_policy_lag=1", "rollout.partial=true",
+                    "rollout.partial_chunk_tokens=2"), 8)
+    assert roles.calls[4] == roles.calls[5] and roles.calls[4][1] == 1  # a continuation, asked again alike
+    assert [o.prompts for o in outs] == [o.prompts for o in lockstep]
+    assert roles.seeds == [generation_seed(0, i) for i in range(8)] and len(roles.calls) == 3 * 8 + 1
+    assert all(o.metrics["async/dropped_batches"] == 0 for o in outs)
+
+
 @pytest.mark.parametrize("extra", [(), ("rollout.partial=true", "rollout.partial_chunk_tokens=2")])
 def test_async_resume_trains_every_step_exactly_once(extra, caplog):
     """Stopped after step 3 with batches buffered ahead, resumed from the state a checkpoint holds: the buffer
