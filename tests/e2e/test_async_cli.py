@@ -6,14 +6,25 @@ correction weighs each token by its own sampler's log-prob. The run must finish 
 bound, continue sequences past their first chunk, keep the engine exact where a batch is on-policy (step 1), and
 learn. What a unit test cannot show: the real engine continues sequences from their tokens so far, and the
 colocated rank's engine thread, learner thread and pushes interleave without a deadlock.
+
+And one run SIGKILLed whole mid-run, then `--resume`d (the builtin tiny model with the VADER function reward, so
+no trained models needed): every step once, the same prompts redone, the dropped buffer said in one line.
 """
+import json
+import os
+import signal
+from pathlib import Path
+
 import pytest
 
 # The long tier's: `make test` proves the producer, the bound, drops, partial rollouts and resume with fake
-# engines (rl/test_async.py) and a partial rollout on the real colocated engine (placement/test_colocated.py)
+# engines (rl/test_async.py; resume: test_async_resume_trains_every_step_exactly_once with and without partial
+# rollouts, test_an_async_checkpoint_resumes_in_another_mode_on_the_same_prompts), a partial rollout on the real
+# colocated engine (placement/test_colocated.py), and a SIGKILLed run's exact --resume in lockstep (test_faults.py)
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
-from helpers import mean_of, metrics, train  # noqa: E402  (tests/e2e is on the path)
+from helpers import (QUICK, mean_of, metrics, rl_steps_logged, start_train, stop_once_logged,  # noqa: E402
+                     train, training_rows)  # (tests/e2e is on the path)
 
 STEPS = 10
 
@@ -44,4 +55,61 @@ def test_async_partial_rollouts_stay_within_the_bound_and_learn(offline, tmp_pat
     assert end > start + 0.5, f"reward did not rise clearly: {start:.3f} -> {end:.3f}"
     gold_start, gold_end = mean_of(rows, "reward/gold_mean")  # seen: 0.15 -> 0.48
     assert gold_end > gold_start + 0.1, f"VADER gold reward did not rise: {gold_start:.3f} -> {gold_end:.3f}"
+    assert (out / "rl" / "model" / "model.safetensors").exists()
+
+
+# -- SIGKILL, then --resume ----------------------------------------------------------------------------------
+KILL_STEPS, KILLED_AFTER = 6, 3  # checkpoints at steps 2, 4, 6: killed while step 4 trains, resumed from step 2
+SAMPLES_A_STEP = 4  # rows samples.jsonl gets a step (rlhf_ray.rl.run)
+KILL_ARGS = [QUICK, "run.stages=[rl]", "rl.init_from=builtin:tiny", f"rl.steps={KILL_STEPS}", "rl.save_every=2",
+             "rl.sample_every=1", "logging.report=false", "logging.tensorboard=false",
+             "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]",
+             "rollout.mode=async", "rollout.sync.max_off_policy_lag=2", "rollout.partial=true",
+             "rollout.partial_chunk_tokens=6", "rollout.stop=[]"]  # stop strings cannot span chunks (refused)
+
+
+def sampled_prompts(out: Path) -> list[tuple[int, tuple[str, ...]]]:
+    """(step, the prompts logged for it) for each step of samples.jsonl in the order written (whole lines only): a
+    resumed run appends to it, so a step redone after a kill is there twice."""
+    f = out / "rl" / "samples.jsonl"
+    rows = [json.loads(x) for x in f.read_text().split("\n")[:-1]] if f.exists() else []
+    steps: list[tuple[int, tuple[str, ...]]] = []
+    for r in rows:  # a step's rows are written together
+        if not steps or steps[-1][0] != r["step"] or len(steps[-1][1]) == SAMPLES_A_STEP:
+            steps.append((r["step"], ()))
+        steps[-1] = (r["step"], steps[-1][1] + (r["prompt"],))
+    return steps
+
+
+def test_async_partial_run_sigkilled_then_resumed_trains_every_step_once(tmp_path):
+    """A colocated async run with partial rollouts (lag 2: up to two batches sampled ahead, their sequences cut in
+    6-token chunks) SIGKILLed whole once step 3 and its samples are logged, while step 4 trains: the buffer and
+    the partial sequences die with it. `--resume` goes back to the step-2 checkpoint, says once that the buffer
+    was dropped and is sampled again, and finishes: every step logged once (none lost, none doubled), one push
+    per step from the restored version, and the redone step 3 answers the same prompts as the killed run's step
+    3 (the checkpoint holds the prompt position after the last trained batch, not the producer's, which was
+    ahead of it). The real engine, the colocated rank's threads and the driver's files, where rl/test_async.py's
+    resume tests use fake engines."""
+    out = tmp_path / "run"
+    proc = start_train(KILL_ARGS, out)
+    code, _, _ = stop_once_logged(proc, out, KILLED_AFTER, lambda p: os.killpg(p.pid, signal.SIGKILL),
+                                  logged=lambda o: [s for s, ps in sampled_prompts(o) if len(ps) == SAMPLES_A_STEP])
+    assert code == -signal.SIGKILL
+    before = sampled_prompts(out)
+    assert rl_steps_logged(out) == [1, 2, 3] and [s for s, _ in before] == [1, 2, 3]
+    assert not (out / "rl" / "model").exists()  # killed mid-run: no final export
+
+    p = train(*KILL_ARGS[1:], f"run.output_dir={out}", "--resume")
+    dropped = [x for x in p.stderr.splitlines() if "async resume at step" in x]
+    assert len(dropped) == 1 and "async resume at step 2" in dropped[0], dropped  # one line, naming the step
+    assert "sampling them again from batch 2" in dropped[0], dropped[0]
+    assert rl_steps_logged(out) == list(range(1, KILL_STEPS + 1))  # nothing lost, nothing doubled
+    rows = training_rows(out / "rl")
+    assert [r["sync/version"] for r in rows] == list(range(1, KILL_STEPS + 1))  # restored at 2, one push a step
+    assert all(r["async/staleness_max"] <= 2 and r["async/dropped_batches"] == 0 for r in rows)
+    after = sampled_prompts(out)
+    assert [s for s, _ in after] == [1, 2, 3, 3, 4, 5, 6]  # samples.jsonl is appended to: step 3 twice
+    assert after[:3] == before
+    assert after[3][1] == before[2][1], "the redone step 3 answers other prompts than the killed run's step 3"
+    assert len({prompts for _, prompts in after[3:]}) == 4  # and the steps after it answer new ones
     assert (out / "rl" / "model" / "model.safetensors").exists()
