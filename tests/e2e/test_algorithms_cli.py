@@ -51,16 +51,21 @@ CASES = {
     # default global-whitened advantage is the algorithm core's (tests/algo), the same path minus the baseline
     "reinforce_pp": ["algorithm.name=reinforce_pp", "algorithm.baseline=group_mean", "algorithm.overlong_buffer=6"],
     "dr_grpo": ["algorithm.name=dr_grpo", "algorithm.dynamic_sampling=true"],
+    # CISPO on its registry defaults: the clipped stop-gradient IS weight times log pi, token-mean. Two minibatches
+    # a step, so the second trains off its sampler's weights and the weight is not 1 everywhere (with one, every
+    # ratio is 1 and CISPO is plain -A log pi)
+    "cispo": ["algorithm.name=cispo", "algorithm.mini_batch_size=32"],
     # DAPO with its registry defaults alone: dynamic sampling, clip-higher, token-level loss, overlong buffer
     "dapo": ["algorithm.name=dapo"],
 }
 
 
 # `make test` runs DAPO (dynamic sampling, clip-higher, token-level loss, overlong buffer) here, GRPO in
-# test_train_cli.py, GSPO and PPO below; Dr.GRPO, RLOO and REINFORCE++ are the long tier's: their advantages
-# and losses are the algorithm core's, tested against hand-computed cases in tests/algo, and the IS correction
-# RLOO's lag turns on runs in the GSPO test and test_lag_epochs.py
-LONG_CASES = {"dr_grpo", "rloo", "reinforce_pp"}
+# test_train_cli.py, GSPO and PPO below; Dr.GRPO, RLOO, REINFORCE++ and CISPO are the long tier's: their
+# advantages and losses are the algorithm core's, tested against hand-computed cases in tests/algo (CISPO's in
+# test_objectives.py, its wiring into the learner in tests/roles/test_objective_wiring.py; every other path of
+# its run is the GSPO test's), and the IS correction RLOO's lag turns on runs in the GSPO test and test_lag_epochs.py
+LONG_CASES = {"dr_grpo", "rloo", "reinforce_pp", "cispo"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.long) if c in LONG_CASES else c
@@ -86,6 +91,12 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
         ratios = [r["is/token_ratio_mean"] for r in train_rows]
         assert all(0.5 < x < 2.0 for x in ratios), ratios
         assert any(r["sync/lag"] == 1 for r in train_rows)
+    if case == "cispo":
+        a = cfg["algorithm"]
+        # MiniMax-M1's: no lower bound on the weight (clip_low=1), the upper at 1.28, a token mean
+        assert (a["clip_low"], a["clip_high"], a["loss_agg"]) == (1.0, 0.28, "token-mean")
+        # the upper bound clipped some tokens' weights (seen: 0.1-0.7% of tokens on every step, ratios 0.55-3.0)
+        assert any(r["policy/clip_frac"] > 0 and r["policy/ratio_max"] > 1.28 for r in train_rows)
     if case == "reinforce_pp":
         assert cfg["algorithm"]["baseline"] == "group_mean"
         assert any(r["reward/overlong_penalty_mean"] < 0 for r in train_rows)
@@ -98,8 +109,9 @@ def test_algorithm_learns_on_held_out_prompts(offline, tmp_path, case):
 def test_gspo_learns_with_an_is_preset_and_token_budget_micro_batches(offline, tmp_path):
     """GSPO on its registry defaults (sequence ratio clipped at 3e-4 / 4e-4, one loss per sequence), in the same
     run the seq_mask_tis correction on the real proximal log-probs and token-budget micro-batches in the policy
-    and the reference scorer (groups of 8 kept whole). One run: CISPO shares every path of this run but its
-    objective, which tests/roles/test_objective_wiring.py and tests/algo/test_objectives.py prove."""
+    and the reference scorer (groups of 8 kept whole). CISPO shares every path of this run but its objective
+    (tests/roles/test_objective_wiring.py, tests/algo/test_objectives.py); its own learning run is the long
+    tier's (`test_algorithm_learns_on_held_out_prompts[cispo]`)."""
     out = tmp_path / "gspo"
     train(*rl_args(offline, out, "algorithm.name=gspo", "algorithm.is_correction=seq_mask_tis",
                    "rl.policy.max_tokens_per_micro_batch=1024", "reference.max_tokens_per_micro_batch=1024"))
