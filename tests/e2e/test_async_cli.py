@@ -7,8 +7,8 @@ bound, continue sequences past their first chunk, keep the engine exact where a 
 learn. What a unit test cannot show: the real engine continues sequences from their tokens so far, and the
 colocated rank's engine thread, learner thread and pushes interleave without a deadlock.
 
-And one run SIGKILLed whole mid-run, then `--resume`d (the builtin tiny model with the VADER function reward, so
-no trained models needed): every step once, the same prompts redone, the dropped buffer said in one line.
+And one run SIGKILLed whole mid-run, then `--resume`d (the builtin tiny model with a VADER function reward, so no
+trained models needed): every step once, the same prompts redone, the dropped buffer said in one line.
 """
 import json
 import os
@@ -61,9 +61,12 @@ def test_async_partial_rollouts_stay_within_the_bound_and_learn(offline, tmp_pat
 # -- SIGKILL, then --resume ----------------------------------------------------------------------------------
 KILL_STEPS, KILLED_AFTER = 6, 3  # checkpoints at steps 2, 4, 6: killed while step 4 trains, resumed from step 2
 SAMPLES_A_STEP = 4  # rows samples.jsonl gets a step (rlhf_ray.rl.run)
+HERE = str(Path(__file__).parent)  # rewards_for_tests, as a user's own module
+# VADER with a 1 s sleep a call: a step of the tiny model takes 0.2-0.8 s, and a kill polled every 50 ms by a
+# process as starved as the run's (nice, 2 cores) could land a step late; over a second a step, it lands in step 4
 KILL_ARGS = [QUICK, "run.stages=[rl]", "rl.init_from=builtin:tiny", f"rl.steps={KILL_STEPS}", "rl.save_every=2",
              "rl.sample_every=1", "logging.report=false", "logging.tensorboard=false",
-             "reward.sources=[{kind: function, path: 'rlhf_ray.data.builtin_reviews:vader_reward'}]",
+             "reward.sources=[{kind: function, path: 'rewards_for_tests:slow_vader'}]",
              "rollout.mode=async", "rollout.sync.max_off_policy_lag=2", "rollout.partial=true",
              "rollout.partial_chunk_tokens=6", "rollout.stop=[]"]  # stop strings cannot span chunks (refused)
 
@@ -81,7 +84,7 @@ def sampled_prompts(out: Path) -> list[tuple[int, tuple[str, ...]]]:
     return steps
 
 
-def test_async_partial_run_sigkilled_then_resumed_trains_every_step_once(tmp_path):
+def test_async_partial_run_sigkilled_then_resumed_trains_every_step_once(tmp_path, monkeypatch):
     """A colocated async run with partial rollouts (lag 2: up to two batches sampled ahead, their sequences cut in
     6-token chunks) SIGKILLed whole once step 3 and its samples are logged, while step 4 trains: the buffer and
     the partial sequences die with it. `--resume` goes back to the step-2 checkpoint, says once that the buffer
@@ -91,7 +94,7 @@ def test_async_partial_run_sigkilled_then_resumed_trains_every_step_once(tmp_pat
     ahead of it). The real engine, the colocated rank's threads and the driver's files, where rl/test_async.py's
     resume tests use fake engines."""
     out = tmp_path / "run"
-    proc = start_train(KILL_ARGS, out)
+    proc = start_train(KILL_ARGS, out, pythonpath=HERE)
     code, _, _ = stop_once_logged(proc, out, KILLED_AFTER, lambda p: os.killpg(p.pid, signal.SIGKILL),
                                   logged=lambda o: [s for s, ps in sampled_prompts(o) if len(ps) == SAMPLES_A_STEP])
     assert code == -signal.SIGKILL
@@ -99,6 +102,7 @@ def test_async_partial_run_sigkilled_then_resumed_trains_every_step_once(tmp_pat
     assert rl_steps_logged(out) == [1, 2, 3] and [s for s, _ in before] == [1, 2, 3]
     assert not (out / "rl" / "model").exists()  # killed mid-run: no final export
 
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))  # train() passes it on
     p = train(*KILL_ARGS[1:], f"run.output_dir={out}", "--resume")
     dropped = [x for x in p.stderr.splitlines() if "async resume at step" in x]
     assert len(dropped) == 1 and "async resume at step 2" in dropped[0], dropped  # one line, naming the step
