@@ -41,16 +41,16 @@ class MetricsLogger:
         self._resume = resume
 
     def truncate_to(self, step: int) -> None:
-        """On resume from the checkpoint taken after `step`: keep the metrics of steps <= step only (a killed
-        run may have logged steps past its checkpoint; they are run, and logged, again)."""
-        if self._jsonl is None or not self.jsonl_path.exists():
-            return
-        self._jsonl.close()
-        keep = [ln for ln in self.jsonl_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        tmp = self.jsonl_path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.jsonl_path)
-        self._jsonl = open(self.jsonl_path, "a")
+        """On resume from the checkpoint taken after `step`: keep the metrics and samples of steps <= step only (a
+        killed run may have logged steps past its checkpoint; they are run, and logged, again)."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            keep_steps_upto(self.jsonl_path, step)
+            self._jsonl = open(self.jsonl_path, "a")
+        if self._samples is not None:
+            self._samples.close()
+            self._samples = None  # opened again, for appending, by the next sample
+        keep_steps_upto(self.dir / "samples.jsonl", step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
@@ -90,6 +90,24 @@ class MetricsLogger:
             self._wandb.finish()
         if self._samples:
             self._samples.close()
+
+
+def keep_steps_upto(path: Path, step: int) -> None:
+    """Rewrite a JSON-lines file of step rows (metrics, samples) with the rows of steps <= `step`, whole or not at
+    all; a last line that a kill cut short is dropped with the rows after the checkpoint."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # the line being written when the run was killed
+            continue
+        if row["step"] <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
