@@ -11,8 +11,8 @@ demo: setup
 # one, measured quiet on this 2-core machine: its tests wait on subprocesses and timeouts), then the tier that
 # starts Ray, vLLM and DeepSpeed (`slow`; tests/conftest.py fails an unmarked test that starts them) on two
 # workers: most of a tiny end-to-end run is processes starting and waiting on each other, so two side by side
-# keep the 2-core machine busier (tests/conftest.py keeps a shared run or server on one worker). The 25 slowest tests are
-# listed at the end: where the next minutes of `make test` are. The long tier (marker `long`) is left to
+# keep the 2-core machine busier (tests/conftest.py keeps a shared run or server on one worker). The 25 slowest
+# tests are listed at the end: where the next minutes of `make test` are. The long tier (marker `long`) is left to
 # `make test-long`: slow tests whose claim `make test` already proves in a cheaper form (the other placement,
 # a second variant, cluster scale; docs/TESTS.md lists each and where). CI runs both (`make test-all`).
 test: setup

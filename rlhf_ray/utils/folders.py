@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -50,7 +51,6 @@ def process_scratch(root: str | Path, prefix: str) -> Path:
     of the same prefix whose process is gone. A role process in a Ray actor is ended by `ray.shutdown` or a kill
     without running its `close`, so its scratch stays behind; the next process of the same kind on that node
     clears it (a folder whose process still runs, or whose name carries no pid, is left alone)."""
-    import tempfile
     root = Path(root)
     for old in root.glob(f"{prefix}*"):
         pid = old.name[len(prefix):].split("_", 1)[0]

@@ -72,16 +72,13 @@ KILL_ARGS = [QUICK, "run.stages=[rl]", "rl.init_from=builtin:tiny", f"rl.steps={
 
 
 def sampled_prompts(out: Path) -> list[tuple[int, tuple[str, ...]]]:
-    """(step, the prompts logged for it) for each step of samples.jsonl in the order written (whole lines only): a
-    resumed run appends to it, so a step redone after a kill is there twice."""
+    """(step, the prompts logged for it) for each step of samples.jsonl in the order written (whole lines only: a
+    running step's rows may still be coming, hence the callers' SAMPLES_A_STEP check)."""
     f = out / "rl" / "samples.jsonl"
-    rows = [json.loads(x) for x in f.read_text().split("\n")[:-1]] if f.exists() else []
-    steps: list[tuple[int, tuple[str, ...]]] = []
-    for r in rows:  # a step's rows are written together
-        if not steps or steps[-1][0] != r["step"] or len(steps[-1][1]) == SAMPLES_A_STEP:
-            steps.append((r["step"], ()))
-        steps[-1] = (r["step"], steps[-1][1] + (r["prompt"],))
-    return steps
+    steps: dict[int, tuple[str, ...]] = {}
+    for r in ([json.loads(x) for x in f.read_text().split("\n")[:-1]] if f.exists() else []):
+        steps[r["step"]] = steps.get(r["step"], ()) + (r["prompt"],)
+    return list(steps.items())
 
 
 def test_async_partial_run_sigkilled_then_resumed_trains_every_step_once(tmp_path, monkeypatch):
