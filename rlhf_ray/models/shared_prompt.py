@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from rlhf_ray.batch import SequenceBatch, logits_to_keep, response_logits
+from rlhf_ray.batch import SequenceBatch
 
 ModelCall = Callable[..., object]
 
@@ -40,21 +40,36 @@ def can_share(model: torch.nn.Module) -> bool:
     return not (model.training and bool(getattr(model, "is_gradient_checkpointing", False)))
 
 
+def response_positions(seq: SequenceBatch) -> torch.Tensor:
+    """(T,) the positions whose logits predict the response tokens, P - 1 .. P + T - 2, as HF's
+    `logits_to_keep` index form: the LM head then runs on exactly those rows (a contiguous (B, T, H) copy
+    of them) and returns (B, T, V) with nothing to slice. A slice of (B, T + 1, V) logits is a strided view
+    that every later reshape copies again (151 MB a copy for SmolLM2's 32 x 48 tokens in bf16)."""
+    p, t = seq.prompt_len, seq.response_mask.shape[1]
+    return torch.arange(p - 1, p + t - 1, device=seq.input_ids.device)
+
+
 def response_logits_of(call: ModelCall, seq: SequenceBatch, share_prompts: bool = True) -> torch.Tensor:
-    """(B, T, V) logits that predict each response token; the LM head runs over response positions only.
-    share_prompts=False (see `can_share`) runs the plain forward."""
-    found = distinct_prompts(seq) if share_prompts else None
+    """(B, T, V) logits that predict each response token; the LM head runs over those positions only.
+    share_prompts=False (see `can_share`) runs the plain forward.
+
+    Shared: the distinct prompts run once without their last token, which opens every row's response pass
+    (its logits predict the first response token). So the prompt pass computes no logits at all and the
+    response pass's logits are exactly the (B, T, V) wanted: no LM head over a (G, 1, H) slice (torch runs
+    a strided 3-D input as a batched matmul against a copy of the head's weight per prompt, 8 x 28M values
+    for SmolLM2, forward and backward) and no concatenation of logits (another full copy and its backward)."""
+    found = distinct_prompts(seq) if share_prompts and seq.prompt_len > 1 else None
     if found is None:
-        return response_logits(call(input_ids=seq.input_ids, attention_mask=seq.attention_mask,
-                                    position_ids=seq.position_ids, logits_to_keep=logits_to_keep(seq)).logits, seq)
+        return call(input_ids=seq.input_ids, attention_mask=seq.attention_mask, position_ids=seq.position_ids,
+                    logits_to_keep=response_positions(seq)).logits
     first, inverse = found
-    p = seq.prompt_len
+    p = seq.prompt_len - 1  # the prompt pass: every prompt but its last token
+    none = torch.zeros(0, dtype=torch.long, device=seq.input_ids.device)
     head = call(input_ids=seq.input_ids[first, :p], attention_mask=seq.attention_mask[first, :p],
-                position_ids=seq.position_ids[first, :p], use_cache=True, logits_to_keep=1)
+                position_ids=seq.position_ids[first, :p], use_cache=True, logits_to_keep=none)
     cache = head.past_key_values
     cache.reorder_cache(inverse)  # every row gets its prompt's keys and values (differentiable gather)
-    tail = call(input_ids=seq.input_ids[:, p:], attention_mask=seq.attention_mask,
-                position_ids=seq.position_ids[:, p:], past_key_values=cache, use_cache=True)
-    # the prompt's last position predicts the first response token; response position t predicts t + 1
-    first_token = head.logits.index_select(0, inverse.to(head.logits.device))
-    return torch.cat([first_token, tail.logits[:, :-1]], dim=1)
+    # the response pass: the prompt's last token, then the response but its last token (which predicts
+    # nothing); position p + t predicts token p + t + 1, i.e. response token t
+    return call(input_ids=seq.input_ids[:, p:-1], attention_mask=seq.attention_mask[:, :-1],
+                position_ids=seq.position_ids[:, p:-1], past_key_values=cache, use_cache=True).logits

@@ -66,7 +66,7 @@ class PolicyWorker:
 
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu()).trimmed()  # the micro-batch's own width
-            logits = forward_response_logits(learner, tb.seq).float()
+            logits = forward_response_logits(learner, tb.seq)  # the model's dtype: log-probs upcast per chunk
             logp = algo.token_logprobs(logits, tb.seq.response_ids, self.temperature)
             width = logp.shape[1]
             prox = logp.detach() if live else None if proximal is None else proximal[mb["idx"].cpu(), :width]

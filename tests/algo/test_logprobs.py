@@ -71,6 +71,21 @@ def test_bf16_logits_are_computed_in_fp32():
     torch.testing.assert_close(lp.double(), _reference_logprobs(logits.float(), tokens), rtol=0, atol=1e-5)
 
 
+def test_bf16_logits_get_a_bf16_gradient_equal_to_the_fp32_one_rounded():
+    """The backward writes the logits' own dtype (no fp32 copy of a (B, T, V) gradient) and its values are
+    the fp32 computation's, rounded once to bf16; across several row chunks and a temperature."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(3, 5, 300, generator=g) * 4
+    tokens = torch.randint(0, 300, (3, 5), generator=g)
+    weights = torch.randn(3, 5, generator=g)
+    low = base.bfloat16().requires_grad_()
+    (token_logprobs(low, tokens, 0.8, chunk_rows=4) * weights).sum().backward()
+    want = base.bfloat16().double().requires_grad_()
+    (_reference_logprobs(want, tokens, 0.8) * weights.double()).sum().backward()
+    assert low.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(low.grad.double(), want.grad.bfloat16().double(), rtol=0, atol=2e-3)
+
+
 def test_entropy_with_masked_vocabulary_is_finite():
     logits = torch.tensor([[[0.0, 0.0, -math.inf, -math.inf]]])
     assert entropy_from_logits(logits).item() == pytest.approx(math.log(2.0), abs=1e-6)

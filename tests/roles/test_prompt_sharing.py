@@ -40,7 +40,9 @@ def test_policy_update_and_logprobs_run_each_distinct_prompt_once(lora):
     assert learner.shares_prompts
     seq = grouped_batch(learner.tokenizer.pad_token_id)
     B, P, T, G = len(seq), seq.prompt_len, seq.response_mask.shape[1], len(PROMPTS)
-    shared, plain = G * P + B * T, B * (P + T)   # tokens of one forward over the micro-batch
+    # tokens of one forward over the micro-batch: each prompt but its last token once, then every row's last
+    # prompt token and its response but the last token (which predicts nothing)
+    shared, plain = G * (P - 1) + B * T, B * (P + T)
     assert shared < plain
     old = plain_logprobs(learner, seq)
     adv = torch.linspace(-1, 1, B).unsqueeze(1) * seq.response_mask

@@ -25,7 +25,8 @@ def test_reference_runs_each_distinct_prompt_once_and_matches_the_plain_forward(
         got = ref.logprobs(seq)
     finally:
         handle.remove()
-    assert sum(seen) == G * P + B * T < B * (P + T), seen  # prompts once each, then every row's response
+    # each prompt but its last token once, then every row's last prompt token and its response but the last
+    assert sum(seen) == G * (P - 1) + B * T < B * (P + T), seen
     with torch.no_grad():
         logits = ref.model(input_ids=seq.input_ids, attention_mask=seq.attention_mask,
                            position_ids=seq.position_ids).logits
