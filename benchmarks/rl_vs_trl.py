@@ -104,7 +104,7 @@ def run_ours(name: str, case: dict, model: str, steps: int, variant: str, *extra
         "algorithm.loss_agg=token-mean", f"reference.kl_coef={BETA}", "reference.kl_kind=k3",
         "reference.kl_in_reward=false", f"rl.policy.optim.lr={case['lr']}", "rl.policy.optim.betas=[0.9, 0.999]",
         f"rl.policy.micro_batch_size={case['n_prompts'] * case['group']}", "rl.save_every=0", "rl.sample_every=0",
-        "logging.report=false", *lora, *(case["ours"] if placement == "colocated" else []), *extra)
+        "logging.report=false", *lora, *(case["ours"] if placement == "colocated" else []), *FP32, *extra)
     total = time.time() - t0
     rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steady = rows[1:] or rows
@@ -240,6 +240,8 @@ def summary(res: dict) -> dict:
 
 # ours in bf16: the agreement thresholds follow the precision (left unset), TIS weighs the learner/engine gap
 BF16 = ("model.dtype=bfloat16", "algorithm.is_correction=tis")
+# the fp32 side pinned: model.dtype's default (auto) is bf16 on a CPU whose bf16 GEMM measures >= 2x fp32's
+FP32 = ("model.dtype=float32",)
 
 
 def bench_case(name: str, steps: int, bf16: bool, placements: list[str], cpu: dict) -> dict:

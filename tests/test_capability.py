@@ -107,12 +107,19 @@ def test_measure_in_the_config_resolves_once_with_tis_on_for_bf16(monkeypatch):
     assert cfg.model.dtype == "float32" and cfg.algorithm.is_correction == "none"  # as auto: lockstep, no TIS
 
 
-def test_auto_is_unchanged_and_gpu_roles_keep_their_default(monkeypatch):
-    monkeypatch.setenv(cap.ENV, "bfloat16")
+def test_auto_measures_on_cpu_and_gpu_roles_keep_their_default(monkeypatch):
+    monkeypatch.setenv(cap.ENV, "bfloat16")        # what the probe decides on an AVX-512 BF16 or AMX CPU
     cfg = load_config(None, [])
-    assert cfg.model.dtype == "auto" and role_dtype(cfg, place(cfg), "policy") == "float32"
+    assert cfg.model.dtype == "bfloat16" and cfg.algorithm.is_correction == "tis"
+    assert role_dtype(cfg, place(cfg), "policy") == role_dtype(cfg, place(cfg), "generator") == "bfloat16"
+    assert load_config(None, ["model.dtype=float32"]).model.dtype == "float32"   # a pinned dtype stays
+    monkeypatch.setenv(cap.ENV, "float32")         # ... and on an AVX2 CPU
+    assert load_config(None, []).model.dtype == "float32"
+    monkeypatch.setenv(cap.ENV, "bfloat16")
     gpu = "configs/gpu/llama3.1-8b-8xh100.yaml"
+    assert load_config(gpu, ["model.dtype=auto"]).model.dtype == "auto"   # GPU roles: bf16 by the plan
     assert load_config(gpu, ["model.dtype=measure"]).model.dtype == "auto"
+    assert load_config(gpu, ["model.dtype=auto", "cluster.simulate=true"]).model.dtype == "auto"  # as planned
     sim = load_config(gpu, ["model.dtype=measure", "cluster.simulate=true"])  # every role computes on CPU
     assert sim.model.dtype == "bfloat16"
 
@@ -120,7 +127,7 @@ def test_auto_is_unchanged_and_gpu_roles_keep_their_default(monkeypatch):
 def test_resolve_backend_measures_on_cpu(monkeypatch):
     monkeypatch.setenv(cap.ENV, "bfloat16")
     assert resolve_backend("cpu", "measure").dtype == torch.bfloat16
-    assert resolve_backend("cpu", "auto").dtype == torch.float32
+    assert resolve_backend("cpu", "auto").dtype == torch.bfloat16
     monkeypatch.setenv(cap.ENV, "float32")
     assert resolve_backend("cpu", "measure").dtype == torch.float32
 

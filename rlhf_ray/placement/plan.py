@@ -236,7 +236,8 @@ def place(cfg: "Config", cluster: Optional[ClusterSpec] = None, simulate: Option
 
 
 def role_dtype(cfg: "Config", plan: Plan, role: str) -> str:
-    """The dtype a role loads its model in: the configured one, else bf16 on a GPU and fp32 on CPU."""
+    """The dtype a role loads its model in: the configured one, else bf16 on a GPU and fp32 on CPU (a CPU
+    config's auto is resolved from the measured capability as it loads: `Config._measured_dtype`)."""
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
     return "bfloat16" if plan.role_device(role) == "cuda" else "float32"

@@ -69,7 +69,7 @@ def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("cluster.device=cuda but torch sees no CUDA device on this node")
-    if dtype == "measure" and device == "cpu":
+    if dtype in ("auto", "measure") and device == "cpu":  # one rule with the config's (model.dtype)
         from rlhf_ray.utils.capability import cpu_default_dtype
         dtype = cpu_default_dtype()
     if dtype in ("auto", "measure"):
