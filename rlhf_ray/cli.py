@@ -71,6 +71,9 @@ def cmd_train(args) -> int:
         cfg = simulated_config(cfg, args.overrides)
         print(BANNER, flush=True)
     check_output_dir(cfg)
+    from rlhf_ray.utils.capability import measured_dtype_line
+    if line := measured_dtype_line(cfg._measured):
+        print(line, flush=True)
     resume = resume_wanted(cfg, args.resume)
     preflight(cfg, resume=resume)  # every input knowable before Ray starts
     try:

@@ -145,3 +145,16 @@ def test_machine_record_names_the_cpu_its_flags_cores_and_measured_peaks(monkeyp
                                "fp32 379 GFLOP/s, bf16 2364 GFLOP/s (6.24x)")
     zen3 = {**r, **real(ZEN3)}
     assert cap.describe(zen3).startswith("AMD EPYC 7B13 (avx2), ")  # only the flags it has
+
+
+def test_train_names_a_measured_bf16_choice_in_one_line(monkeypatch):
+    monkeypatch.setattr(cap, "cached_measure", lambda *a, **k: {"bf16_speedup": 4.55})
+    monkeypatch.setenv(cap.ENV, "measure")
+    cfg = load_config(None, [])                                  # auto, on CPU: measured -> bf16
+    assert cfg._measured == "bfloat16"
+    assert cap.measured_dtype_line(cfg._measured) == ("model.dtype auto -> bfloat16 (this CPU's bf16 GEMM measured "
+                                                      "4.5x fp32's); model.dtype=float32 pins fp32")
+    assert load_config(None, ["model.dtype=bfloat16"])._measured is None   # asked for: nothing to say
+    monkeypatch.setattr(cap, "cached_measure", lambda *a, **k: {"bf16_speedup": 1.2})
+    assert load_config(None, [])._measured == "float32" and cap.measured_dtype_line("float32") is None
+    assert "RLHF_RAY_CPU_DTYPE=bfloat16" in cap.measured_dtype_line("bfloat16", {cap.ENV: "bfloat16"})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from rlhf_ray.algo.registry import IS_CORRECTIONS, get_algorithm
 
@@ -454,6 +454,9 @@ class Config(Section):
     cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
     serve: ServeConfig = ServeConfig()
+    # the CPU dtype `_measured_dtype` decided for model.dtype auto/measure (None: configured or left to the plan);
+    # `rlhf-ray train` names it in one line when it is bf16
+    _measured: Optional[str] = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _measured_dtype(self):
@@ -471,6 +474,8 @@ class Config(Section):
         measured = on_cpu or (c.simulate and self.model.dtype == "measure")
         dtype = cpu_default_dtype() if measured else "auto"
         object.__setattr__(self, "model", self.model.model_copy(update={"dtype": dtype}))
+        if measured:
+            self._measured = dtype
         if dtype == "bfloat16" and self.algorithm.is_correction == "auto":
             object.__setattr__(self, "algorithm", self.algorithm.model_copy(update={"is_correction": "tis"}))
         return self

@@ -156,3 +156,15 @@ def describe(record: dict) -> str:
     return (f"{record['model']} ({flags}), {record['cores']} cores, torch {record['torch']}; GEMM {record['gemm_n']}^3 "
             f"on {record['threads']} threads: fp32 {record['fp32_gflops']:.0f} GFLOP/s, bf16 "
             f"{record['bf16_gflops']:.0f} GFLOP/s ({record['bf16_speedup']:.2f}x)")
+
+
+def measured_dtype_line(dtype: str | None, env: dict | None = None) -> str | None:
+    """The one line `rlhf-ray train` prints when model.dtype auto (or measure) chose bf16 on this CPU, naming
+    why and how to pin fp32; None otherwise (fp32 is what a CPU run has always used)."""
+    if dtype != "bfloat16":
+        return None
+    if (os.environ if env is None else env).get(ENV, "measure") != "measure":
+        why = f"{ENV}=bfloat16"
+    else:
+        why = f"this CPU's bf16 GEMM measured {cached_measure()['bf16_speedup']:.1f}x fp32's"
+    return f"model.dtype auto -> bfloat16 ({why}); model.dtype=float32 pins fp32"
