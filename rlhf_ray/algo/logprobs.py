@@ -34,18 +34,16 @@ def _check_temperature(temperature: float) -> None:
 
 
 def _over_row_chunks(
-    fn: Callable[..., torch.Tensor], logits: torch.Tensor, *extra: torch.Tensor, chunk_rows: int | None
+    fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, chunk_rows: int | None
 ) -> torch.Tensor:
-    """Apply ``fn(logits_rows (N, V), *extra_rows (N,)) -> (N,)`` over row chunks of (B, T, V) logits."""
+    """Apply ``fn(logits_rows (N, V)) -> (N,)`` over row chunks of (B, T, V) logits (the entropy; the
+    log-probs chunk inside `_TokenLogprobs`, whose backward is its own)."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     flat = logits.reshape(-1, vocab)
-    flat_extra = [e.reshape(-1) for e in extra]
-    n = flat.shape[0]
     rows = _rows(vocab, chunk_rows)
-    if n <= rows:
-        return fn(flat, *flat_extra).view(lead)
-    parts = [fn(flat[i : i + rows], *(e[i : i + rows] for e in flat_extra)) for i in range(0, n, rows)]
-    return torch.cat(parts).view(lead)
+    if flat.shape[0] <= rows:
+        return fn(flat).view(lead)
+    return torch.cat([fn(flat[i : i + rows]) for i in range(0, flat.shape[0], rows)]).view(lead)
 
 
 def _rows(vocab: int, chunk_rows: int | None) -> int:
@@ -135,4 +133,4 @@ def entropy_from_logits(
         z = _scaled(z, temperature).clamp_min(torch.finfo(torch.float32).min)
         return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
 
-    return _over_row_chunks(rows_entropy, logits, chunk_rows=chunk_rows)
+    return _over_row_chunks(rows_entropy, logits, chunk_rows)

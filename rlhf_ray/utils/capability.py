@@ -138,11 +138,16 @@ def cached_measure(threads: int | None = None, path: Path | None = None) -> dict
     return known[key]
 
 
+def _wanted(env: dict | None) -> str:
+    """What RLHF_RAY_CPU_DTYPE asks for (default: measure)."""
+    return (os.environ if env is None else env).get(ENV, "measure")
+
+
 def cpu_default_dtype(env: dict | None = None) -> str:
     """The dtype CPU roles compute in when the config asks to measure (`model.dtype=measure`).
     RLHF_RAY_CPU_DTYPE overrides: float32 or bfloat16 skip the probe (the test session pins float32,
     whose log-prob tolerances the suite asserts); measure (the default) decides from `cached_measure`."""
-    want = (os.environ if env is None else env).get(ENV, "measure")
+    want = _wanted(env)
     if want not in CHOICES:
         raise ValueError(f"{ENV}={want!r}: choose one of {', '.join(CHOICES)}")
     if want != "measure":
@@ -163,7 +168,7 @@ def measured_dtype_line(dtype: str | None, env: dict | None = None) -> str | Non
     why and how to pin fp32; None otherwise (fp32 is what a CPU run has always used)."""
     if dtype != "bfloat16":
         return None
-    if (os.environ if env is None else env).get(ENV, "measure") != "measure":
+    if _wanted(env) != "measure":
         why = f"{ENV}=bfloat16"
     else:
         why = f"this CPU's bf16 GEMM measured {cached_measure()['bf16_speedup']:.1f}x fp32's"
