@@ -94,8 +94,7 @@ def run_ours(name: str, case: dict, model: str, steps: int, variant: str, *extra
     placement, variant_extra = VARIANTS[variant]
     extra = (*variant_extra, *extra)
     lora = (["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32"] if case["lora"] else [])
-    t0 = time.time()
-    cli("train", "configs/quickstart.yaml", f"run.output_dir={out}", "run.stages=[rl]", f"rl.init_from={model}",
+    return train_ours(out, f"rl.init_from={model}",
         f"data.prompts={case['prompts']}", f"data.max_prompt_len={case['prompt_len']}",
         f"reward.sources=[{{kind: function, path: '{VADER}'}}]", "reward.gold=null", f"cluster.placement={placement}",
         f"rl.steps={steps}", f"rl.prompts_per_step={case['n_prompts']}", f"rollout.n_samples_per_prompt={case['group']}",
@@ -103,14 +102,24 @@ def run_ours(name: str, case: dict, model: str, steps: int, variant: str, *extra
         f"algorithm.mini_batch_size={case['n_prompts'] * case['group']}", "algorithm.name=grpo",
         "algorithm.loss_agg=token-mean", f"reference.kl_coef={BETA}", "reference.kl_kind=k3",
         "reference.kl_in_reward=false", f"rl.policy.optim.lr={case['lr']}", "rl.policy.optim.betas=[0.9, 0.999]",
-        f"rl.policy.micro_batch_size={case['n_prompts'] * case['group']}", "rl.save_every=0", "rl.sample_every=0",
-        "logging.report=false", *lora, *(case["ours"] if placement == "colocated" else []), *FP32, *extra)
+        f"rl.policy.micro_batch_size={case['n_prompts'] * case['group']}",
+        *lora, *(case["ours"] if placement == "colocated" else []), *extra)
+
+
+def train_ours(out: Path, *overrides: str) -> dict:
+    """One RL run of ours from the quickstart config with `overrides` (fp32 unless they say otherwise), no
+    checkpoints, samples or report; per step: wall time, reward, tokens, KL, and each phase's median."""
+    t0 = time.time()
+    cli("train", "configs/quickstart.yaml", f"run.output_dir={out}", "run.stages=[rl]", "rl.save_every=0",
+        "rl.sample_every=0", "logging.report=false", *FP32, *overrides)
     total = time.time() - t0
     rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if "timing/wall_s" in r]  # held-out evaluations have rows of their own
     steady = rows[1:] or rows
     phases = {p: statistics.median(r[f"timing/{p}_s"] for r in steady) for p in PHASES}
     phases["overhead_frac"] = statistics.median(r["timing/overhead_frac"] for r in steady)
     return {"step_s": [r["timing/wall_s"] for r in rows], "reward": [r["reward/score_mean"] for r in rows],
+            "gold": [r.get("reward/gold_mean", float("nan")) for r in rows],
             "staleness_mean": [r.get("async/staleness_mean", r.get("sync/lag", 0.0)) for r in rows],
             "tokens": [r["response/len_mean"] for r in rows], "kl": [r.get("kl/mean", float("nan")) for r in rows],
             "logprob_max_abs": max(r.get("sync/logprob_max_abs", 0.0) for r in rows),
@@ -197,12 +206,19 @@ def prompt_texts(case: dict, n: int) -> list[str]:
 
 def run_trl(name: str, case: dict, model: str, steps: int, bf16: bool = False) -> dict:
     out = WORK / name / ("trl-bf16" if bf16 else "trl")
-    out.mkdir(parents=True, exist_ok=True)
-    args = dict(model=model, out=str(out), steps=steps, beta=BETA, prompts=prompt_texts(case, 2000), bf16=bf16,
+    args = dict(model=model, steps=steps, beta=BETA, prompts=prompt_texts(case, 2000), bf16=bf16,
                 **{k: case[k] for k in ("n_prompts", "group", "new_tokens", "lr", "lora")})
+    return run_trl_script(TRL_SCRIPT, out, args)
+
+
+def run_trl_script(script: str, out: Path, args: dict, pythonpath: str = "") -> dict:
+    """A TRL run in a process of its own (2 torch threads, as ours): `script` reads `args` (with `out`) and
+    writes out/trl.json with per-step seconds and, where it could time them, per-step phases."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**ENV, "OMP_NUM_THREADS": "2", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     t0 = time.time()
-    subprocess.run([sys.executable, "-c", TRL_SCRIPT, json.dumps(args)], cwd=ROOT,
-                   env={**ENV, "OMP_NUM_THREADS": "2"}, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-c", script, json.dumps({**args, "out": str(out)})], cwd=ROOT, env=env,
+                   check=True, stdout=subprocess.DEVNULL)
     res = json.loads((out / "trl.json").read_text())
     res["total_s"] = time.time() - t0
     if res.get("phases"):
