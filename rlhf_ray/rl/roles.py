@@ -6,6 +6,7 @@ The controller (`rlhf_ray.rl.controller`) and the RL stage (`rlhf_ray.rl.run`, `
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Protocol
 
 import torch
@@ -14,6 +15,8 @@ from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.records import Rollout
 from rlhf_ray.records import TrainBatch, UpdateResult
 from rlhf_ray.sync.weight_sync import WeightSync
+
+log = logging.getLogger(__name__)
 
 
 class Pending(Protocol):
@@ -69,4 +72,6 @@ def sample_again_if_an_engine_died(call: Callable[[], Rollout], again: Callable[
         from ray.exceptions import RayActorError  # imported once a call failed: the controller's fakes run without Ray
         if not isinstance(e, RayActorError):
             raise
+        log.warning(f"a generator engine died in a generation ({type(e).__name__}); Ray restarts it and the same "
+                    f"prompts are sampled once more with the same seed")
     return (again or call)()
