@@ -32,7 +32,7 @@ from rlhf_ray.rl.advantage_step import EmptyResponseError, filter_scored, make_t
 from rlhf_ray.rl.dynamic_sampling import fill_batch
 from rlhf_ray.rl.producer import AsyncRollouts
 from rlhf_ray.rl.prompt_stream import PromptStream
-from rlhf_ray.rl.roles import RoleGraph
+from rlhf_ray.rl.roles import RoleGraph, sample_again_if_an_engine_died
 from rlhf_ray.sync.checks import agreement_thresholds, check_logprob_agreement, check_version
 from rlhf_ray.utils.phases import PhaseTimer
 
@@ -174,7 +174,10 @@ class RLController:
         if self._next is not None:
             prompts, pending, _ = self._next
             self._next = None
-            return prompts, pending.result(), None, {}
+            ids, seed = [p.ids for p in prompts], self._seed(self.step_idx)  # the seed it was submitted with
+            # an engine that died while it sampled beside the update: the same rollout asked again, now alone
+            rollout = sample_again_if_an_engine_died(pending.result, lambda: self.roles.submit(ids, n, seed).result())
+            return prompts, rollout, None, {}
         prompts = self.prompts.next_batch()
         return (prompts, *self._sample(prompts, n, self._seed(self.step_idx)), {})
 

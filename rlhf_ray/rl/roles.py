@@ -6,6 +6,7 @@ The controller (`rlhf_ray.rl.controller`) and the RL stage (`rlhf_ray.rl.run`, `
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Protocol
 
 import torch
@@ -14,6 +15,8 @@ from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.records import Rollout
 from rlhf_ray.records import TrainBatch, UpdateResult
 from rlhf_ray.sync.weight_sync import WeightSync
+
+log = logging.getLogger(__name__)
 
 
 class Pending(Protocol):
@@ -55,15 +58,20 @@ class RoleGraph(Protocol):
     def shutdown(self) -> None: ...
 
 
-def sample_again_if_an_engine_died(call: Callable[[], Rollout]) -> Rollout:
+def sample_again_if_an_engine_died(call: Callable[[], Rollout], again: Callable[[], Rollout] | None = None
+                                   ) -> Rollout:
     """`call()`, one generation on the engines, made once more if an engine process died in it: Ray restarts a
     generator engine (`GeneratorGroup`'s max_restarts), the next submission heals it to the served weights, and
     the same call (prompts, seed, limits) samples again, so no step is lost and none doubled. A second death in
-    the same call, or a process Ray does not restart (a colocated rank: the learner died with it), raises."""
+    the same call, or a process Ray does not restart (a colocated rank: the learner died with it), raises.
+    again: the second call where it is not `call` itself: a rollout submitted earlier (the lag-1 overlap's,
+    sampled beside the update) is waited for by `call` and submitted anew, same prompts, seed and limits, by it."""
     try:
         return call()
     except Exception as e:  # noqa: BLE001 - only an engine's death is retried, anything else is raised as it is
         from ray.exceptions import RayActorError  # imported once a call failed: the controller's fakes run without Ray
         if not isinstance(e, RayActorError):
             raise
-    return call()
+        log.warning(f"a generator engine died in a generation ({type(e).__name__}); Ray restarts it and the same "
+                    f"prompts are sampled once more with the same seed")
+    return (again or call)()

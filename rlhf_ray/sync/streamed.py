@@ -87,6 +87,10 @@ class EngineStream:
         if mode == "adapter" and not self.engines.lora:
             raise ValueError("adapter sync to engines built with lora=False")
         t0 = time.perf_counter()
+        # An engine killed in a call still running when the push came (a rollout sampled beside the update) is
+        # waited for, found restarted and healed here: a load call queued behind the dead one would fail with it,
+        # and a stream would wait for a reader that is gone. The caller of the dead call samples again.
+        self.engines.ensure_synced()
         ranks = learner_ranks(source)
         holder = ranks[0] if ranks else None
         if mode == "adapter" and adapter_config is None and holder is not None:

@@ -1,6 +1,7 @@
 """Shared by the end-to-end tests: the CLI as a user runs it, and what a run leaves behind."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -252,3 +253,62 @@ def kill_matching(pattern: str) -> list[str]:
         except ProcessLookupError:  # exited between pgrep and kill
             pass
     return pids
+
+
+# -- a role's process killed mid-call (test_faults.py, test_async_cli.py) ------------------------------------
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Ray's raylet and its workers hang below the driver)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _title(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline").read().split("\0")[0]
+    except OSError:
+        return ""
+
+
+def busy_pid(driver: int, call: str) -> int | None:
+    """The worker process now running `call` ("Class.method"): Ray titles it `ray::Class.method` meanwhile."""
+    for pid in descendants(driver):
+        if re.match(rf"ray::{re.escape(call)}(\(|\s|$)", _title(pid)):
+            return pid
+    return None
+
+
+def kill_during(proc: subprocess.Popen, out: Path, call: str, after_step: int, timeout: float = 600) -> int:
+    """SIGKILL the process of `call` while it runs, in the first step after `after_step` is logged."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"the run did not reach a {call} after step {after_step}"
+        if len(rl_steps_logged(out)) >= after_step and (pid := busy_pid(proc.pid, call)):
+            idle = [p for p in descendants(proc.pid) if _title(p).startswith("ray::IDLE")]
+            os.kill(pid, signal.SIGKILL)
+            # every process of a running run is a role (or Ray's own): no idle worker started for nothing
+            # (runtime.py: the raylet's prestart, about 1 CPU-second a run)
+            assert not idle, f"{len(idle)} idle Ray workers beside the roles"
+            return pid
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, err

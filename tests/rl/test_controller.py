@@ -122,6 +122,45 @@ def test_overlap_samples_the_next_step_during_the_update_and_keeps_lockstep_chec
     assert ref.prompts.state_dict() == c2.prompts.state_dict()
 
 
+class EngineDiesInOverlap(FakeRoles):
+    """Submissions number `die_at` (1-based) die: `.result()` raises RayActorError, as an overlapped rollout's does
+    when a generator engine's process is killed while it samples beside the update."""
+
+    def __init__(self, die_at=(2,), **kw):
+        super().__init__(**kw)
+        self.die_at = die_at
+
+    def submit(self, prompt_ids, n, seed):
+        pending = super().submit(prompt_ids, n, seed)
+        if len(self.submitted) not in self.die_at:
+            return pending
+
+        def dead(_self):
+            from ray.exceptions import RayActorError
+            raise RayActorError(error_msg="the generator engine's process died (killed in the test)")
+        return type("Pending", (), {"result": dead})()
+
+
+def test_an_engine_that_dies_in_an_overlapped_rollout_is_asked_again_once_with_the_same_prompts_and_seed():
+    """Lag-1 overlap: the rollout sampled beside step 2's update dies with its engine. Step 3 samples the same
+    prompts from the same seed again (now after the push: lag 0) and the run trains the lockstep run's prompts,
+    none lost, none doubled. A second death of the same rollout is the run's failure."""
+    over = ("rollout.sync.max_off_policy_lag=1", "rl.steps=6")
+    roles = EngineDiesInOverlap(die_at=(2,))
+    c = make(roles, *over, prompts=5)
+    outs = [c.step() for _ in range(6)]
+    lockstep = make(FakeRoles(), "rl.steps=6", prompts=5)
+    assert [o.prompts for o in outs] == [lockstep.step().prompts for _ in range(6)]
+    assert roles.submitted == [generation_seed(0, s) for s in (1, 2, 2, 3, 4, 5)]  # step 2's seed asked twice
+    assert [o.metrics["sync/lag"] for o in outs] == [0, 1, 0, 1, 1, 1]
+    assert [o.metrics["sync/version"] for o in outs] == [1, 2, 3, 4, 5, 6]
+    from ray.exceptions import RayActorError
+    c = make(EngineDiesInOverlap(die_at=(1, 2)), *over)
+    c.step()
+    with pytest.raises(RayActorError):
+        c.step()
+
+
 def test_several_optimizer_steps_per_rl_step_keep_the_lag_in_rl_steps():
     """PPO epochs x minibatches optimizer steps per RL step (here 2 x 2), rollouts one step behind: each step
     pushes once, so the versions count steps and an overlapped rollout lags by exactly 1 (a version that

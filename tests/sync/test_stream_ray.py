@@ -139,6 +139,38 @@ def test_object_store_stream_holds_two_buckets_and_the_restore_point_is_on_disk(
     assert not (tmp_path / "restore").exists()
 
 
+def _sleep(actor_self, seconds):
+    import time
+    time.sleep(seconds)
+
+
+def test_a_push_after_an_engine_was_killed_mid_call_heals_it_first(ray_local, monkeypatch, tmp_path):
+    """An engine SIGKILLed in a call that was running when the push came (async mode's or the lag-1 overlap's
+    rollout, sampled beside the update): the push waits for that call, finds the engine restarted (at version 0),
+    replays the restore point to it, then streams the new weights to every engine. Before it healed first, the
+    push's load call, queued behind the killed one, raised ActorUnavailableError and ended the run (seen in
+    e2e/test_async_cli.py's distributed run)."""
+    import os
+    import signal
+    import threading
+    group, sync = _group(monkeypatch, tmp_path, "object_store")
+    try:
+        sync.send(iter(weights(1)), "full", 1)
+        pid = ray_local.get(group.actors[0].__ray_call__.remote(_pid))
+        busy = group.actors[0].__ray_call__.remote(_sleep, 3.0)      # the rollout in flight
+        threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()  # dies while the push waits behind it
+        want = weights(2)
+        assert sync.send(iter(want), "full", 2).version == 2
+        _check(ray_local, group, want, bound=1 << 40)
+        assert ray_local.get([a.version.remote() for a in group.actors]) == [2, 2]
+        assert ray_local.get(group.actors[0].__ray_call__.remote(_pid)) != pid
+        with pytest.raises(ray_local.exceptions.RayActorError):
+            ray_local.get(busy)                                      # the call it died in: its caller asks again
+    finally:
+        sync.close()
+        group.shutdown()
+
+
 def test_collective_stream_from_a_learner_puts_nothing_in_the_object_store(ray_local, monkeypatch, tmp_path):
     from ray import cloudpickle
 
