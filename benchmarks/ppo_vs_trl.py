@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rl_vs_trl import RESULTS, ROOT, VADER, WORK, cli, phase_table, prompt_texts, run_trl_script, summary, train_ours  # noqa: E402
+from rl_vs_trl import (RESULTS, VADER, WORK, cli, phase_table, prompt_texts, run_trl_script, summary,  # noqa: E402
+                       train_ours)
 
 TRL_VERSION = "1.12.0"
 CASE = dict(model="builtin:tiny-3m", prompts="builtin:reviews", prompt_len=16, n_prompts=32, new_tokens=32,
@@ -164,7 +165,7 @@ def main() -> None:
     speedup = s["trl"]["median_step_s"] / s["colocated"]["median_step_s"]
     print(f"speed-up per step vs TRL (median): {speedup:.2f}x")
     print("\n".join(phase_table(runs)) + "   (ours vs TRL)")
-    out = {"machine": cpu, "setup": {**CASE, "steps": args.steps, "lr": args.lr, "trl": TRL_VERSION,
+    out = {"cpu": cpu, "setup": {**CASE, "steps": args.steps, "lr": args.lr, "trl": TRL_VERSION,
                                      "policy": policy, "reward_model": rm},
            **{k: {**s[k], "per_step": runs[k]} for k in runs}, "speedup": speedup}
     RESULTS.mkdir(parents=True, exist_ok=True)

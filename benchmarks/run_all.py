@@ -1,7 +1,7 @@
 """Every benchmark, one after the other (never two at once: 2 cores), each writing its JSON to
 benchmarks/results/. `make bench` runs this; pass names to run a subset:
 
-    python benchmarks/run_all.py [algo offline sync rollout rl_vs_trl learning token_budget]
+    python benchmarks/run_all.py [algo offline sync rollout rl_vs_trl ppo_vs_trl learning token_budget]
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ BENCHES = {
     "sync": ["sync_bench.py", "--models", "tiny", "smollm2-135m"],
     "rollout": ["rollout_bench.py"],
     "rl_vs_trl": ["rl_vs_trl.py"],
+    "ppo_vs_trl": ["ppo_vs_trl.py", "--steps", "20"],
     "learning": ["learning_bench.py", "--steps", "40", "--new-tokens", "24", "--lr", "5e-4"],
     "token_budget": ["token_budget.py", "--repeats", "10"],
 }

@@ -1,5 +1,5 @@
 """What the benchmarks write beside their timings: the machine (every script `make bench` runs) and each
-phase of ours beside TRL's (benchmarks/rl_vs_trl.py). No benchmark is run here."""
+phase of ours beside TRL's (benchmarks/rl_vs_trl.py, benchmarks/ppo_vs_trl.py). No benchmark is run here."""
 import ast
 import sys
 from pathlib import Path
@@ -8,6 +8,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
+import ppo_vs_trl  # noqa: E402
 import rl_vs_trl  # noqa: E402
 import run_all  # noqa: E402
 
@@ -26,6 +27,15 @@ def test_the_trl_side_script_parses_and_times_trls_phases():
     tree = ast.parse(rl_vs_trl.TRL_SCRIPT)
     names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     assert {"_generate", "_generate_and_score_completions"} <= names
+
+
+def test_the_trl_ppo_script_parses_and_times_trls_phases():
+    """TRL 1.12's PPO module-level functions the script wraps (trl/experimental/ppo/ppo_trainer.py): renamed in
+    another TRL, the script would time nothing and report its whole step as the update."""
+    tree = ast.parse(ppo_vs_trl.TRL_PPO_SCRIPT)
+    wrapped = {n.targets[0].attr for n in ast.walk(tree) if isinstance(n, ast.Assign)
+               and isinstance(n.targets[0], ast.Attribute) and getattr(n.targets[0].value, "id", None) == "ppo"}
+    assert wrapped == {"batch_generation", "forward", "get_reward"}
 
 
 def test_phase_table_puts_each_of_ours_beside_trl_at_the_same_precision():
