@@ -4,7 +4,8 @@ Specs: a file or folder path (see `readers`), or a built-in builder:
   builtin:reviews              the embedded task (`builtin_reviews`), generated in milliseconds
   builtin:movie-reviews        IMDB openers / continuations, preference pairs by label (`movie_reviews`)
   builtin:movie-reviews-vader  the same, preference pairs ranked by VADER
-  builtin:arith                arithmetic word problems with their answers (RL prompts only; `envs.arith`)
+  builtin:arith                arithmetic word problems with their answers (RL prompts), and demonstrations of
+                               the calculator's use on problems never drawn as prompts (SFT; `envs.arith`)
   builtin:code                 small functions to write, with their tests (RL prompts only; `envs.code`)
 """
 from __future__ import annotations
@@ -44,9 +45,11 @@ def _prompts_only(name: str, make: Callable[[int, int], list[dict]]):
     return build
 
 
-def _arith(n: int, seed: int) -> list[dict]:
-    from rlhf_ray.envs.arith import prompt_rows
-    return prompt_rows(n, seed)
+def _arith(kind: Kind, n: int, seed: int) -> list[dict]:
+    from rlhf_ray.envs.arith import demo_rows, prompt_rows
+    if kind == "preferences":
+        raise DataError("builtin:arith holds RL prompts and SFT demonstrations, not preference pairs")
+    return (demo_rows if kind == "sft" else prompt_rows)(n, seed)
 
 
 def _code(n: int, seed: int) -> list[dict]:
@@ -55,7 +58,7 @@ def _code(n: int, seed: int) -> list[dict]:
 
 
 BUILDERS: dict[str, Callable[[Kind, int, int], list[dict]]] = {
-    "arith": _prompts_only("arith", _arith),
+    "arith": _arith,
     "code": _prompts_only("code", _code),
     "reviews": _builtin_reviews,
     "movie-reviews": _movie("label"),
