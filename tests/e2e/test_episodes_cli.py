@@ -1,5 +1,7 @@
-"""Multi-turn episodes in a real run (`rlhf-ray train`, colocated, vLLM + DeepSpeed + the calculator as a Ray
-actor): one run, several claims (docs/TESTS.md, "Environments and tools")."""
+"""Multi-turn episodes in a real run (`rlhf-ray train`, vLLM + DeepSpeed + the calculator as a Ray actor): one run,
+several claims (docs/TESTS.md, "Environments and tools"). `make test` runs GRPO colocated; the long tier the other
+placement (engines, learner and reference in actors of their own) and PPO (GAE over an episode's policy tokens,
+a critic)."""
 import json
 import os
 from pathlib import Path
@@ -12,14 +14,18 @@ ENVS = str(Path(__file__).resolve().parents[1] / "envs")   # envs_for_tests, as 
 
 
 @pytest.mark.slow
-def test_a_colocated_run_trains_on_multi_turn_episodes_with_a_tool_actor(tmp_path, monkeypatch):
+@pytest.mark.parametrize("placement,algorithm", [("colocated", "grpo"),
+                                                 pytest.param("distributed", "grpo", marks=pytest.mark.long),
+                                                 pytest.param("colocated", "ppo", marks=pytest.mark.long)])
+def test_a_run_trains_on_multi_turn_episodes_with_a_tool_actor(tmp_path, monkeypatch, placement, algorithm):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [ENVS, os.environ.get("PYTHONPATH")])))
     out = tmp_path / "run"
     train(f"run.output_dir={out}", "run.stages=[rl]", "rl.steps=2", "rl.save_every=0", "rl.sample_every=1",
           "rl.eval_every=2", "data.rl_eval_prompts=2", "reward.sources=[]", "data.prompts=builtin:arith",
           "data.max_prompt_len=48", "rollout.max_new_tokens=40", "rollout.max_turns=3",
           "env.path=envs_for_tests:TwoToolTurns", "env.max_turn_tokens=6", "env.observation_template=' obs: {text}.'",
-          "rl.prompts_per_step=2", "rollout.n_samples_per_prompt=2", "algorithm.mini_batch_size=4")
+          "rl.prompts_per_step=2", "rollout.n_samples_per_prompt=2", "algorithm.mini_batch_size=4",
+          f"cluster.placement={placement}", f"algorithm.name={algorithm}")
     rows = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "episode/turns" in r]
     assert len(steps) == 2
