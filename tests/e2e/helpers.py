@@ -118,7 +118,16 @@ def start_train(args: list[str], out: Path, *extra: str, pythonpath: str = "") -
         env["PYTHONPATH"] = os.pathsep.join([pythonpath, os.environ.get("PYTHONPATH", "")])
     return subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", *args, f"run.output_dir={out}", *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_signals_as_from_a_shell)
+
+
+def _signals_as_from_a_shell() -> None:
+    """The run starts with SIGINT and SIGTERM unblocked and SIGINT at its default, as a shell starts a command: a
+    blocked or ignored signal is inherited across exec, and a pytest worker that ran other tests before (an
+    in-process Ray driver among them) is not a clean parent. Seen in CI (2 of 2 runs of the long tier): a run
+    started here after other long tests ignored the Ctrl-C and ran to its end (exit 0); started alone it stopped."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def rl_steps_logged(out: Path) -> list[int]:
