@@ -215,7 +215,9 @@ def run_trl_script(script: str, out: Path, args: dict, pythonpath: str = "") -> 
     """A TRL run in a process of its own (2 torch threads, as ours): `script` reads `args` (with `out`) and
     writes out/trl.json with per-step seconds and, where it could time them, per-step phases."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**ENV, "OMP_NUM_THREADS": "2", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    # `pythonpath` first (a TRL of another version than the installed one), then whatever the caller had
+    path = os.pathsep.join(filter(None, [pythonpath, ENV.get("PYTHONPATH")]))
+    env = {**ENV, "OMP_NUM_THREADS": "2", **({"PYTHONPATH": path} if path else {})}
     t0 = time.time()
     subprocess.run([sys.executable, "-c", script, json.dumps({**args, "out": str(out)})], cwd=ROOT, env=env,
                    check=True, stdout=subprocess.DEVNULL)

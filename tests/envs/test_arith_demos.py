@@ -51,6 +51,13 @@ def test_demonstrations_and_prompts_come_from_disjoint_shares_of_the_problems():
     assert all(arith.is_demo(_question(r["messages"]).split("\n\n")[-1]) for r in arith.demo_rows(200, seed=5))
 
 
+def test_arith_as_preference_pairs_is_one_line_naming_what_it_holds():
+    from rlhf_ray.data.readers import DataError
+    cfg = load_config(str(CONFIG), [])
+    with pytest.raises(DataError, match="builtin:arith holds RL prompts and SFT demonstrations, not preference pairs"):
+        load_rows("builtin:arith", "preferences", cfg.data, 0)
+
+
 @pytest.mark.slow
 def test_an_answer_demonstration_is_tokenized_as_the_rl_episode_feeds_it_to_the_engine():
     """SmolLM2's chat template renders the call row's turn ending on EOS, then the calculator's reply as the
