@@ -19,7 +19,7 @@ _HOME = {
                    "reverse_discounted_cumsum", "rloo"),
     "aggregation": ("AGGREGATIONS", "aggregate"),
     "kl": ("KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "kl_penalty"),
-    "logprobs": ("entropy_from_logits", "token_logprobs"),
+    "logprobs": ("entropy_from_logits", "token_logprobs", "token_logprobs_and_entropy"),
     "dpo": ("dpo_loss", "sequence_logprobs"),
     "losses": ("bradley_terry_loss", "entropy_bonus", "kl_loss", "policy_loss", "sft_loss", "value_loss"),
     "masked": ("masked_mean", "masked_sum", "masked_var", "masked_whiten"),

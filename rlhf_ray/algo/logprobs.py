@@ -1,13 +1,14 @@
 """Per-token log-probabilities and entropy from logits, without materialising a full log-softmax.
 
 ``log_softmax(z)[y] = z[y] - logsumexp(z)``: gathering one logit per position and subtracting the
-log-partition needs no (B, T, V) output tensor. The (rows, V) temporaries (the fp32 upcast, the
-temperature scaling, logsumexp's workspace) live one small chunk of rows at a time, and the backward is
-written by hand (`_TokenLogprobs`): it saves the logits as they came (bf16 stays bf16) and each row's
-log-partition, recomputes the softmax chunk by chunk and writes the gradient straight into one tensor of
-the logits' dtype. Autograd through chunked views instead keeps an fp32 copy of every chunk and zero-fills
+log-partition needs no (B, T, V) output tensor. The (rows, V) work (the fp32 upcast, the temperature
+scaling, the exponentials) goes through one reused fp32 buffer a small chunk of rows at a time, and the
+backward is written by hand (`_TokenLogprobs`): it saves the logits as they came (bf16 stays bf16) and each
+row's log-partition, recomputes the softmax chunk by chunk and writes the gradient straight into one tensor
+of the logits' dtype. Autograd through chunked views instead keeps an fp32 copy of every chunk and zero-fills
 a full-size gradient per chunk (SliceBackward): on SmolLM2's 1,536 x 49,152 logits that was 2.3 of a 5 s
-bf16 update on a 2-core CPU, mostly page faults on those fresh 300 MB tensors.
+bf16 update on a 2-core CPU, mostly page faults on those fresh 300 MB tensors. The entropy an update reports
+comes from the same pass (`token_logprobs_and_entropy`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-# Elements per chunk (4 MiB of fp32): a chunk's temporaries stay in the CPU's last-level cache and below
+# Elements per chunk (4 MiB of fp32): a chunk's buffer stays in the CPU's last-level cache and below
 # glibc's mmap threshold, so they are reused, not page-faulted in anew; Python's per-chunk cost (a few
 # ops, ~50 us) is still small beside a chunk's work. (2**24, 64 MiB, measured 2x slower end to end.)
 _CHUNK_ELEMENTS = 1 << 20
@@ -51,34 +52,74 @@ def _rows(vocab: int, chunk_rows: int | None) -> int:
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """(N, V) logits, (N,) tokens -> (N,) log_softmax(logits / T)[token], chunk by chunk of rows."""
+    """(N, V) logits, (N,) tokens -> (N,) log_softmax(logits / T)[token] and, when asked, (N,) entropy (no
+    gradient: the reported statistic), chunk by chunk of rows through one reused fp32 buffer.
+
+    One pass computes both: with d = z - max(z) and e = exp(d), s = sum(e), log p(y) = d_y - log s and
+    H = log s - sum(e d) / s. The separate log-prob and entropy passes upcast the logits twice and ran four
+    exponentials per logit (two logsumexps and a softmax) on fresh temporaries; on a 2-core CPU those
+    temporaries are page-faulted in anew each chunk, which made the (1,536 x 49,152) SmolLM2 logits' passes
+    a fifth of a bf16 update."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, rows: int) -> torch.Tensor:
-        n = logits.shape[0]
-        out_dtype = torch.promote_types(logits.dtype, torch.float32)
-        out = torch.empty(n, dtype=out_dtype, device=logits.device)
-        lse = torch.empty(n, dtype=out_dtype, device=logits.device)
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, rows: int,
+                want_entropy: bool):
+        n, vocab = logits.shape
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.empty(n, dtype=dtype, device=logits.device)
+        lse = torch.empty(n, dtype=dtype, device=logits.device)
+        entropy = torch.empty(n if want_entropy else 0, dtype=dtype, device=logits.device)
+        d = torch.empty(min(rows, n), vocab, dtype=dtype, device=logits.device)
+        e = torch.empty_like(d) if want_entropy else d
         for i in range(0, n, rows):
-            z = _scaled(logits[i : i + rows], temperature)
-            lse[i : i + rows] = torch.logsumexp(z, dim=-1)
-            out[i : i + rows] = z.gather(-1, tokens[i : i + rows, None]).squeeze(-1) - lse[i : i + rows]
+            z = d[: min(rows, n - i)]
+            z.copy_(logits[i : i + rows])
+            if temperature != 1.0:
+                z.div_(temperature)
+            top = z.amax(-1, keepdim=True)
+            z.sub_(top)
+            out[i : i + rows] = z.gather(-1, tokens[i : i + rows, None]).squeeze(-1)
+            ez = torch.exp(z, out=e[: z.shape[0]])
+            total = ez.sum(-1)
+            log_total = total.log()
+            if want_entropy:
+                entropy[i : i + rows] = log_total - _dot(ez, z) / total
+            out[i : i + rows] -= log_total
+            lse[i : i + rows] = top.squeeze(-1) + log_total
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature, ctx.rows = temperature, rows
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, _grad_entropy):
         # d/dz_v (z_y - logsumexp z) = [v = y] - softmax(z)_v, and z = logits / T
         logits, tokens, lse = ctx.saved_tensors
         t, rows = ctx.temperature, ctx.rows
+        n = logits.shape[0]
         grad = torch.empty_like(logits)
-        for i in range(0, logits.shape[0], rows):
-            g = grad_out[i : i + rows, None].to(lse.dtype)
-            gz = (_scaled(logits[i : i + rows], t) - lse[i : i + rows, None]).exp_().mul_(-g)
-            gz.scatter_add_(-1, tokens[i : i + rows, None], g)
-            grad[i : i + rows] = gz if t == 1.0 else gz.div_(t)
-        return grad, None, None, None
+        buf = torch.empty(min(rows, n), logits.shape[1], dtype=lse.dtype, device=logits.device)
+        for i in range(0, n, rows):
+            p = buf[: min(rows, n - i)]
+            g = grad_out[i : i + rows, None].to(lse.dtype) / t
+            if t == 1.0:
+                torch.sub(logits[i : i + rows], lse[i : i + rows, None], out=p)
+            else:
+                p.copy_(logits[i : i + rows]).div_(t).sub_(lse[i : i + rows, None])
+            p.exp_()  # softmax(z)
+            at_token = tokens[i : i + rows, None]
+            g_token = g - p.gather(-1, at_token) * g  # (1 - p_y) g, in fp32 before the one rounding
+            torch.mul(p, -g, out=grad[i : i + rows])  # -p g, rounded once to the logits' dtype
+            grad[i : i + rows].scatter_(-1, at_token, g_token.to(grad.dtype))
+        return grad, None, None, None, None
+
+
+def _dot(e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Row-wise sum(e * d), where e = exp(d): a masked logit (-inf) has e = 0 and contributes 0, not NaN."""
+    dot = torch.linalg.vecdot(e, d)
+    if not torch.isfinite(dot).all():
+        dot = torch.linalg.vecdot(e, d.clamp_min(torch.finfo(d.dtype).min))
+    return dot
 
 
 def token_logprobs(
@@ -105,10 +146,29 @@ def token_logprobs(
     Returns:
         (B, T) log-probs in fp32 (fp64 if the logits are fp64).
     """
+    return _fused(logits, tokens, temperature, chunk_rows, want_entropy=False)[0]
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` and ``entropy_from_logits`` from one pass over the logits: (B, T) log-probs with
+    their gradient, (B, T) entropy without one (the statistic an update reports; an entropy bonus in the
+    loss needs ``entropy_from_logits``, whose entropy carries a gradient)."""
+    return _fused(logits, tokens, temperature, chunk_rows, want_entropy=True)
+
+
+def _fused(logits, tokens, temperature, chunk_rows, want_entropy):
     _check_temperature(temperature)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     flat = logits.reshape(-1, vocab)
-    return _TokenLogprobs.apply(flat, tokens.reshape(-1), float(temperature), _rows(vocab, chunk_rows)).view(lead)
+    logp, entropy = _TokenLogprobs.apply(flat, tokens.reshape(-1), float(temperature), _rows(vocab, chunk_rows),
+                                         want_entropy)
+    return logp.view(lead), (entropy.view(lead) if want_entropy else None)
 
 
 def entropy_from_logits(

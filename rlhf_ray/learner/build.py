@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import torch
 
 from rlhf_ray.config.schema import ModelConfig
-from rlhf_ray.utils.device import Backend
+from rlhf_ray.utils.device import Backend, attention_kwargs
 
 Kind = Literal["policy", "reward", "value"]
 
@@ -79,7 +79,7 @@ def build_model(cfg: ModelConfig, kind: Kind, path: str, backend: Backend, pad_t
     """The HF model (wrapped by peft when LoRA is on), on `backend.device`, trainable parameters marked.
     `deepspeed_config`: what `deepspeed.initialize` will get; under ZeRO-3 the model is built partitioned
     (`zero3_init`)."""
-    kwargs: dict = {"dtype": backend.dtype}
+    kwargs: dict = {"dtype": backend.dtype, **attention_kwargs(backend.device, backend.dtype)}
     if kind != "policy":
         kwargs["num_labels"] = 1
     if cfg.quantization.load_in_4bit:

@@ -45,7 +45,8 @@ def forward_response_logits(learner, seq: SequenceBatch) -> torch.Tensor:
 
 def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBatch, algo_cfg: AlgorithmConfig,
                           ref_cfg: ReferenceConfig, kl_coef: float, temperature: float, norm_len: int,
-                          proximal_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                          proximal_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+                          ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy's loss on one minibatch: the algorithm's objective (PPO's clipped surrogate, GSPO's, CISPO's)
     (+ KL term) (+ entropy bonus).
 
@@ -57,6 +58,9 @@ def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBat
     other than none), the PPO ratio is taken against them and each token's loss is weighted by the preset's
     importance weight of pi_prox / pi_generator (tis, mis, icepop, seq_mask_tis): the batch was sampled by the
     generator, whose weights may lag and whose kernels (or precision) differ (rlhf_ray.algo.offpolicy).
+
+    `entropy` (B, T): computed with the log-probs in one pass (`algo.token_logprobs_and_entropy`, no gradient);
+    None computes it here, with a gradient when the entropy bonus is a loss term.
     """
     mask = mb.seq.response_mask
     old_logp, is_weights, tis_stats = mb.old_logp, None, {}
@@ -76,8 +80,9 @@ def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBat
         loss = loss + kl
         stats.update(kl_stats)
     # Entropy is always reported (operators watch it for collapse); it carries grad only when it is a loss term.
-    with torch.set_grad_enabled(algo_cfg.entropy_coef > 0 and torch.is_grad_enabled()):
-        entropy = algo.entropy_from_logits(logits, temperature=temperature)
+    if entropy is None or algo_cfg.entropy_coef > 0:
+        with torch.set_grad_enabled(algo_cfg.entropy_coef > 0 and torch.is_grad_enabled()):
+            entropy = algo.entropy_from_logits(logits, temperature=temperature)
     bonus, ent_stats = algo.entropy_bonus(entropy, mask, coef=algo_cfg.entropy_coef, agg=algo_cfg.loss_agg,
                                           norm_len=norm_len)
     if algo_cfg.entropy_coef > 0:

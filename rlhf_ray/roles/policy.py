@@ -67,11 +67,14 @@ class PolicyWorker:
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu()).trimmed()  # the micro-batch's own width
             logits = forward_response_logits(learner, tb.seq)  # the model's dtype: log-probs upcast per chunk
-            logp = algo.token_logprobs(logits, tb.seq.response_ids, self.temperature)
+            if self.algo.entropy_coef > 0:  # a bonus term needs the entropy's own gradient: the loss computes it
+                logp, entropy = algo.token_logprobs(logits, tb.seq.response_ids, self.temperature), None
+            else:  # the reported entropy comes with the log-probs, from one pass over the logits
+                logp, entropy = algo.token_logprobs_and_entropy(logits, tb.seq.response_ids, self.temperature)
             width = logp.shape[1]
             prox = logp.detach() if live else None if proximal is None else proximal[mb["idx"].cpu(), :width]
             loss, stats = policy_minibatch_loss(logits, logp, tb, self.algo, self.ref_cfg, kl_coef, self.temperature,
-                                                self.norm_len, prox)
+                                                self.norm_len, prox, entropy)
             loss = loss * token_weight(self.algo.loss_agg, tb.seq.response_mask, mb)
             if steps == 0:
                 first.append(logprob_agreement(logp.detach(), tb.old_logp, tb.seq.response_mask))

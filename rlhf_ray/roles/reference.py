@@ -13,7 +13,7 @@ from rlhf_ray import algo
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.dispatch import per_token_over_micro_batches, scoring_micro_batches
 from rlhf_ray.models.shared_prompt import response_logits_of
-from rlhf_ray.utils.device import on_device
+from rlhf_ray.utils.device import attention_kwargs, on_device
 from rlhf_ray.utils.phases import set_phase_threads, timed
 
 
@@ -21,7 +21,8 @@ class ReferenceScorer:
     def __init__(self, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  temperature: float = 1.0, micro_batch_size: int = 64, max_tokens_per_micro_batch: int | None = None):
         from transformers import AutoModelForCausalLM
-        self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **attention_kwargs(device, dtype))
+        self.model.to(device).eval()
         self.model.requires_grad_(False)
         self.device, self.temperature, self.mbs = device, temperature, micro_batch_size
         self.max_tokens = max_tokens_per_micro_batch  # reference.max_tokens_per_micro_batch; None: mbs rows

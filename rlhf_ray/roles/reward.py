@@ -17,6 +17,7 @@ import torch
 
 from rlhf_ray.config import RewardConfig, RewardSource
 from rlhf_ray.errors import RunError, user_traceback
+from rlhf_ray.utils.device import attention_kwargs
 
 
 class RewardSourceError(RunError, RuntimeError):
@@ -40,7 +41,9 @@ class ModelSource:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         self.name = f"model:{path}"
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
+                                                                        **attention_kwargs(device, dtype))
+        self.model.to(device).eval()
         if self.model.config.num_labels != 1:
             raise RewardSourceError(f"{self.name}: a reward model must have 1 output label, "
                                     f"it has {self.model.config.num_labels}")

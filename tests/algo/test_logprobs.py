@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_ray.algo import entropy_from_logits, token_logprobs
+from rlhf_ray.algo import entropy_from_logits, token_logprobs, token_logprobs_and_entropy
 
 
 def _reference_logprobs(logits, tokens, temperature=1.0):
@@ -41,6 +41,29 @@ def test_matches_log_softmax_gather(temperature, chunk_rows):
     torch.testing.assert_close(lp.double(), _reference_logprobs(logits, tokens, temperature), rtol=0, atol=1e-5)
     h = entropy_from_logits(logits, temperature, chunk_rows=chunk_rows)
     torch.testing.assert_close(h.double(), _reference_entropy(logits, temperature), rtol=0, atol=1e-5)
+    lp2, h2 = token_logprobs_and_entropy(logits, tokens, temperature, chunk_rows=chunk_rows)
+    torch.testing.assert_close(lp2.double(), _reference_logprobs(logits, tokens, temperature), rtol=0, atol=1e-5)
+    torch.testing.assert_close(h2.double(), _reference_entropy(logits, temperature), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_one_pass_gives_the_log_probs_gradient_and_an_entropy_without_one(dtype):
+    """`token_logprobs_and_entropy` (what an update without an entropy bonus calls): the log-probs' gradient is
+    `token_logprobs`' own, over several row chunks and a temperature; the entropy is the statistic, no graph."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 5, 40, generator=g, dtype=torch.float64) * 3
+    tokens = torch.randint(0, 40, (3, 5), generator=g)
+    weights = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (token_logprobs, lambda *a, **k: token_logprobs_and_entropy(*a, **k)[0]):
+        logits = base.to(dtype).requires_grad_()
+        (fn(logits, tokens, 0.7, chunk_rows=4) * weights.to(logits.dtype)).sum().backward()
+        grads.append(logits.grad)
+    assert torch.equal(grads[0], grads[1])
+    lp, h = token_logprobs_and_entropy(base.to(dtype).requires_grad_(), tokens, 0.7, chunk_rows=4)
+    assert lp.requires_grad and not h.requires_grad
+    torch.testing.assert_close(h.double(), _reference_entropy(base.to(dtype), 0.7), rtol=0,
+                               atol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
 def test_gradients_match_reference():
@@ -90,6 +113,8 @@ def test_entropy_with_masked_vocabulary_is_finite():
     logits = torch.tensor([[[0.0, 0.0, -math.inf, -math.inf]]])
     assert entropy_from_logits(logits).item() == pytest.approx(math.log(2.0), abs=1e-6)
     assert token_logprobs(logits, torch.tensor([[0]])).item() == pytest.approx(math.log(0.5), abs=1e-6)
+    lp, h = token_logprobs_and_entropy(logits, torch.tensor([[0]]))
+    assert (lp.item(), h.item()) == (pytest.approx(math.log(0.5), abs=1e-6), pytest.approx(math.log(2.0), abs=1e-6))
 
 
 def test_rejects_non_positive_temperature():
