@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 # Elements per chunk (4 MiB of fp32): a chunk's buffer stays in the CPU's last-level cache and below
-# glibc's mmap threshold, so they are reused, not page-faulted in anew; Python's per-chunk cost (a few
+# glibc's mmap threshold, so it is reused, not page-faulted in anew; Python's per-chunk cost (a few
 # ops, ~50 us) is still small beside a chunk's work. (2**24, 64 MiB, measured 2x slower end to end.)
 _CHUNK_ELEMENTS = 1 << 20
 
