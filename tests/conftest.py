@@ -93,9 +93,27 @@ def pytest_collection_modifyitems(config, items):
         else:
             group = item.path.name
         item.add_marker(pytest.mark.xdist_group(group))
-    # The session's shared SFT + reward model (tests/e2e/conftest.py `offline`) takes minutes to train, and a
-    # worker that asks for it while another trains it waits. One test that needs it goes first (its worker
-    # trains it), then every test that does not, then the rest: the other worker starts on those meanwhile.
+
+
+class _PipelineFirst:
+    """A plugin of its own (pytest_configure registers it): a module holds one function of a hook's name."""
+
+    @staticmethod
+    @pytest.hookimpl(trylast=True)  # after `-m` deselected: the test picked to go first must be one that runs
+    def pytest_collection_modifyitems(items):
+        _pipeline_first(items)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_PipelineFirst(), "rlhf_ray_pipeline_first")
+
+
+def _pipeline_first(items):
+    # The session's shared SFT + reward model (tests/e2e/conftest.py `offline`) takes about a minute to train,
+    # and a worker that asks for it while another trains it waits. One test that needs it goes first (its
+    # worker trains it), then every test that does not, then the rest: the other worker starts on those
+    # meanwhile. (Picked before `-m` deselected, the first was a long-tier test that `make test` drops, and
+    # every test that needs the pipeline came last: both workers reached them together, one waiting.)
     needs = [i for i in items if i.get_closest_marker("slow") and "offline" in getattr(i, "fixturenames", ())]
     if needs:
         rest = [i for i in items if i not in needs]
