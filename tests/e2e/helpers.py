@@ -40,6 +40,12 @@ NOISE = {
 SAME_AFTER_RESUME = ("reward/score_mean", "kl/mean", "policy/loss", "policy/objective", "response/len_mean",
                      "policy/grad_norm")
 
+def pipeline_record(offline: Path) -> dict:
+    """What the session's pipeline run (conftest.py `offline`) saw as it trained: the kill of its Ray Train
+    worker (`killed`: the pid, or why none), SFT's model file time at the kill, the run's console."""
+    return json.loads((offline.parent / "pipeline.json").read_text())
+
+
 def assert_quiet_console(p: subprocess.CompletedProcess) -> None:
     """The run's console shows our progress bars, step lines and real warnings, none of NOISE."""
     noisy = [line for line in (p.stdout + p.stderr).splitlines() if any(n in line for n in NOISE)]

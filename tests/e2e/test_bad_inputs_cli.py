@@ -27,6 +27,11 @@ def fn_reward(name: str) -> str:
     return f"reward.sources=[{{kind: function, path: 'rewards_for_tests:{name}'}}]"
 
 
+# The long tier's: `make test` raises the error with its counts and rows in rl/test_advantage_step.py and from
+# the controller's step in rl/test_controller.py::test_nan_reward_policies, turns a RunError raised in a step
+# into one line naming the step (test_errors.py), and shows a real run stopping mid-run on a reward error as
+# that one line, exit 1, no traceback, no export, in the test below (its reward raises on step 2)
+@pytest.mark.long
 def test_nan_reward_stops_with_a_clear_error(tmp_path):
     p = train(tmp_path, NAN)
     assert p.returncode == 1
@@ -51,3 +56,4 @@ def test_reward_function_raising_mid_run_is_one_line_with_the_users_frames(tmp_p
     below = "\n".join(lines[errors[0] + 1:])
     assert 'rewards_for_tests.py", line' in below and "in _score" in below
     assert "Traceback" not in p.stderr and "ray/" not in below and "RayTaskError" not in p.stderr
+    assert not (tmp_path / "rl" / "model").exists()

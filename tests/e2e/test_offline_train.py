@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import pipeline_record  # (tests/e2e is on the path)
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,10 +64,12 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path, stage)
     _kill_then_resume(tmp_path, stage, args, COMMAND[stage])
 
 
-def _kill_then_resume(tmp_path: Path, stage: str, args: list[str], command: str, *resume: str) -> None:
+def _kill_then_resume(tmp_path: Path, stage: str, args: list[str], command: str, *resume: str,
+                      total: int = LONG[0]) -> None:
     """`command ARGS` SIGKILLed whole once Ray Train holds two checkpoints of `stage` and steps ran past them;
-    then `command ARGS RESUME` finishes it: each step logged once, in order, resumed from a checkpoint."""
-    total, every = LONG
+    then `command ARGS RESUME` finishes it: each step logged once, in order, resumed from a checkpoint. `total`:
+    the stage's steps (ARGS says so too)."""
+    every = LONG[1]
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", command, QUICK, *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ray_train_run = tmp_path / f"quickstart-{stage}"  # <run.name>-<stage>: Ray Train's run folder
@@ -92,61 +96,24 @@ def _kill_then_resume(tmp_path: Path, stage: str, args: list[str], command: str,
     assert (tmp_path / stage / "model" / "COMPLETE").exists()
 
 
-def test_a_killed_worker_is_restarted_and_resumes_its_stage_from_its_last_checkpoint(tmp_path):
+def test_a_killed_worker_is_restarted_and_resumes_its_stage_from_its_last_checkpoint(offline):
     """FailureConfig: SIGKILL the one Ray Train worker mid-stage; the same run restarts the worker group from
     Ray Train's last checkpoint and finishes, every step logged once. SFT and the reward model ask for the same
     workers, so they run in one Ray Train run, and the worker is killed during the second: the restarted group
     skips SFT (finished by this run: not trained again) and resumes the reward model from its own checkpoint.
-    (A worker killed in a run's first stage takes the same path with nothing to skip.)"""
-    total, every = LONG
-    sft_model = tmp_path / "sft" / "model" / "COMPLETE"
-    written = _kill_the_worker_once_a_checkpoint_is_registered(
-        [f"run.output_dir={tmp_path}", "run.stages=[sft,rm]", *SMALL, "sft.batch_size=8", "sft.max_steps=8",
-         "rm.batch_size=8", "rm.epochs=8", f"rm.max_steps={total}", f"rm.save_every={every}",
-         "sft.max_failures=1", "rm.max_failures=1"], tmp_path / "quickstart-sft+rm",
-        before_kill=lambda: sft_model.stat().st_mtime_ns)
-    assert sft_model.stat().st_mtime_ns == written  # not trained again
-    assert [r["resumed_from_step"] for r in rows(tmp_path / "sft" / "metrics.jsonl") if "resumed_from_step" in r] == [0]
-    assert steps_logged(tmp_path / "sft") == list(range(1, 9))
-    assert steps_logged(tmp_path / "rm") == list(range(1, total + 1))
-    resumed = [r["resumed_from_step"] for r in rows(tmp_path / "rm" / "metrics.jsonl") if "resumed_from_step" in r]
+    (A worker killed in a run's first stage takes the same path with nothing to skip.) The run is the session's
+    SFT + reward-model pipeline (conftest.py `offline`, 1 failure allowed a stage), its worker killed once the
+    reward model's first checkpoint (step 20 of 56) was registered; this test reads what that run did."""
+    seen, every = pipeline_record(offline), 20  # e2e/helpers.py OFFLINE_SAVES
+    assert isinstance(seen["killed"], int), seen["killed"]  # the worker's pid
+    sft_model = offline / "sft" / "model" / "model.safetensors"
+    assert sft_model.stat().st_mtime_ns == seen["sft_mtime_at_kill"]  # not trained again
+    assert [r["resumed_from_step"] for r in rows(offline / "sft" / "metrics.jsonl") if "resumed_from_step" in r] == [0]
+    assert steps_logged(offline / "sft") == list(range(1, 57))
+    assert steps_logged(offline / "rm") == list(range(1, 57))
+    resumed = [r["resumed_from_step"] for r in rows(offline / "rm" / "metrics.jsonl") if "resumed_from_step" in r]
     assert resumed[0] == 0 and resumed[-1] >= every and resumed[-1] % every == 0, resumed  # its own checkpoint
-    assert (tmp_path / "rm" / "model" / "COMPLETE").exists()
-
-
-def _kill_the_worker_once_a_checkpoint_is_registered(args: list[str], run_dir: Path, before_kill=lambda: None):
-    """`train` with `args`; SIGKILL its one Ray Train worker once `run_dir` holds a registered checkpoint; the
-    run must still finish (FailureConfig). Returns what `before_kill` returned."""
-    import psutil
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "train", QUICK, *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            if _registered_checkpoint(run_dir):
-                break
-            time.sleep(0.2)
-        seen = before_kill()
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline())]
-        assert len(workers) == 1 and proc.poll() is None, "no running Ray Train worker to kill"
-        workers[0].kill()
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-4000:]
-    return seen
-
-
-def _registered_checkpoint(run_dir: Path) -> bool:
-    """Ray Train's controller has registered a checkpoint: a step folder alone is only the upload, and a worker
-    killed before the controller's next poll restarts from scratch (CI saw that under load)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
-    except (OSError, ValueError):
-        return False
+    assert (offline / "rm" / "model" / "COMPLETE").exists()
 
 
 def _vader_of_samples(model_dir: Path, n_prompts: int = 128) -> float:
@@ -170,13 +137,14 @@ def test_dpo_killed_then_resumed_learns_the_preferences(offline, tmp_path):
     """DPO from the session's SFT model (conftest.py `offline`), its reference that same model, SIGKILLed
     mid-stage and continued with `train --resume` (each step once, from a checkpoint); the resumed run learns
     the preferences: held-out accuracy and margin, and the VADER judge the pairs were built with prefers its
-    samples to the SFT model's."""
-    total, every = LONG
+    samples to the SFT model's. 96 steps (a killed stage's 160 elsewhere): held-out accuracy was 0.935 and the
+    margin 3.1 at step 80 of 160 (asserted: 0.8 and 0.5)."""
+    total, every = 96, LONG[1]
     args = [f"run.output_dir={tmp_path}", "run.stages=[dpo]", f"dpo.init_from={offline / 'sft' / 'model'}",
             "logging.console=false", "cluster.torch_threads=1", "dpo.batch_size=16", "dpo.epochs=2",
             f"dpo.max_steps={total}", f"dpo.save_every={every}", f"dpo.eval_every={total // 2}",
             "dpo.learner.optim.lr=1e-3"]
-    _kill_then_resume(tmp_path, "dpo", args, "train", "--resume")
+    _kill_then_resume(tmp_path, "dpo", args, "train", "--resume", total=total)
     evals = [r for r in rows(tmp_path / "dpo" / "metrics.jsonl") if "eval/accuracy" in r]
     assert evals[-1]["eval/rows"] >= 100
     assert evals[-1]["eval/accuracy"] > 0.8, evals  # chance is 0.5 (and 0 at the start: policy == reference)

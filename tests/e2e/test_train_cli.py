@@ -152,8 +152,12 @@ def ppo_run(offline, tmp_path_factory):
 
 
 def test_ppo_epochs_clip_and_the_kl_and_entropy_terms_enter_the_objective(ppo_run):
-    _, rows = ppo_run
+    out, rows = ppo_run
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    ckpts = out / "rl" / "checkpoints"  # saved at 1, 2, 3 and the last step, 4; the 2 newest kept
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]
+    for sub in ("policy", "critic"):
+        assert (ckpts / "step_000003" / sub / "COMPLETE").is_file()
     for r in rows:  # 4 minibatches x 2 epochs: after the first update the ratio moves and is clipped
         assert r["policy/clip_frac"] > 0.01 and r["policy/ratio_max"] > 1.2, r["step"]
         assert "value/loss" in r and r["value/objective"] == pytest.approx(0.5 * r["value/loss"], rel=1e-5)
@@ -176,6 +180,11 @@ def test_ppo_epochs_clip_and_the_kl_and_entropy_terms_enter_the_objective(ppo_ru
     assert all(r["reward/seq_mean"] == pytest.approx(r["reward/score_mean"], rel=1e-5) for r in rows)  # no KL in reward
 
 
+# The long tier's: `make test` checks this run's checkpoint rotation in the test above, redoes a killed PPO step
+# exactly with the critic, both optimizers and the rollout seeds restored in test_ppo_adapters_resume.py's
+# QLoRA case (distributed), and restores the adaptive KL controller's state in
+# rl/test_controller.py::test_adaptive_kl_follows_the_measured_kl_and_survives_a_resume (fast tier)
+@pytest.mark.long
 def test_rl_checkpoints_rotate_and_a_ppo_run_resumes_with_critic_and_kl_state(ppo_run, offline):
     out, rows = ppo_run
     ckpts = out / "rl" / "checkpoints"

@@ -129,7 +129,12 @@ def _two_steps(out: Path):
                                   # `make test`, and the 70B's arguments pass the libraries' own validation there
                                   # (test_construct_libraries.py); its run at cluster scale is the long tier's
                                   pytest.param("llama3.1-70b-4x8xh100.yaml", marks=pytest.mark.long),
-                                  "llama3.1-8b-qlora-4090.yaml"])
+                                  # one GPU, QLoRA, colocated: the long tier's too. `make test` places the
+                                  # colocated role graph's asks in placement/test_role_asks.py[colocated], runs
+                                  # QLoRA colocated end to end (test_train_cli.py[qlora-colocated]), passes the
+                                  # 4090's arguments through the libraries' validation (test_construct_libraries.py)
+                                  # and checks its plan in the fast tier; the simulated path is the 8B's
+                                  pytest.param("llama3.1-8b-qlora-4090.yaml", marks=pytest.mark.long)])
 def test_a_shipped_gpu_config_runs_two_rl_steps_on_its_simulated_cluster(name, placements, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", str(GPU / name), f"run.output_dir={out}", "--simulate"]) == 0

@@ -207,7 +207,7 @@ def test_a_lockstep_mismatch_over_the_bound_is_corrected_only_by_a_named_preset_
 
 def test_nan_reward_policies():
     nan_scores = [1.0, math.nan, 0.0, 1.0, 2.0, 0.0]
-    with pytest.raises(BadRewardError):
+    with pytest.raises(BadRewardError, match=r"reward is NaN or infinite for 1 of 6 responses \(rows \[1\]\)"):
         make(FakeRoles(scores=nan_scores)).step()
     roles = FakeRoles(scores=nan_scores)
     make(roles, "reward.on_nonfinite=drop_group").step()
