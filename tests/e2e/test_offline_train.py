@@ -137,9 +137,9 @@ def test_dpo_killed_then_resumed_learns_the_preferences(offline, tmp_path):
     """DPO from the session's SFT model (conftest.py `offline`), its reference that same model, SIGKILLed
     mid-stage and continued with `train --resume` (each step once, from a checkpoint); the resumed run learns
     the preferences: held-out accuracy and margin, and the VADER judge the pairs were built with prefers its
-    samples to the SFT model's. 96 steps (a killed stage's 160 elsewhere): held-out accuracy was 0.935 and the
-    margin 3.1 at step 80 of 160 (asserted: 0.8 and 0.5)."""
-    total, every = 96, LONG[1]
+    samples to the SFT model's. All 160 steps: at 96 the held-out accuracy and margin passed but the VADER judge
+    once scored the DPO model's samples below the SFT model's (0.007 vs 0.153, a clean-clone CI run)."""
+    total, every = LONG
     args = [f"run.output_dir={tmp_path}", "run.stages=[dpo]", f"dpo.init_from={offline / 'sft' / 'model'}",
             "logging.console=false", "cluster.torch_threads=1", "dpo.batch_size=16", "dpo.epochs=2",
             f"dpo.max_steps={total}", f"dpo.save_every={every}", f"dpo.eval_every={total // 2}",
