@@ -79,11 +79,13 @@ class _TokenLogprobs(torch.autograd.Function):
             top = z.amax(-1, keepdim=True)
             z.sub_(top)
             out[i : i + rows] = z.gather(-1, tokens[i : i + rows, None]).squeeze(-1)
+            if want_entropy:  # a masked logit (-inf) gets e = 0 and e * z = 0 in the entropy, not 0 * -inf = NaN
+                z.clamp_min_(torch.finfo(dtype).min)
             ez = torch.exp(z, out=e[: z.shape[0]])
             total = ez.sum(-1)
             log_total = total.log()
             if want_entropy:
-                entropy[i : i + rows] = log_total - _dot(ez, z) / total
+                entropy[i : i + rows] = log_total - torch.linalg.vecdot(ez, z) / total
             out[i : i + rows] -= log_total
             lse[i : i + rows] = top.squeeze(-1) + log_total
         ctx.save_for_backward(logits, tokens, lse)
@@ -112,14 +114,6 @@ class _TokenLogprobs(torch.autograd.Function):
             torch.mul(p, -g, out=grad[i : i + rows])  # -p g, rounded once to the logits' dtype
             grad[i : i + rows].scatter_(-1, at_token, g_token.to(grad.dtype))
         return grad, None, None, None, None
-
-
-def _dot(e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Row-wise sum(e * d), where e = exp(d): a masked logit (-inf) has e = 0 and contributes 0, not NaN."""
-    dot = torch.linalg.vecdot(e, d)
-    if not torch.isfinite(dot).all():
-        dot = torch.linalg.vecdot(e, d.clamp_min(torch.finfo(d.dtype).min))
-    return dot
 
 
 def token_logprobs(

@@ -40,6 +40,7 @@ NOISE = {
 SAME_AFTER_RESUME = ("reward/score_mean", "kl/mean", "policy/loss", "policy/objective", "response/len_mean",
                      "policy/grad_norm")
 
+
 def pipeline_record(offline: Path) -> dict:
     """What the session's pipeline run (conftest.py `offline`) saw as it trained: the kill of its Ray Train
     worker (`killed`: the pid, or why none), SFT's model file time at the kill, the run's console."""
