@@ -125,6 +125,13 @@ class Learner:
         from rlhf_ray.models.shared_prompt import can_share
         return can_share(self.ds_engine.module)
 
+    @property
+    def packed_mask_dtype(self) -> Optional[torch.dtype]:
+        """The attention mask a forward of rows packed without their padding takes here
+        (`rlhf_ray.models.packed.mask_dtype`); None: this model's attention takes none, forwards stay padded."""
+        from rlhf_ray.models.packed import mask_dtype
+        return mask_dtype(self.hf_model)
+
     def forward_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L) -> (B, L) per-token values of a `kind="value"` model."""

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.models import packed
 
 ModelCall = Callable[..., object]
 
@@ -49,9 +50,15 @@ def response_positions(seq: SequenceBatch) -> torch.Tensor:
     return torch.arange(p - 1, p + t - 1, device=seq.input_ids.device)
 
 
-def response_logits_of(call: ModelCall, seq: SequenceBatch, share_prompts: bool = True) -> torch.Tensor:
+def response_logits_of(call: ModelCall, seq: SequenceBatch, share_prompts: bool = True,
+                       pack_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """(B, T, V) logits that predict each response token; the LM head runs over those positions only.
     share_prompts=False (see `can_share`) runs the plain forward.
+
+    pack_dtype: the packed attention mask's dtype for this model (`rlhf_ray.models.packed.mask_dtype`), where
+    the forward may pack its sequences without their padding when that saves rows: whole rows that share
+    no prompt (only when the LM head then runs over no more positions than the padded B x T), or the response
+    pass of shared prompts. None: never packed.
 
     Shared: the distinct prompts run once without their last token, which opens every row's response pass
     (its logits predict the first response token). So the prompt pass computes no logits at all and the
@@ -60,6 +67,10 @@ def response_logits_of(call: ModelCall, seq: SequenceBatch, share_prompts: bool 
     for SmolLM2, forward and backward) and no concatenation of logits (another full copy and its backward)."""
     found = distinct_prompts(seq) if share_prompts and seq.prompt_len > 1 else None
     if found is None:
+        rows = packed.pack_rows(seq) if pack_dtype is not None else None
+        if rows is not None and rows.input_ids.numel() <= seq.response_mask.numel():
+            p, t = seq.prompt_len, seq.response_mask.shape[1]
+            return rows.unpack(call(**rows.model_inputs(pack_dtype)).logits, slice(p - 1, p + t - 1))
         return call(input_ids=seq.input_ids, attention_mask=seq.attention_mask, position_ids=seq.position_ids,
                     logits_to_keep=response_positions(seq)).logits
     first, inverse = found
@@ -68,6 +79,14 @@ def response_logits_of(call: ModelCall, seq: SequenceBatch, share_prompts: bool 
     head = call(input_ids=seq.input_ids[first, :p], attention_mask=seq.attention_mask[first, :p],
                 position_ids=seq.position_ids[first, :p], use_cache=True, logits_to_keep=none)
     cache = head.past_key_values
+    # packed, a row's queries see at most about as many prompt keys as a padded row's (P - 1 + T) in all
+    responses = (packed.pack_responses(seq, inverse, max_prompt_keys=max(p, seq.response_mask.shape[1]))
+                 if pack_dtype is not None else None)
+    if responses is not None:
+        mask = responses.attention_mask(seq.attention_mask[first, :p].bool(), pack_dtype)
+        return responses.unpack(call(input_ids=responses.input_ids, position_ids=responses.position_ids,
+                                     attention_mask=mask, past_key_values=responses.cache(cache),
+                                     use_cache=True).logits)
     cache.reorder_cache(inverse)  # every row gets its prompt's keys and values (differentiable gather)
     # the response pass: the prompt's last token, then the response but its last token (which predicts
     # nothing); position p + t predicts token p + t + 1, i.e. response token t

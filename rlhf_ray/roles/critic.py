@@ -11,7 +11,7 @@ from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.learner.group import LearnerRank
 from rlhf_ray.dispatch import micro_batches_of, per_token_over_micro_batches, scoring_micro_batches
-from rlhf_ray.roles.losses import OBJECTIVE, critic_minibatch_loss, token_weight
+from rlhf_ray.roles.losses import OBJECTIVE, critic_minibatch_loss, forward_sequence_values, token_weight
 from rlhf_ray.records import TrainBatch, UpdateResult
 from rlhf_ray.utils.phases import set_phase_threads, timed
 
@@ -31,7 +31,7 @@ class CriticWorker:
 
         def values_of(mb: SequenceBatch) -> torch.Tensor:
             T, P = mb.response_mask.shape[1], mb.prompt_len
-            v = self.learner.forward_values(mb.input_ids, mb.attention_mask, mb.position_ids).float()
+            v = forward_sequence_values(self.learner, mb).float()
             return (v[:, P - 1:P - 1 + T] * mb.response_mask.to(v.device)).cpu()
         return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens), values_of)
 
@@ -42,7 +42,7 @@ class CriticWorker:
 
         def loss_fn(learner, mb):
             tb = batch.select(mb["idx"].cpu()).trimmed()  # the micro-batch's own width
-            values = learner.forward_values(tb.seq.input_ids, tb.seq.attention_mask, tb.seq.position_ids).float()
+            values = forward_sequence_values(learner, tb.seq).float()
             loss, stats = critic_minibatch_loss(values, tb, self.algo, self.norm_len)
             return loss * token_weight(self.algo.loss_agg, tb.seq.response_mask, mb), stats
 

@@ -1,6 +1,7 @@
 """The policy's and the critic's loss on one PPO minibatch, and what makes it exact across micro-batches and ranks.
 
     forward_response_logits   (B, T, V) logits of the response tokens (shared prompts computed once)
+    forward_sequence_values   (B, P + T) values of a value model (rows packed without their padding)
     policy_minibatch_loss     the algorithm's objective (+ KL term) (+ entropy bonus), IS-corrected when asked
     critic_minibatch_loss     the clipped value loss
     token_weight              the weight that keeps a minibatch's token-mean exact over micro-batches and ranks
@@ -15,6 +16,7 @@ import torch
 from rlhf_ray import algo
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import AlgorithmConfig, ReferenceConfig
+from rlhf_ray.models import packed
 from rlhf_ray.models.shared_prompt import response_logits_of
 from rlhf_ray.records import TrainBatch
 
@@ -39,8 +41,20 @@ def token_weight(agg: str, micro_mask: torch.Tensor, mb: dict) -> float:
 
 def forward_response_logits(learner, seq: SequenceBatch) -> torch.Tensor:
     """(B, T, V) logits that predict each response token: the LM head over those positions only, and each
-    distinct prompt of the micro-batch computed once (`rlhf_ray.models.shared_prompt`)."""
-    return response_logits_of(learner.forward, seq, learner.shares_prompts)
+    distinct prompt of the micro-batch computed once (`rlhf_ray.models.shared_prompt`), or, where rows share
+    no prompt, the rows packed without their padding when that computes fewer positions (`models.packed`)."""
+    return response_logits_of(learner.forward, seq, learner.shares_prompts, learner.packed_mask_dtype)
+
+
+def forward_sequence_values(learner, seq: SequenceBatch) -> torch.Tensor:
+    """(B, P + T) per-position values of a value model over `seq`, its rows packed without their padding
+    where that saves rows (`rlhf_ray.models.packed`; the value head costs nothing beside the body, so
+    fewer packed positions are all gain)."""
+    dtype = learner.packed_mask_dtype
+    rows = packed.pack_rows(seq) if dtype is not None else None
+    if rows is None:
+        return learner.forward_values(seq.input_ids, seq.attention_mask, seq.position_ids)
+    return rows.unpack(learner.forward(**rows.model_inputs(dtype)).logits.squeeze(-1))
 
 
 def policy_minibatch_loss(logits: torch.Tensor, logp: torch.Tensor, mb: TrainBatch, algo_cfg: AlgorithmConfig,

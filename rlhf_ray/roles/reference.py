@@ -12,6 +12,7 @@ import torch
 from rlhf_ray import algo
 from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.dispatch import per_token_over_micro_batches, scoring_micro_batches
+from rlhf_ray.models.packed import mask_dtype
 from rlhf_ray.models.shared_prompt import response_logits_of
 from rlhf_ray.utils.device import attention_kwargs, on_device
 from rlhf_ray.utils.phases import set_phase_threads, timed
@@ -26,12 +27,13 @@ class ReferenceScorer:
         self.model.requires_grad_(False)
         self.device, self.temperature, self.mbs = device, temperature, micro_batch_size
         self.max_tokens = max_tokens_per_micro_batch  # reference.max_tokens_per_micro_batch; None: mbs rows
+        self.pack_dtype = mask_dtype(self.model)  # rows without shared prompts packed (rlhf_ray.models.packed)
 
     @torch.no_grad()
     def logprobs(self, seq: SequenceBatch) -> torch.Tensor:
         """(B, T) log pi_ref of the response tokens, computed in micro-batches (of rows, or of tokens)."""
         return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens),
-                                            lambda mb: algo.token_logprobs(response_logits_of(self._call, mb),
+                                            lambda mb: algo.token_logprobs(response_logits_of(self._call, mb, pack_dtype=self.pack_dtype),
                                                                            mb.response_ids, self.temperature).cpu())
 
     def _call(self, **kwargs):

@@ -6,6 +6,8 @@ import torch
 from rlhf_ray.batch import pack_sequences, response_logits
 from rlhf_ray import algo
 from rlhf_ray.models.kit import resolve_model_path
+from rlhf_ray.models.packed import pack_responses
+from rlhf_ray.models.shared_prompt import distinct_prompts
 from rlhf_ray.roles.reference import ReferenceScorer
 
 PROMPTS = [[11, 12, 13, 14, 15, 16], [21, 22, 23]]
@@ -25,8 +27,11 @@ def test_reference_runs_each_distinct_prompt_once_and_matches_the_plain_forward(
         got = ref.logprobs(seq)
     finally:
         handle.remove()
-    # each prompt but its last token once, then every row's last prompt token and its response but the last
-    assert sum(seen) == G * (P - 1) + B * T < B * (P + T), seen
+    # each prompt but its last token once, then every row's last prompt token and its response but the last,
+    # packed without their padding (rlhf_ray.models.packed): fewer positions than the padded B x T
+    _, inverse = distinct_prompts(seq)
+    packed = pack_responses(seq, inverse, max_prompt_keys=max(P - 1, T)).input_ids.numel()
+    assert sum(seen) == G * (P - 1) + packed and packed < B * T, seen
     with torch.no_grad():
         logits = ref.model(input_ids=seq.input_ids, attention_mask=seq.attention_mask,
                            position_ids=seq.position_ids).logits

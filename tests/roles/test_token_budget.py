@@ -13,6 +13,7 @@ from rlhf_ray.config import load_config
 from rlhf_ray.config.schema import LearnerConfig
 from rlhf_ray.dispatch import (minibatch_micro_batches, pack_by_tokens, prompt_runs, row_lengths,
                                token_budget_micro_batches)
+from rlhf_ray.models.packed import mask_dtype
 from rlhf_ray.records import TrainBatch
 from rlhf_ray.roles.critic import CriticWorker
 from rlhf_ray.roles.policy import PolicyWorker
@@ -94,6 +95,7 @@ class _TinyLearner:
         if kind == "value":
             self.model.lm_head = torch.nn.Linear(32, 1, bias=False)
         self.cfg, self.ds_engine, self.shares_prompts = cfg, self.model, True
+        self.packed_mask_dtype = mask_dtype(self.model)  # rows packed without padding, as a Learner packs them
         self.micro_batch_count = 0
 
     def forward(self, **kw):
