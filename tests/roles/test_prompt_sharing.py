@@ -7,6 +7,8 @@ import torch
 from rlhf_ray.batch import pack_sequences
 from rlhf_ray.config.schema import AlgorithmConfig, LearnerConfig, ReferenceConfig
 from rlhf_ray.learner.learner import Learner
+from rlhf_ray.models.packed import pack_responses
+from rlhf_ray.models.shared_prompt import distinct_prompts
 from rlhf_ray.roles.policy import PolicyWorker
 from rlhf_ray.records import TrainBatch
 from rlhf_ray.utils.device import resolve_backend
@@ -41,9 +43,12 @@ def test_policy_update_and_logprobs_run_each_distinct_prompt_once(lora):
     seq = grouped_batch(learner.tokenizer.pad_token_id)
     B, P, T, G = len(seq), seq.prompt_len, seq.response_mask.shape[1], len(PROMPTS)
     # tokens of one forward over the micro-batch: each prompt but its last token once, then every row's last
-    # prompt token and its response but the last token (which predicts nothing)
-    shared, plain = G * (P - 1) + B * T, B * (P + T)
-    assert shared < plain
+    # prompt token and its response but the last token (which predicts nothing), packed without their
+    # padding (`rlhf_ray.models.packed`)
+    _, inverse = distinct_prompts(seq)
+    responses = pack_responses(seq, inverse, max_prompt_keys=max(P - 1, T)).input_ids.numel()
+    shared, plain = G * (P - 1) + responses, B * (P + T)
+    assert responses < B * T and shared < plain
     old = plain_logprobs(learner, seq)
     adv = torch.linspace(-1, 1, B).unsqueeze(1) * seq.response_mask
     batch = TrainBatch(seq, old, old.clone(), adv, adv.clone(), None)
