@@ -23,6 +23,8 @@ import contextlib
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Optional
 
 import ray
 import torch
@@ -59,6 +61,7 @@ class ColocatedRank(PolicyRank):
         self.engine = self.reward = self.reference = self.critic = None
         self._turns = threading.Lock()
         self._generating = threading.Event()  # the engine thread is sampling (async mode scores beside it)
+        self._critic_thread: Optional[ThreadPoolExecutor] = None  # PPO's critic updating beside the policy
 
     @contextlib.contextmanager
     def _phase(self, share: Share, beside: bool):
@@ -139,12 +142,33 @@ class ColocatedRank(PolicyRank):
         """PPO epochs of the policy (and the critic). beside_generation: the next step's rollouts are being
         sampled at the same time; the learner keeps to its share of the cores."""
         sh = self.shares
+        if self.critic is not None and sh.policy_and_critic is not None and not beside_generation:
+            return self._update_both_at_once(batch, minibatches, kl_coef, *sh.policy_and_critic)
         with self._phase(sh.update_beside_generate if beside_generation else sh.update, beside_generation):
             result = self.worker.update(batch, minibatches, kl_coef, self.rank, self.world_size)
             if self.critic is not None:
                 critic = self.critic.update(batch, minibatches, self.rank, self.world_size)
                 result = result.with_critic(critic, beside=False)
         return result
+
+    def _update_both_at_once(self, batch, minibatches, kl_coef: float, policy: Share, critic: Share) -> UpdateResult:
+        """The policy's update on this thread and the critic's on the rank's second thread, each pinned to its
+        share of the cores (the plan's `PhaseShares.policy_and_critic`). An error in either is raised once both
+        have stopped."""
+        def critic_update():
+            set_thread_share(critic.threads, critic.cores)
+            return self.critic.update(batch, minibatches, self.rank, self.world_size)
+        if self._critic_thread is None:  # one thread for the run: its OpenMP team is made once
+            self._critic_thread = ThreadPoolExecutor(1, thread_name_prefix="critic-update")
+        with self._phase(self.shares.update, beside=False):
+            done = self._critic_thread.submit(critic_update)
+            try:
+                set_thread_share(policy.threads, policy.cores)
+                result = self.worker.update(batch, minibatches, kl_coef, self.rank, self.world_size)
+            except BaseException:
+                wait([done])
+                raise
+            return result.with_critic(done.result(), beside=True)
 
     @ray.method(concurrency_group=ENGINE)
     def sync(self, mode: str, version: int) -> float:

@@ -101,6 +101,16 @@ def test_the_plan_gives_every_phase_its_threads_and_cores():
     assert shares("cluster.placement=distributed", "algorithm.name=ppo", "rollout.cpus_per_engine=2") == \
         PhaseShares(Share(0), Share(2, (0, 2)), Share(2), Share(4), Share(3, (2, None)))
     assert shares("cluster.placement=distributed", "rollout.cpus_per_engine=8").update_beside_generate == Share(1)
+    # colocated PPO, one rank on host cores: the policy's and the critic's updates at once, half the cores each;
+    # not for GRPO (no critic), several ranks (their all-reduces keep one order), a GPU, or a single core
+    assert shares("algorithm.name=ppo").policy_and_critic == (Share(4, (0, 4)), Share(4, (4, 8)))
+    assert shares().policy_and_critic is None
+    assert shares("algorithm.name=ppo", "rl.policy.num_ranks=2").policy_and_critic is None
+    assert shares("cluster.placement=distributed", "algorithm.name=ppo").policy_and_critic is None
+    from rlhf_ray.placement.construct import colocated_shares
+    ppo = load_config(None, ["algorithm.name=ppo"])
+    assert colocated_shares(ppo, 8, "cuda").policy_and_critic is None
+    assert colocated_shares(ppo, 1).policy_and_critic is None
 
 
 def test_only_an_engine_the_plan_makes_sleep_is_built_with_sleep_mode():
