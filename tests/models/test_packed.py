@@ -35,6 +35,24 @@ def call(m):
     return lambda **kw: m(**kw)
 
 
+def assert_packed_equals_padded(seq, attn: str, share: bool) -> torch.Tensor:
+    """The plain padded forward's response logits and gradients against the packed one's (`share`: the
+    shared-prompt path, its response pass packed); returns the plain logits."""
+    out = []
+    for pack in (False, True):
+        m = lm(attn)
+        logits = response_logits_of(call(m), seq, share_prompts=share and pack,
+                                    pack_dtype=mask_dtype(m) if pack else None)
+        (logits.log_softmax(-1).amax(-1) * seq.response_mask).sum().backward()
+        out.append((logits.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    (plain, g_plain), (packed, g_packed) = out
+    mask = seq.response_mask.bool()
+    assert packed.shape == plain.shape
+    assert (packed - plain)[mask].abs().max() < 1e-5
+    assert (g_packed - g_plain).abs().max() < 1e-5 * max(1.0, float(g_plain.abs().max()))
+    return plain
+
+
 def test_every_real_token_lands_once_at_its_own_position():
     seq = ragged_batch()
     packed = pack_rows(seq)
@@ -62,16 +80,7 @@ def test_nothing_is_packed_where_nothing_is_saved():
 def test_packed_response_logits_and_gradients_equal_the_padded(attn):
     seq = ragged_batch()
     mask = seq.response_mask.bool()
-    grads = []
-    for packed in (False, True):
-        m = lm(attn)
-        logits = response_logits_of(call(m), seq, share_prompts=False, pack_dtype=mask_dtype(m) if packed else None)
-        (logits.log_softmax(-1).amax(-1) * seq.response_mask).sum().backward()
-        grads.append((logits.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
-    (plain, g_plain), (packed, g_packed) = grads
-    assert packed.shape == plain.shape
-    assert (packed - plain)[mask].abs().max() < 1e-5
-    assert (g_packed - g_plain).abs().max() < 1e-5 * max(1.0, float(g_plain.abs().max()))
+    plain = assert_packed_equals_padded(seq, attn, share=False)
     # a packed mask that let sequences see each other would move the logits
     m = lm(attn)
     rows = pack_rows(seq)
@@ -136,16 +145,7 @@ def test_packed_shared_prompt_responses_equal_the_plain_forward(attn):
     _, inverse = distinct_prompts(seq)
     R, _ = pack_responses(seq, inverse, max_prompt_keys=16).shape
     assert R < len(seq)
-    out = []
-    for share, pack in ((False, False), (True, True)):
-        m = lm(attn)
-        logits = response_logits_of(call(m), seq, share_prompts=share, pack_dtype=mask_dtype(m) if pack else None)
-        (logits.log_softmax(-1).amax(-1) * seq.response_mask).sum().backward()
-        out.append((logits.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
-    (plain, g_plain), (packed, g_packed) = out
-    assert packed.shape == plain.shape
-    assert (packed - plain)[mask].abs().max() < 1e-5
-    assert (g_packed - g_plain).abs().max() < 1e-5 * max(1.0, float(g_plain.abs().max()))
+    assert_packed_equals_padded(seq, attn, share=True)
 
 
 def test_a_packed_row_holds_several_prompts_and_each_sees_only_its_own():
