@@ -87,6 +87,13 @@ def _as_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def _gather(out: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(R, W, ...) packed outputs at `where`'s flat indices; -1 (padding) takes the first packed position's
+    value: finite, and every caller masks it."""
+    flat = out.reshape(-1, *out.shape[2:])
+    return flat[where.clamp(min=0).to(flat.device)]
+
+
 def _scatter(values: torch.Tensor, dest: torch.Tensor, size: int, fill: int) -> torch.Tensor:
     out = torch.full((size,), fill, dtype=torch.long)
     out[dest] = values
@@ -109,11 +116,8 @@ class PackedRows:
                 "attention_mask": _as_mask(_own_mask(self.segment), dtype)}
 
     def unpack(self, out: torch.Tensor, columns: Optional[slice] = None) -> torch.Tensor:
-        """(R, W, ...) per-position outputs -> (B, L', ...) at the padded layout's `columns` (all by default).
-        Padding positions take the first packed position's value: finite, and every caller masks them."""
-        where = self.where if columns is None else self.where[:, columns]
-        flat = out.reshape(-1, *out.shape[2:])
-        return flat[where.clamp(min=0).to(flat.device)]
+        """(R, W, ...) per-position outputs -> (B, L', ...) at the padded layout's `columns` (all by default)."""
+        return _gather(out, self.where if columns is None else self.where[:, columns])
 
 
 def pack_rows(seq: SequenceBatch) -> Optional[PackedRows]:
@@ -176,15 +180,15 @@ class PackedResponses:
         return _as_mask(torch.cat([prefix, _own_mask(self.segment)], dim=2), dtype)
 
     def unpack(self, out: torch.Tensor) -> torch.Tensor:
-        """(R, W, ...) -> (B, T, ...); beyond a row's response, the first packed position's value (masked)."""
-        flat = out.reshape(-1, *out.shape[2:])
-        return flat[self.where.clamp(min=0).to(flat.device)]
+        """(R, W, ...) -> (B, T, ...) per response token."""
+        return _gather(out, self.where)
 
 
 def pack_responses(seq: SequenceBatch, inverse: torch.Tensor, max_prompt_keys: int) -> Optional[PackedResponses]:
     """The response pass of `seq` (rows sharing prompts: `inverse`, each row's distinct prompt) packed, or
-    None when that would not save `MIN_SAVING` of its positions or the mask would be too large. A packed row holds at most as many prompts
-    as fit `max_prompt_keys` cached keys (the caller keeps attention near the padded layout's cost)."""
+    None when that would not save `MIN_SAVING` of its positions or the mask would be too large. A packed row
+    holds at most as many prompts as fit `max_prompt_keys` cached keys (the caller keeps attention near the
+    padded layout's cost)."""
     p, T = seq.prompt_len - 1, seq.response_mask.shape[1]
     # row i's segment: columns p .. p + t_i - 1 (the last prompt token, then its response's first t_i - 1)
     lengths = seq.attention_mask[:, p + 1:].sum(1).clamp(min=1).tolist()

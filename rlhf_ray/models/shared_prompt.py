@@ -55,10 +55,10 @@ def response_logits_of(call: ModelCall, seq: SequenceBatch, share_prompts: bool 
     """(B, T, V) logits that predict each response token; the LM head runs over those positions only.
     share_prompts=False (see `can_share`) runs the plain forward.
 
-    pack_dtype: the packed attention mask's dtype for this model (`rlhf_ray.models.packed.mask_dtype`), where
-    the forward may pack its sequences without their padding when that saves rows: whole rows that share
-    no prompt (only when the LM head then runs over no more positions than the padded B x T), or the response
-    pass of shared prompts. None: never packed.
+    pack_dtype: the packed attention mask's dtype for this model (`rlhf_ray.models.packed.mask_dtype`): the
+    forward packs its sequences without their padding where that drops at least `packed.MIN_SAVING` of the
+    padded positions: whole rows that share no prompt (only when the LM head then runs over no more positions
+    than the padded B x T), or the response pass of shared prompts. None: never packed.
 
     Shared: the distinct prompts run once without their last token, which opens every row's response pass
     (its logits predict the first response token). So the prompt pass computes no logits at all and the

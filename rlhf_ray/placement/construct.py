@@ -305,7 +305,7 @@ def colocated_threads(cfg: "Config", cores: int) -> int:
     return cfg.cluster.torch_threads or max(1, cores // min(ranks, cores))
 
 
-def colocated_shares(cfg: "Config", threads: int, device: str = "cpu") -> PhaseShares:
+def colocated_shares(cfg: "Config", threads: int, device: str) -> PhaseShares:
     """One process per rank runs every phase: each phase alone takes all its threads (a generation
     `rollout.threads`, tiny models decode faster on one); a generation beside the update keeps its engine's
     `rollout.cpus_per_engine` of them and the update the rest. Ranks sharing a node split it by threads only

@@ -28,7 +28,7 @@ class Recorder:
 def rank(can_sleep: bool) -> tuple[ColocatedRank, Recorder]:
     rec = Recorder()
     cfg = load_config(None, ["cluster.torch_threads=1"])
-    r = ColocatedRank(0, 1, 1, sections=RoleSections.of(cfg), shares=colocated_shares(cfg, 1))
+    r = ColocatedRank(0, 1, 1, sections=RoleSections.of(cfg), shares=colocated_shares(cfg, 1, "cpu"))
     r.engine = SimpleNamespace(generate=lambda prompts, n, **kw: rec.run("generate"), release=lambda: None,
                                can_sleep=can_sleep)  # built with vLLM's sleep mode where the plan makes it sleep
     r._worker = SimpleNamespace(update=lambda *args: rec.run("update") or {})

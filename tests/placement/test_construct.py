@@ -110,7 +110,7 @@ def test_the_plan_gives_every_phase_its_threads_and_cores():
     from rlhf_ray.placement.construct import colocated_shares
     ppo = load_config(None, ["algorithm.name=ppo"])
     assert colocated_shares(ppo, 8, "cuda").policy_and_critic is None
-    assert colocated_shares(ppo, 1).policy_and_critic is None
+    assert colocated_shares(ppo, 1, "cpu").policy_and_critic is None
 
 
 def test_only_an_engine_the_plan_makes_sleep_is_built_with_sleep_mode():
