@@ -14,13 +14,21 @@ from typing import Optional
 from rlhf_ray.config import ClusterConfig
 from rlhf_ray.utils.net import free_port
 
-# Every role process: no hub access, quiet tokenizers, and idle OpenMP threads that sleep instead of
-# spinning (roles take turns on the same cores; a spinning idle role steals cycles from the busy one).
+# Every role process: no hub access, quiet tokenizers, and idle OpenMP threads that spin briefly, then sleep.
+# OpenMP's default spin (about 3 ms, libgomp) lets an idle role steal the cores from the busy one: with two
+# processes on the cores it stalled a small model's pass 3-20x. Sleeping at once (PASSIVE) pays a wake-up in
+# every parallel region instead, and a small model runs thousands of them: the tiny model's bf16 update took
+# 124 ms against 80 ms with a 1,000-iteration spin (about 10 us, libgomp's own unit), alone on 2 cores. Two
+# such updates at once on the same 2 cores took 140 ms each PASSIVE, 184 ms with this spin and 650 ms with a
+# 10,000 one: the short spin wins where a role has its cores (the plan's aim), and loses little where it has
+# not. ACTIVE only names the policy; GOMP_SPINCOUNT bounds it, also where libgomp counts more OpenMP threads
+# than cores (a colocated rank's engine and learner threads each keep a team), where PASSIVE never spins.
 ROLE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "OMP_WAIT_POLICY": "PASSIVE",
+    "OMP_WAIT_POLICY": "ACTIVE",
+    "GOMP_SPINCOUNT": "1000",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "RAY_DEDUP_LOGS": "1",
     # The console is the operator's: library load reports, per-actor progress bars and INFO lines from

@@ -33,3 +33,27 @@ def test_a_private_ray_polls_ray_trains_workers_sooner_than_rays_default():
 def test_a_private_ray_without_cuda_runs_vllms_sampler_kernel_eagerly():
     assert role_env(local_env(cuda=False))["TORCHDYNAMO_DISABLE"] == "1"
     assert "TORCHDYNAMO_DISABLE" not in role_env(local_env(cuda=True))  # a GPU keeps the compiled kernel
+
+
+IDLE_CPU_S = """
+import time, torch
+torch.set_num_threads(2)
+a = torch.randn(512, 512)
+for _ in range(20):
+    a @ a                      # parallel regions: an OpenMP team now waits for the next one
+t0 = time.process_time()
+time.sleep(0.5)                # idle: a thread still spinning would burn this process's CPU here
+print(time.process_time() - t0)
+"""
+
+
+def test_an_idle_role_process_stops_spinning_at_once():
+    """Role processes spin briefly between parallel regions (a small model's ops come microseconds apart) but
+    must not keep a core busy once idle: OMP_WAIT_POLICY=ACTIVE without a bounded GOMP_SPINCOUNT spins for
+    minutes, stealing the cores from the role whose turn it is."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, **{k: v for k, v in ROLE_ENV.items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}
+    out = subprocess.run([sys.executable, "-c", IDLE_CPU_S], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip()) < 0.1  # of 0.5 s idle
