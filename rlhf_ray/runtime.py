@@ -89,6 +89,13 @@ def setup_role_process() -> None:
     import ray
     quiet_role_process()
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    install_tensor_wire()  # after quiet_role_process: torch reads TORCH_CPP_LOG_LEVEL once, as it is imported
+
+
+def install_tensor_wire() -> None:
+    """`rlhf_ray.utils.wire`: imported here, not at the top, so that importing this module imports no torch."""
+    from rlhf_ray.utils import wire
+    wire.install()
 
 
 # GPU device nodes of the NVIDIA and AMD drivers: where none exists, every engine here is vLLM's CPU one.
@@ -172,6 +179,7 @@ def ray_session(cfg: ClusterConfig, dashboard: bool = True):
         runtime_env = {"env_vars": role_env(), "worker_process_setup_hook": "rlhf_ray.runtime.setup_role_process"}
         with simulated_cluster(cfg, dict(runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")):
             _sigterm_back_to_python(sigterm)
+            install_tensor_wire()
             yield
         return
     if not ray.is_initialized():
@@ -196,6 +204,7 @@ def ray_session(cfg: ClusterConfig, dashboard: bool = True):
             ray.init(address=cfg.address, runtime_env=runtime_env, logging_level="WARNING")
         started = True
         _sigterm_back_to_python(sigterm)
+    install_tensor_wire()  # the driver's tensors (batches, sequences) leave as raw bytes, as the roles' do
     try:
         yield
     finally:
