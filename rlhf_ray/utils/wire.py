@@ -14,7 +14,6 @@ a process that did not install it still reads what one that did sends (`from_wir
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import torch
 
