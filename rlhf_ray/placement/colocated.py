@@ -62,6 +62,16 @@ class ColocatedRank(PolicyRank):
         self._turns = threading.Lock()
         self._generating = threading.Event()  # the engine thread is sampling (async mode scores beside it)
         self._critic_thread: Optional[ThreadPoolExecutor] = None  # PPO's critic updating beside the policy
+        # Every phase that has the device to itself runs on this one thread, whichever Ray thread called it
+        # (Ray calls `generate` and `sync` on the ENGINE thread, the rest on its default one). OpenMP keeps a
+        # team of worker threads per calling thread, and a pass on another team than the last phase's ran
+        # 2-4x slower op by op: the tiny model's bf16 reference pass after a generation took 33-49 ms against
+        # 20-23 for the same pass again (torch profiler, in the rank); on one thread, 21 ms. One thread, one team.
+        self._device = ThreadPoolExecutor(1, thread_name_prefix="rank-device")
+
+    def _alone(self, fn, *args):
+        """`fn(*args)` on the rank's device thread (above), for a phase that runs with no other beside it."""
+        return self._device.submit(fn, *args).result()
 
     @contextlib.contextmanager
     def _phase(self, share: Share, beside: bool):
@@ -116,6 +126,11 @@ class ColocatedRank(PolicyRank):
         """Sample on this rank's engine, then hand the device back to the learner (on GPUs the engine
         sleeps until the weight push; after it the engine generates from the pushed weights only).
         beside_update: the learner trains at the same time; the engine keeps to its share of the cores."""
+        if not beside_update:
+            return self._alone(self._generate, prompts, n, overrides, False)
+        return self._generate(prompts, n, overrides, True)
+
+    def _generate(self, prompts: list, n: int, overrides: dict, beside_update: bool):
         sh = self.shares
         with self._phase(sh.generate_beside_update if beside_update else sh.generate, beside_update):
             self._generating.set()
@@ -130,8 +145,14 @@ class ColocatedRank(PolicyRank):
         if self._generating.is_set():  # async mode: a generation runs in the engine thread; keep to the learner's cores
             share = self.shares.update_beside_generate
             set_thread_share(share.threads, share.cores)
-        else:
-            set_phase_threads(self.shares.score.threads)  # every core again, after an update beside a generation
+            return self._score(prompts, responses, seq)
+        return self._alone(self._score_alone, prompts, responses, seq)
+
+    def _score_alone(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
+        set_phase_threads(self.shares.score.threads)  # every core again, after an update beside a generation
+        return self._score(prompts, responses, seq)
+
+    def _score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         t0 = time.perf_counter()
         scores, stats = self.reward.score(prompts, responses)
         ref = self.reference.logprobs(seq) if self.reference is not None else self.worker.ref_logprobs(seq)
@@ -141,6 +162,11 @@ class ColocatedRank(PolicyRank):
     def update(self, batch, minibatches, kl_coef: float, beside_generation: bool = False) -> UpdateResult:
         """PPO epochs of the policy (and the critic). beside_generation: the next step's rollouts are being
         sampled at the same time; the learner keeps to its share of the cores."""
+        if not beside_generation:
+            return self._alone(self._update, batch, minibatches, kl_coef, False)
+        return self._update(batch, minibatches, kl_coef, True)
+
+    def _update(self, batch, minibatches, kl_coef: float, beside_generation: bool) -> UpdateResult:
         sh = self.shares
         if self.critic is not None and sh.policy_and_critic is not None and not beside_generation:
             return self._update_both_at_once(batch, minibatches, kl_coef, *sh.policy_and_critic)
@@ -174,6 +200,9 @@ class ColocatedRank(PolicyRank):
     def sync(self, mode: str, version: int) -> float:
         """The in-process transport's rank side (`rlhf_ray.sync.in_process`): this rank's weights into its
         engine, after any generation called before it. Returns the engine's seconds."""
+        return self._alone(self._sync, mode, version)
+
+    def _sync(self, mode: str, version: int) -> float:
         set_phase_threads(self.threads)
         return hand_over(self.learner, self.engine, mode, version, self._skip_full)
 

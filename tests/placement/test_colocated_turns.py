@@ -51,3 +51,41 @@ def test_a_generation_and_an_update_share_the_cores_or_take_turns_on_the_device(
     (g0, g1), (u0, u1) = rec.spans["generate"], rec.spans["update"]
     overlapped = u0 < g1 and g0 < u1
     assert overlapped != can_sleep, rec.spans
+
+
+def test_every_phase_that_runs_alone_runs_on_the_ranks_one_device_thread(monkeypatch):
+    """Ray calls a rank's engine methods on one thread and the others on another; OpenMP keeps a team of workers
+    per calling thread, and a pass on a team other than the last one's ran 2-4x slower op by op (the tiny
+    model's reference pass after a generation: 33-49 ms against 20-23). So every phase that has the device to
+    itself runs on one thread of the rank's, whichever thread called it; one beside another keeps its caller's."""
+    import rlhf_ray.placement.colocated as colocated
+    ran = {}
+
+    def note(name):
+        ran.setdefault(name, set()).add(threading.get_native_id())
+
+    r, _ = rank(can_sleep=False)
+    r.engine.generate = lambda prompts, n, **kw: note("generate")
+    r.reward = SimpleNamespace(score=lambda prompts, responses: (note("reward") or [0.0], {}))
+    r.reference = SimpleNamespace(logprobs=lambda seq: note("reference"))
+    r._worker = SimpleNamespace(update=lambda *args: note("update") or SimpleNamespace())
+    monkeypatch.setattr(colocated, "hand_over", lambda *args: note("sync") or 0.0)
+    monkeypatch.setattr(colocated.ColocatedRank, "learner", None, raising=False)
+
+    def on_a_thread_of_its_own(fn, *args):
+        t = threading.Thread(target=fn, args=args)
+        t.start()
+        t.join(5)
+
+    threads = torch.get_num_threads()
+    try:
+        on_a_thread_of_its_own(r.generate, [[1, 2]], 1, {}, False)      # Ray's engine thread
+        on_a_thread_of_its_own(r.score, ["p"], ["r"], None)               # Ray's default thread
+        on_a_thread_of_its_own(r.update, None, [], 0.0, False)
+        on_a_thread_of_its_own(r.sync, "full", 1)
+        alone = set().union(*ran.values())
+        assert len(alone) == 1 and threading.get_native_id() not in alone, ran
+        on_a_thread_of_its_own(r.generate, [[1, 2]], 1, {}, True)       # beside an update: its caller's thread
+        assert ran["generate"] - alone, ran
+    finally:
+        set_phase_threads(threads)
