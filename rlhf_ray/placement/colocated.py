@@ -69,9 +69,9 @@ class ColocatedRank(PolicyRank):
         # 20-23 for the same pass again (torch profiler, in the rank); on one thread, 21 ms. One thread, one team.
         self._device = ThreadPoolExecutor(1, thread_name_prefix="rank-device")
 
-    def _alone(self, fn, *args):
-        """`fn(*args)` on the rank's device thread (above), for a phase that runs with no other beside it."""
-        return self._device.submit(fn, *args).result()
+    def _on_its_thread(self, beside: bool, fn, *args):
+        """`fn(*args)` for a phase: beside another on its caller's thread, alone on the rank's device thread."""
+        return fn(*args) if beside else self._device.submit(fn, *args).result()
 
     @contextlib.contextmanager
     def _phase(self, share: Share, beside: bool):
@@ -126,9 +126,7 @@ class ColocatedRank(PolicyRank):
         """Sample on this rank's engine, then hand the device back to the learner (on GPUs the engine
         sleeps until the weight push; after it the engine generates from the pushed weights only).
         beside_update: the learner trains at the same time; the engine keeps to its share of the cores."""
-        if not beside_update:
-            return self._alone(self._generate, prompts, n, overrides, False)
-        return self._generate(prompts, n, overrides, True)
+        return self._on_its_thread(beside_update, self._generate, prompts, n, overrides, beside_update)
 
     def _generate(self, prompts: list, n: int, overrides: dict, beside_update: bool):
         sh = self.shares
@@ -146,7 +144,7 @@ class ColocatedRank(PolicyRank):
             share = self.shares.update_beside_generate
             set_thread_share(share.threads, share.cores)
             return self._score(prompts, responses, seq)
-        return self._alone(self._score_alone, prompts, responses, seq)
+        return self._on_its_thread(False, self._score_alone, prompts, responses, seq)
 
     def _score_alone(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         set_phase_threads(self.shares.score.threads)  # every core again, after an update beside a generation
@@ -162,9 +160,7 @@ class ColocatedRank(PolicyRank):
     def update(self, batch, minibatches, kl_coef: float, beside_generation: bool = False) -> UpdateResult:
         """PPO epochs of the policy (and the critic). beside_generation: the next step's rollouts are being
         sampled at the same time; the learner keeps to its share of the cores."""
-        if not beside_generation:
-            return self._alone(self._update, batch, minibatches, kl_coef, False)
-        return self._update(batch, minibatches, kl_coef, True)
+        return self._on_its_thread(beside_generation, self._update, batch, minibatches, kl_coef, beside_generation)
 
     def _update(self, batch, minibatches, kl_coef: float, beside_generation: bool) -> UpdateResult:
         sh = self.shares
@@ -200,7 +196,7 @@ class ColocatedRank(PolicyRank):
     def sync(self, mode: str, version: int) -> float:
         """The in-process transport's rank side (`rlhf_ray.sync.in_process`): this rank's weights into its
         engine, after any generation called before it. Returns the engine's seconds."""
-        return self._alone(self._sync, mode, version)
+        return self._on_its_thread(False, self._sync, mode, version)
 
     def _sync(self, mode: str, version: int) -> float:
         set_phase_threads(self.threads)
