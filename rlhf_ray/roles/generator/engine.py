@@ -69,9 +69,9 @@ def llm_kwargs(model_path: str, *, dtype: str, tensor_parallel_size: int, gpu_me
         logprobs_mode="processed_logprobs", enable_prefix_caching=True, quantization=quantization,
         enable_sleep_mode=enable_sleep_mode, distributed_executor_backend=distributed_executor_backend,
         use_tqdm_on_load=False,  # a shard-loading bar per engine start (and per sync reload) buries the step lines
+        # TP workers in processes of their own receive syncs by broadcast; an in-process one takes them in place
+        worker_extension_cls=WORKER_EXTENSION,
     )
-    if tensor_parallel_size > 1:  # workers in processes of their own receive syncs by broadcast
-        kwargs.update(worker_extension_cls=WORKER_EXTENSION)
     if lora:
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(max_lora_rank))
     return kwargs
@@ -97,8 +97,6 @@ def engine_llm_kwargs(model_path: str, rollout_cfg, backend: Backend, lora: bool
                         max_model_len=max_model_len, lora=lora, max_lora_rank=max_lora_rank,
                         quantization=quantization, enforce_eager=eager)
     kwargs.update(engine_kwargs or {})
-    if kwargs["tensor_parallel_size"] > 1:  # a plan's TP size over a TP=1 rollout section: still no folder
-        kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
     return kwargs
 
 
@@ -127,6 +125,10 @@ class GeneratorEngine:
         self.llm = LLM(**kwargs)
         self.tensor_parallel_size = kwargs["tensor_parallel_size"]
         self.workers_receive = workers_receive(kwargs)
+        # full pushes into an in-process engine go straight into its layers where the backend says so
+        self.in_place_push = (backend.engine_in_place_push and self.tensor_parallel_size == 1
+                              and kwargs.get("worker_extension_cls") == WORKER_EXTENSION)
+        self.pushed_in_place = False    # whether the last full push did (the first goes through vLLM's reload)
         self.sync_timeout_s = 120.0     # a relayed sync's broadcast (`_relay`): a worker that never joins fails it
         self.received: list[int] = []   # bytes each TP worker took off the last broadcast sync
         self.tokenizer = self.llm.get_tokenizer()
@@ -229,6 +231,8 @@ class GeneratorEngine:
         elif self.tensor_parallel_size > 1:  # the fallback: a path crosses to the workers, an iterator cannot
             method, kwargs = reload_payload(self._write_sync_folder(named_weights))
             self.llm.collective_rpc(method, kwargs=kwargs)
+        elif self.in_place_push:
+            self.pushed_in_place = self.llm.collective_rpc("rlhf_load_in_place", args=(named_weights,))[0]
         else:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights)})
         self.llm.reset_prefix_cache()

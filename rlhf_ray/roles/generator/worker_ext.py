@@ -1,4 +1,5 @@
-"""Runs inside each vLLM worker of a tensor-parallel engine: takes a weight sync straight off a broadcast.
+"""Runs inside each vLLM worker: a tensor-parallel engine's workers take a weight sync straight off a
+broadcast; an in-process engine's one worker takes full pushes in place (`rlhf_load_in_place`).
 
 vLLM mixes this class into its worker class (`LLM(worker_extension_cls=...)`,
 `vllm/v1/worker/worker_base.py` `init_worker`), and `LLM.collective_rpc("rlhf_...")` runs a method on
@@ -31,6 +32,33 @@ class WeightReceiver:
     """Mixed into vLLM's worker class: `self` is the worker (`rank`, `device`, `reload_weights`)."""
 
     _rlhf_group = None
+    _rlhf_in_place = None   # the in-place loader once checked against vLLM's reload; False: it did not match
+
+    def rlhf_load_in_place(self, weights: Iterable[tuple[str, torch.Tensor]]) -> bool:
+        """A full push into an in-process engine (tensors cannot cross to a worker process): written straight
+        into the layers (`in_place`) once the first push, through vLLM's reload, showed that it places every
+        tensor as vLLM does. Returns whether this push went in place."""
+        from rlhf_ray.roles.generator.in_place import InPlaceLoader, Unmapped
+
+        if self._rlhf_in_place is None:
+            named = list(weights)
+            self.reload_weights(weights_iterator=iter(named))
+            self._rlhf_in_place = InPlaceLoader.matching(self.model_runner.get_model(), named) or False
+            return False
+        if self._rlhf_in_place is False:
+            self.reload_weights(weights_iterator=weights)
+            return False
+        named = list(weights)
+        try:
+            self._rlhf_in_place.load(named)
+        except Unmapped:   # names this loader was not checked on (nothing written): vLLM's reload places them
+            self.reload_weights(weights_iterator=iter(named))
+            return False
+        runner = self.model_runner   # what vLLM's reload_weights invalidates after loading
+        runner.reset_lora_state()
+        runner.reset_encoder_cache()
+        runner.reset_mm_cache()
+        return True
 
     def rlhf_join(self, host: str, port: int, first_rank: int, world_size: int, backend: str, device: str,
                   timeout_s: float) -> int:

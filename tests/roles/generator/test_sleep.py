@@ -28,6 +28,7 @@ def engine(can_sleep: bool) -> GeneratorEngine:
     e.llm, e.can_sleep, e.asleep, e.version = FakeLLM(), can_sleep, frozenset(), 0
     e.cfg = SimpleNamespace(tensor_parallel_size=1)  # one process: weights cross as an iterator
     e.workers_receive, e.tensor_parallel_size = False, 1  # one process: no broadcast to TP workers
+    e.in_place_push = False  # a sleeping engine is a CUDA one: vLLM's reload takes its pushes
     return e
 
 

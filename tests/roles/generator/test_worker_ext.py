@@ -13,9 +13,9 @@ def _kwargs(tp, engine_kwargs=None):
                              engine_kwargs=engine_kwargs)
 
 
-def test_tp_engines_get_the_extension_and_receive_by_broadcast():
+def test_every_engine_gets_the_extension_and_tp_ones_receive_by_broadcast():
     assert _kwargs(2)["worker_extension_cls"] == EXTENSION and workers_receive(_kwargs(2))
-    assert "worker_extension_cls" not in _kwargs(1) and not workers_receive(_kwargs(1))
+    assert _kwargs(1)["worker_extension_cls"] == EXTENSION and not workers_receive(_kwargs(1))
 
 
 def test_another_extension_falls_back_to_the_folder():

@@ -1,0 +1,66 @@
+"""Full pushes written straight into an in-process engine's layers (`roles.generator.in_place`): the first
+push goes through vLLM's reload and checks the loader against it; every later one goes in place and the
+engine then computes exactly what vLLM's reload of the same weights makes it compute."""
+import pytest
+import torch
+
+from rlhf_ray.config.schema import RolloutConfig
+from rlhf_ray.utils.device import resolve_backend
+
+from .conftest import hf_logprobs, load_hf, named_weights, perturb
+
+pytestmark = pytest.mark.slow
+CFG = RolloutConfig(n_samples_per_prompt=2, temperature=0.7, max_new_tokens=8, kv_cache_gib=1.0, seed=0)
+PROMPTS = [[5, 17, 33, 90, 100], [7, 8, 9], list(range(3, 43))]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path):
+    from rlhf_ray.roles.generator.engine import GeneratorEngine
+    eng = GeneratorEngine(tiny_path, CFG, resolve_backend("cpu", "float32"), lora=False, max_model_len=256)
+    yield eng
+    eng.close()
+
+
+def _model(engine):
+    return engine.llm.collective_rpc(lambda worker: worker.model_runner.get_model())[0]
+
+
+def _vllm_reload(engine, named):
+    engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named))})
+    engine.llm.reset_prefix_cache()
+
+
+def test_pushes_after_the_first_go_in_place_and_compute_what_vllms_reload_does(engine, tiny_path):
+    learner = load_hf(tiny_path)
+    perturb(learner, seed=21)
+    engine.load_full(named_weights(learner), version=1)
+    assert not engine.pushed_in_place                   # the first push: vLLM's reload, the loader checked on it
+    perturb(learner, seed=22)
+    engine.load_full(named_weights(learner), version=2)
+    assert engine.pushed_in_place
+    ours = engine.generate(PROMPTS, seeds=[1, 2, 3])
+    learner_logp, engine_logp, mask = hf_logprobs(learner, ours)
+    assert ((learner_logp - engine_logp).abs() * mask).max() < 1e-3   # the engine serves the pushed weights
+
+    _vllm_reload(engine, named_weights(learner))        # the same weights, placed by vLLM
+    theirs = engine.generate(PROMPTS, seeds=[1, 2, 3])
+    assert ours.response_ids == theirs.response_ids and ours.response_logprobs == theirs.response_logprobs
+
+
+def test_a_loader_that_places_a_tensor_unlike_vllm_is_not_used(engine, tiny_path):
+    from rlhf_ray.roles.generator.in_place import InPlaceLoader
+
+    learner = load_hf(tiny_path)
+    perturb(learner, seed=23)
+    named = list(named_weights(learner))
+    _vllm_reload(engine, named)
+    assert InPlaceLoader.matching(_model(engine), named) is not None
+    # the MLP's two halves swapped in layer 0: same shapes, so only the kernel check can tell
+    swap = {"model.layers.0.mlp.gate_proj.weight": "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.mlp.up_proj.weight": "model.layers.0.mlp.gate_proj.weight"}
+    assert InPlaceLoader.matching(_model(engine), [(swap.get(n, n), t) for n, t in named]) is None
+    assert InPlaceLoader.matching(_model(engine), named + [("model.layers.0.mlp.nowhere.weight", named[0][1])]) is None
+    # the refused checks wrote nothing: the engine still serves the learner's weights
+    learner_logp, engine_logp, mask = hf_logprobs(learner, engine.generate(PROMPTS, seeds=[4, 5, 6]))
+    assert ((learner_logp - engine_logp).abs() * mask).max() < 1e-3
