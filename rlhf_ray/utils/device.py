@@ -27,7 +27,7 @@ class Backend:
     engine_eager: bool = True
     # A full push written straight into the engine's layers (`rlhf_ray.roles.generator.in_place`), checked
     # against vLLM's reload on the first push: vLLM's CPU linear layers drop their weight once packed, so its
-    # reload rebuilds every layer (tiny model, bf16: 8.8 ms a push, 4.1 in place; SmolLM2-135M 129 vs 77).
+    # reload rebuilds every layer (tiny model, bf16: 8.8 ms a push, 3.7 in place; SmolLM2-135M 129 vs 70).
     # On CUDA the layers keep their weights and vLLM's reload copies into them (CUDA graphs keep pointing
     # at them): its path stays there.
     engine_in_place_push: bool = False

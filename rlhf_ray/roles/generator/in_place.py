@@ -7,11 +7,12 @@ tensors to count what arrived), then packs again. Measured on the tiny 3.7M mode
 8.8 ms a push alone, 13.9 ms inside a colocated rank; half the tiny step's framework overhead. Packing
 itself (creating the handles) is 3-4 ms of it.
 
-`InPlaceLoader` does only the necessary part: one staging tensor per packed layer, each pushed tensor copied
-into its rows (a fused layer's shard at its offset: the model's `packed_modules_mapping`, q/k/v -> qkv_proj,
-and the layer's `output_partition_sizes`), other tensors copied into their parameters, then each touched
-layer's own `quant_method.process_weights_after_loading` packs it as at load time. Tiny: 4.1 ms a push;
-SmolLM2-135M bf16: 77 ms against 129.
+`InPlaceLoader` does only the necessary part: each pushed tensor copied into its layer's staging tensor (a
+fused layer's shard at its offset: the model's `packed_modules_mapping`, q/k/v -> qkv_proj, and the layer's
+`output_partition_sizes`) or straight into its parameter, and each layer, once complete, packed again by its
+own `quant_method.process_weights_after_loading` as at load time; its staging tensor goes with it, so a push
+holds one layer's copy at a time. Tiny: 3.7 ms a push alone, 6.4 in the rank; SmolLM2-135M bf16: 70 ms
+against vLLM's 129.
 
 It is checked against vLLM before it is trusted: an engine's first push goes through `reload_weights`, and
 `InPlaceLoader.matching` then stages the same tensors and compares every layer's own kernel output on a probe
@@ -20,9 +21,10 @@ shape that does not fit, a quantized layer) or whose check disagrees keeps vLLM'
 """
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -53,7 +55,6 @@ class InPlaceLoader:
         packed = getattr(model, "packed_modules_mapping", None) or {}
         self._fused = {part: (fused, i) for fused, parts in packed.items() for i, part in enumerate(parts)}
         self._slots: dict[str, Slot] = {}
-        self._staging: dict[torch.nn.Module, torch.Tensor] = {}
         self._plain = _plain_methods()
 
     # -- planning: where each pushed tensor goes -------------------------------------------------------
@@ -99,57 +100,69 @@ class InPlaceLoader:
         return tuple(target.shape[1:])
 
     def plan(self, named: list[tuple[str, torch.Tensor]]) -> list[tuple[Slot, torch.Tensor]]:
-        """Every tensor's place, or `Unmapped` before anything is written."""
-        return [(self._slot(name, t.shape), t) for name, t in named]
+        """Every tensor's place, or `Unmapped` before anything is written. A packed layer is staged afresh
+        each push, so it must get all its rows."""
+        placed = [(self._slot(name, t.shape), t) for name, t in named]
+        rows: collections.Counter = collections.Counter()
+        for slot, t in placed:
+            if slot.packed:
+                rows[slot.module] += t.shape[0]
+        for m, n in rows.items():
+            if n != self._rows(m):
+                raise Unmapped(f"{type(m).__name__}: {n} of its {self._rows(m)} rows pushed")
+        return placed
 
     # -- loading ---------------------------------------------------------------------------------------
-    def _stage(self, placed: list[tuple[Slot, torch.Tensor]]) -> dict[torch.nn.Module, bool]:
-        """Copy each tensor into its staging rows or parameter; returns the touched layers (True: staged)."""
-        touched: dict[torch.nn.Module, bool] = {}
+    def _staged(self, placed: list[tuple[Slot, torch.Tensor]], write: bool = True
+                ) -> Iterator[tuple[torch.nn.Module, Optional[torch.Tensor], bool]]:
+        """Copy each tensor into its parameter (`write`; else compare it with what is there) or into its
+        packed layer's staging tensor. Yields (layer, staging tensor or None, all equal) for each layer to
+        pack: a packed one once all its rows are in, so its staging tensor goes before the next one's is
+        made (peak memory: a layer, not a model)."""
+        left = collections.Counter(slot.module for slot, _ in placed if slot.packed)
+        staging: dict[torch.nn.Module, torch.Tensor] = {}
         with torch.no_grad():
             for slot, t in placed:
                 m = slot.module
-                if slot.packed:
-                    buf = self._staging.get(m)
-                    if buf is None:
-                        dtype = getattr(m, "params_dtype", None) or getattr(m, slot.param).dtype
-                        buf = self._staging[m] = torch.empty(self._rows(m), self._cols(m, None, True)[0], dtype=dtype)
-                    buf[slot.offset:slot.offset + t.shape[0]].copy_(t)
-                    touched[m] = True
-                else:
-                    _view(slot, t).copy_(t)
-                    if slot.param == "weight" and getattr(m, "quant_method", None) is not None:
-                        touched.setdefault(m, False)
-        return touched
+                if not slot.packed:
+                    view, same = _view(slot, t), True
+                    if write:
+                        view.copy_(t)
+                    else:
+                        same = torch.equal(view, t.to(view.dtype))
+                    if not same or (slot.param == "weight" and getattr(m, "quant_method", None) is not None):
+                        yield m, None, same
+                    continue
+                if m not in staging:
+                    staging[m] = torch.empty(self._rows(m), self._cols(m, None, True)[0], dtype=m.params_dtype)
+                staging[m][slot.offset:slot.offset + t.shape[0]].copy_(t)
+                left[m] -= 1
+                if left[m] == 0:
+                    yield m, staging.pop(m), True
 
     def load(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Write `named` (HF names) into the model and pack every touched layer again."""
-        touched = self._stage(self.plan(list(named)))
-        for m, staged in touched.items():
-            if staged:  # the layer drops it again after packing; the staging tensor stays ours for the next push
-                m.weight = torch.nn.Parameter(self._staging[m], requires_grad=False)
+        """Write `named` (HF names) into the model, packing each layer again as it completes."""
+        for m, staged, _ in self._staged(self.plan(list(named))):
+            if staged is not None:  # the layer packs it, then drops it
+                m.weight = torch.nn.Parameter(staged, requires_grad=False)
             m.quant_method.process_weights_after_loading(m)
 
     # -- the check against vLLM's own reload -----------------------------------------------------------
     @classmethod
     def matching(cls, model: torch.nn.Module, named: list[tuple[str, torch.Tensor]]) -> Optional["InPlaceLoader"]:
         """Right after vLLM's `reload_weights` loaded `named`: a loader whose placement reproduces what vLLM
-        built (each touched layer's kernel on a probe input against the staged weight; copied tensors
-        equal), or None (logged) when it cannot place them or disagrees."""
+        built (each packed layer's kernel on a probe input against the staged weight; every other tensor
+        equal to what vLLM put there), or None (logged) when it cannot place them or disagrees. Writes
+        nothing."""
         loader = cls(model)
         try:
             placed = loader.plan(named)
         except Unmapped as e:
             log.info("weight pushes use vLLM's reload: %s", e)
             return None
-        loader._stage([(s, t) for s, t in placed if s.packed])
-        for slot, t in placed:
-            if not slot.packed and not torch.equal(_view(slot, t), t.to(_view(slot, t).dtype)):
-                log.info("weight pushes use vLLM's reload: %s differs from what vLLM loaded", slot.param)
-                return None
-        for m, buf in loader._staging.items():
-            if not _same_kernel(m, buf):
-                log.info("weight pushes use vLLM's reload: a packed layer differs from what vLLM built")
+        for m, staged, same in loader._staged(placed, write=False):
+            if not same or (staged is not None and not _same_kernel(m, staged)):
+                log.info("weight pushes use vLLM's reload: %s differs from what vLLM loaded", type(m).__name__)
                 return None
         return loader
 

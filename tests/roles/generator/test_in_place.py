@@ -60,7 +60,12 @@ def test_a_loader_that_places_a_tensor_unlike_vllm_is_not_used(engine, tiny_path
     swap = {"model.layers.0.mlp.gate_proj.weight": "model.layers.0.mlp.up_proj.weight",
             "model.layers.0.mlp.up_proj.weight": "model.layers.0.mlp.gate_proj.weight"}
     assert InPlaceLoader.matching(_model(engine), [(swap.get(n, n), t) for n, t in named]) is None
+    norms = {"model.layers.0.input_layernorm.weight": "model.layers.0.post_attention_layernorm.weight",
+             "model.layers.0.post_attention_layernorm.weight": "model.layers.0.input_layernorm.weight"}
+    assert InPlaceLoader.matching(_model(engine), [(norms.get(n, n), t) for n, t in named]) is None
     assert InPlaceLoader.matching(_model(engine), named + [("model.layers.0.mlp.nowhere.weight", named[0][1])]) is None
+    # a fused layer pushed in part (its staging tensor is new each push: the rest would be garbage)
+    assert InPlaceLoader.matching(_model(engine), [(n, t) for n, t in named if n != "model.layers.0.self_attn.k_proj.weight"]) is None
     # the refused checks wrote nothing: the engine still serves the learner's weights
     learner_logp, engine_logp, mask = hf_logprobs(learner, engine.generate(PROMPTS, seeds=[4, 5, 6]))
     assert ((learner_logp - engine_logp).abs() * mask).max() < 1e-3
