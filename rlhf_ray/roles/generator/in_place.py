@@ -14,17 +14,19 @@ own `quant_method.process_weights_after_loading` as at load time; its staging te
 holds one layer's copy at a time. Tiny: 3.7 ms a push alone, 6.4 in the rank; SmolLM2-135M bf16: 70 ms
 against vLLM's 129.
 
-It is checked against vLLM before it is trusted: an engine's first push goes through `reload_weights`, and
-`InPlaceLoader.matching` then stages the same tensors and compares every layer's own kernel output on a probe
-input (and every copied parameter) with what it staged. A model it cannot map (a name it cannot resolve, a
-shape that does not fit, a quantized layer) or whose check disagrees keeps vLLM's reload for the run.
+It is checked against vLLM before it is trusted: an engine's first push goes through `reload_weights` (the
+only push that holds all its tensors at once), and `InPlaceLoader.matching` then stages the same tensors and
+compares every layer's own kernel output on a probe input (and every copied parameter) with what it staged.
+A model it cannot map (a name it cannot resolve, a shape that does not fit, a quantized layer) or whose check
+disagrees keeps vLLM's reload for the run; a later push that brings a tensor it cannot place hands that
+tensor and the rest of the push to vLLM's reload.
 """
 from __future__ import annotations
 
-import collections
+import itertools
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class Unmapped(Exception):
-    """A pushed tensor this loader cannot place; nothing was written."""
+    """A pushed tensor this loader cannot place."""
 
 
 @dataclass(frozen=True)
@@ -99,30 +101,31 @@ class InPlaceLoader:
             return (getattr(module, "input_size_per_partition", getattr(module, "input_size", -1)),)
         return tuple(target.shape[1:])
 
-    def plan(self, named: list[tuple[str, torch.Tensor]]) -> list[tuple[Slot, torch.Tensor]]:
-        """Every tensor's place, or `Unmapped` before anything is written. A packed layer is staged afresh
-        each push, so it must get all its rows."""
-        placed = [(self._slot(name, t.shape), t) for name, t in named]
-        rows: collections.Counter = collections.Counter()
-        for slot, t in placed:
-            if slot.packed:
-                rows[slot.module] += t.shape[0]
-        for m, n in rows.items():
-            if n != self._rows(m):
-                raise Unmapped(f"{type(m).__name__}: {n} of its {self._rows(m)} rows pushed")
-        return placed
-
     # -- loading ---------------------------------------------------------------------------------------
-    def _staged(self, placed: list[tuple[Slot, torch.Tensor]], write: bool = True
+    def _stream(self, named: Iterable[tuple[str, torch.Tensor]], write: bool = True,
+                rest: Optional[Callable[[Iterator[tuple[str, torch.Tensor]]], None]] = None
                 ) -> Iterator[tuple[torch.nn.Module, Optional[torch.Tensor], bool]]:
-        """Copy each tensor into its parameter (`write`; else compare it with what is there) or into its
-        packed layer's staging tensor. Yields (layer, staging tensor or None, all equal) for each layer to
-        pack: a packed one once all its rows are in, so its staging tensor goes before the next one's is
-        made (peak memory: a layer, not a model)."""
-        left = collections.Counter(slot.module for slot, _ in placed if slot.packed)
-        staging: dict[torch.nn.Module, torch.Tensor] = {}
+        """Take `named` as it streams in (a sync's buckets one at a time): each tensor copied into its
+        parameter (`write`; else compared with what is there) or into its packed layer's staging tensor.
+        Yields (layer, staging tensor or None, all equal) for each layer to pack again; a packed one once all
+        its rows are in, and its staging tensor then goes (a push holds one layer's copy, not a model's).
+        A tensor it cannot place, and a packed layer left incomplete at the end, raise `Unmapped`, or with
+        `rest` go to it with the rest of the stream (the parts of layers not yet complete first)."""
+        staging: dict[torch.nn.Module, tuple[torch.Tensor, list]] = {}  # layer -> staging tensor, its parts so far
+
+        def pending() -> list[tuple[str, torch.Tensor]]:
+            return [part for _, parts in staging.values() for part in parts]
+
+        stream = iter(named)
         with torch.no_grad():
-            for slot, t in placed:
+            for name, t in stream:
+                try:
+                    slot = self._slot(name, t.shape)
+                except Unmapped:
+                    if rest is None:
+                        raise
+                    rest(itertools.chain(pending(), [(name, t)], stream))
+                    return
                 m = slot.module
                 if not slot.packed:
                     view, same = _view(slot, t), True
@@ -134,15 +137,24 @@ class InPlaceLoader:
                         yield m, None, same
                     continue
                 if m not in staging:
-                    staging[m] = torch.empty(self._rows(m), self._cols(m, None, True)[0], dtype=m.params_dtype)
-                staging[m][slot.offset:slot.offset + t.shape[0]].copy_(t)
-                left[m] -= 1
-                if left[m] == 0:
-                    yield m, staging.pop(m), True
+                    staging[m] = (torch.empty(self._rows(m), self._cols(m, None, True)[0], dtype=m.params_dtype), [])
+                buf, parts = staging[m]
+                buf[slot.offset:slot.offset + t.shape[0]].copy_(t)
+                parts.append((name, t))
+                if sum(p.shape[0] for _, p in parts) == self._rows(m):
+                    del staging[m]
+                    yield m, buf, True
+        if staging:
+            if rest is None:
+                raise Unmapped(f"{type(next(iter(staging))).__name__}: only part of its rows pushed")
+            rest(iter(pending()))
 
-    def load(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Write `named` (HF names) into the model, packing each layer again as it completes."""
-        for m, staged, _ in self._staged(self.plan(list(named))):
+    def load(self, named: Iterable[tuple[str, torch.Tensor]],
+             rest: Callable[[Iterator[tuple[str, torch.Tensor]]], None]) -> None:
+        """Write `named` (HF names) into the model, packing each layer again as it completes. What it cannot
+        place (a name the first push did not have, a fused layer pushed in part) goes, with the rest of the
+        push, to `rest` (vLLM's reload, which keeps the layers it gets nothing for)."""
+        for m, staged, _ in self._stream(named, rest=rest):
             if staged is not None:  # the layer packs it, then drops it
                 m.weight = torch.nn.Parameter(staged, requires_grad=False)
             m.quant_method.process_weights_after_loading(m)
@@ -156,14 +168,13 @@ class InPlaceLoader:
         nothing."""
         loader = cls(model)
         try:
-            placed = loader.plan(named)
+            for m, staged, same in loader._stream(named, write=False):
+                if not same or (staged is not None and not _same_kernel(m, staged)):
+                    log.info("weight pushes use vLLM's reload: %s differs from what vLLM loaded", type(m).__name__)
+                    return None
         except Unmapped as e:
             log.info("weight pushes use vLLM's reload: %s", e)
             return None
-        for m, staged, same in loader._staged(placed, write=False):
-            if not same or (staged is not None and not _same_kernel(m, staged)):
-                log.info("weight pushes use vLLM's reload: %s differs from what vLLM loaded", type(m).__name__)
-                return None
         return loader
 
 

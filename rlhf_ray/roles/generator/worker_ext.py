@@ -38,7 +38,7 @@ class WeightReceiver:
         """A full push into an in-process engine (tensors cannot cross to a worker process): written straight
         into the layers (`in_place`) once the first push, through vLLM's reload, showed that it places every
         tensor as vLLM does. Returns whether this push went in place."""
-        from rlhf_ray.roles.generator.in_place import InPlaceLoader, Unmapped
+        from rlhf_ray.roles.generator.in_place import InPlaceLoader
 
         if self._rlhf_in_place is None:
             named = list(weights)
@@ -48,17 +48,18 @@ class WeightReceiver:
         if self._rlhf_in_place is False:
             self.reload_weights(weights_iterator=weights)
             return False
-        named = list(weights)
-        try:
-            self._rlhf_in_place.load(named)
-        except Unmapped:   # names this loader was not checked on (nothing written): vLLM's reload places them
-            self.reload_weights(weights_iterator=iter(named))
-            return False
+        handed: list = []   # what the loader could not place (with the rest of the push) went to vLLM's reload
+
+        def rest(named):
+            handed.append(True)
+            self.reload_weights(weights_iterator=named)
+
+        self._rlhf_in_place.load(weights, rest)
         runner = self.model_runner   # what vLLM's reload_weights invalidates after loading
         runner.reset_lora_state()
         runner.reset_encoder_cache()
         runner.reset_mm_cache()
-        return True
+        return not handed
 
     def rlhf_join(self, host: str, port: int, first_rank: int, world_size: int, backend: str, device: str,
                   timeout_s: float) -> int:

@@ -69,3 +69,22 @@ def test_a_loader_that_places_a_tensor_unlike_vllm_is_not_used(engine, tiny_path
     # the refused checks wrote nothing: the engine still serves the learner's weights
     learner_logp, engine_logp, mask = hf_logprobs(learner, engine.generate(PROMPTS, seeds=[4, 5, 6]))
     assert ((learner_logp - engine_logp).abs() * mask).max() < 1e-3
+
+
+def test_a_push_with_a_tensor_the_loader_cannot_place_ends_in_vllms_reload(engine, tiny_path):
+    """Mid-stream: what came before went in place; the layer being assembled, the odd tensor and the rest go
+    to vLLM's reload (which skips a rotary `inv_freq` itself). Every weight of the push is then served."""
+    learner = load_hf(tiny_path)
+    perturb(learner, seed=24)
+    engine.load_full(named_weights(learner), version=engine.version + 1)   # (in place after this module's first)
+    perturb(learner, seed=25)
+    named = list(named_weights(learner))
+    at = [n for n, _ in named].index("model.layers.1.self_attn.q_proj.weight") + 1  # q in, k and v not yet
+    odd = ("model.layers.1.self_attn.rotary_emb.inv_freq", torch.ones(4))
+    engine.load_full(iter(named[:at] + [odd] + named[at:]), version=engine.version + 1)
+    assert not engine.pushed_in_place
+    learner_logp, engine_logp, mask = hf_logprobs(learner, engine.generate(PROMPTS, seeds=[7, 8, 9]))
+    assert ((learner_logp - engine_logp).abs() * mask).max() < 1e-3
+    perturb(learner, seed=26)
+    engine.load_full(named_weights(learner), version=engine.version + 1)
+    assert engine.pushed_in_place                          # the next ordinary push goes in place again
