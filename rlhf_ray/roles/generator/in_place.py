@@ -52,11 +52,14 @@ def _plain_methods() -> tuple[type, ...]:
 
 
 class InPlaceLoader:
+    """Where each pushed tensor of one engine's model goes (planned on first sight of a name and shape), and
+    the push itself."""
+
     def __init__(self, model: torch.nn.Module):
         self.model = model
         packed = getattr(model, "packed_modules_mapping", None) or {}
         self._fused = {part: (fused, i) for fused, parts in packed.items() for i, part in enumerate(parts)}
-        self._slots: dict[str, Slot] = {}
+        self._slots: dict[tuple, Slot] = {}
         self._plain = _plain_methods()
 
     # -- planning: where each pushed tensor goes -------------------------------------------------------
@@ -68,8 +71,9 @@ class InPlaceLoader:
         return getattr(module, "base_layer", module)  # a LoRA-wrapped layer's own weights live in its base
 
     def _slot(self, name: str, shape: torch.Size) -> Slot:
-        if name in self._slots:
-            return self._slots[name]
+        key = (name, tuple(shape))
+        if key in self._slots:
+            return self._slots[key]
         path, _, param = name.rpartition(".")
         module, offset = self._module(path), 0
         if module is None:  # a part of a fused layer: model.layers.0.self_attn.q_proj -> ...qkv_proj, shard 0
@@ -85,10 +89,12 @@ class InPlaceLoader:
         if not isinstance(target, torch.Tensor) or (method is not None and not isinstance(method, self._plain)):
             raise Unmapped(f"{name}: not a plain tensor of the engine's model")
         packed = param == "weight" and target.numel() == 0 and method is not None
+        if packed and not hasattr(module, "output_partition_sizes"):
+            raise Unmapped(f"{name}: a packed layer of a kind this loader does not know")
         rows = self._rows(module) if packed else target.shape[0] if target.dim() else 0
         if tuple(shape[1:]) != tuple(self._cols(module, target, packed)) or offset + (shape[0] if shape else 0) > rows:
             raise Unmapped(f"{name}: shape {tuple(shape)} does not fit the engine's layer")
-        slot = self._slots[name] = Slot(module, param, offset, packed)
+        slot = self._slots[key] = Slot(module, param, offset, packed)
         return slot
 
     @staticmethod
