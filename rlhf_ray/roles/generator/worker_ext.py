@@ -42,17 +42,17 @@ class WeightReceiver:
 
         if self._rlhf_in_place is None:
             named = list(weights)
-            self.reload_weights(weights_iterator=iter(named))
+            self._rlhf_reload(iter(named))
             self._rlhf_in_place = InPlaceLoader.matching(self.model_runner.get_model(), named) or False
             return False
         if self._rlhf_in_place is False:
-            self.reload_weights(weights_iterator=weights)
+            self._rlhf_reload(weights)
             return False
         handed: list = []   # what the loader could not place (with the rest of the push) went to vLLM's reload
 
         def rest(named):
             handed.append(True)
-            self.reload_weights(weights_iterator=named)
+            self._rlhf_reload(named)
 
         self._rlhf_in_place.load(weights, rest)
         runner = self.model_runner   # what vLLM's reload_weights invalidates after loading
@@ -60,6 +60,13 @@ class WeightReceiver:
         runner.reset_encoder_cache()
         runner.reset_mm_cache()
         return not handed
+
+    def _rlhf_reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """vLLM's reload, then the kernels it leaves stale: a tied lm_head's (`in_place.tied_followers`)."""
+        from rlhf_ray.roles.generator.in_place import pack_followers
+
+        self.reload_weights(weights_iterator=weights)
+        pack_followers(self.model_runner.get_model())
 
     def rlhf_join(self, host: str, port: int, first_rank: int, world_size: int, backend: str, device: str,
                   timeout_s: float) -> int:
@@ -80,7 +87,7 @@ class WeightReceiver:
         if self._rlhf_group is None:
             raise RuntimeError("rlhf_receive() before rlhf_join()")
         tally = [0]
-        self.reload_weights(weights_iterator=counted(self._rlhf_group.recv_named(), tally))
+        self._rlhf_reload(counted(self._rlhf_group.recv_named(), tally))
         return tally[0]
 
     def rlhf_receive_once(self, host: str, port: int, first_rank: int, world_size: int, backend: str, device: str,

@@ -88,3 +88,47 @@ def test_a_push_with_a_tensor_the_loader_cannot_place_ends_in_vllms_reload(engin
     perturb(learner, seed=26)
     engine.load_full(named_weights(learner), version=engine.version + 1)
     assert engine.pushed_in_place                          # the next ordinary push goes in place again
+
+
+@pytest.fixture(scope="module")
+def biased_path(tiny_path, tmp_path_factory):
+    """The tiny Llama with what it lacks: biases in q/k/v/o and the MLP, grouped-query attention (k and v
+    shards narrower than q), tied embeddings."""
+    import shutil
+
+    from transformers import AutoConfig, LlamaForCausalLM
+    out = tmp_path_factory.mktemp("biased")
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(f"{tiny_path}/{f}", out / f)
+    cfg = AutoConfig.from_pretrained(tiny_path)
+    cfg.attention_bias, cfg.mlp_bias, cfg.tie_word_embeddings = True, True, True
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 32
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(out)
+    return str(out)
+
+
+def test_biases_grouped_query_shards_and_a_tied_embedding_go_in_place_too(biased_path):
+    """Every push, the first (vLLM's reload) included, serves the pushed weights; the tied lm_head packs the
+    embedding's weight into a kernel of its own, which neither vLLM's reload nor the loader reaches by name."""
+    from rlhf_ray.roles.generator.engine import GeneratorEngine
+    from rlhf_ray.roles.generator.group import tied_names
+
+    engine = GeneratorEngine(biased_path, CFG, resolve_backend("cpu", "float32"), lora=False, max_model_len=256)
+    try:
+        learner = load_hf(biased_path)
+        skip = tied_names(biased_path)
+        assert skip                                       # the engine loads the embedding once, as its lm_head too
+        for version, seed in ((1, 31), (2, 32), (3, 33)):
+            perturb(learner, seed=seed)
+            engine.load_full(((n, t) for n, t in named_weights(learner) if n not in skip), version=version)
+            assert engine.pushed_in_place == (version > 1)
+            learner_logp, engine_logp, mask = hf_logprobs(learner, engine.generate(PROMPTS, seeds=[1, 2, 3]))
+            assert ((learner_logp - engine_logp).abs() * mask).max() < 1e-3, version
+    finally:
+        engine.close()
