@@ -3,12 +3,13 @@ broadcast; an in-process engine's one worker takes full pushes in place (`rlhf_l
 
 vLLM mixes this class into its worker class (`LLM(worker_extension_cls=...)`,
 `vllm/v1/worker/worker_base.py` `init_worker`), and `LLM.collective_rpc("rlhf_...")` runs a method on
-every worker by name (`vllm/v1/serial_utils.py` `run_method`). Only strings and numbers cross that call
-(msgpack): the weights do not. Each worker instead joins a `CollectiveGroup` as one rank of its own and
+every worker by name (`vllm/v1/serial_utils.py` `run_method`). To a worker in a process of its own only
+strings and numbers cross that call (msgpack): the weights do not. Each such worker instead joins a `CollectiveGroup` as one rank of its own and
 feeds the received `(name, tensor)` stream to its `reload_weights(weights_iterator=...)`: vLLM's weight
 loaders slice each tensor, so a worker keeps its shard and drops the rest bucket by bucket. Nothing is
 written to a folder; each worker receives one copy of the model over the wire and holds at most the
-bucket in flight (plus what vLLM buffers of a fused layer) beyond its shard.
+bucket in flight (plus what vLLM buffers of a fused layer) beyond its shard. An in-process worker is handed
+the sync's iterator itself. After every reload of vLLM's, a tied lm_head is packed again (`_rlhf_reload`).
 
 Method names carry the `rlhf_` prefix: vLLM refuses an extension attribute that the worker class has.
 """
