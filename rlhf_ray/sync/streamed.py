@@ -99,7 +99,20 @@ class EngineStream:
             raise ValueError("adapter sync needs adapter_config (the peft LoraConfig as a dict)")
         skip = self.engines.skip_full if mode == "full" else frozenset()
         folder, meta = str(Path(self._root) / mode), {"mode": mode, "version": version}
-        sent, t_pack, engine_s = self._stream(source, ranks, mode, version, adapter_config, skip, folder, meta)
+        actors = self.engines.actors
+        try:
+            sent, t_pack, engine_s = self._stream(source, ranks, mode, version, adapter_config, skip, folder, meta,
+                                                  actors)
+        except ray.exceptions.RayActorError:
+            # An engine that died after the check above, before or while it loaded (a SIGKILL landing between
+            # the two): once Ray has restarted it, healed to the served weights, then this version pushed again
+            # to the engines that do not hold it (the others took it before the failure).
+            if not self.partial_push:
+                raise
+            self.engines.ensure_synced(pushed=version)
+            behind = [a for a in actors if ray.get(a.version.remote()) != version]
+            sent, t_pack, engine_s = self._stream(source, ranks, mode, version, adapter_config, skip, folder, meta,
+                                                  behind)
         self._holders[_actor_id(holder)] = holder
         self._restore[mode] = (holder, folder, adapter_config, version)
         t_end = time.perf_counter()
@@ -115,7 +128,9 @@ class EngineStream:
             return outs[0]
         return stream_weights(source, self.bucket_bytes, self.dtype, skip, sink, folder, meta, group)
 
-    def _stream(self, source, ranks, mode, version, adapter_config, skip, folder, meta):
+    partial_push = False   # whether `_stream` can push to some of the engines only
+
+    def _stream(self, source, ranks, mode, version, adapter_config, skip, folder, meta, actors):
         raise NotImplementedError
 
     def _open_channel(self):
@@ -164,12 +179,13 @@ class EngineStream:
 class ObjectStore(EngineStream):
     """Every engine reads the one stream through the store (`BucketChannel`), each bucket mapped once."""
 
-    def _stream(self, source, ranks, mode, version, adapter_config, skip, folder, meta):
+    partial_push = True
+
+    def _stream(self, source, ranks, mode, version, adapter_config, skip, folder, meta, actors):
         import ray
-        sink = ChannelSink.open(self._open_channel(), len(self.engines.actors), self.timeout_s)
+        sink = ChannelSink.open(self._open_channel(), len(actors), self.timeout_s)
         try:
-            done = [_load_call(a, mode, [sink.reader(i)], adapter_config, version)
-                    for i, a in enumerate(self.engines.actors)]
+            done = [_load_call(a, mode, [sink.reader(i)], adapter_config, version) for i, a in enumerate(actors)]
             sent = self._produce(source, ranks, mode, skip, sink, folder, meta)
             t_pack = time.perf_counter()
             return sent, t_pack, ray.get(done)
@@ -190,7 +206,7 @@ class Collective(EngineStream):
         self.name = uuid.uuid4().hex                   # the sender's group, in the learner's process
         self._group: Optional[tuple] = None            # (sender learner or None for the driver, driver's group, ranks)
 
-    def _stream(self, source, ranks, mode, version, adapter_config, skip, folder, meta):
+    def _stream(self, source, ranks, mode, version, adapter_config, skip, folder, meta, actors):  # every engine
         import ray
         holder = ranks[0] if ranks else None
         self._join(holder, mode)

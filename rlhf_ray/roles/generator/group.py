@@ -112,8 +112,9 @@ class GeneratorGroup:
         """The weight sync that pushes to these engines, and so knows what they should serve."""
         self._healer = healer
 
-    def ensure_synced(self, timeout_s: float = 300.0) -> list[int]:
-        """Heal every engine whose version differs from the sync's (a restarted one is at 0); their indices."""
+    def ensure_synced(self, timeout_s: float = 300.0, pushed: Optional[int] = None) -> list[int]:
+        """Heal every engine whose version differs from the sync's (a restarted one is at 0); their indices.
+        `pushed`: a version some engines took in a push that failed on another; those are left as they are."""
         import ray
 
         if self._healer is None:   # no sync ever reached these engines: a restarted one serves what they do
@@ -128,7 +129,7 @@ class GeneratorGroup:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)          # restarting: Ray re-runs __init__
-            if v != self._healer.served_version:
+            if v not in (self._healer.served_version, pushed):
                 self._healer.heal(actor)
                 healed.append(i)
         return healed

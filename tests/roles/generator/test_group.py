@@ -95,3 +95,24 @@ def test_killed_engine_comes_back_with_current_weights(group, sync, tiny_path, r
     r = _expect_greedy(group, _learner_weights(tiny_path), _prompts())  # engine 0 restarted at 0, healed
     assert r.weight_version == current
     assert ray_local.get([a.version.remote() for a in group.actors]) == [current, current]
+
+
+def test_an_engine_killed_between_the_pushs_check_and_its_load_is_healed_and_pushed_again(
+        group, sync, tiny_path, ray_local, learner_actor, monkeypatch):
+    """The push checks every engine's version first (a restarted one is healed there); an engine killed right
+    after that check fails its load call: it is healed once Ray has restarted it, and the version pushed again."""
+    current = sync.served_version + 1
+    checked = group.ensure_synced
+
+    def check_then_kill(*args, **kwargs):
+        healed = checked(*args, **kwargs)
+        if not kill.done:
+            kill.done = True
+            ray_local.kill(group.actors[0], no_restart=False)
+        return healed
+    kill = type("Once", (), {"done": False})
+    monkeypatch.setattr(group, "ensure_synced", check_then_kill)
+    sync.send(learner_actor, "full", current)
+    assert kill.done
+    assert ray_local.get([a.version.remote() for a in group.actors]) == [current, current]
+    assert _expect_greedy(group, _learner_weights(tiny_path), _prompts()).weight_version == current
