@@ -111,6 +111,8 @@ class EngineStream:
                 raise
             self.engines.ensure_synced(pushed=version)
             behind = [a for a in actors if ray.get(a.version.remote()) != version]
+            if not behind:   # every engine holds it: the failure was not a death this can mend
+                raise
             sent, t_pack, engine_s = self._stream(source, ranks, mode, version, adapter_config, skip, folder, meta,
                                                   behind)
         self._holders[_actor_id(holder)] = holder
