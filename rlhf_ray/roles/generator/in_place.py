@@ -93,7 +93,8 @@ class InPlaceLoader:
         if packed and not hasattr(module, "output_partition_sizes"):
             raise Unmapped(f"{name}: a packed layer of a kind this loader does not know")
         rows = self._rows(module) if packed else target.shape[0] if target.dim() else 0
-        if tuple(shape[1:]) != tuple(self._cols(module, target, packed)) or offset + (shape[0] if shape else 0) > rows:
+        cols = (self._in_features(module),) if packed else tuple(target.shape[1:])
+        if tuple(shape[1:]) != cols or offset + (shape[0] if shape else 0) > rows:
             raise Unmapped(f"{name}: shape {tuple(shape)} does not fit the engine's layer")
         slot = self._slots[key] = Slot(module, param, offset, packed)
         return slot
@@ -103,10 +104,9 @@ class InPlaceLoader:
         return sum(module.output_partition_sizes)
 
     @staticmethod
-    def _cols(module, target: torch.Tensor, packed: bool) -> tuple:
-        if packed:
-            return (getattr(module, "input_size_per_partition", getattr(module, "input_size", -1)),)
-        return tuple(target.shape[1:])
+    def _in_features(module) -> int:
+        """A packed layer's input width (it keeps no weight to read it from)."""
+        return getattr(module, "input_size_per_partition", getattr(module, "input_size", -1))
 
     # -- loading ---------------------------------------------------------------------------------------
     def _stream(self, named: Iterable[tuple[str, torch.Tensor]], write: bool = True,
@@ -146,7 +146,7 @@ class InPlaceLoader:
                         yield m, None, not changed
                     continue
                 if m not in staging:
-                    staging[m] = (torch.empty(self._rows(m), self._cols(m, None, True)[0], dtype=m.params_dtype), [])
+                    staging[m] = (torch.empty(self._rows(m), self._in_features(m), dtype=m.params_dtype), [])
                 buf, parts = staging[m]
                 buf[slot.offset:slot.offset + t.shape[0]].copy_(t)
                 parts.append((name, t))
