@@ -177,17 +177,32 @@ def scoring_micro_batches(seq: SequenceBatch, rows: int, budget: Optional[int]) 
     return pack_by_tokens(prompt_runs(seq, torch.arange(len(seq))), p_len, t_len, budget)
 
 
-def per_token_over_micro_batches(seq: SequenceBatch, parts: list[torch.Tensor], fn) -> torch.Tensor:
+def per_token_over_micro_batches(seq: SequenceBatch, parts: list[torch.Tensor], fn, team=None) -> torch.Tensor:
     """(B, T) results of `fn` over micro-batches: `fn(micro_seq)` gets the rows `parts[i]` without their
     all-padding columns (`SequenceBatch.trimmed`) and returns (b, T_i) per-token values (on the host), which land
-    back at their rows; padding is 0 (what a padded position held before depended on the micro-batch's width)."""
+    back at their rows; padding is 0 (what a padded position held before depended on the micro-batch's width).
+    team: a `rlhf_ray.utils.phases.CoreTeam`; each micro-batch's rows are cut into its size of pieces
+    (`cut_rows`), computed at once (a micro-batch's rows are what the memory allows in flight)."""
     out = torch.zeros(len(seq), seq.response_mask.shape[1])
-    for idx in parts:
+
+    def run(idx: torch.Tensor) -> tuple[SequenceBatch, torch.Tensor]:
         mb = seq.select(idx).trimmed()
-        r = fn(mb)
-        out = out.to(r.dtype)
-        out[idx, :r.shape[1]] = r * mb.response_mask.to(r.dtype)
+        return mb, fn(mb)
+    for part in parts:
+        pieces = cut_rows(part, team.size, seq) if team is not None else [part]
+        for idx, (mb, r) in zip(pieces, team.map(run, pieces) if team is not None else map(run, pieces)):
+            out = out.to(r.dtype)
+            out[idx, :r.shape[1]] = r * mb.response_mask.to(r.dtype)
     return out
+
+
+def cut_rows(rows: torch.Tensor, k: int, seq: SequenceBatch) -> list[torch.Tensor]:
+    """`rows` in at most k contiguous pieces to compute at once: whole prompt runs where there are at least k
+    of them (each piece still computes its prompts once), else rows (a piece may hold part of a run)."""
+    runs = prompt_runs(seq, rows)
+    if len(runs) >= k:
+        return [torch.cat(c) for c in split_evenly(runs, k)]
+    return list(torch.tensor_split(rows, max(1, min(k, len(rows)))))
 
 
 def micro_batches_of(rows: torch.Tensor, seq: SequenceBatch, size: int, max_tokens: Optional[int], rank: int = 0,

@@ -42,7 +42,7 @@ from rlhf_ray.records import UpdateResult
 from rlhf_ray.sync.in_process import InProcess, hand_over
 from rlhf_ray.sync.weight_sync import WeightSync
 from rlhf_ray.utils.device import make_backend
-from rlhf_ray.utils.phases import set_phase_threads, set_thread_share
+from rlhf_ray.utils.phases import CoreTeam, set_phase_threads, set_thread_share
 
 # Ray concurrency group of a rank's engine calls (generate, sync): one thread of its own, in call order;
 # every other call (score, update, checkpoints) runs in the actor's default thread.
@@ -62,6 +62,7 @@ class ColocatedRank(PolicyRank):
         self._turns = threading.Lock()
         self._generating = threading.Event()  # the engine thread is sampling (async mode scores beside it)
         self._critic_thread: Optional[ThreadPoolExecutor] = None  # PPO's critic updating beside the policy
+        self._score_team = CoreTeam(shares.score_rows)  # scoring alone: its rows over the cores
         # Every phase that has the device to itself runs on this one thread, whichever Ray thread called it
         # (Ray calls `generate` and `sync` on the ENGINE thread, the rest on its default one). OpenMP keeps a
         # team of worker threads per calling thread, and a pass on another team than the last phase's ran
@@ -143,18 +144,18 @@ class ColocatedRank(PolicyRank):
         if self._generating.is_set():  # async mode: a generation runs in the engine thread; keep to the learner's cores
             share = self.shares.update_beside_generate
             set_thread_share(share.threads, share.cores)
-            return self._score(prompts, responses, seq)
+            return self._score(prompts, responses, seq, None)
         return self._on_its_thread(False, self._score_alone, prompts, responses, seq)
 
     def _score_alone(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
         set_phase_threads(self.shares.score.threads)  # every core again, after an update beside a generation
-        return self._score(prompts, responses, seq)
+        return self._score(prompts, responses, seq, self._score_team)
 
-    def _score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
+    def _score(self, prompts: list[str], responses: list[str], seq: SequenceBatch, team: Optional[CoreTeam]):
         t0 = time.perf_counter()
-        scores, stats = self.reward.score(prompts, responses)
-        ref = self.reference.logprobs(seq) if self.reference is not None else self.worker.ref_logprobs(seq)
-        values = self.critic.values(seq) if self.critic is not None else None
+        scores, stats = self.reward.score(prompts, responses, team)
+        ref = self.reference.logprobs(seq, team) if self.reference is not None else self.worker.ref_logprobs(seq, team)
+        values = self.critic.values(seq, team) if self.critic is not None else None
         return scores, ref, values, stats, time.perf_counter() - t0
 
     def update(self, batch, minibatches, kl_coef: float, beside_generation: bool = False) -> UpdateResult:

@@ -142,6 +142,9 @@ class PhaseShares:
     # colocated PPO on host cores, one rank: the policy's update and the critic's at once, each on its own
     # slice (policy, critic); None: one after the other with every core (`colocated_shares` says when)
     policy_and_critic: Optional[tuple[Share, Share]] = None
+    # colocated scoring on host cores, one rank: each scoring micro-batch's rows split over these one-core
+    # shares and computed at once (`rlhf_ray.utils.phases.CoreTeam`); (): one pass on the `score` share
+    score_rows: tuple[Share, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -315,7 +318,12 @@ def colocated_shares(cfg: "Config", threads: int, device: str) -> PhaseShares:
     OpenMP teams of one thread lose none of a small model's GEMM time to fork and join (the tiny PPO task's
     4 epochs of both: 0.92 s against 1.16 s one after the other with 2 threads, AMD EPYC, 2 cores). Not with
     several ranks (each learner's gradient all-reduce must keep one order across the ranks) and not on a GPU
-    (the memory plan counts the two updates apart)."""
+    (the memory plan counts the two updates apart).
+
+    Scoring (the reward model, the reference and the critic's values, all without gradients) splits each
+    micro-batch's rows over the host cores of a single rank, one thread and core each (`CoreTeam` says why).
+    Not under ZeRO-3 (a learner's forward gathers its partitioned weights, one gather at a time), not with
+    several ranks (their processes share a core list) and not on a GPU (one device, one stream)."""
     from rlhf_ray.roles.generator.threads import engine_threads
     gen, upd = side_by_side(threads, engine_threads(cfg.rollout.cpus_per_engine))
     if cfg.rl.policy.num_ranks > 1:
@@ -324,9 +332,14 @@ def colocated_shares(cfg: "Config", threads: int, device: str) -> PhaseShares:
     if cfg.uses_critic and cfg.rl.policy.num_ranks == 1 and device == "cpu" and threads >= 2:
         policy, critic = side_by_side(threads, threads // 2)
         both = (Share(*policy), Share(*critic))
+    rows: tuple[Share, ...] = ()
+    learners = (cfg.rl.policy, cfg.rl.critic) if cfg.uses_critic else (cfg.rl.policy,)
+    if (cfg.rl.policy.num_ranks == 1 and device == "cpu" and threads >= 2
+            and all(lc.deepspeed.zero_stage < 3 for lc in learners)):
+        rows = tuple(Share(1, (i, i + 1)) for i in range(threads))
     return PhaseShares(generate=Share(cfg.rollout.threads or threads), generate_beside_update=Share(*gen),
                        score=Share(threads), update=Share(threads), update_beside_generate=Share(*upd),
-                       policy_and_critic=both)
+                       policy_and_critic=both, score_rows=rows)
 
 
 def distributed_shares(cfg: "Config", cores: int) -> PhaseShares:

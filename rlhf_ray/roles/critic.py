@@ -25,15 +25,16 @@ class CriticWorker:
         self.max_tokens = learner.cfg.max_tokens_per_micro_batch  # None: micro-batches of mbs rows
 
     @torch.no_grad()
-    def values(self, seq: SequenceBatch) -> torch.Tensor:
-        """(B, T) V(s_t) for each response position t (the state before token t is emitted)."""
+    def values(self, seq: SequenceBatch, team=None) -> torch.Tensor:
+        """(B, T) V(s_t) for each response position t (the state before token t is emitted); each micro-batch's
+        rows split over `team` (`rlhf_ray.utils.phases.CoreTeam`; None: one pass)."""
         self.learner.ds_engine.eval()
 
         def values_of(mb: SequenceBatch) -> torch.Tensor:
             T, P = mb.response_mask.shape[1], mb.prompt_len
             v = forward_sequence_values(self.learner, mb).float()
             return (v[:, P - 1:P - 1 + T] * mb.response_mask.to(v.device)).cpu()
-        return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens), values_of)
+        return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens), values_of, team)
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], rank: int = 0,
                world: int = 1) -> UpdateResult:

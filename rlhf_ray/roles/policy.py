@@ -29,23 +29,24 @@ class PolicyWorker:
         self.max_tokens = learner.cfg.max_tokens_per_micro_batch  # None: micro-batches of mbs rows
         self.temperature, self.norm_len = temperature, norm_len
 
-    def ref_logprobs(self, seq: SequenceBatch) -> torch.Tensor:
+    def ref_logprobs(self, seq: SequenceBatch, team=None) -> torch.Tensor:
         """(B, T) reference log-probs: the same model with its LoRA adapter switched off. Without LoRA this
         is called only when the run has no KL term (the plan starts no reference): the policy's own
         log-probs, so the reported KL is 0."""
         if not self.learner.lora:
-            return self.logprobs(seq)
-        with self.learner.reference_context():
-            return self.logprobs(seq)
+            return self.logprobs(seq, team)
+        with self.learner.reference_context():  # held here: the team's threads compute inside it
+            return self.logprobs(seq, team)
 
     @torch.no_grad()
-    def logprobs(self, seq: SequenceBatch) -> torch.Tensor:
+    def logprobs(self, seq: SequenceBatch, team=None) -> torch.Tensor:
         """(B, T) log-probs of the response tokens under the current weights, by micro-batches of
-        `micro_batch_size` rows or of `max_tokens_per_micro_batch` tokens."""
+        `micro_batch_size` rows or of `max_tokens_per_micro_batch` tokens, each one's rows split over `team`
+        (`rlhf_ray.utils.phases.CoreTeam`; None: one pass)."""
         self.learner.ds_engine.eval()
         parts = scoring_micro_batches(seq, self.mbs, self.max_tokens)
         return per_token_over_micro_batches(seq, parts, lambda mb: algo.token_logprobs(
-            forward_response_logits(self.learner, mb), mb.response_ids, self.temperature).cpu())
+            forward_response_logits(self.learner, mb), mb.response_ids, self.temperature).cpu(), team)
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float, rank: int = 0,
                world: int = 1) -> UpdateResult:

@@ -29,7 +29,9 @@ class RewardSourceError(RunError, RuntimeError):
 class Source(Protocol):
     name: str
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str], team=None) -> list[float]:
+        """team: a `rlhf_ray.utils.phases.CoreTeam` a model's forward may split its rows over; a function or a
+        service always sees the whole batch."""
 
 
 class ModelSource:
@@ -58,14 +60,20 @@ class ModelSource:
         return p + response_ids(self.tok, prompt, p, response)
 
     @torch.no_grad()
-    def __call__(self, prompts, responses):
+    def __call__(self, prompts, responses, team=None):
         from rlhf_ray.data.encode import pad
+        from rlhf_ray.dispatch import split_evenly
         rows = [self._encode(p, r) for p, r in zip(prompts, responses)]
-        out = [0.0] * len(rows)
-        for part in self._micro_batches(rows):
+
+        def scores(part: list[int]) -> list[float]:
             ids, mask = pad([rows[i] for i in part], self.tok.pad_token_id)
-            for i, v in zip(part, self._scores(ids.to(self.device), mask.to(self.device)).float().tolist()):
-                out[i] = v
+            return self._scores(ids.to(self.device), mask.to(self.device)).float().tolist()
+        out = [0.0] * len(rows)
+        for part in self._micro_batches(rows):  # each one's rows split over the team, computed at once
+            pieces = [c for c in split_evenly(part, team.size) if c] if team is not None else [part]
+            for piece, vals in zip(pieces, team.map(scores, pieces) if team is not None else map(scores, pieces)):
+                for i, v in zip(piece, vals):
+                    out[i] = v
         return out
 
     def _micro_batches(self, rows: list[list[int]]) -> list[list[int]]:
@@ -101,7 +109,7 @@ class FunctionSource:
             raise RewardSourceError(f"reward function {spec!r} is not callable")
         self.fn: Callable = fn
 
-    def __call__(self, prompts, responses):
+    def __call__(self, prompts, responses, team=None):
         try:
             out = self.fn(list(prompts), list(responses))
         except Exception as e:  # noqa: BLE001 - the user's code: name the source, show their frames
@@ -140,7 +148,7 @@ class HttpSource:
         self.name, self.url, self.retries = f"http:{url}", url, retries
         self.client = httpx.Client(timeout=timeout_s)
 
-    def __call__(self, prompts, responses):
+    def __call__(self, prompts, responses, team=None):
         import httpx
         last: Exception | None = None
         for attempt in range(self.retries + 1):
@@ -178,13 +186,14 @@ class RewardScorer:
         self.sources = [(build_source(s, resolve_path, device, dtype, batch_size, cfg.max_tokens_per_micro_batch),
                          s.weight) for s in cfg.sources]
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[float], dict[str, float]]:
+    def score(self, prompts: Sequence[str], responses: Sequence[str], team=None) -> tuple[list[float], dict[str, float]]:
+        """team: a `rlhf_ray.utils.phases.CoreTeam` the reward models' forwards split their rows over."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         total = torch.zeros(len(prompts), dtype=torch.float64)
         stats: dict[str, float] = {}
         for i, (source, weight) in enumerate(self.sources):
-            vals = source(prompts, responses)
+            vals = source(prompts, responses, team)
             if len(vals) != len(prompts):
                 raise RewardSourceError(f"{source.name} returned {len(vals)} scores for {len(prompts)} responses")
             t = torch.tensor(vals, dtype=torch.float64)

@@ -92,7 +92,9 @@ def test_the_plan_gives_every_phase_its_threads_and_cores():
         cfg = load_config(None, list(overrides))
         return construct(cfg, place(cfg), cores=8).shares
     # colocated, one rank on 8 cores: each phase alone has them all; beside the update an engine keeps its one
-    assert shares() == PhaseShares(Share(8), Share(1, (0, 1)), Share(8), Share(8), Share(7, (1, 8)))
+    one_core_each = tuple(Share(1, (i, i + 1)) for i in range(8))
+    assert shares() == PhaseShares(Share(8), Share(1, (0, 1)), Share(8), Share(8), Share(7, (1, 8)),
+                                   score_rows=one_core_each)
     assert shares("rollout.threads=1").generate == Share(1)  # a tiny model decodes faster on one
     # two ranks on the node: 4 threads each, split by threads only (the ranks' core lists are the same)
     assert shares("rl.policy.num_ranks=2") == PhaseShares(Share(4), Share(1), Share(4), Share(4), Share(3))
@@ -111,6 +113,13 @@ def test_the_plan_gives_every_phase_its_threads_and_cores():
     ppo = load_config(None, ["algorithm.name=ppo"])
     assert colocated_shares(ppo, 8, "cuda").policy_and_critic is None
     assert colocated_shares(ppo, 1, "cpu").policy_and_critic is None
+    # scoring alone on one rank's host cores: each micro-batch's rows split over them, one core each; not on a
+    # GPU, one core, several ranks (above: none), or under ZeRO-3 (a learner's forward gathers its weights)
+    assert colocated_shares(ppo, 2, "cpu").score_rows == (Share(1, (0, 1)), Share(1, (1, 2)))
+    assert colocated_shares(ppo, 8, "cuda").score_rows == colocated_shares(ppo, 1, "cpu").score_rows == ()
+    zero3 = load_config(None, ["algorithm.name=ppo", "rl.critic.deepspeed.zero_stage=3"])
+    assert colocated_shares(zero3, 8, "cpu").score_rows == ()
+    assert shares("cluster.placement=distributed").score_rows == ()
 
 
 def test_only_an_engine_the_plan_makes_sleep_is_built_with_sleep_mode():
