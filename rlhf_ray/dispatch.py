@@ -197,12 +197,42 @@ def per_token_over_micro_batches(seq: SequenceBatch, parts: list[torch.Tensor], 
 
 
 def cut_rows(rows: torch.Tensor, k: int, seq: SequenceBatch) -> list[torch.Tensor]:
-    """`rows` in at most k contiguous pieces to compute at once: whole prompt runs where there are at least k
-    of them (each piece still computes its prompts once), else rows (a piece may hold part of a run)."""
+    """`rows` in at most k pieces to compute at once, of about equal padded size: whole prompt runs (each piece
+    still computes its prompts once), longest response first, cut by `balanced_cut`. A piece pads to its own
+    longest row, so long rows kept together and short ones together compute less padding than halves in
+    order. Fewer runs than pieces: the rows one by one (a piece may then hold part of a run)."""
     runs = prompt_runs(seq, rows)
-    if len(runs) >= k:
-        return [torch.cat(c) for c in split_evenly(runs, k)]
-    return list(torch.tensor_split(rows, max(1, min(k, len(rows)))))
+    if len(runs) < k:
+        runs = [r.view(1) for r in rows]
+    p_len, t_len = row_lengths(seq)
+    sizes = [(len(r), int(p_len[r].max()), int(t_len[r].max())) for r in runs]
+    order = sorted(range(len(runs)), key=lambda i: -sizes[i][2])
+    return [torch.cat([runs[order[i]] for i in piece]) for piece in balanced_cut([sizes[i] for i in order], k)]
+
+
+def balanced_cut(sizes: list[tuple[int, int, int]], k: int) -> list[list[int]]:
+    """Items (rows, prompt length, response length), in the order given, into at most k contiguous pieces:
+    the smallest bound on a piece's padded size, rows x (longest prompt + longest response), that a greedy
+    cut meets (binary search). Returns each piece's item positions."""
+    def cut(bound: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        n = p = t = 0
+        for i, (rows, pl, tl) in enumerate(sizes):
+            if out and (n + rows) * (max(p, pl) + max(t, tl)) <= bound:
+                out[-1].append(i)
+                n, p, t = n + rows, max(p, pl), max(t, tl)
+            else:
+                out.append([i])
+                n, p, t = rows, pl, tl
+        return out
+    if not sizes:
+        return []
+    lo = max(r * (pl + tl) for r, pl, tl in sizes)
+    hi = sum(r for r, _, _ in sizes) * (max(pl for _, pl, _ in sizes) + max(tl for _, _, tl in sizes))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(cut(mid)) <= k else (mid + 1, hi)
+    return cut(lo)
 
 
 def micro_batches_of(rows: torch.Tensor, seq: SequenceBatch, size: int, max_tokens: Optional[int], rank: int = 0,

@@ -62,7 +62,7 @@ class ModelSource:
     @torch.no_grad()
     def __call__(self, prompts, responses, team=None):
         from rlhf_ray.data.encode import pad
-        from rlhf_ray.dispatch import split_evenly
+        from rlhf_ray.dispatch import balanced_cut
         rows = [self._encode(p, r) for p, r in zip(prompts, responses)]
 
         def scores(part: list[int]) -> list[float]:
@@ -70,7 +70,10 @@ class ModelSource:
             return self._scores(ids.to(self.device), mask.to(self.device)).float().tolist()
         out = [0.0] * len(rows)
         for part in self._micro_batches(rows):  # each one's rows split over the team, computed at once
-            pieces = [c for c in split_evenly(part, team.size) if c] if team is not None else [part]
+            pieces = [part]
+            if team is not None:  # longest first, cut to about equal padded sizes (`balanced_cut`)
+                part = sorted(part, key=lambda i: -len(rows[i]))
+                pieces = [[part[j] for j in c] for c in balanced_cut([(1, 0, len(rows[i])) for i in part], team.size)]
             for piece, vals in zip(pieces, team.map(scores, pieces) if team is not None else map(scores, pieces)):
                 for i, v in zip(piece, vals):
                     out[i] = v

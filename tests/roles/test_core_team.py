@@ -8,7 +8,7 @@ import torch
 
 from rlhf_ray.batch import pack_sequences
 from rlhf_ray.config import RewardConfig, RewardSource
-from rlhf_ray.dispatch import cut_rows
+from rlhf_ray.dispatch import balanced_cut, cut_rows
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.placement.construct import Share
 from rlhf_ray.roles.reference import ReferenceScorer
@@ -61,14 +61,25 @@ def test_each_team_thread_keeps_to_its_own_core():
     assert sorted(masks) == [[c] for c in phases._ALL_CORES[:2]]
 
 
-def test_cut_rows_keeps_prompt_runs_whole_where_it_can():
+def test_balanced_cut_keeps_long_rows_together_and_short_ones_together():
+    # six rows, longest first: two long ones alone cost 2 x 10, the four short ones 4 x 2; halves in order 3 x 10
+    sizes = [(1, 0, 10), (1, 0, 9), (1, 0, 2), (1, 0, 2), (1, 0, 1), (1, 0, 1)]
+    assert balanced_cut(sizes, 2) == [[0, 1], [2, 3, 4, 5]]
+    assert balanced_cut(sizes, 1) == [list(range(6))]
+    # room for more pieces than it needs: none larger than the longest row alone, no more pieces than that takes
+    assert balanced_cut(sizes, 6) == [[0], [1], [2, 3, 4, 5]]
+    assert balanced_cut([(3, 4, 2)], 2) == [[0]] and balanced_cut([], 2) == []
+
+
+def test_cut_rows_cuts_whole_prompt_runs_by_padded_size():
     prompts = [[11, 12], [21], [31, 32, 33], [41]]
-    seq = pack_sequences([p for p in prompts for _ in range(2)], [[5, 6]] * 8, pad_id=0)
-    rows = torch.arange(8)
-    assert [c.tolist() for c in cut_rows(rows, 2, seq)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert [c.tolist() for c in cut_rows(rows, 3, seq)] == [[0, 1, 2, 3], [4, 5], [6, 7]]
-    # fewer runs than pieces: rows (each piece still shares its own prompt)
-    assert [c.tolist() for c in cut_rows(torch.arange(2), 2, seq)] == [[0], [1]]
+    lengths = [1, 2, 8, 7, 1, 1, 2, 2]             # rows 2-3 (prompt 31..33) are the long ones
+    seq = pack_sequences([p for p in prompts for _ in range(2)], [[5] * n for n in lengths], pad_id=0)
+    pieces = cut_rows(torch.arange(8), 2, seq)
+    assert [sorted(c.tolist()) for c in pieces] == [[2, 3], [0, 1, 4, 5, 6, 7]]
+    assert sorted(torch.cat(pieces).tolist()) == list(range(8))
+    # fewer runs than pieces: the rows one by one
+    assert sorted(len(c) for c in cut_rows(torch.arange(2), 2, seq)) == [1, 1]
     assert [c.tolist() for c in cut_rows(torch.arange(1), 4, seq)] == [[0]]
 
 
