@@ -13,15 +13,18 @@ TRL 1.16 has no PPO trainer: the TRL side is TRL 1.12's `trl.experimental.ppo.PP
 use into benchmarks/results/work/trl-1.12.0 (`pip install --no-deps --target`) and put on that process's path
 alone.
 
-    python benchmarks/ppo_vs_trl.py [--steps 20] [--lr 5e-4]
+    python benchmarks/ppo_vs_trl.py [--steps 20] [--lr 5e-4] [--seeds 1]
 
 Prints the machine (rlhf_ray.utils.capability.machine_record), both sides' step time, reward rise and phases
-(generate, score, update), and writes benchmarks/results/ppo_vs_trl.json.
+(generate, score, update), and writes benchmarks/results/ppo_vs_trl.json. `--seeds N` runs both sides again
+with seeds 1 .. N-1 (prompt order and sampling: our `run.seed`, TRL's `seed`) and compares their learning over
+all N: one seed's curve is one draw of the samples, and its first steps decide most of a rise.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +58,9 @@ def trl_path() -> str:
     return str(target)
 
 
-def run_ours(policy: str, rm: str, steps: int, lr: float) -> dict:
+def run_ours(policy: str, rm: str, steps: int, lr: float, seed: int = 0) -> dict:
     n = CASE["n_prompts"]
-    return train_ours(WORK / "tiny-ppo" / "ours", f"rl.init_from={policy}", f"data.prompts={CASE['prompts']}",
+    return train_ours(WORK / "tiny-ppo" / f"ours{seed or ''}", f"rl.init_from={policy}", f"run.seed={seed}", f"data.prompts={CASE['prompts']}",
                       f"data.max_prompt_len={CASE['prompt_len']}", f"reward.sources=[{{kind: model, path: '{rm}'}}]",
                       f"reward.gold={VADER}", "cluster.placement=colocated", "rollout.threads=1",
                       f"rl.steps={steps}", f"rl.prompts_per_step={n}", "rollout.n_samples_per_prompt=1",
@@ -122,7 +125,7 @@ cfg = PPOConfig(output_dir=a["out"], total_episodes=a["steps"] * n, per_device_t
                 kl_coef=a["beta"], kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
                 whiten_rewards=False, learning_rate=a["lr"], lr_scheduler_type="constant", adam_beta2=0.999,
                 max_grad_norm=1.0, num_sample_generations=0, logging_steps=1, save_strategy="no", report_to="none",
-                use_cpu=True, seed=0, dataloader_num_workers=0)
+                use_cpu=True, seed=a["seed"], dataloader_num_workers=0)
 t0 = time.perf_counter()
 trainer = PPOTrainer(args=cfg, processing_class=tok, model=load(AutoModelForCausalLM, a["policy"]),
                      ref_model=load(AutoModelForCausalLM, a["policy"]),
@@ -140,16 +143,32 @@ json.dump({"step_s": step_s, "reward": [h["objective/scores"] for h in logs], "k
 """
 
 
-def run_trl(policy: str, rm: str, steps: int, lr: float) -> dict:
-    args = dict(policy=policy, rm=rm, steps=steps, lr=lr, prompts=prompt_texts(CASE, 2000),
+def run_trl(policy: str, rm: str, steps: int, lr: float, seed: int = 0) -> dict:
+    args = dict(policy=policy, rm=rm, steps=steps, lr=lr, prompts=prompt_texts(CASE, 2000), seed=seed,
                 **{k: CASE[k] for k in ("prompt_len", "n_prompts", "new_tokens", "ppo_epochs", "beta")})
     return run_trl_script(TRL_PPO_SCRIPT, WORK / "tiny-ppo" / "trl", args, pythonpath=trl_path())
+
+
+def learning_over_seeds(per_seed: dict[str, list[dict]]) -> dict:
+    """Each side's reward-model score per step averaged over the seeds, and the mean and spread (min, max) of
+    each seed's whole-curve mean and rise (`summary`)."""
+    out = {}
+    for side, runs in per_seed.items():
+        curves = [r["reward"] for r in runs]
+        means = [summary(r)["reward_mean"] for r in runs]
+        rises = [summary(r)["reward_rise"] for r in runs]
+        out[side] = {"reward_per_step": [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))],
+                     "reward_mean": statistics.mean(means), "reward_mean_range": [min(means), max(means)],
+                     "reward_rise": statistics.mean(rises), "reward_rise_range": [min(rises), max(rises)],
+                     "median_step_s": [summary(r)["median_step_s"] for r in runs]}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seeds", type=int, default=1, help="compare learning over this many seeds (see above)")
     args = ap.parse_args()
     from rlhf_ray.utils.capability import describe, machine_record
     cpu = machine_record(2)  # measured before anything else runs
@@ -160,14 +179,26 @@ def main() -> None:
     print(f"\n== tiny PPO: {args.steps} steps, {CASE['n_prompts']} prompts x {CASE['new_tokens']} tokens, "
           f"{CASE['ppo_epochs']} epochs, LR {args.lr}")
     print(f"{'':18}{'ours':>16}{'TRL ' + TRL_VERSION:>16}")
-    for key in ("median_step_s", "mean_step_s", "reward_first", "reward_last", "reward_rise", "mean_tokens", "total_s"):
+    for key in ("median_step_s", "mean_step_s", "reward_first", "reward_last", "reward_rise", "reward_mean",
+                "mean_tokens", "total_s"):
         print(f"{key:18}{s['colocated'][key]:16.3f}{s['trl'][key]:16.3f}")
     speedup = s["trl"]["median_step_s"] / s["colocated"]["median_step_s"]
     print(f"speed-up per step vs TRL (median): {speedup:.2f}x")
     print("\n".join(phase_table(runs)) + "   (ours vs TRL)")
     out = {"cpu": cpu, "setup": {**CASE, "steps": args.steps, "lr": args.lr, "trl": TRL_VERSION,
-                                     "policy": policy, "reward_model": rm},
+                                     "policy": policy, "reward_model": rm, "seeds": args.seeds},
            **{k: {**s[k], "per_step": runs[k]} for k in runs}, "speedup": speedup}
+    if args.seeds > 1:
+        per_seed = {"colocated": [runs["colocated"]], "trl": [runs["trl"]]}
+        for seed in range(1, args.seeds):
+            per_seed["colocated"].append(run_ours(policy, rm, args.steps, args.lr, seed))
+            per_seed["trl"].append(run_trl(policy, rm, args.steps, args.lr, seed))
+        out["seeds"] = learning_over_seeds(per_seed)
+        print(f"\n== learning over {args.seeds} seeds (reward-model score; mean [min, max] over the seeds)")
+        for side, name in (("colocated", "ours"), ("trl", "TRL " + TRL_VERSION)):
+            r = out["seeds"][side]
+            print(f"{name:14} curve mean {r['reward_mean']:.3f} {[round(x, 3) for x in r['reward_mean_range']]}  "
+                  f"rise {r['reward_rise']:.3f} {[round(x, 3) for x in r['reward_rise_range']]}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "ppo_vs_trl.json"
     path.write_text(json.dumps(out, indent=2))

@@ -251,8 +251,11 @@ def summary(res: dict) -> dict:
     steady = res["step_s"][1:] or res["step_s"]  # step 1 includes warm-up (first vLLM / HF generate call)
     k = max(1, min(3, len(res["reward"]) // 2))
     first, last = statistics.mean(res["reward"][:k]), statistics.mean(res["reward"][-k:])
+    # reward_mean: the whole learning curve's mean (both sides start from one policy, so per sample the faster
+    # learner has the higher mean; the rise alone is smaller for a side that already rose in its first k steps)
     return {"median_step_s": statistics.median(steady), "mean_step_s": statistics.mean(steady),
             "reward_first": first, "reward_last": last, "reward_rise": last - first,
+            "reward_mean": statistics.mean(res["reward"]),
             "mean_tokens": statistics.mean(res["tokens"]), "total_s": res["total_s"]}
 
 
@@ -274,7 +277,8 @@ def bench_case(name: str, steps: int, bf16: bool, placements: list[str], cpu: di
     cols = list(runs)
     print(f"\n== {name}: {steps} steps, {case['n_prompts']} x {case['group']} x {case['new_tokens']} tokens")
     print(f"{'':18}" + "".join(f"{c:>16}" for c in cols))
-    for key in ("median_step_s", "mean_step_s", "reward_first", "reward_last", "reward_rise", "mean_tokens", "total_s"):
+    for key in ("median_step_s", "mean_step_s", "reward_first", "reward_last", "reward_rise", "reward_mean",
+                "mean_tokens", "total_s"):
         print(f"{key:18}" + "".join(f"{s[c][key]:16.3f}" for c in cols))
     # each of ours against TRL at the same precision
     speedup = {p: s["trl_bf16" if p.endswith("_bf16") else "trl"]["median_step_s"] / s[p]["median_step_s"]

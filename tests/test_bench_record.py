@@ -48,3 +48,11 @@ def test_phase_table_puts_each_of_ours_beside_trl_at_the_same_precision():
                                          ["score", "0.075", "vs", "0.042", "0.050", "vs", "n/a"],
                                          ["update", "0.210", "vs", "0.144", "0.100", "vs", "n/a"],
                                          ["sync", "0.010", "vs", "0.000", "0.020", "vs", "n/a"]]
+
+
+def test_learning_over_seeds_averages_each_sides_curves_and_keeps_each_seeds_spread():
+    run = lambda reward: {"reward": reward, "step_s": [1.0] * len(reward), "tokens": [1.0] * len(reward), "total_s": 1}
+    out = ppo_vs_trl.learning_over_seeds({"ours": [run([0, 1, 2, 3, 4, 5]), run([2, 3, 4, 5, 6, 7])]})["ours"]
+    assert out["reward_per_step"] == [1, 2, 3, 4, 5, 6]
+    assert out["reward_mean"] == 3.5 and out["reward_mean_range"] == [2.5, 4.5]
+    assert out["reward_rise"] == 3 and out["reward_rise_range"] == [3, 3]  # last 3 less first 3, each seed

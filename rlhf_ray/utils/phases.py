@@ -73,10 +73,12 @@ class CoreTeam:
 
     Why: on host cores a small model's no-grad forward split by rows over the cores beats one OpenMP team over
     all of them: its GEMMs lose nothing to the team's fork and join, and its element-wise kernels, below
-    torch's grain size, run on one core of a team but here on every core (AMD EPYC Zen 5, 2 cores: the tiny
-    PPO task's three scoring passes 137 -> 112 ms; SmolLM2-135M's forward of 32 x 112 tokens 1.78 -> 1.33 s
-    in bf16, 4.29 -> 4.26 s in fp32). Each part runs in the caller's grad mode (torch keeps it per thread).
-    No shares, or one: the parts run on the caller's thread, one after the other."""
+    torch's grain size, run on one core of a team but here on every core. AMD EPYC Zen 5, 2 cores, in the
+    colocated rank, team against one team of 2 threads: the tiny PPO task's three scoring passes 121 -> 113 ms;
+    SmolLM2-135M's LoRA reference pass (GRPO, 8 x 4 x 48 tokens) 2.99 -> 2.76 s in fp32, 0.93 -> 0.83 s in bf16
+    (a bare forward of 32 x 112 tokens outside a run: 1.78 -> 1.33 s in bf16); the tiny GRPO reference pass
+    unchanged. Each part runs in the caller's grad mode (torch keeps it per thread). No shares, or one: the
+    parts run on the caller's thread, one after the other."""
 
     def __init__(self, shares: Sequence = ()):
         self.shares = tuple(shares)
