@@ -137,6 +137,7 @@ trainer.train()
 logs = [h for h in trainer.state.log_history if "objective/scores" in h]
 step_s = [b - a for a, b in zip(ends, ends[1:])]
 json.dump({"step_s": step_s, "reward": [h["objective/scores"] for h in logs], "kl": [h["objective/kl"] for h in logs],
+           "approx_kl": [h.get("policy/approxkl_avg") for h in logs], "clip_frac": [h.get("policy/clipfrac_avg") for h in logs],
            "tokens": tokens, "init_s": t_init, "total_s": time.perf_counter() - t0,
            "phases": [{**p, "update": s - p["generate"] - p["score"], "sync": 0.0} for p, s in zip(phases, step_s)]},
           open(a["out"] + "/trl.json", "w"))

@@ -122,6 +122,9 @@ def train_ours(out: Path, *overrides: str) -> dict:
             "gold": [r.get("reward/gold_mean", float("nan")) for r in rows],
             "staleness_mean": [r.get("async/staleness_mean", r.get("sync/lag", 0.0)) for r in rows],
             "tokens": [r["response/len_mean"] for r in rows], "kl": [r.get("kl/mean", float("nan")) for r in rows],
+            # how far each step's update moved the policy (TRL's PPO side records its own: `policy/approxkl_avg`)
+            "approx_kl": [r.get("policy/approx_kl", float("nan")) for r in rows],
+            "clip_frac": [r.get("policy/clip_frac", float("nan")) for r in rows],
             "logprob_max_abs": max(r.get("sync/logprob_max_abs", 0.0) for r in rows),
             "phases_median_s": phases, "total_s": total}
 
