@@ -90,7 +90,7 @@ load = lambda cls, path, **kw: cls.from_pretrained(path, dtype=torch.float32, **
 
 # Per step: seconds in HF generate (TRL's `batch_generation`), in its no-grad forwards of the rollout (reference
 # and old log-probs, values, rewards: `forward` and `get_reward` without grad), the rest is the PPO update.
-spent, phases, ends, tokens = {"generate": 0.0, "score": 0.0}, [], [time.perf_counter()], []
+spent, phases, ends, tokens, gold = {"generate": 0.0, "score": 0.0, "gold": 0.0}, [], [time.perf_counter()], [], []
 def timed(name, fn, only_no_grad=False):
     def run(*args, **kw):
         if only_no_grad and torch.is_grad_enabled():
@@ -108,7 +108,14 @@ def generate_counted(model, queries, *args, **kw):
     after_eos = (resp == tok.eos_token_id).cumsum(1) > 0  # the first EOS and what follows it
     length = resp.shape[1] - after_eos.sum(1) + after_eos.any(1).long()  # up to and with the EOS
     tokens.append(length.float().mean().item())
+    timed("gold", score_gold)(queries, resp, after_eos)
     return out
+# the gold reward of what was sampled, up to the EOS: VADER sentiment, what our side logs as reward/gold_mean
+# (timed apart, so that TRL's update is not charged for it)
+def score_gold(queries, resp, after_eos):
+    from rlhf_ray.data.builtin_reviews import vader_reward
+    texts = [tok.decode(r[~e], skip_special_tokens=True) for r, e in zip(resp, after_eos)]
+    gold.append(sum(vader_reward(tok.batch_decode(queries, skip_special_tokens=True), texts)) / len(texts))
 ppo.batch_generation = generate_counted
 ppo.forward = timed("score", ppo.forward, only_no_grad=True)
 ppo.get_reward = timed("score", ppo.get_reward, only_no_grad=True)
@@ -116,7 +123,7 @@ ppo.get_reward = timed("score", ppo.get_reward, only_no_grad=True)
 class Clock(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         ends.append(time.perf_counter())
-        phases.append(dict(spent)); spent.update(generate=0.0, score=0.0)
+        phases.append(dict(spent)); spent.update(generate=0.0, score=0.0, gold=0.0)
 
 n = a["n_prompts"]
 cfg = PPOConfig(output_dir=a["out"], total_episodes=a["steps"] * n, per_device_train_batch_size=n,
@@ -138,8 +145,9 @@ logs = [h for h in trainer.state.log_history if "objective/scores" in h]
 step_s = [b - a for a, b in zip(ends, ends[1:])]
 json.dump({"step_s": step_s, "reward": [h["objective/scores"] for h in logs], "kl": [h["objective/kl"] for h in logs],
            "approx_kl": [h.get("policy/approxkl_avg") for h in logs], "clip_frac": [h.get("policy/clipfrac_avg") for h in logs],
-           "tokens": tokens, "init_s": t_init, "total_s": time.perf_counter() - t0,
-           "phases": [{**p, "update": s - p["generate"] - p["score"], "sync": 0.0} for p, s in zip(phases, step_s)]},
+           "tokens": tokens, "gold": gold, "init_s": t_init, "total_s": time.perf_counter() - t0,
+           "phases": [{"generate": p["generate"], "score": p["score"], "update": s - p["generate"] - p["score"] - p["gold"],
+                       "sync": 0.0} for p, s in zip(phases, step_s)]},
           open(a["out"] + "/trl.json", "w"))
 """
 
@@ -158,10 +166,15 @@ def learning_over_seeds(per_seed: dict[str, list[dict]]) -> dict:
         curves = [r["reward"] for r in runs]
         means = [summary(r)["reward_mean"] for r in runs]
         rises = [summary(r)["reward_rise"] for r in runs]
+        golds = [statistics.mean(r["gold"]) for r in runs if r.get("gold")]
         out[side] = {"reward_per_step": [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))],
                      "reward_mean": statistics.mean(means), "reward_mean_range": [min(means), max(means)],
                      "reward_rise": statistics.mean(rises), "reward_rise_range": [min(rises), max(rises)],
-                     "median_step_s": [summary(r)["median_step_s"] for r in runs]}
+                     "median_step_s": [summary(r)["median_step_s"] for r in runs],
+                     # the gold reward (VADER, never trained on) over the whole curve: what the policy learned, not
+                     # what the reward model it climbs says
+                     "gold_mean": statistics.mean(golds) if golds else None,
+                     "gold_mean_range": [min(golds), max(golds)] if golds else None}
     return out
 
 
@@ -199,7 +212,9 @@ def main() -> None:
         for side, name in (("colocated", "ours"), ("trl", "TRL " + TRL_VERSION)):
             r = out["seeds"][side]
             print(f"{name:14} curve mean {r['reward_mean']:.3f} {[round(x, 3) for x in r['reward_mean_range']]}  "
-                  f"rise {r['reward_rise']:.3f} {[round(x, 3) for x in r['reward_rise_range']]}")
+                  f"rise {r['reward_rise']:.3f} {[round(x, 3) for x in r['reward_rise_range']]}"
+                  + (f"  gold curve mean {r['gold_mean']:.3f} {[round(x, 3) for x in r['gold_mean_range']]}"
+                     if r["gold_mean"] is not None else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "ppo_vs_trl.json"
     path.write_text(json.dumps(out, indent=2))
