@@ -60,7 +60,8 @@ def trl_path() -> str:
 
 def run_ours(policy: str, rm: str, steps: int, lr: float, seed: int = 0) -> dict:
     n = CASE["n_prompts"]
-    return train_ours(WORK / "tiny-ppo" / f"ours{seed or ''}", f"rl.init_from={policy}", f"run.seed={seed}", f"data.prompts={CASE['prompts']}",
+    return train_ours(WORK / "tiny-ppo" / f"ours{seed or ''}", f"rl.init_from={policy}", f"run.seed={seed}",
+                      f"data.prompts={CASE['prompts']}",
                       f"data.max_prompt_len={CASE['prompt_len']}", f"reward.sources=[{{kind: model, path: '{rm}'}}]",
                       f"reward.gold={VADER}", "cluster.placement=colocated", "rollout.threads=1",
                       f"rl.steps={steps}", f"rl.prompts_per_step={n}", "rollout.n_samples_per_prompt=1",
@@ -144,10 +145,11 @@ trainer.train()
 logs = [h for h in trainer.state.log_history if "objective/scores" in h]
 step_s = [b - a for a, b in zip(ends, ends[1:])]
 json.dump({"step_s": step_s, "reward": [h["objective/scores"] for h in logs], "kl": [h["objective/kl"] for h in logs],
-           "approx_kl": [h.get("policy/approxkl_avg") for h in logs], "clip_frac": [h.get("policy/clipfrac_avg") for h in logs],
+           "approx_kl": [h.get("policy/approxkl_avg") for h in logs],
+           "clip_frac": [h.get("policy/clipfrac_avg") for h in logs],
            "tokens": tokens, "gold": gold, "init_s": t_init, "total_s": time.perf_counter() - t0,
-           "phases": [{"generate": p["generate"], "score": p["score"], "update": s - p["generate"] - p["score"] - p["gold"],
-                       "sync": 0.0} for p, s in zip(phases, step_s)]},
+           "phases": [{"generate": p["generate"], "score": p["score"],
+                       "update": s - p["generate"] - p["score"] - p["gold"], "sync": 0.0} for p, s in zip(phases, step_s)]},
           open(a["out"] + "/trl.json", "w"))
 """
 
@@ -163,14 +165,13 @@ def learning_over_seeds(per_seed: dict[str, list[dict]]) -> dict:
     each seed's whole-curve mean and rise (`summary`)."""
     out = {}
     for side, runs in per_seed.items():
-        curves = [r["reward"] for r in runs]
-        means = [summary(r)["reward_mean"] for r in runs]
-        rises = [summary(r)["reward_rise"] for r in runs]
+        curves, sums = [r["reward"] for r in runs], [summary(r) for r in runs]
+        means, rises = [s["reward_mean"] for s in sums], [s["reward_rise"] for s in sums]
         golds = [statistics.mean(r["gold"]) for r in runs if r.get("gold")]
         out[side] = {"reward_per_step": [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))],
                      "reward_mean": statistics.mean(means), "reward_mean_range": [min(means), max(means)],
                      "reward_rise": statistics.mean(rises), "reward_rise_range": [min(rises), max(rises)],
-                     "median_step_s": [summary(r)["median_step_s"] for r in runs],
+                     "median_step_s": [s["median_step_s"] for s in sums],
                      # the gold reward (VADER, never trained on) over the whole curve: what the policy learned, not
                      # what the reward model it climbs says
                      "gold_mean": statistics.mean(golds) if golds else None,

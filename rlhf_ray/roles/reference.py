@@ -33,9 +33,11 @@ class ReferenceScorer:
     def logprobs(self, seq: SequenceBatch, team=None) -> torch.Tensor:
         """(B, T) log pi_ref of the response tokens, computed in micro-batches (of rows, or of tokens), each
         one's rows split over `team` (`rlhf_ray.utils.phases.CoreTeam`; None: one pass)."""
-        return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens),
-                                            lambda mb: algo.token_logprobs(response_logits_of(self._call, mb, pack_dtype=self.pack_dtype),
-                                                                           mb.response_ids, self.temperature).cpu(), team)
+        def logprobs_of(mb: SequenceBatch) -> torch.Tensor:
+            logits = response_logits_of(self._call, mb, pack_dtype=self.pack_dtype)
+            return algo.token_logprobs(logits, mb.response_ids, self.temperature).cpu()
+        return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens), logprobs_of,
+                                            team)
 
     def _call(self, **kwargs):
         return self.model(**on_device(kwargs, self.device))

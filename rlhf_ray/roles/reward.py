@@ -189,7 +189,8 @@ class RewardScorer:
         self.sources = [(build_source(s, resolve_path, device, dtype, batch_size, cfg.max_tokens_per_micro_batch),
                          s.weight) for s in cfg.sources]
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str], team=None) -> tuple[list[float], dict[str, float]]:
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              team=None) -> tuple[list[float], dict[str, float]]:
         """team: a `rlhf_ray.utils.phases.CoreTeam` the reward models' forwards split their rows over."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")

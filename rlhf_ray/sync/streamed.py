@@ -110,7 +110,8 @@ class EngineStream:
             if not self.partial_push:
                 raise
             self.engines.ensure_synced(pushed=version)
-            behind = [a for a in actors if ray.get(a.version.remote()) != version]
+            versions = ray.get([a.version.remote() for a in actors])
+            behind = [a for a, v in zip(actors, versions) if v != version]
             if not behind:   # every engine holds it: the failure was not a death this can mend
                 raise
             sent, t_pack, engine_s = self._stream(source, ranks, mode, version, adapter_config, skip, folder, meta,

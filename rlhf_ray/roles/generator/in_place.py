@@ -111,11 +111,12 @@ class InPlaceLoader:
     # -- loading ---------------------------------------------------------------------------------------
     def _stream(self, named: Iterable[tuple[str, torch.Tensor]], write: bool = True,
                 rest: Optional[Callable[[Iterator[tuple[str, torch.Tensor]]], None]] = None
-                ) -> Iterator[tuple[torch.nn.Module, Optional[torch.Tensor], bool]]:
+                ) -> Iterator[tuple[torch.nn.Module, Optional[torch.Tensor]]]:
         """Take `named` as it streams in (a sync's buckets one at a time): each tensor copied into its
         parameter (`write`; else compared with what is there) or into its packed layer's staging tensor.
-        Yields (layer, staging tensor or None, all equal) for each layer to pack again; a packed one once all
-        its rows are in, and its staging tensor then goes (a push holds one layer's copy, not a model's).
+        Yields (layer, staging tensor) for each packed layer once all its rows are in, and its staging tensor
+        then goes (a push holds one layer's copy, not a model's); (layer, None) for a kept tensor that changed
+        (written, a layer whose kernel packs it too: packed again; compared: it differs from what is there).
         A tensor it cannot place, and a packed layer left incomplete at the end, raise `Unmapped`, or with
         `rest` go to it with the rest of the stream (the parts of layers not yet complete first)."""
         staging: dict[torch.nn.Module, tuple[torch.Tensor, list]] = {}  # layer -> staging tensor, its parts so far
@@ -143,7 +144,7 @@ class InPlaceLoader:
                     # only if it changed: a LoRA run never changes the embedding (2 x 35 ms a SmolLM2 push)
                     packs = slot.param == "weight" and getattr(m, "quant_method", None) is not None
                     if changed and (packs or not write):
-                        yield m, None, not changed
+                        yield m, None
                     continue
                 if m not in staging:
                     staging[m] = (torch.empty(self._rows(m), self._in_features(m), dtype=m.params_dtype), [])
@@ -152,7 +153,7 @@ class InPlaceLoader:
                 parts.append((name, t))
                 if sum(p.shape[0] for _, p in parts) == self._rows(m):
                     del staging[m]
-                    yield m, buf, True
+                    yield m, buf
         if staging:
             if rest is None:
                 raise Unmapped(f"{type(next(iter(staging))).__name__}: only part of its rows pushed")
@@ -163,7 +164,7 @@ class InPlaceLoader:
         """Write `named` (HF names) into the model, packing each layer again as it completes. What it cannot
         place (a name the first push did not have, a fused layer pushed in part) goes, with the rest of the
         push, to `rest` (vLLM's reload, which keeps the layers it gets nothing for)."""
-        for m, staged, _ in self._stream(named, rest=rest):
+        for m, staged in self._stream(named, rest=rest):
             if staged is not None:  # the layer packs it, then drops it
                 m.weight = torch.nn.Parameter(staged, requires_grad=False)
             for layer in (m, *self._followers.get(m, ())):
@@ -178,8 +179,8 @@ class InPlaceLoader:
         nothing."""
         loader = cls(model)
         try:
-            for m, staged, same in loader._stream(named, write=False):
-                if not same or (staged is not None and not _same_kernel(m, staged)):
+            for m, staged in loader._stream(named, write=False):
+                if staged is None or not _same_kernel(m, staged):  # None: a kept tensor that differs
                     log.info("weight pushes use vLLM's reload: %s differs from what vLLM loaded", type(m).__name__)
                     return None
         except Unmapped as e:
