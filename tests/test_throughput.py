@@ -43,7 +43,7 @@ class TimedRoles:
         rollout = self._rollout(prompt_ids, n)
         return type("Done", (), {"result": lambda _self: rollout})()
 
-    def score(self, prompts, responses, seq):
+    def score(self, prompts, responses, finished, seq):
         return [float(i % 2) for i in range(len(responses))], torch.full(seq.response_mask.shape, -1.0), None, {}
 
     def update(self, batch, minibatches, kl_coef, overlapped=False):

@@ -48,7 +48,13 @@ def prompt_ids(tok, prompt) -> list[int]:
     return tok(prompt)["input_ids"]
 
 
-def response_ids(tok, prompt, p_ids: list[int], response: str) -> list[int]:
+def response_ids(tok, prompt, p_ids: list[int], response: str, finished: bool = True) -> list[int]:
+    """The response's ids after the prompt's `p_ids`: closed as the template closes an assistant turn, or by EOS.
+    finished=False: a response the generator cut at its token limit, read as written, without the close
+    (as a response cut at max_seq_len loses its EOS in training, rule 2 above), so that a reward model does not
+    score an unfinished response as a finished one. An encoder's separator stays: it is the pair's layout."""
+    if not finished and (tok.chat_template or tok.eos_token_id is not None):
+        return tok(response, add_special_tokens=False)["input_ids"]
     if tok.chat_template:
         full = list(tok.apply_chat_template(_as_messages(prompt) + [{"role": "assistant", "content": response}],
                                             tokenize=True, return_dict=False))

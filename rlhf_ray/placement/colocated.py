@@ -139,21 +139,22 @@ class ColocatedRank(PolicyRank):
                 self._generating.clear()
                 self.engine.release()
 
-    def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
+    def score(self, prompts: list[str], responses: list[str], finished: list[bool], seq: SequenceBatch):
         """(scores, reference log-probs, values or None, reward stats, compute seconds) of this shard."""
         if self._generating.is_set():  # async mode: a generation runs in the engine thread; keep to the learner's cores
             share = self.shares.update_beside_generate
             set_thread_share(share.threads, share.cores)
-            return self._score(prompts, responses, seq, None)
-        return self._on_its_thread(False, self._score_alone, prompts, responses, seq)
+            return self._score(prompts, responses, finished, seq, None)
+        return self._on_its_thread(False, self._score_alone, prompts, responses, finished, seq)
 
-    def _score_alone(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
+    def _score_alone(self, prompts: list[str], responses: list[str], finished: list[bool], seq: SequenceBatch):
         set_phase_threads(self.shares.score.threads)  # every core again, after an update beside a generation
-        return self._score(prompts, responses, seq, self._score_team)
+        return self._score(prompts, responses, finished, seq, self._score_team)
 
-    def _score(self, prompts: list[str], responses: list[str], seq: SequenceBatch, team: Optional[CoreTeam]):
+    def _score(self, prompts: list[str], responses: list[str], finished: list[bool], seq: SequenceBatch,
+               team: Optional[CoreTeam]):
         t0 = time.perf_counter()
-        scores, stats = self.reward.score(prompts, responses, team)
+        scores, stats = self.reward.score(prompts, responses, team, finished)
         ref = self.reference.logprobs(seq, team) if self.reference is not None else self.worker.ref_logprobs(seq, team)
         values = self.critic.values(seq, team) if self.critic is not None else None
         return scores, ref, values, stats, time.perf_counter() - t0
@@ -259,11 +260,12 @@ class ColocatedRoles:
                 for i, (r, c) in enumerate(zip(self.ranks, chunks)) if c]
         return PendingRollout(refs, [c[0] for c in chunks if c])
 
-    def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
+    def score(self, prompts: list[str], responses: list[str], finished: list[bool], seq: SequenceBatch):
         shards = split_rows(seq, len(self.ranks))
         k = len(seq) // len(self.ranks)
-        parts = ray.get([r.score.remote(prompts[i * k:(i + 1) * k], responses[i * k:(i + 1) * k], s)
-                         for i, (r, s) in enumerate(zip(self.ranks, shards))])
+        rows = [slice(i * k, (i + 1) * k) for i in range(len(self.ranks))]
+        parts = ray.get([r.score.remote(prompts[at], responses[at], finished[at], s)
+                         for r, at, s in zip(self.ranks, rows, shards)])
         scores = [x for part in parts for x in part[0]]
         stats = mean_stats([p[3] for p in parts])
         ref_logp = torch.cat([p[1] for p in parts])

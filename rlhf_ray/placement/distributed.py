@@ -113,10 +113,10 @@ class DistributedRoles:
         return self.generator.submit(prompts, n, temperature=temperature, call_seed=seed,
                                      **limits(max_new_tokens)).result()
 
-    def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch):
+    def score(self, prompts: list[str], responses: list[str], finished: list[bool], seq: SequenceBatch):
         """Reward, reference log-probs and values at once; the cores are split between them."""
         share = self.shares.score.threads
-        reward = self.reward.score.remote(prompts, responses, threads=share)
+        reward = self.reward.score.remote(prompts, responses, threads=share, finished=finished)
         if self.reference is not None:
             ref = [self.reference.ref_logprobs.remote(seq, threads=share)]
         else:

@@ -37,9 +37,10 @@ class RoleGraph(Protocol):
                max_new_tokens: list[int] | None = None) -> Rollout:
         """Sampling outside training (held-out evaluation): its own temperature (0: greedy) and seed."""
 
-    def score(self, prompts: list[str], responses: list[str], seq: SequenceBatch,
+    def score(self, prompts: list[str], responses: list[str], finished: list[bool], seq: SequenceBatch,
               ) -> tuple[list[float], torch.Tensor, torch.Tensor | None, dict[str, float]]:
-        """(B,) rewards, (B, T) reference log-probs, (B, T) values or None, the scorers' statistics."""
+        """(B,) rewards, (B, T) reference log-probs, (B, T) values or None, the scorers' statistics.
+        finished: per row, False where the generator cut the response at its token limit."""
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float,
                overlapped: bool = False) -> UpdateResult:

@@ -29,14 +29,18 @@ class RewardSourceError(RunError, RuntimeError):
 class Source(Protocol):
     name: str
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str], team=None) -> list[float]:
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str], team=None,
+                 finished: Sequence[bool] | None = None) -> list[float]:
         """team: a `rlhf_ray.utils.phases.CoreTeam` a model's forward may split its rows over; a function or a
-        service always sees the whole batch."""
+        service always sees the whole batch. finished: per row, False where the generator cut the response at
+        its token limit (None: every response is whole); a model reads such a response without its close."""
 
 
 class ModelSource:
     """A trained reward model. Inputs are encoded exactly as in reward-model training
-    (`rlhf_ray.data.encode`: template, EOS), and the score is read at each row's last real token."""
+    (`rlhf_ray.data.encode`: template, EOS), and the score is read at each row's last real token. A response cut
+    at the generation limit is read as written, without EOS: scored as a finished one, rambling to the limit
+    would cost nothing (tiny PPO task: policies stuck at the limit for the rest of a run, `ppo_vs_trl.py`)."""
 
     def __init__(self, path: str, batch_size: int = 64, device: str = "cpu", dtype=torch.float32,
                  max_tokens: int | None = None):
@@ -54,16 +58,17 @@ class ModelSource:
         self.batch_size, self.device = batch_size, device
         self.max_tokens = max_tokens  # reward.max_tokens_per_micro_batch; None: batch_size rows at a time
 
-    def _encode(self, prompt: str, response: str) -> list[int]:
+    def _encode(self, prompt: str, response: str, finished: bool) -> list[int]:
         from rlhf_ray.data.encode import prompt_ids, response_ids
         p = prompt_ids(self.tok, prompt)
-        return p + response_ids(self.tok, prompt, p, response)
+        return p + response_ids(self.tok, prompt, p, response, finished)
 
     @torch.no_grad()
-    def __call__(self, prompts, responses, team=None):
+    def __call__(self, prompts, responses, team=None, finished=None):
         from rlhf_ray.data.encode import pad
         from rlhf_ray.dispatch import balanced_cut
-        rows = [self._encode(p, r) for p, r in zip(prompts, responses)]
+        finished = [True] * len(prompts) if finished is None else finished
+        rows = [self._encode(p, r, f) for p, r, f in zip(prompts, responses, finished)]
 
         def scores(part: list[int]) -> list[float]:
             ids, mask = pad([rows[i] for i in part], self.tok.pad_token_id)
@@ -112,7 +117,7 @@ class FunctionSource:
             raise RewardSourceError(f"reward function {spec!r} is not callable")
         self.fn: Callable = fn
 
-    def __call__(self, prompts, responses, team=None):
+    def __call__(self, prompts, responses, team=None, finished=None):
         try:
             out = self.fn(list(prompts), list(responses))
         except Exception as e:  # noqa: BLE001 - the user's code: name the source, show their frames
@@ -151,7 +156,7 @@ class HttpSource:
         self.name, self.url, self.retries = f"http:{url}", url, retries
         self.client = httpx.Client(timeout=timeout_s)
 
-    def __call__(self, prompts, responses, team=None):
+    def __call__(self, prompts, responses, team=None, finished=None):
         import httpx
         last: Exception | None = None
         for attempt in range(self.retries + 1):
@@ -189,15 +194,17 @@ class RewardScorer:
         self.sources = [(build_source(s, resolve_path, device, dtype, batch_size, cfg.max_tokens_per_micro_batch),
                          s.weight) for s in cfg.sources]
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str],
-              team=None) -> tuple[list[float], dict[str, float]]:
-        """team: a `rlhf_ray.utils.phases.CoreTeam` the reward models' forwards split their rows over."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    def score(self, prompts: Sequence[str], responses: Sequence[str], team=None,
+              finished: Sequence[bool] | None = None) -> tuple[list[float], dict[str, float]]:
+        """team: a `rlhf_ray.utils.phases.CoreTeam` the reward models' forwards split their rows over.
+        finished: per row, False for a response cut at the generation limit (None: all whole; `Source`)."""
+        if len(prompts) != len(responses) or (finished is not None and len(finished) != len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses"
+                             + ("" if finished is None else f" and {len(finished)} finish flags"))
         total = torch.zeros(len(prompts), dtype=torch.float64)
         stats: dict[str, float] = {}
         for i, (source, weight) in enumerate(self.sources):
-            vals = source(prompts, responses, team)
+            vals = source(prompts, responses, team, finished)
             if len(vals) != len(prompts):
                 raise RewardSourceError(f"{source.name} returned {len(vals)} scores for {len(prompts)} responses")
             t = torch.tensor(vals, dtype=torch.float64)
@@ -214,7 +221,7 @@ class RewardActor:
     def __init__(self, *args, **kwargs):
         self.s = RewardScorer(*args, **kwargs)
 
-    def score(self, prompts, responses, threads: int = 0):
+    def score(self, prompts, responses, threads: int = 0, finished=None):
         from rlhf_ray.utils.phases import set_phase_threads, timed
         set_phase_threads(threads)
-        return timed(self.s.score, prompts, responses)
+        return timed(self.s.score, prompts, responses, None, finished)

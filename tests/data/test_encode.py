@@ -90,3 +90,21 @@ def test_an_encoder_tokenizer_ends_the_response_on_its_separator():
     assert p + response_ids(tok, "a good", p, "film indeed") == [101, 1, 4, 102, 4, 6, 102]
     with pytest.raises(DataError, match="neither an EOS nor a separator"):
         response_ids(_EncoderTokenizer(sep=None), "a", [], "b")
+
+
+def test_an_unfinished_response_is_read_as_written(tok):
+    """A response the generator cut at its token limit: no EOS, no turn close (a reward model must not read it as
+    finished); a finished one is closed as in training; an encoder keeps its separator (the pair's layout)."""
+    from rlhf_ray.data.encode import prompt_ids, response_ids
+    body = tok(" the movie was", add_special_tokens=False)["input_ids"]
+    p = prompt_ids(tok, "review of the fox :")
+    assert response_ids(tok, "review of the fox :", p, " the movie was") == body + [tok.eos_token_id]
+    assert response_ids(tok, "review of the fox :", p, " the movie was", finished=False) == body
+    chat = tok.__class__.from_pretrained(tok.name_or_path)
+    chat.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    p = prompt_ids(chat, "hi")
+    closed = response_ids(chat, "hi", p, " the movie was")
+    assert closed[-1] == chat.eos_token_id and response_ids(chat, "hi", p, " the movie was", finished=False) == body
+    enc = _EncoderTokenizer()
+    assert response_ids(enc, "a good", [101, 1, 4, 102], "film indeed", finished=False) == [4, 6, 102]

@@ -45,7 +45,7 @@ class EnvRoles:
         self.engine.version = self.weights.version
         return self.engine(prompt_ids, limits, seed)
 
-    def score(self, prompts, responses, seq):
+    def score(self, prompts, responses, finished, seq):
         return [0.0] * len(prompts), torch.zeros(seq.response_mask.shape), None, {}
 
     def update(self, batch, minibatches, kl_coef, overlapped=False):

@@ -76,7 +76,7 @@ class FakeEngines:
     def generate(self, prompt_ids, n, seed, max_new_tokens=None):  # lockstep, for the reference runs
         return self.submit(prompt_ids, n, seed, max_new_tokens).result()
 
-    def score(self, prompts, responses, seq):
+    def score(self, prompts, responses, finished, seq):
         return [float(i % 3) for i in range(len(responses))], torch.full(seq.response_mask.shape, -1.0), None, {}
 
     def update(self, batch, minibatches, kl_coef, overlapped=False):

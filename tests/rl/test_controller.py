@@ -25,8 +25,10 @@ class FakeRoles:
     minibatch of every PPO epoch), and the product's own `WeightSync` counts pushes, with this object as its
     transport (`skip_sync`: a transport that reports a push but leaves the engine on its old weights)."""
 
-    def __init__(self, n_tokens=(1, 2, 3), scores=None, drift=0.0, skip_sync=False, ref_gap=0.0):
+    def __init__(self, n_tokens=(1, 2, 3), scores=None, drift=0.0, skip_sync=False, ref_gap=0.0, limit=None):
+        """limit: responses of this many tokens end at the generation limit (finish reason "length")."""
         self.optimizer_steps, self.gen_version = 0, 0
+        self.limit, self.finished = limit, []
         self.n_tokens, self.scores, self.drift, self.skip_sync = n_tokens, scores, drift, skip_sync
         self.ref_gap = ref_gap
         self.updates = []
@@ -41,14 +43,16 @@ class FakeRoles:
                 resp.append([7] * self.n_tokens[(i + j) % len(self.n_tokens)])
                 idx.append(i)
         return Rollout([list(prompt_ids[i]) for i in idx], resp, [[-1.0] * len(r) for r in resp],
-                       [" x" * len(r) for r in resp], idx, ["stop"] * len(resp), self.gen_version, 1.0)
+                       [" x" * len(r) for r in resp], idx, ["length" if len(r) == self.limit else "stop" for r in resp],
+                       self.gen_version, 1.0)
 
     def submit(self, prompt_ids, n, seed):
         rollout = self.generate(prompt_ids, n, seed)
         self.submitted.append(seed)
         return type("Pending", (), {"result": lambda _self: rollout})()
 
-    def score(self, prompts, responses, seq):
+    def score(self, prompts, responses, finished, seq):
+        self.finished.append([(len(r) // 2, f) for r, f in zip(responses, finished)])  # (tokens, finished)
         scores = self.scores if self.scores is not None else [float(len(r) // 2) for r in responses]
         return list(scores), torch.full(seq.response_mask.shape, -1.0 - self.ref_gap), None, {}
 
@@ -91,6 +95,14 @@ def test_step_runs_the_dataflow_and_reports_phases():
     # responses of 1, 2, 3 tokens in each group; the fake reward (len(text) // 2) is their token count
     assert batch.seq.response_mask.sum(1).tolist() == [1.0, 2.0, 3.0, 2.0, 3.0, 1.0]
     assert out.scores == [1.0, 2.0, 3.0, 2.0, 3.0, 1.0]
+
+
+def test_the_scorers_are_told_which_responses_the_generation_limit_cut():
+    roles = FakeRoles(limit=3)
+    make(roles).step()
+    (rows,) = roles.finished
+    assert len(rows) == 6 and all(finished == (tokens != 3) for tokens, finished in rows)
+    assert {f for _, f in rows} == {True, False}
 
 
 def test_a_skipped_sync_is_refused_on_the_next_step():

@@ -29,7 +29,7 @@ class SolvedPromptRoles:
         return Rollout([list(prompt_ids[i]) for i in idx], resp, [[-0.5] * len(r) for r in resp],
                        ["x"] * len(resp), idx, ["stop"] * len(resp), self.weights.version, 1.0)
 
-    def score(self, prompts, responses, seq):
+    def score(self, prompts, responses, finished, seq):
         scores = []
         for k, p in enumerate(prompts):
             solved = int(p[1:]) % 2 == 0

@@ -89,3 +89,26 @@ def test_length_mismatch():
     cfg = RewardConfig(sources=(RewardSource(kind="function", path=f"{__name__}:length_reward"),))
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         RewardScorer(cfg).score(["a", "b"], ["c"])
+
+
+def test_model_source_reads_an_unfinished_response_without_eos():
+    """A response cut at the generation limit is scored as written (no EOS), a finished one with its EOS, as in
+    reward-model training; a function source sees the same text either way."""
+    import torch
+
+    from rlhf_ray.models.kit import resolve_model_path
+    cfg = RewardConfig(sources=(RewardSource(kind="model", path="builtin:tiny-rm"),))
+    scorer = RewardScorer(cfg, resolve_path=resolve_model_path)
+    source = scorer.sources[0][0]
+    prompt, response = "review of x :", " a much longer response here"
+    scores, _ = scorer.score([prompt] * 3, [response] * 3, finished=[True, False, True])
+    p = source.tok(prompt)["input_ids"]
+    body = source.tok(response, add_special_tokens=False)["input_ids"]
+    for ids, want in ((p + body + [source.tok.eos_token_id], scores[0]), (p + body, scores[1])):
+        t = torch.tensor([ids])
+        assert source._scores(t, torch.ones_like(t)).item() == pytest.approx(want, abs=1e-5)
+    assert scores[0] == pytest.approx(scores[2], abs=1e-6) and scores[0] != pytest.approx(scores[1], abs=1e-3)
+    with pytest.raises(ValueError, match="1 finish flags"):
+        scorer.score([prompt] * 2, [response] * 2, finished=[True])
+    fn = RewardScorer(RewardConfig(sources=(RewardSource(kind="function", path=f"{__name__}:length_reward"),)))
+    assert fn.score(["a"], ["abc"], finished=[False])[0] == [3.0]

@@ -199,7 +199,7 @@ def test_a_reward_models_token_budget_scores_every_row_where_it_belongs():
         src = ModelSource.__new__(ModelSource)
         src.tok = SimpleNamespace(pad_token_id=0)
         src.batch_size, src.device, src.max_tokens = 4, "cpu", max_tokens
-        src._encode = lambda p, r: [int(p)] * int(r)
+        src._encode = lambda p, r, finished: [int(p)] * int(r)
         src._scores = scores
         return src
 
