@@ -175,7 +175,9 @@ def learning_over_seeds(per_seed: dict[str, list[dict]]) -> dict:
                      # the gold reward (VADER, never trained on) over the whole curve: what the policy learned, not
                      # what the reward model it climbs says
                      "gold_mean": statistics.mean(golds) if golds else None,
-                     "gold_mean_range": [min(golds), max(golds)] if golds else None}
+                     "gold_mean_range": [min(golds), max(golds)] if golds else None,
+                     # each seed's own curves, to find which seeds made a mean (a late dip, a run at the limit)
+                     "per_seed": [{"reward": r["reward"], "gold": r.get("gold"), "tokens": r["tokens"]} for r in runs]}
     return out
 
 

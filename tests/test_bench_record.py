@@ -57,6 +57,7 @@ def test_learning_over_seeds_averages_each_sides_curves_and_keeps_each_seeds_spr
     assert out["reward_mean"] == 3.5 and out["reward_mean_range"] == [2.5, 4.5]
     assert out["reward_rise"] == 3 and out["reward_rise_range"] == [3, 3]  # last 3 less first 3, each seed
     assert out["gold_mean"] is None  # runs that logged no gold reward
+    assert [r["reward"] for r in out["per_seed"]] == [[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]]
     gold = lambda reward, g: {**run(reward), "gold": g}  # noqa: E731
     out = ppo_vs_trl.learning_over_seeds({"trl": [gold([0] * 6, [0.2, 0.4]), gold([0] * 6, [0.6, 0.8])]})["trl"]
     assert out["gold_mean"] == pytest.approx(0.5) and out["gold_mean_range"] == pytest.approx([0.3, 0.7])
