@@ -66,6 +66,11 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.response_ids)
 
+    def finished(self) -> list[bool]:
+        """Per sample, False where the generator cut it at its token limit: a reward model reads such a response
+        as written, without EOS (`rlhf_ray.roles.reward.ModelSource`)."""
+        return [reason != "length" for reason in self.finish_reasons]
+
     def token_versions(self) -> list[list[int]]:
         """T_b versions per sample (`response_versions`, or `weight_version` for every token)."""
         if self.response_versions is not None:

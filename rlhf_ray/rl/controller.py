@@ -75,8 +75,7 @@ def score_rollout(roles: RoleGraph, prompts: list, rollout: Rollout, pad_id: int
     seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, pad_id, rollout.policy_mask)
     old_logp = pad_ragged(rollout.response_logprobs, seq.response_mask.shape[1])
     texts = [prompts[i].text for i in rollout.prompt_index]
-    finished = [reason != "length" for reason in rollout.finish_reasons]
-    scores, ref_logp, values, stats = roles.score(texts, list(rollout.texts), finished, seq)
+    scores, ref_logp, values, stats = roles.score(texts, list(rollout.texts), rollout.finished(), seq)
     scores = torch.as_tensor(scores, dtype=torch.float32)
     stats = dict(stats)
     if episodes is not None:

@@ -26,7 +26,7 @@ from rlhf_ray.batch import pack_sequences
 
 # generate(prompt_ids, n, temperature, seed[, max_new_tokens per prompt]) -> Rollout; temperature 0 is greedy
 Generate = Callable[..., object]
-# score(prompt_texts, responses, seq) -> (scores, ...): the roles' scoring call
+# score(prompt_texts, responses, finished, seq) -> (scores, ...): the roles' scoring call
 Score = Callable[..., tuple]
 Gold = Callable[[list, list], Sequence[float]]
 
@@ -73,7 +73,8 @@ class Evaluator:
                 rollout = env.rollout
             texts = [self.prompts[i].text for i in rollout.prompt_index]
             seq = pack_sequences(rollout.prompt_ids, rollout.response_ids, self.pad_id, rollout.policy_mask)
-            scores = torch.as_tensor(score(texts, list(rollout.texts), seq)[0], dtype=torch.float32)
+            scores = torch.as_tensor(score(texts, list(rollout.texts), rollout.finished(), seq)[0],
+                                     dtype=torch.float32)
             if env is not None:
                 rewards = torch.as_tensor(env.rewards, dtype=torch.float32)
                 scores = scores + self.env_weight * rewards

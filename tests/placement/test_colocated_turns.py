@@ -66,26 +66,37 @@ def test_every_phase_that_runs_alone_runs_on_the_ranks_one_device_thread(monkeyp
 
     r, _ = rank(can_sleep=False)
     r.engine.generate = lambda prompts, n, **kw: note("generate")
-    r.reward = SimpleNamespace(score=lambda prompts, responses: (note("reward") or [0.0], {}))
-    r.reference = SimpleNamespace(logprobs=lambda seq: note("reference"))
+    r.reward = SimpleNamespace(score=lambda prompts, responses, team, finished: (note("reward") or [0.0], {}))
+    r.reference = SimpleNamespace(logprobs=lambda seq, team: note("reference"))
+    r._skip_full = None
     r._worker = SimpleNamespace(update=lambda *args: note("update") or SimpleNamespace())
     monkeypatch.setattr(colocated, "hand_over", lambda *args: note("sync") or 0.0)
     monkeypatch.setattr(colocated.ColocatedRank, "learner", None, raising=False)
 
     def on_a_thread_of_its_own(fn, *args):
-        t = threading.Thread(target=fn, args=args)
+        failed = []
+        t = threading.Thread(target=lambda: _record_failure(failed, fn, *args))
         t.start()
         t.join(5)
+        assert not failed, failed  # a phase that raised on its thread ran nowhere
 
     threads = torch.get_num_threads()
     try:
         on_a_thread_of_its_own(r.generate, [[1, 2]], 1, {}, False)      # Ray's engine thread
-        on_a_thread_of_its_own(r.score, ["p"], ["r"], None)               # Ray's default thread
+        on_a_thread_of_its_own(r.score, ["p"], ["r"], [True], None)       # Ray's default thread
         on_a_thread_of_its_own(r.update, None, [], 0.0, False)
         on_a_thread_of_its_own(r.sync, "full", 1)
         alone = set().union(*ran.values())
+        assert set(ran) == {"generate", "reward", "reference", "update", "sync"}, ran
         assert len(alone) == 1 and threading.get_native_id() not in alone, ran
         on_a_thread_of_its_own(r.generate, [[1, 2]], 1, {}, True)       # beside an update: its caller's thread
         assert ran["generate"] - alone, ran
     finally:
         set_phase_threads(threads)
+
+
+def _record_failure(failed: list, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - handed to the test's own thread
+        failed.append(repr(e))

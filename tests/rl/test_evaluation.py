@@ -28,10 +28,12 @@ def test_evaluator_generates_greedy_and_sampled_and_scores_both():
         k = 2 if temperature == 0 else 4  # greedy responses 2 tokens, sampled 4
         idx = [i for i in range(len(ids)) for _ in range(n)]
         return Rollout([list(ids[i]) for i in idx], [[5] * k] * len(idx), [[-1.0] * k] * len(idx),
-                       ["good" if temperature == 0 else "bad"] * len(idx), idx, ["stop"] * len(idx), 0, 1.0)
+                       ["good" if temperature == 0 else "bad"] * len(idx), idx,
+                       ["stop" if temperature == 0 else "length"] * len(idx), 0, 1.0)
 
-    def score(prompts, responses, seq):
+    def score(prompts, responses, finished, seq):
         assert seq.response_mask.shape[0] == len(responses)
+        assert finished == [r == "good" for r in responses]  # the sampled ones ran to the limit
         return [1.0 if r == "good" else -1.0 for r in responses], None, None, {}
 
     ev = Evaluator(PROMPTS[:3], cfg, pad_id=0, gold=lambda p, r: [0.5 if x == "good" else 0.0 for x in r])
