@@ -74,6 +74,24 @@ def test_the_probe_runs_once_per_machine_and_is_kept_on_disk(monkeypatch, tmp_pa
     assert cap.cached_measure(path=path)["bf16_speedup"] == 3.0 and len(calls) == 2
 
 
+def test_one_cpu_name_on_two_kinds_is_measured_on_each(monkeypatch, tmp_path):
+    """These VMs name Zen 2 (AVX2: bf16 GEMM far slower than fp32) and Zen 5 (AVX-512 BF16) both "AMD EPYC": a
+    home folder that moves between them must not carry one's measurement, and so its dtype, to the other."""
+    zen5 = "model name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: avx2 avx512f avx512_bf16\n"
+    zen2 = "model name\t: AMD EPYC\ncpu family\t: 23\nmodel\t\t: 49\nflags\t\t: avx2\n"
+    assert cap.cpu_info(zen2)["family"] == "23" and cap.cpu_info(zen2)["model_id"] == "49"
+    here, real = [zen5], cap.cpu_info
+    monkeypatch.setattr(cap, "cpu_info", lambda text=None: real(here[0]))
+    monkeypatch.setattr(cap, "measure", lambda threads=None: {"bf16_speedup": {zen5: 4.5, zen2: 0.01}[here[0]]})
+    monkeypatch.setattr(cap, "_MEASURED", {})
+    path = tmp_path / "cpu_capability.json"
+    assert cap.decide_dtype(cap.cached_measure(path=path)["bf16_speedup"]) == "bfloat16"
+    here[0] = zen2                                                 # the same home on the other host kind
+    monkeypatch.setattr(cap, "_MEASURED", {})
+    assert cap.decide_dtype(cap.cached_measure(path=path)["bf16_speedup"]) == "float32"
+    assert len(json.loads(path.read_text())) == 2
+
+
 def test_probe_grows_the_size_only_while_it_fits_the_budget(monkeypatch):
     monkeypatch.setattr(cap, "_best_s", lambda dtype, size, runs: 1e-6 * (size / 256) ** 3)
     assert cap.measure(n=2048)["gemm_n"] == 2048

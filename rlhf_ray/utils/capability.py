@@ -30,7 +30,9 @@ BF16_MIN_SPEEDUP = 2.0
 
 
 def cpu_info(cpuinfo: str | None = None) -> dict:
-    """{"model", "flags": {flag: bool for FLAGS}, "cores"} from /proc/cpuinfo (or the given text)."""
+    """{"model", "family", "model_id", "flags": {flag: bool for FLAGS}, "cores"} from /proc/cpuinfo (or the
+    given text). The family and model numbers tell CPU kinds apart where the name does not: virtual machines
+    here named Zen 2 (AVX2, bf16 far slower than fp32), Zen 4 and Zen 5 (AVX-512 BF16) all "AMD EPYC"."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -42,7 +44,14 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
         fields.setdefault(key.strip(), value.strip())  # the first processor's
     have = set(fields.get("flags", "").split())
     return {"model": fields.get("model name") or platform.processor() or platform.machine(),
+            "family": fields.get("cpu family", ""), "model_id": fields.get("model", ""),
             "flags": {f: f in have for f in FLAGS}, "cores": os.cpu_count() or 1}
+
+
+def cpu_kind(info: dict) -> str:
+    """The name, family, model number and flags: what a measurement is kept under (one name, several kinds)."""
+    flags = ",".join(f for f, on in info["flags"].items() if on) or "-"
+    return f"{info['model']} | family {info.get('family', '')} model {info.get('model_id', '')} | {flags}"
 
 
 @contextmanager
@@ -113,11 +122,12 @@ _MEASURED: dict[str, dict] = {}
 
 
 def cached_measure(threads: int | None = None, path: Path | None = None) -> dict:
-    """`measure()` once per CPU model, torch version and thread count: kept in this process and in a
-    small JSON under the user's cache folder, so a machine pays the probe's seconds once."""
+    """`measure()` once per CPU kind (`cpu_kind`), torch version and thread count: kept in this process and in
+    a small JSON under the user's cache folder, so a machine pays the probe's seconds once. A home folder that
+    moves to a host of another kind under the same CPU name is measured again, not handed the other's dtype."""
     import torch
     with _threads(threads) as used:
-        key = f"{cpu_info()['model']} | torch {torch.__version__} | {used} threads"
+        key = f"{cpu_kind(cpu_info())} | torch {torch.__version__} | {used} threads"
     if key in _MEASURED:
         return _MEASURED[key]
     path = path or cache_path()
@@ -158,7 +168,9 @@ def cpu_default_dtype(env: dict | None = None) -> str:
 def describe(record: dict) -> str:
     """One line naming the machine a result came from (benchmarks print it above their tables)."""
     flags = ",".join(f for f, on in record["flags"].items() if on) or "none of " + "/".join(FLAGS)
-    return (f"{record['model']} ({flags}), {record['cores']} cores, torch {record['torch']}; GEMM {record['gemm_n']}^3 "
+    kind = f" family {record['family']} model {record['model_id']}" if record.get("family") else ""
+    return (f"{record['model']}{kind} ({flags}), {record['cores']} cores, torch {record['torch']}; "
+            f"GEMM {record['gemm_n']}^3 "
             f"on {record['threads']} threads: fp32 {record['fp32_gflops']:.0f} GFLOP/s, bf16 "
             f"{record['bf16_gflops']:.0f} GFLOP/s ({record['bf16_speedup']:.2f}x)")
 
