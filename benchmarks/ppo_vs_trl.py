@@ -162,15 +162,25 @@ def run_trl(policy: str, rm: str, steps: int, lr: float, seed: int = 0) -> dict:
 
 def learning_over_seeds(per_seed: dict[str, list[dict]]) -> dict:
     """Each side's reward-model score per step averaged over the seeds, and the mean and spread (min, max) of
-    each seed's whole-curve mean and rise (`summary`)."""
+    each seed's whole-curve mean, rise (`summary`) and gain over the shared start.
+
+    The gain: each seed's last-3-step mean less one start level for every run of every side, the mean score
+    of all their first steps. A first step is sampled before any update, from the one policy both sides start
+    from, so every run's first step estimates the same level; each side's own first 3 steps (the rise's
+    baseline) hold that side's sampling luck and its learning in steps 2-3, which counts against the side
+    that learned sooner."""
+    start = statistics.mean(r["reward"][0] for runs in per_seed.values() for r in runs)
     out = {}
     for side, runs in per_seed.items():
         curves, sums = [r["reward"] for r in runs], [summary(r) for r in runs]
         means, rises = [s["reward_mean"] for s in sums], [s["reward_rise"] for s in sums]
+        gains = [s["reward_last"] - start for s in sums]
         golds = [statistics.mean(r["gold"]) for r in runs if r.get("gold")]
         out[side] = {"reward_per_step": [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))],
                      "reward_mean": statistics.mean(means), "reward_mean_range": [min(means), max(means)],
                      "reward_rise": statistics.mean(rises), "reward_rise_range": [min(rises), max(rises)],
+                     "start": start, "reward_gain": statistics.mean(gains),
+                     "reward_gain_range": [min(gains), max(gains)],
                      "median_step_s": [s["median_step_s"] for s in sums],
                      # the gold reward (VADER, never trained on) over the whole curve: what the policy learned, not
                      # what the reward model it climbs says
@@ -215,7 +225,9 @@ def main() -> None:
         for side, name in (("colocated", "ours"), ("trl", "TRL " + TRL_VERSION)):
             r = out["seeds"][side]
             print(f"{name:14} curve mean {r['reward_mean']:.3f} {[round(x, 3) for x in r['reward_mean_range']]}  "
-                  f"rise {r['reward_rise']:.3f} {[round(x, 3) for x in r['reward_rise_range']]}"
+                  f"rise {r['reward_rise']:.3f} {[round(x, 3) for x in r['reward_rise_range']]}  "
+                  f"gain over the start ({r['start']:.3f}) {r['reward_gain']:.3f} "
+                  f"{[round(x, 3) for x in r['reward_gain_range']]}"
                   + (f"  gold curve mean {r['gold_mean']:.3f} {[round(x, 3) for x in r['gold_mean_range']]}"
                      if r["gold_mean"] is not None else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
