@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rl_vs_trl import (RESULTS, VADER, WORK, cli, phase_table, prompt_texts, run_trl_script, summary,  # noqa: E402
-                       train_ours)
+from rl_vs_trl import (RESULTS, VADER, WORK, cli, learning_over_seeds, phase_table, prompt_texts,  # noqa: E402
+                       print_learning, run_trl_script, summary, train_ours)
 
 TRL_VERSION = "1.12.0"
 CASE = dict(model="builtin:tiny-3m", prompts="builtin:reviews", prompt_len=16, n_prompts=32, new_tokens=32,
@@ -160,37 +159,6 @@ def run_trl(policy: str, rm: str, steps: int, lr: float, seed: int = 0) -> dict:
     return run_trl_script(TRL_PPO_SCRIPT, WORK / "tiny-ppo" / "trl", args, pythonpath=trl_path())
 
 
-def learning_over_seeds(per_seed: dict[str, list[dict]]) -> dict:
-    """Each side's reward-model score per step averaged over the seeds, and the mean and spread (min, max) of
-    each seed's whole-curve mean, rise (`summary`) and gain over the shared start.
-
-    The gain: each seed's last-3-step mean less one start level for every run of every side, the mean score
-    of all their first steps. A first step is sampled before any update, from the one policy both sides start
-    from, so every run's first step estimates the same level; each side's own first 3 steps (the rise's
-    baseline) hold that side's sampling luck and its learning in steps 2-3, which counts against the side
-    that learned sooner."""
-    start = statistics.mean(r["reward"][0] for runs in per_seed.values() for r in runs)
-    out = {}
-    for side, runs in per_seed.items():
-        curves, sums = [r["reward"] for r in runs], [summary(r) for r in runs]
-        means, rises = [s["reward_mean"] for s in sums], [s["reward_rise"] for s in sums]
-        gains = [s["reward_last"] - start for s in sums]
-        golds = [statistics.mean(r["gold"]) for r in runs if r.get("gold")]
-        out[side] = {"reward_per_step": [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))],
-                     "reward_mean": statistics.mean(means), "reward_mean_range": [min(means), max(means)],
-                     "reward_rise": statistics.mean(rises), "reward_rise_range": [min(rises), max(rises)],
-                     "start": start, "reward_gain": statistics.mean(gains),
-                     "reward_gain_range": [min(gains), max(gains)],
-                     "median_step_s": [s["median_step_s"] for s in sums],
-                     # the gold reward (VADER, never trained on) over the whole curve: what the policy learned, not
-                     # what the reward model it climbs says
-                     "gold_mean": statistics.mean(golds) if golds else None,
-                     "gold_mean_range": [min(golds), max(golds)] if golds else None,
-                     # each seed's own curves, to find which seeds made a mean (a late dip, a run at the limit)
-                     "per_seed": [{"reward": r["reward"], "gold": r.get("gold"), "tokens": r["tokens"]} for r in runs]}
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
@@ -221,15 +189,7 @@ def main() -> None:
             per_seed["colocated"].append(run_ours(policy, rm, args.steps, args.lr, seed))
             per_seed["trl"].append(run_trl(policy, rm, args.steps, args.lr, seed))
         out["seeds"] = learning_over_seeds(per_seed)
-        print(f"\n== learning over {args.seeds} seeds (reward-model score; mean [min, max] over the seeds)")
-        for side, name in (("colocated", "ours"), ("trl", "TRL " + TRL_VERSION)):
-            r = out["seeds"][side]
-            print(f"{name:14} curve mean {r['reward_mean']:.3f} {[round(x, 3) for x in r['reward_mean_range']]}  "
-                  f"rise {r['reward_rise']:.3f} {[round(x, 3) for x in r['reward_rise_range']]}  "
-                  f"gain over the start ({r['start']:.3f}) {r['reward_gain']:.3f} "
-                  f"{[round(x, 3) for x in r['reward_gain_range']]}"
-                  + (f"  gold curve mean {r['gold_mean']:.3f} {[round(x, 3) for x in r['gold_mean_range']]}"
-                     if r["gold_mean"] is not None else ""))
+        print_learning(out["seeds"], args.seeds, {"colocated": "ours", "trl": "TRL " + TRL_VERSION})
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "ppo_vs_trl.json"
     path.write_text(json.dumps(out, indent=2))

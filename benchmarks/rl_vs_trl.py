@@ -16,6 +16,7 @@ learner/engine gap), TRL with the model loaded in bf16 and `bf16=True`. The fp32
 reported beside it.
 
     python benchmarks/rl_vs_trl.py [--cases tiny smollm2] [--steps 20 5] [--bf16] [--placements colocated]
+                                   [--seeds N]
     # needs trl==1.16.0 (make bench)
 
 `--placements` picks our side's variants: colocated, distributed, colocated-2ranks (two one-thread
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -176,7 +178,7 @@ cfg = GRPOConfig(output_dir=a["out"], max_steps=a["steps"], per_device_train_bat
                  num_generations=a["group"], max_completion_length=a["new_tokens"], temperature=1.0,
                  learning_rate=a["lr"], lr_scheduler_type="constant", adam_beta2=0.999, max_grad_norm=1.0,
                  beta=a["beta"], logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=a["bf16"],
-                 seed=0, disable_dropout=True, dataloader_num_workers=0)
+                 seed=a["seed"], disable_dropout=True, dataloader_num_workers=0)
 clock = Clock()
 t0 = time.perf_counter()
 trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=[reward], args=cfg,
@@ -207,9 +209,9 @@ def prompt_texts(case: dict, n: int) -> list[str]:
     return [r["prompt"] for r in prompt_rows(n)]
 
 
-def run_trl(name: str, case: dict, model: str, steps: int, bf16: bool = False) -> dict:
-    out = WORK / name / ("trl-bf16" if bf16 else "trl")
-    args = dict(model=model, steps=steps, beta=BETA, prompts=prompt_texts(case, 2000), bf16=bf16,
+def run_trl(name: str, case: dict, model: str, steps: int, bf16: bool = False, seed: int = 0) -> dict:
+    out = WORK / name / (("trl-bf16" if bf16 else "trl") + (f"-seed{seed}" if seed else ""))
+    args = dict(model=model, steps=steps, beta=BETA, prompts=prompt_texts(case, 2000), bf16=bf16, seed=seed,
                 **{k: case[k] for k in ("n_prompts", "group", "new_tokens", "lr", "lora")})
     return run_trl_script(TRL_SCRIPT, out, args)
 
@@ -262,13 +264,57 @@ def summary(res: dict) -> dict:
             "mean_tokens": statistics.mean(res["tokens"]), "total_s": res["total_s"]}
 
 
+def learning_over_seeds(per_seed: dict[str, list[dict]]) -> dict:
+    """Each side's reward-model score per step averaged over the seeds, and the mean and spread (min, max) of
+    each seed's whole-curve mean, rise (`summary`) and gain over the shared start.
+
+    The gain: each seed's last-3-step mean less one start level for every run of every side, the mean score
+    of all their first steps. A first step is sampled before any update, from the one policy both sides start
+    from, so every run's first step estimates the same level; each side's own first 3 steps (the rise's
+    baseline) hold that side's sampling luck and its learning in steps 2-3, which counts against the side
+    that learned sooner."""
+    start = statistics.mean(r["reward"][0] for runs in per_seed.values() for r in runs)
+    out = {}
+    for side, runs in per_seed.items():
+        curves, sums = [r["reward"] for r in runs], [summary(r) for r in runs]
+        means, rises = [s["reward_mean"] for s in sums], [s["reward_rise"] for s in sums]
+        gains = [s["reward_last"] - start for s in sums]
+        # a run without a gold reward logs none (TRL's GRPO side) or NaN (ours with reward.gold=null)
+        golds = [g for g in (statistics.mean(r["gold"]) for r in runs if r.get("gold")) if not math.isnan(g)]
+        out[side] = {"reward_per_step": [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))],
+                     "reward_mean": statistics.mean(means), "reward_mean_range": [min(means), max(means)],
+                     "reward_rise": statistics.mean(rises), "reward_rise_range": [min(rises), max(rises)],
+                     "start": start, "reward_gain": statistics.mean(gains),
+                     "reward_gain_range": [min(gains), max(gains)],
+                     "median_step_s": [s["median_step_s"] for s in sums],
+                     # the gold reward (VADER, never trained on) over the whole curve: what the policy learned, not
+                     # what the reward model it climbs says
+                     "gold_mean": statistics.mean(golds) if golds else None,
+                     "gold_mean_range": [min(golds), max(golds)] if golds else None,
+                     # each seed's own curves, to find which seeds made a mean (a late dip, a run at the limit)
+                     "per_seed": [{"reward": r["reward"], "gold": r.get("gold"), "tokens": r["tokens"]} for r in runs]}
+    return out
+
+
+def print_learning(seeds: dict, n: int, names: dict[str, str]) -> None:
+    print(f"\n== learning over {n} seeds (mean [min, max] over the seeds)")
+    for side, name in names.items():
+        r = seeds[side]
+        print(f"{name:14} curve mean {r['reward_mean']:.3f} {[round(x, 3) for x in r['reward_mean_range']]}  "
+              f"rise {r['reward_rise']:.3f} {[round(x, 3) for x in r['reward_rise_range']]}  "
+              f"gain over the start ({r['start']:.3f}) {r['reward_gain']:.3f} "
+              f"{[round(x, 3) for x in r['reward_gain_range']]}"
+              + (f"  gold curve mean {r['gold_mean']:.3f} {[round(x, 3) for x in r['gold_mean_range']]}"
+                 if r["gold_mean"] is not None else ""))
+
+
 # ours in bf16: the agreement thresholds follow the precision (left unset), TIS weighs the learner/engine gap
 BF16 = ("model.dtype=bfloat16", "algorithm.is_correction=tis")
 # the fp32 side pinned: model.dtype's default (auto) is bf16 on a CPU whose bf16 GEMM measures >= 2x fp32's
 FP32 = ("model.dtype=float32",)
 
 
-def bench_case(name: str, steps: int, bf16: bool, placements: list[str], cpu: dict) -> dict:
+def bench_case(name: str, steps: int, bf16: bool, placements: list[str], cpu: dict, seeds: int = 1) -> dict:
     case = CASES[name]
     model = policy_path(name, case)
     runs = {p: run_ours(name, case, model, steps, p) for p in placements}
@@ -293,10 +339,22 @@ def bench_case(name: str, steps: int, bf16: bool, placements: list[str], cpu: di
         ph = runs[p]["phases_median_s"]
         print(f"{p:16} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items())
               + f"; log-prob max |diff| {runs[p]['logprob_max_abs']:.3g}")
-    return {"setup": {**{k: v for k, v in case.items() if k != "ours"}, "steps": steps, "beta": BETA, "model": model,
-                      "ours_extra": case["ours"], "ours_bf16_extra": list(BF16) if bf16 else None},
-            "cpu": cpu,  # per case: a case kept from an earlier run may come from another machine
-            **{k: {**s[k], "per_step": runs[k]} for k in runs}, "speedup": speedup}
+    out = {"setup": {**{k: v for k, v in case.items() if k != "ours"}, "steps": steps, "beta": BETA, "model": model,
+                     "ours_extra": case["ours"], "ours_bf16_extra": list(BF16) if bf16 else None, "seeds": seeds},
+           "cpu": cpu,  # per case: a case kept from an earlier run may come from another machine
+           **{k: {**s[k], "per_step": runs[k]} for k in runs}, "speedup": speedup}
+    if seeds > 1:  # the colocated placement and TRL again at seeds 1 .. N-1 (prompt order and sampling)
+        pairs = [("colocated", "trl", ())] + ([("colocated_bf16", "trl_bf16", BF16)] if bf16 else [])
+        per_seed = {k: [runs[k]] for pair in pairs for k in pair[:2]}
+        for seed in range(1, seeds):
+            for ours, trl, extra in pairs:
+                per_seed[ours].append(run_ours(name, case, model, steps, "colocated", f"run.seed={seed}", *extra))
+                per_seed[trl].append(run_trl(name, case, model, steps, bf16=bool(extra), seed=seed))
+        out["seeds"] = {}
+        for ours, trl, _ in pairs:  # each precision its own shared start
+            out["seeds"].update(learning_over_seeds({ours: per_seed[ours], trl: per_seed[trl]}))
+            print_learning(out["seeds"], seeds, {ours: ours, trl: trl})
+    return out
 
 
 def main() -> None:
@@ -304,6 +362,8 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--steps", nargs="+", type=int, help="steps per case (default: tiny 20, smollm2 5)")
     ap.add_argument("--bf16", action="store_true", help="also run colocated and TRL both in bf16 (see above)")
+    ap.add_argument("--seeds", type=int, default=1, help="compare learning (colocated and TRL, each precision) over "
+                                                        "this many seeds: one seed's curve is one draw")
     ap.add_argument("--placements", nargs="+", default=["colocated", "distributed", "colocated-overlap"],
                     choices=list(VARIANTS), help="our placements to run (default: colocated, distributed, "
                                                  "colocated-overlap)")
@@ -320,7 +380,7 @@ def main() -> None:
     out = json.loads(path.read_text()) if path.exists() else {}
     out = {k: v for k, v in out.items() if k in CASES}  # older layouts are dropped
     for name, n in zip(args.cases, steps):
-        out[name] = bench_case(name, n, args.bf16, args.placements, cpu)
+        out[name] = bench_case(name, n, args.bf16, args.placements, cpu, args.seeds)
         path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
 

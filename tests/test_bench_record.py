@@ -52,18 +52,21 @@ def test_phase_table_puts_each_of_ours_beside_trl_at_the_same_precision():
 
 def test_learning_over_seeds_averages_each_sides_curves_and_keeps_each_seeds_spread():
     run = lambda reward: {"reward": reward, "step_s": [1.0] * len(reward), "tokens": [1.0] * len(reward), "total_s": 1}
-    out = ppo_vs_trl.learning_over_seeds({"ours": [run([0, 1, 2, 3, 4, 5]), run([2, 3, 4, 5, 6, 7])]})["ours"]
+    out = rl_vs_trl.learning_over_seeds({"ours": [run([0, 1, 2, 3, 4, 5]), run([2, 3, 4, 5, 6, 7])]})["ours"]
     assert out["reward_per_step"] == [1, 2, 3, 4, 5, 6]
     assert out["reward_mean"] == 3.5 and out["reward_mean_range"] == [2.5, 4.5]
     assert out["reward_rise"] == 3 and out["reward_rise_range"] == [3, 3]  # last 3 less first 3, each seed
     # the gain: last 3 (4 and 6) less the one start of every run, the mean of their first steps (1)
     assert out["start"] == 1 and out["reward_gain"] == 4 and out["reward_gain_range"] == [3, 5]
-    two = ppo_vs_trl.learning_over_seeds({"ours": [run([0, 9, 9, 9, 9, 9])], "trl": [run([2, 2, 2, 5, 5, 5])]})
+    two = rl_vs_trl.learning_over_seeds({"ours": [run([0, 9, 9, 9, 9, 9])], "trl": [run([2, 2, 2, 5, 5, 5])]})
     assert two["ours"]["start"] == two["trl"]["start"] == 1  # pooled over the sides: both start from one policy
     assert (two["ours"]["reward_gain"], two["trl"]["reward_gain"]) == (8, 4)
     assert (two["ours"]["reward_rise"], two["trl"]["reward_rise"]) == (3, 3)  # the rise sees no difference
     assert out["gold_mean"] is None  # runs that logged no gold reward
     assert [r["reward"] for r in out["per_seed"]] == [[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]]
     gold = lambda reward, g: {**run(reward), "gold": g}  # noqa: E731
-    out = ppo_vs_trl.learning_over_seeds({"trl": [gold([0] * 6, [0.2, 0.4]), gold([0] * 6, [0.6, 0.8])]})["trl"]
+    out = rl_vs_trl.learning_over_seeds({"trl": [gold([0] * 6, [0.2, 0.4]), gold([0] * 6, [0.6, 0.8])]})["trl"]
     assert out["gold_mean"] == pytest.approx(0.5) and out["gold_mean_range"] == pytest.approx([0.3, 0.7])
+    nan = float("nan")  # ours with reward.gold=null logs NaN gold: no gold mean, not a NaN one
+    out = rl_vs_trl.learning_over_seeds({"ours": [gold([0] * 6, [nan, nan])]})["ours"]
+    assert out["gold_mean"] is None
