@@ -368,6 +368,8 @@ def main() -> None:
                     choices=list(VARIANTS), help="our placements to run (default: colocated, distributed, "
                                                  "colocated-overlap)")
     args = ap.parse_args()
+    if args.seeds > 1 and "colocated" not in args.placements:
+        ap.error("--seeds compares the colocated placement with TRL: add colocated to --placements")
     steps = args.steps or [CASES[c]["steps"] for c in args.cases]
     from rlhf_ray.utils.capability import BF16_MIN_SPEEDUP, describe, machine_record
     cpu = machine_record(2)  # TRL's and the probe's threads; measured before anything else runs
