@@ -48,10 +48,13 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
             "flags": {f: f in have for f in FLAGS}, "cores": os.cpu_count() or 1}
 
 
+def flags_on(info: dict) -> str:
+    return ",".join(f for f, on in info["flags"].items() if on)
+
+
 def cpu_kind(info: dict) -> str:
     """The name, family, model number and flags: what a measurement is kept under (one name, several kinds)."""
-    flags = ",".join(f for f, on in info["flags"].items() if on) or "-"
-    return f"{info['model']} | family {info.get('family', '')} model {info.get('model_id', '')} | {flags}"
+    return f"{info['model']} | family {info['family']} model {info['model_id']} | {flags_on(info) or '-'}"
 
 
 @contextmanager
@@ -167,7 +170,7 @@ def cpu_default_dtype(env: dict | None = None) -> str:
 
 def describe(record: dict) -> str:
     """One line naming the machine a result came from (benchmarks print it above their tables)."""
-    flags = ",".join(f for f, on in record["flags"].items() if on) or "none of " + "/".join(FLAGS)
+    flags = flags_on(record) or "none of " + "/".join(FLAGS)
     kind = f" family {record['family']} model {record['model_id']}" if record.get("family") else ""
     return (f"{record['model']}{kind} ({flags}), {record['cores']} cores, torch {record['torch']}; "
             f"GEMM {record['gemm_n']}^3 "
