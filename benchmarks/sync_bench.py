@@ -3,11 +3,14 @@
     python benchmarks/sync_bench.py [--models tiny smollm2-135m] [--repeats 5] [--out sync_bench.json]
 
 For each model: one generator engine (a Ray actor, LoRA enabled so both modes run on one engine), a
-plain HF model (+ peft LoRA on q/k/v/o, r=8) in the driver as the learner. A sync is timed end to end
-(pack into buckets, put into the object store, engine fetches, vLLM reloads, prefix cache reset, actor
-round trip), median of `repeats`. The bound is bytes / memcpy bandwidth, memcpy measured on a 512 MiB
-torch copy in this process. Targets (project brief): full sync <= 3x the bound; adapter >= 10x faster.
-Run it alone: two processes on 2 cores slow each other (STACK.md).
+plain HF model (+ peft LoRA on q/k/v/o, r=8) in a learner stand-in actor of its own (`HeldWeights`: the
+two calls a sync makes of a learner rank). A sync is timed end to end (pack into buckets, put into the
+object store, engine fetches, vLLM reloads, prefix cache reset, actor round trip), median of `repeats`,
+for each restore point (`rlhf_ray.sync.streamed`): "learner" (lockstep runs: nothing kept) and "disk"
+(runs whose rollouts may lag: each bucket also written to the learner's disk). The bound is bytes /
+memcpy bandwidth, memcpy measured on a 512 MiB torch copy in this process. Targets (project brief):
+full sync <= 3x the bound; adapter >= 10x faster. Run it alone: two processes on 2 cores slow each
+other (STACK.md).
 """
 from __future__ import annotations
 
@@ -59,9 +62,41 @@ def named(model, mode):
     return iter(get_peft_model_state_dict(model).items())
 
 
+class HeldWeights:
+    """A learner rank's part in a sync, in a process of its own: `named_weights(mode)` and `updates()`."""
+
+    def __init__(self, path: str):
+        from transformers import AutoModelForCausalLM
+        torch.set_num_threads(2)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        # A learner's weights live in anonymous memory after its first optimizer step; fresh from
+        # from_pretrained they map the safetensors file and every read pays page-cache faults.
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.data = p.data.clone()
+
+    def named_weights(self, mode: str):
+        return named(self.model, mode)
+
+    def updates(self) -> int:
+        return 0
+
+    def sizes(self, skip) -> tuple[int, int]:
+        """(parameters, bytes of a full sync)."""
+        return (sum(p.numel() for p in self.model.parameters()),
+                sum(t.numel() * t.element_size() for n, t in self.model.state_dict().items() if n not in skip))
+
+    def add_adapter(self) -> tuple[dict, int]:
+        """LoRA r=8 on q/k/v/o: (its peft config, bytes of an adapter sync)."""
+        from peft import LoraConfig, get_peft_model
+        self.model = get_peft_model(self.model, LoraConfig(r=8, lora_alpha=16,
+                                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        size = sum(t.numel() * t.element_size() for _, t in named(self.model, "adapter"))
+        return self.model.peft_config["default"].to_dict(), size
+
+
 def bench_model(spec: str, repeats: int, bw: float) -> dict:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    import ray
 
     from rlhf_ray.config.schema import RolloutConfig
     from rlhf_ray.roles.generator.group import GeneratorGroup, tied_names
@@ -72,43 +107,43 @@ def bench_model(spec: str, repeats: int, bw: float) -> dict:
     path = resolve_model_path(spec)
     cfg = RolloutConfig(num_engines=1, cpus_per_engine=2, max_new_tokens=8)
     group = GeneratorGroup(vllm_ready(path), cfg, resolve_backend("cpu"), lora=True, max_model_len=256, max_lora_rank=8)
-    sync = engine_transport("auto", group, bucket_mb=cfg.sync.bucket_mb, dtype=torch.float32)
-    version = iter(range(1, 2 * repeats + 1))
+    learner = ray.remote(num_cpus=0)(HeldWeights).remote(path)
+    version = iter(range(1, 4 * repeats + 1))   # the engine's version grows across the transports below
 
-    def timed(named_weights, mode, adapter_config=None) -> dict:
-        s = sync.send(named_weights, mode, next(version), adapter_config=adapter_config)
-        return {"total_s": s.total_s, "pack_s": s.streamed.pack_s, "load_s": s.streamed.load_s,
-                "engine_s": s.engine_s, "buckets": s.streamed.buckets}
+    def runs(restore: str, mode: str, adapter_config=None) -> list[dict]:
+        sync = engine_transport("auto", group, bucket_mb=cfg.sync.bucket_mb, dtype=torch.float32, restore=restore)
+        try:
+            out = []
+            for _ in range(repeats):
+                s = sync.send(learner, mode, next(version), adapter_config=adapter_config)
+                out.append({"total_s": s.total_s, "pack_s": s.streamed.pack_s, "load_s": s.streamed.load_s,
+                            "engine_s": s.engine_s, "buckets": s.streamed.buckets})
+            return out
+        finally:
+            sync.close()
     try:
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        # A learner's weights live in anonymous memory after its first optimizer step; fresh from
-        # from_pretrained they map the safetensors file and every read pays page-cache faults.
-        with torch.no_grad():
-            for p in base.parameters():
-                p.data = p.data.clone()
-        skip = tied_names(path)
-        full_bytes = sum(t.numel() * t.element_size() for n, t in base.state_dict().items() if n not in skip)
-        full = [timed(named(base, "full"), "full") for _ in range(repeats)]
-        policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                     "o_proj"]))
-        adapter_cfg = policy.peft_config["default"].to_dict()
-        adapter_bytes = sum(t.numel() * t.element_size() for _, t in named(policy, "adapter"))
-        adapter = [timed(named(policy, "adapter"), "adapter", adapter_cfg) for _ in range(repeats)]
+        params, full_bytes = ray.get(learner.sizes.remote(tied_names(path)))
+        full = runs("learner", "full")
+        full_disk = runs("disk", "full")
+        adapter_cfg, adapter_bytes = ray.get(learner.add_adapter.remote())
+        adapter = runs("learner", "adapter", adapter_cfg)
     finally:
-        sync.close()
         group.shutdown()
+        ray.kill(learner)
 
     def med(runs, key):   # the machine is shared and noisy: the median, and the best run below
         return statistics.median(r[key] for r in runs) * 1e3
 
-    out = {"model": spec, "params": sum(p.numel() for p in base.parameters()),
+    out = {"model": spec, "params": params,
            "full_bytes": full_bytes, "adapter_bytes": adapter_bytes, "buckets_full": full[0]["buckets"],
            "full_ms": med(full, "total_s"), "full_pack_put_ms": med(full, "pack_s"), "full_load_ms": med(full, "load_s"),
            "full_engine_reload_ms": med(full, "engine_s"),
+           "full_disk_restore_ms": med(full_disk, "total_s"), "full_disk_restore_pack_put_ms": med(full_disk, "pack_s"),
            "adapter_ms": med(adapter, "total_s"), "adapter_pack_put_ms": med(adapter, "pack_s"),
            "adapter_load_ms": med(adapter, "load_s"),
            "adapter_engine_ms": med(adapter, "engine_s"), "memcpy_bound_full_ms": full_bytes / (bw * 1e9) * 1e3}
     out["full_vs_bound"] = out["full_ms"] / out["memcpy_bound_full_ms"]
+    out["full_disk_restore_vs_bound"] = out["full_disk_restore_ms"] / out["memcpy_bound_full_ms"]
     # what the transport adds on top of vLLM's own reload (CPU: re-packing every linear for oneDNN)
     out["transport_ms"] = out["full_ms"] - out["full_engine_reload_ms"]
     out["transport_vs_bound"] = out["transport_ms"] / out["memcpy_bound_full_ms"]

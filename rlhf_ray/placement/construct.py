@@ -154,6 +154,9 @@ class SyncArgs:
     backend: str                   # the collective's: nccl | gloo
     timeout_s: float
     bucket_mb: float
+    # where a streamed transport re-syncs a restarted engine from (`rlhf_ray.sync.streamed`): the learner in
+    # lockstep (its weights are the served ones while the engines sample), a copy on disk where rollouts may lag
+    restore: str                   # learner | disk
     agreement_precisions: tuple[str, ...]   # rows of utils.device.LOGPROB_TOLERANCE the thresholds come from
     logprob_max_abs_diff: float
     logprob_mean_abs_diff: float
@@ -276,7 +279,8 @@ def sync_args(cfg: "Config", plan: Plan) -> SyncArgs:
             precisions += ("fp8",)
     max_abs, mean_abs = logprob_tolerance(precisions)
     return SyncArgs(mode=sync_mode(cfg, plan), transport=transport, backend="nccl" if gen_device == "cuda" else "gloo",
-                    timeout_s=SYNC_TIMEOUT_S, bucket_mb=s.bucket_mb, agreement_precisions=precisions,
+                    timeout_s=SYNC_TIMEOUT_S, bucket_mb=s.bucket_mb,
+                    restore="disk" if s.max_off_policy_lag >= 1 else "learner", agreement_precisions=precisions,
                     logprob_max_abs_diff=s.logprob_max_abs_diff or max_abs,
                     logprob_mean_abs_diff=s.logprob_mean_abs_diff or mean_abs)
 

@@ -90,7 +90,7 @@ class DistributedRoles:
         s = args.sync
         transport = engine_transport(s.transport, self.generator, backend=s.backend, device=e.device,
                                      source=self.policy.actors, mode=s.mode, bucket_mb=s.bucket_mb,
-                                     dtype=engine_backend.dtype, timeout_s=s.timeout_s)
+                                     dtype=engine_backend.dtype, timeout_s=s.timeout_s, restore=s.restore)
         self.weights = WeightSync(transport, lambda: ray.get(self.policy.actors[0].updates.remote()))
 
     # -- the controller's calls ----------------------------------------------------------------

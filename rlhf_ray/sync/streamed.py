@@ -6,10 +6,17 @@
                   rank 0 when the weights come from a learner (the driver may sit on a CPU-only head node)
 
 Each sync streams bucket by bucket from where the weights are (learner rank 0 through `__ray_call__`, or
-the driver for a `(name, tensor)` iterable) and leaves a copy on the producer's disk as the restore point
-(`rlhf_ray.sync.restore`). An engine that Ray restarted is noticed by the generator group
-(`GeneratorGroup.ensure_synced`) and healed here: the restore points are replayed to it through the store,
-from the disk that holds them. Neither a sync nor a restore point holds a model in the object store.
+the driver for a `(name, tensor)` iterable). An engine that Ray restarted is noticed by the generator group
+(`GeneratorGroup.ensure_synced`) and healed here, through the store, from its restore point:
+    disk     a copy of each sync on the producer's disk (`rlhf_ray.sync.restore`), written as it streams;
+             what runs whose rollouts may lag the learner need (`rollout.sync.max_off_policy_lag >= 1`: the
+             learner updates while the engines sample with the weights it pushed before)
+    learner  no copy: the learner streams its weights again. In lockstep the engines sample only between a
+             push and the learner's next update, so its weights are the served ones whenever a heal is
+             asked for (checked: its optimizer steps are those of the push). The copy it spares is the
+             whole model written to disk at every step: on a GPU learner a device-to-host copy and a file
+             write per bucket, in the broadcast's path, several times the broadcast itself.
+Neither a sync nor a restore point holds a model in the object store.
 A tensor-parallel engine's workers take a full sync off a broadcast themselves (`roles.generator.worker_ext`):
 in the collective group as one rank each, or relayed by their engine actor from the store's stream.
 """
@@ -18,13 +25,15 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from rlhf_ray.sync.collective import CollectiveGroup
 from rlhf_ray.sync.stream import ChannelSink, open_channel
-from rlhf_ray.sync.transport import (COLLECTIVE, close_sender, learner_adapter_config, open_sender, remove_restore,
-                                     replay_restore, sender_address, stream_from_learner, stream_weights)
+from rlhf_ray.sync.transport import (COLLECTIVE, close_sender, learner_adapter_config, learner_updates, open_sender,
+                                     remove_restore, replay_restore, sender_address, stream_from_learner,
+                                     stream_weights)
 from rlhf_ray.sync.weight_sync import Streamed, SyncStats
 from rlhf_ray.utils.net import node_address
 
@@ -48,21 +57,35 @@ def _load_call(actor, mode, refs, adapter_config, version):
     return actor.load_adapter.remote(refs, adapter_config, version)
 
 
+@dataclass(frozen=True)
+class RestorePoint:
+    """What a restarted engine is re-synced to, for one mode: the last push of that mode."""
+    version: int
+    adapter_config: Optional[dict]
+    holder: Any               # learner rank 0, or None: the driver
+    folder: Optional[str]     # the push's buckets on the holder's disk; None: the learner streams them again
+    ranks: tuple = ()         # the learner's rank handles (every rank iterates a stream)
+    updates: int = 0          # the learner's optimizer steps at the push: unchanged when it streams them again
+
+
 class EngineStream:
     """What both streamed transports share: sending one sync, its restore point, healing a restarted engine.
 
     engines: the `GeneratorGroup` (its actors, whether they take adapters, its broadcast ranks per engine);
     the stream registers itself as the group's healer. source, mode: what `push` sends (the policy's rank
     handles, "full" | "adapter"); `send` takes them per call (tools, tests). dtype: the engines' (the weights
-    are cast on the way). restore_dir: the restore points' folder on the producer's node (disk, not
-    /dev/shm: it holds a model); default a fresh folder under the system's temporary directory."""
+    are cast on the way). restore: "disk" | "learner" (the module's doc; a `(name, tensor)` source has no
+    learner to ask and is always kept on disk). restore_dir: the restore points' folder on the producer's
+    node (disk, not /dev/shm: it holds a model); default a fresh folder under the system's temporary directory."""
 
     def __init__(self, engines, *, bucket_mb: float, dtype, timeout_s: float = 120.0, source: Any = None,
-                 mode: str = "full", restore_dir: Optional[str] = None):
+                 mode: str = "full", restore: str = "disk", restore_dir: Optional[str] = None):
+        if restore not in ("disk", "learner"):
+            raise ValueError(f"restore must be disk or learner, got {restore!r}")
         self.engines, self.dtype, self.timeout_s = engines, dtype, timeout_s
-        self.source, self.mode = source, mode
+        self.source, self.mode, self.restore = source, mode, restore
         self.bucket_bytes = int(bucket_mb * 2 ** 20)
-        self._restore: dict[str, tuple] = {}   # mode -> (holder: learner rank 0 or None, folder, adapter cfg, version)
+        self._restore: dict[str, RestorePoint] = {}   # by mode
         self._root = restore_dir or str(Path(tempfile.gettempdir()) / f"rlhf_ray_restore_{uuid.uuid4().hex[:12]}")
         self._holders: dict[Optional[str], Any] = {}   # who wrote restore points: their folders go at close
         self._channel = None                            # the object-store stream's queues
@@ -71,7 +94,7 @@ class EngineStream:
     @property
     def served_version(self) -> int:
         """The version of the last sync the engines took (0: none yet)."""
-        return max((entry[3] for entry in self._restore.values()), default=0)
+        return max((point.version for point in self._restore.values()), default=0)
 
     def push(self, version: int) -> SyncStats:
         return self.send(self.source, self.mode, version)
@@ -88,9 +111,12 @@ class EngineStream:
             raise ValueError("adapter sync to engines built with lora=False")
         t0 = time.perf_counter()
         # An engine killed in a call still running when the push came (a rollout sampled beside the update) is
-        # waited for, found restarted and healed here: a load call queued behind the dead one would fail with it,
-        # and a stream would wait for a reader that is gone. The caller of the dead call samples again.
-        self.engines.ensure_synced()
+        # waited for here: a load call queued behind the dead one would fail with it, and a stream would wait
+        # for a reader that is gone. The caller of the dead call samples again. The push itself re-syncs it,
+        # unless the engines hold a restore point of the other mode (a base under an adapter): healed first.
+        heal_first = any(m != mode for m in self._restore)
+        if self.engines.ensure_synced(heal=heal_first) and not heal_first:
+            self._restarted()
         ranks = learner_ranks(source)
         holder = ranks[0] if ranks else None
         if mode == "adapter" and adapter_config is None and holder is not None:
@@ -98,7 +124,8 @@ class EngineStream:
         if mode == "adapter" and adapter_config is None:
             raise ValueError("adapter sync needs adapter_config (the peft LoraConfig as a dict)")
         skip = self.engines.skip_full if mode == "full" else frozenset()
-        folder, meta = str(Path(self._root) / mode), {"mode": mode, "version": version}
+        on_disk = self.restore == "disk" or not ranks
+        folder, meta = str(Path(self._root) / mode) if on_disk else None, {"mode": mode, "version": version}
         actors = self.engines.actors
         try:
             sent, t_pack, engine_s = self._stream(source, ranks, mode, version, adapter_config, skip, folder, meta,
@@ -109,15 +136,17 @@ class EngineStream:
             # to the engines that do not hold it (the others took it before the failure).
             if not self.partial_push:
                 raise
-            self.engines.ensure_synced(pushed=version)
+            self.engines.ensure_synced(pushed=version, heal=heal_first)
             versions = ray.get([a.version.remote() for a in actors])
             behind = [a for a, v in zip(actors, versions) if v != version]
             if not behind:   # every engine holds it: the failure was not a death this can mend
                 raise
             sent, t_pack, engine_s = self._stream(source, ranks, mode, version, adapter_config, skip, folder, meta,
                                                   behind)
-        self._holders[_actor_id(holder)] = holder
-        self._restore[mode] = (holder, folder, adapter_config, version)
+        if on_disk:
+            self._holders[_actor_id(holder)] = holder
+        self._restore[mode] = RestorePoint(version, adapter_config, holder, folder, tuple(ranks),
+                                           sent.get("updates", 0))
         t_end = time.perf_counter()
         return SyncStats(version, t_end - t0, max(engine_s),
                          Streamed(t_pack - t0, t_end - t_pack, sent["buckets"], sent["bytes"]))
@@ -136,6 +165,9 @@ class EngineStream:
     def _stream(self, source, ranks, mode, version, adapter_config, skip, folder, meta, actors):
         raise NotImplementedError
 
+    def _restarted(self) -> None:
+        """Engines were restarted and are left to the coming push (nothing to do for the object store)."""
+
     def _open_channel(self):
         if self._channel is None:
             self._channel = open_channel()
@@ -143,26 +175,42 @@ class EngineStream:
 
     # -- healing -------------------------------------------------------------------------------
     def heal(self, actor) -> None:
-        """Replay the restore points to one engine through the object store, from the disk that holds them:
-        a base push first, then the adapter on top of it."""
+        """Replay the restore points to one engine through the object store, from the disk that holds them or
+        from the learner: a base push first, then the adapter on top of it."""
         import ray
 
         for mode in ("full", "adapter"):
-            if mode not in self._restore:
+            point = self._restore.get(mode)
+            if point is None:
                 continue
-            holder, folder, adapter_config, version = self._restore[mode]
+            if point.folder is None:
+                self._check_learner_holds(point)
             sink = ChannelSink.open(self._open_channel(), 1, self.timeout_s)
             try:
-                done = _load_call(actor, mode, [sink.reader(0)], adapter_config, version)
-                if holder is None:
-                    replay_restore(None, folder, sink, self.bucket_bytes)
+                done = _load_call(actor, mode, [sink.reader(0)], point.adapter_config, point.version)
+                if point.folder is None:
+                    skip = self.engines.skip_full if mode == "full" else frozenset()
+                    ray.get([r.__ray_call__.remote(stream_from_learner, mode, self.bucket_bytes, self.dtype, k == 0,
+                                                   skip, sink, None, {}) for k, r in enumerate(point.ranks)])
+                elif point.holder is None:
+                    replay_restore(None, point.folder, sink, self.bucket_bytes)
                 else:
-                    ray.get(holder.__ray_call__.remote(replay_restore, folder, sink, self.bucket_bytes))
+                    ray.get(point.holder.__ray_call__.remote(replay_restore, point.folder, sink, self.bucket_bytes))
                 ray.get(done)
             finally:
                 sink.close()
         if (got := ray.get(actor.version.remote())) != self.served_version:
             raise RuntimeError(f"re-synced engine is at version {got}, expected {self.served_version}")
+
+    @staticmethod
+    def _check_learner_holds(point: RestorePoint) -> None:
+        import ray
+        now = ray.get(point.holder.__ray_call__.remote(learner_updates))
+        if now != point.updates:
+            raise RuntimeError(f"a restarted engine needs the weights of version {point.version}, which the learner "
+                               f"no longer holds ({now - point.updates} optimizer steps since) and no restore point "
+                               "keeps: only runs whose rollouts may lag the learner (rollout.sync.max_off_policy_lag "
+                               ">= 1) keep one")
 
     def close(self) -> None:
         import ray
@@ -265,6 +313,9 @@ class Collective(EngineStream):
     def heal(self, actor) -> None:
         super().heal(actor)
         self._leave()   # the restarted engine left the group; it is rebuilt at the next sync
+
+    def _restarted(self) -> None:
+        self._leave()   # as after a heal: the group is rebuilt for this push
 
     def close(self) -> None:
         self._leave()

@@ -3,11 +3,12 @@
 The producer is learner rank 0 (through Ray's `__ray_call__`: its own weights never detour via the
 driver, which may sit on a CPU-only head node) or the driver for a `(name, tensor)` iterable. It packs
 lazily (`pack_buckets(..., reuse=True)`: one bucket buffer), writes each bucket to the on-disk restore
-point (`rlhf_ray.sync.restore`) and sends it before packing the next:
+point (`rlhf_ray.sync.restore`) where the sync keeps one there, and sends it before packing the next:
 - "collective": a gloo / NCCL broadcast to every engine (`rlhf_ray.sync.collective`); nothing in the
   object store;
 - "channel": through the object store, at most two buckets at a time (`rlhf_ray.sync.stream`).
-A restarted engine is re-synced by replaying the restore point from the disk of whoever wrote it.
+A restarted engine is re-synced by replaying the restore point from the disk of whoever wrote it, or, where
+the sync keeps none (lockstep runs: `EngineStream`), by streaming again from the learner.
 """
 from __future__ import annotations
 
@@ -46,10 +47,14 @@ def send(buckets, sink, group=None) -> dict[str, int]:
 
 
 def stream_weights(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: Optional[torch.dtype],
-                   skip: frozenset, sink, restore_folder: str, meta: dict, group=None) -> dict[str, int]:
-    """Pack, keep on disk and send one sync; the restore point is swapped in only once all was sent."""
+                   skip: frozenset, sink, restore_folder: Optional[str], meta: dict, group=None) -> dict[str, int]:
+    """Pack, keep on disk (unless `restore_folder` is None) and send one sync; the restore point is swapped in
+    only once all was sent."""
+    buckets = pack_buckets(without(named, skip), bucket_bytes, dtype, reuse=True)
+    if restore_folder is None:
+        return send(buckets, sink, group)
     writer = RestoreWriter(restore_folder, meta)
-    out = send(writer.tee(pack_buckets(without(named, skip), bucket_bytes, dtype, reuse=True)), sink, group)
+    out = send(writer.tee(buckets), sink, group)
     writer.commit()
     return out
 
@@ -61,15 +66,23 @@ _senders: dict[str, Any] = {}
 
 
 def stream_from_learner(learner: Any, mode: str, bucket_bytes: int, dtype: Optional[torch.dtype], is_source: bool,
-                        skip: frozenset, sink, restore_folder: str, meta: dict, sender: str = "") -> Optional[dict]:
+                        skip: frozenset, sink, restore_folder: Optional[str], meta: dict,
+                        sender: str = "") -> Optional[dict]:
     """Every rank iterates (a ZeRO-3 learner gathers each parameter collectively); rank 0 streams, on the
-    broadcast group `sender` opened in this process (`open_sender`) when the sink is the collective."""
+    broadcast group `sender` opened in this process (`open_sender`) when the sink is the collective, and
+    answers what it sent and the learner's optimizer steps at the time (`updates`: what a re-sync from the
+    learner checks is unchanged)."""
     from rlhf_ray.learner.weights import drain
     named = learner.named_weights(mode)
     if not is_source:
         drain(named)
         return None
-    return stream_weights(named, bucket_bytes, dtype, skip, sink, restore_folder, meta, _senders.get(sender))
+    out = stream_weights(named, bucket_bytes, dtype, skip, sink, restore_folder, meta, _senders.get(sender))
+    return {**out, "updates": learner_updates(learner)}
+
+
+def learner_updates(learner: Any) -> int:
+    return learner.updates()
 
 
 def replay_restore(holder: Any, folder: str, sink, bucket_bytes: int) -> dict[str, int]:

@@ -270,7 +270,16 @@ def test_the_distributed_placement_builds_every_actor_from_the_construction(hub,
     (sync_args, sync_kwargs), = seen["engine_transport"].calls  # the weight sync's transport, from the plan too
     assert sync_args[0] == args.sync.transport == "collective" and sync_kwargs["timeout_s"] == args.sync.timeout_s
     assert (sync_kwargs["backend"], sync_kwargs["mode"]) == (args.sync.backend, args.sync.mode)
+    assert sync_kwargs["restore"] == args.sync.restore
     assert gen_args[1].tensor_parallel_size == engine.tensor_parallel_size
+
+
+@pytest.mark.parametrize("lag, restore", [(0, "learner"), (1, "disk")])
+def test_only_runs_whose_rollouts_may_lag_keep_a_restore_point_on_disk(hub, lag, restore):
+    """Lockstep engines sample only while the learner holds the pushed weights: it re-syncs a restarted one,
+    and no step writes the model to disk (`rlhf_ray.sync.streamed`)."""
+    _, _, args, _ = built(H70B, f"rollout.sync.max_off_policy_lag={lag}")
+    assert args.sync.restore == restore
 
 
 @pytest.mark.parametrize("path", [H70B, QLORA], ids=["distributed", "colocated"])

@@ -50,7 +50,7 @@ class CountingEngine:
     """The generator actor's contract (`rlhf_ray.roles.generator.actor.GeneratorActor`) without vLLM."""
 
     def __init__(self, model_path, rollout_cfg, backend, lora, max_model_len, engine_opts):
-        self.v, self.got, self.peak, self._group = 0, {}, 0, None
+        self.v, self.got, self.peak, self._group, self.loads = 0, {}, 0, None, 0
 
     def node_id(self):
         import ray
@@ -60,7 +60,7 @@ class CountingEngine:
         return self.v
 
     def _take(self, named, version):
-        self.got, self.peak = {}, 0
+        self.got, self.peak, self.loads = {}, 0, self.loads + 1
         for name, t in named:
             self.peak = max(self.peak, store_bytes())
             self.got[name] = t.clone()
@@ -89,16 +89,25 @@ class CountingEngine:
     def received(self):
         return self.got, self.peak
 
+    def load_count(self):
+        return self.loads
+
 
 class StandInLearner:
     def __init__(self, seed):
-        self.named = weights(seed)
+        self.named, self.steps = weights(seed), 0
 
     def named_weights(self, mode):
         return iter(self.named)
 
+    def updates(self):
+        return self.steps
 
-def _group(monkeypatch, tmp_path, transport):
+    def step(self, seed):
+        self.named, self.steps = weights(seed), self.steps + 1
+
+
+def _group(monkeypatch, tmp_path, transport, restore="disk"):
     """(the generator group of stand-in engines, the weight sync's `transport` to them)."""
     from ray import cloudpickle
 
@@ -108,7 +117,7 @@ def _group(monkeypatch, tmp_path, transport):
     monkeypatch.setattr(group_mod, "GeneratorActor", CountingEngine)
     group = group_mod.GeneratorGroup("unused", CFG, resolve_backend("cpu"))
     return group, engine_transport(transport, group, bucket_mb=CFG.sync.bucket_mb, dtype=torch.float32,
-                                   timeout_s=60, restore_dir=str(tmp_path / "restore"))
+                                   timeout_s=60, restore=restore, restore_dir=str(tmp_path / "restore"))
 
 
 def _check(ray, group, want, bound):
@@ -144,12 +153,12 @@ def _sleep(actor_self, seconds):
     time.sleep(seconds)
 
 
-def test_a_push_after_an_engine_was_killed_mid_call_heals_it_first(ray_local, monkeypatch, tmp_path):
+def test_a_push_after_an_engine_was_killed_mid_call_waits_for_it_and_reaches_it(ray_local, monkeypatch, tmp_path):
     """An engine SIGKILLed in a call that was running when the push came (async mode's or the lag-1 overlap's
-    rollout, sampled beside the update): the push waits for that call, finds the engine restarted (at version 0),
-    replays the restore point to it, then streams the new weights to every engine. Before it healed first, the
-    push's load call, queued behind the killed one, raised ActorUnavailableError and ended the run (seen in
-    e2e/test_async_cli.py's distributed run)."""
+    rollout, sampled beside the update): the push waits for that call, finds the engine restarted (at version 0)
+    and streams the new weights to every engine, the restarted one included: one load, not the old weights
+    replayed first (a whole model's sync for nothing). Before it waited, the push's load call, queued behind the
+    killed one, raised ActorUnavailableError and ended the run (seen in e2e/test_async_cli.py's distributed run)."""
     import os
     import signal
     import threading
@@ -164,6 +173,7 @@ def test_a_push_after_an_engine_was_killed_mid_call_heals_it_first(ray_local, mo
         _check(ray_local, group, want, bound=1 << 40)
         assert ray_local.get([a.version.remote() for a in group.actors]) == [2, 2]
         assert ray_local.get(group.actors[0].__ray_call__.remote(_pid)) != pid
+        assert ray_local.get(group.actors[0].load_count.remote()) == 1   # the push alone: nothing replayed first
         with pytest.raises(ray_local.exceptions.RayActorError):
             ray_local.get(busy)                                      # the call it died in: its caller asks again
     finally:
@@ -188,6 +198,56 @@ def test_collective_stream_from_a_learner_puts_nothing_in_the_object_store(ray_l
             _check(ray_local, group, weights(7), before + MIB // 4)
             assert read_manifest(tmp_path / "restore" / "full")["version"] == version
         assert store_bytes() < before + MIB
+    finally:
+        sync.close()
+        group.shutdown()
+        ray_local.kill(learner)
+
+
+def test_a_lockstep_sync_keeps_no_copy_and_heals_from_the_learner_while_it_holds_the_weights(
+        ray_local, monkeypatch, tmp_path):
+    """restore="learner" (lockstep runs): a push writes nothing to disk, a restarted engine is re-synced by the
+    learner streaming its weights again, and once the learner has stepped past the served weights a heal is
+    refused with one line rather than serving the new weights under the old version."""
+    from ray import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    learner = ray_local.remote(num_cpus=0)(StandInLearner).remote(7)
+    group, sync = _group(monkeypatch, tmp_path, "object_store", restore="learner")
+    try:
+        assert sync.send(learner, "full", 1).streamed.buckets == N
+        assert not (tmp_path / "restore").exists()                     # no copy of the model on disk
+        _kill_and_wait_for_restart(ray_local, group.actors[0])
+        assert group.ensure_synced() == [0]                            # streamed again by the learner
+        _check(ray_local, group, weights(7), bound=1 << 40)
+        assert ray_local.get(group.actors[0].version.remote()) == 1
+
+        ray_local.get(learner.step.remote(8))                          # the learner moves on; version 1 is gone
+        _kill_and_wait_for_restart(ray_local, group.actors[1])
+        with pytest.raises(RuntimeError, match="no longer holds.*max_off_policy_lag"):
+            group.ensure_synced()
+        assert sync.send(learner, "full", 2).version == 2              # the next push reaches every engine
+        _check(ray_local, group, weights(8), bound=1 << 40)
+        assert ray_local.get([a.version.remote() for a in group.actors]) == [2, 2]
+    finally:
+        sync.close()
+        group.shutdown()
+        ray_local.kill(learner)
+
+
+def test_a_collective_push_after_an_engine_restarted_rebuilds_the_group(ray_local, monkeypatch, tmp_path):
+    """The broadcast group is kept across syncs; a restarted engine has left it. A push that re-syncs the
+    engine itself (nothing healed first) must rebuild the group, or the broadcast waits for a rank that is gone."""
+    from ray import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    learner = ray_local.remote(num_cpus=0)(StandInLearner).remote(7)
+    group, sync = _group(monkeypatch, tmp_path, "collective", restore="learner")
+    try:
+        sync.send(learner, "full", 1)
+        _kill_and_wait_for_restart(ray_local, group.actors[0])
+        ray_local.get(learner.step.remote(8))
+        assert sync.send(learner, "full", 2).version == 2
+        _check(ray_local, group, weights(8), bound=1 << 40)
+        assert ray_local.get([a.version.remote() for a in group.actors]) == [2, 2]
     finally:
         sync.close()
         group.shutdown()

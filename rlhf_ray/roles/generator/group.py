@@ -112,9 +112,10 @@ class GeneratorGroup:
         """The weight sync that pushes to these engines, and so knows what they should serve."""
         self._healer = healer
 
-    def ensure_synced(self, timeout_s: float = 300.0, pushed: Optional[int] = None) -> list[int]:
+    def ensure_synced(self, timeout_s: float = 300.0, pushed: Optional[int] = None, heal: bool = True) -> list[int]:
         """Heal every engine whose version differs from the sync's (a restarted one is at 0); their indices.
-        `pushed`: a version some engines took in a push that failed on another; those are left as they are."""
+        `pushed`: a version some engines took in a push that failed on another; those are left as they are.
+        heal=False: only wait until each answers (a push about to reach every engine re-syncs them itself)."""
         import ray
 
         if self._healer is None:   # no sync ever reached these engines: a restarted one serves what they do
@@ -130,7 +131,8 @@ class GeneratorGroup:
                         raise
                     time.sleep(0.5)          # restarting: Ray re-runs __init__
             if v not in (self._healer.served_version, pushed):
-                self._healer.heal(actor)
+                if heal:
+                    self._healer.heal(actor)
                 healed.append(i)
         return healed
 

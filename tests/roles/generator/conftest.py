@@ -85,6 +85,9 @@ def standin_learner_cls():
         def adapter_config(self):
             return None
 
+        def updates(self):   # optimizer steps: none, the weights stay those it was built with
+            return 0
+
     return StandInLearner
 
 
