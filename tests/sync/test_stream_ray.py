@@ -6,6 +6,7 @@ and deleted in the raylet's next batch, so it never spills), so no vLLM starts; 
 channel and restore point are the product's. 16 buckets of 1 MiB; the stream may hold 2 (one read, one
 queued). Today's code (972499a) held all 16 through the sync and after it, as the restore point.
 """
+import contextlib
 import sys
 
 import pytest
@@ -209,11 +210,7 @@ def test_a_lockstep_sync_keeps_no_copy_and_heals_from_the_learner_while_it_holds
     """restore="learner" (lockstep runs): a push writes nothing to disk, a restarted engine is re-synced by the
     learner streaming its weights again, and once the learner has stepped past the served weights a heal is
     refused with one line rather than serving the new weights under the old version."""
-    from ray import cloudpickle
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    learner = ray_local.remote(num_cpus=0)(StandInLearner).remote(7)
-    group, sync = _group(monkeypatch, tmp_path, "object_store", restore="learner")
-    try:
+    with _learner_and_group(ray_local, monkeypatch, tmp_path, "object_store") as (learner, group, sync):
         assert sync.send(learner, "full", 1).streamed.buckets == N
         assert not (tmp_path / "restore").exists()                     # no copy of the model on disk
         _kill_and_wait_for_restart(ray_local, group.actors[0])
@@ -228,30 +225,33 @@ def test_a_lockstep_sync_keeps_no_copy_and_heals_from_the_learner_while_it_holds
         assert sync.send(learner, "full", 2).version == 2              # the next push reaches every engine
         _check(ray_local, group, weights(8), bound=1 << 40)
         assert ray_local.get([a.version.remote() for a in group.actors]) == [2, 2]
-    finally:
-        sync.close()
-        group.shutdown()
-        ray_local.kill(learner)
 
 
 def test_a_collective_push_after_an_engine_restarted_rebuilds_the_group(ray_local, monkeypatch, tmp_path):
     """The broadcast group is kept across syncs; a restarted engine has left it. A push that re-syncs the
     engine itself (nothing healed first) must rebuild the group, or the broadcast waits for a rank that is gone."""
-    from ray import cloudpickle
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    learner = ray_local.remote(num_cpus=0)(StandInLearner).remote(7)
-    group, sync = _group(monkeypatch, tmp_path, "collective", restore="learner")
-    try:
+    with _learner_and_group(ray_local, monkeypatch, tmp_path, "collective") as (learner, group, sync):
         sync.send(learner, "full", 1)
         _kill_and_wait_for_restart(ray_local, group.actors[0])
         ray_local.get(learner.step.remote(8))
         assert sync.send(learner, "full", 2).version == 2
         _check(ray_local, group, weights(8), bound=1 << 40)
         assert ray_local.get([a.version.remote() for a in group.actors]) == [2, 2]
+
+
+@contextlib.contextmanager
+def _learner_and_group(ray, monkeypatch, tmp_path, transport):
+    """(a stand-in learner, the group of stand-in engines, a lockstep sync to them from that learner)."""
+    from ray import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])   # before the learner is created
+    learner = ray.remote(num_cpus=0)(StandInLearner).remote(7)
+    group, sync = _group(monkeypatch, tmp_path, transport, restore="learner")
+    try:
+        yield learner, group, sync
     finally:
         sync.close()
         group.shutdown()
-        ray_local.kill(learner)
+        ray.kill(learner)
 
 
 def _pid(actor_self):
