@@ -15,6 +15,7 @@ other (STACK.md).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -108,7 +109,7 @@ def bench_model(spec: str, repeats: int, bw: float) -> dict:
     cfg = RolloutConfig(num_engines=1, cpus_per_engine=2, max_new_tokens=8)
     group = GeneratorGroup(vllm_ready(path), cfg, resolve_backend("cpu"), lora=True, max_model_len=256, max_lora_rank=8)
     learner = ray.remote(num_cpus=0)(HeldWeights).remote(path)
-    version = iter(range(1, 4 * repeats + 1))   # the engine's version grows across the transports below
+    version = itertools.count(1)   # the engine's version grows across the transports below
 
     def runs(restore: str, mode: str, adapter_config=None) -> list[dict]:
         sync = engine_transport("auto", group, bucket_mb=cfg.sync.bucket_mb, dtype=torch.float32, restore=restore)

@@ -62,10 +62,14 @@ class RestorePoint:
     """What a restarted engine is re-synced to, for one mode: the last push of that mode."""
     version: int
     adapter_config: Optional[dict]
-    holder: Any               # learner rank 0, or None: the driver
     folder: Optional[str]     # the push's buckets on the holder's disk; None: the learner streams them again
-    ranks: tuple = ()         # the learner's rank handles (every rank iterates a stream)
+    ranks: tuple = ()         # the learner's rank handles (every rank iterates a stream); (): the driver pushed
     updates: int = 0          # the learner's optimizer steps at the push: unchanged when it streams them again
+
+    @property
+    def holder(self) -> Any:
+        """Who sent the push (and keeps its folder): learner rank 0, or None for the driver."""
+        return self.ranks[0] if self.ranks else None
 
 
 class EngineStream:
@@ -123,7 +127,7 @@ class EngineStream:
             adapter_config = ray.get(holder.__ray_call__.remote(learner_adapter_config))
         if mode == "adapter" and adapter_config is None:
             raise ValueError("adapter sync needs adapter_config (the peft LoraConfig as a dict)")
-        skip = self.engines.skip_full if mode == "full" else frozenset()
+        skip = self._skip(mode)
         on_disk = self.restore == "disk" or not ranks
         folder, meta = str(Path(self._root) / mode) if on_disk else None, {"mode": mode, "version": version}
         actors = self.engines.actors
@@ -145,8 +149,7 @@ class EngineStream:
                                                   behind)
         if on_disk:
             self._holders[_actor_id(holder)] = holder
-        self._restore[mode] = RestorePoint(version, adapter_config, holder, folder, tuple(ranks),
-                                           sent.get("updates", 0))
+        self._restore[mode] = RestorePoint(version, adapter_config, folder, tuple(ranks), sent.get("updates", 0))
         t_end = time.perf_counter()
         return SyncStats(version, t_end - t0, max(engine_s),
                          Streamed(t_pack - t0, t_end - t_pack, sent["buckets"], sent["bytes"]))
@@ -164,6 +167,10 @@ class EngineStream:
 
     def _stream(self, source, ranks, mode, version, adapter_config, skip, folder, meta, actors):
         raise NotImplementedError
+
+    def _skip(self, mode: str) -> frozenset:
+        """Names a sync of `mode` leaves out: for a full one, the weights the engines tie (a tied lm_head)."""
+        return self.engines.skip_full if mode == "full" else frozenset()
 
     def _restarted(self) -> None:
         """Engines were restarted and are left to the coming push (nothing to do for the object store)."""
@@ -189,9 +196,9 @@ class EngineStream:
             try:
                 done = _load_call(actor, mode, [sink.reader(0)], point.adapter_config, point.version)
                 if point.folder is None:
-                    skip = self.engines.skip_full if mode == "full" else frozenset()
                     ray.get([r.__ray_call__.remote(stream_from_learner, mode, self.bucket_bytes, self.dtype, k == 0,
-                                                   skip, sink, None, {}) for k, r in enumerate(point.ranks)])
+                                                   self._skip(mode), sink, None, {})
+                             for k, r in enumerate(point.ranks)])
                 elif point.holder is None:
                     replay_restore(None, point.folder, sink, self.bucket_bytes)
                 else:
