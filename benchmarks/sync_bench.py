@@ -4,13 +4,17 @@
 
 For each model: one generator engine (a Ray actor, LoRA enabled so both modes run on one engine), a
 plain HF model (+ peft LoRA on q/k/v/o, r=8) in a learner stand-in actor of its own (`HeldWeights`: the
-two calls a sync makes of a learner rank). A sync is timed end to end (pack into buckets, put into the
-object store, engine fetches, vLLM reloads, prefix cache reset, actor round trip), median of `repeats`,
-for each restore point (`rlhf_ray.sync.streamed`): "learner" (lockstep runs: nothing kept) and "disk"
-(runs whose rollouts may lag: each bucket also written to the learner's disk). The bound is bytes /
-memcpy bandwidth, memcpy measured on a 512 MiB torch copy in this process. Targets (project brief):
-full sync <= 3x the bound; adapter >= 10x faster. Run it alone: two processes on 2 cores slow each
-other (STACK.md).
+two calls a sync makes of a learner rank, its weights handed out by the learner's own `full_weights`). A
+sync is timed end to end (pack into buckets, put into the object store, engine fetches, vLLM reloads,
+prefix cache reset, actor round trip), median of `repeats`, for each restore point
+(`rlhf_ray.sync.streamed`): "learner" (lockstep runs: nothing kept) and "disk" (runs whose rollouts may
+lag: each bucket also written to the learner's disk); then the syncs of a LoRA learner: the adapter (a GPU
+engine's) and the merged layers that training changes (a CPU engine's: `lora_*`). `inproc_*`: the
+colocated placement's sync (`rlhf_ray.sync.in_process.hand_over`, learner and engine in one process, the
+single machine's default), whole model and LoRA. The bound is bytes / memcpy bandwidth, memcpy measured on
+a 512 MiB torch copy in this process; `*_vs_bound` divides by the whole model's bound, `*_vs_sent_bound` by
+that of the bytes the sync carries. Targets (project brief): full sync <= 3x the bound; adapter >= 10x
+faster. Run it alone: two processes on 2 cores slow each other (STACK.md).
 """
 from __future__ import annotations
 
@@ -56,15 +60,8 @@ def vllm_ready(path: str) -> str:
     return str(out)
 
 
-def named(model, mode):
-    if mode == "full":
-        return iter(model.state_dict().items())
-    from peft import get_peft_model_state_dict
-    return iter(get_peft_model_state_dict(model).items())
-
-
 class HeldWeights:
-    """A learner rank's part in a sync, in a process of its own: `named_weights(mode)` and `updates()`."""
+    """A learner rank's part in a sync, in a process of its own: `named_weights(mode, frozen)` and `updates()`."""
 
     def __init__(self, path: str):
         from transformers import AutoModelForCausalLM
@@ -76,24 +73,75 @@ class HeldWeights:
             for p in self.model.parameters():
                 p.data = p.data.clone()
 
-    def named_weights(self, mode: str):
-        return named(self.model, mode)
+    def named_weights(self, mode: str, frozen: bool = True):
+        from rlhf_ray.learner.build import unwrap_peft
+        from rlhf_ray.learner.weights import adapter_weights, full_weights
+        if mode == "full":
+            return full_weights(unwrap_peft(self.model), torch.float32, frozen)
+        return adapter_weights(self.model)
 
     def updates(self) -> int:
         return 0
 
-    def sizes(self, skip) -> tuple[int, int]:
-        """(parameters, bytes of a full sync)."""
-        return (sum(p.numel() for p in self.model.parameters()),
-                sum(t.numel() * t.element_size() for n, t in self.model.state_dict().items() if n not in skip))
+    def step(self) -> None:
+        """What an optimizer step does to the weights a sync reads: the trained ones change."""
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.add_(1e-6)
 
-    def add_adapter(self) -> tuple[dict, int]:
-        """LoRA r=8 on q/k/v/o: (its peft config, bytes of an adapter sync)."""
+    def sizes(self, skip, mode: str = "full") -> tuple[int, int]:
+        """(parameters, bytes of a sync in `mode`)."""
+        return (sum(p.numel() for p in self.model.parameters()),
+                sum(t.numel() * t.element_size() for n, t in self.named_weights(mode, frozen=False) if n not in skip))
+
+    def add_adapter(self) -> dict:
+        """LoRA r=8 on q/k/v/o (B random, so that merging changes the layers); returns its peft config."""
         from peft import LoraConfig, get_peft_model
-        self.model = get_peft_model(self.model, LoraConfig(r=8, lora_alpha=16,
+        self.model = get_peft_model(self.model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
                                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-        size = sum(t.numel() * t.element_size() for _, t in named(self.model, "adapter"))
-        return self.model.peft_config["default"].to_dict(), size
+        return self.model.peft_config["default"].to_dict()
+
+
+class Colocated(HeldWeights):
+    """The colocated placement's sync: this process's learner weights into an engine in this process."""
+
+    def __init__(self, path: str, engine_path: str):
+        from rlhf_ray.config.schema import RolloutConfig
+        from rlhf_ray.roles.generator.engine import GeneratorEngine
+        from rlhf_ray.roles.generator.group import tied_names
+        from rlhf_ray.utils.device import resolve_backend
+        super().__init__(path)
+        self.engine = GeneratorEngine(engine_path, RolloutConfig(max_new_tokens=8), resolve_backend("cpu", "float32"),
+                                      lora=False, max_model_len=256)
+        self.skip, self.version = tied_names(path), 0
+
+    def pushes(self, repeats: int) -> list[float]:
+        """Seconds of each of `repeats` syncs after the first (vLLM's reload, checking the in-place loader)."""
+        from rlhf_ray.sync.in_process import hand_over
+        out = []
+        for _ in range(repeats + 1):
+            self.step()
+            self.version += 1
+            t = time.perf_counter()
+            hand_over(self, self.engine, "full", self.version, self.skip)
+            out.append(time.perf_counter() - t)
+        assert self.engine.pushed_in_place
+        return out[1:]
+
+
+def inproc(path: str, repeats: int) -> dict:
+    """The colocated sync of the whole model and of its LoRA merge, ms: median and best of `repeats`."""
+    import ray
+    actor = ray.remote(num_cpus=0)(Colocated).remote(path, vllm_ready(path))
+    try:
+        full = ray.get(actor.pushes.remote(repeats))
+        ray.get(actor.add_adapter.remote())
+        lora = ray.get(actor.pushes.remote(repeats))
+    finally:
+        ray.kill(actor)
+    return {"inproc_full_ms": statistics.median(full) * 1e3, "inproc_full_best_ms": min(full) * 1e3,
+            "inproc_lora_ms": statistics.median(lora) * 1e3, "inproc_lora_best_ms": min(lora) * 1e3}
 
 
 def bench_model(spec: str, repeats: int, bw: float) -> dict:
@@ -116,6 +164,7 @@ def bench_model(spec: str, repeats: int, bw: float) -> dict:
         try:
             out = []
             for _ in range(repeats):
+                ray.get(learner.step.remote())
                 s = sync.send(learner, mode, next(version), adapter_config=adapter_config)
                 out.append({"total_s": s.total_s, "pack_s": s.streamed.pack_s, "load_s": s.streamed.load_s,
                             "engine_s": s.engine_s, "buckets": s.streamed.buckets})
@@ -126,8 +175,11 @@ def bench_model(spec: str, repeats: int, bw: float) -> dict:
         params, full_bytes = ray.get(learner.sizes.remote(tied_names(path)))
         full = runs("learner", "full")
         full_disk = runs("disk", "full")
-        adapter_cfg, adapter_bytes = ray.get(learner.add_adapter.remote())
+        adapter_cfg = ray.get(learner.add_adapter.remote())
+        adapter_bytes = ray.get(learner.sizes.remote(frozenset(), "adapter"))[1]
+        lora_bytes = ray.get(learner.sizes.remote(tied_names(path)))[1]
         adapter = runs("learner", "adapter", adapter_cfg)
+        lora = runs("learner", "full")
     finally:
         group.shutdown()
         ray.kill(learner)
@@ -152,6 +204,14 @@ def bench_model(spec: str, repeats: int, bw: float) -> dict:
     out["full_best_ms"] = min(r["total_s"] for r in full) * 1e3
     out["full_best_vs_bound"] = out["full_best_ms"] / out["memcpy_bound_full_ms"]
     out["adapter_best_ms"] = min(r["total_s"] for r in adapter) * 1e3
+    out |= {"lora_bytes": lora_bytes, "lora_ms": med(lora, "total_s"), "lora_engine_ms": med(lora, "engine_s"),
+            "memcpy_bound_lora_ms": lora_bytes / (bw * 1e9) * 1e3}
+    out |= inproc(path, repeats)
+    bound = out["memcpy_bound_full_ms"]
+    sent = {"full": bound, "lora": out["memcpy_bound_lora_ms"]}
+    for key in ("lora", "inproc_full", "inproc_lora"):
+        out[f"{key}_vs_bound"] = out[f"{key}_ms"] / bound
+        out[f"{key}_vs_sent_bound"] = out[f"{key}_ms"] / sent[key.rpartition("_")[2]]
     return out
 
 

@@ -61,8 +61,8 @@ class LearnerRank:
         return self.learner.updates
 
     # The weight-sync code calls these on the actor itself (`__ray_call__`), inside the learner process.
-    def named_weights(self, mode: str):
-        return self.learner.named_weights(mode)
+    def named_weights(self, mode: str, frozen: bool = True):
+        return self.learner.named_weights(mode, frozen)
 
     def adapter_config(self) -> dict:
         return self.learner.adapter_config()

@@ -218,10 +218,12 @@ class Learner:
         return float(torch.stack(grads).norm()) if grads else 0.0
 
     # -- weights --------------------------------------------------------------------------------
-    def named_weights(self, mode: Literal["full", "adapter"] = "full") -> Iterator[tuple[str, torch.Tensor]]:
-        """Current weights, one tensor at a time (a collective under ZeRO-3: every rank must iterate)."""
+    def named_weights(self, mode: Literal["full", "adapter"] = "full",
+                      frozen: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Current weights, one tensor at a time (a collective under ZeRO-3: every rank must iterate).
+        frozen=False (a weight sync): "full" leaves out what training never changes (`weights.trained_modules`)."""
         if mode == "full":
-            return weights.full_weights(self.hf_model, self.backend.dtype)
+            return weights.full_weights(self.hf_model, self.backend.dtype, frozen)
         if mode == "adapter":
             if not self.lora:
                 raise ValueError("named_weights(mode='adapter') needs model.lora.enabled=true")

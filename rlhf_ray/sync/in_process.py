@@ -14,10 +14,10 @@ from rlhf_ray.sync.weight_sync import SyncStats
 
 def hand_over(learner, engine, mode: str, version: int, skip: frozenset) -> float:
     """Run inside a colocated rank: load the learner's weights into `engine` as `version` ("full": every base
-    weight but the names in `skip`, e.g. a tied lm_head; "adapter": the LoRA adapter and its config).
-    Returns the engine's seconds."""
+    weight that training changes but the names in `skip`, e.g. a tied lm_head; "adapter": the LoRA adapter and
+    its config). Returns the engine's seconds."""
     if mode == "full":
-        return engine.load_full(without(learner.named_weights("full"), skip), version)
+        return engine.load_full(without(learner.named_weights("full", frozen=False), skip), version)
     return engine.load_adapter(learner.named_weights("adapter"), learner.adapter_config(), version)
 
 

@@ -73,7 +73,7 @@ def stream_from_learner(learner: Any, mode: str, bucket_bytes: int, dtype: Optio
     answers what it sent and the learner's optimizer steps at the time (`updates`: what a re-sync from the
     learner checks is unchanged)."""
     from rlhf_ray.learner.weights import drain
-    named = learner.named_weights(mode)
+    named = learner.named_weights(mode, frozen=False)  # the engines start from the rest and keep it
     if not is_source:
         drain(named)
         return None

@@ -65,7 +65,7 @@ def test_learner_to_tp2_engine_over_nccl(tmp_path):
             self.model = load_hf(path).cuda()
             perturb(self.model, seed=5, scale=0.5)
 
-        def named_weights(self, mode):
+        def named_weights(self, mode, frozen=True):
             return iter(self.model.state_dict().items())
 
     ray.init(address="local", num_gpus=gpus(), include_dashboard=False)

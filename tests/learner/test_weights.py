@@ -34,3 +34,31 @@ def test_a_lora_layer_is_merged_into_a_copy_and_the_base_stays_as_it_was():
     assert not torch.equal(named["proj.weight"], base)                      # the delta is in
     assert torch.equal(peft.base_model.model.proj.base_layer.weight, base)  # ... not in the base
     assert named["proj.bias"].data_ptr() == peft.base_model.model.proj.base_layer.bias.data_ptr()
+
+
+def _block() -> torch.nn.Module:
+    """A decoder block's shape: attention q/k/v/o and an MLP under their own parents, a norm beside them."""
+    block = torch.nn.Module()
+    block.self_attn = torch.nn.ModuleDict({n: torch.nn.Linear(8, 8) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    block.mlp = torch.nn.ModuleDict({n: torch.nn.Linear(8, 8) for n in ("gate_proj", "up_proj")})
+    block.norm = torch.nn.LayerNorm(8)
+    return block
+
+
+def test_a_sync_of_a_lora_model_carries_the_adapted_layers_and_their_siblings_only():
+    """LoRA on q and v: the sync takes all of the attention (an engine fuses q/k/v into one layer, so k goes with
+    them, merged ones first-hand and k as it is), nothing of the MLP or the norm; an export takes everything."""
+    from peft import LoraConfig, get_peft_model
+    peft = get_peft_model(_block(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = peft.base_model.model
+    synced = dict(full_weights(model, torch.float32, frozen=False))
+    assert sorted(synced) == sorted(f"self_attn.{m}.{p}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")
+                                    for p in ("weight", "bias"))
+    assert not torch.equal(synced["self_attn.q_proj.weight"], model.self_attn.q_proj.base_layer.weight)  # merged
+    assert torch.equal(synced["self_attn.k_proj.weight"], model.self_attn.k_proj.weight)
+    assert sorted(dict(full_weights(model, torch.float32))) == sorted(_block().state_dict())
+
+
+def test_a_sync_of_a_model_trained_whole_carries_all_of_it():
+    model = _block()
+    assert [n for n, _ in full_weights(model, torch.float32, frozen=False)] == list(model.state_dict())

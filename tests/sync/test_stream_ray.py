@@ -98,7 +98,7 @@ class StandInLearner:
     def __init__(self, seed):
         self.named, self.steps = weights(seed), 0
 
-    def named_weights(self, mode):
+    def named_weights(self, mode, frozen=True):
         return iter(self.named)
 
     def updates(self):

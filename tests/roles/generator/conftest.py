@@ -79,7 +79,7 @@ def standin_learner_cls():
             self.model = load_hf(path)
             perturb(self.model, seed)
 
-        def named_weights(self, mode):
+        def named_weights(self, mode, frozen=True):
             return named_weights(self.model, mode)
 
         def adapter_config(self):

@@ -90,6 +90,33 @@ def test_a_push_with_a_tensor_the_loader_cannot_place_ends_in_vllms_reload(engin
     assert engine.pushed_in_place                          # the next ordinary push goes in place again
 
 
+def test_a_sync_of_the_trained_layers_alone_leaves_the_rest_as_the_engine_holds_it(engine, tiny_path):
+    """A LoRA learner's sync (`full_weights(frozen=False)`: the attention, merged, and nothing of the MLP, the
+    norms or the embedding) into an engine that holds the base, through vLLM's reload and in place: the engine
+    then serves the merged model."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf_ray.learner.weights import full_weights
+    base = load_hf(tiny_path)
+    engine.load_full(named_weights(base), version=engine.version + 1)   # as at a run's start: the engine holds the base
+    learner = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    def synced():
+        return list(full_weights(learner.base_model.model, torch.float32, frozen=False))
+
+    def assert_serves_the_learner(seeds):
+        learner_logp, engine_logp, mask = hf_logprobs(learner, engine.generate(PROMPTS, seeds=seeds))
+        assert ((learner_logp - engine_logp).abs() * mask).max() < 1e-3
+
+    assert {n.split(".")[-2] for n, _ in synced()} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    _vllm_reload(engine, synced())                    # an engine's first sync goes through vLLM's reload
+    assert_serves_the_learner([11, 12, 13])
+    perturb(learner, seed=27)                         # the adapter trains; the base stays
+    engine.load_full(iter(synced()), version=engine.version + 1)
+    assert engine.pushed_in_place
+    assert_serves_the_learner([14, 15, 16])
+
+
 @pytest.fixture(scope="module")
 def biased_path(tiny_path, tmp_path_factory):
     """The tiny Llama with what it lacks: biases in q/k/v/o and the MLP, grouped-query attention (k and v
