@@ -69,6 +69,7 @@ def test_the_probe_runs_once_per_machine_and_is_kept_on_disk(monkeypatch, tmp_pa
     assert len(calls) == 1
     (key,) = json.loads(path.read_text())
     assert cap.cpu_info()["model"] in key and torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
+    assert key.endswith(cap.PROBE)   # a record of an older probe (without the attention's) is measured again
     path.write_text("{not json")                                   # a damaged file: measured again
     monkeypatch.setattr(cap, "_MEASURED", {})
     assert cap.cached_measure(path=path)["bf16_speedup"] == 3.0 and len(calls) == 2
@@ -101,10 +102,20 @@ def test_probe_grows_the_size_only_while_it_fits_the_budget(monkeypatch):
     assert r["gemm_n"] == 256 and r["bf16_speedup"] == pytest.approx(1e-6 / 0.2)
 
 
-def test_probe_measures_real_gemms():
+def test_probe_measures_real_gemms_and_attention_both_ways():
     r = cap.measure(threads=1, n=256, runs=1)
     assert r["gemm_n"] == 256 and r["threads"] == 1 and r["fp32_gflops"] > 0 and r["bf16_gflops"] > 0
     assert r["bf16_speedup"] == pytest.approx(r["bf16_gflops"] / r["fp32_gflops"])
+    assert r["bf16_attention_eager_ms"] > 0 and r["bf16_attention_sdpa_ms"] > 0
+
+
+@pytest.mark.parametrize("record, kernel", [
+    ({"bf16_attention_eager_ms": 14.0, "bf16_attention_sdpa_ms": 47.0}, "eager"),   # AMD EPYC Zen 4, 2 threads
+    ({"bf16_attention_eager_ms": 20.0, "bf16_attention_sdpa_ms": 9.0}, "sdpa"),     # a CPU whose fused kernel wins
+    ({"bf16_speedup": 2.4}, "eager"),                                               # a record of the GEMM-only probe
+])
+def test_bf16_attention_is_the_kernel_measured_faster(record, kernel):
+    assert cap.bf16_attention(record) == kernel
 
 
 def test_probe_restores_the_thread_count():

@@ -85,9 +85,46 @@ def _best_s(dtype: str, size: int, runs: int) -> float:
     return best
 
 
+def _attention_ms(impl: str, runs: int = 3) -> float:
+    """Best-of-`runs` ms of one bf16 causal attention forward + backward at a shape of SmolLM2's (8 sequences
+    of 96 tokens, 9 heads of 64), computed as HF computes it with `impl`: "eager" (two matmuls and a softmax)
+    or "sdpa" (torch's fused kernel)."""
+    import torch
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 9, 96, 64, generator=gen).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    mask = torch.full((96, 96), float("-inf")).triu(1).to(torch.bfloat16)
+
+    def step():
+        if impl == "eager":
+            scores = torch.softmax((q @ k.transpose(-1, -2) * 0.125 + mask).float(), -1).to(q.dtype)
+            out = scores @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out.sum().backward()
+    step()  # warm-up
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def bf16_attention(record: dict) -> str:
+    """HF's attention kernel for a model computing in bf16 on this CPU, from `measure`'s record: the plain one
+    ("eager") where its forward + backward measured faster than SDPA's fused CPU kernel, else "sdpa". On the
+    AVX-512 BF16 EPYCs eager's two GEMMs run on the bf16 units and SDPA's fused bf16 backward does not (Zen 4,
+    2 threads: 14 vs 47 ms; a SmolLM2 LoRA update on Zen 5, 1 thread: 5.7 -> 4.0 s); another CPU's kernels may
+    rank them the other way, hence measured. A record without the probe keeps eager."""
+    eager, sdpa = record.get("bf16_attention_eager_ms"), record.get("bf16_attention_sdpa_ms")
+    return "eager" if eager is None or sdpa is None or eager <= sdpa else "sdpa"
+
+
 def measure(threads: int | None = None, n: int = 2048, runs: int = 3, budget_s: float = 2.0) -> dict:
     """fp32 and bf16 GEMM GFLOP/s on this CPU and their ratio, best of `runs`, on `threads` torch threads
-    (default: the process's), both dtypes at the same size. The size starts at 256 and doubles up to `n`
+    (default: the process's), both dtypes at the same size, and a bf16 attention's ms both ways HF computes it
+    (`bf16_attention`). The size starts at 256 and doubles up to `n`
     (2048 is compute-bound on every CPU above) only while the next size's runs fit `budget_s`: a dtype
     without a fast kernel (bf16 on AVX2) would take a minute at 2048, and at the size where the probe stops
     it is already far behind fp32."""
@@ -99,10 +136,11 @@ def measure(threads: int | None = None, n: int = 2048, runs: int = 3, budget_s: 
                and sum(best.values()) * 8 * (runs + 1) <= budget_s):
             size *= 2
             best = {d: _best_s(d, size, runs) for d in dtypes}
+        attention = {f"bf16_attention_{impl}_ms": _attention_ms(impl) for impl in ("eager", "sdpa")}
     gflops = {d: 2 * size ** 3 / max(best[d], 1e-12) / 1e9 for d in dtypes}
     return {"fp32_gflops": gflops["float32"], "bf16_gflops": gflops["bfloat16"],
             "bf16_speedup": gflops["bfloat16"] / max(gflops["float32"], 1e-12),
-            "gemm_n": size, "threads": used, "op": "F.linear", "seconds": time.perf_counter() - t_start}
+            "gemm_n": size, "threads": used, "op": "F.linear", **attention, "seconds": time.perf_counter() - t_start}
 
 
 def machine_record(threads: int | None = None) -> dict:
@@ -122,6 +160,7 @@ def cache_path() -> Path:
 
 
 _MEASURED: dict[str, dict] = {}
+PROBE = "probe 2"  # what `measure` records: a record of an older probe (GEMMs only) is measured again
 
 
 def cached_measure(threads: int | None = None, path: Path | None = None) -> dict:
@@ -130,7 +169,7 @@ def cached_measure(threads: int | None = None, path: Path | None = None) -> dict
     moves to a host of another kind under the same CPU name is measured again, not handed the other's dtype."""
     import torch
     with _threads(threads) as used:
-        key = f"{cpu_kind(cpu_info())} | torch {torch.__version__} | {used} threads"
+        key = f"{cpu_kind(cpu_info())} | torch {torch.__version__} | {used} threads | {PROBE}"
     if key in _MEASURED:
         return _MEASURED[key]
     path = path or cache_path()

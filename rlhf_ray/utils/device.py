@@ -54,12 +54,16 @@ def logprob_tolerance(dtype_names) -> tuple[float, float]:
 def attention_implementation(device: str, dtype: torch.dtype) -> str | None:
     """The HF attention kernel of a model computing in `dtype` on `device`; None: transformers' default (SDPA).
 
-    On a CPU in bf16 the plain matmul-softmax-matmul ("eager") beats SDPA's fused CPU kernel: SmolLM2's
-    attention at 32 x 9 heads x 48 queries over 107 keys, 1 thread on an AVX-512 BF16 EPYC, forward 4.3 vs
-    8.0 ms, forward + backward 22.6 vs 47.6 ms (the fused bf16 backward is slower than its own fp32 one,
-    24.8 ms), since eager's two GEMMs run on the bf16 units. A SmolLM2 LoRA update, 1 thread: 5.7 -> 4.0 s.
-    In fp32 SDPA is as fast or faster (24.8 vs 28.6 ms), and on CUDA the fused kernels win."""
-    return "eager" if str(device).startswith("cpu") and dtype == torch.bfloat16 else None
+    On a CPU in bf16, the one this CPU measured faster (`capability.bf16_attention`, once per machine). On
+    the AVX-512 BF16 EPYCs the plain matmul-softmax-matmul ("eager") beats SDPA's fused CPU kernel: SmolLM2's
+    attention at 32 x 9 heads x 48 queries over 107 keys, 1 thread on a Zen 5, forward 4.3 vs 8.0 ms, forward
+    + backward 22.6 vs 47.6 ms (the fused bf16 backward is slower than its own fp32 one, 24.8 ms), since
+    eager's two GEMMs run on the bf16 units. A SmolLM2 LoRA update, 1 thread: 5.7 -> 4.0 s. In fp32 SDPA is
+    as fast or faster (24.8 vs 28.6 ms), and on CUDA the fused kernels win."""
+    if not (str(device).startswith("cpu") and dtype == torch.bfloat16):
+        return None
+    from rlhf_ray.utils.capability import bf16_attention, cached_measure
+    return "eager" if bf16_attention(cached_measure()) == "eager" else None
 
 
 def attention_kwargs(device: str, dtype: torch.dtype) -> dict:
