@@ -100,7 +100,7 @@ def full_weights(hf_model: torch.nn.Module, dtype: torch.dtype, frozen: bool = T
     consumer reads or copies it before the learner's next step, as every sync and export does.
     frozen=False: only the `trained_modules`' tensors, what a weight sync carries. A LoRA run on q/k/v/o of
     SmolLM2-135M then syncs 106 of its 538 MB (fp32), and the engine packs a quarter of its layers again
-    instead of all of them: 40 ms a push in place against 150 (AMD EPYC Zen 4, fp32)."""
+    instead of all of them: the engine's side of a push 40 ms against 150 (AMD EPYC Zen 4, fp32)."""
     LoraLayer, ModulesToSaveWrapper = _peft_layers()
     keep = None if frozen else trained_modules(hf_model)
     handled = None   # "name." of the last module handed out whole: `named_modules` lists its inner ones next
