@@ -25,6 +25,9 @@ class GeneratorActor:
     def version(self) -> int:
         return self.engine.version
 
+    def close(self) -> None:
+        self.engine.close()
+
     def generate(self, prompts, n, overrides: dict, threads: int = 0, cores=None) -> Rollout:
         """threads (0: every core of the node) on the slice `cores` of them (None: all)."""
         set_phase_threads(threads or node_cores(), cores)

@@ -359,6 +359,10 @@ class GeneratorEngine:
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
         shutil.rmtree(self._adapter_root, ignore_errors=True)
+        if self.llm is not None and self.tensor_parallel_size > 1:
+            # its workers' message queues and CPU all-reduce buffers live in /dev/shm (160-240 MB a TP=2 engine
+            # here) until the engine core shuts them down; a process killed before that leaves them for good
+            self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         cleanup_dist_env_and_memory()
 
