@@ -1,8 +1,8 @@
 """The finished policy on Ray Serve LLM: vLLM with continuous batching behind an OpenAI-compatible API.
 
-One `LLMServer` deployment (the engine; autoscaled between serve.min_replicas and serve.max_replicas) and
-one ingress deployment (ours, `ingress.PolicyIngress`). Adapters in serve.adapters ride on the base model
-as `serve.model_name:ADAPTER` (see `adapters.py`).
+One engine deployment (Ray Serve LLM's `LLMServer` as `server.PolicyServer`; autoscaled between serve.min_replicas
+and serve.max_replicas) and one ingress deployment (ours, `ingress.PolicyIngress`). Adapters in serve.adapters ride
+on the base model as `serve.model_name:ADAPTER` (see `adapters.py`).
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def llm_config(model_path: str, cfg: ServeConfig, adapters: dict[str, str], dtyp
 
     from rlhf_ray.runtime import role_env
     from rlhf_ray.serve.adapters import ADAPTERS_KEY, max_lora_rank
+    from rlhf_ray.serve.server import PolicyServer
     from rlhf_ray.models.chat import serving_chat_template
 
     hw = _hardware(cfg)
@@ -77,7 +78,8 @@ def llm_config(model_path: str, cfg: ServeConfig, adapters: dict[str, str], dtyp
     return LLMConfig(model_loading_config={"model_id": cfg.model_name, "model_source": model_path},
                      accelerator_config=hw["accelerator_config"], placement_group_config=hw["placement_group_config"],
                      engine_kwargs=engine, deployment_config=_replicas(cfg),
-                     runtime_env={"env_vars": {**role_env(), **hw.get("env", {})}}, **extra)
+                     runtime_env={"env_vars": {**role_env(), **hw.get("env", {})}}, server_cls=PolicyServer,
+                     **extra)
 
 
 def policy_application(model_path: str, cfg: ServeConfig, dtype: str = "float32"):
@@ -97,5 +99,6 @@ def policy_application(model_path: str, cfg: ServeConfig, dtype: str = "float32"
     options = PolicyIngress.get_deployment_options([config])
     options["autoscaling_config"].update(min_replicas=1, max_replicas=max(cfg.max_replicas, 1))
     return serve.deployment(policy_ingress_cls(key), name="OpenAiIngress", **options).bind(
-        llm_deployments={cfg.model_name: server}, model_cards={cfg.model_name: to_model_metadata(cfg.model_name, config)},
+        llm_deployments={cfg.model_name: server},
+        model_cards={cfg.model_name: to_model_metadata(cfg.model_name, config)},
         max_tokens=cfg.max_tokens, adapters=tuple(adapters))

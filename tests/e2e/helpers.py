@@ -290,6 +290,19 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def shm_mapped(pids: list[int]) -> set[str]:
+    """The files in /dev/shm that these processes map and that still have a name (shared-memory segments,
+    semaphores): what would stay in memory if nobody removed them after the processes end."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                found |= {line.split(None, 5)[-1].rstrip("\n") for line in maps if " /dev/shm/" in line}
+        except OSError:  # ended meanwhile
+            continue
+    return {f for f in found if not f.endswith(" (deleted)")}
+
+
 def _title(pid: int) -> str:
     try:
         return open(f"/proc/{pid}/cmdline").read().split("\0")[0]
