@@ -95,39 +95,9 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group(group))
 
 
-class _PipelineFirst:
-    """A plugin of its own (pytest_configure registers it): a module holds one function of a hook's name."""
-
-    @staticmethod
-    @pytest.hookimpl(trylast=True)  # after `-m` deselected: the test picked to go first must be one that runs
-    def pytest_collection_modifyitems(items):
-        _pipeline_first(items)
-
-
 def pytest_configure(config):
-    config.pluginmanager.register(_PipelineFirst(), "rlhf_ray_pipeline_first")
-
-
-def _pipeline_first(items):
-    # The session's shared SFT + reward model (tests/e2e/conftest.py `offline`) takes about a minute to train,
-    # and a worker that asks for it while another trains it waits. One test that needs it goes first (its
-    # worker trains it), then every test that does not, then the rest: the other worker starts on those
-    # meanwhile. (Picked before `-m` deselected, the first was a long-tier test that `make test` drops, and
-    # every test that needs the pipeline came last: both workers reached them together, one waiting.)
-    # Those that need it are the tier's last work: the longest of them (measured) go first among them, so that
-    # neither worker starts a long test while the other has nothing left (seen: the DPO kill-resume and the
-    # SIGTERM-resumed GRPO run came last, and one worker sat idle for a minute at the end).
-    needs = [i for i in items if i.get_closest_marker("slow") and "offline" in getattr(i, "fixturenames", ())]
-    if needs:
-        rest = [i for i in items if i not in needs]
-        last = sorted(needs[1:], key=lambda i: getattr(i, "originalname", i.name) not in LONGEST)
-        items[:] = needs[:1] + rest + last
-
-
-# The longest tests that need the shared pipeline (see _pipeline_first): 40-100 s each here, two CLI runs (a stop,
-# then --resume) or two ZeRO-3 ranks beside a distributed engine
-LONGEST = {"test_dpo_killed_then_resumed_learns_the_preferences", "test_rl_raises_reward_with_bounded_kl",
-           "test_one_step_lag_with_two_epochs_of_two_minibatches_runs_and_learns"}
+    from slow_order import SlowOrder  # the slow tier's order on the workers, heaviest first (tests/ is on the path)
+    config.pluginmanager.register(SlowOrder(), "rlhf_ray_slow_order")
 
 
 UNGROUPED = pytest.StashKey[str]()
