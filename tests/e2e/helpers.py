@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from rlhf_ray.utils.net import free_port
+from rlhf_ray.utils.shm import descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
@@ -272,37 +273,6 @@ def kill_matching(pattern: str) -> list[str]:
 
 
 # -- a role's process killed mid-call (test_faults.py, test_async_cli.py) ------------------------------------
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Ray's raylet and its workers hang below the driver)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def shm_mapped(pids: list[int]) -> set[str]:
-    """The files in /dev/shm that these processes map and that still have a name (shared-memory segments,
-    semaphores): what would stay in memory if nobody removed them after the processes end."""
-    found = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as maps:
-                found |= {line.split(None, 5)[-1].rstrip("\n") for line in maps if " /dev/shm/" in line}
-        except OSError:  # ended meanwhile
-            continue
-    return {f for f in found if not f.endswith(" (deleted)")}
-
-
 def _title(pid: int) -> str:
     try:
         return open(f"/proc/{pid}/cmdline").read().split("\0")[0]

@@ -3,16 +3,16 @@ stop, adapters by name, API key, errors naming the field). (The reward service: 
 
 One server for the whole module (vLLM start-up on CPU takes about a minute or two).
 """
-import os
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from helpers import descendants, serve, shm_mapped, stop_process
+from helpers import serve, stop_process
 
 from rlhf_ray.models.kit import resolve_model_path
+from rlhf_ray.utils.shm import descendants, mapped_by
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,10 +50,10 @@ def policy(tmp_path_factory):
     try:
         yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0), url
     finally:
-        shm = shm_mapped(descendants(proc.pid))  # the engine core's queues (made as the first request comes)
+        shm = mapped_by(descendants(proc.pid))  # the engine core's queues (made as the first request comes)
         stop(proc)
     assert shm, "the serving processes map nothing in /dev/shm: this check would pass whatever the stop did"
-    left = sorted(f for f in shm if os.path.exists(f))  # before server.PolicyServer: 2 segments (400 MB), a semaphore
+    left = sorted(str(f) for f in shm if f.exists())  # before server.PolicyServer: 2 segments (400 MB), a semaphore
     assert not left, f"the stopped server left these in /dev/shm: {left}"
 
 

@@ -34,6 +34,7 @@ from rlhf_ray.roles.generator.threads import engine_env
 from rlhf_ray.roles.generator.worker_ext import EXTENSION as WORKER_EXTENSION
 from rlhf_ray.sync.files import reload_payload
 from rlhf_ray.utils.device import Backend
+from rlhf_ray.utils import shm
 from rlhf_ray.utils.folders import process_scratch
 
 PromptInput = Union[str, Sequence[int]]  # what vLLM is given: text, or token ids (`data.prompts.Prompt.ids`)
@@ -361,8 +362,12 @@ class GeneratorEngine:
         shutil.rmtree(self._adapter_root, ignore_errors=True)
         if self.llm is not None and self.tensor_parallel_size > 1:
             # its workers' message queues and CPU all-reduce buffers live in /dev/shm (160-240 MB a TP=2 engine
-            # here) until the engine core shuts them down; a process killed before that leaves them for good
+            # here) until the engine core shuts them down; a process killed before that leaves them for good, and
+            # so does a worker that vLLM's shutdown ends for not exiting in time (seen once in four `make test`
+            # runs here): what the engine's processes mapped and nobody maps after it is removed
+            held = shm.mapped_by(shm.descendants(os.getpid()))
             self.llm.llm_engine.engine_core.shutdown()
+            shm.remove_orphans(held)
         self.llm = None
         cleanup_dist_env_and_memory()
 
