@@ -14,9 +14,9 @@ demo: setup
 # keep the 2-core machine busier (tests/conftest.py keeps a shared run or server on one worker), heaviest work
 # first (tests/slow_order.py; `--no-loadscope-reorder` keeps that order: 11.3 minutes against 14.1 in xdist's
 # own order, one after the other on this machine). The 25 slowest tests are listed at the end: where the next
-# minutes of `make test` are. The long tier (marker `long`) is left to
-# `make test-long`: slow tests whose claim `make test` already proves in a cheaper form (the other placement,
-# a second variant, cluster scale; docs/TESTS.md lists each and where). CI runs both (`make test-all`).
+# minutes of `make test` are. The long tier (marker `long`) is left to `make test-long`: slow tests whose claim
+# `make test` already proves in a cheaper form (the other placement, a second variant, cluster scale;
+# docs/TESTS.md lists each and where). CI runs both (`make test-all`).
 test: setup
 	.venv/bin/python -m pytest -q -m "not slow" -n 2 tests
 	.venv/bin/python -m pytest -q -m "slow and not long" -n 2 --dist loadgroup --no-loadscope-reorder --durations=25 tests

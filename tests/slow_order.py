@@ -48,13 +48,12 @@ def heaviest_first(items: list, seconds: dict[str, float]) -> None:
         weight[_unit(item)] += seconds.get(bare(item.nodeid), DEFAULT_S)
     needs = {_unit(i) for i in slow if "offline" in getattr(i, "fixturenames", ())}
     first = max(needs, key=weight.__getitem__) if needs else None
-    index = {id(item): n for n, item in enumerate(items)}
 
-    def key(item) -> tuple:
+    def key(item) -> tuple:  # the sort is stable: equal keys keep the collection's order
         if not item.get_closest_marker("slow"):  # a run of both tiers: the fast tests after
-            return 1, False, 0.0, index[id(item)]
+            return True, False, 0.0
         unit = _unit(item)
-        return 0, unit != first, -weight[unit], index[id(item)]
+        return False, unit != first, -weight[unit]
     items.sort(key=key)
 
 

@@ -38,10 +38,9 @@ def mapped_by(pids) -> set[Path]:
     for pid in pids:
         try:
             with open(f"/proc/{pid}/maps") as maps:
-                for line in maps:
-                    path = line.split(None, 5)[-1].rstrip("\n") if SHM in line else ""
-                    if path.startswith(SHM) and not path.endswith(" (deleted)"):
-                        found.add(Path(path))
+                # address perms offset dev inode path: the path is the sixth field, spaces and all
+                paths = (line.split(None, 5)[5].rstrip("\n") for line in maps if f" {SHM}" in line)
+                found |= {Path(p) for p in paths if not p.endswith(" (deleted)")}
         except OSError:  # ended meanwhile, or not ours to read
             continue
     return found
