@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # model.dtype=measure resolves to fp32 in the suite (its log-prob tolerances are fp32's), and no probe result
 # lands in the user's cache; e2e CLI subprocesses inherit it
 os.environ.setdefault("RLHF_RAY_CPU_DTYPE", "float32")
+# What a CPU run's role processes run with (rlhf_ray/runtime.py LOCAL_CPU_ENV): engines the tests build in their
+# own process would otherwise compile vLLM's sampler kernel on their first generation, as no product run does
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +99,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
+    import run_scratch
     from slow_order import SlowOrder  # the slow tier's order on the workers, heaviest first (tests/ is on the path)
     config.pluginmanager.register(SlowOrder(), "rlhf_ray_slow_order")
+    run_scratch.register(config)  # the run's temp files in one folder of its own, removed when it passes
 
 
 UNGROUPED = pytest.StashKey[str]()

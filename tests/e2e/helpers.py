@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from rlhf_ray.utils.shm import descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
-LOGS = Path(os.environ.get("PYTEST_SERVE_LOGS", "/tmp"))
+LOGS = Path(os.environ.get("PYTEST_SERVE_LOGS", tempfile.gettempdir()))  # the run's folder (run_scratch.py)
 # The session's shared SFT + reward model (conftest.py `offline`), 56 steps each: Ray Train keeps the run's two
 # newest checkpoints (the reward model's at 20 and 40), which test_train_cli's resume of the reward model uses.
 OFFLINE_SAVES = ("sft.save_every=20", "rm.save_every=20")

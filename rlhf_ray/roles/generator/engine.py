@@ -126,6 +126,29 @@ def _existing_objects_frozen():
         gc.unfreeze()
 
 
+@contextlib.contextmanager
+def _temp_files_in(folder: Path):
+    """vLLM makes files in the system's temp folder while it builds an engine and removes none of them: an
+    in-process engine's rendezvous file (`vllm_dist_*`, a FileStore that stays while its process group does)
+    and a TP engine's ZMQ sockets (its workers' message queues and handshakes, eleven at TP=2, named in every
+    process from `VLLM_RPC_BASE_PATH`). Each build left them in /tmp for good. Built with the engine's scratch
+    folder as this process's temp folder and as `VLLM_RPC_BASE_PATH` (unless set; the processes it starts inherit it),
+    they go with that folder: at the engine's close, or, for an engine killed first, at the next engine's start
+    on the node (`process_scratch`). The children's own temp folder stays (their compile caches live there).
+    vLLM reads these at each use until its engine is up, then caches its settings."""
+    own_base = "VLLM_RPC_BASE_PATH" not in os.environ  # an operator's own choice stands
+    before = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    if own_base:
+        os.environ["VLLM_RPC_BASE_PATH"] = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+        if own_base:
+            os.environ.pop("VLLM_RPC_BASE_PATH", None)
+
+
 class GeneratorEngine:
     """A vLLM engine with a weight version. `version` counts syncs; 0 means the weights at `model_path`."""
 
@@ -140,7 +163,9 @@ class GeneratorEngine:
         self.lora = lora
         kwargs = engine_llm_kwargs(model_path, rollout_cfg, backend, lora, max_model_len, max_lora_rank=max_lora_rank,
                                    quantization=quantization, engine_kwargs=engine_kwargs)
-        with _existing_objects_frozen():
+        shm = Path("/dev/shm")  # adapters and sync folders in memory where the OS offers it
+        self._scratch = process_scratch(shm if shm.is_dir() else tempfile.gettempdir(), "rlhf_ray_engine_")
+        with _existing_objects_frozen(), _temp_files_in(self._scratch):
             self.llm = LLM(**kwargs)
         self.tensor_parallel_size = kwargs["tensor_parallel_size"]
         self.workers_receive = workers_receive(kwargs)
@@ -156,8 +181,6 @@ class GeneratorEngine:
         self.version = 0
         self._lora_request = None
         self._lora_seq = 0
-        shm = Path("/dev/shm")  # adapters and sync folders in memory where the OS offers it
-        self._adapter_root = process_scratch(shm if shm.is_dir() else tempfile.gettempdir(), "rlhf_ray_adapters_")
 
     # -- sampling -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[PromptInput], n: Optional[int] = None, *,
@@ -319,7 +342,7 @@ class GeneratorEngine:
         """The whole sync as safetensors files in one node-local folder (/dev/shm), overwritten each time."""
         from rlhf_ray.buckets import pack_buckets
         from rlhf_ray.sync.files import write_sync_folder
-        folder = self._adapter_root / "full"
+        folder = self._scratch / "full"
         write_sync_folder(pack_buckets(named_weights, int(self.cfg.sync.bucket_mb * 2 ** 20), reuse=True), folder)
         return folder
 
@@ -336,7 +359,7 @@ class GeneratorEngine:
         self._check_version(version)
         self.reclaim("weights")
         self._lora_seq += 1
-        folder = self._adapter_root / f"v{version}-{self._lora_seq}"
+        folder = self._scratch / f"v{version}-{self._lora_seq}"
         folder.mkdir()
         save_file({k: t.contiguous() for k, t in named_weights}, str(folder / "adapter_model.safetensors"))
         (folder / "adapter_config.json").write_text(json.dumps(_jsonable(adapter_config)))
@@ -359,7 +382,7 @@ class GeneratorEngine:
         """Free the engine and vLLM's process-global distributed state, so another engine can start here."""
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-        shutil.rmtree(self._adapter_root, ignore_errors=True)
+        shutil.rmtree(self._scratch, ignore_errors=True)
         if self.llm is not None and self.tensor_parallel_size > 1:
             # its workers' message queues and CPU all-reduce buffers live in /dev/shm (160-240 MB a TP=2 engine
             # here) until the engine core shuts them down; a process killed before that leaves them for good, and

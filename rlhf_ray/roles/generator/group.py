@@ -139,11 +139,12 @@ class GeneratorGroup:
     def shutdown(self) -> None:
         import ray
 
-        if self.cfg.tensor_parallel_size > 1:  # TP workers' shared memory goes only with a closed engine
-            try:
-                ray.get([a.close.remote() for a in self.actors], timeout=60)
-            except Exception:  # noqa: BLE001 - a dead or stuck engine: killed below all the same
-                pass
+        # a killed engine leaves what only its close removes: a TP engine's shared memory (its workers' queues
+        # and all-reduce buffers), any engine's adapter scratch folder and vLLM's rendezvous file in /tmp
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=60)
+        except Exception:  # noqa: BLE001 - a dead or stuck engine: killed below all the same
+            pass
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []

@@ -47,6 +47,13 @@ def engine(tiny_path):
     eng = GeneratorEngine(tiny_path, CFG, resolve_backend("cpu"), lora=True, max_model_len=256, max_lora_rank=8)
     yield eng
     eng.close()
+    assert not eng._scratch.exists()  # vLLM's rendezvous file and the pushed adapters go with the engine
+
+
+def test_vllms_rendezvous_file_is_made_in_the_engines_scratch_not_the_temp_folder(engine):
+    import tempfile
+    assert [p.name[:10] for p in engine._scratch.iterdir()] == ["vllm_dist_"]
+    assert engine._scratch.parent != tempfile.gettempdir() or engine._scratch.name.startswith("rlhf_ray_engine_")
 
 
 def test_full_sync_greedy_matches_hf_including_long_prompts(engine, tiny_path):

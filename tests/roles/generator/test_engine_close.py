@@ -18,7 +18,7 @@ def _engine(tp: int, calls: list) -> GeneratorEngine:
     e = object.__new__(GeneratorEngine)  # the close path only; no vLLM engine behind it
     core = SimpleNamespace(shutdown=lambda: calls.append("core shutdown"))
     e.llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=core))
-    e.tensor_parallel_size, e._adapter_root = tp, "/nonexistent"
+    e.tensor_parallel_size, e._scratch = tp, "/nonexistent"
     return e
 
 
@@ -54,7 +54,7 @@ class _Actor:
         self.close = SimpleNamespace(remote=lambda: log.append(("close", self)))
 
 
-def test_a_group_closes_its_tp_engines_before_it_kills_them(monkeypatch):
+def test_a_group_closes_its_engines_before_it_kills_them(monkeypatch):
     log = []
     monkeypatch.setattr(ray, "get", lambda refs, timeout=None: refs)
     monkeypatch.setattr(ray, "kill", lambda actor, no_restart=False: log.append(("kill", actor)))
@@ -64,5 +64,4 @@ def test_a_group_closes_its_tp_engines_before_it_kills_them(monkeypatch):
         group.cfg, group.actors = SimpleNamespace(tensor_parallel_size=tp), [_Actor(log), _Actor(log)]
         actors = list(group.actors)
         group.shutdown()
-        closes = [("close", a) for a in actors] if tp > 1 else []
-        assert log == closes + [("kill", a) for a in actors] and group.actors == []
+        assert log == [("close", a) for a in actors] + [("kill", a) for a in actors] and group.actors == []

@@ -48,7 +48,7 @@ def test_tp2_engine_workers_are_ranks_of_the_collective_group_then_reload_a_rela
         engine = actor_self.engine
         engine.load_full(iter(named), version=version)
         greedy = engine.generate(PROMPTS, n=1, temperature=0.0).response_ids
-        return engine.workers_receive, list(engine.received), str(engine._adapter_root), greedy
+        return engine.workers_receive, list(engine.received), str(engine._scratch), greedy
 
     from rlhf_ray.sync.streamed import engine_transport
     group = GeneratorGroup(tiny_path, CFG, resolve_backend("cpu"), max_model_len=128)
@@ -66,8 +66,11 @@ def test_tp2_engine_workers_are_ranks_of_the_collective_group_then_reload_a_rela
         assert stats.streamed.bytes >= sent
         actor = group.actors[0]
         assert ray_local.get(actor.received.remote()) == [sent, sent]
-        root = ray_local.get(actor.__ray_call__.remote(lambda a: str(a.engine._adapter_root)))
+        root = ray_local.get(actor.__ray_call__.remote(lambda a: str(a.engine._scratch)))
         assert _files(root) == []                              # no folder in between
+        # vLLM's sockets (the workers' message queues, the handshakes: eleven here) were made in the engine's
+        # scratch, not the temp folder, where nothing removed them
+        assert len([p for p in Path(root).iterdir() if p.is_socket()]) > 2
         assert group.submit(PROMPTS, n=1, temperature=0.0).result().response_ids == want
 
         perturb(learner, seed=21, scale=0.5)
@@ -81,3 +84,4 @@ def test_tp2_engine_workers_are_ranks_of_the_collective_group_then_reload_a_rela
     finally:
         sync.close()
         group.shutdown()
+    assert not Path(root).exists()                             # and went with the engine's close
