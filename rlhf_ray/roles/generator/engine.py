@@ -165,8 +165,12 @@ class GeneratorEngine:
                                    quantization=quantization, engine_kwargs=engine_kwargs)
         shm = Path("/dev/shm")  # adapters and sync folders in memory where the OS offers it
         self._scratch = process_scratch(shm if shm.is_dir() else tempfile.gettempdir(), "rlhf_ray_engine_")
-        with _existing_objects_frozen(), _temp_files_in(self._scratch):
-            self.llm = LLM(**kwargs)
+        try:
+            with _existing_objects_frozen(), _temp_files_in(self._scratch):
+                self.llm = LLM(**kwargs)
+        except BaseException:
+            shutil.rmtree(self._scratch, ignore_errors=True)  # no close follows a failed build
+            raise
         self.tensor_parallel_size = kwargs["tensor_parallel_size"]
         self.workers_receive = workers_receive(kwargs)
         # full pushes into an in-process engine go straight into its layers where the backend says so

@@ -2,7 +2,10 @@
 (its five full passes over an imported torch + transformers + vLLM cost a second or two), after one pass that
 frees what was garbage already; the collector is whole again afterwards, also when the build fails."""
 import gc
+import os
+import tempfile
 import weakref
+from pathlib import Path
 
 import pytest
 
@@ -46,11 +49,16 @@ def test_the_build_runs_with_what_existed_frozen_and_old_garbage_freed(monkeypat
     engine.close()
 
 
-def test_a_failed_build_leaves_the_collector_whole(monkeypatch):
+def test_a_failed_build_leaves_the_collector_whole_and_no_scratch_folder(monkeypatch):
+    made = []
+
     class LLM:
         def __init__(self, **kwargs):
+            made.append(Path(tempfile.gettempdir()))  # the engine's scratch, vLLM's temp folder while it builds
             raise RuntimeError("no engine")
 
     with pytest.raises(RuntimeError, match="no engine"):
         _build(monkeypatch, LLM)
     assert gc.get_freeze_count() == 0
+    assert made[0].name.startswith(f"rlhf_ray_engine_{os.getpid()}_") and not made[0].exists()
+    assert tempfile.gettempdir() != str(made[0])
