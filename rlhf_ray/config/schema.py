@@ -168,6 +168,10 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0)
     enforce_eager: Optional[bool] = Field(None, description="decode without CUDA graphs; default: by device "
                                           "(eager on CPU, where graphs gave no speed-up; graphs on a GPU)")
+    kv_block_size: Optional[int] = Field(None, gt=0, multiple_of=16,
+                                         description="tokens per KV-cache block; default: by device (32 on CPU, "
+                                                     "vLLM's own on a GPU). A group's samples share their "
+                                                     "prompt's full blocks: its prefill runs once")
     quantization: Literal["auto", "none", "fp8_per_tensor", "fp8_per_channel"] = Field(
         "auto", description="the engine's online weight quantization (vLLM 0.32 names); auto: fp8_per_tensor for a "
                             "4-bit policy on a GPU (vLLM has no NF4), none otherwise. fp8_per_channel needs SM89+")

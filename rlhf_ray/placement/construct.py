@@ -50,6 +50,7 @@ class EngineArgs:
     tensor_parallel_size: int
     gpu_memory_utilization: float
     enforce_eager: bool
+    block_size: Optional[int]           # tokens per KV-cache block; None: vLLM's own
     enable_sleep_mode: bool
     distributed_executor_backend: Optional[str]
     max_model_len: int
@@ -65,7 +66,7 @@ class EngineArgs:
                           max_model_len=self.max_model_len, lora=self.enable_lora,
                           max_lora_rank=self.max_lora_rank or 16, quantization=self.quantization,
                           enforce_eager=self.enforce_eager, enable_sleep_mode=self.enable_sleep_mode,
-                          distributed_executor_backend=self.distributed_executor_backend)
+                          distributed_executor_backend=self.distributed_executor_backend, block_size=self.block_size)
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,11 @@ def enforce_eager(cfg: "Config", plan: Plan) -> bool:
     return role_backend(cfg, plan, "generator").engine_eager if value is None else value
 
 
+def kv_block_size(cfg: "Config", plan: Plan) -> Optional[int]:
+    """`rollout.kv_block_size`, default by the engine's device (`Backend.engine_block_size`)."""
+    return cfg.rollout.kv_block_size or role_backend(cfg, plan, "generator").engine_block_size
+
+
 def engine_args(cfg: "Config", plan: Plan, index: int) -> EngineArgs:
     from rlhf_ray.roles.generator.engine import lora_rank_slot
     from rlhf_ray.roles.generator.threads import engine_env
@@ -225,6 +231,7 @@ def engine_args(cfg: "Config", plan: Plan, index: int) -> EngineArgs:
         index=index, device=device, dtype=role_dtype(cfg, plan, "generator"),
         quantization=engine_quantization(cfg, plan), tensor_parallel_size=tp,
         gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=enforce_eager(cfg, plan),
+        block_size=kv_block_size(cfg, plan),
         enable_sleep_mode=plan.engine_sleeps,
         distributed_executor_backend="mp" if tp > 1 and device == "cuda" else None,
         max_model_len=cfg.data.max_prompt_len + r.max_new_tokens, enable_lora=lora,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -31,6 +32,11 @@ class Backend:
     # On CUDA the layers keep their weights and vLLM's reload copies into them (CUDA graphs keep pointing
     # at them): its path stays there.
     engine_in_place_push: bool = False
+    # Tokens per KV-cache block (None: vLLM's own). A group's samples share only their prompt's full blocks in
+    # the prefix cache, so each sample prefilled a prompt shorter than a block again: vLLM's CPU default of 128
+    # shared nothing of a 64-token prompt (SmolLM2-135M, 8 prompts x 4 samples: the prefill took 4x one
+    # sample's). 32 is the smallest its CPU attention takes. `rollout.kv_block_size` overrides.
+    engine_block_size: Optional[int] = None
 
 
 # Learner-vs-generator log-prob agreement (max, mean |diff| over the sampled tokens) that a correct weight
@@ -87,7 +93,8 @@ def make_backend(device: str, dtype: str, dist_backend: str | None = None) -> Ba
     from the plan (`rlhf_ray.placement.construct`) and may itself run on a CPU-only head node."""
     return Backend(device=device, dist_backend=dist_backend or ("nccl" if device == "cuda" else "gloo"),
                    dtype=getattr(torch, dtype), dtype_name=dtype, fast_engine_lora=device == "cuda",
-                   engine_eager=device != "cuda", engine_in_place_push=device != "cuda")
+                   engine_eager=device != "cuda", engine_in_place_push=device != "cuda",
+                   engine_block_size=None if device == "cuda" else 32)
 
 
 def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:

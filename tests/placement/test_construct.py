@@ -175,6 +175,19 @@ def test_cpu_engines_stay_eager():
         assert all(e.enforce_eager for e in construct(cfg, place(cfg)).engines())
 
 
+def test_kv_blocks_are_small_enough_on_a_cpu_for_a_group_to_share_its_prompt_and_vllms_own_on_a_gpu(hub):
+    """A group's samples share only their prompt's full KV blocks: vLLM's CPU default of 128 tokens shared
+    nothing of a shorter prompt (each sample prefilled it again). A GPU keeps vLLM's own (16)."""
+    for overrides in ([], ["cluster.placement=distributed"]):
+        cfg = load_config(None, overrides)
+        engines = construct(cfg, place(cfg)).engines()
+        assert {e.block_size for e in engines} == {32} and engines[0].llm_kwargs("m")["block_size"] == 32
+        cfg = load_config(None, [*overrides, "rollout.kv_block_size=128"])
+        assert {e.block_size for e in construct(cfg, place(cfg)).engines()} == {128}
+    gpu = built(H100X8)[2].engines()[0]
+    assert gpu.block_size is None and "block_size" not in gpu.llm_kwargs("m")
+
+
 # -- finding 8: capacities as the cards report them, the CUDA context as measured ------------------
 def test_capacities_are_what_the_cards_report_not_their_nominal_size():
     caps = {p.name: load_config(p).cluster.gpu_memory_gib for p in GPU_CONFIGS}

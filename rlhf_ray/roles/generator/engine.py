@@ -63,7 +63,7 @@ def quantization_for(device: Union[Backend, str], load_in_4bit: bool) -> Optiona
 def llm_kwargs(model_path: str, *, dtype: str, tensor_parallel_size: int, gpu_memory_utilization: float, seed: int,
                max_model_len: int, lora: bool, max_lora_rank: int = 16, quantization: Optional[str] = None,
                enforce_eager: bool = True, enable_sleep_mode: bool = False,
-               distributed_executor_backend: Optional[str] = None) -> dict[str, Any]:
+               distributed_executor_backend: Optional[str] = None, block_size: Optional[int] = None) -> dict[str, Any]:
     """The keyword arguments of `vllm.LLM` for one engine: the only place that spells them. The cluster plan
     decides the values (`rlhf_ray.placement.construct`); an engine built without a plan takes its defaults."""
     kwargs: dict[str, Any] = dict(
@@ -75,6 +75,8 @@ def llm_kwargs(model_path: str, *, dtype: str, tensor_parallel_size: int, gpu_me
         # TP workers in processes of their own receive syncs by broadcast; an in-process one takes them in place
         worker_extension_cls=WORKER_EXTENSION,
     )
+    if block_size is not None:  # None: vLLM's own
+        kwargs["block_size"] = block_size
     if lora:
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(max_lora_rank))
     return kwargs
@@ -98,7 +100,8 @@ def engine_llm_kwargs(model_path: str, rollout_cfg, backend: Backend, lora: bool
     kwargs = llm_kwargs(model_path, dtype=backend.dtype_name, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
                         gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, seed=rollout_cfg.seed or 0,
                         max_model_len=max_model_len, lora=lora, max_lora_rank=max_lora_rank,
-                        quantization=quantization, enforce_eager=eager)
+                        quantization=quantization, enforce_eager=eager,
+                        block_size=rollout_cfg.kv_block_size or backend.engine_block_size)
     kwargs.update(engine_kwargs or {})
     return kwargs
 

@@ -50,6 +50,15 @@ def engine(tiny_path):
     assert not eng._scratch.exists()  # vLLM's rendezvous file and the pushed adapters go with the engine
 
 
+def test_a_groups_samples_share_their_prompts_prefill(engine):
+    """The CPU engine's KV blocks are small enough (32 tokens, `Backend.engine_block_size`) for the samples of
+    one prompt to share its full blocks: vLLM's default of 128 cached none of this 70-token prompt."""
+    from vllm import SamplingParams
+    prompt = {"prompt_token_ids": list(range(300, 370))}  # no other test's prompt: nothing cached before
+    out = engine.llm.generate([prompt], SamplingParams(n=4, max_tokens=2), use_tqdm=False)[0]
+    assert len(out.outputs) == 4 and out.num_cached_tokens >= 32
+
+
 def test_vllms_rendezvous_file_is_made_in_the_engines_scratch_not_the_temp_folder(engine):
     import tempfile
     assert [p.name[:10] for p in engine._scratch.iterdir()] == ["vllm_dist_"]
