@@ -204,6 +204,14 @@ class ColocatedRank(PolicyRank):
         set_phase_threads(self.threads)
         return hand_over(self.learner, self.engine, mode, version, self._skip_full)
 
+    @ray.method(concurrency_group=ENGINE)
+    def close_engine(self) -> None:
+        """What a killed rank would leave: the engine's scratch folder (vLLM's rendezvous and sockets, pushed
+        adapters). Last, at the run's end: vLLM's cleanup takes the process group the learner made too."""
+        if self.engine is not None:
+            self._on_its_thread(False, self.engine.close)
+            self.engine = None
+
     # -- checkpoints: the critic lives here too --------------------------------------------------
     def save_roles(self, path: str) -> None:
         self.learner.save_checkpoint(os.path.join(path, "policy"), {})
@@ -294,4 +302,8 @@ class ColocatedRoles:
 
     def shutdown(self) -> None:
         self.weights.close()
+        try:
+            ray.get([r.close_engine.remote() for r in self.ranks], timeout=60)
+        except Exception:  # noqa: BLE001 - a dead or stuck rank: killed below all the same
+            pass
         self.policy.shutdown()

@@ -40,8 +40,12 @@ def built(ray_local, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(init)
     prompts = load_prompts(cfg.data, tok, cfg.run.seed)
     yield cfg, roles, prompts, tok.pad_token_id
+    import ray
+    from pathlib import Path
+    scratch = ray.get([r.__ray_call__.remote(lambda rank: str(rank.engine._scratch)) for r in roles.ranks])
     roles.shutdown()
     release(groups)
+    assert not any(Path(s).exists() for s in scratch)  # the ranks closed their engines before they were killed
 
 
 @pytest.fixture
