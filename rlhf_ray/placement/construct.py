@@ -208,15 +208,16 @@ def sync_mode(cfg: "Config", plan: Plan) -> str:
     return "adapter" if cfg.model.lora.enabled and fast else "full"
 
 
+def engine_by_device(cfg: "Config", plan: Plan) -> dict[str, Any]:
+    """The engine settings the rollout section leaves to the generator's device when unset (eager decoding, the
+    KV-cache block), decided as an engine built without a plan decides them (`generator.engine.by_device`)."""
+    from rlhf_ray.roles.generator.engine import by_device
+    return by_device(cfg.rollout, role_backend(cfg, plan, "generator"))
+
+
 def enforce_eager(cfg: "Config", plan: Plan) -> bool:
     """`rollout.enforce_eager`, default by the engine's device (`Backend.engine_eager`)."""
-    value = cfg.rollout.enforce_eager
-    return role_backend(cfg, plan, "generator").engine_eager if value is None else value
-
-
-def kv_block_size(cfg: "Config", plan: Plan) -> Optional[int]:
-    """`rollout.kv_block_size`, default by the engine's device (`Backend.engine_block_size`)."""
-    return cfg.rollout.kv_block_size or role_backend(cfg, plan, "generator").engine_block_size
+    return engine_by_device(cfg, plan)["enforce_eager"]
 
 
 def engine_args(cfg: "Config", plan: Plan, index: int) -> EngineArgs:
@@ -230,8 +231,7 @@ def engine_args(cfg: "Config", plan: Plan, index: int) -> EngineArgs:
     return EngineArgs(
         index=index, device=device, dtype=role_dtype(cfg, plan, "generator"),
         quantization=engine_quantization(cfg, plan), tensor_parallel_size=tp,
-        gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=enforce_eager(cfg, plan),
-        block_size=kv_block_size(cfg, plan),
+        gpu_memory_utilization=r.gpu_memory_utilization, **engine_by_device(cfg, plan),
         enable_sleep_mode=plan.engine_sleeps,
         distributed_executor_backend="mp" if tp > 1 and device == "cuda" else None,
         max_model_len=cfg.data.max_prompt_len + r.max_new_tokens, enable_lora=lora,

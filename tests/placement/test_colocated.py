@@ -1,6 +1,9 @@
 """Colocated placement on a real local Ray: one process holds every role, hands weights over in process,
 and the log-prob check catches an engine left on stale weights."""
+from pathlib import Path
+
 import pytest
+import ray
 
 from rlhf_ray.config import load_config
 from rlhf_ray.models.kit import resolve_model_path
@@ -40,8 +43,6 @@ def built(ray_local, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(init)
     prompts = load_prompts(cfg.data, tok, cfg.run.seed)
     yield cfg, roles, prompts, tok.pad_token_id
-    import ray
-    from pathlib import Path
     scratch = ray.get([r.__ray_call__.remote(lambda rank: str(rank.engine._scratch)) for r in roles.ranks])
     roles.shutdown()
     release(groups)

@@ -90,18 +90,23 @@ def lora_rank_slot(r: int) -> int:
     raise ValueError(f"LoRA rank {r} exceeds vLLM's largest max_lora_rank {_LORA_RANKS[-1]}")
 
 
+def by_device(rollout_cfg, backend: Backend) -> dict[str, Any]:
+    """The `llm_kwargs` the rollout section leaves to the engine's device (`Backend`) when unset: eager
+    decoding (`rollout.enforce_eager`) and the KV-cache block (`rollout.kv_block_size`)."""
+    eager = backend.engine_eager if rollout_cfg.enforce_eager is None else rollout_cfg.enforce_eager
+    return dict(enforce_eager=eager, block_size=rollout_cfg.kv_block_size or backend.engine_block_size)
+
+
 def engine_llm_kwargs(model_path: str, rollout_cfg, backend: Backend, lora: bool, max_model_len: int, *,
                       max_lora_rank: int = 16, quantization: Optional[str] = None,
                       engine_kwargs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """What `GeneratorEngine` builds `vllm.LLM` with: the rollout section's values, then the plan's
     construction arguments (`placement.construct`), which win. Sleep mode only where the plan makes the engine
     sleep (`Plan.engine_sleeps`: colocated on CUDA; an engine that never sleeps has no use for it)."""
-    eager = backend.engine_eager if rollout_cfg.enforce_eager is None else rollout_cfg.enforce_eager
     kwargs = llm_kwargs(model_path, dtype=backend.dtype_name, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
                         gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, seed=rollout_cfg.seed or 0,
                         max_model_len=max_model_len, lora=lora, max_lora_rank=max_lora_rank,
-                        quantization=quantization, enforce_eager=eager,
-                        block_size=rollout_cfg.kv_block_size or backend.engine_block_size)
+                        quantization=quantization, **by_device(rollout_cfg, backend))
     kwargs.update(engine_kwargs or {})
     return kwargs
 

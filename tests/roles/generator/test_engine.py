@@ -62,7 +62,7 @@ def test_a_groups_samples_share_their_prompts_prefill(engine):
 def test_vllms_rendezvous_file_is_made_in_the_engines_scratch_not_the_temp_folder(engine):
     import tempfile
     assert [p.name[:10] for p in engine._scratch.iterdir()] == ["vllm_dist_"]
-    assert engine._scratch.parent != tempfile.gettempdir() or engine._scratch.name.startswith("rlhf_ray_engine_")
+    assert tempfile.gettempdir() != str(engine._scratch)  # the process's own temp folder again after the build
 
 
 def test_full_sync_greedy_matches_hf_including_long_prompts(engine, tiny_path):
