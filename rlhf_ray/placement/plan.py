@@ -229,6 +229,12 @@ def place(cfg: "Config", cluster: Optional[ClusterSpec] = None, simulate: Option
         raise PlanError(f"rollout.quantization={cfg.rollout.quantization} needs a CUDA engine (vLLM's CPU backend has "
                         f"no online fp8) but the generator computes on cpu" + (" (--simulate)" if simulate else "")
                         + "; use rollout.quantization=auto")
+    if (block := cfg.rollout.kv_block_size) is not None:
+        from rlhf_ray.utils.device import KV_BLOCK_MULTIPLE  # torch: only for a config that sets the block
+        engine_device = "cpu" if simulate else device
+        if block % KV_BLOCK_MULTIPLE[engine_device]:
+            raise PlanError(f"rollout.kv_block_size={block}: vLLM's {engine_device} attention takes multiples of "
+                            f"{KV_BLOCK_MULTIPLE[engine_device]} tokens; leave it unset for the device's default")
     bundles = _pack(_asks(cfg, roles, device), cluster)
     return Plan(cfg.cluster.placement, device, cluster, tuple(bundles),
                 engine_sleeps=cfg.cluster.placement == "colocated" and device == "cuda" and not simulate, roles=roles,

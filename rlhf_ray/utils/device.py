@@ -13,6 +13,11 @@ from typing import Optional
 
 import torch
 
+# vLLM's attention takes KV-cache blocks of a multiple of these many tokens (0.32: its CPU backend declares
+# `MultipleOf(32)` and refuses 16 when the engine is built; its CUDA backends 16). The plan checks a configured
+# block against its engine's device (`placement.plan.place`).
+KV_BLOCK_MULTIPLE = {"cpu": 32, "cuda": 16}
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -35,7 +40,7 @@ class Backend:
     # Tokens per KV-cache block (None: vLLM's own). A group's samples share only their prompt's full blocks in
     # the prefix cache, so each sample prefilled a prompt shorter than a block again: vLLM's CPU default of 128
     # shared nothing of a 64-token prompt (SmolLM2-135M, 8 prompts x 4 samples: the prefill took 4x one
-    # sample's). 32 is the smallest its CPU attention takes. `rollout.kv_block_size` overrides.
+    # sample's). The smallest its CPU attention takes (KV_BLOCK_MULTIPLE). `rollout.kv_block_size` overrides.
     engine_block_size: Optional[int] = None
 
 
@@ -94,7 +99,7 @@ def make_backend(device: str, dtype: str, dist_backend: str | None = None) -> Ba
     return Backend(device=device, dist_backend=dist_backend or ("nccl" if device == "cuda" else "gloo"),
                    dtype=getattr(torch, dtype), dtype_name=dtype, fast_engine_lora=device == "cuda",
                    engine_eager=device != "cuda", engine_in_place_push=device != "cuda",
-                   engine_block_size=None if device == "cuda" else 32)
+                   engine_block_size=None if device == "cuda" else KV_BLOCK_MULTIPLE["cpu"])
 
 
 def resolve_backend(device: str = "auto", dtype: str = "auto") -> Backend:

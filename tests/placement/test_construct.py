@@ -144,6 +144,14 @@ def test_explicit_fp8_on_a_cpu_engine_is_one_line_naming_the_key():
         check_plan(load_config(None, ["rollout.quantization=fp8_per_tensor"]))
 
 
+def test_a_kv_block_the_engines_device_refuses_is_one_line_before_anything_starts():
+    from rlhf_ray.placement.plan import PlanError
+    from rlhf_ray.preflight import check_plan
+    with pytest.raises(PlanError, match="rollout.kv_block_size=16: vLLM's cpu attention takes multiples of 32"):
+        check_plan(load_config(None, ["rollout.kv_block_size=16"]))   # vLLM refused it at the engine's build
+    check_plan(load_config(None, ["rollout.kv_block_size=64"]))
+
+
 # -- finding 3: ZeRO-3 learners are built under zero.Init ----------------------------------------
 @pytest.mark.parametrize("path", [H100X8, H70B], ids=lambda p: p.name)
 def test_every_zero3_learner_is_built_under_zero_init(path, hub):
