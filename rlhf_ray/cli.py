@@ -71,8 +71,8 @@ def cmd_train(args) -> int:
         cfg = simulated_config(cfg, args.overrides)
         print(BANNER, flush=True)
     check_output_dir(cfg)
-    from rlhf_ray.utils.capability import measured_dtype_line
-    if line := measured_dtype_line(cfg._measured):
+    from rlhf_ray.utils.capability import measured_dtype_line, slow_bf16_line
+    if line := measured_dtype_line(cfg._measured) or slow_bf16_line(cfg.model.dtype, cfg.computes_on_cpu):
         print(line, flush=True)
     resume = resume_wanted(cfg, args.resume)
     preflight(cfg, resume=resume)  # every input knowable before Ray starts

@@ -1,6 +1,7 @@
 """The measured CPU capability (rlhf_ray.utils.capability) and the dtype `model.dtype=measure` resolves to.
 Pure: the probe's timings are faked except in one tiny real GEMM run."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,32 @@ def test_train_names_a_measured_bf16_choice_in_one_line(monkeypatch):
     monkeypatch.setattr(cap, "cached_measure", lambda *a, **k: {"bf16_speedup": 1.2})
     assert load_config(None, [])._measured == "float32" and cap.measured_dtype_line("float32") is None
     assert "RLHF_RAY_CPU_DTYPE=bfloat16" in cap.measured_dtype_line("bfloat16", {cap.ENV: "bfloat16"})
+
+
+def test_train_names_an_asked_for_bf16_that_this_cpu_runs_slower_in_one_line(monkeypatch):
+    """model.dtype=bfloat16 on an AVX2 CPU (bf16 GEMM measured 0.12x fp32's on a Zen 3): allowed, and said."""
+    monkeypatch.setenv(cap.ENV, "measure")
+    monkeypatch.setattr(cap, "cached_measure", lambda *a, **k: {"bf16_speedup": 0.12})
+    cfg = load_config(None, ["model.dtype=bfloat16"])
+    assert cfg.computes_on_cpu and cfg.model.dtype == "bfloat16"
+    assert cap.slow_bf16_line(cfg.model.dtype, cfg.computes_on_cpu) == (
+        "model.dtype=bfloat16 on a CPU whose bf16 GEMM measured 0.12x fp32's: this run computes slower than in "
+        "float32 (model.dtype auto picks float32 here)")
+    assert cap.slow_bf16_line("float32", True) is None
+    assert cap.slow_bf16_line("bfloat16", False) is None                       # a GPU's bf16 is not probed
+    assert cap.slow_bf16_line("bfloat16", True, {cap.ENV: "bfloat16"}) is None  # pinned by the operator
+    assert not load_config(None, ["cluster.device=cuda", "cluster.gpus_per_node=1"]).computes_on_cpu
+    monkeypatch.setattr(cap, "cached_measure", lambda *a, **k: {"bf16_speedup": 2.3})
+    assert cap.slow_bf16_line("bfloat16", True) is None                        # bf16 pays here
+
+
+def test_rlhf_ray_train_prints_the_slow_bf16_line_before_its_checks(monkeypatch, tmp_path, capsys):
+    """The line comes before the run's input checks (here `--resume` with nothing to resume stops it)."""
+    from rlhf_ray import cli
+    monkeypatch.setenv(cap.ENV, "measure")
+    monkeypatch.setattr(cap, "cached_measure", lambda *a, **k: {"bf16_speedup": 0.12})
+    config = str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")
+    code = cli.main(["train", config, f"run.output_dir={tmp_path}", "model.dtype=bfloat16", "--resume"])
+    out, err = capsys.readouterr()
+    assert code != 0 and "nothing to resume" in err
+    assert out.startswith("model.dtype=bfloat16 on a CPU whose bf16 GEMM measured 0.12x fp32's"), out

@@ -426,6 +426,12 @@ class Config(Section):
     # `rlhf-ray train` names it in one line when it is bf16
     _measured: Optional[str] = PrivateAttr(None)
 
+    @property
+    def computes_on_cpu(self) -> bool:
+        """The roles compute on CPUs: a CPU device asked for, or auto on nodes without GPUs."""
+        c = self.cluster
+        return c.device == "cpu" or (c.device == "auto" and c.gpus_per_node == 0)
+
     @model_validator(mode="after")
     def _measured_dtype(self):
         """model.dtype auto or measure: decided here, once, so every role and `rlhf-ray config` read one dtype.
@@ -437,7 +443,7 @@ class Config(Section):
             return self
         from rlhf_ray.utils.capability import cpu_default_dtype
         c = self.cluster
-        on_cpu = c.device == "cpu" or (c.device == "auto" and c.gpus_per_node == 0)
+        on_cpu = self.computes_on_cpu
         # a simulated GPU cluster computes on CPU too, but keeps its plan's dtype unless measure is asked for
         measured = on_cpu or (c.simulate and self.model.dtype == "measure")
         dtype = cpu_default_dtype() if measured else "auto"

@@ -217,6 +217,20 @@ def describe(record: dict) -> str:
             f"{record['bf16_gflops']:.0f} GFLOP/s ({record['bf16_speedup']:.2f}x)")
 
 
+def slow_bf16_line(dtype: str, on_cpu: bool, env: dict | None = None) -> str | None:
+    """The one line `rlhf-ray train` prints when model.dtype=bfloat16 was asked for on a CPU whose bf16 GEMM
+    measured slower than its fp32 one (AVX2 without bf16 units: 0.12x on a Zen 3 through F.linear, torch.mm
+    far worse): the run is allowed (bf16 numerics may be the point) but would otherwise be several times
+    slower without a word. None where bf16 pays, off a CPU, or where RLHF_RAY_CPU_DTYPE pins the choice."""
+    if dtype != "bfloat16" or not on_cpu or _wanted(env) != "measure":
+        return None
+    speedup = cached_measure()["bf16_speedup"]
+    if speedup >= 1.0:
+        return None
+    return (f"model.dtype=bfloat16 on a CPU whose bf16 GEMM measured {speedup:.2f}x fp32's: this run computes "
+            f"slower than in float32 (model.dtype auto picks float32 here)")
+
+
 def measured_dtype_line(dtype: str | None, env: dict | None = None) -> str | None:
     """The one line `rlhf-ray train` prints when model.dtype auto (or measure) chose bf16 on this CPU, naming
     why and how to pin fp32; None otherwise (fp32 is what a CPU run has always used)."""
