@@ -6,6 +6,7 @@ the cluster this process runs in (the `ray job submit` case); anything else is p
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from contextlib import contextmanager
@@ -160,6 +161,52 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+DAEMONS_TEMP_PREFIX = "rlhf_ray_d"
+# The forkserver listens on <folder>/pymp-XXXXXXXX/listener-XXXXXXXX (32 characters), and a Unix socket's path
+# holds at most 107 bytes: with the folder's own name (prefix, pid, "_", 8 random) the base must stay short.
+_SOCKET_PATH_MAX, _BELOW_FOLDER = 107, 32
+
+
+def daemons_temp_folder(worker_env: dict[str, str]) -> Optional[str]:
+    """A temp folder for the daemons a local `ray.init` starts, removed after `ray.shutdown`.
+
+    Ray 2.60's dashboard runs its modules from a multiprocessing forkserver, whose folder (`pymp-*` with a
+    listening socket, in the dashboard's temp folder) outlives the dashboard that `ray.shutdown` kills: every
+    local run with an offline stage left one in /tmp. Ray's own session folder keeps its place (`ray_session`
+    names it to `ray.init` from TMPDIR as it was), and the job's workers, roles and Ray Train's actors alike,
+    get the temp folder back through `worker_env` (the job's env_vars, which win over the raylet's
+    environment they would otherwise inherit).
+    None where the base temp folder's path is too long for the sockets below the new folder (the dashboard
+    would fail to start): the daemons then keep the temp folder they had."""
+    import tempfile
+
+    from rlhf_ray.utils.folders import process_scratch
+    base = tempfile.gettempdir()
+    name = len(f"{DAEMONS_TEMP_PREFIX}{os.getpid()}_12345678")
+    if len(base) + 1 + name + _BELOW_FOLDER > _SOCKET_PATH_MAX:
+        return None
+    worker_env.setdefault("TMPDIR", base)
+    return str(process_scratch(base, DAEMONS_TEMP_PREFIX))
+
+
+@contextmanager
+def temp_folder_env(folder: Optional[str]):
+    """TMPDIR=folder for the processes started inside (they read it as they start), then as it was; None:
+    nothing changed."""
+    if folder is None:
+        yield
+        return
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = folder
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+
+
 @contextmanager
 def ray_session(cfg: ClusterConfig, dashboard: bool = True):
     """Yield with Ray initialised; shut down only what this call started. `dashboard`: start a private local
@@ -182,11 +229,13 @@ def ray_session(cfg: ClusterConfig, dashboard: bool = True):
             install_tensor_wire()
             yield
         return
+    daemons_temp = None
     if not ray.is_initialized():
         local = cfg.address == "local"
         runtime_env = {"env_vars": role_env(local_env(_has_cuda()) if local else None),
                        "worker_process_setup_hook": "rlhf_ray.runtime.setup_role_process"}
         if local:
+            daemons_temp = daemons_temp_folder(runtime_env["env_vars"])
             ncpu = cfg.cpus_per_node or os.cpu_count() or 1
             # Roles reserve fractional CPUs; the logical count is generous so that actors are never
             # left pending on a 2-core laptop: real core sharing is governed by thread counts.
@@ -194,9 +243,12 @@ def ray_session(cfg: ClusterConfig, dashboard: bool = True):
             # (a bare ray.init() would join that cluster instead).
             # The dashboard serves Ray's job and train state, which Ray Train's placement-group cleaner also
             # polls (without it, it warns every few seconds); a free port, as other Ray instances may hold 8265.
-            ray.init(address="local", num_cpus=max(ncpu, 4) * 2, include_dashboard=dashboard,
-                     dashboard_port=free_port(), runtime_env=runtime_env,
-                     log_to_driver=True, configure_logging=True, logging_level="WARNING")
+            from ray._common.utils import get_default_ray_temp_dir
+            ray_temp = get_default_ray_temp_dir()  # Ray's own folder, from TMPDIR as it was (/tmp/ray)
+            with temp_folder_env(daemons_temp):
+                ray.init(address="local", num_cpus=max(ncpu, 4) * 2, include_dashboard=dashboard,
+                         dashboard_port=free_port(), runtime_env=runtime_env, _temp_dir=ray_temp,
+                         log_to_driver=True, configure_logging=True, logging_level="WARNING")
         else:
             # Inside `ray job submit` the job already has a runtime env (its working dir): combine the
             # two instead of failing on the overlap.
@@ -210,3 +262,5 @@ def ray_session(cfg: ClusterConfig, dashboard: bool = True):
     finally:
         if started:
             ray.shutdown()
+        if daemons_temp is not None:
+            shutil.rmtree(daemons_temp, ignore_errors=True)

@@ -8,15 +8,19 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from helpers import pipeline_record  # (tests/e2e is on the path)
+
+from rlhf_ray.runtime import DAEMONS_TEMP_PREFIX
 
 pytestmark = pytest.mark.slow
 
@@ -133,13 +137,18 @@ def _vader_of_samples(model_dir: Path, n_prompts: int = 128) -> float:
     return sum(vader_reward(prompts, texts)) / len(texts)
 
 
-def test_dpo_killed_then_resumed_learns_the_preferences(offline, tmp_path):
+def test_dpo_killed_then_resumed_learns_the_preferences(offline, tmp_path, monkeypatch, request):
     """DPO from the session's SFT model (conftest.py `offline`), its reference that same model, SIGKILLed
     mid-stage and continued with `train --resume` (each step once, from a checkpoint); the resumed run learns
     the preferences: held-out accuracy and margin, and the VADER judge the pairs were built with prefers its
     samples to the SFT model's. All 160 steps: at 96 the held-out accuracy and margin passed but the VADER judge
     once scored the DPO model's samples below the SFT model's (0.007 vs 0.153, a clean-clone CI run)."""
     total, every = LONG
+    # both runs' temp folder, of this test alone (what the killed one's daemons left, the next clears): beside the
+    # suite's run folder, as Ray's session sockets under it must fit AF_UNIX's 107 bytes (one level deeper would not)
+    temp = Path(tempfile.mkdtemp(prefix="rlhf_ray_dpo_", dir=os.path.dirname(tempfile.gettempdir())))
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
+    monkeypatch.setenv("TMPDIR", str(temp))
     args = [f"run.output_dir={tmp_path}", "run.stages=[dpo]", f"dpo.init_from={offline / 'sft' / 'model'}",
             "logging.console=false", "cluster.torch_threads=1", "dpo.batch_size=16", "dpo.epochs=2",
             f"dpo.max_steps={total}", f"dpo.save_every={every}", f"dpo.eval_every={total // 2}",
@@ -151,6 +160,10 @@ def test_dpo_killed_then_resumed_learns_the_preferences(offline, tmp_path):
     assert evals[-1]["eval/margin"] > 0.5
     sft_gold, dpo_gold = _vader_of_samples(offline / "sft" / "model"), _vader_of_samples(tmp_path / "dpo" / "model")
     assert dpo_gold > sft_gold + 0.15, (sft_gold, dpo_gold)  # the chosen reviews are the more positive ones
+    # Ray's dashboard (a Ray Train stage starts it) left a multiprocessing folder a run (runtime.py
+    # `daemons_temp_folder`); Ray's own session folders stay where TMPDIR puts them
+    assert not [p.name for p in temp.iterdir() if p.name.startswith(("pymp-", DAEMONS_TEMP_PREFIX))]
+    assert (temp / "ray").is_dir()
 
 
 @pytest.mark.long  # multi-node placement is in `make test` through placement/test_role_asks.py's cluster
