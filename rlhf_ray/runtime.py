@@ -162,9 +162,10 @@ def _has_cuda() -> bool:
 
 
 DAEMONS_TEMP_PREFIX = "rlhf_ray_d"
-# The forkserver listens on <folder>/pymp-XXXXXXXX/listener-XXXXXXXX (32 characters), and a Unix socket's path
-# holds at most 107 bytes: with the folder's own name (prefix, pid, "_", 8 random) the base must stay short.
-_SOCKET_PATH_MAX, _BELOW_FOLDER = 107, 32
+# The forkserver listens on <folder>/pymp-XXXXXXXX/listener-XXXXXXXX (32 characters below the folder), and a Unix
+# socket's path holds at most 107 bytes: with the folder's own name (prefix, pid, "_", mkdtemp's 8 random
+# characters) the base must stay short.
+_SOCKET_PATH_MAX, _BELOW_FOLDER, _MKDTEMP_RANDOM = 107, 32, 8
 
 
 def daemons_temp_folder(worker_env: dict[str, str]) -> Optional[str]:
@@ -182,7 +183,7 @@ def daemons_temp_folder(worker_env: dict[str, str]) -> Optional[str]:
 
     from rlhf_ray.utils.folders import process_scratch
     base = tempfile.gettempdir()
-    name = len(f"{DAEMONS_TEMP_PREFIX}{os.getpid()}_12345678")
+    name = len(f"{DAEMONS_TEMP_PREFIX}{os.getpid()}_") + _MKDTEMP_RANDOM
     if len(base) + 1 + name + _BELOW_FOLDER > _SOCKET_PATH_MAX:
         return None
     worker_env.setdefault("TMPDIR", base)

@@ -443,9 +443,8 @@ class Config(Section):
             return self
         from rlhf_ray.utils.capability import cpu_default_dtype
         c = self.cluster
-        on_cpu = self.computes_on_cpu
         # a simulated GPU cluster computes on CPU too, but keeps its plan's dtype unless measure is asked for
-        measured = on_cpu or (c.simulate and self.model.dtype == "measure")
+        measured = self.computes_on_cpu or (c.simulate and self.model.dtype == "measure")
         dtype = cpu_default_dtype() if measured else "auto"
         object.__setattr__(self, "model", self.model.model_copy(update={"dtype": dtype}))
         if measured:
