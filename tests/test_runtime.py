@@ -58,3 +58,30 @@ def test_an_idle_role_process_stops_spinning_at_once():
     env = {**os.environ, **{k: v for k, v in ROLE_ENV.items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}
     out = subprocess.run([sys.executable, "-c", IDLE_CPU_S], env=env, capture_output=True, text=True, check=True)
     assert float(out.stdout.strip()) < 0.1  # of 0.5 s idle
+
+
+REUSE = """
+import resource
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = bytearray(256 << 20)   # a large block, written (a step's logits, their gradient)
+    del block
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults[-1])
+"""
+
+
+def test_a_cpu_role_process_reuses_a_freed_large_block_instead_of_faulting_in_fresh_pages():
+    """glibc maps a large block afresh on every allocation and unmaps it on free: each step's logits would be
+    page-faulted in again (65,536 4-KiB pages for this block). A CPU run's role processes keep it."""
+    import os
+    import subprocess
+    import sys
+    malloc = {k: v for k, v in role_env(local_env(cuda=False)).items() if k.startswith("MALLOC_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain, role = (int(subprocess.run([sys.executable, "-c", REUSE], env={**base, **extra}, capture_output=True,
+                                      text=True, check=True).stdout) for extra in ({}, malloc))
+    assert plain > 30_000  # the default: faulted in again
+    assert role < 3_000, role
+    assert not any(k.startswith("MALLOC_") for k in role_env(local_env(cuda=True)))  # a GPU node keeps glibc's own
