@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 from rlhf_ray.config import ClusterConfig
+from rlhf_ray.utils.env import environ_for
 from rlhf_ray.utils.net import free_port
 
 # Every role process: no hub access, quiet tokenizers, and idle OpenMP threads that spin briefly, then sleep.
@@ -202,24 +203,6 @@ def daemons_temp_folder(worker_env: dict[str, str]) -> Optional[str]:
 
 
 @contextmanager
-def temp_folder_env(folder: Optional[str]):
-    """TMPDIR=folder for the processes started inside (they read it as they start), then as it was; None:
-    nothing changed."""
-    if folder is None:
-        yield
-        return
-    before = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = folder
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = before
-
-
-@contextmanager
 def ray_session(cfg: ClusterConfig, dashboard: bool = True):
     """Yield with Ray initialised; shut down only what this call started. `dashboard`: start a private local
     Ray with its dashboard (Ray Train's stages need it; it costs a local start about 3 s and a dozen processes)."""
@@ -257,7 +240,7 @@ def ray_session(cfg: ClusterConfig, dashboard: bool = True):
             # polls (without it, it warns every few seconds); a free port, as other Ray instances may hold 8265.
             from ray._common.utils import get_default_ray_temp_dir
             ray_temp = get_default_ray_temp_dir()  # Ray's own folder, from TMPDIR as it was (/tmp/ray)
-            with temp_folder_env(daemons_temp):
+            with environ_for(**({"TMPDIR": daemons_temp} if daemons_temp else {})):
                 ray.init(address="local", num_cpus=max(ncpu, 4) * 2, include_dashboard=dashboard,
                          dashboard_port=free_port(), runtime_env=runtime_env, _temp_dir=ray_temp,
                          log_to_driver=True, configure_logging=True, logging_level="WARNING")

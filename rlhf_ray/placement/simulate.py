@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rlhf_ray.placement.plan import PlanError, place
+from rlhf_ray.utils.env import environ_for
 
 if TYPE_CHECKING:
     from rlhf_ray.config import Config
@@ -122,18 +123,16 @@ def simulated_cluster(cluster_cfg, init_kwargs: dict):
     import ray
     from ray.cluster_utils import Cluster
 
-    saved = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, num_gpus=0, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES))
-    try:
-        for _ in range(cluster_cfg.num_nodes):
-            cluster.add_node(num_cpus=cluster_cfg.cpus_per_node or NODE_CPUS, num_gpus=cluster_cfg.gpus_per_node,
-                             object_store_memory=OBJECT_STORE_BYTES)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, **init_kwargs)
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if saved is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    with environ_for(CUDA_VISIBLE_DEVICES=None):
+        cluster = Cluster(initialize_head=True, head_node_args=dict(
+            num_cpus=1, num_gpus=0, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES))
+        try:
+            for _ in range(cluster_cfg.num_nodes):
+                cluster.add_node(num_cpus=cluster_cfg.cpus_per_node or NODE_CPUS,
+                                 num_gpus=cluster_cfg.gpus_per_node, object_store_memory=OBJECT_STORE_BYTES)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, **init_kwargs)
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()

@@ -34,6 +34,7 @@ from rlhf_ray.roles.generator.threads import engine_env
 from rlhf_ray.roles.generator.worker_ext import EXTENSION as WORKER_EXTENSION
 from rlhf_ray.sync.files import reload_payload
 from rlhf_ray.utils.device import Backend
+from rlhf_ray.utils.env import environ_for
 from rlhf_ray.utils import shm
 from rlhf_ray.utils.folders import process_scratch
 
@@ -144,17 +145,14 @@ def _temp_files_in(folder: Path):
     they go with that folder: at the engine's close, or, for an engine killed first, at the next engine's start
     on the node (`process_scratch`). The children's own temp folder stays (their compile caches live there).
     vLLM reads these at each use until its engine is up, then caches its settings."""
-    own_base = "VLLM_RPC_BASE_PATH" not in os.environ  # an operator's own choice stands
     before = tempfile.tempdir
     tempfile.tempdir = str(folder)
-    if own_base:
-        os.environ["VLLM_RPC_BASE_PATH"] = str(folder)
     try:
-        yield
+        # an operator's own VLLM_RPC_BASE_PATH stands
+        with environ_for(**({} if "VLLM_RPC_BASE_PATH" in os.environ else {"VLLM_RPC_BASE_PATH": str(folder)})):
+            yield
     finally:
         tempfile.tempdir = before
-        if own_base:
-            os.environ.pop("VLLM_RPC_BASE_PATH", None)
 
 
 class GeneratorEngine:
