@@ -281,28 +281,40 @@ def _title(pid: int) -> str:
         return ""
 
 
-def busy_pid(driver: int, call: str) -> int | None:
-    """The worker process now running `call` ("Class.method"): Ray titles it `ray::Class.method` meanwhile."""
-    for pid in descendants(driver):
-        if re.match(rf"ray::{re.escape(call)}(\(|\s|$)", _title(pid)):
-            return pid
-    return None
+def role_pids(driver: int, cls: str) -> list[int]:
+    """The worker processes of actor class `cls`: Ray titles one `ray::Class` when idle, `ray::Class.method`
+    while it runs a call."""
+    return [pid for pid in descendants(driver) if re.match(rf"ray::{re.escape(cls)}(\.|\(|\s|$)", _title(pid))]
 
 
 def kill_during(proc: subprocess.Popen, out: Path, call: str, after_step: int, timeout: float = 600) -> int:
-    """SIGKILL the process of `call` while it runs, in the first step after `after_step` is logged."""
+    """SIGKILL the process of `call` while it runs, in the first step after `after_step` is logged. The call
+    may be short (a tiny model's update: 0.2 s), so once the step is logged only the role's own processes are
+    watched, a few milliseconds apart: walking the driver's whole tree each time took longer than that on a
+    loaded 2-core machine, and the window was missed."""
     deadline = time.time() + timeout
+    running = re.compile(rf"ray::{re.escape(call)}(\(|\s|$)")
+    pids: list[int] = []
+    looked, logged = 0.0, False
     while True:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, f"the run did not reach a {call} after step {after_step}"
-        if len(rl_steps_logged(out)) >= after_step and (pid := busy_pid(proc.pid, call)):
-            idle = [p for p in descendants(proc.pid) if _title(p).startswith("ray::IDLE")]
-            os.kill(pid, signal.SIGKILL)
-            # every process of a running run is a role (or Ray's own): no idle worker started for nothing
-            # (runtime.py: the raylet's prestart, about 1 CPU-second a run)
-            assert not idle, f"{len(idle)} idle Ray workers beside the roles"
-            return pid
-        time.sleep(0.05)
+        logged = logged or len(rl_steps_logged(out)) >= after_step
+        if not logged:
+            time.sleep(0.05)
+            continue
+        if time.time() - looked > 1.0:  # (again now and then: a restarted role has a new process)
+            pids, looked = role_pids(proc.pid, call.split(".")[0]), time.time()
+        pid = next((p for p in pids if running.match(_title(p))), None)
+        if pid is None:
+            time.sleep(0.002)
+            continue
+        os.kill(pid, signal.SIGKILL)
+        idle = [p for p in descendants(proc.pid) if _title(p).startswith("ray::IDLE")]
+        # every process of a running run is a role (or Ray's own): no idle worker started for nothing
+        # (runtime.py: the raylet's prestart, about 1 CPU-second a run)
+        assert not idle, f"{len(idle)} idle Ray workers beside the roles"
+        return pid
 
 
 def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
