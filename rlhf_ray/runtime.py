@@ -225,34 +225,34 @@ def ray_session(cfg: ClusterConfig, dashboard: bool = True):
             yield
         return
     daemons_temp = None
-    if not ray.is_initialized():
-        local = cfg.address == "local"
-        runtime_env = {"env_vars": role_env(local_env(_has_cuda()) if local else None),
-                       "worker_process_setup_hook": "rlhf_ray.runtime.setup_role_process"}
-        if local:
-            daemons_temp = daemons_temp_folder(runtime_env["env_vars"])
-            ncpu = cfg.cpus_per_node or os.cpu_count() or 1
-            # Roles reserve fractional CPUs; the logical count is generous so that actors are never
-            # left pending on a 2-core laptop: real core sharing is governed by thread counts.
-            # address="local": a private instance even when a `ray start` cluster runs on this machine
-            # (a bare ray.init() would join that cluster instead).
-            # The dashboard serves Ray's job and train state, which Ray Train's placement-group cleaner also
-            # polls (without it, it warns every few seconds); a free port, as other Ray instances may hold 8265.
-            from ray._common.utils import get_default_ray_temp_dir
-            ray_temp = get_default_ray_temp_dir()  # Ray's own folder, from TMPDIR as it was (/tmp/ray)
-            with environ_for(**({"TMPDIR": daemons_temp} if daemons_temp else {})):
-                ray.init(address="local", num_cpus=max(ncpu, 4) * 2, include_dashboard=dashboard,
-                         dashboard_port=free_port(), runtime_env=runtime_env, _temp_dir=ray_temp,
-                         log_to_driver=True, configure_logging=True, logging_level="WARNING")
-        else:
-            # Inside `ray job submit` the job already has a runtime env (its working dir): combine the
-            # two instead of failing on the overlap.
-            os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-            ray.init(address=cfg.address, runtime_env=runtime_env, logging_level="WARNING")
-        started = True
-        _sigterm_back_to_python(sigterm)
-    install_tensor_wire()  # the driver's tensors (batches, sequences) leave as raw bytes, as the roles' do
-    try:
+    try:  # (the daemons' folder goes also when ray.init itself fails)
+        if not ray.is_initialized():
+            local = cfg.address == "local"
+            runtime_env = {"env_vars": role_env(local_env(_has_cuda()) if local else None),
+                           "worker_process_setup_hook": "rlhf_ray.runtime.setup_role_process"}
+            started = True  # (before ray.init: a start that fails halfway stops what it started)
+            if local:
+                daemons_temp = daemons_temp_folder(runtime_env["env_vars"])
+                ncpu = cfg.cpus_per_node or os.cpu_count() or 1
+                # Roles reserve fractional CPUs; the logical count is generous so that actors are never
+                # left pending on a 2-core laptop: real core sharing is governed by thread counts.
+                # address="local": a private instance even when a `ray start` cluster runs on this machine
+                # (a bare ray.init() would join that cluster instead).
+                # The dashboard serves Ray's job and train state, which Ray Train's placement-group cleaner also
+                # polls (without it, it warns every few seconds); a free port, as other Ray instances may hold 8265.
+                from ray._common.utils import get_default_ray_temp_dir
+                ray_temp = get_default_ray_temp_dir()  # Ray's own folder, from TMPDIR as it was (/tmp/ray)
+                with environ_for(**({"TMPDIR": daemons_temp} if daemons_temp else {})):
+                    ray.init(address="local", num_cpus=max(ncpu, 4) * 2, include_dashboard=dashboard,
+                             dashboard_port=free_port(), runtime_env=runtime_env, _temp_dir=ray_temp,
+                             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+            else:
+                # Inside `ray job submit` the job already has a runtime env (its working dir): combine the
+                # two instead of failing on the overlap.
+                os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+                ray.init(address=cfg.address, runtime_env=runtime_env, logging_level="WARNING")
+            _sigterm_back_to_python(sigterm)
+        install_tensor_wire()  # the driver's tensors (batches, sequences) leave as raw bytes, as the roles' do
         yield
     finally:
         if started:

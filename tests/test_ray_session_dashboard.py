@@ -84,3 +84,32 @@ def test_a_local_sessions_daemons_keep_their_temp_files_in_a_folder_removed_afte
         assert seen["runtime_env"]["env_vars"]["TMPDIR"] == str(tmp_path)  # every worker's, as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == []                # the daemons' folder is gone
     tmp_path.rmdir()
+
+
+def test_a_local_start_that_fails_removes_the_daemons_folder_and_stops_what_it_started(monkeypatch):
+    """`ray.init` raising halfway (a port taken, a daemon that did not come up) left the daemons' temp folder
+    behind until the next run on the machine, and did not stop the daemons already started."""
+    import os
+
+    import ray
+
+    from rlhf_ray.config.schema import ClusterConfig
+    from rlhf_ray.runtime import ray_session
+    tmp_path = Path(tempfile.mkdtemp(prefix="s", dir=TEMP))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stopped = []
+
+    def init(**kw):
+        (Path(os.environ["TMPDIR"]) / "pymp-x").mkdir()  # a daemon came up and left its file
+        raise ConnectionError("the GCS did not come up")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))
+    with pytest.raises(ConnectionError):
+        with ray_session(ClusterConfig(address="local"), dashboard=False):
+            pass
+    assert stopped == [True]
+    assert list(tmp_path.iterdir()) == []
+    tmp_path.rmdir()
