@@ -1,5 +1,15 @@
 """The environment every role process gets: what a private Ray adds, and the operator's own values winning."""
+import os
+import subprocess
+import sys
+
 from rlhf_ray.runtime import LOCAL_CPU_ENV, ROLE_ENV, local_env, role_env
+
+
+def _python(script: str, env: dict) -> str:
+    """What `script` prints, run by a fresh interpreter in exactly `env` (its variables read as it starts)."""
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          check=True).stdout
 
 
 def test_a_private_ray_without_cuda_quiets_torchs_cpp_log_and_the_preemption_watcher():
@@ -52,12 +62,8 @@ def test_an_idle_role_process_stops_spinning_at_once():
     """Role processes spin briefly between parallel regions (a small model's ops come microseconds apart) but
     must not keep a core busy once idle: OMP_WAIT_POLICY=ACTIVE without a bounded GOMP_SPINCOUNT spins for
     minutes, stealing the cores from the role whose turn it is."""
-    import os
-    import subprocess
-    import sys
     env = {**os.environ, **{k: v for k, v in ROLE_ENV.items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}
-    out = subprocess.run([sys.executable, "-c", IDLE_CPU_S], env=env, capture_output=True, text=True, check=True)
-    assert float(out.stdout.strip()) < 0.1  # of 0.5 s idle
+    assert float(_python(IDLE_CPU_S, env).strip()) < 0.1  # of 0.5 s idle
 
 
 REUSE = """
@@ -75,13 +81,9 @@ print(faults[-1])
 def test_a_cpu_role_process_reuses_a_freed_large_block_instead_of_faulting_in_fresh_pages():
     """glibc maps a large block afresh on every allocation and unmaps it on free: each step's logits would be
     page-faulted in again (65,536 4-KiB pages for this block). A CPU run's role processes keep it."""
-    import os
-    import subprocess
-    import sys
     malloc = {k: v for k, v in role_env(local_env(cuda=False)).items() if k.startswith("MALLOC_")}
     base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    plain, role = (int(subprocess.run([sys.executable, "-c", REUSE], env={**base, **extra}, capture_output=True,
-                                      text=True, check=True).stdout) for extra in ({}, malloc))
+    plain, role = (int(_python(REUSE, {**base, **extra})) for extra in ({}, malloc))
     assert plain > 30_000  # the default: faulted in again
     assert role < 3_000, role
     assert not any(k.startswith("MALLOC_") for k in role_env(local_env(cuda=True)))  # a GPU node keeps glibc's own
