@@ -177,37 +177,56 @@ def scoring_micro_batches(seq: SequenceBatch, rows: int, budget: Optional[int]) 
     return pack_by_tokens(prompt_runs(seq, torch.arange(len(seq))), p_len, t_len, budget)
 
 
-def per_token_over_micro_batches(seq: SequenceBatch, parts: list[torch.Tensor], fn, team=None) -> torch.Tensor:
+def per_token_over_micro_batches(seq: SequenceBatch, parts: list[torch.Tensor], fn, team=None,
+                                 packed: bool = False) -> torch.Tensor:
     """(B, T) results of `fn` over micro-batches: `fn(micro_seq)` gets the rows `parts[i]` without their
     all-padding columns (`SequenceBatch.trimmed`) and returns (b, T_i) per-token values (on the host), which land
     back at their rows; padding is 0 (what a padded position held before depended on the micro-batch's width).
     team: a `rlhf_ray.utils.phases.CoreTeam`; each micro-batch's rows are cut into its size of pieces
-    (`cut_rows`), computed at once (a micro-batch's rows are what the memory allows in flight)."""
+    (`cut_rows`; `packed`: fn packs its rows without their padding), computed at once (a micro-batch's rows are
+    what the memory allows in flight)."""
     out = torch.zeros(len(seq), seq.response_mask.shape[1])
 
     def run(idx: torch.Tensor) -> tuple[SequenceBatch, torch.Tensor]:
         mb = seq.select(idx).trimmed()
         return mb, fn(mb)
     for part in parts:
-        pieces = cut_rows(part, team.size, seq) if team is not None else [part]
+        pieces = cut_rows(part, team.size, seq, packed) if team is not None else [part]
         for idx, (mb, r) in zip(pieces, team.map(run, pieces) if team is not None else map(run, pieces)):
             out = out.to(r.dtype)
             out[idx, :r.shape[1]] = r * mb.response_mask.to(r.dtype)
     return out
 
 
-def cut_rows(rows: torch.Tensor, k: int, seq: SequenceBatch) -> list[torch.Tensor]:
-    """`rows` in at most k pieces to compute at once, of about equal padded size: whole prompt runs (each piece
-    still computes its prompts once), longest response first, cut by `balanced_cut`. A piece pads to its own
-    longest row, so long rows kept together and short ones together compute less padding than halves in
-    order. Fewer runs than pieces: the rows one by one (a piece may then hold part of a run)."""
+def cut_rows(rows: torch.Tensor, k: int, seq: SequenceBatch, packed: bool = False) -> list[torch.Tensor]:
+    """`rows` in at most k pieces to compute at once: whole prompt runs (each piece still computes its prompts
+    once), longest first. Padded forwards: cut by `balanced_cut` into pieces of about equal padded size (a piece
+    pads to its own longest row, so long rows kept together and short ones together compute less padding than
+    halves in order). `packed` (the forward packs each piece without its padding, `rlhf_ray.models.packed`):
+    dealt in turn (`dealt`), so every piece holds long and short rows alike and packs as tightly as the whole;
+    a piece of long rows alone leaves nothing to pack (the tiny PPO task's reference pass, AMD EPYC Zen 3, a
+    2-thread team: 13 long rows padded beside 19 short ones packed, 80 ms, against 63 ms dealt and both packed).
+    Fewer runs than pieces: the rows one by one (a piece may then hold part of a run)."""
     runs = prompt_runs(seq, rows)
     if len(runs) < k:
         runs = [r.view(1) for r in rows]
     p_len, t_len = row_lengths(seq)
+    if packed:
+        order = sorted(range(len(runs)), key=lambda i: -int((p_len[runs[i]] + t_len[runs[i]]).max()))
+        return [torch.cat([runs[order[i]] for i in piece]) for piece in dealt(len(runs), k)]
     sizes = [(len(r), int(p_len[r].max()), int(t_len[r].max())) for r in runs]
     order = sorted(range(len(runs)), key=lambda i: -sizes[i][2])
     return [torch.cat([runs[order[i]] for i in piece]) for piece in balanced_cut([sizes[i] for i in order], k)]
+
+
+def dealt(n: int, k: int) -> list[list[int]]:
+    """Positions 0 .. n-1 (items longest first) dealt to at most k pieces in turn, forth and back (pieces 0 .. k-1,
+    then k-1 .. 0, ...), so each piece gets about as many items, and as long ones, as every other."""
+    pieces: list[list[int]] = [[] for _ in range(min(k, n))]
+    for i in range(n):
+        lap, j = divmod(i, len(pieces))
+        pieces[j if lap % 2 == 0 else len(pieces) - 1 - j].append(i)
+    return pieces
 
 
 def balanced_cut(sizes: list[tuple[int, int, int]], k: int) -> list[list[int]]:

@@ -34,7 +34,8 @@ class CriticWorker:
             T, P = mb.response_mask.shape[1], mb.prompt_len
             v = forward_sequence_values(self.learner, mb).float()
             return (v[:, P - 1:P - 1 + T] * mb.response_mask.to(v.device)).cpu()
-        return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens), values_of, team)
+        return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens), values_of, team,
+                                            packed=self.learner.packed_mask_dtype is not None)
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], rank: int = 0,
                world: int = 1) -> UpdateResult:

@@ -46,7 +46,8 @@ class PolicyWorker:
         self.learner.ds_engine.eval()
         parts = scoring_micro_batches(seq, self.mbs, self.max_tokens)
         return per_token_over_micro_batches(seq, parts, lambda mb: algo.token_logprobs(
-            forward_response_logits(self.learner, mb), mb.response_ids, self.temperature).cpu(), team)
+            forward_response_logits(self.learner, mb), mb.response_ids, self.temperature).cpu(), team,
+            packed=self.learner.packed_mask_dtype is not None)
 
     def update(self, batch: TrainBatch, minibatches: list[list[torch.Tensor]], kl_coef: float, rank: int = 0,
                world: int = 1) -> UpdateResult:

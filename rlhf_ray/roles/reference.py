@@ -37,7 +37,7 @@ class ReferenceScorer:
             logits = response_logits_of(self._call, mb, pack_dtype=self.pack_dtype)
             return algo.token_logprobs(logits, mb.response_ids, self.temperature).cpu()
         return per_token_over_micro_batches(seq, scoring_micro_batches(seq, self.mbs, self.max_tokens), logprobs_of,
-                                            team)
+                                            team, packed=self.pack_dtype is not None)
 
     def _call(self, **kwargs):
         return self.model(**on_device(kwargs, self.device))

@@ -17,7 +17,10 @@ import torch
 
 from rlhf_ray.config import RewardConfig, RewardSource
 from rlhf_ray.errors import RunError, user_traceback
-from rlhf_ray.utils.device import attention_kwargs
+from rlhf_ray.batch import SequenceBatch
+from rlhf_ray.models import packed
+from rlhf_ray.models.packed import mask_dtype
+from rlhf_ray.utils.device import attention_kwargs, on_device
 
 
 class RewardSourceError(RunError, RuntimeError):
@@ -57,6 +60,8 @@ class ModelSource:
             self.tok.pad_token = self.tok.eos_token
         self.batch_size, self.device = batch_size, device
         self.max_tokens = max_tokens  # reward.max_tokens_per_micro_batch; None: batch_size rows at a time
+        # decoder models read rows packed without their padding (`rlhf_ray.models.packed`); None: padded
+        self.pack_dtype = mask_dtype(self.model) if getattr(self.model, "score", None) is not None else None
 
     def _encode(self, prompt: str, response: str, finished: bool) -> list[int]:
         from rlhf_ray.data.encode import prompt_ids, response_ids
@@ -66,19 +71,21 @@ class ModelSource:
     @torch.no_grad()
     def __call__(self, prompts, responses, team=None, finished=None):
         from rlhf_ray.data.encode import pad
-        from rlhf_ray.dispatch import balanced_cut
+        from rlhf_ray.dispatch import balanced_cut, dealt
         finished = [True] * len(prompts) if finished is None else finished
         rows = [self._encode(p, r, f) for p, r, f in zip(prompts, responses, finished)]
 
         def scores(part: list[int]) -> list[float]:
             ids, mask = pad([rows[i] for i in part], self.tok.pad_token_id)
-            return self._scores(ids.to(self.device), mask.to(self.device)).float().tolist()
+            return self._scores(ids, mask).float().tolist()
         out = [0.0] * len(rows)
         for part in self._micro_batches(rows):  # each one's rows split over the team, computed at once
             pieces = [part]
-            if team is not None:  # longest first, cut to about equal padded sizes (`balanced_cut`)
+            if team is not None:  # longest first: dealt when packed, else cut to about equal padded sizes
                 part = sorted(part, key=lambda i: -len(rows[i]))
-                pieces = [[part[j] for j in c] for c in balanced_cut([(1, 0, len(rows[i])) for i in part], team.size)]
+                cut = (dealt(len(part), team.size) if self.pack_dtype is not None
+                       else balanced_cut([(1, 0, len(rows[i])) for i in part], team.size))
+                pieces = [[part[j] for j in c] for c in cut]
             for piece, vals in zip(pieces, team.map(scores, pieces) if team is not None else map(scores, pieces)):
                 for i, v in zip(piece, vals):
                     out[i] = v
@@ -95,14 +102,25 @@ class ModelSource:
         return [idx.tolist() for idx in pack_by_tokens(runs, torch.zeros_like(lengths), lengths, self.max_tokens)]
 
     def _scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) scores of right-padded (B, L) rows (on the host), each read at its last real token: the rows
+        packed without their padding where the model's attention takes a packed mask and that saves positions."""
         head = getattr(self.model, "score", None)
         if head is None:  # encoder models (e.g. MiniLM) pool on their own
-            return self.model(input_ids=ids, attention_mask=mask).logits[:, 0]
+            return self.model(**on_device({"input_ids": ids, "attention_mask": mask}, self.device)).logits[:, 0]
         # Decoder reward models: HF pools at the last non-pad *id*, wrong when pad == EOS; pool by the mask.
-        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        per_token = head(hidden)[..., 0]  # (B, L)
         last = mask.shape[1] - 1 - mask.flip(-1).long().argmax(-1)
-        return per_token[torch.arange(len(ids), device=ids.device), last]
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        rows = (packed.pack_rows(SequenceBatch(ids, mask, positions, mask.float(), 0))
+                if self.pack_dtype is not None else None)
+        if rows is None:
+            hidden = self.model.base_model(**on_device({"input_ids": ids, "attention_mask": mask},
+                                                       self.device)).last_hidden_state.flatten(0, 1)
+            at = torch.arange(len(ids)) * ids.shape[1] + last
+        else:
+            hidden = self.model.base_model(**on_device(rows.model_inputs(self.pack_dtype),
+                                                       self.device)).last_hidden_state.flatten(0, 1)
+            at = rows.where[torch.arange(len(ids)), last]  # each row's last real token in the packed rows
+        return head(hidden[at.to(hidden.device)])[:, 0]
 
 
 class FunctionSource:

@@ -8,7 +8,8 @@ import torch
 
 from rlhf_ray.batch import pack_sequences
 from rlhf_ray.config import RewardConfig, RewardSource
-from rlhf_ray.dispatch import balanced_cut, cut_rows
+from rlhf_ray.dispatch import balanced_cut, cut_rows, dealt
+from rlhf_ray.models import packed
 from rlhf_ray.models.kit import resolve_model_path
 from rlhf_ray.placement.construct import Share
 from rlhf_ray.roles.reference import ReferenceScorer
@@ -83,6 +84,35 @@ def test_cut_rows_cuts_whole_prompt_runs_by_padded_size():
     assert [c.tolist() for c in cut_rows(torch.arange(1), 4, seq)] == [[0]]
 
 
+def test_dealt_gives_each_piece_long_and_short_items_in_turn():
+    assert dealt(5, 2) == [[0, 3, 4], [1, 2]] and dealt(6, 3) == [[0, 5], [1, 4], [2, 3]]
+    assert dealt(1, 4) == [[0]] and dealt(0, 2) == [] and dealt(3, 1) == [[0, 1, 2]]
+
+
+def test_cut_rows_deals_whole_prompt_runs_when_the_forward_packs_so_each_piece_packs():
+    prompts = [[11, 12], [21], [31, 32, 33], [41]]
+    lengths = [1, 2, 8, 7, 1, 1, 2, 2]             # runs longest first (prompt + response): rows 2-3, 0-1, 4-5, 6-7
+    seq = pack_sequences([p for p in prompts for _ in range(2)], [[5] * n for n in lengths], pad_id=0)
+    assert [c.tolist() for c in cut_rows(torch.arange(8), 2, seq, packed=True)] == [[2, 3, 6, 7], [0, 1, 4, 5]]
+    # ragged rows (many short responses, a few long): a piece of long rows alone leaves little to pack; dealt,
+    # the pieces pack as tightly as the whole batch does
+    g = torch.Generator().manual_seed(0)
+    lengths = (-torch.rand(32, generator=g).log() * 12).clamp(1, 32).long().tolist()
+    seq = pack_sequences([[7] * (4 + i % 8) for i in range(32)], [[5] * n for n in lengths], pad_id=0)
+
+    def positions(pieces):  # what the pieces' forwards compute, each packed where that saves positions
+        out = 0
+        for piece in pieces:
+            mb = seq.select(piece).trimmed()
+            rows = packed.pack_rows(mb)
+            out += (rows.input_ids if rows is not None else mb.input_ids).numel()
+        return out
+    by_size, by_turn = cut_rows(torch.arange(32), 2, seq), cut_rows(torch.arange(32), 2, seq, packed=True)
+    assert sorted(torch.cat(by_turn).tolist()) == list(range(32))
+    whole = positions([torch.arange(32)])                      # 640 of the padded 1376
+    assert positions(by_turn) <= 1.05 * whole < positions(by_size), (whole, positions(by_turn), positions(by_size))
+
+
 def ragged(pad_id: int, prompts: list[list[int]], samples: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     rows = [p for p in prompts for _ in range(samples)]
@@ -123,6 +153,29 @@ def test_reward_model_scores_over_a_team_are_the_one_pass_scores():
         team.close()
     one, _ = scorer.score(prompts, responses)
     assert split == pytest.approx(one, abs=1e-5) and len(set(round(s, 4) for s in one)) > 1
+
+
+def test_a_reward_model_reads_rows_packed_without_their_padding_as_it_reads_them_padded(monkeypatch):
+    cfg = RewardConfig(sources=(RewardSource(kind="model", path="builtin:tiny-rm"),))
+    scorer = RewardScorer(cfg, resolve_path=resolve_model_path, batch_size=16)
+    model = scorer.sources[0][0]
+    assert model.pack_dtype is not None                             # a decoder model with SDPA: it packs
+    prompts = [f"review of film {i} :" for i in range(12)]
+    responses = [" good" * (1 + 5 * (i % 4)) + " bad" * (i % 3) for i in range(12)]  # 1 to 18 words
+    used = []
+    pack_rows = packed.pack_rows
+    monkeypatch.setattr(packed, "pack_rows", lambda seq: used.append(pack_rows(seq)) or used[-1])
+    team = CoreTeam(TWO)
+    try:
+        packed_scores, _ = scorer.score(prompts, responses)
+        packed_split, _ = scorer.score(prompts, responses, team)
+    finally:
+        team.close()
+    assert used and all(rows is not None for rows in used)      # every forward above ran packed
+    model.pack_dtype = None
+    padded, _ = scorer.score(prompts, responses)
+    assert packed_scores == pytest.approx(padded, abs=1e-5) and packed_split == pytest.approx(padded, abs=1e-5)
+    assert len(set(round(s, 4) for s in padded)) > 1
 
 
 @pytest.mark.slow
