@@ -1,5 +1,6 @@
 """Shared test settings: nothing may reach a model hub; thread counts fit the 2-core machine."""
 import os
+import sys
 
 import pytest
 
@@ -105,7 +106,10 @@ def pytest_configure(config):
     run_scratch.register(config)  # the run's temp files in one folder of its own, removed when it passes
 
 
-UNGROUPED = pytest.StashKey[str]()
+UNGROUPED = pytest.StashKey[str]()  # a reason every test of this run fails (set while collecting)
+# What a fast-tier run must not import while it collects every module (it deselects the slow tests after): vLLM's
+# import is 12 CPU-seconds on a 2-core AMD EPYC, a quarter of the tier's time on each worker.
+FAST_TIER_NEVER_IMPORTS = ("vllm",)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-xdist's worker has named each item's group
@@ -114,6 +118,11 @@ def pytest_collection_finish(session):
     appending "@group" to each item's id, and a pytest that ignores the append (pytest 9 with xdist 3.8) leaves
     every test ungrouped without a word: each module fixture (an engine group, a server, a shared run) then
     starts once per worker, and local clusters start side by side."""
+    heavy = [m for m in FAST_TIER_NEVER_IMPORTS if m in sys.modules]
+    if heavy and session.items and not any(i.get_closest_marker("slow") for i in session.items):
+        session.config.stash[UNGROUPED] = (f"collecting the fast tier imported {heavy[0]} (vLLM: 12 CPU-seconds a worker "
+                                           f"on a 2-core AMD EPYC): a test module imports it at its top; import it inside "
+                                           f"the tests that need it")
     if not getattr(session.config.option, "loadgroup", False):
         return
     lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
