@@ -15,11 +15,10 @@ from typing import Callable, Protocol, Sequence
 import ray
 import torch
 
+from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.config import RewardConfig, RewardSource
 from rlhf_ray.errors import RunError, user_traceback
-from rlhf_ray.batch import SequenceBatch
 from rlhf_ray.models import packed
-from rlhf_ray.models.packed import mask_dtype
 from rlhf_ray.utils.device import attention_kwargs, on_device
 
 
@@ -61,7 +60,7 @@ class ModelSource:
         self.batch_size, self.device = batch_size, device
         self.max_tokens = max_tokens  # reward.max_tokens_per_micro_batch; None: batch_size rows at a time
         # decoder models read rows packed without their padding (`rlhf_ray.models.packed`); None: padded
-        self.pack_dtype = mask_dtype(self.model) if getattr(self.model, "score", None) is not None else None
+        self.pack_dtype = packed.mask_dtype(self.model) if getattr(self.model, "score", None) is not None else None
 
     def _encode(self, prompt: str, response: str, finished: bool) -> list[int]:
         from rlhf_ray.data.encode import prompt_ids, response_ids
