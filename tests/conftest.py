@@ -106,7 +106,7 @@ def pytest_configure(config):
     run_scratch.register(config)  # the run's temp files in one folder of its own, removed when it passes
 
 
-UNGROUPED = pytest.StashKey[str]()  # a reason every test of this run fails (set while collecting)
+REFUSED = pytest.StashKey[str]()  # a reason every test of this run fails (set while collecting)
 # What a fast-tier run must not import while it collects every module (it deselects the slow tests after): vLLM's
 # import is 12 CPU-seconds on a 2-core AMD EPYC, a quarter of the tier's time on each worker.
 FAST_TIER_NEVER_IMPORTS = ("vllm",)
@@ -120,14 +120,14 @@ def pytest_collection_finish(session):
     starts once per worker, and local clusters start side by side."""
     heavy = [m for m in FAST_TIER_NEVER_IMPORTS if m in sys.modules]
     if heavy and session.items and not any(i.get_closest_marker("slow") for i in session.items):
-        session.config.stash[UNGROUPED] = (f"collecting the fast tier imported {heavy[0]} (vLLM: 12 CPU-seconds a worker "
+        session.config.stash[REFUSED] = (f"collecting the fast tier imported {heavy[0]} (vLLM: 12 CPU-seconds a worker "
                                            f"on a 2-core AMD EPYC): a test module imports it at its top; import it inside "
                                            f"the tests that need it")
     if not getattr(session.config.option, "loadgroup", False):
         return
     lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
     if lost:  # said by every test (an error raised here would reach the controller as a bare INTERNALERROR)
-        session.config.stash[UNGROUPED] = (f"pytest-xdist's loadgroup did not group {lost[0]} (and {len(lost) - 1} "
+        session.config.stash[REFUSED] = (f"pytest-xdist's loadgroup did not group {lost[0]} (and {len(lost) - 1} "
                                            f"more) under pytest {pytest.__version__}: install the pinned test tools "
                                            f"(make setup)")
 
@@ -136,5 +136,5 @@ def pytest_runtest_setup(item):
     if item.get_closest_marker("long") and not item.get_closest_marker("slow"):
         pytest.fail(f"{item.nodeid} is marked long but not slow: the long tier is part of the slow one "
                     "(@pytest.mark.slow too)", pytrace=False)
-    if UNGROUPED in item.config.stash:
-        pytest.fail(item.config.stash[UNGROUPED], pytrace=False)
+    if REFUSED in item.config.stash:
+        pytest.fail(item.config.stash[REFUSED], pytrace=False)

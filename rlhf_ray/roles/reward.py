@@ -108,17 +108,13 @@ class ModelSource:
             return self.model(**on_device({"input_ids": ids, "attention_mask": mask}, self.device)).logits[:, 0]
         # Decoder reward models: HF pools at the last non-pad *id*, wrong when pad == EOS; pool by the mask.
         last = mask.shape[1] - 1 - mask.flip(-1).long().argmax(-1)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        rows = (packed.pack_rows(SequenceBatch(ids, mask, positions, mask.float(), 0))
-                if self.pack_dtype is not None else None)
-        if rows is None:
-            hidden = self.model.base_model(**on_device({"input_ids": ids, "attention_mask": mask},
-                                                       self.device)).last_hidden_state.flatten(0, 1)
-            at = torch.arange(len(ids)) * ids.shape[1] + last
-        else:
-            hidden = self.model.base_model(**on_device(rows.model_inputs(self.pack_dtype),
-                                                       self.device)).last_hidden_state.flatten(0, 1)
-            at = rows.where[torch.arange(len(ids)), last]  # each row's last real token in the packed rows
+        inputs, at = {"input_ids": ids, "attention_mask": mask}, torch.arange(len(ids)) * ids.shape[1] + last
+        if self.pack_dtype is not None:
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            rows = packed.pack_rows(SequenceBatch(ids, mask, positions, mask.float(), 0))
+            if rows is not None:  # each row's last real token, in the packed rows
+                inputs, at = rows.model_inputs(self.pack_dtype), rows.where[torch.arange(len(ids)), last]
+        hidden = self.model.base_model(**on_device(inputs, self.device)).last_hidden_state.flatten(0, 1)
         return head(hidden[at.to(hidden.device)])[:, 0]
 
 
