@@ -112,8 +112,10 @@ def train_ours(out: Path, *overrides: str) -> dict:
     """One RL run of ours from the quickstart config with `overrides` (fp32 unless they say otherwise), no
     checkpoints, samples or report; per step: wall time, reward, tokens, KL, and each phase's median."""
     t0 = time.time()
+    # a benchmark's steady step decodes as a long run does: the engine's default (compiled), not the
+    # quickstart's eager decoding for its short demo
     cli("train", "configs/quickstart.yaml", f"run.output_dir={out}", "run.stages=[rl]", "rl.save_every=0",
-        "rl.sample_every=0", "logging.report=false", *FP32, *overrides)
+        "rl.sample_every=0", "logging.report=false", "rollout.enforce_eager=null", *FP32, *overrides)
     total = time.time() - t0
     rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if "timing/wall_s" in r]  # held-out evaluations have rows of their own

@@ -70,7 +70,8 @@ LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK
 # vLLM's sampler compiles one small kernel with torch.compile (counting the tokens ranked above each sampled
 # one, for the log-probs the weight-sync check reads) on an engine's first generation: 1.9 s of the demo's
 # first RL step (2.3 s, then 0.4 s), every run, for a count that eager mode does in microseconds on a CPU.
-# Nothing else in a role process compiles; `TORCHDYNAMO_DISABLE=0` in the operator's environment wins.
+# An engine that decodes compiled (`rollout.enforce_eager` unset: vLLM's default) turns dynamo on again in its
+# own process (`generator.engine.compile_env`); `TORCHDYNAMO_DISABLE=0` in the operator's environment wins.
 # glibc serves a block over its mmap threshold (32 MiB at most) from a fresh mapping and unmaps it when freed,
 # so each step's large tensors (SmolLM2's 1,536 x 49,152 fp32 logits and their gradient, 302 MB each; vLLM's
 # logits) are page-faulted in anew every time: 302 MB took 120-160 ms to fill fresh against 25-35 ms reused

@@ -9,7 +9,8 @@ records and from nothing else, the simulation builds its twin's from the same fu
 Decisions made here, each from the installed sources (docs/GPU.md has the reasoning):
   - engine quantization: `rollout.quantization` (auto: online fp8 under a 4-bit policy on a GPU;
     vLLM 0.32's name, `rlhf_ray.roles.generator.engine.quantization_for`);
-  - CUDA graphs on a GPU unless `rollout.enforce_eager` says otherwise (eager on CPU, as before);
+  - compiled decoding (CUDA graphs on a GPU, torch.compile on a CPU) unless `rollout.enforce_eager` says
+    otherwise;
   - vLLM's sleep mode only where the plan makes the engine sleep (colocated on CUDA);
   - a tensor-parallel engine on CUDA runs vLLM's multiprocessing executor inside its actor: inside a Ray
     placement group vLLM otherwise picks its Ray executor, which refuses a bundle of more than one GPU
@@ -216,7 +217,7 @@ def engine_by_device(cfg: "Config", plan: Plan) -> dict[str, Any]:
 
 
 def enforce_eager(cfg: "Config", plan: Plan) -> bool:
-    """`rollout.enforce_eager`, default by the engine's device (`Backend.engine_eager`)."""
+    """`rollout.enforce_eager`, unset: vLLM's own default, compiled (`generator.engine.by_device`)."""
     return engine_by_device(cfg, plan)["enforce_eager"]
 
 

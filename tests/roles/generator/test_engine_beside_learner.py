@@ -16,7 +16,7 @@ def test_an_engine_closed_beside_a_learner_leaves_the_learners_process_group(tin
     from rlhf_ray.roles.generator.engine import GeneratorEngine
     learner = make_learner(zero=2)
     learner.train_step(sft_step_loss, split(token_batches(1)[0]))  # DeepSpeed now holds groups of this world
-    engine = GeneratorEngine(tiny_path, RolloutConfig(max_new_tokens=4, kv_cache_gib=0.25), resolve_backend("cpu"),
+    engine = GeneratorEngine(tiny_path, RolloutConfig(max_new_tokens=4, kv_cache_gib=0.25, enforce_eager=True), resolve_backend("cpu"),
                              max_model_len=64)
     assert len(engine.generate([[5, 6, 7]], n=1, temperature=0.0).response_ids[0]) > 0
     engine.close()  # vLLM's engine shutdown destroys the process group it joined (vllm/v1/engine/core.py)

@@ -11,7 +11,7 @@ from .conftest import hf_greedy, load_hf, named_weights, perturb, submit_as_the_
 pytestmark = pytest.mark.slow
 NEW = 6
 CFG = RolloutConfig(num_engines=2, n_samples_per_prompt=2, temperature=0.8, max_new_tokens=NEW, cpus_per_engine=1,
-                    seed=0)
+                    seed=0, enforce_eager=True)  # compiled decoding: test_engine_compiled.py
 
 
 def _prompts():

@@ -9,7 +9,7 @@ from .conftest import adapter_config, hf_greedy, load_hf, named_weights, perturb
 
 pytestmark = pytest.mark.slow
 NEW = 6
-CFG = RolloutConfig(num_engines=1, n_samples_per_prompt=1, max_new_tokens=NEW, cpus_per_engine=1)
+CFG = RolloutConfig(num_engines=1, n_samples_per_prompt=1, max_new_tokens=NEW, cpus_per_engine=1, enforce_eager=True)
 
 
 def _cut(seq, eos=2):

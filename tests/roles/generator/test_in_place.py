@@ -10,7 +10,8 @@ from rlhf_ray.utils.device import resolve_backend
 from .conftest import hf_logprobs, load_hf, named_weights, perturb
 
 pytestmark = pytest.mark.slow
-CFG = RolloutConfig(n_samples_per_prompt=2, temperature=0.7, max_new_tokens=8, kv_cache_gib=1.0, seed=0)
+CFG = RolloutConfig(n_samples_per_prompt=2, temperature=0.7, max_new_tokens=8, kv_cache_gib=1.0, seed=0,
+                    enforce_eager=True)  # compiled decoding: test_engine_compiled.py
 PROMPTS = [[5, 17, 33, 90, 100], [7, 8, 9], list(range(3, 43))]
 
 

@@ -19,7 +19,7 @@ NEW = 8
 EOS = 2
 PROMPTS = [[5, 17, 40, 3], [300, 12, 9, 77, 41, 8], list(range(10, 60))]
 CFG = RolloutConfig(tensor_parallel_size=2, n_samples_per_prompt=1, max_new_tokens=NEW, kv_cache_gib=1.0, seed=0,
-                    cpus_per_engine=1, sync=SyncConfig(bucket_mb=0.05))   # many buckets for the 6 MB model
+                    cpus_per_engine=1, sync=SyncConfig(bucket_mb=0.05), enforce_eager=True)   # many buckets for the 6 MB model
 
 
 def _cut(seq):
