@@ -167,8 +167,8 @@ class RolloutConfig(Section):
     kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0)
     enforce_eager: Optional[bool] = Field(None, description="decode eager; default: vLLM's own, compiled (CUDA "
-                                          "graphs on a GPU; on a CPU a torch.compile at the engine's start, 6-30 "
-                                          "s, for 13-30% less decode time; a CPU engine with LoRA stays eager)")
+                                          "graphs on a GPU; on a CPU a torch.compile at the engine's start, 10-30 "
+                                          "s, for 11-32% less decode time; a CPU engine with LoRA stays eager)")
     kv_block_size: Optional[int] = Field(None, gt=0, multiple_of=16,
                                          description="tokens per KV-cache block; default: by device (32 on CPU, "
                                                      "vLLM's own on a GPU). A group's samples share their "

@@ -179,7 +179,7 @@ def test_gpu_engines_are_not_eager_unless_the_config_says_so(path, hub):
 
 
 def test_cpu_engines_compile_unless_the_config_says_eager():
-    """vLLM's own default on a CPU too: one torch.compile of the forward at the engine's start, 13-30% less
+    """vLLM's own default on a CPU too: one torch.compile of the forward at the engine's start, 11-32% less
     decode time a call after it (`generator.engine.by_device`); the quickstart's short demo says eager."""
     for overrides in ([], ["cluster.placement=distributed"]):
         cfg = load_config(None, overrides)

@@ -94,9 +94,10 @@ def lora_rank_slot(r: int) -> int:
 def by_device(rollout_cfg, backend: Backend) -> dict[str, Any]:
     """The `llm_kwargs` the rollout section leaves to vLLM or the engine's device (`Backend`) when unset:
     eager decoding (`rollout.enforce_eager`; unset, vLLM's own default on every device: compiled, CUDA graphs
-    on a GPU, and on a CPU one torch.compile of the model's forward, 20-30% less decode time a call on the
-    3.7M tiny model and 13% on SmolLM2-135M (AMD EPYC Zen 3, 2 threads) for 6-30 s at the engine's start;
-    vLLM decodes a CPU engine with LoRA eager itself) and the KV-cache block (`rollout.kv_block_size`)."""
+    on a GPU, and on a CPU one torch.compile of the model's forward: 24-32% less decode time a call on the
+    3.7M tiny model, 11-21% on SmolLM2-135M (AMD EPYC Zen 3, 2 threads), for 10-30 s more at the engine's start
+    with a warm compile cache, 35-110 s cold; vLLM decodes a CPU engine with LoRA eager itself) and the KV-cache
+    block (`rollout.kv_block_size`)."""
     return dict(enforce_eager=bool(rollout_cfg.enforce_eager),
                 block_size=rollout_cfg.kv_block_size or backend.engine_block_size)
 
