@@ -119,7 +119,8 @@ def engine_llm_kwargs(model_path: str, rollout_cfg, backend: Backend, lora: bool
 def compile_env(eager: bool) -> dict[str, str]:
     """What a compiled engine needs while vLLM is imported and builds it (the model is compiled there):
     torch's dynamo, which a CPU run's role processes start with off (`runtime.LOCAL_CPU_ENV`, for an eager
-    engine's sampler). torch reads the variable at each `torch.compile`; an eager engine keeps what it has."""
+    engine's sampler). torch reads the variable at each `torch.compile`, so the engine sets it around its own
+    build, in-process or in its actor alike; an eager engine keeps what it has."""
     return {} if eager else {"TORCHDYNAMO_DISABLE": "0"}
 
 
@@ -182,10 +183,12 @@ class GeneratorEngine:
         self._scratch = process_scratch(shm if shm.is_dir() else tempfile.gettempdir(), "rlhf_ray_engine_")
         try:
             # vLLM's import and build are where it compiles (its sampler's kernel is marked at import)
-            with environ_for(**compile_env(kwargs["enforce_eager"])), _existing_objects_frozen(), \
-                    _temp_files_in(self._scratch):
-                from vllm import LLM  # heavy import, kept out of module import
-                self.llm = LLM(**kwargs)
+            with environ_for(**compile_env(kwargs["enforce_eager"])):
+                # heavy import, kept out of module import; and out of the scratch folder below: torch's inductor,
+                # which it imports, fixes its folders (cache, precompiled headers) in the temp folder for good
+                from vllm import LLM
+                with _existing_objects_frozen(), _temp_files_in(self._scratch):
+                    self.llm = LLM(**kwargs)
         except BaseException:
             shutil.rmtree(self._scratch, ignore_errors=True)  # no close follows a failed build
             raise

@@ -15,7 +15,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 from rlhf_ray.dispatch import split_evenly
 from rlhf_ray.roles.generator.actor import GeneratorActor
-from rlhf_ray.roles.generator.engine import PromptInput, compile_env, engine_llm_kwargs, workers_receive
+from rlhf_ray.roles.generator.engine import PromptInput, engine_llm_kwargs, workers_receive
 from rlhf_ray.records import Rollout, concat_rollouts
 from rlhf_ray.roles.generator.threads import engine_env
 from rlhf_ray.utils.device import Backend
@@ -75,13 +75,12 @@ class GeneratorGroup:
             options = [dict(num_cpus=rollout_cfg.cpus_per_engine, num_gpus=rollout_cfg.gpus_per_engine)] * n
         if len(options) != n:
             raise ValueError(f"{len(options)} actor options for {n} engines (rollout.num_engines)")
-        kwargs = engine_llm_kwargs(model_path, rollout_cfg, backend, lora, max_model_len, **opts)
-        env = {**engine_env(rollout_cfg), **compile_env(kwargs["enforce_eager"])}
         remote = ray.remote(GeneratorActor)
         self.actors = [remote.options(**options[i], max_restarts=max_restarts, max_task_retries=0,
-                                      runtime_env={"env_vars": env}).remote(
+                                      runtime_env={"env_vars": engine_env(rollout_cfg)}).remote(
             model_path, rollout_cfg, backend, lora, max_model_len, opts) for i in range(n)]
         self.nodes = ray.get([a.node_id.remote() for a in self.actors])
+        kwargs = engine_llm_kwargs(model_path, rollout_cfg, backend, lora, max_model_len, **opts)
         # ranks per engine in a full sync's broadcast: one per TP worker where the workers receive themselves
         self.sync_ranks = [kwargs["tensor_parallel_size"] if workers_receive(kwargs) else 1] * n
 

@@ -41,6 +41,11 @@ def perturb(model, seed, scale=0.05):
 
 
 @torch.no_grad()
+def cut_at_eos(seq, eos=2):
+    """A greedy HF continuation as the engine returns it: up to and with the first EOS (the tiny models' 2)."""
+    return seq[:seq.index(eos) + 1] if eos in seq else seq
+
+
 def hf_greedy(model, prompts, max_new_tokens):
     out = []
     for p in prompts:

@@ -7,7 +7,7 @@ from rlhf_ray.config.schema import RolloutConfig, SyncConfig
 from rlhf_ray.sync import LogprobMismatchError, check_logprob_agreement, logprob_agreement
 from rlhf_ray.utils.device import resolve_backend
 
-from .conftest import adapter_config, hf_greedy, hf_logprobs, load_hf, named_weights, perturb
+from .conftest import adapter_config, cut_at_eos, hf_greedy, hf_logprobs, load_hf, named_weights, perturb
 
 pytestmark = pytest.mark.slow
 EOS = 2
@@ -24,10 +24,6 @@ def _prompts():
 
 
 TEXT_PROMPTS = ["the movie was", "I think this film", "A", "Honestly, the plot"]
-
-
-def _cut(seq):
-    return seq[:seq.index(EOS) + 1] if EOS in seq else seq
 
 
 def _greedy(engine, prompts):
@@ -69,9 +65,9 @@ def test_full_sync_greedy_matches_hf_including_long_prompts(engine, tiny_path):
     learner = load_hf(tiny_path)
     prompts = _prompts()
     before = _greedy(engine, prompts)
-    assert [_cut(x) for x in hf_greedy(learner, prompts, NEW)] == before  # version 0 agrees
+    assert [cut_at_eos(x) for x in hf_greedy(learner, prompts, NEW)] == before  # version 0 agrees
     perturb(learner, seed=11)
-    want = [_cut(x) for x in hf_greedy(learner, prompts, NEW)]
+    want = [cut_at_eos(x) for x in hf_greedy(learner, prompts, NEW)]
     assert want != before                                   # the sync must change what the engine says
     engine.load_full(_bucketed(named_weights(learner)), version=1)
     assert engine.version == 1
@@ -164,7 +160,7 @@ def test_lora_sync_matches_hf_peft_and_new_version_replaces_old(engine, tiny_pat
         perturb(policy, seed=seed, scale=0.2)                         # only the adapter is trainable
         engine.load_adapter(_bucketed(named_weights(policy, "adapter")), adapter_config(policy), version=version)
         assert engine.version == version
-        assert _greedy(engine, prompts) == [_cut(x) for x in hf_greedy(policy, prompts, NEW)]
+        assert _greedy(engine, prompts) == [cut_at_eos(x) for x in hf_greedy(policy, prompts, NEW)]
         rollout = engine.generate(prompts[:2], seeds=[3, 4])
         learner_logp, engine_logp, mask = hf_logprobs(policy, rollout)
         check_logprob_agreement(logprob_agreement(learner_logp, engine_logp, mask), FP32, version=version)
