@@ -132,6 +132,15 @@ def workers_receive(kwargs: dict[str, Any]) -> bool:
     return kwargs.get("tensor_parallel_size", 1) > 1 and kwargs.get("worker_extension_cls") == WORKER_EXTENSION
 
 
+def _inductor_folders_fixed() -> None:
+    """torch's inductor fixes its folders in the temp folder for the process's life: its precompiled headers
+    at its import, its cache at its first use (TORCHINDUCTOR_CACHE_DIR). Both fixed before an engine's build:
+    inside it the temp folder is the engine's scratch, gone at the close with them (the next compile fails)."""
+    import torch._inductor.codecache  # noqa: F401
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    cache_dir()
+
+
 @contextlib.contextmanager
 def _existing_objects_frozen():
     """vLLM collects garbage five times while it builds an engine, and in a process that has imported torch,
@@ -184,9 +193,8 @@ class GeneratorEngine:
         try:
             # vLLM's import and build are where it compiles (its sampler's kernel is marked at import)
             with environ_for(**compile_env(kwargs["enforce_eager"])):
-                # heavy import, kept out of module import; and out of the scratch folder below: torch's inductor,
-                # which it imports, fixes its folders (cache, precompiled headers) in the temp folder for good
-                from vllm import LLM
+                from vllm import LLM  # heavy import, kept out of module import
+                _inductor_folders_fixed()
                 with _existing_objects_frozen(), _temp_files_in(self._scratch):
                     self.llm = LLM(**kwargs)
         except BaseException:
